@@ -1,0 +1,127 @@
+"""The short-range backbone: MACE (mace-torch) behind a small interface (no AiiDA)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import mace  # noqa: F401  # must precede e3nn: it lets e3nn 0.4.4 load its constants under torch>=2.6
+import numpy as np
+import torch
+from ase.data import atomic_numbers as ASE_NUMBERS
+from e3nn import o3
+
+from aiida_emlip.models.graph import Graph
+
+
+@dataclass
+class BackboneConfig:
+    """Hyperparameters of the MACE backbone."""
+
+    elements: list[str] = field(default_factory=list)
+    kind: str = "mace"
+    r_max: float = 5.0
+    num_channels: int = 16
+    max_L: int = 1
+    max_ell: int = 3
+    correlation: int = 3
+    num_interactions: int = 2
+    num_bessel: int = 8
+    num_polynomial_cutoff: int = 5
+    mlp_hidden: int = 16
+    avg_num_neighbors: float = 8.0
+
+    def __post_init__(self) -> None:
+        unknown = [e for e in self.elements if e not in ASE_NUMBERS]
+        if unknown or not self.elements:
+            raise ValueError(f"backbone needs a non-empty list of chemical symbols, got {self.elements}")
+        if self.kind != "mace":
+            raise ValueError(f"unknown backbone kind {self.kind!r}; available: 'mace'")
+        if self.max_L not in (0, 1):
+            raise ValueError("max_L must be 0 or 1 (l ≤ 1 features)")
+
+
+@dataclass
+class BackboneOutput:
+    """Per-atom outputs of a backbone evaluated on (possibly strained) positions."""
+
+    node_energy: torch.Tensor  # [N] short-range energy per atom, eV
+    scalars: torch.Tensor  # [N, S] invariant features of all layers
+    vectors: torch.Tensor  # [N, V, 3] l = 1 features, Cartesian (x, y, z) (tested); V may be 0
+    edge_vectors: torch.Tensor  # [E, 3]
+
+
+class MaceBackbone(torch.nn.Module):
+    """A MACE model used as a feature extractor and short-range energy."""
+
+    def __init__(self, config: BackboneConfig) -> None:
+        super().__init__()
+        from mace.modules import MACE, interaction_classes
+
+        self.config = config
+        numbers = [ASE_NUMBERS[e] for e in config.elements]
+        c = config.num_channels
+        hidden = o3.Irreps(f"{c}x0e" if config.max_L == 0 else f"{c}x0e + {c}x1o")
+        self.mace = MACE(
+            r_max=config.r_max,
+            num_bessel=config.num_bessel,
+            num_polynomial_cutoff=config.num_polynomial_cutoff,
+            max_ell=config.max_ell,
+            interaction_cls=interaction_classes["RealAgnosticResidualInteractionBlock"],
+            interaction_cls_first=interaction_classes["RealAgnosticResidualInteractionBlock"],
+            num_interactions=config.num_interactions,
+            num_elements=len(numbers),
+            hidden_irreps=hidden,
+            MLP_irreps=o3.Irreps(f"{config.mlp_hidden}x0e"),
+            atomic_energies=np.zeros(len(numbers)),
+            avg_num_neighbors=config.avg_num_neighbors,
+            atomic_numbers=numbers,
+            correlation=config.correlation,
+            gate=torch.nn.functional.silu,
+            keep_last_layer_irreps=True,
+        )
+        lookup = torch.full((119,), -1, dtype=torch.long)
+        lookup[torch.tensor(numbers)] = torch.arange(len(numbers))
+        self.register_buffer("species_of_number", lookup, persistent=False)
+        self.num_scalars = c * config.num_interactions
+        self.num_vectors = c * config.num_interactions if config.max_L == 1 else 0
+
+    def species(self, numbers: torch.Tensor) -> torch.Tensor:
+        """Indices of ``numbers`` into the model's element list; error for unknown elements."""
+        species = self.species_of_number[numbers]
+        if (species < 0).any():
+            missing = sorted({int(z) for z in numbers[species < 0]})
+            raise ValueError(
+                f"structure contains atomic numbers {missing} unknown to this model; "
+                f"it knows {self.config.elements}"
+            )
+        return species
+
+    def forward(self, graph: Graph, positions: torch.Tensor, cell: torch.Tensor) -> BackboneOutput:
+        species = self.species(graph.numbers)
+        node_attrs = torch.nn.functional.one_hot(species, len(self.config.elements)).to(positions.dtype)
+        edge_vectors = graph.edge_vectors(positions, cell)
+        sender = graph.edge_index[0]
+        shifts = edge_vectors - (positions[graph.edge_index[1]] - positions[sender])
+        data = {
+            "positions": positions,
+            "node_attrs": node_attrs,
+            "edge_index": graph.edge_index,
+            "shifts": shifts,
+            "unit_shifts": graph.unit_shifts,
+            "cell": cell.reshape(-1, 3),
+            "batch": graph.batch,
+            "ptr": graph.ptr,
+        }
+        out = self.mace(data, training=self.training, compute_force=False)
+        scalars, vectors = self._split_features(out["node_feats"])
+        return BackboneOutput(out["node_energy"], scalars, vectors, edge_vectors)
+
+    def _split_features(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c, n_layers = self.config.num_channels, self.config.num_interactions
+        width = c if self.config.max_L == 0 else 4 * c
+        layers = feats.reshape(feats.shape[0], n_layers, width)
+        scalars = layers[..., :c].reshape(feats.shape[0], n_layers * c)
+        if self.config.max_L == 0:
+            return scalars, feats.new_zeros(feats.shape[0], 0, 3)
+        vectors = layers[..., c:].reshape(feats.shape[0], n_layers, c, 3)
+        return scalars, vectors.reshape(feats.shape[0], n_layers * c, 3)

@@ -1,0 +1,178 @@
+"""The interface every electrostatic head implements, and helpers they share (no AiiDA)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import torch
+
+from aiida_emlip.models.backbone import BackboneOutput
+from aiida_emlip.models.electrostatics import Electrostatics, total_dipole
+from aiida_emlip.models.graph import Graph
+
+HEADS: dict[str, type[Head]] = {}
+
+
+class ChargeConstraintError(ValueError):
+    """A structure's requested total charge cannot be met by a head."""
+
+
+@dataclass
+class HeadInput:
+    """What a head sees: the batch, differentiable geometry, backbone features and the solver."""
+
+    graph: Graph
+    positions: torch.Tensor  # [N, 3], strained, carries autograd to forces
+    cell: torch.Tensor  # [B, 3, 3], strained, carries autograd to stress
+    features: BackboneOutput
+    species: torch.Tensor  # [N] index into the model's element list
+    electrostatics: Electrostatics
+    #: How self-consistent heads find the density: ``converge`` (inference, start from the local
+    #: guess), ``direct`` (one update at the reference multipoles and Fermi level), ``unrolled``
+    #: (K differentiable steps) or ``implicit`` (converge, then a linearised differentiable solve).
+    scf_mode: str = "converge"
+    reference_charges: torch.Tensor | None = None  # [N] e, for ``direct`` training
+    reference_dipoles: torch.Tensor | None = None  # [N, 3] e·Å, for ``direct`` training
+
+    @property
+    def total_charge(self) -> torch.Tensor:
+        return self.graph.total_charge
+
+    @property
+    def external_field(self) -> torch.Tensor:
+        return self.graph.external_field
+
+
+@dataclass
+class HeadOutput:
+    """What a head returns. ``energy`` is added to the backbone's short-range energy."""
+
+    energy: torch.Tensor  # [B] eV
+    charges: torch.Tensor | None = None  # [N] e
+    dipoles: torch.Tensor | None = None  # [N, 3] e·Å
+    dipole: torch.Tensor | None = None  # [B, 3] e·Å; when None the model uses Σ q r + Σ p
+    fermi_level: torch.Tensor | None = None  # [B] eV (μ, Lagrange multiplier of Σq = Q)
+    converged: torch.Tensor | None = None  # [B] bool for iterative heads
+    iterations: torch.Tensor | None = None  # [B] steps taken
+    residuals: list[torch.Tensor] = field(default_factory=list)  # convergence history, [B] per step
+
+
+@dataclass
+class HeadOptions:
+    """Base class of each head's options; unknown keys are an error."""
+
+    @classmethod
+    def from_dict(cls, options: dict[str, Any]) -> HeadOptions:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown} for this head; known: {sorted(known)}")
+        return cls(**options)
+
+
+class Head(torch.nn.Module):
+    """One point of the design space: how the multipoles of the shared density are obtained.
+
+    Subclasses set ``name``, ``Options`` and ``charge_control`` (``none``, ``exact``, ``loss``,
+    ``formal``) and implement :meth:`forward`.
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type[HeadOptions]] = HeadOptions
+    charge_control: ClassVar[str] = "none"
+
+    def __init__(self, options: HeadOptions, elements: list[str], num_scalars: int, num_vectors: int) -> None:
+        super().__init__()
+        self.options = options
+        self.elements = list(elements)
+        self.num_scalars = num_scalars
+        self.num_vectors = num_vectors
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            HEADS[cls.name] = cls
+
+    def forward(self, inp: HeadInput) -> HeadOutput:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def build_head(config: dict[str, Any], elements: list[str], num_scalars: int, num_vectors: int) -> Head:
+    """Instantiate the head named ``config['name']`` with the remaining keys as options."""
+    config = dict(config)
+    name = config.pop("name", None)
+    if name not in HEADS:
+        raise ValueError(f"unknown head {name!r}; available heads: {', '.join(sorted(HEADS))}")
+    cls = HEADS[name]
+    return cls(cls.Options.from_dict(config), elements, num_scalars, num_vectors)
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def mlp(n_in: int, n_out: int, hidden: int) -> torch.nn.Module:
+    """A one-hidden-layer SiLU perceptron (a plain linear map when ``hidden`` is 0)."""
+    if hidden <= 0:
+        return torch.nn.Linear(n_in, n_out)
+    return torch.nn.Sequential(torch.nn.Linear(n_in, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, n_out))
+
+
+def scatter_sum(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
+    """Sum ``values`` [N, ...] into ``size`` bins given by ``index`` [N]."""
+    out = values.new_zeros((size, *values.shape[1:]))
+    return out.index_add(0, index, values)
+
+
+def correct_total_charge(
+    charges: torch.Tensor, inp: HeadInput, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Shift ``charges`` so that each structure sums to its total charge exactly.
+
+    The excess is spread uniformly, or in proportion to positive ``weights`` [N].
+    """
+    graph = inp.graph
+    excess = inp.total_charge - scatter_sum(charges, graph.batch, graph.num_graphs)
+    if weights is None:
+        counts = torch.diff(graph.ptr).to(charges.dtype)
+        return charges + (excess / counts)[graph.batch]
+    norm = scatter_sum(weights, graph.batch, graph.num_graphs)
+    return charges + excess[graph.batch] * weights / norm[graph.batch]
+
+
+def coulomb_energy(
+    inp: HeadInput,
+    charges: torch.Tensor,
+    dipoles: torch.Tensor | None = None,
+    electrostatics: Electrostatics | None = None,
+) -> torch.Tensor:
+    """Hartree energy of the Gaussian multipoles of each structure, [B] eV."""
+    solver = electrostatics or inp.electrostatics
+    energies = []
+    for b, atoms in inp.graph.structures():
+        energies.append(
+            solver.energy(
+                charges[atoms],
+                inp.positions[atoms],
+                inp.cell[b],
+                inp.graph.pbc[b],
+                None if dipoles is None else dipoles[atoms],
+            )
+        )
+    return torch.stack(energies)
+
+
+def structure_dipoles(
+    inp: HeadInput, charges: torch.Tensor | None, dipoles: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Total dipole Σ q_i r_i + Σ p_i of each structure, [B, 3] e·Å."""
+    out = []
+    for _, atoms in inp.graph.structures():
+        q = charges[atoms] if charges is not None else inp.positions.new_zeros(atoms.stop - atoms.start)
+        out.append(total_dipole(q, inp.positions[atoms], None if dipoles is None else dipoles[atoms]))
+    return torch.stack(out)
+
+
+def field_work(inp: HeadInput, dipole: torch.Tensor) -> torch.Tensor:
+    """Energy of the total dipoles [B, 3] in the applied fields: ``-E·d`` (force on a charge is qE)."""
+    return -(inp.external_field * dipole).sum(-1)

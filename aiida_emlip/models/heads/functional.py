@@ -1,0 +1,88 @@
+r"""``functional``: the density minimises a learned energy functional; the energy is the minimum.
+
+.. math:: E[q] = \sum_i \big(χ_i q_i + ½ J_i q_i^2 + ¼ K_i q_i^4\big) + E_H[q] − \mathbf E·\mathbf d[q],
+   \qquad \sum_i q_i = Q,
+
+with ``χ, J, K`` read out from the local features, ``J > 0`` and ``K ≥ 0`` so that E is strictly convex
+in q and the minimum is unique. It is found by Newton's method with the charge constraint: each step
+solves the same KKT system as ``qeq`` with the local curvature ``J + 3Kq²`` (dense, or CG with the
+PME operator), so with ``quartic=False`` the first step lands exactly on the QEq solution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from aiida_emlip.models.heads.qeq import EquilibrationHead, QEqOptions
+from aiida_emlip.models.heads.solvers import QEqSolution, SolveInfo, default_tolerance
+
+
+@dataclass
+class FunctionalOptions(QEqOptions):
+    quartic: bool = True  # add ¼ K_i q_i⁴ (K ≥ 0): a non-quadratic, still convex local functional
+    newton_tol: float = 1e-9  # e; stop when the largest Newton charge update is below this
+    max_newton: int = 50
+
+
+class FunctionalHead(EquilibrationHead):
+    """Variational density: Newton minimisation of a learned convex local functional plus E_H.
+
+    The returned energy is the constrained minimum, stationary in q, so forces follow from the
+    Hellmann–Feynman theorem (training mode attaches the implicit derivative as in ``qeq``).
+    """
+
+    name = "functional"
+    Options = FunctionalOptions
+
+    @property
+    def num_local_outputs(self) -> int:  # type: ignore[override]
+        return 3 if self.options.quartic else 2
+
+    def local_parameters(self, inp):
+        params = super().local_parameters(inp)
+        if self.options.quartic:
+            params["quartic"] = torch.nn.functional.softplus(self.readout(inp.features.scalars)[:, 2])
+        return params
+
+    def local_energy(self, params, q):
+        e = super().local_energy(params, q)
+        return e + 0.25 * params["quartic"] * q**4 if "quartic" in params else e
+
+    def local_gradient(self, params, q):
+        g = super().local_gradient(params, q)
+        return g + params["quartic"] * q**3 if "quartic" in params else g
+
+    def local_curvature(self, params, q):
+        c = super().local_curvature(params, q)
+        return c + 3.0 * params["quartic"] * q * q if "quartic" in params else c
+
+    def _minimise(self, inp, b, atoms, params, external) -> tuple[QEqSolution, list[float]]:
+        """Constrained Newton from the uniform density Q/N; quadratic functionals need one step."""
+        n = atoms.stop - atoms.start
+        pos, cell, pbc = inp.positions[atoms].detach(), inp.cell[b].detach(), inp.graph.pbc[b]
+        q = torch.full((n,), float(inp.total_charge[b]) / n, dtype=pos.dtype, device=pos.device)
+        tol = default_tolerance(self.options.newton_tol, pos.dtype)
+        history: list[float] = []
+        sol = None
+        converged = False
+        for step in range(self.options.max_newton):
+            grad = (
+                inp.electrostatics.coulomb_matvec(q, pos, cell, pbc)
+                + self.local_gradient(params, q)
+                + external
+            )
+            sol = self._quadratic_solve(inp, b, atoms, self.local_curvature(params, q), grad, 0.0)
+            q = q + sol.charges
+            change = float(sol.charges.abs().max())
+            history.append(change)
+            if not sol.info.converged or not torch.isfinite(q).all():
+                break
+            if change < tol or (not self.options.quartic and step == 0):
+                converged = True
+                break
+        assert sol is not None
+        info = SolveInfo(len(history), history[-1], converged)
+        # at the minimum the Newton multiplier is μ: ∂E/∂q_i = −μ
+        return QEqSolution(q, sol.mu, info, sol.solve_h, sol.y), history

@@ -1,0 +1,221 @@
+r"""``qeq``: charge equilibration with environment-dependent electronegativity and hardness (4G-HDNNP style).
+
+The charges minimise
+
+.. math:: E[q] = \sum_i (χ_i q_i + ½ J_i q_i^2) + E_H[q] − \mathbf E·\sum_i q_i \mathbf r_i
+   \quad\text{subject to}\quad \sum_i q_i = Q,
+
+with ``χ_i = χ⁰_{Z_i} + f_χ(h_i)`` and ``J_i = softplus(J⁰_{Z_i} + f_J(h_i))``. Stationarity is the KKT
+system ``(A + diag J) q + b = −μ 1`` with ``b_i = χ_i − E·r_i`` and ``A`` the Coulomb Hessian (Gaussian
+self-interaction on its diagonal). ``μ = −∂E/∂Q`` is returned as ``fermi_level`` (eV): the electron
+chemical potential, so adding electrons (lowering Q) costs ``μ`` per electron.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from aiida_emlip.models.heads.base import (
+    Head,
+    HeadInput,
+    HeadOptions,
+    HeadOutput,
+    coulomb_energy,
+    field_work,
+    mlp,
+    scatter_sum,
+    structure_dipoles,
+)
+from aiida_emlip.models.heads.solvers import (
+    ImplicitStep,
+    QEqSolution,
+    SCFConvergenceError,
+    default_tolerance,
+    kkt_inverse,
+    qeq_solve,
+)
+from aiida_emlip.schema import COULOMB_CONSTANT
+
+SOLVERS = ("auto", "dense", "cg")
+FAILURE_MODES = ("raise", "flag")
+
+
+@dataclass
+class QEqOptions(HeadOptions):
+    hidden: int = 16
+    solver: str = "auto"  # auto | dense | cg (conjugate gradients with the Ewald/PME operator)
+    dense_max_atoms: int = 256  # ``auto`` uses the dense N×N path up to this many atoms
+    tol: float = 1e-10  # CG: relative residual of each SPD solve
+    max_iter: int = 1000
+    on_failure: str = "raise"  # raise | flag (set ``converged`` False)
+    min_hardness: float = 0.1  # eV/e², added to softplus(J) for a strictly convex local term
+
+    def __post_init__(self) -> None:
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+        if self.on_failure not in FAILURE_MODES:
+            raise ValueError(f"on_failure must be one of {FAILURE_MODES}, got {self.on_failure!r}")
+
+
+def self_interaction(inp: HeadInput) -> float:
+    """Coulomb-diagonal Gaussian self-term ``k_e/(σ√π)`` when the electrostatics leaves it out, else 0."""
+    config = inp.electrostatics.config
+    if config.include_self or config.sigma <= 0.0:
+        return 0.0
+    return COULOMB_CONSTANT / (config.sigma * math.sqrt(math.pi))
+
+
+class EquilibrationHead(Head):
+    """Shared machinery of ``qeq`` and ``functional``: a convex local term minimised with E_H under Σq = Q.
+
+    Subclasses define the local energy, its gradient and curvature; :meth:`_minimise` returns the
+    converged charges and μ of one structure without autograd. Forces are exact: in evaluation mode
+    the energy is stationary in q at fixed Σq (Hellmann–Feynman); in training mode the charges carry
+    the implicit-function-theorem derivative (:class:`ImplicitStep`) so that ∂q/∂θ and second
+    derivatives (force training) are exact too.
+    """
+
+    charge_control = "exact"
+
+    def __init__(self, options: QEqOptions, elements, num_scalars, num_vectors) -> None:
+        super().__init__(options, elements, num_scalars, num_vectors)
+        self.readout = mlp(num_scalars, self.num_local_outputs, options.hidden)
+        self.chi0 = torch.nn.Parameter(torch.zeros(len(elements)))
+        self.hardness0 = torch.nn.Parameter(torch.full((len(elements),), 2.0))
+
+    num_local_outputs = 2
+
+    # ------------------------------------------------------------------ local term
+    def local_parameters(self, inp: HeadInput) -> dict[str, torch.Tensor]:
+        """Per-atom parameters of the local energy from the features."""
+        out = self.readout(inp.features.scalars)
+        chi = self.chi0[inp.species] + out[:, 0]
+        hardness = torch.nn.functional.softplus(self.hardness0[inp.species] + out[:, 1])
+        return {"chi": chi, "hardness": hardness + self.options.min_hardness + self_interaction(inp)}
+
+    def local_energy(self, params: dict[str, torch.Tensor], q: torch.Tensor) -> torch.Tensor:
+        return params["chi"] * q + 0.5 * params["hardness"] * q * q
+
+    def local_gradient(self, params: dict[str, torch.Tensor], q: torch.Tensor) -> torch.Tensor:
+        return params["chi"] + params["hardness"] * q
+
+    def local_curvature(self, params: dict[str, torch.Tensor], q: torch.Tensor) -> torch.Tensor:
+        return params["hardness"]
+
+    # ------------------------------------------------------------------ solver
+    def _use_dense(self, n: int) -> bool:
+        if self.options.solver == "auto":
+            return n <= self.options.dense_max_atoms
+        return self.options.solver == "dense"
+
+    def _quadratic_solve(
+        self, inp: HeadInput, b: int, atoms: slice, diag: torch.Tensor, rhs: torch.Tensor, total
+    ) -> QEqSolution:
+        pos, cell, pbc = inp.positions[atoms].detach(), inp.cell[b].detach(), inp.graph.pbc[b]
+        es = inp.electrostatics
+        tol = default_tolerance(self.options.tol, pos.dtype)
+        if self._use_dense(pos.shape[0]):
+            dense = es.coulomb_matrix(pos, cell, pbc)
+            return qeq_solve(None, diag, rhs, total, dense=dense)
+        sigma = es.config.sigma
+        a_diag = COULOMB_CONSTANT / (sigma * math.sqrt(math.pi)) if sigma > 0 else 0.0
+        return qeq_solve(
+            lambda x: es.coulomb_matvec(x, pos, cell, pbc),
+            diag,
+            rhs,
+            total,
+            precond=diag + a_diag,
+            tol=tol,
+            maxiter=self.options.max_iter,
+        )
+
+    def _minimise(
+        self, inp: HeadInput, b: int, atoms: slice, params: dict[str, torch.Tensor], external: torch.Tensor
+    ) -> tuple[QEqSolution, list[float]]:
+        """Charges of one structure (quadratic local term: one KKT solve)."""
+        sol = self._quadratic_solve(
+            inp, b, atoms, params["hardness"], params["chi"] + external, inp.total_charge[b]
+        )
+        return sol, [sol.info.residual]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, inp: HeadInput) -> HeadOutput:
+        graph = inp.graph
+        params = self.local_parameters(inp)
+        # b_i gets −E·r_i: the field work −E·Σ q_i r_i is linear in q
+        external = -(inp.external_field[graph.batch] * inp.positions).sum(-1)
+        differentiable = self.training and torch.is_grad_enabled()
+        charges, mus, converged, iterations, history = [], [], [], [], []
+        for b, atoms in graph.structures():
+            local = {k: v[atoms].detach() for k, v in params.items()}
+            with torch.no_grad():
+                sol, residuals = self._minimise(inp, b, atoms, local, external[atoms].detach())
+            ok = sol.info.converged and bool(torch.isfinite(sol.charges).all())
+            if not ok and self.options.on_failure == "raise":
+                raise SCFConvergenceError(
+                    f"{self.name}: structure {b} did not converge (residual {sol.info.residual:.3g} after "
+                    f"{sol.info.iterations} iterations); raise max_iter/tol or use on_failure='flag'"
+                )
+            q, mu = sol.charges, sol.mu
+            if differentiable:
+                q, mu = self._implicit(inp, b, atoms, params, external, sol)
+            charges.append(q)
+            mus.append(mu)
+            converged.append(ok)
+            iterations.append(sol.info.iterations)
+            history.append(residuals)
+        charges_all = torch.cat(charges)
+        dipole = structure_dipoles(inp, charges_all)
+        local_e = scatter_sum(self.local_energy(params, charges_all), graph.batch, graph.num_graphs)
+        energy = local_e + coulomb_energy(inp, charges_all) + field_work(inp, dipole)
+        device = inp.positions.device
+        steps = max(len(h) for h in history)
+        residuals = [
+            torch.tensor([h[min(k, len(h) - 1)] for h in history], dtype=inp.positions.dtype, device=device)
+            for k in range(steps)
+        ]
+        return HeadOutput(
+            energy=energy,
+            charges=charges_all,
+            dipole=dipole,
+            fermi_level=torch.stack(mus).reshape(-1),
+            converged=torch.tensor(converged, device=device),
+            iterations=torch.tensor(iterations, device=device),
+            residuals=residuals,
+        )
+
+    def _implicit(
+        self,
+        inp: HeadInput,
+        b: int,
+        atoms: slice,
+        params: dict[str, torch.Tensor],
+        external: torch.Tensor,
+        sol: QEqSolution,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attach ∂(q, μ)/∂(θ, R) by the implicit function theorem at the converged solution."""
+        q_star, mu_star = sol.charges.detach(), sol.mu.detach()
+        local = {k: v[atoms] for k, v in params.items()}
+        residual = (
+            inp.electrostatics.coulomb_matvec(q_star, inp.positions[atoms], inp.cell[b], inp.graph.pbc[b])
+            + self.local_gradient(local, q_star)
+            + external[atoms]
+            + mu_star
+        )
+        solve = kkt_inverse(sol)
+        dq, dmu = ImplicitStep.apply(residual, solve, solve, False)
+        return q_star - dq, mu_star - dmu
+
+
+class QEqHead(EquilibrationHead):
+    """Charge equilibration: quadratic local term, one KKT solve (dense or CG with the PME operator).
+
+    QEq with finite hardness behaves like a metal everywhere: charge flows between any two atoms of
+    the structure however far apart (fractional charges on dissociated fragments).
+    """
+
+    name = "qeq"
+    Options = QEqOptions

@@ -1,0 +1,364 @@
+r"""``scf``: a learned fixed-point self-consistent response of the density (the study's recommended design).
+
+One structure at a time, with ``h_i`` the backbone scalars and ``q`` the current charges:
+
+* local part: ``p_loc,i = f(h_i)`` (shifted uniformly to Σ = Q at constant Q);
+* potential inputs ``u_iw = (φ_w,i[q] + v_app,i + μ)/s_w`` — the potential of the density projected on
+  a normalised Gaussian of width ``w`` at atom i (several widths), the applied potential
+  ``v_app,i = −E·r_i`` and μ, each divided by the self-projection ``s_w = k_e√(2/π)/√(σ² + w²)``;
+* update ``F_i(q, μ) = p_loc,i + U(h_i, u_i)``: ``linear`` ``U = −Σ_w χ_iw u_iw`` with an
+  environment-dependent susceptibility ``χ_iw = softplus(g_w(h_i)) ≥ 0``, or ``mlp`` that plus an MLP of
+  ``(h_i, u_i)`` (nonlinear response);
+* iteration ``q ← q + α (F(q, μ) − q)`` from ``p_loc``. Constant Q: the Fukui function
+  ``f_i = (∂F_i/∂μ)/Σ_j ∂F_j/∂μ`` (autograd through the update) redistributes the charge error,
+  ``F += f (Q − ΣF)``, and μ takes a Newton step ``Δμ = (Q − ΣF)/Σ ∂F/∂μ`` clamped to ±1.
+  Constant μ: μ is the electrode's Fermi level and Σq floats.
+
+Energy on the final density: ``Σ_i [a_i δ_i + ½ b_i δ_i²] + E_H[q] − E·d`` with ``δ = q − p_loc`` and
+``a, b`` read out from ``h``. The map F is not the gradient of this energy, so forces come from the
+implicit function theorem: the converged solution ``z* = (q*, μ*)`` is detached and corrected by
+``z = z* − K⁻¹ g(z*)`` with ``g = (F − q, Σq − Q)`` and ``K = ∂g/∂z`` applied by GMRES in the backward
+pass (:class:`~aiida_emlip.models.heads.solvers.ImplicitStep`); dz/dR and dz/dθ are then exact.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from aiida_emlip.models.heads.base import (
+    Head,
+    HeadInput,
+    HeadOptions,
+    HeadOutput,
+    coulomb_energy,
+    field_work,
+    mlp,
+    scatter_sum,
+    structure_dipoles,
+)
+from aiida_emlip.models.heads.solvers import (
+    ImplicitStep,
+    SCFConvergenceError,
+    default_tolerance,
+    gmres,
+)
+from aiida_emlip.schema import COULOMB_CONSTANT
+
+UPDATES = ("linear", "mlp")
+ENSEMBLES = ("constant_q", "constant_mu")
+MODES = ("converge", "direct", "unrolled", "implicit")
+FAILURE_MODES = ("raise", "flag")
+
+
+@dataclass
+class SCFOptions(HeadOptions):
+    update: str = "linear"  # linear (environment-dependent linear susceptibility) | mlp (nonlinear)
+    widths: list[float] = field(default_factory=lambda: [1.5, 3.0])  # Å, projections of the potential
+    ensemble: str = "constant_q"  # constant_q (μ found, Σq = Q exactly) | constant_mu (Σq floats)
+    fermi_level: float | None = None  # constant_mu target (eV); None: graph.fermi_level per structure
+    mixing: float = 0.3  # α of the linear mixing
+    tol: float = 1e-6  # e: converged when max |F(q) − q| and |ΣF − Q| are below this
+    max_steps: int = 200
+    unroll_steps: int = 10  # K of scf_mode='unrolled'
+    on_failure: str = "raise"  # raise | flag (``converged`` False in the output)
+    max_total_charge: float = 10.0  # |Σq| above this is divergence
+    max_step_change: float = 1.0  # e: a larger per-step charge change is divergence
+    linear_tol: float = 1e-10  # GMRES relative tolerance of the implicit (linearised) solves
+    linear_max_iter: int = 500
+    hidden: int = 16
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (
+            ("update", self.update, UPDATES),
+            ("ensemble", self.ensemble, ENSEMBLES),
+            ("on_failure", self.on_failure, FAILURE_MODES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if not self.widths or min(self.widths) <= 0.0:
+            raise ValueError("widths must be a non-empty list of positive widths (Å)")
+        if not 0.0 < self.mixing <= 1.0:
+            raise ValueError("mixing must lie in (0, 1]")
+
+
+@dataclass
+class _Structure:
+    """Detached per-structure inputs of the iteration."""
+
+    b: int
+    atoms: slice
+    positions: torch.Tensor
+    cell: torch.Tensor
+    pbc: torch.Tensor
+    v_app: torch.Tensor
+    total: torch.Tensor
+
+
+class SelfConsistentHead(Head):
+    """Learned fixed-point SCF with constant-Q (Fukui + Newton on μ) or constant-μ control."""
+
+    name = "scf"
+    Options = SCFOptions
+
+    def __init__(self, options: SCFOptions, elements, num_scalars, num_vectors) -> None:
+        super().__init__(options, elements, num_scalars, num_vectors)
+        self.charge_control = "exact" if options.ensemble == "constant_q" else "none"
+        n_w = len(options.widths)
+        self.local = mlp(num_scalars, 3, options.hidden)  # p_loc, a, b
+        self.susceptibility = mlp(num_scalars, n_w, options.hidden)
+        self.nonlinear = mlp(num_scalars + n_w, 1, options.hidden) if options.update == "mlp" else None
+
+    # ------------------------------------------------------------------ pieces of the map
+    def _scales(self, inp: HeadInput, like: torch.Tensor) -> torch.Tensor:
+        sigma = inp.electrostatics.config.sigma
+        w = torch.tensor(self.options.widths, dtype=like.dtype, device=like.device)
+        return COULOMB_CONSTANT * math.sqrt(2.0 / math.pi) / torch.sqrt(sigma**2 + w * w)
+
+    def _projected(self, inp: HeadInput, s: _Structure, q: torch.Tensor, positions, cell) -> torch.Tensor:
+        return inp.electrostatics.projected_potentials(q, positions, cell, s.pbc, self.options.widths)
+
+    def _update(self, h: torch.Tensor, chi: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        out = -(chi * u).sum(-1)
+        if self.nonlinear is not None:
+            out = out + self.nonlinear(torch.cat([h, u], dim=-1))[:, 0]
+        return out
+
+    def _slopes(
+        self, h: torch.Tensor, chi: torch.Tensor, u: torch.Tensor, create_graph: bool
+    ) -> torch.Tensor:
+        """``∂U_i/∂u_iw`` [n, W] (U_i depends on row i of u only, so one backward gives all)."""
+        if self.nonlinear is None:
+            return -chi
+        with torch.enable_grad():
+            leaf = u if u.requires_grad else u.detach().requires_grad_(True)
+            out = self._update(h, chi, leaf)
+            return torch.autograd.grad(out.sum(), leaf, create_graph=create_graph)[0]
+
+    def _map(
+        self, inp, s: _Structure, loc: dict, q, mu, positions, cell, v_app, create_graph: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``F(q, μ)``, the slopes ``∂U/∂u`` and the scales, for one structure."""
+        scales = self._scales(inp, q)
+        u = (self._projected(inp, s, q, positions, cell) + v_app[:, None] + mu) / scales
+        value = loc["p_loc"] + self._update(loc["h"], loc["chi"], u)
+        slopes = self._slopes(loc["h"], loc["chi"], u, create_graph)
+        return value, slopes, scales
+
+    def _constrain(
+        self, s: _Structure, value: torch.Tensor, slopes: torch.Tensor, scales: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fukui redistribution ``F += f (Q − ΣF)``; returns F, the charge error and dQ/dμ."""
+        dfdmu = (slopes / scales).sum(-1)
+        dqdmu = dfdmu.sum()
+        error = s.total - value.sum()
+        return value + dfdmu / dqdmu * error, error, dqdmu
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, inp: HeadInput) -> HeadOutput:
+        mode = inp.scf_mode
+        if mode not in MODES:
+            raise ValueError(f"scf_mode must be one of {MODES}, got {mode!r}")
+        graph = inp.graph
+        h = inp.features.scalars
+        local = self.local(h)
+        p_loc = local[:, 0]
+        chi = torch.nn.functional.softplus(self.susceptibility(h))
+        v_app = -(inp.external_field[graph.batch] * inp.positions).sum(-1)
+        constant_q = self.options.ensemble == "constant_q"
+        if constant_q:
+            shift = (inp.total_charge - scatter_sum(p_loc, graph.batch, graph.num_graphs)) / torch.diff(
+                graph.ptr
+            )
+            p_loc = p_loc + shift[graph.batch]
+        targets = self._target_mu(inp)
+        charges, mus, converged, iterations, history = [], [], [], [], []
+        for b, atoms in graph.structures():
+            s = _Structure(
+                b,
+                atoms,
+                inp.positions[atoms].detach(),
+                inp.cell[b].detach(),
+                graph.pbc[b],
+                v_app[atoms].detach(),
+                inp.total_charge[b].detach(),
+            )
+            loc = {"p_loc": p_loc[atoms], "h": h[atoms], "chi": chi[atoms]}
+            if mode == "direct":
+                q, mu = self._direct(inp, s, loc, v_app[atoms], targets, b)
+                ok, steps, res = True, 1, []
+            elif mode == "unrolled":
+                q, mu, ok, res = self._iterate(inp, s, loc, v_app[atoms], targets, b, differentiable=True)
+                steps = len(res)
+            else:
+                detached = {k: v.detach() for k, v in loc.items()}
+                with torch.no_grad():
+                    q, mu, ok, res = self._iterate(
+                        inp, s, detached, s.v_app, targets, b, differentiable=False
+                    )
+                steps = len(res)
+                self._check(ok, b, res)
+                if torch.is_grad_enabled():
+                    q, mu = self._implicit(inp, s, loc, v_app[atoms], q, mu, value=(mode == "implicit"))
+            charges.append(q)
+            mus.append(mu.reshape(()))
+            converged.append(ok)
+            iterations.append(steps)
+            history.append(res)
+        q_all = torch.cat(charges)
+        delta = q_all - p_loc
+        e_loc = scatter_sum(
+            local[:, 1] * delta + 0.5 * local[:, 2] * delta * delta, graph.batch, graph.num_graphs
+        )
+        dipole = structure_dipoles(inp, q_all)
+        energy = e_loc + coulomb_energy(inp, q_all) + field_work(inp, dipole)
+        device = inp.positions.device
+        n_hist = max((len(r) for r in history), default=0)
+        residuals = [
+            torch.tensor(
+                [r[min(k, len(r) - 1)] if r else 0.0 for r in history], dtype=q_all.dtype, device=device
+            )
+            for k in range(n_hist)
+        ]
+        return HeadOutput(
+            energy=energy,
+            charges=q_all,
+            dipole=dipole,
+            fermi_level=torch.stack(mus),
+            converged=torch.tensor(converged, device=device),
+            iterations=torch.tensor(iterations, device=device),
+            residuals=residuals,
+        )
+
+    def _target_mu(self, inp: HeadInput) -> torch.Tensor:
+        """μ of constant-μ runs (option, else ``graph.fermi_level``) and of ``direct`` mode."""
+        if self.options.fermi_level is not None and self.options.ensemble == "constant_mu":
+            return torch.full_like(inp.graph.fermi_level, float(self.options.fermi_level))
+        return inp.graph.fermi_level
+
+    def _require_mu(self, targets: torch.Tensor, b: int, why: str) -> torch.Tensor:
+        mu = targets[b].detach()
+        if not bool(torch.isfinite(mu)):
+            raise ValueError(
+                f"scf: structure {b} has no Fermi level ({why}); set fermi_level in atoms.info "
+                "or the head option 'fermi_level'"
+            )
+        return mu
+
+    def _check(self, ok: bool, b: int, res: list[float]) -> None:
+        if not ok and self.options.on_failure == "raise":
+            last = res[-1] if res else float("nan")
+            raise SCFConvergenceError(
+                f"scf: structure {b} did not converge or diverged after {len(res)} steps (last residual "
+                f"{last:.3g} e; tolerance {self.options.tol:g}); raise max_steps, lower mixing or use "
+                "on_failure='flag'"
+            )
+
+    def _iterate(self, inp, s: _Structure, loc, v_app, targets, b, differentiable: bool):
+        """Mixed fixed-point iteration from p_loc; returns q, μ, converged, residual history."""
+        o = self.options
+        constant_q = o.ensemble == "constant_q"
+        q = loc["p_loc"]
+        mu = q.new_zeros(()) if constant_q else self._require_mu(targets, b, "constant-μ SCF")
+        positions = inp.positions[s.atoms] if differentiable else s.positions
+        cell = inp.cell[s.b] if differentiable else s.cell
+        tol = default_tolerance(o.tol, q.dtype)
+        steps = o.unroll_steps if differentiable else o.max_steps
+        history: list[float] = []
+        ok = False
+        for _ in range(steps):
+            value, slopes, scales = self._map(inp, s, loc, q, mu, positions, cell, v_app, differentiable)
+            if constant_q:
+                value, error, dqdmu = self._constrain(s, value, slopes, scales)
+                mu = mu + torch.clamp(error / dqdmu, -1.0, 1.0)
+                err = float(error.abs())
+            else:
+                err = 0.0
+            change = value - q
+            res = max(float(change.abs().max()), err)
+            history.append(res)
+            q = q + o.mixing * change
+            if not (math.isfinite(res) and bool(torch.isfinite(mu))):
+                return q, mu, False, history
+            if o.mixing * res > o.max_step_change or abs(float(q.sum())) > o.max_total_charge:
+                return q, mu, False, history
+            if res < tol:
+                ok = True
+                if not differentiable:
+                    break
+        return q, mu, ok if not differentiable else history[-1] < tol, history
+
+    def _direct(self, inp, s: _Structure, loc, v_app, targets, b):
+        """One differentiable update at the reference charges and Fermi level (training mode)."""
+        if inp.reference_charges is None:
+            raise ValueError("scf_mode='direct' needs reference_charges (and fermi_level in the data)")
+        q_ref = inp.reference_charges[s.atoms].to(loc["p_loc"].dtype)
+        mu = self._require_mu(targets, b, "scf_mode='direct'")
+        value, slopes, scales = self._map(
+            inp, s, loc, q_ref, mu, inp.positions[s.atoms], inp.cell[s.b], v_app, True
+        )
+        if self.options.ensemble == "constant_q":
+            value = self._constrain(s, value, slopes, scales)[0]
+        return value, mu
+
+    def _implicit(self, inp, s: _Structure, loc, v_app, q_star, mu_star, value: bool):
+        """Differentiable Newton step ``z* − K⁻¹ g(z*)`` (implicit function theorem)."""
+        q_star, mu_star = q_star.detach(), mu_star.detach()
+        fq, _, _ = self._map(inp, s, loc, q_star, mu_star, inp.positions[s.atoms], inp.cell[s.b], v_app, True)
+        residual = fq - q_star
+        with torch.no_grad():
+            detached = {k: v.detach() for k, v in loc.items()}
+            _, slopes, scales = self._map(
+                inp, s, detached, q_star, mu_star, s.positions, s.cell, s.v_app, False
+            )
+        coef = slopes / scales  # ∂F_i/∂φ_w,i
+        fmu = coef.sum(-1)
+        n = q_star.shape[0]
+        widths = self.options.widths
+        es = inp.electrostatics
+
+        def jac(x: torch.Tensor) -> torch.Tensor:
+            return (coef * es.projected_potentials(x, s.positions, s.cell, s.pbc, widths)).sum(-1)
+
+        def jac_t(x: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros_like(x)
+            for w, width in enumerate(widths):
+                out = out + es.projected_potentials(coef[:, w] * x, s.positions, s.cell, s.pbc, [width])[:, 0]
+            return out
+
+        constant_q = self.options.ensemble == "constant_q"
+        tol = default_tolerance(self.options.linear_tol, q_star.dtype)
+
+        def make(op, mu_column):
+            def solve(r: torch.Tensor, rhs_mu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                if constant_q:
+
+                    def full(z):
+                        a, m = z[:n], z[n]
+                        return torch.cat(
+                            [op(a) - a + mu_column(m), (a * (fmu if op is jac_t else 1)).sum()[None]]
+                        )
+
+                    rhs = torch.cat([r, rhs_mu.reshape(1)])
+                else:
+
+                    def full(z):
+                        return op(z) - z
+
+                    rhs = r
+                z, info = gmres(full, rhs, tol, self.options.linear_max_iter)
+                if not info.converged:
+                    raise SCFConvergenceError(
+                        f"scf: the linearised solve of structure {s.b} did not converge "
+                        f"(relative residual {info.residual:.3g}); the fixed point may be unstable"
+                    )
+                return (z[:n], z[n]) if constant_q else (z, rhs_mu * 0)
+
+            return solve
+
+        solve = make(jac, lambda m: fmu * m)
+        solve_t = make(jac_t, lambda m: m * torch.ones_like(fmu))
+        dq, dmu = ImplicitStep.apply(residual, solve, solve_t, value)
+        return q_star - dq, (mu_star - dmu) if constant_q else mu_star

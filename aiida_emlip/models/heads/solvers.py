@@ -1,0 +1,215 @@
+r"""Linear solvers shared by the self-consistent heads (no AiiDA).
+
+* :func:`conjugate_gradient` — preconditioned CG for SPD operators, several right-hand sides at once.
+* :func:`gmres` — restarted GMRES for the non-symmetric linearised SCF systems.
+* :func:`qeq_solve` — the charge-equilibration KKT system
+  ``[[H, 1], [1ᵀ, 0]] [q; μ] = [−b; Q]`` with ``H = A + diag(d)`` SPD, solved as two SPD systems
+  ``H x = −b`` and ``H y = 1``, ``μ = (Σx − Q)/Σy``, ``q = x − μ y`` (so ``H q + b = −μ 1``).
+* :class:`ImplicitStep` — the differentiable Newton step ``z* − K⁻¹ g(z*)`` of the implicit function
+  theorem: its forward value is ``K⁻¹ g`` (or zero), its backward applies ``K⁻ᵀ``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+Matvec = Callable[[torch.Tensor], torch.Tensor]
+
+
+class SCFConvergenceError(RuntimeError):
+    """An iterative head did not converge or diverged, and ``on_failure='raise'``."""
+
+
+def default_tolerance(requested: float, dtype: torch.dtype) -> float:
+    """``requested``, but never below what ``dtype`` can resolve (≈ 50 ε)."""
+    return max(requested, 50.0 * torch.finfo(dtype).eps)
+
+
+@dataclass
+class SolveInfo:
+    """How an iterative solve ended."""
+
+    iterations: int
+    residual: float
+    converged: bool
+
+
+def conjugate_gradient(
+    matvec: Matvec,
+    b: torch.Tensor,
+    precond: torch.Tensor | None = None,
+    tol: float = 1e-10,
+    maxiter: int = 1000,
+    x0: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, SolveInfo]:
+    """Solve ``H X = B`` for SPD ``H`` column by column in lock-step; ``b`` is ``[N]`` or ``[N, C]``.
+
+    ``precond`` is the diagonal of a Jacobi preconditioner (``[N]``); convergence when every
+    column's residual norm is below ``tol · ‖b_c‖``.
+    """
+    vector = b.dim() == 1
+    b2 = b[:, None] if vector else b
+    inv = None if precond is None else (1.0 / precond)[:, None]
+    x = torch.zeros_like(b2) if x0 is None else (x0[:, None] if vector else x0).clone()
+    r = b2 - matvec(x) if x0 is not None else b2.clone()
+    z = r if inv is None else inv * r
+    p = z.clone()
+    rz = (r * z).sum(0)
+    target = tol * torch.linalg.vector_norm(b2, dim=0).clamp(min=torch.finfo(b.dtype).tiny)
+    res = torch.linalg.vector_norm(r, dim=0)
+    it = 0
+    while it < maxiter and bool((res > target).any()):
+        hp = matvec(p)
+        php = (p * hp).sum(0)
+        active = res > target
+        alpha = torch.where(active, rz / php, torch.zeros_like(rz))
+        x = x + alpha * p
+        r = r - alpha * hp
+        z = r if inv is None else inv * r
+        rz_new = (r * z).sum(0)
+        beta = torch.where(active, rz_new / rz, torch.zeros_like(rz))
+        p = z + beta * p
+        rz = rz_new
+        res = torch.linalg.vector_norm(r, dim=0)
+        it += 1
+    info = SolveInfo(it, float((res / target.clamp(min=1e-300) * tol).max()), bool((res <= target).all()))
+    return (x[:, 0] if vector else x), info
+
+
+def gmres(
+    matvec: Matvec, b: torch.Tensor, tol: float = 1e-10, maxiter: int = 300, restart: int = 40
+) -> tuple[torch.Tensor, SolveInfo]:
+    """Restarted GMRES (modified Gram–Schmidt) for ``K x = b``, ``b`` ``[n]``; relative tolerance."""
+    n = b.shape[0]
+    x = torch.zeros_like(b)
+    norm_b = float(torch.linalg.vector_norm(b))
+    if norm_b == 0.0:
+        return x, SolveInfo(0, 0.0, True)
+    total, rel = 0, 1.0
+    restart = max(1, min(restart, n + 1))
+    while total < maxiter:
+        r = b - matvec(x) if total else b.clone()
+        beta = float(torch.linalg.vector_norm(r))
+        rel = beta / norm_b
+        if rel <= tol:
+            break
+        basis = [r / beta]
+        hess = torch.zeros(restart + 1, restart, dtype=torch.float64)
+        k_used = 0
+        for k in range(restart):
+            w = matvec(basis[k])
+            for j in range(k + 1):
+                hess[j, k] = float((w * basis[j]).sum())
+                w = w - hess[j, k].item() * basis[j]
+            hess[k + 1, k] = float(torch.linalg.vector_norm(w))
+            k_used, total = k + 1, total + 1
+            e1 = torch.zeros(k + 2, dtype=torch.float64)
+            e1[0] = beta
+            coeff = torch.linalg.lstsq(hess[: k + 2, : k + 1], e1[:, None]).solution[:, 0]
+            rel = float(torch.linalg.vector_norm(hess[: k + 2, : k + 1] @ coeff - e1)) / norm_b
+            if rel <= tol or hess[k + 1, k] < 1e-300 or total >= maxiter:
+                break
+            basis.append(w / hess[k + 1, k].item())
+        update = torch.stack(basis[:k_used], dim=1) @ coeff.to(b.dtype).to(b.device)
+        x = x + update
+        if rel <= tol:
+            break
+    return x, SolveInfo(total, rel, rel <= tol)
+
+
+@dataclass
+class QEqSolution:
+    """Charges, the Lagrange multiplier μ and what is needed to apply ``K⁻¹`` again."""
+
+    charges: torch.Tensor
+    mu: torch.Tensor
+    info: SolveInfo
+    solve_h: Callable[[torch.Tensor], torch.Tensor]  # H⁻¹ (dense or CG), for further right-hand sides
+    y: torch.Tensor  # H⁻¹ 1
+
+
+def qeq_solve(
+    matvec: Matvec | None,
+    diag: torch.Tensor,
+    b: torch.Tensor,
+    total: float | torch.Tensor,
+    dense: torch.Tensor | None = None,
+    precond: torch.Tensor | None = None,
+    tol: float = 1e-10,
+    maxiter: int = 1000,
+) -> QEqSolution:
+    """Minimise ``½ qᵀ(A + diag d)q + bᵀq`` subject to ``Σq = Q`` (no autograd).
+
+    ``dense`` is ``A`` as a matrix (then ``matvec`` is unused), otherwise ``matvec(x) = A x``.
+    Returns ``q`` and ``μ`` with ``(A + diag d) q + b = −μ 1``.
+    """
+    if dense is not None:
+        h = dense + torch.diag(diag)
+        factor = torch.linalg.cholesky(h)
+
+        def solve_h(rhs: torch.Tensor) -> torch.Tensor:
+            r2 = rhs[:, None] if rhs.dim() == 1 else rhs
+            out = torch.cholesky_solve(r2, factor)
+            return out[:, 0] if rhs.dim() == 1 else out
+
+        xy = solve_h(torch.stack([-b, torch.ones_like(b)], dim=1))
+        info = SolveInfo(1, 0.0, True)
+    else:
+        assert matvec is not None
+
+        def full(x: torch.Tensor) -> torch.Tensor:
+            return matvec(x) + (diag[:, None] * x if x.dim() == 2 else diag * x)
+
+        def solve_h(rhs: torch.Tensor) -> torch.Tensor:
+            return conjugate_gradient(full, rhs, precond, tol, maxiter)[0]
+
+        xy, info = conjugate_gradient(
+            full, torch.stack([-b, torch.ones_like(b)], dim=1), precond, tol, maxiter
+        )
+    x, y = xy[:, 0], xy[:, 1]
+    mu = (x.sum() - total) / y.sum()
+    return QEqSolution(x - mu * y, mu, info, solve_h, y)
+
+
+def kkt_inverse(
+    solution: QEqSolution,
+) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """``(r, s) ↦ (δ, ν)`` with ``H δ + ν 1 = r``, ``Σδ = s`` (symmetric, so also ``K⁻ᵀ``)."""
+
+    def apply(r: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hr = solution.solve_h(r)
+        nu = (hr.sum() - s) / solution.y.sum()
+        return hr - nu * solution.y, nu
+
+    return apply
+
+
+PairSolve = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class ImplicitStep(torch.autograd.Function):
+    """``(δq, δμ) = K⁻¹ [r; 0]`` with a custom backward ``K⁻ᵀ``: the implicit-function-theorem step.
+
+    ``r`` is the differentiable residual of the stationarity (or fixed-point) condition at the
+    converged, detached solution. Subtracting the output from the solution leaves its value unchanged
+    when ``value=False`` (forward returns zeros: the solution is already converged) and gives
+    ``dz/dθ = −K⁻¹ ∂g/∂θ`` exactly.
+    """
+
+    @staticmethod
+    def forward(ctx, r: torch.Tensor, solve: PairSolve, solve_t: PairSolve, value: bool):  # type: ignore[override]
+        ctx.solve_t = solve_t
+        zero = r.new_zeros(())
+        if value:
+            dq, dmu = solve(r.detach(), zero)
+            return dq, dmu.reshape(())
+        return torch.zeros_like(r), zero
+
+    @staticmethod
+    def backward(ctx, grad_q: torch.Tensor, grad_mu: torch.Tensor):  # type: ignore[override]
+        with torch.no_grad():
+            gq, _ = ctx.solve_t(grad_q.detach(), grad_mu.detach().reshape(()))
+        return gq, None, None, None

@@ -1,0 +1,164 @@
+"""The electrostatic MLIP: backbone + head + electrostatics, with forces and stress by autograd."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+
+from aiida_emlip.models.backbone import BackboneConfig, MaceBackbone
+from aiida_emlip.models.electrostatics import Electrostatics, ElectrostaticsConfig
+from aiida_emlip.models.graph import Graph
+from aiida_emlip.models.heads import HeadInput, build_head
+from aiida_emlip.models.heads.base import scatter_sum, structure_dipoles
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _strict(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where}; known: {sorted(known)}")
+    return values
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model; serialised as JSON next to the weights."""
+
+    elements: list[str]
+    head: dict[str, Any] = field(default_factory=lambda: {"name": "sr"})
+    backbone: dict[str, Any] = field(default_factory=dict)
+    electrostatics: dict[str, Any] = field(default_factory=dict)
+    dtype: str = "float64"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        _strict(BackboneConfig, {**self.backbone, "elements": self.elements}, "backbone")
+        _strict(ElectrostaticsConfig, self.electrostatics, "electrostatics")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        return cls(**_strict(cls, dict(values), "model config"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class EmlipModel(torch.nn.Module):
+    """E = Σ_i E0[Z_i] + E_SR(backbone) + E_head; F = -∂E/∂r; σ = (1/V) ∂E/∂ε (ASE sign)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = MaceBackbone(BackboneConfig(elements=config.elements, **config.backbone))
+        self.electrostatics = Electrostatics(ElectrostaticsConfig(**config.electrostatics))
+        self.head = build_head(
+            config.head, config.elements, self.backbone.num_scalars, self.backbone.num_vectors
+        )
+        self.register_buffer("reference_energies", torch.zeros(len(config.elements)))
+        self.to(DTYPES[config.dtype])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.reference_energies.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.reference_energies.device
+
+    @property
+    def cutoff(self) -> float:
+        return self.backbone.config.r_max
+
+    def forward(
+        self,
+        graph: Graph,
+        compute_forces: bool = True,
+        compute_stress: bool = True,
+        compute_potential: bool = False,
+        create_graph: bool | None = None,
+        scf_mode: str = "converge",
+        reference_charges: torch.Tensor | None = None,
+        reference_dipoles: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor | None]:
+        """Evaluate a batch.
+
+        ``create_graph`` (default: ``self.training``) keeps forces and stress differentiable for
+        training. ``scf_mode`` and the reference multipoles only matter for self-consistent heads
+        (see :class:`~aiida_emlip.models.heads.base.HeadInput`).
+        """
+        create_graph = self.training if create_graph is None else create_graph
+        graph = graph.to(self.device, self.dtype)
+        with torch.enable_grad():
+            positions = graph.positions.detach().requires_grad_(compute_forces)
+            strain = torch.zeros_like(graph.cell).requires_grad_(compute_stress)
+            sym = 0.5 * (strain + strain.transpose(1, 2))
+            eye = torch.eye(3, dtype=self.dtype, device=self.device)
+            strained_pos = positions + torch.einsum("ni,nij->nj", positions, sym[graph.batch])
+            cell = torch.einsum("bij,bjk->bik", graph.cell, eye + sym)
+            feats = self.backbone(graph, strained_pos, cell)
+            species = self.backbone.species(graph.numbers)
+            inp = HeadInput(
+                graph,
+                strained_pos,
+                cell,
+                feats,
+                species,
+                self.electrostatics,
+                scf_mode=scf_mode,
+                reference_charges=reference_charges,
+                reference_dipoles=reference_dipoles,
+            )
+            head = self.head(inp)
+            node_energy = feats.node_energy + self.reference_energies[species]
+            energy = scatter_sum(node_energy, graph.batch, graph.num_graphs) + head.energy
+            wrt = [t for t, need in ((positions, compute_forces), (strain, compute_stress)) if need]
+            grads = (
+                torch.autograd.grad(energy.sum(), wrt, create_graph=create_graph, allow_unused=True)
+                if wrt
+                else []
+            )
+        out: dict[str, Any] = {
+            "energy": energy,
+            "node_energy": node_energy,
+            "charges": head.charges,
+            "dipoles": head.dipoles,
+            "fermi_level": head.fermi_level,
+            "converged": head.converged,
+            "iterations": head.iterations,
+            "residuals": head.residuals,
+        }
+        grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, wrt)]
+        if compute_forces:
+            out["forces"] = -grads[0]
+        if compute_stress:
+            volume = torch.linalg.det(graph.cell).abs()
+            stress = grads[-1] / volume[:, None, None]
+            periodic = graph.pbc.all(dim=1)
+            out["stress"] = torch.where(
+                periodic[:, None, None], stress, torch.full_like(stress, float("nan"))
+            )
+        out["dipole"] = (
+            head.dipole if head.dipole is not None else structure_dipoles(inp, head.charges, head.dipoles)
+        )
+        if compute_potential and head.charges is not None:
+            out["potential"] = self._potential(inp, head.charges.detach(), head.dipoles)
+        return out
+
+    def _potential(self, inp: HeadInput, charges: torch.Tensor, dipoles: torch.Tensor | None) -> torch.Tensor:
+        parts = []
+        for b, atoms in inp.graph.structures():
+            parts.append(
+                self.electrostatics.potential(
+                    charges[atoms],
+                    inp.positions[atoms].detach(),
+                    inp.cell[b].detach(),
+                    inp.graph.pbc[b],
+                    None if dipoles is None else dipoles[atoms].detach(),
+                )
+            )
+        return torch.cat(parts).detach()

@@ -21,7 +21,14 @@ class EmlipCalculator(Calculator):
     heads that determine μ) and ``converged`` (iterative heads).
     """
 
-    implemented_properties: ClassVar[list[str]] = ["energy", "free_energy", "forces", "stress", "charges", "dipole"]
+    implemented_properties: ClassVar[list[str]] = [
+        "energy",
+        "free_energy",
+        "forces",
+        "stress",
+        "charges",
+        "dipole",
+    ]
 
     def __init__(self, model: EmlipModel | str | Path, device: str = "auto", **kwargs) -> None:
         super().__init__(**kwargs)

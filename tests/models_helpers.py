@@ -23,34 +23,43 @@ HEAD_CONFIGS = {
     "charges-loss": {"name": "charges", "correction": "none"},
     "latent": {"name": "latent"},
     "split": {"name": "split", "formal_charges": {"Na": 1.0, "Cl": -1.0}},
+    "qeq": {"name": "qeq"},
+    "qeq-cg": {"name": "qeq", "solver": "cg", "tol": 1e-12},
+    "functional": {"name": "functional", "newton_tol": 1e-12},
+    "scf": {"name": "scf", "tol": 1e-11},
+    "scf-mlp": {"name": "scf", "update": "mlp", "tol": 1e-11},
 }
 
 
 def tiny_model(head: dict, seed: int = 0, dtype: str = "float64", **electrostatics) -> EmlipModel:
-    """A 4-channel, 2-layer model with randomised (non-zero) head weights (a fresh copy each call)."""
-    key = json.dumps([head, seed, dtype, electrostatics], sort_keys=True)
+    """A 4-channel, 2-layer model whose head weights are randomised by ``seed`` (a fresh copy)."""
+    key = json.dumps([head, dtype, electrostatics], sort_keys=True)
     if key not in _CACHE:
-        _CACHE[key] = _build(head, seed, dtype, electrostatics)
-    return copy.deepcopy(_CACHE[key])
+        torch.manual_seed(0)
+        config = ModelConfig(
+            elements=ELEMENTS,
+            head=head,
+            backbone={
+                "num_channels": 4,
+                "num_interactions": 2,
+                "correlation": 2,
+                "max_ell": 2,
+                "r_max": 4.0,
+                "mlp_hidden": 4,
+            },
+            electrostatics=electrostatics,
+            dtype=dtype,
+        )
+        _CACHE[key] = EmlipModel(config)
+    model = copy.deepcopy(_CACHE[key])
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    return model
 
 
 _CACHE: dict[str, EmlipModel] = {}
-
-
-def _build(head: dict, seed: int, dtype: str, electrostatics: dict) -> EmlipModel:
-    torch.manual_seed(seed)
-    config = ModelConfig(
-        elements=ELEMENTS,
-        head=head,
-        backbone={"num_channels": 4, "num_interactions": 2, "correlation": 2, "r_max": 4.0, "mlp_hidden": 4},
-        electrostatics=electrostatics,
-        dtype=dtype,
-    )
-    model = EmlipModel(config)
-    with torch.no_grad():
-        for p in model.head.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    return model
 
 
 def nacl_cell(seed: int = 0) -> Atoms:

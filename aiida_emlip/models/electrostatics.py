@@ -1,0 +1,421 @@
+r"""Electrostatics shared by every model head: Gaussian (or point) charges and Gaussian dipoles.
+
+Conventions (derived and tested in ``docs/electrostatics.md``): units eV, Å, e, V/Å;
+``k_e = COULOMB_CONSTANT``. Every atom carries a Gaussian charge ``q_i`` and optionally a Gaussian
+dipole ``p_i`` of width σ; two Gaussian charges interact through ``k_e erf(r/2σ)/r``.
+
+* **periodic (3D)**: the k = 0-excluded Hartree energy of the model density (tin-foil boundary,
+  neutralising background for charged cells), plus the Gaussian self-energies when ``include_self``.
+  torch-pme's background term ``−πs²Q²k_e/V`` is replaced by this convention (``+2πσ²Q²k_e/V``).
+* **slab** (exactly two periodic directions, vacuum along the third cell vector): the 3D result plus a
+  correction to the 2D-periodic limit, ``(2πk_e/V)(M_z² − Q M₂ − Q² h²/12)`` with moments of the
+  model density along the slab normal (Yeh–Berkowitz for Q = 0, Ballenegger–Arnold–Cerdà for Q ≠ 0).
+* **open**: direct all-pairs sum.
+
+``potential`` is ``∂E/∂q`` (V, i.e. eV/e); ``coulomb_matrix`` the Hessian ``∂²E/∂q∂q``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torchpme import Calculator, CoulombPotential, EwaldCalculator, PMECalculator
+
+from aiida_emlip.models import gaussian_dipoles as gd
+from aiida_emlip.models.kernels import GaussianCoulombPotential
+from aiida_emlip.schema import COULOMB_CONSTANT
+
+__all__ = [
+    "Electrostatics",
+    "ElectrostaticsConfig",
+    "field_energy",
+    "total_dipole",
+]
+
+METHODS = ("auto", "ewald", "pme", "direct")
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+#: charge channels per PME call in ``coulomb_matvec`` (each channel needs its own mesh)
+PME_CHANNEL_CHUNK = 8
+
+
+@dataclass
+class ElectrostaticsConfig:
+    """Settings of :class:`Electrostatics` (widths in Å)."""
+
+    sigma: float = 1.5
+    method: str = "auto"
+    accuracy: float = 1e-6
+    pme_min_atoms: int = 700  # measured crossover, docs/electrostatics.md
+    slab_correction: bool = True
+    include_self: bool = True
+    pme_interpolation_nodes: int = 7
+    pme_spacing_factor: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.sigma < 0.0:
+            raise ValueError("sigma must be >= 0")
+        if not 0.0 < self.accuracy < 1.0:
+            raise ValueError("accuracy must lie in (0, 1)")
+
+
+# --------------------------------------------------------------------------------------------------
+# accuracy -> parameters
+
+
+def kspace_cutoff(smearing: float, accuracy: float) -> float:
+    """``k_c`` with ``exp(−s²k_c²/2) = accuracy`` for a kernel ``4π e^{−s²k²/2}/k²`` (Å⁻¹)."""
+    return math.sqrt(-2.0 * math.log(accuracy)) / smearing
+
+
+def realspace_cutoff(smearing: float, accuracy: float) -> float:
+    """``r_c`` with ``erfc(r_c / (√2 s)) = accuracy`` (Å)."""
+    x = torch.special.erfinv(torch.tensor(1.0 - accuracy, dtype=torch.float64)).item()
+    return math.sqrt(2.0) * smearing * x
+
+
+def point_charge_smearing(n_atoms: int, volume: float) -> float:
+    """Ewald splitting for point charges, the classic balance ``α = √π (N/V²)^{1/6}``, ``s = 1/(√2 α)``."""
+    return (volume * volume / max(n_atoms, 1)) ** (1.0 / 6.0) / math.sqrt(2.0 * math.pi)
+
+
+# --------------------------------------------------------------------------------------------------
+# geometry helpers
+
+
+def periodic_dims(pbc: torch.Tensor) -> list[bool]:
+    """``pbc`` as a list of three bools."""
+    flags = [bool(b) for b in torch.as_tensor(pbc).reshape(-1).tolist()]
+    if len(flags) != 3:
+        raise ValueError("pbc must have three entries")
+    return flags
+
+
+def slab_geometry(positions: torch.Tensor, cell: torch.Tensor, flags: list[bool]) -> tuple[torch.Tensor, ...]:
+    """Heights ``z_i = r_i·n`` along the unit slab normal ``n``, the period ``h = V/A`` and ``V``."""
+    a, b = [cell[k] for k in range(3) if flags[k]]
+    normal = torch.linalg.cross(a, b)
+    area = torch.linalg.norm(normal)
+    volume = torch.abs(torch.linalg.det(cell))
+    return positions @ (normal / area), volume / area, volume, normal / area
+
+
+def total_dipole(
+    charges: torch.Tensor, positions: torch.Tensor, dipoles: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``d = Σ q_i r_i + Σ p_i`` (e·Å), ``[3]``; origin-dependent when ``Σ q ≠ 0``."""
+    d = (charges[:, None] * positions).sum(0)
+    if dipoles is not None:
+        d = d + dipoles.sum(0)
+    return d
+
+
+def field_energy(
+    charges: torch.Tensor,
+    positions: torch.Tensor,
+    external_field: torch.Tensor,
+    dipoles: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Energy in a homogeneous applied field, ``−E·d`` (eV; E in V/Å, physical sign ``E = −∇V``).
+
+    The force on a charge is ``+qE``: moving a positive charge along ``E`` lowers the energy.
+    """
+    return -(external_field * total_dipole(charges, positions, dipoles)).sum()
+
+
+# --------------------------------------------------------------------------------------------------
+# the module
+
+
+class Electrostatics(torch.nn.Module):
+    """Energy, potential and Coulomb operator of atom-centred Gaussian charges and dipoles.
+
+    One structure per call. Inputs: ``charges [N]``, ``positions [N, 3]``, ``cell [3, 3]`` (rows are
+    lattice vectors), ``pbc [3]`` bool, ``dipoles [N, 3]`` or ``None``. Differentiable w.r.t. all
+    floating inputs; runs on the device and dtype of ``positions``.
+    """
+
+    def __init__(self, config: ElectrostaticsConfig | None = None):
+        super().__init__()
+        self.config = config if config is not None else ElectrostaticsConfig()
+        self._calculators: dict[tuple, Calculator] = {}
+
+    # ---------------------------------------------------------------- method selection
+
+    def select_method(self, n_atoms: int, pbc: torch.Tensor) -> str:
+        """``direct`` | ``ewald`` | ``pme`` for a structure of ``n_atoms`` with periodicity ``pbc``."""
+        flags = periodic_dims(pbc)
+        n_periodic = sum(flags)
+        if n_periodic == 1:
+            raise NotImplementedError("one periodic direction (wires) is not supported")
+        if n_periodic == 0:
+            return "direct"
+        method = self.config.method
+        if method == "direct":
+            raise ValueError("method='direct' needs pbc = [False, False, False]")
+        if method == "auto":
+            return "pme" if n_atoms >= self.config.pme_min_atoms else "ewald"
+        return method
+
+    def _calculator(self, method: str, smearing: float, like: torch.Tensor) -> Calculator:
+        key = (method, smearing, like.dtype, like.device)
+        if key not in self._calculators:
+            if method == "direct":
+                calc = Calculator(GaussianCoulombPotential(smearing, prefactor=COULOMB_CONSTANT))
+            else:
+                pot = CoulombPotential(smearing=smearing, prefactor=COULOMB_CONSTANT)
+                k_cut = kspace_cutoff(smearing, self.config.accuracy)
+                if method == "ewald":
+                    # torch-pme's Ewald box reaches |k| = π / lr_wavelength along each axis
+                    calc = EwaldCalculator(pot, lr_wavelength=math.pi / k_cut)
+                else:
+                    # torch-pme's mesh has ≥ 2L/h + 1 points: Nyquist ≥ 2π/h
+                    spacing = self.config.pme_spacing_factor * 2.0 * math.pi / k_cut
+                    calc = PMECalculator(
+                        pot, mesh_spacing=spacing, interpolation_nodes=self.config.pme_interpolation_nodes
+                    )
+            self._calculators[key] = calc.to(device=like.device, dtype=like.dtype)
+        return self._calculators[key]
+
+    # ---------------------------------------------------------------- charge part (linear in q)
+
+    def _phi_charges(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cell: torch.Tensor,
+        pbc: torch.Tensor,
+        s_phys: float,
+        method: str | None = None,
+    ) -> torch.Tensor:
+        """Potential ``[N, C]`` of charge channels ``x`` through ``k_e erf(r/√2 s)/r`` (3D or open).
+
+        Periodic: k = 0-excluded (no slab term). On-site term included when ``include_self`` and s > 0.
+        """
+        method = method or self.select_method(positions.shape[0], pbc)
+        if method == "direct":
+            i, j = torch.triu_indices(positions.shape[0], positions.shape[0], 1, device=positions.device)
+            dist = torch.linalg.norm(positions[j] - positions[i], dim=1)
+            calc = self._calculator("direct", s_phys, positions)
+            phi = 2.0 * calc(x, cell, positions, torch.stack([i, j], dim=1), dist)
+        else:
+            phi = self._phi_periodic(x, positions, cell, method, s_phys)
+        if self.config.include_self and s_phys > 0.0:
+            phi = phi + x * (COULOMB_CONSTANT * SQRT_2_OVER_PI / s_phys)
+        return phi
+
+    def _phi_periodic(
+        self, x: torch.Tensor, positions: torch.Tensor, cell: torch.Tensor, method: str, s_phys: float
+    ) -> torch.Tensor:
+        volume = torch.abs(torch.linalg.det(cell))
+        if volume.detach().item() < 1e-8:
+            raise ValueError("periodic electrostatics needs a cell with nonzero volume")
+        if s_phys > 0.0:
+            # Gaussian density: the torch-pme long-range kernel at s = s_phys is the whole interaction
+            smearing = s_phys
+            pairs = torch.zeros((0, 2), dtype=torch.long, device=positions.device)
+            dist = positions.new_zeros(0)
+        else:
+            smearing = point_charge_smearing(positions.shape[0], volume.detach().item())
+            pairs, dist = _neighbour_pairs(positions, cell, realspace_cutoff(smearing, self.config.accuracy))
+        calc = self._calculator(method, smearing, positions)
+        # PME holds one mesh per channel: bound its memory by splitting the channels
+        size = x.shape[1] if method == "ewald" else PME_CHANNEL_CHUNK
+        phi = torch.cat(
+            [2.0 * calc(xc, cell, positions, pairs, dist) for xc in torch.split(x, size, dim=1)], 1
+        )
+        # torch-pme's background term gives −2πs²Q/V; the k = 0-excluded density gives −2π(s²−s_phys²)Q/V
+        return phi + (2.0 * math.pi * COULOMB_CONSTANT * s_phys**2) * x.sum(0, keepdim=True) / volume
+
+    def _slab_active(self, pbc: torch.Tensor) -> bool:
+        return self.config.slab_correction and sum(periodic_dims(pbc)) == 2
+
+    def _slab_moments(
+        self, q: torch.Tensor, z: torch.Tensor, normal: torch.Tensor, dipoles: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Total charge, first and second moment along the normal of the model density, per channel."""
+        sigma2 = self.config.sigma**2
+        total = q.sum(0)
+        first = (q * z[:, None]).sum(0)
+        second = (q * (z * z + sigma2)[:, None]).sum(0)
+        if dipoles is not None:
+            pz = dipoles @ normal
+            first = first + pz.sum()
+            second = second + 2.0 * (pz * z).sum()
+        return total, first, second
+
+    def _slab_phi(
+        self,
+        q: torch.Tensor,
+        positions: torch.Tensor,
+        cell: torch.Tensor,
+        pbc: torch.Tensor,
+        width2: float,
+        dipoles: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """∂E_slab/∂q of the density, projected on a Gaussian of variance ``width2`` at each atom."""
+        z, h, volume, normal = slab_geometry(positions, cell, periodic_dims(pbc))
+        total, first, second = self._slab_moments(q, z, normal, dipoles)
+        zz = (z * z + width2)[:, None]
+        pref = 4.0 * math.pi * COULOMB_CONSTANT / volume
+        return pref * (first * z[:, None] - 0.5 * second - 0.5 * total * zz - total * h * h / 12.0)
+
+    def _slab_energy(
+        self,
+        charges: torch.Tensor,
+        positions: torch.Tensor,
+        cell: torch.Tensor,
+        pbc: torch.Tensor,
+        dipoles: torch.Tensor | None,
+    ) -> torch.Tensor:
+        z, h, volume, normal = slab_geometry(positions, cell, periodic_dims(pbc))
+        total, first, second = self._slab_moments(charges[:, None], z, normal, dipoles)
+        pref = 2.0 * math.pi * COULOMB_CONSTANT / volume
+        return (pref * (first * first - total * second - total * total * h * h / 12.0)).sum()
+
+    # ---------------------------------------------------------------- dipole part
+
+    def _require_dipole_width(self) -> float:
+        if self.config.sigma <= 0.0:
+            raise ValueError("Gaussian dipoles need sigma > 0")
+        return self.config.sigma
+
+    def _dipole_energy(
+        self, charges: torch.Tensor, dipoles: torch.Tensor, positions: torch.Tensor, cell: torch.Tensor, pbc
+    ) -> torch.Tensor:
+        sigma = self._require_dipole_width()
+        self_energy = gd.dipole_self_energy(dipoles, sigma)
+        if sum(periodic_dims(pbc)) == 0:
+            e = gd.dipole_direct_energy(charges, dipoles, positions, sigma)
+            return e + self_energy if self.config.include_self else e
+        k_cut = kspace_cutoff(math.sqrt(2.0) * sigma, self.config.accuracy)
+        e = gd.dipole_kspace_energy(charges, dipoles, positions, cell, sigma, k_cut)
+        return e if self.config.include_self else e - self_energy
+
+    def _dipole_phi(
+        self, dipoles: torch.Tensor, positions: torch.Tensor, cell: torch.Tensor, pbc, widths: torch.Tensor
+    ) -> torch.Tensor:
+        sigma = self._require_dipole_width()
+        if sum(periodic_dims(pbc)) == 0:
+            return gd.dipole_direct_potential(dipoles, positions, sigma, widths)
+        smallest = math.sqrt(sigma**2 + float(widths.min()) ** 2)
+        k_cut = kspace_cutoff(smallest, self.config.accuracy)
+        return gd.dipole_kspace_potential(dipoles, positions, cell, sigma, widths, k_cut)
+
+    # ---------------------------------------------------------------- public API
+
+    def energy(
+        self,
+        charges: torch.Tensor,
+        positions: torch.Tensor,
+        cell: torch.Tensor,
+        pbc: torch.Tensor,
+        dipoles: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Electrostatic energy (eV, scalar) of one structure."""
+        q = charges[:, None]
+        phi = self._phi_charges(q, positions, cell, pbc, math.sqrt(2.0) * self.config.sigma)
+        e = 0.5 * (q * phi).sum()
+        if dipoles is not None:
+            e = e + self._dipole_energy(charges, dipoles, positions, cell, pbc)
+        if self._slab_active(pbc):
+            e = e + self._slab_energy(charges, positions, cell, pbc, dipoles)
+        return e
+
+    def potential(
+        self,
+        charges: torch.Tensor,
+        positions: torch.Tensor,
+        cell: torch.Tensor,
+        pbc: torch.Tensor,
+        dipoles: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``∂E/∂q_i`` (V = eV/e), ``[N]``."""
+        widths = positions.new_tensor([self.config.sigma])
+        return self.projected_potentials(charges, positions, cell, pbc, widths, dipoles)[:, 0]
+
+    def projected_potentials(
+        self,
+        charges: torch.Tensor,
+        positions: torch.Tensor,
+        cell: torch.Tensor,
+        pbc: torch.Tensor,
+        widths: torch.Tensor | list[float],
+        dipoles: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Potential of the density projected on a normalised Gaussian of width ``w`` at each atom.
+
+        ``[N, len(widths)]`` (V). Charges enter through ``k_e erf(r/√(2(σ²+w²)))/r``; the atom's own
+        density is included iff ``include_self``, so ``w = σ`` reproduces :meth:`potential`.
+        """
+        widths = torch.as_tensor(widths, dtype=positions.dtype, device=positions.device).reshape(-1)
+        q = charges[:, None]
+        slab = self._slab_active(pbc)
+        columns = []
+        for w in widths.tolist():
+            s_phys = math.sqrt(self.config.sigma**2 + w * w)
+            phi = self._phi_charges(q, positions, cell, pbc, s_phys)[:, 0]
+            if slab:
+                phi = phi + self._slab_phi(q, positions, cell, pbc, w * w, dipoles)[:, 0]
+            columns.append(phi)
+        out = torch.stack(columns, dim=1)
+        if dipoles is not None:
+            out = out + self._dipole_phi(dipoles, positions, cell, pbc, widths)
+        return out
+
+    def coulomb_matvec(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cell: torch.Tensor,
+        pbc: torch.Tensor,
+        method: str | None = None,
+    ) -> torch.Tensor:
+        """``A @ x`` with ``A = ∂²E/∂q∂q`` (eV/e²) for ``x`` ``[N]`` or ``[N, C]``, without forming ``A``.
+
+        ``method`` overrides the automatic choice (``"ewald"`` / ``"pme"``; periodic cells only).
+        """
+        vector = x.dim() == 1
+        xs = x[:, None] if vector else x
+        out = self._phi_charges(xs, positions, cell, pbc, math.sqrt(2.0) * self.config.sigma, method)
+        if self._slab_active(pbc):
+            out = out + self._slab_phi(xs, positions, cell, pbc, self.config.sigma**2)
+        return out[:, 0] if vector else out
+
+    def coulomb_matrix(self, positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor) -> torch.Tensor:
+        """Dense ``A = ∂²E/∂q_i∂q_j`` ``[N, N]``; diagonal includes ``k_e/(σ√π)`` when ``include_self``.
+
+        Periodic cells use Ewald unless ``method="pme"`` is configured (N channels of PME meshes would
+        be large); ``coulomb_matvec`` may then use PME and differ from it by the PME error.
+        """
+        n = positions.shape[0]
+        eye = torch.eye(n, dtype=positions.dtype, device=positions.device)
+        method = None
+        if sum(periodic_dims(pbc)) > 0 and self.config.method == "auto":
+            method = "ewald"
+        a = self.coulomb_matvec(eye, positions, cell, pbc, method)
+        return 0.5 * (a + a.transpose(0, 1))
+
+
+def _neighbour_pairs(
+    positions: torch.Tensor, cell: torch.Tensor, cutoff: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Half neighbour list (vesin, all three directions periodic) and differentiable distances."""
+    from vesin import NeighborList
+
+    nl = NeighborList(cutoff=cutoff, full_list=False)
+    i, j, shifts = nl.compute(
+        points=positions.detach().cpu().double().numpy(),
+        box=cell.detach().cpu().double().numpy(),
+        periodic=True,
+        quantities="ijS",
+    )
+    device = positions.device
+    i = torch.as_tensor(i, dtype=torch.long, device=device)
+    j = torch.as_tensor(j, dtype=torch.long, device=device)
+    shifts = torch.as_tensor(shifts, dtype=positions.dtype, device=device)
+    vec = positions[j] - positions[i] + shifts @ cell
+    return torch.stack([i, j], dim=1), torch.linalg.norm(vec, dim=1)

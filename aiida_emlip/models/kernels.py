@@ -1,0 +1,42 @@
+"""Custom torch-pme potentials used by :mod:`aiida_emlip.models.electrostatics`.
+
+torch-pme's :class:`~torchpme.Calculator` with ``smearing=None`` sums ``potential.from_dist`` over the
+pairs it is given (no k-space part). The Gaussian-charge interaction is not among torch-pme's
+potentials, so the direct (open-boundary) path uses :class:`GaussianCoulombPotential`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torchpme.potentials import Potential
+
+
+class GaussianCoulombPotential(Potential):
+    """Pair kernel ``prefactor · erf(r / (√2 s)) / r`` (``prefactor / r`` when ``width == 0``).
+
+    Two Gaussian charges of widths σ₁, σ₂ interact through this kernel with ``s² = σ₁² + σ₂²``;
+    for equal widths σ that is ``erf(r / 2σ) / r``. ``width`` is ``s``, not a charge width. The
+    torch-pme ``smearing`` (range separation) stays ``None``: this potential is for direct sums only.
+    """
+
+    def __init__(self, width: float, prefactor: float = 1.0):
+        super().__init__(smearing=None, prefactor=prefactor)
+        self.width = float(width)
+
+    def from_dist(self, dist: torch.Tensor, pair_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Kernel value at the pair distances ``dist``."""
+        if self.width > 0.0:
+            x = dist / (math.sqrt(2.0) * self.width)
+            # erf(x)/x is smooth at 0; write it so that r -> 0 stays finite.
+            safe = torch.where(x > 1e-6, x, torch.ones_like(x))
+            ratio = torch.where(
+                x > 1e-6, torch.erf(safe) / safe, torch.full_like(x, 2.0 / math.sqrt(math.pi))
+            )
+            result = ratio / (math.sqrt(2.0) * self.width)
+        else:
+            result = 1.0 / dist.clamp(min=1e-15)
+        if pair_mask is not None:
+            result = result * pair_mask
+        return self.prefactor.to(dist.dtype) * result

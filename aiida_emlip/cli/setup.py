@@ -1,0 +1,170 @@
+"""``aiida-emlip setup``: create or reuse the profile, computer, ``pw`` code and pseudo family.
+
+Every step is idempotent: a second run finds everything in place, prints ``reused`` for each item and
+changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from aiida_emlip.cli.options import (
+    CODE_LABEL,
+    COMPUTER_LABEL,
+    PROFILE_OPTION,
+    find_executable,
+    qe_missing_message,
+    resolve_pw,
+    target_or_exit,
+)
+from aiida_emlip.profile import ProfileTarget, load_or_create_profile
+
+if TYPE_CHECKING:
+    from aiida.orm import Computer, Group, InstalledCode
+
+CREATED = "created"
+REUSED = "reused"
+
+
+def mpirun_command(as_root: bool | None = None) -> list[str]:
+    """Return the computer's mpirun command; OpenMPI refuses root unless told ``--allow-run-as-root``."""
+    if as_root is None:
+        as_root = hasattr(os, "geteuid") and os.geteuid() == 0
+    command = ["mpirun", "-np", "{tot_num_mpiprocs}"]
+    return [*command, "--allow-run-as-root"] if as_root else command
+
+
+def ensure_computer(target: ProfileTarget, label: str = COMPUTER_LABEL) -> tuple[Computer, str]:
+    """Load the ``localhost`` computer or create it (core.local, core.direct, workdir in the config dir)."""
+    from aiida.common.exceptions import NotExistent
+    from aiida.orm import Computer, load_computer
+
+    status = REUSED
+    try:
+        computer = load_computer(label)
+    except NotExistent:
+        target.work_dir.mkdir(parents=True, exist_ok=True)
+        computer = Computer(
+            label=label,
+            hostname="localhost",
+            description="This machine (created by aiida-emlip setup)",
+            transport_type="core.local",
+            scheduler_type="core.direct",
+            workdir=str(target.work_dir),
+        ).store()
+        computer.set_minimum_job_poll_interval(0.0)
+        computer.set_default_mpiprocs_per_machine(1)
+        computer.set_mpirun_command(mpirun_command())
+        status = CREATED
+    if not computer.is_configured:
+        computer.configure(safe_interval=0.0)
+        status = CREATED if status == CREATED else "configured"
+    return computer, status
+
+
+def ensure_code(
+    computer: Computer, pw: Path, mpi: bool = False, label: str = CODE_LABEL
+) -> tuple[InstalledCode, str]:
+    """Load ``pw@<computer>`` or create it as an :class:`~aiida.orm.InstalledCode`.
+
+    A stored code cannot be edited: if the existing one points at another executable or MPI setting,
+    it is relabelled ``pw-<pk>`` (its calculations keep their provenance) and a new ``pw`` is created.
+    """
+    from aiida.common.exceptions import NotExistent
+    from aiida.orm import InstalledCode, load_code
+
+    status = CREATED
+    try:
+        existing = load_code(f"{label}@{computer.label}")
+    except NotExistent:
+        existing = None
+    if existing is not None:
+        same_exe = str(existing.get_executable()) == str(pw)
+        if same_exe and bool(existing.with_mpi) == mpi:
+            return existing, REUSED
+        existing.label = f"{label}-{existing.pk}"
+        status = f"replaced (previous code relabelled {existing.label}@{computer.label})"
+    code = InstalledCode(
+        computer=computer,
+        filepath_executable=str(pw),
+        label=label,
+        description="Quantum ESPRESSO pw.x (created by aiida-emlip setup)",
+        default_calc_job_plugin="quantumespresso.pw",
+        with_mpi=mpi,
+    ).store()
+    return code, status
+
+
+def family_exists(label: str) -> bool:
+    """Return whether a group with this label exists in the loaded profile."""
+    from aiida.orm import Group, QueryBuilder
+
+    return QueryBuilder().append(Group, filters={"label": label}).count() > 0
+
+
+def ensure_pseudo_family(target: ProfileTarget, ld1: str | Path = "ld1.x") -> tuple[Group, str]:
+    """Install the project's ld1.x pseudo family, generating its UPF files into the config dir first."""
+    from aiida_emlip.pseudos.family import FAMILY_LABEL, install_family
+
+    if family_exists(FAMILY_LABEL):
+        return install_family(target.pseudo_dir, label=FAMILY_LABEL), REUSED
+    from aiida_emlip.pseudos.generate import generate_family
+
+    generate_family(target.pseudo_dir, ld1=str(ld1))
+    return install_family(target.pseudo_dir, label=FAMILY_LABEL), CREATED
+
+
+def report(item: str, description: str, status: str) -> None:
+    """Print one status line of ``setup``."""
+    click.echo(f"{item:<9} {description}: {status}")
+
+
+@click.command("setup")
+@click.option(
+    "--pw",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Location of pw.x (default: pw.x on PATH). ld1.x is looked for beside it, then on PATH.",
+)
+@PROFILE_OPTION
+@click.option(
+    "--mpi/--no-mpi",
+    default=False,
+    show_default=True,
+    help="Run pw.x through mpirun. Off by default: Debian's pw.x is OpenMPI-linked and runs as a singleton.",
+)
+def setup(pw: Path | None, profile_name: str | None, mpi: bool) -> None:
+    """Create or reuse the AiiDA profile, localhost computer, pw code and pseudo family (idempotent)."""
+    pw_path = resolve_pw(pw)
+    target = target_or_exit(profile_name)
+
+    from aiida_emlip.pseudos.family import FAMILY_LABEL
+
+    profile, created = load_or_create_profile(target, create=True)
+    storage = profile.storage_backend
+    broker = profile.process_control_backend or "no broker"
+    report("profile", f"{profile.name} ({storage}, {broker}) in {target.config_dir}", _s(created))
+
+    computer, status = ensure_computer(target)
+    report("computer", f"{computer.label} ({computer.transport_type}, {computer.scheduler_type})", status)
+
+    code, status = ensure_code(computer, pw_path, mpi=mpi)
+    report("code", f"{code.full_label} -> {code.get_executable()} (withmpi={code.with_mpi})", status)
+
+    if family_exists(FAMILY_LABEL):
+        ld1: Path | None = None
+    else:
+        ld1 = find_executable("ld1.x", hint=pw_path)
+        if ld1 is None:
+            raise click.ClickException(qe_missing_message("ld1.x"))
+    family, status = ensure_pseudo_family(target, ld1=ld1 or "ld1.x")
+    elements = ", ".join(sorted(family.elements))
+    report("pseudos", f"{family.label} ({elements})", status)
+
+
+def _s(created: bool) -> str:
+    return CREATED if created else REUSED

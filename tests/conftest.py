@@ -1,0 +1,130 @@
+"""Shared fixtures: an isolated throw-away AiiDA profile, the real ``pw.x`` code and the pseudo family.
+
+Isolation: ``AIIDA_PATH`` points into a temporary directory *before* anything imports :mod:`aiida`,
+and ``aiida.tools.pytest_fixtures`` then creates its own temporary SQLite profile (no broker) for the
+session. Neither the user's ``~/.aiida`` nor the project's ``.aiida`` demo profile is touched.
+
+``pw_code`` and ``pseudo_family`` are session-scoped nodes of that profile: a test that empties the
+storage (``aiida_profile_clean``) deletes them for every later test, so do not combine the two.
+Markers: ``pw`` tests are skipped without ``pw.x``, ``cuda`` tests without a CUDA device.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+_AIIDA_TMP = Path(tempfile.mkdtemp(prefix="emlip-pytest-aiida-"))
+os.environ["AIIDA_PATH"] = str(_AIIDA_TMP)
+atexit.register(shutil.rmtree, _AIIDA_TMP, ignore_errors=True)
+
+pytest_plugins = ["aiida.tools.pytest_fixtures"]
+
+PW_EXE = shutil.which("pw.x") or "/usr/bin/pw.x"
+LD1_EXE = shutil.which("ld1.x") or "/usr/bin/ld1.x"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip ``cuda`` tests without a CUDA device and ``pw`` tests without ``pw.x``."""
+    need_cuda = any(item.get_closest_marker("cuda") for item in items)
+    no_cuda = need_cuda and not _cuda_available()
+    no_pw = not Path(PW_EXE).is_file()
+    for item in items:
+        if no_cuda and item.get_closest_marker("cuda"):
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device (torch.cuda is not available)"))
+        if no_pw and item.get_closest_marker("pw"):
+            item.add_marker(pytest.mark.skip(reason="pw.x missing (apt-get install -y quantum-espresso)"))
+
+
+@pytest.fixture(scope="session")
+def pw_code(aiida_profile):
+    """The real ``pw.x`` as ``pw@localhost`` (core.local, core.direct, withmpi False) in the test profile."""
+    from aiida.common.exceptions import NotExistent
+    from aiida.orm import Computer, InstalledCode, load_code, load_computer
+
+    try:
+        computer = load_computer("localhost")
+    except NotExistent:
+        workdir = Path(tempfile.mkdtemp(prefix="work-", dir=_AIIDA_TMP))
+        computer = Computer(
+            label="localhost",
+            hostname="localhost",
+            transport_type="core.local",
+            scheduler_type="core.direct",
+            workdir=str(workdir),
+        ).store()
+        computer.set_minimum_job_poll_interval(0.0)
+        computer.set_default_mpiprocs_per_machine(1)
+        computer.configure(safe_interval=0.0)
+    try:
+        return load_code("pw@localhost")
+    except NotExistent:
+        return InstalledCode(
+            computer=computer,
+            filepath_executable=PW_EXE,
+            label="pw",
+            default_calc_job_plugin="quantumespresso.pw",
+            with_mpi=False,
+        ).store()
+
+
+@pytest.fixture(scope="session")
+def pseudo_dir(request: pytest.FixtureRequest) -> Path:
+    """UPF files of the project family, generated once (cached across sessions in the pytest cache)."""
+    from aiida_emlip.pseudos.generate import generate_family
+
+    cache = getattr(request.config, "cache", None)  # absent with -p no:cacheprovider
+    base = cache.mkdir("emlip-pseudos") if cache is not None else Path(tempfile.mkdtemp(prefix="emlip-upf-"))
+    generate_family(Path(base), ld1=LD1_EXE)
+    return Path(base)
+
+
+@pytest.fixture(scope="session")
+def pseudo_family(aiida_profile, pseudo_dir: Path):
+    """The project's pseudo family installed in the test profile (an aiida-pseudo family group)."""
+    from aiida_emlip.pseudos.family import FAMILY_LABEL, install_family
+
+    return install_family(pseudo_dir, label=FAMILY_LABEL)
+
+
+@pytest.fixture(scope="session")
+def emlip_cli() -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Run ``aiida-emlip ARGS`` in a subprocess; keyword ``env`` entries update the environment.
+
+    Subprocesses keep the CLI's own AiiDA configuration apart from the test session's loaded profile.
+    """
+
+    def run(
+        *args: str, env: dict[str, str] | None = None, timeout: float = 600
+    ) -> subprocess.CompletedProcess[str]:
+        full_env = {**os.environ, **(env or {})}
+        cmd = [sys.executable, "-m", "aiida_emlip.cli", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout, check=False)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def cli_aiida_path(tmp_path_factory: pytest.TempPathFactory, emlip_cli) -> Path:
+    """An ``AIIDA_PATH`` in which ``aiida-emlip setup`` has run once (profile, computer, code, family)."""
+    path = tmp_path_factory.mktemp("cli-aiida") / ".aiida"
+    proc = emlip_cli("setup", env={"AIIDA_PATH": str(path)})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return path

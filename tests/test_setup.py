@@ -1,0 +1,111 @@
+"""``aiida-emlip setup``: isolation, idempotency and the bad-input messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from aiida_emlip.profile import PROFILE_NAME, ProfileNotFoundError, resolve_aiida_path, select_profile
+
+
+def _tree(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*")) if path.exists() else []
+
+
+def test_resolve_aiida_path(tmp_path: Path) -> None:
+    """``AIIDA_PATH`` resolves like aiida does: ``.aiida`` appended, first existing entry wins."""
+    assert resolve_aiida_path(str(tmp_path)) == (tmp_path / ".aiida").resolve()
+    assert resolve_aiida_path(str(tmp_path / ".aiida")) == (tmp_path / ".aiida").resolve()
+    (tmp_path / "b" / ".aiida").mkdir(parents=True)
+    value = os.pathsep.join([str(tmp_path / "a"), str(tmp_path / "b")])
+    assert resolve_aiida_path(value) == (tmp_path / "b" / ".aiida").resolve()
+
+
+def test_select_profile_respects_aiida_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``AIIDA_PATH`` set, the isolated profile lives there, under the name ``emlip``."""
+    monkeypatch.setenv("AIIDA_PATH", str(tmp_path))
+    # Hide the loaded aiida so that select_profile does not re-point the test session's configuration.
+    monkeypatch.delitem(sys.modules, "aiida.manage.configuration.settings", raising=False)
+    target = select_profile(None)
+    assert target.name == PROFILE_NAME
+    assert target.isolated
+    assert target.config_dir == (tmp_path / ".aiida").resolve()
+    assert target.pseudo_dir == target.config_dir / "pseudos"
+
+
+def test_setup_creates_then_reuses(cli_aiida_path: Path, emlip_cli) -> None:
+    """First run (in the ``cli_aiida_path`` fixture) created everything; a second run reuses all, fast."""
+    config = json.loads((cli_aiida_path / "config.json").read_text())
+    assert PROFILE_NAME in config["profiles"]
+    profile = config["profiles"][PROFILE_NAME]
+    assert profile["storage"]["backend"] == "core.sqlite_dos"
+    assert profile.get("process_control", {}).get("backend") is None
+    assert any((cli_aiida_path / "pseudos").glob("*.UPF"))
+
+    before = _tree(cli_aiida_path / "pseudos")
+    start = time.perf_counter()
+    proc = emlip_cli("setup", env={"AIIDA_PATH": str(cli_aiida_path)})
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    items = [line.split()[0] for line in lines]
+    assert items == ["profile", "computer", "code", "pseudos"], proc.stdout
+    assert all(line.endswith(": reused") for line in lines), proc.stdout
+    assert "pw@localhost" in proc.stdout and "withmpi=False" in proc.stdout
+    assert _tree(cli_aiida_path / "pseudos") == before
+    assert elapsed < 30, f"second setup took {elapsed:.1f} s"
+
+
+def test_setup_without_pw_fails_clearly(tmp_path: Path, emlip_cli) -> None:
+    """No pw.x on PATH and no --pw: exit code != 0, one message naming the package and --pw."""
+    aiida_path = tmp_path / "aiida"
+    env = {"PATH": str(Path(sys.executable).parent), "AIIDA_PATH": str(aiida_path)}
+    proc = emlip_cli("setup", env=env)
+    assert proc.returncode != 0
+    assert "quantum-espresso" in proc.stderr
+    assert "--pw" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not aiida_path.exists(), "nothing may be created when pw.x is missing"
+
+
+def test_setup_with_bad_pw_path(tmp_path: Path, emlip_cli) -> None:
+    """``--pw`` pointing nowhere fails with the same hint."""
+    bad = str(tmp_path / "nope" / "pw.x")
+    proc = emlip_cli("setup", "--pw", bad, env={"AIIDA_PATH": str(tmp_path / "a")})
+    assert proc.returncode != 0
+    assert "quantum-espresso" in proc.stderr and "--pw" in proc.stderr
+
+
+def test_nonexistent_profile(tmp_path: Path, emlip_cli) -> None:
+    """``--profile`` with an unknown name: clear message, exit != 0, nothing created anywhere."""
+    aiida_path = tmp_path / "aiida"
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"AIIDA_PATH": str(aiida_path), "HOME": str(home)}
+    for command in ("setup", "doctor", "demo"):
+        proc = emlip_cli(command, "--profile", "no-such-profile", env=env)
+        assert proc.returncode != 0, command
+        assert "'no-such-profile' does not exist" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert not aiida_path.exists()
+    assert _tree(home) == []
+
+
+def test_nonexistent_profile_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """:func:`select_profile` lists where it looked and the profiles found there."""
+    monkeypatch.setenv("AIIDA_PATH", str(tmp_path))
+    with pytest.raises(ProfileNotFoundError, match=r"(?s)'x' does not exist.*no profiles"):
+        select_profile("x")
+    assert _tree(tmp_path) == []
+
+
+def test_existing_profile_option(cli_aiida_path: Path, emlip_cli) -> None:
+    """``--profile NAME`` of an existing profile is used as is (reused, not created)."""
+    proc = emlip_cli("setup", "--profile", PROFILE_NAME, env={"AIIDA_PATH": str(cli_aiida_path)})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "profile   emlip" in proc.stdout and ": created" not in proc.stdout

@@ -73,7 +73,8 @@ def demo_builder(
 ) -> Any:
     """Return a ``PwBaseWorkChain`` builder from the ``fast`` protocol for a molecule in a box at Γ.
 
-    :param ecutwfc: wavefunction cutoff in Ry (``ecutrho`` = 4×); default: the family's recommendation.
+    :param ecutwfc: wavefunction cutoff in Ry (``ecutrho`` = 8× for the ultrasoft potentials);
+        default: the family's recommendation.
     :raises UnknownElementError: the structure holds an element the family does not have.
     """
     from aiida.orm import Dict, KpointsData
@@ -85,7 +86,7 @@ def demo_builder(
     check_elements(family_label, sorted(structure.get_symbols_set()))
     system: dict[str, Any] = {}
     if ecutwfc is not None:
-        system.update(ecutwfc=float(ecutwfc), ecutrho=4.0 * float(ecutwfc))
+        system.update(ecutwfc=float(ecutwfc), ecutrho=8.0 * float(ecutwfc))
     overrides = {
         "pseudo_family": family_label,
         "clean_workdir": True,

@@ -1,0 +1,53 @@
+"""``verdi data emlip.model``: list, show and export trained models."""
+
+from __future__ import annotations
+
+import json
+
+import click
+from aiida.cmdline.groups import VerdiCommandGroup
+from aiida.cmdline.params import arguments
+from aiida.cmdline.utils import decorators, echo
+
+
+@click.group("emlip.model", cls=VerdiCommandGroup)
+def model_cli() -> None:
+    """Trained aiida-emlip models (``EmlipModelData``)."""
+
+
+@model_cli.command("list")
+@decorators.with_dbenv()
+def model_list() -> None:
+    """One line per stored model: PK, head, elements, creation time."""
+    from aiida.orm import QueryBuilder
+
+    from aiida_emlip.data.model import EmlipModelData
+
+    query = QueryBuilder().append(
+        EmlipModelData, project=["id", "attributes.head", "attributes.elements", "ctime"]
+    )
+    rows = query.all()
+    if not rows:
+        echo.echo_report("no emlip.model nodes in this profile")
+        return
+    for pk, head, elements, ctime in sorted(rows):
+        echo.echo(f"{pk:>6}  {head['name']:<11} {'-'.join(elements):<20} {ctime:%Y-%m-%d %H:%M}")
+
+
+@model_cli.command("show")
+@arguments.DATUM()
+def model_show(datum) -> None:
+    """Print the config, versions and extra information of a model."""
+    attributes = {
+        key: datum.base.attributes.get(key) for key in ("head", "elements", "sha256", "versions", "extra")
+    }
+    echo.echo(json.dumps(attributes, indent=2, sort_keys=True))
+
+
+@model_cli.command("export")
+@arguments.DATUM()
+@click.argument("path", type=click.Path(dir_okay=False, writable=True))
+def model_export(datum, path: str) -> None:
+    """Write the model file (safetensors) to PATH."""
+    datum.export(path)
+    echo.echo_success(f"model {datum.pk} written to {path}")

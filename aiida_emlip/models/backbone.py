@@ -83,7 +83,7 @@ class MaceBackbone(torch.nn.Module):
         lookup[torch.tensor(numbers)] = torch.arange(len(numbers))
         self.register_buffer("species_of_number", lookup, persistent=False)
         self.num_scalars = c * config.num_interactions
-        self.num_vectors = c * config.num_interactions if config.max_L == 1 else 0
+        self.num_vectors = c * sum(width > c for width in self._layer_widths())
 
     def species(self, numbers: torch.Tensor) -> torch.Tensor:
         """Indices of ``numbers`` into the model's element list; error for unknown elements."""
@@ -116,12 +116,19 @@ class MaceBackbone(torch.nn.Module):
         scalars, vectors = self._split_features(out["node_feats"])
         return BackboneOutput(out["node_energy"], scalars, vectors, edge_vectors)
 
+    def _layer_widths(self) -> list[int]:
+        """Feature width of each layer; MACE keeps no l = 1 features when there is a single layer."""
+        c, n = self.config.num_channels, self.config.num_interactions
+        if self.config.max_L == 0 or n == 1:
+            return [c] * n
+        return [4 * c] * n
+
     def _split_features(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c, n_layers = self.config.num_channels, self.config.num_interactions
-        width = c if self.config.max_L == 0 else 4 * c
-        layers = feats.reshape(feats.shape[0], n_layers, width)
-        scalars = layers[..., :c].reshape(feats.shape[0], n_layers * c)
-        if self.config.max_L == 0:
-            return scalars, feats.new_zeros(feats.shape[0], 0, 3)
-        vectors = layers[..., c:].reshape(feats.shape[0], n_layers, c, 3)
-        return scalars, vectors.reshape(feats.shape[0], n_layers * c, 3)
+        c, n_atoms = self.config.num_channels, feats.shape[0]
+        scalars, vectors = [], []
+        for layer in torch.split(feats, self._layer_widths(), dim=-1):
+            scalars.append(layer[:, :c])
+            if layer.shape[-1] > c:
+                vectors.append(layer[:, c:].reshape(n_atoms, c, 3))
+        vectors_out = torch.cat(vectors, dim=1) if vectors else feats.new_zeros(n_atoms, 0, 3)
+        return torch.cat(scalars, dim=-1), vectors_out

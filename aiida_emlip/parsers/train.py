@@ -1,0 +1,60 @@
+"""Parser of ``emlip.train``: the model file becomes an ``emlip.model`` node, metrics a ``Dict``."""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from aiida import orm
+from aiida.engine import ExitCode
+from aiida.parsers import Parser
+
+from aiida_emlip.calculations.train import STATUS_FILE
+from aiida_emlip.data.model import EmlipModelData
+
+#: emlip-train exit status → exit code label of the calculation.
+STATUS_LABELS = {2: "ERROR_BAD_INPUT", 3: "ERROR_NON_FINITE", 4: "ERROR_INTERRUPTED", 5: "ERROR_SCF_FAILED"}
+
+
+def finite_or_none(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by ``None`` (the database refuses them)."""
+    if isinstance(value, dict):
+        return {key: finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [finite_or_none(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class EmlipTrainParser(Parser):
+    """Attach whatever emlip-train finished: the model and metrics, or at least the checkpoint."""
+
+    def parse(self, **kwargs) -> ExitCode | None:
+        files = set(self.retrieved.list_object_names())
+        if "checkpoint.pt" in files:
+            self._attach_file("checkpoint", "checkpoint.pt", orm.SinglefileData)
+        if STATUS_FILE not in files:
+            return self.exit_codes.ERROR_NO_EXIT_STATUS
+        status = int(self.retrieved.get_object_content(STATUS_FILE).strip() or -1)
+        if status != 0:
+            label = STATUS_LABELS.get(status)
+            if label:
+                return getattr(self.exit_codes, label)
+            return self.exit_codes.ERROR_TRAINER.format(status=status)
+        missing = sorted({"model.safetensors", "metrics.json"} - files)
+        if missing:
+            return self.exit_codes.ERROR_MISSING_OUTPUT.format(files=", ".join(missing))
+        self._attach_file("model", "model.safetensors", EmlipModelData)
+        metrics = json.loads(self.retrieved.get_object_content("metrics.json"))
+        self.out("metrics", orm.Dict(finite_or_none(metrics)))
+        return None
+
+    def _attach_file(self, port: str, name: str, cls: type) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            path.write_bytes(self.retrieved.get_object_content(name, mode="rb"))
+            self.out(port, cls(path))

@@ -1,4 +1,4 @@
-"""``aiida-emlip setup``: create or reuse the profile, computer, ``pw`` code and pseudo family.
+"""``aiida-emlip setup``: create or reuse the profile, computer, codes and pseudo family.
 
 Every step is idempotent: a second run finds everything in place, prints ``reused`` for each item and
 changes nothing.
@@ -7,6 +7,8 @@ changes nothing.
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,6 +28,7 @@ from aiida_emlip.profile import ProfileTarget, load_or_create_profile
 if TYPE_CHECKING:
     from aiida.orm import Computer, Group, InstalledCode
 
+TRAIN_CODE_LABEL = "emlip-train"
 CREATED = "created"
 REUSED = "reused"
 
@@ -67,12 +70,17 @@ def ensure_computer(target: ProfileTarget, label: str = COMPUTER_LABEL) -> tuple
 
 
 def ensure_code(
-    computer: Computer, pw: Path, mpi: bool = False, label: str = CODE_LABEL
+    computer: Computer,
+    pw: Path,
+    mpi: bool = False,
+    label: str = CODE_LABEL,
+    plugin: str = "quantumespresso.pw",
+    description: str = "Quantum ESPRESSO pw.x (created by aiida-emlip setup)",
 ) -> tuple[InstalledCode, str]:
-    """Load ``pw@<computer>`` or create it as an :class:`~aiida.orm.InstalledCode`.
+    """Load ``<label>@<computer>`` or create it as an :class:`~aiida.orm.InstalledCode` of ``pw``.
 
     A stored code cannot be edited: if the existing one points at another executable or MPI setting,
-    it is relabelled ``pw-<pk>`` (its calculations keep their provenance) and a new ``pw`` is created.
+    it is relabelled ``<label>-<pk>`` (its calculations keep their provenance) and a new one is created.
     """
     from aiida.common.exceptions import NotExistent
     from aiida.orm import InstalledCode, load_code
@@ -92,11 +100,19 @@ def ensure_code(
         computer=computer,
         filepath_executable=str(pw),
         label=label,
-        description="Quantum ESPRESSO pw.x (created by aiida-emlip setup)",
-        default_calc_job_plugin="quantumespresso.pw",
+        description=description,
+        default_calc_job_plugin=plugin,
         with_mpi=mpi,
     ).store()
     return code, status
+
+
+def train_executable() -> Path:
+    """``emlip-train`` installed beside the running Python (the environment aiida-emlip runs in)."""
+    exe = shutil.which("emlip-train", path=str(Path(sys.executable).parent)) or shutil.which("emlip-train")
+    if exe is None:
+        raise click.ClickException("emlip-train is not installed: run 'pip install -e .' in the project")
+    return Path(exe)
 
 
 def family_exists(label: str) -> bool:
@@ -154,6 +170,15 @@ def setup(pw: Path | None, profile_name: str | None, mpi: bool) -> None:
 
     code, status = ensure_code(computer, pw_path, mpi=mpi)
     report("code", f"{code.full_label} -> {code.get_executable()} (withmpi={code.with_mpi})", status)
+
+    train, status = ensure_code(
+        computer,
+        train_executable(),
+        label=TRAIN_CODE_LABEL,
+        plugin="emlip.train",
+        description="emlip-train of this environment (created by aiida-emlip setup)",
+    )
+    report("code", f"{train.full_label} -> {train.get_executable()}", status)
 
     if family_exists(FAMILY_LABEL):
         ld1: Path | None = None

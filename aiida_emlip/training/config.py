@@ -1,0 +1,291 @@
+"""The training configuration: one YAML file, parsed strictly (unknown keys are an error)."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from aiida_emlip import schema
+from aiida_emlip.training.errors import ConfigError
+
+#: Quantities that can enter the loss, with the default weight of each.
+LOSS_QUANTITIES = (
+    "energy",
+    "forces",
+    "stress",
+    "charges",
+    "atomic_dipoles",
+    "dipole",
+    "fermi_level",
+    "polarizability",
+)
+#: Loss quantity -> schema key of its label.
+LABEL_OF = {
+    "energy": schema.ENERGY,
+    "forces": schema.FORCES,
+    "stress": schema.STRESS,
+    "charges": schema.CHARGES,
+    "atomic_dipoles": schema.ATOMIC_DIPOLES,
+    "dipole": schema.DIPOLE,
+    "fermi_level": schema.FERMI_LEVEL,
+    "polarizability": schema.POLARIZABILITY,
+}
+SCF_MODES = ("converge", "direct", "unrolled", "implicit")
+ENERGY_UNITS = {"eV": 1.0, "meV": 1e-3, "Ry": schema.RYDBERG_IN_EV, "Ha": schema.HARTREE_IN_EV}
+LENGTH_UNITS = {"Å": 1.0, "A": 1.0, "Angstrom": 1.0, "bohr": schema.BOHR_IN_A}
+
+
+@dataclass
+class DataConfig:
+    """Where the structures come from and how their labels are named."""
+
+    train: str = ""
+    valid: str | None = None
+    test: str | None = None
+    valid_fraction: float = 0.1
+    test_fraction: float = 0.1
+    batch_size: int = 4
+    valid_batch_size: int = 16
+    #: Schema key -> key in the file (e.g. ``energy: REF_energy``). Unlisted keys map to themselves.
+    keys: dict[str, str] = field(default_factory=dict)
+    #: Units of the file's energies and lengths; converted to eV and Å on reading.
+    energy_unit: str = "eV"
+    length_unit: str = "Å"
+    #: ``fit`` (least squares on the training split) or a mapping element -> eV.
+    reference_energies: Any = "fit"
+    #: Largest plausible |force| (eV/Å) and |charge| (e); larger values are reported as wrong units.
+    max_force: float = 100.0
+    max_charge: float = 10.0
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"  # adam | adamw
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    amsgrad: bool = False
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "none"  # none | cosine | plateau | step
+    factor: float = 0.5  # plateau, step
+    patience: int = 5  # plateau
+    step_size: int = 10  # step
+    min_lr: float = 0.0  # cosine, plateau
+
+
+@dataclass
+class EmaConfig:
+    enabled: bool = True
+    decay: float = 0.99
+
+
+@dataclass
+class EarlyStoppingConfig:
+    patience: int = 0  # epochs without improvement of the validation loss; 0 disables
+    min_delta: float = 0.0
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 10  # epochs; 0 writes only on signal and at the end
+    file: str = "checkpoint.pt"
+
+
+@dataclass
+class StageConfig:
+    """A stretch of epochs with its own SCF training mode and loss weights (merged over ``loss``)."""
+
+    name: str = "main"
+    epochs: int = 10
+    scf_mode: str = "unrolled"
+    weights: dict[str, float] = field(default_factory=dict)
+    lr: float | None = None  # when set, the learning rate is reset to this value at the stage start
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``emlip-train`` reads (see docs/training.md for each key)."""
+
+    data: DataConfig
+    model: dict[str, Any] = field(default_factory=dict)
+    output_dir: str = "emlip-run"
+    seed: int = 0
+    device: str = "auto"
+    loss: dict[str, float] = field(default_factory=lambda: {"energy": 1.0, "forces": 10.0})
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    clip_grad_norm: float | None = 10.0
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    progress: str = "auto"  # auto | bar | log
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check values (types are checked while parsing)."""
+        if not self.data.train:
+            raise ConfigError("data.train: the path of the training extxyz file is required")
+        for name in ("valid_fraction", "test_fraction"):
+            value = getattr(self.data, name)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"data.{name} must be in [0, 1), got {value}")
+        if self.data.batch_size < 1 or self.data.valid_batch_size < 1:
+            raise ConfigError("data.batch_size and data.valid_batch_size must be >= 1")
+        unknown_keys = sorted(set(self.data.keys) - set(schema.LABELS))
+        if unknown_keys:
+            raise ConfigError(
+                f"data.keys: unknown schema key(s) {unknown_keys}; known: {sorted(schema.LABELS)}"
+            )
+        if self.data.energy_unit not in ENERGY_UNITS:
+            raise ConfigError(
+                f"data.energy_unit must be one of {sorted(ENERGY_UNITS)}, got {self.data.energy_unit!r}"
+            )
+        if self.data.length_unit not in LENGTH_UNITS:
+            raise ConfigError(
+                f"data.length_unit must be one of {sorted(LENGTH_UNITS)}, got {self.data.length_unit!r}"
+            )
+        ref = self.data.reference_energies
+        if not (
+            ref == "fit" or (isinstance(ref, dict) and all(isinstance(v, (int, float)) for v in ref.values()))
+        ):
+            raise ConfigError("data.reference_energies must be 'fit' or a mapping element -> energy in eV")
+        _check_weights(self.loss, "loss")
+        if self.optimizer.name not in ("adam", "adamw"):
+            raise ConfigError(f"optimizer.name must be 'adam' or 'adamw', got {self.optimizer.name!r}")
+        if self.optimizer.lr <= 0:
+            raise ConfigError("optimizer.lr must be positive")
+        if self.scheduler.name not in ("none", "cosine", "plateau", "step"):
+            raise ConfigError(f"scheduler.name must be none|cosine|plateau|step, got {self.scheduler.name!r}")
+        if not 0.0 <= self.ema.decay < 1.0:
+            raise ConfigError("ema.decay must be in [0, 1)")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.progress not in ("auto", "bar", "log"):
+            raise ConfigError(f"progress must be auto, bar or log, got {self.progress!r}")
+        if not self.stages:
+            raise ConfigError("stages: at least one stage is needed")
+        for i, stage in enumerate(self.stages):
+            if stage.scf_mode not in SCF_MODES:
+                raise ConfigError(f"stages[{i}].scf_mode must be one of {SCF_MODES}, got {stage.scf_mode!r}")
+            if stage.epochs < 0:
+                raise ConfigError(f"stages[{i}].epochs must be >= 0")
+            _check_weights(stage.weights, f"stages[{i}].weights")
+        model_keys = {"elements", "head", "backbone", "electrostatics", "dtype"}
+        unknown = sorted(set(self.model) - model_keys)
+        if unknown:
+            raise ConfigError(f"model: unknown key(s) {unknown}; known: {sorted(model_keys)}")
+
+    @property
+    def total_epochs(self) -> int:
+        return sum(stage.epochs for stage in self.stages)
+
+    def weights_at_stage(self, index: int) -> dict[str, float]:
+        """Loss weights of stage ``index``: ``loss`` updated by the stage's ``weights``."""
+        return {**dict.fromkeys(LOSS_QUANTITIES, 0.0), **self.loss, **self.stages[index].weights}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_weights(weights: dict[str, float], where: str) -> None:
+    unknown = sorted(set(weights) - set(LOSS_QUANTITIES))
+    if unknown:
+        raise ConfigError(f"{where}: unknown loss quantity {unknown}; known: {list(LOSS_QUANTITIES)}")
+    for key, value in weights.items():
+        if not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(f"{where}.{key} must be a non-negative number, got {value!r}")
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    """Convert ``value`` to the annotated type ``tp`` strictly; recurse into dataclasses."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {type(value).__name__}")
+        return _build(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {type(value).__name__}")
+        (item,) = typing.get_args(tp)
+        return [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {type(value).__name__}")
+        _, item = typing.get_args(tp)
+        return {str(k): _convert(item, v, f"{where}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp in (str, bool) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{where} must be {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {unknown} in {where or 'the configuration'}; known: {sorted(known)}"
+        )
+    kwargs = {k: _convert(hints[k], v, f"{where}.{k}" if where else k) for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{where or 'configuration'}: {exc}") from None
+
+
+def parse_config(values: dict[str, Any], base_dir: Path | None = None) -> TrainConfig:
+    """Build a :class:`TrainConfig` from a mapping; relative data paths are taken from ``base_dir``."""
+    if not isinstance(values, dict):
+        raise ConfigError("the configuration must be a YAML mapping")
+    if "data" not in values:
+        raise ConfigError("the configuration needs a 'data' section with at least 'train'")
+    config = _build(TrainConfig, values, "")
+    if base_dir is not None:
+        for name in ("train", "valid", "test"):
+            path = getattr(config.data, name)
+            if path and not Path(path).is_absolute():
+                setattr(config.data, name, str(base_dir / path))
+    return config
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read and validate a YAML configuration file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"configuration file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    return parse_config(values or {}, base_dir=path.resolve().parent)

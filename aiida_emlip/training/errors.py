@@ -1,0 +1,52 @@
+"""Exceptions of the trainer and the exit status each one maps to."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Exit statuses of ``emlip-train`` and ``emlip-eval`` (documented in docs/training.md)."""
+
+    OK = 0
+    INTERNAL = 1  # an unexpected error (a bug): traceback printed
+    BAD_INPUT = 2  # malformed configuration or dataset, detected before any compute
+    NON_FINITE = 3  # NaN/inf in the data, the loss or the gradients: stopped cleanly
+    INTERRUPTED = 4  # SIGTERM/SIGUSR1/SIGINT received: checkpoint written, resume with --resume
+    SCF_FAILED = 5  # a self-consistent head did not converge or diverged (head option on_failure='raise')
+
+
+class TrainingError(Exception):
+    """Base class; ``exit_code`` says how the command line tools exit."""
+
+    exit_code: ExitCode = ExitCode.INTERNAL
+
+
+class ConfigError(TrainingError, ValueError):
+    """The YAML configuration is malformed (unknown key, wrong type, bad value)."""
+
+    exit_code = ExitCode.BAD_INPUT
+
+
+class DataError(TrainingError, ValueError):
+    """A dataset is empty, misses a key, or holds values in implausible units."""
+
+    exit_code = ExitCode.BAD_INPUT
+
+
+class NonFiniteError(TrainingError, FloatingPointError):
+    """A NaN or inf appeared in the data, a loss or a gradient."""
+
+    exit_code = ExitCode.NON_FINITE
+
+
+class Interrupted(TrainingError):
+    """A batch-scheduler signal stopped training after a checkpoint was written."""
+
+    exit_code = ExitCode.INTERRUPTED
+
+
+class ScfFailedError(TrainingError, RuntimeError):
+    """A self-consistent head did not converge or diverged."""
+
+    exit_code = ExitCode.SCF_FAILED

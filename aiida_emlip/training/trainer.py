@@ -1,0 +1,539 @@
+"""The training loop: stages, EMA, clipping, early stopping, checkpoints, signals, NaN guard, DDP."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from aiida_emlip import schema
+from aiida_emlip.models.io import ModelFileError, resolve_device, save_model
+from aiida_emlip.models.model import DTYPES, EmlipModel, ModelConfig
+from aiida_emlip.training import distributed
+from aiida_emlip.training.config import LABEL_OF, LOSS_QUANTITIES, TrainConfig
+from aiida_emlip.training.data import (
+    Sample,
+    attach_graphs,
+    batches,
+    collate,
+    elements_of,
+    fit_reference_energies,
+    load_samples,
+    split,
+)
+from aiida_emlip.training.errors import ConfigError, DataError, Interrupted, NonFiniteError
+from aiida_emlip.training.losses import ErrorTable, format_table, loss_terms, predict, total_loss
+from aiida_emlip.training.progress import Progress
+from aiida_emlip.training.state import (
+    Ema,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
+
+SIGNALS = tuple(
+    s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None
+)
+
+
+@dataclass
+class Position:
+    """Where training stands; saved in checkpoints."""
+
+    stage: int = 0
+    epoch_in_stage: int = 0
+    epoch: int = 0  # global epoch counter
+    step: int = 0  # next step within the current epoch
+    train_sum: float = 0.0  # running sum of the epoch's training losses
+    train_count: int = 0
+    best: float = float("inf")  # best validation loss within the stage (early stopping)
+    bad_epochs: int = 0
+    stage_started: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Trainer:
+    """Set up from a :class:`TrainConfig` (all input checks happen here), then :meth:`run`."""
+
+    def __init__(
+        self, config: TrainConfig, output_dir: str | Path | None = None, device: str | None = None
+    ) -> None:
+        self.config = config
+        self.output_dir = Path(output_dir or config.output_dir)
+        requested = device or config.device
+        try:
+            self.device = resolve_device(requested)
+        except ModelFileError as exc:
+            raise ConfigError(str(exc)) from None
+        self.world = distributed.init(self.device.type)
+        if self.world.active and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.world.local_rank)
+            torch.cuda.set_device(self.device)
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.progress = Progress(config.progress, enabled=self.world.is_main)
+        self.after_step: Callable[[Trainer], None] | None = None  # test hook
+        self._stop_signal: int | None = None
+        self._start = time.perf_counter()
+        seed_everything(config.seed)  # model initialisation is reproducible from the seed
+        self._load_data()
+        self._build_model()
+        self._build_optimizer()
+        self.pos = Position()
+
+    # ------------------------------------------------------------------------------------ setup
+    def _load_data(self) -> None:
+        cfg = self.config
+        data = cfg.data
+        weights = {
+            q: max(cfg.loss.get(q, 0.0), *(s.weights.get(q, 0.0) for s in cfg.stages))
+            for q in LOSS_QUANTITIES
+        }
+        required = [LABEL_OF[q] for q, w in weights.items() if w > 0 and q != "fermi_level"]
+        samples = load_samples(data.train, data)
+        valid = load_samples(data.valid, data) if data.valid else []
+        test = load_samples(data.test, data) if data.test else []
+        fractions = [0.0 if data.valid else data.valid_fraction, 0.0 if data.test else data.test_fraction]
+        split_valid, split_test, train = split(samples, fractions, cfg.seed)
+        self.train = train
+        self.valid = valid or split_valid
+        self.test = test or split_test
+        if not self.train:
+            raise DataError(f"{data.train}: no structures left for training after the validation/test split")
+        for key in required:
+            if not any(key in s.labels for s in self.train):
+                raise DataError(
+                    f"the loss weights a quantity whose label {key!r} no training structure has "
+                    f"(file key {data.keys.get(key, key)!r}); add the label, map it with data.keys, "
+                    f"or set its weight to 0"
+                )
+        direct = [s.name for s in cfg.stages if s.scf_mode == "direct" and s.epochs > 0]
+        if direct and not any(schema.CHARGES in s.labels for s in self.train):
+            raise DataError(
+                f"stage(s) {direct} train in 'direct' mode, which needs per-atom reference charges "
+                f"({schema.CHARGES!r}) in the data"
+            )
+
+    def _build_model(self) -> None:
+        cfg = self.config
+        values = dict(cfg.model)
+        everything = self.train + self.valid + self.test
+        present = elements_of(everything)
+        values.setdefault("elements", present)
+        try:
+            model_config = ModelConfig.from_dict(values)
+            self.model = EmlipModel(model_config)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"model: {exc}") from None
+        unknown = sorted(set(present) - set(model_config.elements))
+        if unknown:
+            raise DataError(
+                f"the data contain elements {unknown} missing from model.elements {model_config.elements}"
+            )
+        self.dtype = DTYPES[model_config.dtype]
+        ref = cfg.data.reference_energies
+        if ref == "fit":
+            e0 = fit_reference_energies(self.train, model_config.elements)
+        else:
+            missing = sorted(set(model_config.elements) - set(ref))
+            if missing:
+                raise ConfigError(f"data.reference_energies lacks element(s) {missing}")
+            e0 = np.array([ref[e] for e in model_config.elements], dtype=float)
+        self.reference_energies = {e: float(v) for e, v in zip(model_config.elements, e0)}
+        self.model.reference_energies.copy_(torch.as_tensor(e0, dtype=self.dtype))
+        for samples in (self.train, self.valid, self.test):
+            attach_graphs(samples, self.model.cutoff)
+        self.model.to(self.device)
+
+    def _build_optimizer(self) -> None:
+        cfg = self.config
+        opt = cfg.optimizer
+        cls = torch.optim.AdamW if opt.name == "adamw" else torch.optim.Adam
+        self.optimizer = cls(
+            self.model.parameters(), lr=opt.lr, weight_decay=opt.weight_decay, amsgrad=opt.amsgrad
+        )
+        sch = cfg.scheduler
+        if sch.name == "cosine":
+            self.scheduler: Any = torch.optim.lr_scheduler.CosineAnnealingLR(
+                self.optimizer, T_max=max(cfg.total_epochs, 1), eta_min=sch.min_lr
+            )
+        elif sch.name == "plateau":
+            self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                self.optimizer, factor=sch.factor, patience=sch.patience, min_lr=sch.min_lr
+            )
+        elif sch.name == "step":
+            self.scheduler = torch.optim.lr_scheduler.StepLR(
+                self.optimizer, step_size=sch.step_size, gamma=sch.factor
+            )
+        else:
+            self.scheduler = None
+        self.ema = Ema(self.model, cfg.ema.decay) if cfg.ema.enabled else None
+
+    # ------------------------------------------------------------------------------ checkpoints
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.output_dir / self.config.checkpoint.file
+
+    def state_dict(self) -> dict[str, Any]:
+        pos = self.pos
+        return {
+            "format": "aiida-emlip-checkpoint/1",
+            "config": self.config.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "ema": None if self.ema is None else self.ema.state_dict(),
+            "rng": rng_state(),
+            "position": {k: getattr(pos, k) for k in Position.__dataclass_fields__},
+        }
+
+    def save(self) -> None:
+        if self.world.is_main:
+            save_checkpoint(self.checkpoint_path, self.state_dict())
+
+    def load(self, path: str | Path) -> None:
+        """Restore everything needed to continue bit-for-bit from ``path``."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"checkpoint {path} does not exist")
+        state = load_checkpoint(path)
+        if state.get("format") != "aiida-emlip-checkpoint/1":
+            raise ConfigError(f"{path} is not an aiida-emlip checkpoint")
+        if state["config"]["model"] != self.config.to_dict()["model"]:
+            raise ConfigError(f"{path} was written for a different model configuration")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        set_rng_state(state["rng"])
+        self.pos = Position(**state["position"])
+
+    # ------------------------------------------------------------------------------------- loop
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self._stop_signal = signum
+
+    def run(self, resume: str | Path | None = None) -> dict[str, Any]:
+        """Train all stages; write the model, metrics and curves; return the metrics."""
+        if resume is not None:
+            self.load(resume)
+        else:
+            seed_everything(self.config.seed)
+        if self.world.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(
+                yaml.safe_dump(self.config.to_dict(), sort_keys=False)
+            )
+            self.progress.logfile = self.output_dir / "train.log"
+        previous = {s: signal.signal(s, self._on_signal) for s in SIGNALS}
+        start = self._start = time.perf_counter()
+        try:
+            self._loop()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        elapsed = time.perf_counter() - start
+        metrics = self._finish(elapsed)
+        distributed.shutdown(self.world)
+        return metrics
+
+    def _loop(self) -> None:
+        cfg = self.config
+        pos = self.pos
+        self.progress.log(
+            f"training on {self.device} (world size {self.world.size}): {len(self.train)} train, "
+            f"{len(self.valid)} valid, {len(self.test)} test structures; "
+            f"elements {self.model.config.elements}"
+        )
+        while pos.stage < len(cfg.stages):
+            stage = cfg.stages[pos.stage]
+            if not pos.stage_started:
+                pos.stage_started = True
+                pos.best, pos.bad_epochs = float("inf"), 0
+                if stage.lr is not None:
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = stage.lr
+                self.progress.log(
+                    f"stage {pos.stage} '{stage.name}': {stage.epochs} epochs, scf_mode {stage.scf_mode}"
+                )
+            if pos.epoch_in_stage >= stage.epochs:
+                pos.stage += 1
+                pos.epoch_in_stage = 0
+                pos.stage_started = False
+                continue
+            self._epoch(stage.scf_mode, cfg.weights_at_stage(pos.stage))
+            stop_early = self._end_epoch(stage.scf_mode, cfg.weights_at_stage(pos.stage))
+            pos.epoch += 1
+            pos.epoch_in_stage = stage.epochs if stop_early else pos.epoch_in_stage + 1
+            pos.step, pos.train_sum, pos.train_count = 0, 0.0, 0
+            every = cfg.checkpoint.every
+            if every and pos.epoch % every == 0:
+                self.save()
+
+    def _epoch(self, scf_mode: str, weights: dict[str, float]) -> None:
+        cfg, pos, world = self.config, self.pos, self.world
+        n_batches = (len(self.train) + cfg.data.batch_size - 1) // cfg.data.batch_size
+        steps = (n_batches + world.size - 1) // world.size
+        order = torch.randperm(
+            len(self.train), generator=torch.Generator().manual_seed(cfg.seed * 100003 + pos.epoch)
+        )
+        need = {q for q, w in weights.items() if w > 0}
+        self.model.train()
+        while pos.step < steps:
+            index = pos.step * world.size + world.rank
+            has_batch = index < n_batches
+            self.optimizer.zero_grad(set_to_none=True)
+            loss_value = 0.0
+            if has_batch:
+                chosen = order[index * cfg.data.batch_size : (index + 1) * cfg.data.batch_size].tolist()
+                batch = collate([self.train[i] for i in chosen], self.dtype).to(self.device)
+                out = predict(self.model, batch, need, scf_mode, training=True)
+                terms = loss_terms(out, batch, weights)
+                loss = total_loss(terms, weights, out["energy"])
+                bad = not bool(torch.isfinite(loss))
+                if distributed.any_rank(world, bad, self.device):
+                    raise NonFiniteError(self._nan_message("loss", {k: float(v) for k, v in terms.items()}))
+                if loss.requires_grad:
+                    loss.backward()
+                loss_value = float(loss.detach())
+            elif distributed.any_rank(world, False, self.device):
+                raise NonFiniteError(self._nan_message("loss", {}))
+            distributed.average_gradients(world, self.model, has_batch)
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            finite = all(bool(torch.isfinite(g).all()) for g in grads)
+            if not finite:
+                raise NonFiniteError(self._nan_message("gradient", {}))
+            if cfg.clip_grad_norm:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad_norm)
+            self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
+            pos.train_sum += loss_value
+            pos.train_count += int(has_batch)
+            self.progress.step(pos.epoch, pos.step, steps, loss_value)
+            pos.step += 1
+            if self.after_step is not None:
+                self.after_step(self)
+            if distributed.any_rank(world, self._stop_signal is not None, self.device):
+                self.save()
+                raise Interrupted(
+                    f"signal {self._stop_signal} received at epoch {pos.epoch}, step {pos.step}: "
+                    f"checkpoint written to {self.checkpoint_path}; "
+                    f"continue with --resume {self.checkpoint_path}"
+                )
+
+    def _nan_message(self, what: str, terms: dict[str, float]) -> str:
+        return (
+            f"non-finite {what} at epoch {self.pos.epoch}, step {self.pos.step} {terms or ''}: stopping. "
+            f"Check the data for NaN/inf or lower optimizer.lr; "
+            f"the last checkpoint (if any) is {self.checkpoint_path}"
+        )
+
+    def evaluate(
+        self, samples: list[Sample], scf_mode: str, quantities: list[str]
+    ) -> tuple[ErrorTable, dict]:
+        """Errors of the (EMA) model on ``samples``; also gathers SCF convergence statistics."""
+        table = ErrorTable()
+        scf = {"structures": 0, "converged": 0, "iterations": 0.0}
+        need = set(quantities)
+        self.model.eval()
+        if self.ema is not None:
+            self.ema.swap(self.model)
+        try:
+            share = samples[self.world.rank :: self.world.size]
+            for batch in batches(share, self.config.data.valid_batch_size, self.dtype):
+                batch = batch.to(self.device)
+                out = predict(self.model, batch, need, scf_mode, training=False)
+                table.add(out, batch, quantities)
+                if out.get("converged") is not None:
+                    scf["structures"] += int(out["converged"].numel())
+                    scf["converged"] += int(out["converged"].sum())
+                    scf["iterations"] += float(out["iterations"].double().sum())
+        finally:
+            if self.ema is not None:
+                self.ema.swap(self.model)
+        if self.world.active:
+            table = self._gather_table(table)
+        return table, scf
+
+    def _gather_table(self, table: ErrorTable) -> ErrorTable:
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * self.world.size
+        dist.all_gather_object(gathered, table.raw())
+        merged = ErrorTable()
+        for part in gathered:
+            merged.merge_from(part)
+        return merged
+
+    def _valid_loss(self, table: ErrorTable, weights: dict[str, float]) -> float:
+        loss = 0.0
+        for quantity, weight in weights.items():
+            key = (quantity, "all")
+            if weight > 0 and table.n.get(key):
+                loss += weight * table.sq[key] / table.n[key]
+        return loss
+
+    def _end_epoch(self, scf_mode: str, weights: dict[str, float]) -> bool:
+        """Validate, step the scheduler, log, and decide on early stopping."""
+        pos, cfg = self.pos, self.config
+        quantities = [q for q in LOSS_QUANTITIES if weights.get(q, 0) > 0]
+        valid_source = self.valid or self.train
+        table, _ = self.evaluate(valid_source, scf_mode, quantities)
+        valid_loss = self._valid_loss(table, weights)
+        if not np.isfinite(valid_loss):
+            raise NonFiniteError(self._nan_message("validation loss", {}))
+        train_loss = pos.train_sum / max(pos.train_count, 1)
+        if self.world.active:
+            sums = distributed.all_sum(
+                self.world, torch.tensor([pos.train_sum, float(pos.train_count)], dtype=torch.float64)
+            )
+            train_loss = float(sums[0] / sums[1].clamp(min=1))
+        lr = self.optimizer.param_groups[0]["lr"]
+        summary = table.summary()
+        row: dict[str, Any] = {
+            "epoch": pos.epoch + 1,
+            "stage": cfg.stages[pos.stage].name,
+            "scf_mode": scf_mode,
+            "lr": lr,
+            "train_loss": train_loss,
+            "valid_loss": valid_loss,
+            "elapsed_s": time.perf_counter() - self._start,
+        }
+        for quantity in LOSS_QUANTITIES:
+            row[f"valid_rmse_{quantity}"] = summary.get(quantity, {}).get("all", {}).get("rmse", float("nan"))
+        pos.history.append(row)
+        self.progress.log(
+            f"epoch {pos.epoch + 1} ({row['stage']}, {scf_mode}) "
+            f"train {train_loss:.5g} valid {valid_loss:.5g} lr {lr:.3g}"
+        )
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(valid_loss)
+        elif self.scheduler is not None:
+            self.scheduler.step()
+        es = cfg.early_stopping
+        if valid_loss < pos.best - es.min_delta:
+            pos.best, pos.bad_epochs = valid_loss, 0
+        else:
+            pos.bad_epochs += 1
+        if es.patience and pos.bad_epochs >= es.patience:
+            self.progress.log(f"early stopping: no improvement for {es.patience} epochs; ending the stage")
+            return True
+        return False
+
+    # ----------------------------------------------------------------------------------- finish
+    def _finish(self, elapsed: float) -> dict[str, Any]:
+        cfg = self.config
+        labelled = {k for s in self.train + self.valid + self.test for k in s.labels}
+        quantities = [q for q in LOSS_QUANTITIES if LABEL_OF[q] in labelled]
+        final_mode = cfg.stages[-1].scf_mode
+        valid_source = self.valid or self.train
+        valid_table, _ = self.evaluate(valid_source, "converge", quantities)
+        test_table, scf = (
+            self.evaluate(self.test, "converge", quantities) if self.test else (ErrorTable(), {})
+        )
+        drift = self.scf_drift(valid_source, final_mode)
+        steps = sum(1 for _ in range(0, len(self.train), cfg.data.batch_size))
+        metrics = {
+            "elements": self.model.config.elements,
+            "num_parameters": sum(p.numel() for p in self.model.parameters()),
+            "reference_energies": self.reference_energies,
+            "sizes": {"train": len(self.train), "valid": len(self.valid), "test": len(self.test)},
+            "epochs": self.pos.epoch,
+            "device": str(self.device),
+            "world_size": self.world.size,
+            "wall_time_s": elapsed,
+            "train_structures_per_s": len(self.train) * self.pos.epoch / elapsed if elapsed > 0 else None,
+            "steps_per_epoch": steps,
+            "cuda_max_memory_mb": (
+                torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else None
+            ),
+            "valid": valid_table.summary(),
+            "test": test_table.summary(),
+            "scf": {"test_convergence": scf, "drift": drift},
+            "history": self.pos.history,
+        }
+        if self.world.is_main:
+            self._write_outputs(metrics, test_table)
+        return metrics
+
+    def scf_drift(self, samples: list[Sample], trained_mode: str) -> dict[str, Any] | None:
+        """How far the converged density (inference, from the local guess) is from the trained one.
+
+        Compares charges and Fermi levels of ``converge`` with those of ``trained_mode`` (and with the
+        reference charges when the data have them). ``None`` for heads that do not iterate.
+        """
+        if not samples:
+            return None
+        self.model.eval()
+        if self.ema is not None:
+            self.ema.swap(self.model)
+        try:
+            batch = collate(samples[: self.config.data.valid_batch_size], self.dtype).to(self.device)
+            conv = predict(self.model, batch, set(), "converge", training=False)
+            if conv.get("converged") is None:
+                return None
+            trained = predict(self.model, batch, set(), trained_mode, training=False)
+        finally:
+            if self.ema is not None:
+                self.ema.swap(self.model)
+        result: dict[str, Any] = {
+            "trained_mode": trained_mode,
+            "converged_fraction": float(conv["converged"].double().mean()),
+            "mean_iterations": float(conv["iterations"].double().mean()),
+        }
+        if conv["charges"] is not None and trained["charges"] is not None:
+            diff = (conv["charges"] - trained["charges"]).detach()
+            result["charges_rms_drift"] = float(diff.pow(2).mean().sqrt())
+            result["charges_max_drift"] = float(diff.abs().max())
+        if schema.CHARGES in batch.labels and conv["charges"] is not None:
+            mask = batch.masks[schema.CHARGES][batch.graph.batch]
+            diff = (conv["charges"] - batch.labels[schema.CHARGES]).detach()[mask]
+            result["charges_rmse_vs_reference"] = float(diff.pow(2).mean().sqrt()) if diff.numel() else None
+        if conv["fermi_level"] is not None and trained["fermi_level"] is not None:
+            result["fermi_level_max_drift"] = float(
+                (conv["fermi_level"] - trained["fermi_level"]).abs().max()
+            )
+        return result
+
+    def _write_outputs(self, metrics: dict[str, Any], test_table: ErrorTable) -> None:
+        out = self.output_dir
+        model_path = out / "model.safetensors"
+        if self.ema is not None:
+            self.ema.swap(self.model)
+        try:
+            save_model(
+                self.model,
+                model_path,
+                extra={"training": {"epochs": self.pos.epoch, "seed": self.config.seed}},
+            )
+        finally:
+            if self.ema is not None:
+                self.ema.swap(self.model)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+        if self.pos.history:
+            with (out / "learning_curve.csv").open("w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=list(self.pos.history[0]))
+                writer.writeheader()
+                writer.writerows(self.pos.history)
+        table = (
+            format_table(test_table.summary(), "test-set errors (scf_mode converge)")
+            if self.test
+            else "no test split"
+        )
+        (out / "test_errors.txt").write_text(table + "\n")
+        self.save()
+        self.progress.log(f"wrote {model_path}, metrics.json, learning_curve.csv")
+        self.progress.log(table)

@@ -1,0 +1,217 @@
+"""Training throughput: the ``sr`` design against bare ``mace_run_train``, side by side, and every head vs sr.
+
+Both trainers see the same extxyz data (the shipped pw.x set, rattled copies to make it larger), the
+same MACE size (channels, L, correlation, interactions, cutoff, radial basis, MLP), batch size,
+dtype, device and thread count, and both validate every epoch. Throughput is training structures
+per second over epochs 2..E (epoch 1 carries one-off costs), from each trainer's own epoch
+timestamps. On a CUDA machine the same table is measured on the GPU, with emlip's peak GPU memory.
+
+    python bench/bench_training.py [--epochs 4] [--copies 3] [--device cpu|cuda] [--heads sr,charges]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import ase.io
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "tests" / "data" / "tiny.xyz"
+SIZE = {
+    "num_channels": 16,
+    "max_L": 1,
+    "correlation": 3,
+    "num_interactions": 2,
+    "r_max": 5.0,
+    "mlp_hidden": 16,
+}
+HEADS = {
+    "sr": {"name": "sr"},
+    "fixed": {"name": "fixed", "formal_charges": {"Na": 1.0, "Cl": -1.0}},
+    "charges": {"name": "charges"},
+    "latent": {"name": "latent"},
+    "split": {"name": "split", "formal_charges": {"Na": 1.0, "Cl": -1.0}},
+    "qeq": {"name": "qeq"},
+    "functional": {"name": "functional"},
+    "scf": {"name": "scf"},
+}
+
+
+def make_data(path: Path, copies: int, seed: int = 0) -> int:
+    """Rattled copies of the tiny set, labels under REF_* keys (throughput does not need exact labels)."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for _ in range(copies):
+        for atoms in ase.io.read(TINY, ":"):
+            new = atoms.copy()
+            new.calc = None
+            new.positions += rng.normal(scale=0.02, size=new.positions.shape)
+            new.info = {
+                "REF_energy": atoms.get_potential_energy(),
+                "total_charge": atoms.info["total_charge"],
+                "config_type": atoms.info["config_type"],
+            }
+            new.arrays["REF_forces"] = atoms.get_forces()
+            frames.append(new)
+    ase.io.write(path, frames, format="extxyz")
+    return len(frames)
+
+
+def run_mace(data: Path, work: Path, epochs: int, batch: int, device: str, dtype: str) -> dict:
+    exe = shutil.which("mace_run_train") or str(Path(sys.executable).with_name("mace_run_train"))
+    cmd = [
+        exe, "--name", "bench", "--train_file", str(data), "--valid_fraction", "0.1", "--E0s", "average",
+        "--model", "MACE", "--num_channels", str(SIZE["num_channels"]), "--max_L", str(SIZE["max_L"]),
+        "--correlation", str(SIZE["correlation"]), "--num_interactions", str(SIZE["num_interactions"]),
+        "--r_max", str(SIZE["r_max"]), "--num_radial_basis", "8", "--MLP_irreps", f"{SIZE['mlp_hidden']}x0e",
+        "--batch_size", str(batch), "--valid_batch_size", "16", "--max_num_epochs", str(epochs),
+        "--eval_interval", "1", "--device", device, "--default_dtype", dtype, "--seed", "0",
+        "--energy_key", "REF_energy", "--forces_key", "REF_forces", "--loss", "weighted",
+        "--work_dir", str(work), "--num_workers", "0",
+    ]  # fmt: skip
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work, check=False)
+    wall = time.perf_counter() - start
+    log = "\n".join(p.read_text() for p in (work / "logs").glob("*.log")) if (work / "logs").is_dir() else ""
+    if proc.returncode != 0:
+        raise RuntimeError(f"mace_run_train failed:\n{proc.stderr[-3000:]}")
+    stamps: dict[int, float] = {}  # mace writes the same lines to two log files
+    for line in log.splitlines():
+        match = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+) INFO: Epoch (\d+):", line)
+        if match:
+            stamps[int(match.group(2))] = datetime.strptime(
+                match.group(1), "%Y-%m-%d %H:%M:%S.%f"
+            ).timestamp()
+    return {"epoch_stamps": [stamps[k] for k in sorted(stamps)], "wall_s": wall}
+
+
+def run_emlip(data: Path, work: Path, head: dict, epochs: int, batch: int, device: str, dtype: str) -> dict:
+    config = {
+        "data": {
+            "train": str(data), "valid_fraction": 0.1, "test_fraction": 0.0, "batch_size": batch,
+            "valid_batch_size": 16, "keys": {"energy": "REF_energy", "forces": "REF_forces"},
+        },
+        "model": {"head": head, "backbone": dict(SIZE), "dtype": dtype},
+        "loss": {"energy": 1.0, "forces": 100.0},
+        "ema": {"enabled": False},
+        "stages": [{"epochs": epochs, "scf_mode": "unrolled"}],
+        "output_dir": str(work / "run"),
+        "progress": "log",
+        "device": device,
+        "checkpoint": {"every": 0},
+    }  # fmt: skip
+    path = work / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "aiida_emlip.training.cli", "train", str(path)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"emlip-train failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    metrics = json.loads((work / "run" / "metrics.json").read_text())
+    # elapsed_s is taken after each epoch's validation; differences match mace's epoch log stamps
+    return {
+        "epoch_stamps": [row["elapsed_s"] for row in metrics["history"]],
+        "wall_s": wall,
+        "n_train": metrics["sizes"]["train"],
+        "gpu_mb": metrics.get("cuda_max_memory_mb"),
+        "params": metrics.get("num_parameters"),
+    }
+
+
+def _emlip(work: Path, data: Path, name: str, args: argparse.Namespace) -> dict:
+    work.mkdir()
+    res = run_emlip(data, work, HEADS[name], args.epochs, args.batch_size, args.device, args.dtype)
+    return {**res, "rate": throughput(res["epoch_stamps"], res["n_train"])}
+
+
+def throughput(stamps: list[float], n_train: int) -> float:
+    """Training structures per second over the epochs after the first (each epoch includes validation)."""
+    if len(stamps) < 2:
+        return float("nan")
+    return n_train * (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--copies", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    parser.add_argument("--threads", type=int, default=1, help="OMP/torch threads of both trainers")
+    parser.add_argument("--heads", default=",".join(HEADS), help="comma-separated heads to time against sr")
+    parser.add_argument(
+        "--repeat", type=int, default=2, help="alternate mace and sr this often; best of each"
+    )
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    from aiida_emlip.models.heads import HEADS as REGISTERED
+
+    with tempfile.TemporaryDirectory(prefix="emlip-bench-") as tmp:
+        tmp = Path(tmp)
+        data = tmp / "data.xyz"
+        n = make_data(data, args.copies)
+        n_train = n - max(1, round(0.1 * n))
+        print(f"{n} structures ({n_train} train), batch {args.batch_size}, {args.epochs} epochs, "
+              f"{args.device}, {args.dtype}, {args.threads} thread(s), MACE size {SIZE}")  # fmt: skip
+        neutral = tmp / "neutral.xyz"  # formal charges of 'fixed' cannot represent the ions
+        ase.io.write(
+            neutral, [a for a in ase.io.read(data, ":") if a.info["total_charge"] == 0], format="extxyz"
+        )
+        # mace and sr alternate (best of --repeat each): other load on a shared machine hits both alike
+        mace, rows = None, {}
+        for r in range(args.repeat):
+            (tmp / f"mace{r}").mkdir()
+            res = run_mace(data, tmp / f"mace{r}", args.epochs, args.batch_size, args.device, args.dtype)
+            res["rate"] = throughput(res["epoch_stamps"], n_train)
+            mace = res if mace is None or res["rate"] > mace["rate"] else mace
+            if "sr" in args.heads.split(","):
+                res = _emlip(tmp / f"sr{r}", data, "sr", args)
+                rows["sr"] = res if "sr" not in rows or res["rate"] > rows["sr"]["rate"] else rows["sr"]
+        mace_rate = mace["rate"]
+        for name in args.heads.split(","):
+            if name == "sr":
+                continue
+            if name not in REGISTERED:
+                print(f"skip {name}: head not registered")
+                continue
+            try:
+                rows[name] = _emlip(tmp / name, neutral if name == "fixed" else data, name, args)
+            except RuntimeError as exc:
+                print(f"{name}: failed: {str(exc).splitlines()[-1]}")
+    sr_rate = rows.get("sr", {}).get("rate", float("nan"))
+    header = f"{'trainer':<22}{'structures/s':>14}{'vs mace':>10}{'vs sr':>8}{'wall s':>9}"
+    print(f"\n{header}{'GPU MB':>9}{'params':>9}")
+    print(f"{'mace_run_train (MACE)':<22}{mace_rate:>14.2f}{1.0:>10.2f}{'':>8}{mace['wall_s']:>9.1f}{'':>9}")
+    for name, row in rows.items():
+        gpu = f"{row['gpu_mb']:.0f}" if row.get("gpu_mb") else ""
+        print(f"{'emlip ' + name:<22}{row['rate']:>14.2f}{row['rate'] / mace_rate:>10.2f}"
+              f"{row['rate'] / sr_rate:>8.2f}{row['wall_s']:>9.1f}{gpu:>9}"
+              f"{row.get('params') or '':>9}")  # fmt: skip
+    if args.json:
+        result = {
+            "mace": {**mace, "rate": mace_rate},
+            "emlip": rows,
+            "args": vars(args) | {"json": str(args.json)},
+        }
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -53,8 +53,11 @@ class BackboneOutput:
 class MaceBackbone(torch.nn.Module):
     """A MACE model used as a feature extractor and short-range energy."""
 
-    def __init__(self, config: BackboneConfig) -> None:
+    def __init__(self, config: BackboneConfig, last_layer_vectors: bool = False) -> None:
+        """``last_layer_vectors`` keeps l = 1 features in the last layer too (for dipole readouts);
+        without it the backbone is exactly MACE's default and costs the same."""
         super().__init__()
+        self.last_layer_vectors = last_layer_vectors
         from mace.modules import MACE, interaction_classes
 
         self.config = config
@@ -77,7 +80,7 @@ class MaceBackbone(torch.nn.Module):
             atomic_numbers=numbers,
             correlation=config.correlation,
             gate=torch.nn.functional.silu,
-            keep_last_layer_irreps=True,
+            keep_last_layer_irreps=last_layer_vectors,
         )
         lookup = torch.full((119,), -1, dtype=torch.long)
         lookup[torch.tensor(numbers)] = torch.arange(len(numbers))
@@ -117,11 +120,11 @@ class MaceBackbone(torch.nn.Module):
         return BackboneOutput(out["node_energy"], scalars, vectors, edge_vectors)
 
     def _layer_widths(self) -> list[int]:
-        """Feature width of each layer; MACE keeps no l = 1 features when there is a single layer."""
+        """Feature width of each layer: the last one is scalar unless asked for (never with one layer)."""
         c, n = self.config.num_channels, self.config.num_interactions
         if self.config.max_L == 0 or n == 1:
             return [c] * n
-        return [4 * c] * n
+        return [4 * c] * (n - 1) + [4 * c if self.last_layer_vectors else c]
 
     def _split_features(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c, n_atoms = self.config.num_channels, feats.shape[0]

@@ -11,7 +11,7 @@ from aiida_emlip.models.backbone import BackboneConfig, MaceBackbone
 from aiida_emlip.models.electrostatics import Electrostatics, ElectrostaticsConfig
 from aiida_emlip.models.graph import Graph
 from aiida_emlip.models.heads import HeadInput, build_head
-from aiida_emlip.models.heads.base import scatter_sum, structure_dipoles
+from aiida_emlip.models.heads.base import head_class, scatter_sum, structure_dipoles
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -54,7 +54,11 @@ class EmlipModel(torch.nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.backbone = MaceBackbone(BackboneConfig(elements=config.elements, **config.backbone))
+        cls, options = head_class(config.head)
+        self.backbone = MaceBackbone(
+            BackboneConfig(elements=config.elements, **config.backbone),
+            last_layer_vectors=cls.needs_vectors(options),
+        )
         self.electrostatics = Electrostatics(ElectrostaticsConfig(**config.electrostatics))
         self.head = build_head(
             config.head, config.elements, self.backbone.num_scalars, self.backbone.num_vectors

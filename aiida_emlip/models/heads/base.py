@@ -94,18 +94,29 @@ class Head(torch.nn.Module):
         if "name" in cls.__dict__:
             HEADS[cls.name] = cls
 
+    @classmethod
+    def needs_vectors(cls, options: HeadOptions) -> bool:
+        """Whether the head reads l = 1 features of the backbone's last layer (dipole readouts)."""
+        return False
+
     def forward(self, inp: HeadInput) -> HeadOutput:  # pragma: no cover - interface
         raise NotImplementedError
 
 
-def build_head(config: dict[str, Any], elements: list[str], num_scalars: int, num_vectors: int) -> Head:
-    """Instantiate the head named ``config['name']`` with the remaining keys as options."""
+def head_class(config: dict[str, Any]) -> tuple[type[Head], HeadOptions]:
+    """The head class named by ``config['name']`` and its options parsed from the other keys."""
     config = dict(config)
     name = config.pop("name", None)
     if name not in HEADS:
         raise ValueError(f"unknown head {name!r}; available heads: {', '.join(sorted(HEADS))}")
     cls = HEADS[name]
-    return cls(cls.Options.from_dict(config), elements, num_scalars, num_vectors)
+    return cls, cls.Options.from_dict(config)
+
+
+def build_head(config: dict[str, Any], elements: list[str], num_scalars: int, num_vectors: int) -> Head:
+    """Instantiate the head named ``config['name']`` with the remaining keys as options."""
+    cls, options = head_class(config)
+    return cls(options, elements, num_scalars, num_vectors)
 
 
 # ----------------------------------------------------------------------------- shared helpers

@@ -53,6 +53,10 @@ class LocalChargesHead(Head):
                 raise ValueError("dipoles need l = 1 backbone features (backbone max_L = 1)")
             self.dipole_weights = torch.nn.Linear(num_vectors, 1, bias=False)
 
+    @classmethod
+    def needs_vectors(cls, options: ChargesOptions) -> bool:
+        return options.dipoles
+
     def forward(self, inp: HeadInput) -> HeadOutput:
         out = self.readout(inp.features.scalars)
         charges = out[:, 0]

@@ -76,6 +76,10 @@ class SplitChargesHead(Head):
         cutoff = (radial.abs().sum(-1) > 0).to(h.dtype)
         return (forward - backward) * cutoff, vectors
 
+    @classmethod
+    def needs_vectors(cls, options: SplitOptions) -> bool:
+        return options.dipoles
+
     def forward(self, inp: HeadInput) -> HeadOutput:
         graph = inp.graph
         base = correct_total_charge(self.formal.to(inp.positions.dtype)[inp.species], inp)

@@ -1,0 +1,142 @@
+"""Calcfunctions of the dataset workchain: samplers, splitting into structures, collecting labels."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+from aiida import orm
+from aiida.engine import calcfunction
+from ase import Atoms
+
+from aiida_emlip import schema
+from aiida_emlip.data import EmlipDatasetData
+
+from .samplers import run_recipe
+
+#: 1 GPa in eV/Å^3.
+GPA_IN_EV_PER_A3 = 1.0 / 160.21766208
+#: 1 Debye in e·Å.
+DEBYE_IN_E_A = 0.20819434
+#: Sign between pw.x's printed dipole (dipfield) and the physical dipole (ions − electrons), pinned by tests.
+QE_DIPOLE_SIGN = 1.0
+_DIPOLE_RE = re.compile(r"Dipole\s+[-+.\dEe]+\s+Ry au,\s+([-+.\dEe]+)\s+Debye")
+
+
+@calcfunction
+def sample_configurations(recipe: orm.Dict, structure: orm.StructureData | None = None) -> EmlipDatasetData:
+    """Run a sampler recipe (``{"name", "kwargs"}``) and return the configurations as a dataset."""
+    atoms = structure.get_ase() if structure is not None else None
+    frames = run_recipe(recipe.get_dict(), atoms)
+    return EmlipDatasetData(frames=frames)
+
+
+@calcfunction
+def split_configurations(configurations: EmlipDatasetData) -> dict[str, orm.StructureData]:
+    """Return one ``StructureData`` per configuration, keyed ``c0000``, ``c0001``, ..."""
+    return {f"c{i:04d}": orm.StructureData(ase=atoms) for i, atoms in enumerate(configurations.to_ase())}
+
+
+def parse_dipole_debye(stdout: str) -> float | None:
+    """Return the last dipole (Debye, along ``edir``) that pw.x printed with ``dipfield``, or None.
+
+    pw.x 6.7 prints ``Computed dipole along edir(3) :`` and on the next line
+    ``Dipole  <x> Ry au,  <y> Debye``; aiida-quantumespresso 5.1 expects another layout and misses it.
+    """
+    value = None
+    lines = stdout.splitlines()
+    for i, line in enumerate(lines):
+        if "Computed dipole along edir" in line:
+            for follow in lines[i + 1 : i + 4]:
+                match = _DIPOLE_RE.search(follow)
+                if match:
+                    value = float(match.group(1))
+                    break
+    return value
+
+
+def _labels(
+    meta: dict[str, Any], parameters: orm.Dict, trajectory: orm.TrajectoryData, stdout: str, atoms: Atoms
+) -> None:
+    """Write the pw.x labels of one configuration into ``atoms.info`` / ``atoms.arrays`` (schema keys)."""
+    params = parameters.get_dict()
+    atoms.info[schema.ENERGY] = float(params["energy"])
+    atoms.arrays[schema.FORCES] = np.asarray(trajectory.get_array("forces")[-1], dtype=float)
+    if meta["periodic_bulk"] and "stress" in trajectory.get_arraynames():
+        atoms.info[schema.STRESS] = (
+            -np.asarray(trajectory.get_array("stress")[-1], dtype=float) * GPA_IN_EV_PER_A3
+        )
+    fermi = params.get("fermi_energy", params.get("highest_occupied_level"))
+    if fermi is not None:
+        atoms.info[schema.FERMI_LEVEL] = float(fermi)
+        atoms.info[schema.FERMI_REFERENCE] = "cell_average"
+    if "highest_occupied_level" in params:
+        atoms.info["highest_occupied_level"] = float(params["highest_occupied_level"])
+    magnetization = params.get("total_magnetization")
+    if magnetization is not None:
+        atoms.info["total_magnetization"] = float(magnetization)
+    spin = meta.get(schema.TOTAL_SPIN)
+    atoms.info[schema.TOTAL_SPIN] = float(spin if spin is not None else (magnetization or 0.0))
+    value = parse_dipole_debye(stdout) if meta.get("dipfield") else None
+    if value is not None:
+        cell = np.asarray(atoms.cell[:], dtype=float)
+        normal = np.linalg.inv(cell).T[meta["edir"]]
+        normal /= np.linalg.norm(normal)
+        atoms.info[schema.DIPOLE] = QE_DIPOLE_SIGN * value * DEBYE_IN_E_A * normal
+    if "wall_time_seconds" in params:
+        atoms.info["pw_wall_time"] = float(params["wall_time_seconds"])
+
+
+@calcfunction
+def assemble_dataset(settings: orm.Dict, **nodes: orm.Data) -> dict[str, orm.Data]:
+    """Collect the labels of the finished configurations into a dataset and write the failure report.
+
+    ``settings`` holds ``dft_settings``, ``configurations`` (key -> per-configuration metadata, in
+    order) and ``failures`` (key -> exit status/message). ``nodes`` are ``structure_<key>``,
+    ``parameters_<key>``, ``trajectory_<key>`` and ``retrieved_<key>`` for every finished key.
+    """
+    data = settings.get_dict()
+    frames = []
+    for key, meta in data["configurations"].items():
+        if f"parameters_{key}" not in nodes:
+            continue
+        source = nodes[f"structure_{key}"].get_ase()
+        atoms = Atoms(source.get_chemical_symbols(), positions=source.positions, cell=source.cell)
+        atoms.pbc = source.pbc
+        atoms.info[schema.TOTAL_CHARGE] = float(meta.get(schema.TOTAL_CHARGE, 0.0))
+        if meta.get(schema.EXTERNAL_FIELD) is not None:
+            atoms.info[schema.EXTERNAL_FIELD] = np.asarray(meta[schema.EXTERNAL_FIELD], dtype=float)
+        for extra in ("config_type", "sampler", "seed", "sampler_params"):
+            if meta.get(extra) is not None:
+                atoms.info[extra] = meta[extra]
+        atoms.info["key"] = key
+        atoms.info["source_uuid"] = nodes[f"parameters_{key}"].creator.uuid
+        retrieved = nodes.get(f"retrieved_{key}")
+        stdout = retrieved.base.repository.get_object_content("aiida.out") if retrieved is not None else ""
+        _labels(meta, nodes[f"parameters_{key}"], nodes[f"trajectory_{key}"], stdout, atoms)
+        multipoles = nodes.get(f"hirshfeld_{key}")
+        if multipoles is not None:
+            atoms.arrays[schema.CHARGES] = np.asarray(multipoles.get_array("charges"), dtype=float)
+            atoms.arrays[schema.ATOMIC_DIPOLES] = np.asarray(multipoles.get_array("dipoles"), dtype=float)
+        vacuum = nodes.get(f"vacuum_{key}")
+        if vacuum is not None and schema.FERMI_LEVEL in atoms.info:
+            raw = atoms.info[schema.FERMI_LEVEL]
+            atoms.info["fermi_level_cell_average"] = raw
+            atoms.info["vacuum_level_top"] = float(vacuum["vacuum_level_top"])
+            atoms.info["vacuum_level_bottom"] = float(vacuum["vacuum_level_bottom"])
+            atoms.info[schema.FERMI_LEVEL] = raw - float(vacuum["vacuum_level_top"])
+            atoms.info[schema.FERMI_REFERENCE] = "vacuum"
+        frames.append(atoms)
+    report = {
+        "n_configurations": len(data["configurations"]),
+        "n_finished": len(frames),
+        "n_failed": len(data["failures"]),
+        "failed": data["failures"],
+        "postprocess_failed": data.get("postprocess_failures", {}),
+        "fermi_references": sorted({str(f.info.get(schema.FERMI_REFERENCE)) for f in frames}),
+    }
+    outputs: dict[str, orm.Data] = {"report": orm.Dict(report)}
+    if frames:
+        outputs["dataset"] = EmlipDatasetData(frames=frames, dft_settings=data["dft_settings"])
+    return outputs

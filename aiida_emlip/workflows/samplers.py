@@ -1,0 +1,51 @@
+"""Sampler recipes: a name and keyword arguments for a plain function of :mod:`aiida_emlip.structures`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ase import Atoms
+
+from aiida_emlip import structures
+
+
+def _md(atoms: Atoms, calculator: str = "emt", **kwargs: Any) -> list[Atoms]:
+    if calculator != "emt":
+        raise ValueError(f"recipe calculator {calculator!r}: only 'emt' is available in a recipe")
+    from ase.calculators.emt import EMT
+
+    return structures.md_snapshots(atoms, EMT(), **kwargs)
+
+
+def _interface(**kwargs: Any) -> list[Atoms]:
+    return [structures.metal_water_interface(**kwargs)]
+
+
+#: name -> (function, needs a base structure)
+SAMPLERS: dict[str, tuple[Callable[..., list[Atoms]], bool]] = {
+    "rattle": (structures.rattle, True),
+    "strain": (structures.strain, True),
+    "vacancy": (structures.vacancy_supercells, True),
+    "quartz_oxygen_vacancy": (structures.quartz_oxygen_vacancy, False),
+    "metal_water_interface": (_interface, False),
+    "ion_slab_scan": (structures.ion_slab_scan, True),
+    "md": (_md, True),
+}
+
+
+def run_recipe(recipe: dict[str, Any], atoms: Atoms | None = None) -> list[Atoms]:
+    """Run ``recipe = {"name": ..., "kwargs": {...}}``, on ``atoms`` when the sampler needs a structure."""
+    unknown = sorted(set(recipe) - {"name", "kwargs"})
+    if unknown:
+        raise ValueError(f"unknown recipe key(s) {unknown}; allowed: name, kwargs")
+    name = recipe.get("name")
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(sorted(SAMPLERS))}")
+    function, needs_structure = SAMPLERS[name]
+    kwargs = dict(recipe.get("kwargs") or {})
+    if needs_structure:
+        if atoms is None:
+            raise ValueError(f"sampler {name!r} needs a base structure")
+        return function(atoms, **kwargs)
+    return function(**kwargs)

@@ -1,0 +1,125 @@
+"""pw.x input construction and protocol merging without running pw.x."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import bulk, molecule
+from dataset_systems import al_slab_water, in_box
+
+from aiida_emlip import schema
+from aiida_emlip.workflows.protocol import OverrideError, ProtocolError, get_protocol_inputs, protocol_names
+from aiida_emlip.workflows.pw_inputs import ConfigurationError, build_pw_setup, kpoints_mesh
+from aiida_emlip.workflows.vacuum_level import planar_average, vacuum_levels
+
+Z = {"H": 1.0, "O": 6.0, "Al": 3.0, "Na": 1.0, "Cl": 7.0}
+CUT = (30.0, 120.0)
+
+
+def _setup(atoms, settings=None, **overrides):
+    return build_pw_setup(atoms, settings or {}, get_protocol_inputs("fast", overrides), Z, CUT)
+
+
+def test_protocols_and_aliases():
+    assert {"fast", "balanced", "stringent", "moderate", "precise"} == set(protocol_names())
+    assert get_protocol_inputs("moderate")["protocol"] == "balanced"
+    assert get_protocol_inputs()["protocol"] == "balanced"
+    fast, precise = get_protocol_inputs("fast"), get_protocol_inputs("precise")
+    assert fast["kpoints_distance"] > precise["kpoints_distance"]
+    assert fast["conv_thr_per_atom"] > precise["conv_thr_per_atom"]
+    with pytest.raises(ProtocolError):
+        get_protocol_inputs("ultra")
+    with pytest.raises(OverrideError, match=r"postprocess\.lowdn"):
+        get_protocol_inputs("fast", {"postprocess": {"lowdn": True}})
+    merged = get_protocol_inputs(
+        "fast", {"parameters": {"SYSTEM": {"nbnd": 8}}, "options": {"queue_name": "q"}}
+    )
+    assert merged["parameters"] == {"SYSTEM": {"nbnd": 8}} and merged["options"]["queue_name"] == "q"
+
+
+def test_molecule_neutral_charged_and_odd():
+    water = in_box(molecule("H2O"))
+    setup = _setup(water)
+    system = setup.parameters["SYSTEM"]
+    assert system["occupations"] == "fixed" and "tot_charge" not in system and "nspin" not in system
+    assert setup.kpoints_mesh == [1, 1, 1] and not setup.periodic_bulk
+    assert setup.parameters["CONTROL"]["tstress"] is False
+    hydroxide = _setup(in_box(molecule("OH")), {"total_charge": -1})
+    assert hydroxide.parameters["SYSTEM"]["tot_charge"] == -1.0 and hydroxide.n_electrons == 8
+    radical = _setup(in_box(molecule("OH")))
+    assert (
+        radical.parameters["SYSTEM"]["nspin"] == 2
+        and radical.parameters["SYSTEM"]["tot_magnetization"] == 1.0
+    )
+    triplet = _setup(in_box(molecule("O2")), {"total_spin": 2})
+    assert triplet.parameters["SYSTEM"]["tot_magnetization"] == 2.0
+
+
+def test_metal_bulk_and_slab():
+    al = _setup(bulk("Al", "fcc", a=4.05, cubic=True))
+    assert al.is_metal and al.periodic_bulk and al.parameters["CONTROL"]["tstress"] is True
+    assert al.parameters["SYSTEM"]["occupations"] == "smearing" and al.parameters["SYSTEM"]["nbnd"] >= 13
+    assert all(k > 1 for k in al.kpoints_mesh)
+    slab = al_slab_water()
+    setup = _setup(slab)
+    control, system = setup.parameters["CONTROL"], setup.parameters["SYSTEM"]
+    assert control["tefield"] and control["dipfield"] and system["edir"] == 3 and system["eamp"] == 0.0
+    assert setup.kpoints_mesh[2] == 1
+    # the sawtooth turns over inside the vacuum: no atom between emaxpos and emaxpos + eopreg
+    frac = slab.get_scaled_positions()[:, 2]
+    rel = (frac - system["emaxpos"]) % 1.0
+    assert np.all(rel > system["eopreg"])
+    off = _setup(slab, {"dipole_correction": False})
+    assert "tefield" not in off.parameters["CONTROL"]
+
+
+def test_field_conversion_and_axis():
+    water = in_box(molecule("H2O"))
+    setup = _setup(water, {"external_field": [0.0, 0.0, -0.2]})
+    system = setup.parameters["SYSTEM"]
+    assert system["edir"] == 3 and setup.parameters["CONTROL"]["dipfield"]
+    assert system["eamp"] == pytest.approx(-0.2 / schema.FIELD_AU_IN_V_PER_A)
+    with pytest.raises(ConfigurationError) as error:
+        _setup(water, {"external_field": [0.1, 0.1, 0.0]})
+    assert error.value.code == "ERROR_INVALID_FIELD"
+    slab = _setup(al_slab_water(), {"external_field": [0.0, 0.0, 0.3]})
+    assert slab.parameters["CONTROL"]["dipfield"] and slab.parameters["SYSTEM"]["eamp"] > 0
+
+
+@pytest.mark.parametrize(
+    ("atoms", "settings", "code"),
+    [
+        (in_box(Atoms("H")), {"total_charge": 1}, "ERROR_NO_ELECTRONS"),
+        (in_box(Atoms("Ar")), {}, "ERROR_ELEMENT_NOT_IN_FAMILY"),
+        (in_box(Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.4]])), {}, "ERROR_ATOMS_TOO_CLOSE"),
+        (Atoms("H", cell=[[1, 0, 0], [0, 1, 0], [1, 1, 0]]), {}, "ERROR_ZERO_VOLUME"),
+        (
+            in_box(Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]])),
+            {"charge": 1},
+            "ERROR_INVALID_CONFIGURATIONS",
+        ),
+    ],
+)
+def test_bad_configurations(atoms, settings, code):
+    with pytest.raises(ConfigurationError) as error:
+        _setup(atoms, settings)
+    assert error.value.code == code
+
+
+def test_kpoints_mesh_spacing():
+    al = bulk("Al", "fcc", a=4.05, cubic=True)
+    assert kpoints_mesh(al, 0.25, []) == [7, 7, 7]
+    assert kpoints_mesh(al, 0.25, [2]) == [7, 7, 1]
+
+
+def test_planar_average_and_vacuum_levels():
+    grid = np.zeros((4, 5, 100))
+    z = np.arange(100) / 100
+    profile = np.where(z < 0.5, 0.0, 1.0) + 0.1 * np.sin(2 * np.pi * z) * (z < 0.3)
+    grid[:] = profile
+    assert np.allclose(planar_average(grid, 2), profile)
+    top, bottom = vacuum_levels(profile, emaxpos=0.9, eopreg=0.05)
+    assert top == pytest.approx(1.0) and bottom == pytest.approx(1.0)
+    top, bottom = vacuum_levels(profile, emaxpos=0.45, eopreg=0.1)
+    assert top == pytest.approx(0.0) and bottom == pytest.approx(1.0)

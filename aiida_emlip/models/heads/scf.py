@@ -2,14 +2,16 @@ r"""``scf``: a learned fixed-point self-consistent response of the density (the 
 
 One structure at a time, with ``h_i`` the backbone scalars and ``q`` the current charges:
 
-* local part: ``p_loc,i = f(h_i)`` (shifted uniformly to Σ = Q at constant Q);
+* local part: ``p_loc,i = f(h_i)``;
 * potential inputs ``u_iw = (φ_w,i[q] + v_app,i + μ)/s_w`` — the potential of the density projected on
   a normalised Gaussian of width ``w`` at atom i (several widths), the applied potential
   ``v_app,i = −E·r_i`` and μ, each divided by the self-projection ``s_w = k_e√(2/π)/√(σ² + w²)``;
 * update ``F_i(q, μ) = p_loc,i + U(h_i, u_i)``: ``linear`` ``U = −Σ_w χ_iw u_iw`` with an
   environment-dependent susceptibility ``χ_iw = softplus(g_w(h_i)) ≥ 0``, or ``mlp`` that plus an MLP of
   ``(h_i, u_i)`` (nonlinear response);
-* iteration ``q ← q + α (F(q, μ) − q)`` from ``p_loc``. Constant Q: the Fukui function
+* iteration from ``p_loc`` (shifted uniformly to Σ = Q at constant Q): ``linear`` mixing
+  ``q ← q + α (F(q, μ) − q)``, ``anderson`` (Pulay) acceleration of it, or ``newton`` (Newton–Krylov
+  with GMRES, robust against charge sloshing). Constant Q: the Fukui function
   ``f_i = (∂F_i/∂μ)/Σ_j ∂F_j/∂μ`` (autograd through the update) redistributes the charge error,
   ``F += f (Q − ΣF)``, and μ takes a Newton step ``Δμ = (Q − ΣF)/Σ ∂F/∂μ`` clamped to ±1.
   Constant μ: μ is the electrode's Fermi level and Σq floats.
@@ -51,6 +53,7 @@ UPDATES = ("linear", "mlp")
 ENSEMBLES = ("constant_q", "constant_mu")
 MODES = ("converge", "direct", "unrolled", "implicit")
 FAILURE_MODES = ("raise", "flag")
+MIXERS = ("anderson", "linear", "newton")
 
 
 @dataclass
@@ -59,7 +62,9 @@ class SCFOptions(HeadOptions):
     widths: list[float] = field(default_factory=lambda: [1.5, 3.0])  # Å, projections of the potential
     ensemble: str = "constant_q"  # constant_q (μ found, Σq = Q exactly) | constant_mu (Σq floats)
     fermi_level: float | None = None  # constant_mu target (eV); None: graph.fermi_level per structure
-    mixing: float = 0.3  # α of the linear mixing
+    mixer: str = "anderson"  # anderson | linear | newton (Newton–Krylov); ``unrolled`` is always linear
+    mixing: float = 0.3  # α of the linear mixing (and the damping of Anderson's step)
+    anderson_history: int = 6
     tol: float = 1e-6  # e: converged when max |F(q) − q| and |ΣF − Q| are below this
     max_steps: int = 200
     unroll_steps: int = 10  # K of scf_mode='unrolled'
@@ -75,6 +80,7 @@ class SCFOptions(HeadOptions):
             ("update", self.update, UPDATES),
             ("ensemble", self.ensemble, ENSEMBLES),
             ("on_failure", self.on_failure, FAILURE_MODES),
+            ("mixer", self.mixer, MIXERS),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -82,6 +88,35 @@ class SCFOptions(HeadOptions):
             raise ValueError("widths must be a non-empty list of positive widths (Å)")
         if not 0.0 < self.mixing <= 1.0:
             raise ValueError("mixing must lie in (0, 1]")
+
+
+class _Anderson:
+    """Anderson (Pulay) acceleration of ``x ← x + α f`` with the last ``m`` iterates (type II).
+
+    Linear combinations of iterates with Σ = Q keep Σ = Q, so the charge constraint survives.
+    """
+
+    def __init__(self, history: int, mixing: float) -> None:
+        self.m, self.alpha = history, mixing
+        self.xs: list[torch.Tensor] = []
+        self.fs: list[torch.Tensor] = []
+
+    def step(self, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        self.xs.append(x)
+        self.fs.append(f)
+        if len(self.xs) > self.m + 1:
+            self.xs.pop(0)
+            self.fs.pop(0)
+        if len(self.xs) == 1 or self.m == 0:
+            return x + self.alpha * f
+        dx = torch.stack([b - a for a, b in zip(self.xs[:-1], self.xs[1:])], dim=1)
+        df = torch.stack([b - a for a, b in zip(self.fs[:-1], self.fs[1:])], dim=1)
+        gram = df.T @ df
+        gram = gram + 1e-10 * torch.trace(gram) * torch.eye(
+            gram.shape[0], dtype=gram.dtype, device=gram.device
+        )
+        gamma = torch.linalg.solve(gram, df.T @ f)
+        return x + self.alpha * f - (dx + self.alpha * df) @ gamma
 
 
 @dataclass
@@ -109,7 +144,15 @@ class SelfConsistentHead(Head):
         n_w = len(options.widths)
         self.local = mlp(num_scalars, 3, options.hidden)  # p_loc, a, b
         self.susceptibility = mlp(num_scalars, n_w, options.hidden)
+        if options.update == "linear":
+            # start weakly polarisable (χ ≈ 0.05), near the local, insulating limit; the ``mlp`` update
+            # keeps χ ≈ 0.7 as the screening that holds its learned nonlinear part stable
+            last = self.susceptibility if options.hidden <= 0 else self.susceptibility[-1]
+            with torch.no_grad():
+                last.bias.fill_(-3.0)
         self.nonlinear = mlp(num_scalars + n_w, 1, options.hidden) if options.update == "mlp" else None
+        self._reason = ""  # why the last iteration stopped, for error messages
+        self.linear_iterations = 0  # GMRES iterations of the last forward and backward passes
 
     # ------------------------------------------------------------------ pieces of the map
     def _scales(self, inp: HeadInput, like: torch.Tensor) -> torch.Tensor:
@@ -168,11 +211,12 @@ class SelfConsistentHead(Head):
         chi = torch.nn.functional.softplus(self.susceptibility(h))
         v_app = -(inp.external_field[graph.batch] * inp.positions).sum(-1)
         constant_q = self.options.ensemble == "constant_q"
+        start = p_loc  # constant Q: start from p_loc shifted to Σ = Q; the map keeps p_loc itself
         if constant_q:
             shift = (inp.total_charge - scatter_sum(p_loc, graph.batch, graph.num_graphs)) / torch.diff(
                 graph.ptr
             )
-            p_loc = p_loc + shift[graph.batch]
+            start = p_loc + shift[graph.batch]
         targets = self._target_mu(inp)
         charges, mus, converged, iterations, history = [], [], [], [], []
         for b, atoms in graph.structures():
@@ -185,7 +229,7 @@ class SelfConsistentHead(Head):
                 v_app[atoms].detach(),
                 inp.total_charge[b].detach(),
             )
-            loc = {"p_loc": p_loc[atoms], "h": h[atoms], "chi": chi[atoms]}
+            loc = {"p_loc": p_loc[atoms], "start": start[atoms], "h": h[atoms], "chi": chi[atoms]}
             if mode == "direct":
                 q, mu = self._direct(inp, s, loc, v_app[atoms], targets, b)
                 ok, steps, res = True, 1, []
@@ -195,9 +239,12 @@ class SelfConsistentHead(Head):
             else:
                 detached = {k: v.detach() for k, v in loc.items()}
                 with torch.no_grad():
-                    q, mu, ok, res = self._iterate(
-                        inp, s, detached, s.v_app, targets, b, differentiable=False
-                    )
+                    if self.options.mixer == "newton":
+                        q, mu, ok, res = self._newton(inp, s, detached, targets, b)
+                    else:
+                        q, mu, ok, res = self._iterate(
+                            inp, s, detached, s.v_app, targets, b, differentiable=False
+                        )
                 steps = len(res)
                 self._check(ok, b, res)
                 if torch.is_grad_enabled():
@@ -251,7 +298,7 @@ class SelfConsistentHead(Head):
         if not ok and self.options.on_failure == "raise":
             last = res[-1] if res else float("nan")
             raise SCFConvergenceError(
-                f"scf: structure {b} did not converge or diverged after {len(res)} steps (last residual "
+                f"scf: structure {b} did not converge ({self._reason}) after {len(res)} steps (last residual "
                 f"{last:.3g} e; tolerance {self.options.tol:g}); raise max_steps, lower mixing or use "
                 "on_failure='flag'"
             )
@@ -260,7 +307,7 @@ class SelfConsistentHead(Head):
         """Mixed fixed-point iteration from p_loc; returns q, μ, converged, residual history."""
         o = self.options
         constant_q = o.ensemble == "constant_q"
-        q = loc["p_loc"]
+        q = loc["start"]
         mu = q.new_zeros(()) if constant_q else self._require_mu(targets, b, "constant-μ SCF")
         positions = inp.positions[s.atoms] if differentiable else s.positions
         cell = inp.cell[s.b] if differentiable else s.cell
@@ -268,21 +315,38 @@ class SelfConsistentHead(Head):
         steps = o.unroll_steps if differentiable else o.max_steps
         history: list[float] = []
         ok = False
-        for _ in range(steps):
+        self._reason = f"max_steps = {steps} reached"
+        previous = math.inf
+        anderson = _Anderson(o.anderson_history, o.mixing)
+        for step in range(steps):
             value, slopes, scales = self._map(inp, s, loc, q, mu, positions, cell, v_app, differentiable)
             if constant_q:
                 value, error, dqdmu = self._constrain(s, value, slopes, scales)
-                mu = mu + torch.clamp(error / dqdmu, -1.0, 1.0)
+                # Newton on μ; the first step (from an arbitrary μ = 0) is not clamped
+                mu = mu + (error / dqdmu if step == 0 else torch.clamp(error / dqdmu, -1.0, 1.0))
                 err = float(error.abs())
             else:
                 err = 0.0
             change = value - q
-            res = max(float(change.abs().max()), err)
+            largest = float(change.abs().max())
+            res = max(largest, err) if step else largest
             history.append(res)
-            q = q + o.mixing * change
+            q_old = q
+            if o.mixer == "anderson" and not differentiable:
+                q = anderson.step(q, change)
+            else:
+                q = q + o.mixing * change
+            largest = float((q - q_old).abs().max())  # the charge change actually applied
             if not (math.isfinite(res) and bool(torch.isfinite(mu))):
+                self._reason = "non-finite charges or μ"
                 return q, mu, False, history
-            if o.mixing * res > o.max_step_change or abs(float(q.sum())) > o.max_total_charge:
+            growing = step > 0 and largest > previous
+            previous = largest
+            if growing and largest > o.max_step_change:
+                self._reason = f"a step changed a charge by {largest:.3g} e > {o.max_step_change:g}"
+                return q, mu, False, history
+            if abs(float(q.sum())) > o.max_total_charge:
+                self._reason = f"|Σq| = {abs(float(q.sum())):.3g} e > {o.max_total_charge:g}"
                 return q, mu, False, history
             if res < tol:
                 ok = True
@@ -313,11 +377,24 @@ class SelfConsistentHead(Head):
             _, slopes, scales = self._map(
                 inp, s, detached, q_star, mu_star, s.positions, s.cell, s.v_app, False
             )
+        tol = default_tolerance(self.options.linear_tol, q_star.dtype)
+        solve, solve_t = self._linear_solvers(inp, s, slopes, scales, tol)
+        dq, dmu = ImplicitStep.apply(residual, solve, solve_t, value)
+        constant_q = self.options.ensemble == "constant_q"
+        return q_star - dq, (mu_star - dmu) if constant_q else mu_star
+
+    def _linear_solvers(self, inp, s: _Structure, slopes, scales, tol: float, strict: bool = True):
+        """``K⁻¹`` and ``K⁻ᵀ`` (GMRES) of the linearised fixed point at the given slopes.
+
+        ``K = [[∂F/∂q − I, ∂F/∂μ], [1ᵀ, 0]]`` at constant Q, ``∂F/∂q − I`` at constant μ, with
+        ``∂F/∂q = Σ_w diag(∂U/∂u_w / s_w) A_w`` applied through projected potentials (no N×N matrix).
+        """
         coef = slopes / scales  # ∂F_i/∂φ_w,i
         fmu = coef.sum(-1)
-        n = q_star.shape[0]
+        n = coef.shape[0]
         widths = self.options.widths
         es = inp.electrostatics
+        constant_q = self.options.ensemble == "constant_q"
 
         def jac(x: torch.Tensor) -> torch.Tensor:
             return (coef * es.projected_potentials(x, s.positions, s.cell, s.pbc, widths)).sum(-1)
@@ -328,18 +405,15 @@ class SelfConsistentHead(Head):
                 out = out + es.projected_potentials(coef[:, w] * x, s.positions, s.cell, s.pbc, [width])[:, 0]
             return out
 
-        constant_q = self.options.ensemble == "constant_q"
-        tol = default_tolerance(self.options.linear_tol, q_star.dtype)
-
-        def make(op, mu_column):
+        def make(op, transpose: bool):
             def solve(r: torch.Tensor, rhs_mu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                 if constant_q:
 
                     def full(z):
                         a, m = z[:n], z[n]
-                        return torch.cat(
-                            [op(a) - a + mu_column(m), (a * (fmu if op is jac_t else 1)).sum()[None]]
-                        )
+                        column = m if transpose else fmu * m
+                        row = (a * fmu).sum() if transpose else a.sum()
+                        return torch.cat([op(a) - a + column, row[None]])
 
                     rhs = torch.cat([r, rhs_mu.reshape(1)])
                 else:
@@ -349,7 +423,8 @@ class SelfConsistentHead(Head):
 
                     rhs = r
                 z, info = gmres(full, rhs, tol, self.options.linear_max_iter)
-                if not info.converged:
+                self.linear_iterations += info.iterations
+                if strict and not info.converged:
                     raise SCFConvergenceError(
                         f"scf: the linearised solve of structure {s.b} did not converge "
                         f"(relative residual {info.residual:.3g}); the fixed point may be unstable"
@@ -358,7 +433,43 @@ class SelfConsistentHead(Head):
 
             return solve
 
-        solve = make(jac, lambda m: fmu * m)
-        solve_t = make(jac_t, lambda m: m * torch.ones_like(fmu))
-        dq, dmu = ImplicitStep.apply(residual, solve, solve_t, value)
-        return q_star - dq, (mu_star - dmu) if constant_q else mu_star
+        return make(jac, False), make(jac_t, True)
+
+    def _newton(self, inp, s: _Structure, loc, targets, b):
+        """Newton–Krylov solution of the fixed point (no autograd): robust where mixing sloshes."""
+        o = self.options
+        constant_q = o.ensemble == "constant_q"
+        q = loc["start"]
+        mu = q.new_zeros(()) if constant_q else self._require_mu(targets, b, "constant-μ SCF")
+        tol = default_tolerance(o.tol, q.dtype)
+        linear_floor = default_tolerance(o.linear_tol, q.dtype)
+        history: list[float] = []
+        self._reason = f"max_steps = {o.max_steps} reached"
+        previous = math.inf
+        for _ in range(o.max_steps):
+            value, slopes, scales = self._map(inp, s, loc, q, mu, s.positions, s.cell, s.v_app, False)
+            g_q = value - q
+            g_mu = q.sum() - s.total if constant_q else q.new_zeros(())
+            res = max(float(g_q.abs().max()), float(g_mu.abs()))
+            history.append(res)
+            if not math.isfinite(res):
+                self._reason = "non-finite charges or μ"
+                return q, mu, False, history
+            if res < tol:
+                return q, mu, True, history
+            # inexact Newton: solve the linear system just well enough to land below tol
+            rtol = max(linear_floor, min(1e-2, 0.1 * tol / max(res, 1e-300)))
+            solve, _ = self._linear_solvers(inp, s, slopes, scales, rtol, strict=False)
+            dq, dmu = solve(-g_q, -g_mu)
+            step = float(dq.abs().max())
+            if step > o.max_step_change and step > previous:
+                self._reason = f"a Newton step changed a charge by {step:.3g} e > {o.max_step_change:g}"
+                return q, mu, False, history
+            previous = step
+            q = q + dq
+            if constant_q:
+                mu = mu + dmu
+            if abs(float(q.sum())) > o.max_total_charge:
+                self._reason = f"|Σq| = {abs(float(q.sum())):.3g} e > {o.max_total_charge:g}"
+                return q, mu, False, history
+        return q, mu, False, history

@@ -1,0 +1,416 @@
+"""Self-consistent heads (qeq, scf, functional): solvers against dense linear algebra, equivalences
+between designs, exact forces through the solutions, charge control and failure detection."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import bulk
+from models_helpers import HEAD_CONFIGS, evaluate, nacl_cell, tiny_model, water_cluster
+
+from aiida_emlip.models.graph import build_graph
+from aiida_emlip.models.heads.base import HeadInput
+from aiida_emlip.models.heads.solvers import SCFConvergenceError, conjugate_gradient, gmres
+from aiida_emlip.schema import COULOMB_CONSTANT
+
+FIELD = np.array([0.03, -0.02, 0.05])
+
+
+def _head_input(model, atoms) -> HeadInput:
+    graph = build_graph([atoms] if isinstance(atoms, Atoms) else atoms, model.cutoff, model.dtype)
+    feats = model.backbone(graph, graph.positions, graph.cell)
+    species = model.backbone.species(graph.numbers)
+    return HeadInput(graph, graph.positions, graph.cell, feats, species, model.electrostatics)
+
+
+def _kkt_reference(
+    a: np.ndarray, hardness: np.ndarray, b: np.ndarray, total: float
+) -> tuple[np.ndarray, float]:
+    """Solve [[A + diag J, 1], [1ᵀ, 0]] [q; μ] = [−b; Q] densely (numpy)."""
+    n = len(b)
+    kkt = np.zeros((n + 1, n + 1))
+    kkt[:n, :n] = a + np.diag(hardness)
+    kkt[:n, n] = kkt[n, :n] = 1.0
+    sol = np.linalg.solve(kkt, np.concatenate([-b, [total]]))
+    return sol[:n], sol[n]
+
+
+def _fd_force_check(model, atoms, rel=1e-6, **kwargs):
+    out = evaluate(model, atoms, compute_stress=False, **kwargs)
+    u = np.random.default_rng(11).normal(size=atoms.positions.shape)
+    h = 1e-4
+    energies = []
+    for sign in (1, -1):
+        moved = atoms.copy()
+        moved.positions += sign * h * u
+        energies.append(
+            float(evaluate(model, moved, compute_forces=False, compute_stress=False, **kwargs)["energy"][0])
+        )
+    fd = (energies[0] - energies[1]) / (2 * h)
+    assert fd == pytest.approx(-float((out["forces"].numpy() * u).sum()), rel=rel, abs=1e-8)
+
+
+# ---------------------------------------------------------------------------------------------- qeq
+
+
+@pytest.mark.parametrize("kind", ["finite", "periodic"])
+def test_qeq_matches_dense_kkt_reference(kind):
+    """Charges and μ equal an independent numpy KKT solve (field on, charged finite cluster)."""
+    model = tiny_model(HEAD_CONFIGS["qeq"], seed=1)
+    atoms = water_cluster(1.0) if kind == "finite" else nacl_cell(1)
+    atoms.info["external_field"] = FIELD
+    out = evaluate(model, atoms)
+    inp = _head_input(model, atoms)
+    params = model.head.local_parameters(inp)
+    a = model.electrostatics.coulomb_matrix(inp.positions, inp.cell[0], inp.graph.pbc[0]).detach().numpy()
+    b = params["chi"].detach().numpy() - atoms.positions @ FIELD
+    q, mu = _kkt_reference(a, params["hardness"].detach().numpy(), b, atoms.info.get("total_charge", 0.0))
+    np.testing.assert_allclose(out["charges"].numpy(), q, atol=1e-10)
+    assert float(out["fermi_level"][0]) == pytest.approx(mu, abs=1e-10)
+    # the sign convention: μ = −∂E/∂Q (electron chemical potential)
+    assert bool(out["converged"][0])
+
+
+def test_qeq_cg_agrees_with_dense():
+    """CG with the Ewald/PME operator (no N×N matrix) and the dense solve agree to 1e-8."""
+    atoms = bulk("NaCl", "rocksalt", a=5.64, cubic=True).repeat((2, 2, 2))
+    atoms.positions += np.random.default_rng(3).normal(scale=0.1, size=atoms.positions.shape)
+    atoms.info["total_charge"] = 1.0
+    dense = tiny_model({"name": "qeq", "solver": "dense"}, seed=2)
+    cg = tiny_model({"name": "qeq", "solver": "cg", "tol": 1e-12}, seed=2)
+    od, oc = evaluate(dense, atoms), evaluate(cg, atoms)
+    np.testing.assert_allclose(oc["charges"].numpy(), od["charges"].numpy(), atol=1e-8)
+    assert float(oc["fermi_level"][0]) == pytest.approx(float(od["fermi_level"][0]), abs=1e-8)
+    assert float(oc["energy"][0]) == pytest.approx(float(od["energy"][0]), abs=1e-8)
+    np.testing.assert_allclose(oc["forces"].numpy(), od["forces"].numpy(), atol=1e-8)
+    assert int(oc["iterations"][0]) > 1
+    assert float(oc["charges"].sum()) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_qeq_dissociated_ion_pair_keeps_fractional_charges():
+    """The known QEq pathology: separated Na and Cl keep a fractional charge transfer.
+
+    At distance R the two-atom KKT system gives q_Na = (χ_Cl − χ_Na)/(J_Na + J_Cl + 2a − 2k_e erf(R/2σ)/R)
+    (a = k_e/(σ√π)), which tends to a non-zero constant as R → ∞ instead of the neutral atoms.
+    """
+    model = tiny_model(HEAD_CONFIGS["qeq"], seed=3)
+    sigma = model.electrostatics.config.sigma
+    charges = []
+    for distance in (10.0, 50.0, 200.0):
+        pair = Atoms("NaCl", positions=[[0, 0, 0], [distance, 0, 0]])
+        out = evaluate(model, pair)
+        inp = _head_input(model, pair)
+        p = {k: v.detach().numpy() for k, v in model.head.local_parameters(inp).items()}
+        a = COULOMB_CONSTANT / (sigma * math.sqrt(math.pi))
+        coupling = COULOMB_CONSTANT * math.erf(distance / (2 * sigma)) / distance
+        expected = (p["chi"][1] - p["chi"][0]) / (p["hardness"].sum() + 2 * a - 2 * coupling)
+        q = out["charges"].numpy()
+        assert q[0] == pytest.approx(expected, rel=1e-8)
+        assert q[1] == pytest.approx(-q[0], abs=1e-12)
+        charges.append(q[0])
+    assert 0.01 < abs(charges[-1]) < 0.99  # fractional, not the neutral-atom limit 0
+    assert charges[-1] == pytest.approx(charges[-2], rel=0.05)  # does not decay with distance
+
+
+# ---------------------------------------------------------------------------------------------- functional
+
+
+def test_functional_with_quadratic_local_term_reproduces_qeq():
+    qeq = tiny_model(HEAD_CONFIGS["qeq"], seed=4)
+    functional = tiny_model({"name": "functional", "quartic": False}, seed=99)
+    functional.load_state_dict(qeq.state_dict())
+    for atoms in (water_cluster(-1.0), nacl_cell(2)):
+        atoms.info["external_field"] = FIELD
+        a, b = evaluate(qeq, atoms), evaluate(functional, atoms)
+        for key in ("energy", "charges", "fermi_level", "forces", "stress"):
+            va, vb = a[key].numpy(), b[key].numpy()
+            np.testing.assert_allclose(vb[np.isfinite(va)], va[np.isfinite(va)], atol=1e-10, err_msg=key)
+
+
+def test_functional_energy_is_the_constrained_minimum():
+    """Any charge move that keeps Σq = Q raises the quartic functional's energy."""
+    model = tiny_model(HEAD_CONFIGS["functional"], seed=5)
+    atoms = water_cluster(1.0)
+    out = evaluate(model, atoms)
+    inp = _head_input(model, atoms)
+    head = model.head
+    params = {k: v.detach() for k, v in head.local_parameters(inp).items()}
+    es = model.electrostatics
+
+    def energy(q):
+        return float(
+            head.local_energy(params, q).sum()
+            + es.energy(q, inp.positions.detach(), inp.cell[0], inp.graph.pbc[0])
+        )
+
+    q0 = out["charges"]
+    e0 = energy(q0)
+    rng = np.random.default_rng(6)
+    for _ in range(5):
+        d = torch.as_tensor(rng.normal(size=len(atoms)))
+        d = 1e-3 * (d - d.mean())
+        assert energy(q0 + d) > e0
+        # first-order stationarity: E(q0 + d) − E(q0) is second order
+        assert abs(energy(q0 + d) + energy(q0 - d) - 2 * e0) > abs(energy(q0 + d) - energy(q0 - d)) * 10
+    assert int(out["iterations"][0]) > 1
+
+
+# ---------------------------------------------------------------------------------------------- scf
+
+
+def test_scf_linear_update_equals_qeq_model():
+    """One width (w = σ), linear update: the fixed point is QEq with J = s/χ, χ_QEq = −p_loc s/χ."""
+    model = tiny_model({"name": "scf", "widths": [1.5], "tol": 1e-12}, seed=7)
+    for atoms in (water_cluster(1.0), nacl_cell(3)):
+        atoms.info["external_field"] = FIELD
+        out = evaluate(model, atoms)
+        inp = _head_input(model, atoms)
+        head = model.head
+        h = inp.features.scalars
+        p_loc = head.local(h)[:, 0]
+        chi = torch.nn.functional.softplus(head.susceptibility(h))[:, 0]
+        scale = COULOMB_CONSTANT * math.sqrt(2 / math.pi) / math.sqrt(2 * 1.5**2)
+        hardness = (scale / chi).detach().numpy()
+        b = -(p_loc * scale / chi).detach().numpy() - atoms.positions @ FIELD
+        a = model.electrostatics.coulomb_matrix(inp.positions, inp.cell[0], inp.graph.pbc[0]).detach().numpy()
+        q, mu = _kkt_reference(a, hardness, b, atoms.info.get("total_charge", 0.0))
+        np.testing.assert_allclose(out["charges"].numpy(), q, atol=1e-9)
+        assert float(out["fermi_level"][0]) == pytest.approx(mu, abs=1e-8)
+
+
+def test_scf_constant_q_and_constant_mu_agree():
+    """Constant μ at the μ a constant-Q run converged to gives back its density and energy.
+
+    (Forces differ: at constant μ the total charge flows with the geometry.)
+    """
+    model_q = tiny_model({"name": "scf", "tol": 1e-11}, seed=8)
+    model_mu = tiny_model({"name": "scf", "tol": 1e-11, "ensemble": "constant_mu"}, seed=8)
+    for atoms in (nacl_cell(4), water_cluster(1.0)):
+        out_q = evaluate(model_q, atoms, compute_forces=False, compute_stress=False)
+        charged = atoms.copy()
+        charged.info["fermi_level"] = float(out_q["fermi_level"][0])
+        charged.info.pop("total_charge", None)  # ignored at constant μ
+        out_mu = evaluate(model_mu, charged, compute_forces=False, compute_stress=False)
+        np.testing.assert_allclose(out_mu["charges"].numpy(), out_q["charges"].numpy(), atol=1e-9)
+        assert float(out_mu["charges"].sum()) == pytest.approx(atoms.info.get("total_charge", 0.0), abs=1e-9)
+        assert float(out_mu["energy"][0]) == pytest.approx(float(out_q["energy"][0]), abs=1e-8)
+
+
+def test_scf_constant_mu_needs_a_fermi_level():
+    model = tiny_model({"name": "scf", "ensemble": "constant_mu"}, seed=8)
+    with pytest.raises(ValueError, match="no Fermi level"):
+        evaluate(model, nacl_cell())
+
+
+@pytest.mark.parametrize("update", ["linear", "mlp"])
+def test_scf_constant_mu_forces_and_stress_are_exact(update):
+    """At constant μ the total charge flows with the geometry; forces include it (implicit derivative)."""
+    atoms = nacl_cell(5)
+    model_q = tiny_model({"name": "scf", "update": update, "tol": 1e-10}, seed=9)
+    mu = float(evaluate(model_q, atoms, compute_forces=False, compute_stress=False)["fermi_level"][0])
+    config = {
+        "name": "scf",
+        "update": update,
+        "ensemble": "constant_mu",
+        "fermi_level": mu + 0.3,
+        "tol": 1e-10,
+    }
+    model = tiny_model(config, seed=9)
+    _fd_force_check(model, atoms)
+    if update == "mlp":
+        return
+    out = evaluate(model, atoms)
+    eps = np.random.default_rng(2).normal(size=(3, 3))
+    eps = 0.5 * (eps + eps.T)
+    h = 1e-5
+    energies = []
+    for sign in (1, -1):
+        strained = atoms.copy()
+        strained.set_cell(atoms.cell.array @ (np.eye(3) + sign * h * eps), scale_atoms=True)
+        out_s = evaluate(model, strained, compute_forces=False, compute_stress=False)
+        energies.append(float(out_s["energy"][0]))
+    fd = (energies[0] - energies[1]) / (2 * h) / atoms.get_volume()
+    assert fd == pytest.approx(float((out["stress"][0].numpy() * eps).sum()), rel=1e-5, abs=1e-9)
+    assert abs(float(out["charges"].sum())) > 1e-3
+
+
+@pytest.mark.parametrize("head", ["qeq", "qeq-cg", "functional", "scf", "scf-mlp"])
+def test_forces_exact_in_evaluation_mode(head):
+    """Evaluation mode (Hellmann–Feynman for qeq/functional, implicit derivative for scf)."""
+    model = tiny_model(HEAD_CONFIGS[head], seed=10).eval()
+    atoms = water_cluster(1.0)
+    atoms.info["external_field"] = FIELD
+    _fd_force_check(model, atoms)
+    train = evaluate(model.train(), atoms)
+    test = evaluate(model.eval(), atoms)
+    np.testing.assert_allclose(test["forces"].numpy(), train["forces"].numpy(), atol=1e-8)
+
+
+@pytest.mark.parametrize("head", ["qeq", "functional", "scf", "scf-mlp"])
+@pytest.mark.parametrize("charge", [0.0, 1.0, -2.0])
+def test_total_charge_exact(head, charge):
+    model = tiny_model(HEAD_CONFIGS[head], seed=12)
+    cluster = water_cluster(charge)
+    periodic = nacl_cell()
+    periodic.info["total_charge"] = charge
+    out = evaluate(model, [cluster, periodic])
+    sums = [float(out["charges"][:5].sum()), float(out["charges"][5:].sum())]
+    assert sums == pytest.approx([charge, charge], abs=1e-10)
+    assert out["fermi_level"].shape == (2,)
+    assert bool(out["converged"].all())
+
+
+def test_scf_modes_agree_at_the_fixed_point():
+    """direct at (q*, μ*) returns q*; unrolled with many steps and implicit equal converge."""
+    model = tiny_model({"name": "scf", "update": "mlp", "tol": 1e-12, "unroll_steps": 150}, seed=13)
+    atoms = water_cluster(1.0)
+    ref = evaluate(model, atoms)
+    graph = build_graph([atoms], model.cutoff, model.dtype)
+    graph.fermi_level = ref["fermi_level"].clone()
+    direct = model(graph, scf_mode="direct", reference_charges=ref["charges"], compute_stress=False)
+    np.testing.assert_allclose(direct["charges"].detach().numpy(), ref["charges"].numpy(), atol=1e-10)
+    for mode in ("unrolled", "implicit"):
+        out = evaluate(model, atoms, scf_mode=mode)
+        np.testing.assert_allclose(out["charges"].numpy(), ref["charges"].numpy(), atol=1e-9)
+        np.testing.assert_allclose(out["forces"].numpy(), ref["forces"].numpy(), atol=1e-7)
+    with pytest.raises(ValueError, match="reference_charges"):
+        model(graph, scf_mode="direct")
+
+
+def test_scf_implicit_parameter_gradient_matches_unrolled():
+    """dE/dθ and d(Σ q²)/dθ through the implicit solve equal those of a long unrolled iteration."""
+    model = tiny_model({"name": "scf", "update": "mlp", "tol": 1e-12, "unroll_steps": 150}, seed=14)
+    atoms = nacl_cell(6)
+    graph = build_graph([atoms], model.cutoff, model.dtype)
+    grads = {}
+    for mode in ("implicit", "unrolled"):
+        out = model(graph, scf_mode=mode, compute_stress=False)
+        loss = out["energy"].sum() + (out["charges"] ** 2).sum() + out["fermi_level"].sum()
+        params = list(model.head.parameters())
+        grads[mode] = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
+    np.testing.assert_allclose(grads["implicit"].numpy(), grads["unrolled"].numpy(), atol=1e-7, rtol=1e-6)
+
+
+def test_qeq_force_training_gradient_is_exact():
+    """∂(Σ F²)/∂θ through the implicit charges equals a finite difference in one head parameter."""
+    model = tiny_model(HEAD_CONFIGS["qeq"], seed=15)
+    atoms = water_cluster(1.0)
+    graph = build_graph([atoms], model.cutoff, model.dtype)
+    param = model.head.chi0
+    out = model(graph, compute_stress=False, create_graph=True)
+    grad = torch.autograd.grad((out["forces"] ** 2).sum(), param)[0][2]
+    h = 1e-5
+    values = []
+    for sign in (1, -1):
+        with torch.no_grad():
+            param[2] += sign * h
+        values.append(float((model(graph, compute_stress=False)["forces"] ** 2).sum()))
+        with torch.no_grad():
+            param[2] -= sign * h
+    assert float(grad) == pytest.approx((values[0] - values[1]) / (2 * h), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- failures
+
+
+def test_scf_non_convergence_is_raised_or_flagged():
+    atoms = nacl_cell()
+    model = tiny_model({"name": "scf", "max_steps": 3, "tol": 1e-12}, seed=16)
+    with pytest.raises(SCFConvergenceError, match="did not converge"):
+        evaluate(model, atoms)
+    model = tiny_model({"name": "scf", "max_steps": 3, "tol": 1e-12, "on_failure": "flag"}, seed=16)
+    out = evaluate(model, atoms)
+    assert not bool(out["converged"][0])
+    assert int(out["iterations"][0]) == 3
+    assert len(out["residuals"]) == 3
+
+
+@pytest.mark.parametrize("mixer", ["linear", "newton"])
+def test_scf_mixers_reach_the_same_fixed_point(mixer):
+    """Linear mixing, Anderson (default) and Newton–Krylov converge to the same density and μ."""
+    atoms = water_cluster(1.0)
+    ref = evaluate(tiny_model({"name": "scf", "update": "mlp", "tol": 1e-11}, seed=21), atoms)
+    out = evaluate(tiny_model({"name": "scf", "update": "mlp", "tol": 1e-11, "mixer": mixer}, seed=21), atoms)
+    np.testing.assert_allclose(out["charges"].numpy(), ref["charges"].numpy(), atol=1e-9)
+    assert float(out["fermi_level"][0]) == pytest.approx(float(ref["fermi_level"][0]), abs=1e-8)
+    np.testing.assert_allclose(out["forces"].numpy(), ref["forces"].numpy(), atol=1e-8)
+    if mixer == "newton":
+        assert int(out["iterations"][0]) < 10
+
+
+def test_scf_divergence_is_detected():
+    """A huge susceptibility without damping makes the fixed-point map expand: stopped and reported."""
+    config = {"name": "scf", "mixer": "linear", "mixing": 1.0, "widths": [1.5], "on_failure": "flag"}
+    model = tiny_model(config, seed=17)
+    with torch.no_grad():
+        model.head.susceptibility[-1].bias.fill_(8.0)
+    out = evaluate(model, water_cluster(0.0), compute_forces=False, compute_stress=False)
+    assert not bool(out["converged"][0])
+    assert int(out["iterations"][0]) < model.head.options.max_steps
+    model.head.options.on_failure = "raise"
+    with pytest.raises(SCFConvergenceError, match="changed a charge"):
+        evaluate(model, water_cluster(0.0), compute_forces=False, compute_stress=False)
+    # the fixed point exists (a linear, strongly metallic response): Newton–Krylov finds it
+    model.head.options.mixer = "newton"
+    assert bool(
+        evaluate(model, water_cluster(0.0), compute_forces=False, compute_stress=False)["converged"][0]
+    )
+
+
+def test_qeq_cg_non_convergence_is_raised_or_flagged():
+    atoms = nacl_cell()
+    model = tiny_model({"name": "qeq", "solver": "cg", "max_iter": 1, "tol": 1e-14}, seed=18)
+    with pytest.raises(SCFConvergenceError, match="did not converge"):
+        evaluate(model, atoms)
+    model = tiny_model(
+        {"name": "qeq", "solver": "cg", "max_iter": 1, "tol": 1e-14, "on_failure": "flag"}, seed=18
+    )
+    assert not bool(evaluate(model, atoms)["converged"][0])
+
+
+def test_bad_options_are_errors():
+    with pytest.raises(ValueError, match="solver must be one of"):
+        tiny_model({"name": "qeq", "solver": "lu"})
+    with pytest.raises(ValueError, match="ensemble must be one of"):
+        tiny_model({"name": "scf", "ensemble": "npt"})
+    with pytest.raises(ValueError, match="scf_mode must be one of"):
+        evaluate(tiny_model({"name": "scf"}), nacl_cell(), scf_mode="guess")
+
+
+# ------------------------------------------------------------------------------------- solvers, dtypes
+
+
+def test_linear_solvers_against_numpy():
+    rng = np.random.default_rng(19)
+    m = rng.normal(size=(30, 30))
+    spd = torch.as_tensor(m @ m.T + 30 * np.eye(30))
+    general = torch.as_tensor(m + 10 * np.eye(30))
+    b = torch.as_tensor(rng.normal(size=(30, 2)))
+    x, info = conjugate_gradient(lambda v: spd @ v, b, precond=torch.diagonal(spd), tol=1e-13)
+    np.testing.assert_allclose(x.numpy(), np.linalg.solve(spd.numpy(), b.numpy()), atol=1e-10)
+    assert info.converged
+    y, info = gmres(lambda v: general @ v, b[:, 0], tol=1e-13, restart=10)
+    np.testing.assert_allclose(y.numpy(), np.linalg.solve(general.numpy(), b[:, 0].numpy()), atol=1e-10)
+    assert info.converged
+
+
+@pytest.mark.parametrize("head", ["qeq-cg", "functional", "scf"])
+def test_float32(head):
+    """The same weights in float32 give the float64 charges to float32 accuracy; Σq = Q."""
+    config = dict(HEAD_CONFIGS[head])
+    config.pop("tol", None)
+    config.pop("newton_tol", None)
+    model64 = tiny_model(config, seed=20)
+    model32 = copy.deepcopy(model64).to(torch.float32)
+    ref = evaluate(model64, water_cluster(1.0))
+    out = evaluate(model32, water_cluster(1.0))
+    assert out["charges"].dtype == torch.float32
+    assert float(out["charges"].sum()) == pytest.approx(1.0, abs=1e-5)
+    np.testing.assert_allclose(out["charges"].numpy(), ref["charges"].numpy(), atol=1e-4)
+    np.testing.assert_allclose(out["forces"].numpy(), ref["forces"].numpy(), atol=1e-3)
+    assert bool(out["converged"][0])

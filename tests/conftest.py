@@ -128,3 +128,22 @@ def cli_aiida_path(tmp_path_factory: pytest.TempPathFactory, emlip_cli) -> Path:
     proc = emlip_cli("setup", env={"AIIDA_PATH": str(path)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return path
+
+
+@pytest.fixture(scope="session")
+def train_code(pw_code):
+    """``emlip-train`` of this venv as an installed code on the test profile's localhost."""
+    from aiida.common.exceptions import NotExistent
+    from aiida.orm import InstalledCode, load_code
+
+    try:
+        return load_code("emlip-train@localhost")
+    except NotExistent:
+        exe = shutil.which("emlip-train", path=str(Path(sys.executable).parent))
+        return InstalledCode(
+            computer=pw_code.computer,
+            filepath_executable=exe,
+            label="emlip-train",
+            default_calc_job_plugin="emlip.train",
+            with_mpi=False,
+        ).store()

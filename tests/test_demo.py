@@ -50,10 +50,21 @@ def test_demo_h2o_pw(pw_code, pseudo_family) -> None:
 
 @pytest.mark.pw
 def test_demo_cli(cli_aiida_path: Path, emlip_cli) -> None:
-    """``aiida-emlip demo`` prints energy, forces and the workchain PK."""
-    proc = emlip_cli("demo", env={"AIIDA_PATH": str(cli_aiida_path)})
+    """``aiida-emlip demo --pw-only`` prints energy, forces and the workchain PK."""
+    proc = emlip_cli("demo", "--pw-only", env={"AIIDA_PATH": str(cli_aiida_path)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Total energy:" in proc.stdout and " eV" in proc.stdout
     assert "Forces (eV/Å):" in proc.stdout
     assert "Workchain PK:" in proc.stdout
     assert "exit status 0" in proc.stdout
+
+
+@pytest.mark.pw
+@pytest.mark.slow
+def test_demo_chain_cli(cli_aiida_path: Path, emlip_cli) -> None:
+    """``aiida-emlip demo`` (the README's main job): pw.x labels → dataset → two designs → errors."""
+    proc = emlip_cli("demo", "--epochs", "2", env={"AIIDA_PATH": str(cli_aiida_path)})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "15 configurations labelled by pw.x, total charges -1, +0, +1" in proc.stdout
+    assert "design 'sr'" in proc.stdout and "design 'charges'" in proc.stdout
+    assert "Energy RMSE on the test split" in proc.stdout

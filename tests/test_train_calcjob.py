@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,25 +18,6 @@ CONFIG = {
     "stages": [{"name": "main", "epochs": 2}],
     "checkpoint": {"every": 0},
 }
-
-
-@pytest.fixture(scope="module")
-def train_code(pw_code):
-    """``emlip-train`` of this venv as an installed code on the test profile's localhost."""
-    from aiida.common.exceptions import NotExistent
-    from aiida.orm import InstalledCode, load_code
-
-    try:
-        return load_code("emlip-train@localhost")
-    except NotExistent:
-        exe = shutil.which("emlip-train", path=str(Path(sys.executable).parent))
-        return InstalledCode(
-            computer=pw_code.computer,
-            filepath_executable=exe,
-            label="emlip-train",
-            default_calc_job_plugin="emlip.train",
-            with_mpi=False,
-        ).store()
 
 
 def _builder(train_code, config):

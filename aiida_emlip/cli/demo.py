@@ -1,9 +1,10 @@
-"""``aiida-emlip demo``: the project's main job, run end to end through AiiDA.
+"""``aiida-emlip demo``: the project's main job, run end to end through AiiDA (no broker needed).
 
-For now the job is one real :class:`~aiida_quantumespresso.workflows.pw.base.PwBaseWorkChain` on a small
-molecule in a periodic box (Γ point only, the family's recommended cutoffs), run with
-:func:`aiida.engine.run_get_node`, so no broker or daemon is needed. :func:`run_demo` is the whole job:
-later issues swap its body for the full DFT → dataset → model chain.
+The main job is the most complete chain built so far: real pw.x labels of molecules in several total
+charges (``emlip.dataset``) → two designs trained on them (``emlip.train``: ``sr`` and ``charges``) →
+their errors side by side (:class:`~aiida_emlip.workflows.training.EmlipTrainingWorkChain`).
+``--pw-only`` runs just one :class:`~aiida_quantumespresso.workflows.pw.base.PwBaseWorkChain` on a
+molecule (:func:`run_demo`), a quick check of the DFT set-up.
 """
 
 from __future__ import annotations
@@ -135,13 +136,61 @@ def run_demo(
     )
 
 
+def run_chain(pw_code: AbstractCode, family_label: str, epochs: int) -> Any:
+    """Run the DFT → dataset → models chain in the loaded profile; return the workchain node."""
+    from aiida.common.exceptions import NotExistent
+    from aiida.engine import run_get_node
+    from aiida.orm import load_code
+
+    from aiida_emlip.cli.setup import TRAIN_CODE_LABEL
+    from aiida_emlip.workflows.demo import training_builder
+
+    try:
+        train_code = load_code(f"{TRAIN_CODE_LABEL}@{COMPUTER_LABEL}")
+    except NotExistent as exc:
+        raise click.ClickException(
+            f"code {TRAIN_CODE_LABEL}@{COMPUTER_LABEL} missing: run `aiida-emlip setup`"
+        ) from exc
+    _, node = run_get_node(training_builder(pw_code, train_code, family_label, epochs=epochs))
+    return node
+
+
+def print_chain(node: Any) -> None:
+    """The dataset, the models and the test errors per design and total charge."""
+    name = f"{node.process_label}<{node.pk}>"
+    click.echo(f"{name}: exit status {node.exit_status}")
+    if "training_set" in node.outputs:
+        data = node.outputs.training_set
+        charges = ", ".join(f"{q:+g}" for q in data.total_charges)
+        click.echo(
+            f"Dataset<{data.pk}>: {len(data)} configurations labelled by pw.x, total charges {charges}"
+        )
+    for label, model in sorted(node.outputs.models.items()) if "models" in node.outputs else []:
+        click.echo(f"Model<{model.pk}>: design '{label}'")
+    if "comparison" in node.outputs:
+        table = node.outputs.comparison.get_dict()["test"]
+        groups = sorted({g for row in table.values() for g in row["energy"]}, key=lambda g: (g != "all", g))
+        click.echo("Energy RMSE on the test split (meV/atom):")
+        click.echo("  " + f"{'design':<10}" + "".join(f"{g:>18}" for g in groups))
+        for label, row in table.items():
+            cells = [row["energy"].get(g, {}).get("rmse") for g in groups]
+            text = "".join(f"{'-' if c is None else f'{1000 * c:.1f}':>18}" for c in cells)
+            click.echo(f"  {label:<10}{text}")
+    if not node.is_finished_ok:
+        raise click.ClickException(f"{name} failed: see `verdi process report {node.pk}`")
+
+
 @click.command("demo")
 @PROFILE_OPTION
-@click.option("--molecule", default=DEFAULT_MOLECULE, show_default=True, help="ASE g2 molecule name.")
-@click.option("--box", default=DEFAULT_BOX, show_default=True, type=float, help="Cubic box edge in Å.")
-@click.option("--ecutwfc", default=None, type=float, help="Wavefunction cutoff in Ry [default: family's].")
-def demo(profile_name: str | None, molecule: str, box: float, ecutwfc: float | None) -> None:
-    """Run the main job: a real pw.x PwBaseWorkChain on a molecule; print energy, forces and PK."""
+@click.option("--pw-only", is_flag=True, help="Run only one PwBaseWorkChain on a molecule (quick DFT check).")
+@click.option("--epochs", default=40, show_default=True, type=int, help="Training epochs of each design.")
+@click.option("--molecule", default=DEFAULT_MOLECULE, show_default=True, help="ASE g2 molecule (--pw-only).")
+@click.option("--box", default=DEFAULT_BOX, show_default=True, type=float, help="Box edge in Å (--pw-only).")
+@click.option("--ecutwfc", default=None, type=float, help="Cutoff in Ry (--pw-only) [default: family's].")
+def demo(
+    profile_name: str | None, pw_only: bool, epochs: int, molecule: str, box: float, ecutwfc: float | None
+) -> None:
+    """Run the main job: pw.x labels → dataset → trained designs → comparison (or --pw-only)."""
     target = target_or_exit(profile_name)
     try:
         load_or_create_profile(target, create=False)
@@ -159,6 +208,11 @@ def demo(profile_name: str | None, molecule: str, box: float, ecutwfc: float | N
     except NotExistent as exc:
         missing = f"code {CODE_LABEL}@{COMPUTER_LABEL} missing: run `aiida-emlip setup`"
         raise click.ClickException(missing) from exc
+    if not pw_only:
+        node = run_chain(code, FAMILY_LABEL, epochs)
+        print_chain(node)
+        click.echo(f"Inspect: AIIDA_PATH={target.config_dir} verdi -p {target.name} process status {node.pk}")
+        return
     try:
         result = run_demo(code, FAMILY_LABEL, molecule=molecule, box=box, ecutwfc=ecutwfc)
     except (UnknownElementError, ValueError) as exc:

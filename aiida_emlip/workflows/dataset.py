@@ -36,6 +36,11 @@ PW_CACHE_IDENTIFIER = "aiida.calculations:quantumespresso.pw"
 CARRIED_INFO = ("sampler", "seed", "sampler_params", schema.CONFIG_TYPE)
 
 
+#: pw.x ``assume_isolated`` schemes that give the energy of the molecule in open space: the dataset
+#: stores such configurations as non-periodic (``pbc = False``), as the models must then treat them.
+OPEN_BOUNDARY_SCHEMES = ("mt", "m-t", "martyna-tuckerman")
+
+
 class EmlipDatasetWorkChain(WorkChain):
     """Run pw.x on a list of configurations (or a sampler recipe) and return an ``emlip.dataset``."""
 
@@ -301,6 +306,8 @@ class EmlipDatasetWorkChain(WorkChain):
                         "is_metal": setup.is_metal,
                         "nspin": setup.nspin,
                         "n_electrons": setup.n_electrons,
+                        "isolated": str(setup.parameters["SYSTEM"].get("assume_isolated", "")).lower()
+                        in OPEN_BOUNDARY_SCHEMES,
                     },
                 }
         except ConfigurationError as error:

@@ -103,7 +103,7 @@ def assemble_dataset(settings: orm.Dict, **nodes: orm.Data) -> dict[str, orm.Dat
             continue
         source = nodes[f"structure_{key}"].get_ase()
         atoms = Atoms(source.get_chemical_symbols(), positions=source.positions, cell=source.cell)
-        atoms.pbc = source.pbc
+        atoms.pbc = False if meta.get("isolated") else source.pbc
         atoms.info[schema.TOTAL_CHARGE] = float(meta.get(schema.TOTAL_CHARGE, 0.0))
         if meta.get(schema.EXTERNAL_FIELD) is not None:
             atoms.info[schema.EXTERNAL_FIELD] = np.asarray(meta[schema.EXTERNAL_FIELD], dtype=float)

@@ -1,0 +1,153 @@
+"""``emlip.training``: DFT labels (or a given dataset) → one trained model per design → a comparison."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiida import orm
+from aiida.engine import ToContext, WorkChain, calcfunction, if_
+
+from aiida_emlip.calculations.train import EmlipTrainCalculation
+from aiida_emlip.data.dataset import EmlipDatasetData
+from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain
+
+
+def validate_designs(value: orm.Dict, _) -> str | None:
+    """Each design is ``{label: emlip-train config}``; labels must be usable as link labels."""
+    designs = value.get_dict()
+    if not designs:
+        return "designs: give at least one {label: config}"
+    for label, config in designs.items():
+        if not label.isidentifier():
+            return f"designs: label {label!r} must be a Python identifier (letters, digits, _)"
+        if not isinstance(config, dict) or "model" not in config:
+            return f"designs.{label}: an emlip-train config with a 'model' section is required"
+    return None
+
+
+def comparison_table(metrics: dict[str, dict[str, Any]], split: str = "test") -> dict[str, Any]:
+    """Energy and force errors of each design on ``split``, overall and per total-charge state."""
+    table: dict[str, Any] = {}
+    for label, values in metrics.items():
+        errors = values.get(split, {})
+        row = {}
+        for quantity in ("energy", "forces"):
+            groups = errors.get(quantity, {})
+            row[quantity] = {
+                group: {"rmse": stats.get("rmse"), "unit": stats.get("unit")}
+                for group, stats in groups.items()
+                if group == "all" or group.startswith("total_charge=")
+            }
+        table[label] = row
+    return table
+
+
+@calcfunction
+def compare_designs(**metrics: orm.Dict) -> orm.Dict:
+    """Test-split errors of every design side by side (a calcfunction, so it is in the provenance)."""
+    return orm.Dict({"test": comparison_table({k: v.get_dict() for k, v in metrics.items()}, "test")})
+
+
+class EmlipTrainingWorkChain(WorkChain):
+    """Label configurations with pw.x (``emlip.dataset``), train each design, compare their errors.
+
+    Give either ``dataset`` (the inputs of :class:`EmlipDatasetWorkChain`) or ``training_set`` (an
+    existing ``emlip.dataset``). Every design is one :class:`EmlipTrainCalculation` on the same data,
+    so the designs differ only in their configs. A failed design is reported; the others are kept.
+    """
+
+    @classmethod
+    def define(cls, spec) -> None:
+        super().define(spec)
+        spec.expose_inputs(
+            EmlipDatasetWorkChain,
+            namespace="dataset",
+            namespace_options={"required": False, "populate_defaults": False},
+        )
+        spec.input("training_set", valid_type=EmlipDatasetData, required=False)
+        spec.input("train_code", valid_type=orm.AbstractCode, help="the emlip-train code")
+        spec.input("designs", valid_type=orm.Dict, validator=validate_designs)
+        spec.input(
+            "train_options",
+            valid_type=orm.Dict,
+            required=False,
+            help="metadata.options of each training calculation (resources, queue, ...)",
+        )
+        spec.outline(
+            cls.setup,
+            if_(cls.needs_labels)(cls.run_dataset, cls.inspect_dataset),
+            cls.run_training,
+            cls.results,
+        )
+        spec.output("training_set", valid_type=EmlipDatasetData)
+        spec.output_namespace("models", valid_type=orm.Data, dynamic=True)
+        spec.output_namespace("metrics", valid_type=orm.Dict, dynamic=True)
+        spec.output("comparison", valid_type=orm.Dict, required=False)
+        spec.exit_code(201, "ERROR_INVALID_INPUTS", message="{message}")
+        spec.exit_code(301, "ERROR_DATASET_FAILED", message="the dataset workchain failed: {message}")
+        spec.exit_code(302, "ERROR_ALL_TRAININGS_FAILED", message="every design failed to train")
+        spec.exit_code(303, "ERROR_SOME_TRAININGS_FAILED", message="designs failed: {labels}")
+
+    def setup(self):
+        given = [name for name in ("dataset", "training_set") if self.inputs.get(name)]
+        if len(given) != 1:
+            return self.exit_codes.ERROR_INVALID_INPUTS.format(
+                message=f"give exactly one of dataset (inputs) or training_set, got {given or 'none'}"
+            )
+        if "training_set" in self.inputs:
+            self.ctx.training_set = self.inputs.training_set
+        return None
+
+    def needs_labels(self) -> bool:
+        return "training_set" not in self.ctx
+
+    def run_dataset(self):
+        inputs = self.exposed_inputs(EmlipDatasetWorkChain, namespace="dataset")
+        return ToContext(labels=self.submit(EmlipDatasetWorkChain, **inputs))
+
+    def inspect_dataset(self):
+        node = self.ctx.labels
+        if "dataset" not in node.outputs:
+            return self.exit_codes.ERROR_DATASET_FAILED.format(
+                message=f"{node.process_label}<{node.pk}> exit status {node.exit_status}"
+            )
+        self.ctx.training_set = node.outputs.dataset
+        self.report(
+            f"{len(node.outputs.dataset)} labelled configurations from {node.process_label}<{node.pk}>"
+        )
+        return None
+
+    def run_training(self):
+        options = self.inputs.train_options.get_dict() if "train_options" in self.inputs else {}
+        for label, config in self.inputs.designs.get_dict().items():
+            builder = EmlipTrainCalculation.get_builder()
+            builder.code = self.inputs.train_code
+            builder.dataset = self.ctx.training_set
+            builder.config = orm.Dict(config)
+            builder.metadata.options = {
+                "resources": {"num_machines": 1},
+                "max_wallclock_seconds": 3600,
+                **options,
+            }
+            builder.metadata.call_link_label = f"train_{label}"
+            self.to_context(**{f"train_{label}": self.submit(builder)})
+
+    def results(self):
+        self.out("training_set", self.ctx.training_set)
+        metrics, failed = {}, []
+        for label in self.inputs.designs.get_dict():
+            node = self.ctx[f"train_{label}"]
+            if not node.is_finished_ok:
+                failed.append(label)
+                self.report(f"design {label}: {node.process_label}<{node.pk}> exit status {node.exit_status}")
+                continue
+            self.out(f"models.{label}", node.outputs.model)
+            self.out(f"metrics.{label}", node.outputs.metrics)
+            metrics[label] = node.outputs.metrics
+        if metrics:
+            self.out("comparison", compare_designs(**metrics, metadata={"call_link_label": "compare"}))
+        if len(failed) == len(self.inputs.designs.get_dict()):
+            return self.exit_codes.ERROR_ALL_TRAININGS_FAILED
+        if failed:
+            return self.exit_codes.ERROR_SOME_TRAININGS_FAILED.format(labels=", ".join(failed))
+        return None

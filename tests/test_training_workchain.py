@@ -1,0 +1,44 @@
+"""End to end in AiiDA: real pw.x labels → ``emlip.dataset`` → two trained designs → comparison."""
+
+from __future__ import annotations
+
+import pytest
+
+from aiida_emlip.workflows.demo import demo_configurations, training_builder
+
+
+def test_demo_configurations_repeat_geometries_in_three_charge_states():
+    configs = demo_configurations(n_geometries=2)
+    assert len(configs) == 3 * (2 + 1)
+    by_geometry: dict[str, set[float]] = {}
+    for name, atoms, charge in configs:
+        by_geometry.setdefault(name.split("_")[0], set()).add(charge)
+        assert atoms.pbc.all() and atoms.cell.volume == pytest.approx(9.0**3)
+    assert all(charges == {-1.0, 0.0, 1.0} for charges in by_geometry.values())
+
+
+@pytest.mark.pw
+def test_dft_to_models(pw_code, pseudo_family, train_code):
+    from aiida.engine import run_get_node
+
+    from aiida_emlip.data.model import EmlipModelData
+
+    builder = training_builder(pw_code, train_code, pseudo_family.label, epochs=3, n_geometries=2)
+    results, node = run_get_node(builder)
+    assert node.is_finished_ok, node.exit_status
+    frames = results["training_set"].to_ase()
+    assert len(frames) == 9
+    # MT isolation: the labels are for molecules in open space, stored as non-periodic
+    assert not any(atoms.pbc.any() for atoms in frames)
+    energies = {a.info["key"]: a.info["energy"] for a in frames}
+    # adding an electron to neutral NaCl releases energy (positive electron affinity), removing one costs
+    assert energies["nacl0_qm1"] < energies["nacl0_q0"] < energies["nacl0_qp1"]
+    assert set(results["models"]) == {"sr", "charges"}
+    for label, model in results["models"].items():
+        assert isinstance(model, EmlipModelData) and model.head_name == label
+        assert (
+            model.base.links.get_incoming().first().node.inputs.dataset.uuid == results["training_set"].uuid
+        )
+    table = results["comparison"].get_dict()["test"]
+    assert set(table) == {"sr", "charges"}
+    assert table["sr"]["energy"]["all"]["rmse"] >= 0.0

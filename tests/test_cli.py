@@ -56,7 +56,7 @@ def test_demo_before_setup(tmp_path: Path, emlip_cli) -> None:
 
 def test_demo_unknown_element_lists_available(cli_aiida_path: Path, emlip_cli) -> None:
     """A molecule with an element outside the family (N in NH3) fails, listing available elements."""
-    proc = emlip_cli("demo", "--molecule", "NH3", env={"AIIDA_PATH": str(cli_aiida_path)})
+    proc = emlip_cli("demo", "--pw-only", "--molecule", "NH3", env={"AIIDA_PATH": str(cli_aiida_path)})
     assert proc.returncode != 0
     assert "N" in proc.stderr and "available" in proc.stderr
     assert "H, " in proc.stderr and "O" in proc.stderr
@@ -65,7 +65,9 @@ def test_demo_unknown_element_lists_available(cli_aiida_path: Path, emlip_cli) -
 
 def test_demo_unknown_molecule(cli_aiida_path: Path, emlip_cli) -> None:
     """An unknown molecule name is a clear error, not a traceback."""
-    proc = emlip_cli("demo", "--molecule", "NotAMolecule", env={"AIIDA_PATH": str(cli_aiida_path)})
+    proc = emlip_cli(
+        "demo", "--pw-only", "--molecule", "NotAMolecule", env={"AIIDA_PATH": str(cli_aiida_path)}
+    )
     assert proc.returncode != 0
     assert "unknown molecule" in proc.stderr
     assert "Traceback" not in proc.stderr

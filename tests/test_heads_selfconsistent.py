@@ -99,6 +99,8 @@ def test_qeq_dissociated_ion_pair_keeps_fractional_charges():
     (a = k_e/(σ√π)), which tends to a non-zero constant as R → ∞ instead of the neutral atoms.
     """
     model = tiny_model(HEAD_CONFIGS["qeq"], seed=3)
+    with torch.no_grad():  # Cl more electronegative than Na by 2 eV, as in any sensible fit
+        model.head.chi0[model.config.elements.index("Cl")] += 2.0
     sigma = model.electrostatics.config.sigma
     charges = []
     for distance in (10.0, 50.0, 200.0):

@@ -158,19 +158,22 @@ H2_ENERGY_RY = -2.33
 
 
 @needs_ld1
-def test_install_family(aiida_profile_clean, family_dir: Path, aiida_code_installed) -> None:
+def test_install_family(aiida_profile, family_dir: Path, aiida_code_installed) -> None:
+    """Install under a label of its own: the session's fixtures keep the default family and profile."""
     from aiida import orm
     from aiida.plugins import GroupFactory, WorkflowFactory
     from ase.build import bulk
 
     from aiida_emlip.pseudos.family import FAMILY_LABEL, check_elements, family_elements, install_family
 
-    family = install_family(family_dir)
+    assert FAMILY_LABEL == "emlip-ld1-pbe-v1"
+    label = "emlip-ld1-pbe-test-install"
+    family = install_family(family_dir, label=label)
     assert isinstance(family, GroupFactory("pseudo.family.cutoffs"))
-    assert family.label == FAMILY_LABEL == "emlip-ld1-pbe-v1"
+    assert family.label == label
     assert sorted(family.elements) == sorted(ELEMENTS)
-    assert install_family(family_dir).pk == family.pk  # idempotent
-    assert family_elements() == sorted(ELEMENTS)
+    assert install_family(family_dir, label=label).pk == family.pk  # idempotent
+    assert family_elements(label) == sorted(ELEMENTS)
     wfc, rho = family.get_recommended_cutoffs(elements=("Na", "Cl"), unit="Ry")
     assert (wfc, rho) == (
         max(recommended_cutoffs("Na")[0], recommended_cutoffs("Cl")[0]),
@@ -178,16 +181,16 @@ def test_install_family(aiida_profile_clean, family_dir: Path, aiida_code_instal
     )
     assert family.get_cutoffs_unit() == "Ry"
     assert family.get_default_stringency() == "normal"
-    check_elements(FAMILY_LABEL, ["Na", "Cl"])
+    check_elements(label, ["Na", "Cl"])
     with pytest.raises(UnknownElementError, match=r"Fe.*available elements: Al, C, Cl, Cu, F, H, Li"):
-        check_elements(FAMILY_LABEL, ["Na", "Fe"])
+        check_elements(label, ["Na", "Fe"])
 
     code = aiida_code_installed(
         default_calc_job_plugin="quantumespresso.pw", filepath_executable="/usr/bin/pw.x"
     )
     structure = orm.StructureData(ase=bulk("NaCl", "rocksalt", a=5.70))
     builder = WorkflowFactory("quantumespresso.pw.base").get_builder_from_protocol(
-        code, structure, protocol="fast", overrides={"pseudo_family": FAMILY_LABEL}
+        code, structure, protocol="fast", overrides={"pseudo_family": label}
     )
     parameters = builder.pw.parameters.get_dict()
     assert parameters["SYSTEM"]["ecutwfc"] == pytest.approx(wfc)

@@ -191,6 +191,14 @@ def demo(
     profile_name: str | None, pw_only: bool, epochs: int, molecule: str, box: float, ecutwfc: float | None
 ) -> None:
     """Run the main job: pw.x labels → dataset → trained designs → comparison (or --pw-only)."""
+    context = click.get_current_context()
+    given = [
+        f"--{name}"
+        for name in ("molecule", "box", "ecutwfc")
+        if context.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE
+    ]
+    if given and not pw_only:
+        raise click.UsageError(f"{', '.join(given)} only apply to --pw-only")
     target = target_or_exit(profile_name)
     try:
         load_or_create_profile(target, create=False)

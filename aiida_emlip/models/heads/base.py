@@ -129,6 +129,14 @@ def mlp(n_in: int, n_out: int, hidden: int) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(n_in, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, n_out))
 
 
+def element_table(values: dict[str, float], elements: list[str], what: str) -> torch.Tensor:
+    """A per-element tensor from ``{symbol: value}`` (missing ones 0); unknown symbols are an error."""
+    unknown = sorted(set(values) - set(elements))
+    if unknown:
+        raise ValueError(f"{what} given for elements {unknown} not in the model {elements}")
+    return torch.tensor([float(values.get(e, 0.0)) for e in elements])
+
+
 def scatter_sum(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
     """Sum ``values`` [N, ...] into ``size`` bins given by ``index`` [N]."""
     out = values.new_zeros((size, *values.shape[1:]))

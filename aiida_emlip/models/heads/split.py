@@ -14,6 +14,7 @@ from aiida_emlip.models.heads.base import (
     HeadOutput,
     correct_total_charge,
     coulomb_energy,
+    element_table,
     field_work,
     mlp,
     scatter_sum,
@@ -44,12 +45,7 @@ class SplitChargesHead(Head):
 
     def __init__(self, options: SplitOptions, elements, num_scalars, num_vectors) -> None:
         super().__init__(options, elements, num_scalars, num_vectors)
-        unknown = sorted(set(options.formal_charges) - set(elements))
-        if unknown:
-            raise ValueError(f"formal charges given for elements {unknown} not in the model {elements}")
-        self.register_buffer(
-            "formal", torch.tensor([float(options.formal_charges.get(e, 0.0)) for e in elements])
-        )
+        self.register_buffer("formal", element_table(options.formal_charges, elements, "formal charges"))
         self.transfer = mlp(2 * num_scalars + options.num_radial, 1, options.hidden)
         if options.dipoles:
             if num_vectors == 0:

@@ -30,6 +30,7 @@ FORCES = "forces"
 STRESS = "stress"
 CHARGES = "ref_charges"
 ATOMIC_DIPOLES = "ref_dipoles"
+LOWDIN_CHARGES = "lowdin_charges"
 DIPOLE = "dipole"
 TOTAL_CHARGE = "total_charge"
 TOTAL_SPIN = "total_spin"
@@ -47,6 +48,7 @@ LABELS: dict[str, Label] = {
         Label(STRESS, "structure", (3, 3), "eV/Å^3", "stress, (1/V)∂E/∂ε, ASE sign (QE's negated)"),
         Label(CHARGES, "atom", (), "e", "reference atomic charges (l = 0 multipoles)"),
         Label(ATOMIC_DIPOLES, "atom", (3,), "e·Å", "reference atomic dipoles (l = 1 multipoles)"),
+        Label(LOWDIN_CHARGES, "atom", (), "e", "Löwdin charges Z_val − Löwdin population (projwfc.x)"),
         Label(DIPOLE, "structure", (3,), "e·Å", "total dipole of ions + electrons"),
         Label(TOTAL_CHARGE, "structure", (), "e", "total charge Q (QE tot_charge)"),
         Label(TOTAL_SPIN, "structure", (), "μB", "total magnetisation, N_up - N_down"),

@@ -34,6 +34,7 @@ METADATA_KEYS = frozenset(
         "fermi_level_cell_average",
         "vacuum_level_top",
         "vacuum_level_bottom",
+        "lowdin_spilling",
     }
 )
 

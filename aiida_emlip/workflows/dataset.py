@@ -23,12 +23,15 @@ from aiida_emlip.data.dataset import dft_settings_digest
 from . import protocol as protocols
 from .functions import assemble_dataset, sample_configurations, split_configurations
 from .hirshfeld import PP_DENSITY_PARAMETERS, hirshfeld_multipoles
+from .lowdin import STDOUT as PROJWFC_STDOUT
+from .lowdin import lowdin_charges, parse_lowdin
 from .pw_inputs import ConfigurationError, build_pw_setup
 from .samplers import SAMPLERS
 from .vacuum_level import PP_PARAMETERS, vacuum_level
 
 PwBaseWorkChain = WorkflowFactory("quantumespresso.pw.base")
 PpCalculation = CalculationFactory("quantumespresso.pp")
+ProjwfcCalculation = CalculationFactory("quantumespresso.projwfc")
 
 #: Identifier for AiiDA caching of the DFT steps.
 PW_CACHE_IDENTIFIER = "aiida.calculations:quantumespresso.pw"
@@ -91,6 +94,12 @@ class EmlipDatasetWorkChain(WorkChain):
             required=False,
             help="pp.x: needed for postprocess.vacuum_level and postprocess.hirshfeld.",
         )
+        spec.input(
+            "projwfc_code",
+            valid_type=orm.AbstractCode,
+            required=False,
+            help="projwfc.x: needed for postprocess.lowdin.",
+        )
         spec.outline(
             cls.setup,
             if_(cls.has_sampler)(cls.run_sampler),
@@ -98,6 +107,7 @@ class EmlipDatasetWorkChain(WorkChain):
             while_(cls.has_pending)(cls.submit_batch, cls.inspect_batch),
             if_(cls.should_run_vacuum_level)(cls.run_vacuum_level, cls.inspect_vacuum_level),
             if_(cls.should_run_hirshfeld)(cls.run_hirshfeld, cls.inspect_hirshfeld),
+            if_(cls.should_run_lowdin)(cls.run_lowdin, cls.inspect_lowdin),
             cls.results,
         )
         spec.output(
@@ -191,6 +201,10 @@ class EmlipDatasetWorkChain(WorkChain):
         if wanted and "pp_code" not in self.inputs:
             return self.exit_codes.ERROR_MISSING_POSTPROCESS_CODE.format(
                 message=f"postprocess {wanted} needs pp_code"
+            )
+        if self.ctx.inputs["postprocess"].get("lowdin") and "projwfc_code" not in self.inputs:
+            return self.exit_codes.ERROR_MISSING_POSTPROCESS_CODE.format(
+                message="postprocess ['lowdin'] needs projwfc_code"
             )
         self.ctx.finished = {}
         self.ctx.failures = {}
@@ -345,7 +359,8 @@ class EmlipDatasetWorkChain(WorkChain):
             builder.pw.metadata.options = dict(inputs["options"])
             builder.kpoints = kpoints
             builder.max_iterations = orm.Int(int(inputs["max_iterations"]))
-            builder.clean_workdir = orm.Bool(bool(inputs["clean_workdir"]))
+            # post-processing reads the pw.x folders: then they are cleaned in on_terminated instead
+            builder.clean_workdir = orm.Bool(bool(inputs["clean_workdir"]) and not self._reads_pw_folders())
             builder.metadata.call_link_label = f"pw_{key}"
             futures[f"pw_{key}"] = self.submit(builder)
         self.ctx.batch = batch
@@ -392,6 +407,27 @@ class EmlipDatasetWorkChain(WorkChain):
             self.report(f"configuration {key} failed: exit status {node.exit_status} ({node.exit_message})")
         self.ctx.batch = []
         self._progress(running=0)
+
+    def _reads_pw_folders(self) -> bool:
+        """Whether a post-processing step needs the pw.x remote folders."""
+        return any(self.ctx.inputs["postprocess"].get(k) for k in ("vacuum_level", "hirshfeld", "lowdin"))
+
+    def on_terminated(self) -> None:
+        """Clean the remote folders of all calculations if clean_workdir was deferred for post-processing."""
+        super().on_terminated()
+        inputs = self.ctx.get("inputs")
+        if not inputs or not inputs["clean_workdir"] or not self._reads_pw_folders():
+            return
+        cleaned = []
+        for node in self.node.called_descendants:
+            if isinstance(node, orm.CalcJobNode) and "remote_folder" in node.outputs:
+                try:
+                    node.outputs.remote_folder._clean()
+                    cleaned.append(str(node.pk))
+                except (OSError, ValueError):
+                    pass
+        if cleaned:
+            self.report(f"cleaned remote folders of calculations {', '.join(cleaned)}")
 
     def should_run_vacuum_level(self) -> bool:
         """Whether slab vacuum levels are wanted and some slab finished."""
@@ -487,6 +523,69 @@ class EmlipDatasetWorkChain(WorkChain):
             )
             self.ctx.finished[key]["hirshfeld"] = multipoles.uuid
 
+    def should_run_lowdin(self) -> bool:
+        """Whether Löwdin charges are wanted (and something finished)."""
+        return bool(self.ctx.inputs["postprocess"].get("lowdin")) and bool(self.ctx.finished)
+
+    def run_lowdin(self):
+        """projwfc.x on the pw.x output folder of every finished configuration."""
+        futures = {}
+        options = {
+            **self.ctx.inputs["options"],
+            "withmpi": False,
+            "resources": {"num_machines": 1, "num_mpiprocs_per_machine": 1},
+        }
+        for key in self.ctx.finished:
+            builder = ProjwfcCalculation.get_builder()
+            builder.code = self.inputs.projwfc_code
+            builder.parent_folder = orm.load_node(self.ctx.finished[key]["remote_folder"])
+            builder.metadata.options = options
+            builder.metadata.call_link_label = f"projwfc_{key}"
+            futures[f"projwfc_{key}"] = self.submit(builder)
+        self.report(f"projwfc.x Löwdin populations for {len(futures)} configuration(s)")
+        return ToContext(**futures)
+
+    def inspect_lowdin(self):
+        """Read the Löwdin block of each retrieved stdout (calcfunction) whatever the parser's verdict.
+
+        aiida-quantumespresso's ProjwfcParser does not read Löwdin charges and may fail on runs that it
+        cannot parse (e.g. Γ-only); the charges only need the retrieved stdout.
+        """
+        for key in self.ctx.finished:
+            calc = self.ctx[f"projwfc_{key}"]
+            retrieved = calc.outputs.retrieved if "retrieved" in calc.outputs else None
+            error = None
+            if retrieved is None or PROJWFC_STDOUT not in retrieved.base.repository.list_object_names():
+                error = "no retrieved stdout"
+            else:
+                try:
+                    parse_lowdin(retrieved.base.repository.get_object_content(PROJWFC_STDOUT))
+                except ValueError as exc:
+                    error = str(exc)
+            if error is not None:
+                self.ctx.postprocess_failures[f"{key}:lowdin"] = {
+                    "step": "lowdin",
+                    "pk": calc.pk,
+                    "exit_status": calc.exit_status,
+                    "exit_message": calc.exit_message or error,
+                }
+                self.report(f"configuration {key}: projwfc.x failed ({calc.exit_status}, {error}); no lowdin")
+                continue
+            if not calc.is_finished_ok:
+                self.report(
+                    f"configuration {key}: ProjwfcParser exit status {calc.exit_status}; "
+                    "Löwdin charges read from the stdout"
+                )
+            structure = orm.load_node(self.ctx.configs[key]["structure"])
+            z_valence = {
+                el: float(self.ctx.family.get_pseudo(element=el).z_valence)
+                for el in sorted(structure.get_symbols_set())
+            }
+            charges = lowdin_charges(
+                retrieved=retrieved, structure=structure, settings=orm.Dict({"z_valence": z_valence})
+            )
+            self.ctx.finished[key]["lowdin"] = charges.uuid
+
     def _dft_settings(self) -> dict[str, Any]:
         inputs = {k: v for k, v in self.ctx.inputs.items() if k not in ("options",)}
         family = self.ctx.family
@@ -515,6 +614,8 @@ class EmlipDatasetWorkChain(WorkChain):
                 nodes[f"vacuum_{key}"] = orm.load_node(uuids["vacuum"])
             if "hirshfeld" in uuids:
                 nodes[f"hirshfeld_{key}"] = orm.load_node(uuids["hirshfeld"])
+            if "lowdin" in uuids:
+                nodes[f"lowdin_{key}"] = orm.load_node(uuids["lowdin"])
         dft = self._dft_settings()
         dft["digest"] = dft_settings_digest(dft)
         settings = {

@@ -94,7 +94,8 @@ def assemble_dataset(settings: orm.Dict, **nodes: orm.Data) -> dict[str, orm.Dat
 
     ``settings`` holds ``dft_settings``, ``configurations`` (key -> per-configuration metadata, in
     order) and ``failures`` (key -> exit status/message). ``nodes`` are ``structure_<key>``,
-    ``parameters_<key>``, ``trajectory_<key>`` and ``retrieved_<key>`` for every finished key.
+    ``parameters_<key>``, ``trajectory_<key>`` and ``retrieved_<key>`` for every finished key, and
+    ``hirshfeld_<key>``, ``lowdin_<key>``, ``vacuum_<key>`` where post-processing succeeded.
     """
     data = settings.get_dict()
     frames = []
@@ -119,6 +120,11 @@ def assemble_dataset(settings: orm.Dict, **nodes: orm.Data) -> dict[str, orm.Dat
         if multipoles is not None:
             atoms.arrays[schema.CHARGES] = np.asarray(multipoles.get_array("charges"), dtype=float)
             atoms.arrays[schema.ATOMIC_DIPOLES] = np.asarray(multipoles.get_array("dipoles"), dtype=float)
+        lowdin = nodes.get(f"lowdin_{key}")
+        if lowdin is not None:
+            atoms.arrays[schema.LOWDIN_CHARGES] = np.asarray(lowdin.get_array("charges"), dtype=float)
+            if lowdin.base.attributes.get("spilling", None) is not None:
+                atoms.info["lowdin_spilling"] = float(lowdin.base.attributes.get("spilling"))
         vacuum = nodes.get(f"vacuum_{key}")
         if vacuum is not None and schema.FERMI_LEVEL in atoms.info:
             raw = atoms.info[schema.FERMI_LEVEL]

@@ -183,7 +183,7 @@ def print_chain(node: Any) -> None:
 @click.command("demo")
 @PROFILE_OPTION
 @click.option("--pw-only", is_flag=True, help="Run only one PwBaseWorkChain on a molecule (quick DFT check).")
-@click.option("--epochs", default=40, show_default=True, type=int, help="Training epochs of each design.")
+@click.option("--epochs", default=150, show_default=True, type=int, help="Training epochs of each design.")
 @click.option("--molecule", default=DEFAULT_MOLECULE, show_default=True, help="ASE g2 molecule (--pw-only).")
 @click.option("--box", default=DEFAULT_BOX, show_default=True, type=float, help="Box edge in Å (--pw-only).")
 @click.option("--ecutwfc", default=None, type=float, help="Cutoff in Ry (--pw-only) [default: family's].")

@@ -429,6 +429,31 @@ class EmlipDatasetWorkChain(WorkChain):
         if cleaned:
             self.report(f"cleaned remote folders of calculations {', '.join(cleaned)}")
 
+    def _run_on_pw_folders(self, process, code, prefix: str, keys, parameters=None, **options):
+        """Submit ``process`` with ``code`` on the pw.x remote folder of each of ``keys``, serially."""
+        futures = {}
+        options = {**self.ctx.inputs["options"], "withmpi": False, **options}
+        for key in keys:
+            builder = process.get_builder()
+            builder.code = code
+            builder.parent_folder = orm.load_node(self.ctx.finished[key]["remote_folder"])
+            if parameters is not None:
+                builder.parameters = orm.Dict(parameters)
+            builder.metadata.options = options
+            builder.metadata.call_link_label = f"{prefix}_{key}"
+            futures[f"{prefix}_{key}"] = self.submit(builder)
+        return futures
+
+    def _postprocess_failed(self, key: str, step: str, calc, message: str) -> None:
+        """Record a failed post-processing step in the report; the configuration's labels stay."""
+        self.ctx.postprocess_failures[f"{key}:{step}"] = {
+            "step": step,
+            "pk": calc.pk,
+            "exit_status": calc.exit_status,
+            "exit_message": calc.exit_message or message,
+        }
+        self.report(f"configuration {key}: {message}")
+
     def should_run_vacuum_level(self) -> bool:
         """Whether slab vacuum levels are wanted and some slab finished."""
         if not self.ctx.inputs["postprocess"].get("vacuum_level"):
@@ -437,18 +462,8 @@ class EmlipDatasetWorkChain(WorkChain):
 
     def run_vacuum_level(self):
         """pp.x: the electrostatic potential (V_bare + V_H, plot_num 11) of every finished slab."""
-        futures = {}
-        options = {**self.ctx.inputs["options"], "withmpi": False}
-        for key in self.ctx.finished:
-            if not self.ctx.configs[key]["meta"].get("slab"):
-                continue
-            builder = PpCalculation.get_builder()
-            builder.code = self.inputs.pp_code
-            builder.parent_folder = orm.load_node(self.ctx.finished[key]["remote_folder"])
-            builder.parameters = orm.Dict(PP_PARAMETERS)
-            builder.metadata.options = options
-            builder.metadata.call_link_label = f"pp_{key}"
-            futures[f"pp_{key}"] = self.submit(builder)
+        slabs = [key for key in self.ctx.finished if self.ctx.configs[key]["meta"].get("slab")]
+        futures = self._run_on_pw_folders(PpCalculation, self.inputs.pp_code, "pp", slabs, PP_PARAMETERS)
         self.report(f"pp.x vacuum level for {len(futures)} slab(s)")
         return ToContext(**futures)
 
@@ -459,15 +474,8 @@ class EmlipDatasetWorkChain(WorkChain):
                 continue
             calc = self.ctx[f"pp_{key}"]
             if not calc.is_finished_ok or "output_data" not in calc.outputs:
-                self.ctx.postprocess_failures[key] = {
-                    "step": "vacuum_level",
-                    "pk": calc.pk,
-                    "exit_status": calc.exit_status,
-                    "exit_message": calc.exit_message,
-                }
-                self.report(
-                    f"configuration {key}: pp.x failed ({calc.exit_status}); Fermi level stays cell_average"
-                )
+                message = f"pp.x failed ({calc.exit_status}); Fermi level stays cell_average"
+                self._postprocess_failed(key, "vacuum_level", calc, message)
                 continue
             system = self.ctx.configs[key]["parameters"]["SYSTEM"]
             settings = {
@@ -484,16 +492,9 @@ class EmlipDatasetWorkChain(WorkChain):
 
     def run_hirshfeld(self):
         """pp.x: the valence electron density (plot_num 0) of every finished configuration."""
-        futures = {}
-        options = {**self.ctx.inputs["options"], "withmpi": False}
-        for key in self.ctx.finished:
-            builder = PpCalculation.get_builder()
-            builder.code = self.inputs.pp_code
-            builder.parent_folder = orm.load_node(self.ctx.finished[key]["remote_folder"])
-            builder.parameters = orm.Dict(PP_DENSITY_PARAMETERS)
-            builder.metadata.options = options
-            builder.metadata.call_link_label = f"density_{key}"
-            futures[f"density_{key}"] = self.submit(builder)
+        futures = self._run_on_pw_folders(
+            PpCalculation, self.inputs.pp_code, "density", list(self.ctx.finished), PP_DENSITY_PARAMETERS
+        )
         self.report(f"pp.x densities for {len(futures)} configuration(s)")
         return ToContext(**futures)
 
@@ -502,13 +503,8 @@ class EmlipDatasetWorkChain(WorkChain):
         for key in self.ctx.finished:
             calc = self.ctx[f"density_{key}"]
             if not calc.is_finished_ok or "output_data" not in calc.outputs:
-                self.ctx.postprocess_failures[f"{key}:hirshfeld"] = {
-                    "step": "hirshfeld",
-                    "pk": calc.pk,
-                    "exit_status": calc.exit_status,
-                    "exit_message": calc.exit_message,
-                }
-                self.report(f"configuration {key}: pp.x density failed ({calc.exit_status}); no ref_charges")
+                message = f"pp.x density failed ({calc.exit_status}); no ref_charges"
+                self._postprocess_failed(key, "hirshfeld", calc, message)
                 continue
             config = self.ctx.configs[key]
             structure = orm.load_node(config["structure"])
@@ -529,19 +525,13 @@ class EmlipDatasetWorkChain(WorkChain):
 
     def run_lowdin(self):
         """projwfc.x on the pw.x output folder of every finished configuration."""
-        futures = {}
-        options = {
-            **self.ctx.inputs["options"],
-            "withmpi": False,
-            "resources": {"num_machines": 1, "num_mpiprocs_per_machine": 1},
-        }
-        for key in self.ctx.finished:
-            builder = ProjwfcCalculation.get_builder()
-            builder.code = self.inputs.projwfc_code
-            builder.parent_folder = orm.load_node(self.ctx.finished[key]["remote_folder"])
-            builder.metadata.options = options
-            builder.metadata.call_link_label = f"projwfc_{key}"
-            futures[f"projwfc_{key}"] = self.submit(builder)
+        futures = self._run_on_pw_folders(
+            ProjwfcCalculation,
+            self.inputs.projwfc_code,
+            "projwfc",
+            list(self.ctx.finished),
+            resources={"num_machines": 1, "num_mpiprocs_per_machine": 1},
+        )
         self.report(f"projwfc.x Löwdin populations for {len(futures)} configuration(s)")
         return ToContext(**futures)
 
@@ -563,13 +553,8 @@ class EmlipDatasetWorkChain(WorkChain):
                 except ValueError as exc:
                     error = str(exc)
             if error is not None:
-                self.ctx.postprocess_failures[f"{key}:lowdin"] = {
-                    "step": "lowdin",
-                    "pk": calc.pk,
-                    "exit_status": calc.exit_status,
-                    "exit_message": calc.exit_message or error,
-                }
-                self.report(f"configuration {key}: projwfc.x failed ({calc.exit_status}, {error}); no lowdin")
+                message = f"projwfc.x failed ({calc.exit_status}, {error}); no lowdin"
+                self._postprocess_failed(key, "lowdin", calc, message)
                 continue
             if not calc.is_finished_ok:
                 self.report(

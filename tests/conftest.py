@@ -139,7 +139,9 @@ def train_code(pw_code):
     try:
         return load_code("emlip-train@localhost")
     except NotExistent:
-        exe = shutil.which("emlip-train", path=str(Path(sys.executable).parent))
+        from aiida_emlip.cli.setup import train_executable
+
+        exe = str(train_executable())
         return InstalledCode(
             computer=pw_code.computer,
             filepath_executable=exe,

@@ -38,6 +38,7 @@ FERMI_LEVEL = "fermi_level"
 FERMI_REFERENCE = "fermi_reference"
 EXTERNAL_FIELD = "external_field"
 POLARIZABILITY = "polarizability"
+BORN_CHARGES = "born_charges"
 CONFIG_TYPE = "config_type"
 
 LABELS: dict[str, Label] = {
@@ -56,12 +57,15 @@ LABELS: dict[str, Label] = {
         Label(FERMI_REFERENCE, "structure", (), "-", "what fermi_level is measured from"),
         Label(EXTERNAL_FIELD, "structure", (3,), "V/Å", "homogeneous applied field E (force qE)"),
         Label(POLARIZABILITY, "structure", (3, 3), "e·Å^2/V", "dipole response ∂d/∂E"),
+        Label(
+            BORN_CHARGES, "atom", (3, 3), "e", "Born effective charges Z*[i, α, β] = ∂F_iβ/∂E_α = ∂d_α/∂r_iβ"
+        ),
         Label(CONFIG_TYPE, "structure", (), "-", "free-text tag used to group errors"),
     )
 }
 
-#: Allowed values of :data:`FERMI_REFERENCE`.
-FERMI_REFERENCES = ("cell_average", "vacuum", "vbm_aligned")
+#: Allowed values of :data:`FERMI_REFERENCE`; ``model`` marks a model's μ, on the scale of its training data.
+FERMI_REFERENCES = ("cell_average", "vacuum", "vbm_aligned", "model")
 
 #: Coulomb constant e^2/(4 π ε0) in eV·Å/e^2.
 COULOMB_CONSTANT = 14.399645

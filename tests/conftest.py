@@ -130,22 +130,62 @@ def cli_aiida_path(tmp_path_factory: pytest.TempPathFactory, emlip_cli) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def train_code(pw_code):
-    """``emlip-train`` of this venv as an installed code on the test profile's localhost."""
+def _installed_code(computer, label: str, executable: str, plugin: str):
+    """``label@localhost`` of the test profile, created once (no mpirun)."""
     from aiida.common.exceptions import NotExistent
     from aiida.orm import InstalledCode, load_code
 
     try:
-        return load_code("emlip-train@localhost")
+        return load_code(f"{label}@{computer.label}")
     except NotExistent:
-        from aiida_emlip.cli.setup import train_executable
-
-        exe = str(train_executable())
         return InstalledCode(
-            computer=pw_code.computer,
-            filepath_executable=exe,
-            label="emlip-train",
-            default_calc_job_plugin="emlip.train",
+            computer=computer,
+            filepath_executable=executable,
+            label=label,
+            default_calc_job_plugin=plugin,
             with_mpi=False,
         ).store()
+
+
+def _qe_code(pw_code, label: str):
+    from aiida_emlip.cli.setup import QE_POSTPROCESSING
+
+    program, plugin = QE_POSTPROCESSING[label]
+    return _installed_code(pw_code.computer, label, shutil.which(program) or f"/usr/bin/{program}", plugin)
+
+
+def _emlip_code(pw_code, label: str):
+    from aiida_emlip.cli.setup import EMLIP_PROGRAMS, emlip_executable
+
+    program, plugin = EMLIP_PROGRAMS[label]
+    return _installed_code(pw_code.computer, label, str(emlip_executable(program)), plugin)
+
+
+@pytest.fixture(scope="session")
+def pp_code(pw_code):
+    """The real pp.x as ``pp@localhost``."""
+    return _qe_code(pw_code, "pp")
+
+
+@pytest.fixture(scope="session")
+def projwfc_code(pw_code):
+    """The real projwfc.x as ``projwfc@localhost``."""
+    return _qe_code(pw_code, "projwfc")
+
+
+@pytest.fixture(scope="session")
+def ph_code(pw_code):
+    """The real ph.x as ``ph@localhost``."""
+    return _qe_code(pw_code, "ph")
+
+
+@pytest.fixture(scope="session")
+def train_code(pw_code):
+    """``emlip-train`` of this venv as an installed code on the test profile's localhost."""
+    return _emlip_code(pw_code, "emlip-train")
+
+
+@pytest.fixture(scope="session")
+def eval_code(pw_code):
+    """``emlip-eval`` of this venv as an installed code on the test profile's localhost."""
+    return _emlip_code(pw_code, "emlip-eval")

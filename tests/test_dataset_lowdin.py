@@ -68,26 +68,6 @@ def test_parse_lowdin_rejects_missing_block():
         parse_lowdin("Lowdin Charges:\n     Atom #   2: total charge =   0.5943, s =  0.5943,\n")
 
 
-@pytest.fixture(scope="module")
-def projwfc_code(pw_code):
-    """The real projwfc.x as ``projwfc@localhost`` (no mpirun)."""
-    import shutil
-
-    from aiida.common.exceptions import NotExistent
-    from aiida.orm import InstalledCode, load_code
-
-    try:
-        return load_code("projwfc@localhost")
-    except NotExistent:
-        return InstalledCode(
-            computer=pw_code.computer,
-            filepath_executable=shutil.which("projwfc.x") or "/usr/bin/projwfc.x",
-            label="projwfc",
-            default_calc_job_plugin="quantumespresso.projwfc",
-            with_mpi=False,
-        ).store()
-
-
 @pytest.mark.pw
 def test_lowdin_needs_projwfc_code(pw_code, pseudo_family):
     from aiida import orm

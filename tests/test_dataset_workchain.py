@@ -140,26 +140,6 @@ def test_caching_reuses_pw_results(labelled, pw_code, pseudo_family):
     assert frame.info[schema.ENERGY] == pytest.approx(first.info[schema.ENERGY])
 
 
-@pytest.fixture(scope="module")
-def pp_code(pw_code):
-    """The real pp.x as ``pp@localhost`` (no mpirun)."""
-    import shutil
-
-    from aiida.common.exceptions import NotExistent
-    from aiida.orm import InstalledCode, load_code
-
-    try:
-        return load_code("pp@localhost")
-    except NotExistent:
-        return InstalledCode(
-            computer=pw_code.computer,
-            filepath_executable=shutil.which("pp.x") or "/usr/bin/pp.x",
-            label="pp",
-            default_calc_job_plugin="quantumespresso.pp",
-            with_mpi=False,
-        ).store()
-
-
 def test_slab_fermi_level_relative_to_vacuum(pw_code, pp_code, pseudo_family):
     """pp.x potential → planar average → vacuum level; the slab's μ is then measured from the vacuum."""
     from aiida import orm

@@ -54,10 +54,11 @@ def test_setup_creates_then_reuses(cli_aiida_path: Path, emlip_cli) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     items = [line.split()[0] for line in lines]
-    assert items == ["profile", "computer", "code", "code", "pseudos"], proc.stdout
+    assert items == ["profile", "computer", *["code"] * 6, "pseudos"], proc.stdout
     assert all(line.endswith(": reused") for line in lines), proc.stdout
     assert "pw@localhost" in proc.stdout and "withmpi=False" in proc.stdout
-    assert "emlip-train@localhost" in proc.stdout
+    for code in ("pp", "projwfc", "ph", "emlip-train", "emlip-eval"):
+        assert f"{code}@localhost" in proc.stdout, code
     assert _tree(cli_aiida_path / "pseudos") == before
     assert elapsed < 30, f"second setup took {elapsed:.1f} s"
 

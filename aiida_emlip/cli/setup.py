@@ -29,6 +29,18 @@ if TYPE_CHECKING:
     from aiida.orm import Computer, Group, InstalledCode
 
 TRAIN_CODE_LABEL = "emlip-train"
+EVAL_CODE_LABEL = "emlip-eval"
+#: Quantum ESPRESSO programs set up beside pw.x: label -> (executable, calculation plugin).
+QE_POSTPROCESSING = {
+    "pp": ("pp.x", "quantumespresso.pp"),
+    "projwfc": ("projwfc.x", "quantumespresso.projwfc"),
+    "ph": ("ph.x", "quantumespresso.ph"),
+}
+#: The project's own programs: label -> (console script, calculation plugin).
+EMLIP_PROGRAMS = {
+    TRAIN_CODE_LABEL: ("emlip-train", "emlip.train"),
+    EVAL_CODE_LABEL: ("emlip-eval", "emlip.evaluate"),
+}
 CREATED = "created"
 REUSED = "reused"
 
@@ -107,12 +119,17 @@ def ensure_code(
     return code, status
 
 
+def emlip_executable(name: str) -> Path:
+    """Console script ``name`` (``emlip-train``, ``emlip-eval``) beside the running Python."""
+    exe = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    if exe is None:
+        raise click.ClickException(f"{name} is not installed: run 'pip install -e .' in the project")
+    return Path(exe)
+
+
 def train_executable() -> Path:
     """``emlip-train`` installed beside the running Python (the environment aiida-emlip runs in)."""
-    exe = shutil.which("emlip-train", path=str(Path(sys.executable).parent)) or shutil.which("emlip-train")
-    if exe is None:
-        raise click.ClickException("emlip-train is not installed: run 'pip install -e .' in the project")
-    return Path(exe)
+    return emlip_executable("emlip-train")
 
 
 def family_exists(label: str) -> bool:
@@ -171,14 +188,29 @@ def setup(pw: Path | None, profile_name: str | None, mpi: bool) -> None:
     code, status = ensure_code(computer, pw_path, mpi=mpi)
     report("code", f"{code.full_label} -> {code.get_executable()} (withmpi={code.with_mpi})", status)
 
-    train, status = ensure_code(
-        computer,
-        train_executable(),
-        label=TRAIN_CODE_LABEL,
-        plugin="emlip.train",
-        description="emlip-train of this environment (created by aiida-emlip setup)",
-    )
-    report("code", f"{train.full_label} -> {train.get_executable()}", status)
+    for label, (program, plugin) in QE_POSTPROCESSING.items():
+        exe = find_executable(program, hint=pw_path)
+        if exe is None:
+            report("code", f"{label}@{computer.label}", f"skipped ({program} not found)")
+            continue
+        qe, status = ensure_code(
+            computer,
+            exe,
+            label=label,
+            plugin=plugin,
+            description=f"Quantum ESPRESSO {program} (created by aiida-emlip setup)",
+        )
+        report("code", f"{qe.full_label} -> {qe.get_executable()}", status)
+
+    for label, (program, plugin) in EMLIP_PROGRAMS.items():
+        own, status = ensure_code(
+            computer,
+            emlip_executable(program),
+            label=label,
+            plugin=plugin,
+            description=f"{program} of this environment (created by aiida-emlip setup)",
+        )
+        report("code", f"{own.full_label} -> {own.get_executable()}", status)
 
     if family_exists(FAMILY_LABEL):
         ld1: Path | None = None

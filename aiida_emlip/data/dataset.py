@@ -35,6 +35,16 @@ METADATA_KEYS = frozenset(
         "vacuum_level_top",
         "vacuum_level_bottom",
         "lowdin_spilling",
+        # model predictions (emlip-eval / emlip.evaluate)
+        "model_sha256",
+        "eval_mode",
+        "scf_converged",
+        "scf_iterations",
+        "relax_converged",
+        "relax_steps",
+        "md_step",
+        "time_fs",
+        "temperature",
     }
 )
 

@@ -80,7 +80,10 @@ def frames_to_text(frames: Iterable[Atoms]) -> str:
             copy.info[schema.STRESS] = np.asarray(copy.info[schema.STRESS], dtype=float).reshape(3, 3)
         copy.info = {k: copy.info[k] for k in _canonical_order(copy.info)}
         arrays = {k: copy.arrays[k] for k in ("numbers", "positions")}
-        arrays.update({k: copy.arrays[k] for k in _canonical_order(set(copy.arrays) - set(arrays))})
+        for key in _canonical_order(set(copy.arrays) - set(arrays)):
+            # extxyz holds per-atom rows only: tensors per atom (e.g. Born charges) are flattened
+            value = copy.arrays[key]
+            arrays[key] = value.reshape(len(copy), -1) if value.ndim > 2 else value
         copy.arrays = arrays
         prepared.append(copy)
     write(handle, prepared, format="extxyz", write_results=False)
@@ -101,5 +104,9 @@ def text_to_frames(text: str) -> list[Atoms]:
                 atoms.info[key] = np.asarray(value, dtype=float).reshape(label.shape)
             elif isinstance(value, np.generic):
                 atoms.info[key] = value.item()
+        for key, value in list(atoms.arrays.items()):
+            label = schema.LABELS.get(key)
+            if label is not None and label.scope == "atom" and len(label.shape) > 1:
+                atoms.arrays[key] = np.asarray(value, dtype=float).reshape(len(atoms), *label.shape)
         out.append(atoms)
     return out

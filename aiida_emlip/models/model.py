@@ -98,7 +98,12 @@ class EmlipModel(torch.nn.Module):
         create_graph = self.training if create_graph is None else create_graph
         graph = graph.to(self.device, self.dtype)
         with torch.enable_grad():
-            positions = graph.positions.detach().requires_grad_(compute_forces)
+            # positions that already carry a graph (response properties: Born charges ∂d/∂r) stay connected
+            positions = (
+                graph.positions
+                if graph.positions.requires_grad
+                else graph.positions.detach().requires_grad_(compute_forces)
+            )
             strain = torch.zeros_like(graph.cell).requires_grad_(compute_stress)
             sym = 0.5 * (strain + strain.transpose(1, 2))
             eye = torch.eye(3, dtype=self.dtype, device=self.device)

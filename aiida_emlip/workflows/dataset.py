@@ -44,7 +44,7 @@ CARRIED_INFO = ("sampler", "seed", "sampler_params", schema.CONFIG_TYPE)
 OPEN_BOUNDARY_SCHEMES = ("mt", "m-t", "martyna-tuckerman")
 
 
-class EmlipDatasetWorkChain(WorkChain):
+class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WorkChain):
     """Run pw.x on a list of configurations (or a sampler recipe) and return an ``emlip.dataset``."""
 
     @classmethod
@@ -158,7 +158,7 @@ class EmlipDatasetWorkChain(WorkChain):
         ``configurations`` is a dataset node or a mapping name -> ``StructureData`` (then
         ``structure_settings`` may give per-structure total_charge, total_spin, external_field, ...).
         """
-        protocols.get_protocol_inputs(protocol, overrides)  # fail early
+        cls.get_protocol_inputs(protocol, overrides)  # fail early
         builder = cls.get_builder()
         builder.code = code
         builder.pseudo_family = orm.Str(pseudo_family)
@@ -179,7 +179,7 @@ class EmlipDatasetWorkChain(WorkChain):
         """Merge the protocol and overrides; check the configuration sources and the family."""
         overrides = self.inputs.overrides.get_dict() if "overrides" in self.inputs else {}
         try:
-            self.ctx.inputs = protocols.get_protocol_inputs(self.inputs.protocol.value, overrides)
+            self.ctx.inputs = self.get_protocol_inputs(self.inputs.protocol.value, overrides)
         except protocols.ProtocolError as error:
             return self.exit_codes.ERROR_UNKNOWN_PROTOCOL.format(message=str(error))
         except protocols.OverrideError as error:

@@ -1,4 +1,9 @@
-"""Load the dataset protocols and merge overrides strictly (no AiiDA import)."""
+"""Protocols of the workchains (YAML in ``protocols/``), merged with overrides strictly.
+
+The functions take the protocol file (default: the dataset workchain's). :class:`EmlipProtocolMixin`
+is aiida-quantumespresso's ``ProtocolMixin`` (``get_default_protocol``, ``get_available_protocols``,
+``get_protocol_inputs``) over them, with aliases and strict override keys.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from aiida_quantumespresso.workflows.protocols.utils import ProtocolMixin
 
-PROTOCOL_FILE = Path(__file__).resolve().parent / "protocols" / "dataset.yaml"
+PROTOCOL_DIR = Path(__file__).resolve().parent / "protocols"
+PROTOCOL_FILE = PROTOCOL_DIR / "dataset.yaml"
 
 #: Maps whose keys are free (pw.x namelists, CalcJob options); every other key must exist in the defaults.
 FREE_MAPS = frozenset({"parameters", "options"})
@@ -26,29 +33,29 @@ class OverrideError(ValueError):
 
 
 @cache
-def _load() -> dict[str, Any]:
-    with PROTOCOL_FILE.open() as handle:
+def _load(path: Path = PROTOCOL_FILE) -> dict[str, Any]:
+    with Path(path).open() as handle:
         return yaml.safe_load(handle)
 
 
-def protocol_names() -> list[str]:
+def protocol_names(path: Path = PROTOCOL_FILE) -> list[str]:
     """Return the protocol names and their aliases."""
-    data = _load()
+    data = _load(path)
     return sorted([*data["protocols"], *data.get("aliases", {})])
 
 
-def default_protocol() -> str:
+def default_protocol(path: Path = PROTOCOL_FILE) -> str:
     """Return the default protocol name."""
-    return str(_load()["default_protocol"])
+    return str(_load(path)["default_protocol"])
 
 
-def resolve_name(name: str | None) -> str:
+def resolve_name(name: str | None, path: Path = PROTOCOL_FILE) -> str:
     """Return the canonical protocol of ``name`` (aliases resolved); :class:`ProtocolError` if unknown."""
-    data = _load()
+    data = _load(path)
     name = name or data["default_protocol"]
     name = data.get("aliases", {}).get(name, name)
     if name not in data["protocols"]:
-        raise ProtocolError(f"unknown protocol {name!r}; choose from {', '.join(protocol_names())}")
+        raise ProtocolError(f"unknown protocol {name!r}; choose from {', '.join(protocol_names(path))}")
     return name
 
 
@@ -80,16 +87,47 @@ def _merge(base: dict[str, Any], update: dict[str, Any], path: str, strict: bool
     return out
 
 
-def get_protocol_inputs(name: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def get_protocol_inputs(
+    name: str | None = None, overrides: dict[str, Any] | None = None, path: Path = PROTOCOL_FILE
+) -> dict[str, Any]:
     """Return ``default_inputs`` ← protocol ``name`` ← ``overrides``; ``protocol`` holds the canonical name.
 
     :raises ProtocolError: unknown protocol.
     :raises OverrideError: an override key that the defaults do not have (outside the free maps).
     """
-    data = _load()
-    canonical = resolve_name(name)
+    data = _load(path)
+    canonical = resolve_name(name, path)
     protocol = {k: v for k, v in data["protocols"][canonical].items() if k != "description"}
     inputs = _merge(data["default_inputs"], protocol, "", strict=True)
     inputs = _merge(inputs, dict(overrides or {}), "", strict=True)
     inputs["protocol"] = canonical
     return inputs
+
+
+class EmlipProtocolMixin(ProtocolMixin):
+    """aiida-quantumespresso's ``ProtocolMixin`` interface over a file in ``protocols/``.
+
+    Subclasses set ``protocol_file`` (a file name in ``protocols/``). Unlike the upstream mixin, aliases
+    (``moderate``, ``precise``) resolve and unknown override keys are errors (:class:`OverrideError`).
+    """
+
+    protocol_file: str = "dataset.yaml"
+
+    @classmethod
+    def get_protocol_filepath(cls) -> Path:
+        return PROTOCOL_DIR / cls.protocol_file
+
+    @classmethod
+    def get_default_protocol(cls) -> str:
+        return default_protocol(cls.get_protocol_filepath())
+
+    @classmethod
+    def get_available_protocols(cls) -> dict[str, dict[str, str]]:
+        data = _load(cls.get_protocol_filepath())
+        return {name: {"description": values["description"]} for name, values in data["protocols"].items()}
+
+    @classmethod
+    def get_protocol_inputs(
+        cls, protocol: str | None = None, overrides: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        return get_protocol_inputs(protocol, overrides, cls.get_protocol_filepath())

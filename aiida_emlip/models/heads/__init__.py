@@ -1,9 +1,18 @@
 """Electrostatic heads, one small class per design point; importing registers them by name."""
 
 from aiida_emlip.models.heads import charges, fixed, functional, latent, qeq, scf, split, sr
-from aiida_emlip.models.heads.base import HEADS, Head, HeadInput, HeadOutput, build_head
+from aiida_emlip.models.heads.base import (
+    CAPABILITIES,
+    HEADS,
+    Head,
+    HeadInput,
+    HeadOutput,
+    build_head,
+    head_capabilities,
+)
 
 __all__ = [
+    "CAPABILITIES",
     "HEADS",
     "Head",
     "HeadInput",
@@ -12,6 +21,7 @@ __all__ = [
     "charges",
     "fixed",
     "functional",
+    "head_capabilities",
     "latent",
     "qeq",
     "scf",

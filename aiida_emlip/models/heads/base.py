@@ -13,6 +13,12 @@ from aiida_emlip.models.graph import Graph
 
 HEADS: dict[str, type[Head]] = {}
 
+#: What a head can predict besides energy, forces and stress. ``charges``: atomic charges (and with
+#: them a total dipole and Born charges ∂d/∂r); ``atomic_dipoles``: l = 1 multipoles;
+#: ``fermi_level``: μ = −∂E/∂Q; ``polarizability``: the density responds to an applied field
+#: (electronic polarisability ∂d/∂E at clamped ions, ε∞).
+CAPABILITIES = ("charges", "atomic_dipoles", "fermi_level", "polarizability")
+
 
 class ChargeConstraintError(ValueError):
     """A structure's requested total charge cannot be met by a head."""
@@ -99,6 +105,11 @@ class Head(torch.nn.Module):
         """Whether the head reads l = 1 features of the backbone's last layer (dipole readouts)."""
         return False
 
+    @classmethod
+    def capabilities(cls, options: HeadOptions) -> frozenset[str]:
+        """What the head predicts besides energy, forces and stress (see :data:`CAPABILITIES`)."""
+        return frozenset()
+
     def forward(self, inp: HeadInput) -> HeadOutput:  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -111,6 +122,12 @@ def head_class(config: dict[str, Any]) -> tuple[type[Head], HeadOptions]:
         raise ValueError(f"unknown head {name!r}; available heads: {', '.join(sorted(HEADS))}")
     cls = HEADS[name]
     return cls, cls.Options.from_dict(config)
+
+
+def head_capabilities(config: dict[str, Any]) -> frozenset[str]:
+    """Capabilities (:data:`CAPABILITIES`) of the head described by ``config`` (name and options)."""
+    cls, options = head_class(config)
+    return cls.capabilities(options)
 
 
 def build_head(config: dict[str, Any], elements: list[str], num_scalars: int, num_vectors: int) -> Head:

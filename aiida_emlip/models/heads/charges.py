@@ -57,6 +57,10 @@ class LocalChargesHead(Head):
     def needs_vectors(cls, options: ChargesOptions) -> bool:
         return options.dipoles
 
+    @classmethod
+    def capabilities(cls, options: ChargesOptions) -> frozenset[str]:
+        return frozenset({"charges", "atomic_dipoles"} if options.dipoles else {"charges"})
+
     def forward(self, inp: HeadInput) -> HeadOutput:
         out = self.readout(inp.features.scalars)
         charges = out[:, 0]

@@ -36,6 +36,10 @@ class FixedChargeHead(Head):
     Options = FixedOptions
     charge_control = "formal"
 
+    @classmethod
+    def capabilities(cls, options: FixedOptions) -> frozenset[str]:
+        return frozenset({"charges"})
+
     def __init__(self, options: FixedOptions, elements, num_scalars, num_vectors) -> None:
         super().__init__(options, elements, num_scalars, num_vectors)
         self.register_buffer("formal", element_table(options.formal_charges, elements, "formal charges"))

@@ -35,6 +35,10 @@ class LatentChargesHead(Head):
     Options = LatentOptions
     charge_control = "none"
 
+    @classmethod
+    def capabilities(cls, options: LatentOptions) -> frozenset[str]:
+        return frozenset({"charges"})
+
     def __init__(self, options: LatentOptions, elements, num_scalars, num_vectors) -> None:
         super().__init__(options, elements, num_scalars, num_vectors)
         self.readout = mlp(num_scalars, 1, options.hidden)

@@ -80,6 +80,10 @@ class EquilibrationHead(Head):
 
     charge_control = "exact"
 
+    @classmethod
+    def capabilities(cls, options: QEqOptions) -> frozenset[str]:
+        return frozenset({"charges", "fermi_level", "polarizability"})
+
     def __init__(self, options: QEqOptions, elements, num_scalars, num_vectors) -> None:
         super().__init__(options, elements, num_scalars, num_vectors)
         self.readout = mlp(num_scalars, self.num_local_outputs, options.hidden)

@@ -138,6 +138,10 @@ class SelfConsistentHead(Head):
     name = "scf"
     Options = SCFOptions
 
+    @classmethod
+    def capabilities(cls, options: SCFOptions) -> frozenset[str]:
+        return frozenset({"charges", "fermi_level", "polarizability"})
+
     def __init__(self, options: SCFOptions, elements, num_scalars, num_vectors) -> None:
         super().__init__(options, elements, num_scalars, num_vectors)
         self.charge_control = "exact" if options.ensemble == "constant_q" else "none"

@@ -76,6 +76,10 @@ class SplitChargesHead(Head):
     def needs_vectors(cls, options: SplitOptions) -> bool:
         return options.dipoles
 
+    @classmethod
+    def capabilities(cls, options: SplitOptions) -> frozenset[str]:
+        return frozenset({"charges", "atomic_dipoles"} if options.dipoles else {"charges"})
+
     def forward(self, inp: HeadInput) -> HeadOutput:
         graph = inp.graph
         base = correct_total_charge(self.formal.to(inp.positions.dtype)[inp.species], inp)

@@ -8,6 +8,7 @@ calcfunctions for provenance.
 
 from .bulk import rattle, strain
 from .defects import alpha_quartz, quartz_oxygen_vacancy, vacancy_supercells
+from .fragments import fragment_pair_scan
 from .geometry import cell_volume, min_interatomic_distance, slab_axis, vacuum_axes, vacuum_gaps
 from .interfaces import fcc_slab, ion_slab_scan, metal_water_interface
 from .md import md_snapshots
@@ -16,6 +17,7 @@ __all__ = (
     "alpha_quartz",
     "cell_volume",
     "fcc_slab",
+    "fragment_pair_scan",
     "ion_slab_scan",
     "md_snapshots",
     "metal_water_interface",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -37,6 +38,12 @@ LABEL_OF = {
     "polarizability": schema.POLARIZABILITY,
 }
 SCF_MODES = ("converge", "direct", "unrolled", "implicit")
+#: Loss weights of the multipole labels switched on by ``multipoles: auto`` when the training data carry
+#: them and the head predicts them (and the loss does not name them): charges in e, dipoles in e·Å.
+AUTO_MULTIPOLE_WEIGHTS = {"charges": 10.0, "atomic_dipoles": 10.0}
+#: Orders of the three l = 1 columns a ``data.keys`` mapping may read: Cartesian, or e3nn's real
+#: spherical-harmonic order (y, z, x) used by FHI-aims multipole exports and the MACE ecosystem.
+VECTOR_ORDERS = {"xyz": (0, 1, 2), "yzx": (2, 0, 1), "e3nn": (2, 0, 1)}
 ENERGY_UNITS = {"eV": 1.0, "meV": 1e-3, "Ry": schema.RYDBERG_IN_EV, "Ha": schema.HARTREE_IN_EV}
 LENGTH_UNITS = {"Å": 1.0, "A": 1.0, "Angstrom": 1.0, "bohr": schema.BOHR_IN_A}
 
@@ -52,8 +59,10 @@ class DataConfig:
     test_fraction: float = 0.1
     batch_size: int = 4
     valid_batch_size: int = 16
-    #: Schema key -> key in the file (e.g. ``energy: REF_energy``). Unlisted keys map to themselves.
-    keys: dict[str, str] = field(default_factory=dict)
+    #: Schema key -> key in the file (e.g. ``energy: REF_energy``), or a column mapping of a per-atom
+    #: array ``{key: REF_multipoles, columns: [1, 2, 3], order: yzx}`` (see :func:`check_key_mapping`).
+    #: Unlisted keys map to themselves.
+    keys: dict[str, Any] = field(default_factory=dict)
     #: Units of the file's energies and lengths; converted to eV and Å on reading.
     energy_unit: str = "eV"
     length_unit: str = "Å"
@@ -129,6 +138,9 @@ class TrainConfig:
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
     progress: str = "auto"  # auto | bar | log
     num_threads: int | None = None
+    #: ``auto``: train on the data's reference charges/dipoles (weights AUTO_MULTIPOLE_WEIGHTS) when the
+    #: head predicts them and the loss does not name them; ``off``: only what the loss names.
+    multipoles: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -148,6 +160,10 @@ class TrainConfig:
             raise ConfigError(
                 f"data.keys: unknown schema key(s) {unknown_keys}; known: {sorted(schema.LABELS)}"
             )
+        for key, value in self.data.keys.items():
+            check_key_mapping(key, value)
+        if self.multipoles not in ("auto", "off"):
+            raise ConfigError(f"multipoles must be 'auto' or 'off', got {self.multipoles!r}")
         if self.data.energy_unit not in ENERGY_UNITS:
             raise ConfigError(
                 f"data.energy_unit must be one of {sorted(ENERGY_UNITS)}, got {self.data.energy_unit!r}"
@@ -197,6 +213,39 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def check_key_mapping(key: str, value: Any) -> None:
+    """A ``data.keys`` entry: a file key, or ``{key, columns, order}`` reading columns of a per-atom array.
+
+    ``columns`` is one index (a per-atom scalar such as a charge) or three (an l = 1 vector); ``order``
+    (three columns only) says which Cartesian component each column holds: ``xyz`` or e3nn's ``yzx``.
+    """
+    where = f"data.keys.{key}"
+    if isinstance(value, str):
+        return
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a file key or a mapping {{key, columns, order}}, got {value!r}")
+    unknown = sorted(set(value) - {"key", "columns", "order"})
+    if unknown or not isinstance(value.get("key"), str):
+        raise ConfigError(f"{where}: a column mapping needs 'key' (and 'columns', 'order'); got {value!r}")
+    label = schema.label(key)
+    if label.scope != "atom":
+        raise ConfigError(f"{where}: column mappings read per-atom arrays; {key!r} is per structure")
+    columns = value.get("columns")
+    columns = [columns] if isinstance(columns, int) and not isinstance(columns, bool) else columns
+    width = math.prod(label.shape) if label.shape else 1
+    if not (
+        isinstance(columns, list)
+        and len(columns) == width
+        and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in columns)
+    ):
+        raise ConfigError(f"{where}.columns must list {width} non-negative column index(es), got {columns!r}")
+    order = value.get("order", "xyz")
+    if width == 3 and order not in VECTOR_ORDERS:
+        raise ConfigError(f"{where}.order must be one of {sorted(VECTOR_ORDERS)}, got {order!r}")
+    if width != 3 and "order" in value:
+        raise ConfigError(f"{where}.order applies to three-column (l = 1) mappings only")
 
 
 def _check_weights(weights: dict[str, float], where: str) -> None:

@@ -15,7 +15,7 @@ from ase.data import chemical_symbols
 
 from aiida_emlip import schema
 from aiida_emlip.models.graph import Graph, build_graph
-from aiida_emlip.training.config import ENERGY_UNITS, LENGTH_UNITS, DataConfig
+from aiida_emlip.training.config import ENERGY_UNITS, LENGTH_UNITS, VECTOR_ORDERS, DataConfig
 from aiida_emlip.training.errors import DataError, NonFiniteError
 
 #: Labels a structure may carry (schema keys), in the order they are stored.
@@ -51,6 +51,33 @@ def _raw_value(atoms: Atoms, key: str) -> np.ndarray | None:
             value = np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
         return value
     return None
+
+
+def _mapped_value(atoms: Atoms, key: str, keys: dict) -> np.ndarray | None:
+    """The label ``key`` under its configured file key, or columns of a per-atom array (``data.keys``)."""
+    spec = keys.get(key, key)
+    if isinstance(spec, str):
+        return _raw_value(atoms, spec)
+    raw = _raw_value(atoms, spec["key"])
+    if raw is None:
+        return None
+    columns = spec["columns"] if isinstance(spec["columns"], list) else [spec["columns"]]
+    table = raw.reshape(len(atoms), -1)
+    if max(columns) >= table.shape[1]:
+        raise DataError(
+            f"data.keys.{key}: column {max(columns)} requested, "
+            f"but {spec['key']!r} has {table.shape[1]} column(s)"
+        )
+    picked = table[:, columns]
+    if len(columns) == 3:
+        picked = picked[:, list(VECTOR_ORDERS[spec.get("order", "xyz")])]
+    return picked
+
+
+def file_key(key: str, keys: dict) -> str:
+    """How ``key`` is looked up in the file, for messages."""
+    spec = keys.get(key, key)
+    return spec if isinstance(spec, str) else f"{spec['key']}[{spec['columns']}]"
 
 
 def read_structures(path: str | Path) -> list[Atoms]:
@@ -92,7 +119,7 @@ def to_sample(atoms: Atoms, index: int, config: DataConfig, where: str) -> Sampl
         raise NonFiniteError(f"{name}: non-finite atomic positions")
     labels: dict[str, np.ndarray] = {}
     for key in (*STRUCTURE_LABELS, *ATOM_LABELS):
-        value = _raw_value(atoms, config.keys.get(key, key))
+        value = _mapped_value(atoms, key, config.keys)
         if value is None:
             continue
         expected = schema.label(key).shape
@@ -110,9 +137,9 @@ def to_sample(atoms: Atoms, index: int, config: DataConfig, where: str) -> Sampl
         labels[key] = value * scale[key]
     info = {}
     for key in CONDITIONS:
-        file_key = config.keys.get(key, key)
-        if file_key in atoms.info:
-            info[key] = atoms.info[file_key]
+        name_in_file = config.keys.get(key, key)
+        if name_in_file in atoms.info:
+            info[key] = _condition(atoms.info[name_in_file], key, name)
     if schema.FERMI_LEVEL in info:
         info[schema.FERMI_LEVEL] = float(info[schema.FERMI_LEVEL]) * e_unit
     config_type = str(atoms.info.get(config.keys.get(schema.CONFIG_TYPE, schema.CONFIG_TYPE), "default"))
@@ -121,6 +148,20 @@ def to_sample(atoms: Atoms, index: int, config: DataConfig, where: str) -> Sampl
     charge = float(info.get(schema.TOTAL_CHARGE, 0.0))
     _check_plausible(labels, config, name)
     return Sample(clean, labels, config_type, charge, index)
+
+
+def _condition(value: object, key: str, name: str) -> float | np.ndarray:
+    """A model input from ``atoms.info`` (total charge, spin, Fermi level: numbers; field: 3-vector)."""
+    shape = schema.label(key).shape
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise DataError(f"{name}: {key} must be numeric, got {value!r}") from None
+    if array.size != max(1, math.prod(shape)):
+        raise DataError(f"{name}: {key} must have shape {shape or 'scalar'}, got {array.shape}")
+    if not np.isfinite(array).all():
+        raise NonFiniteError(f"{name}: {key} is not finite ({value!r})")
+    return array.reshape(shape) if shape else float(array)
 
 
 def _with_calc(atoms: Atoms) -> Atoms:
@@ -149,10 +190,9 @@ def load_samples(path: str | Path, config: DataConfig, required: Sequence[str] =
     for key in required:
         missing = [s.index for s in samples if key not in s.labels]
         if missing:
-            file_key = config.keys.get(key, key)
             raise DataError(
                 f"{path}: {len(missing)} structure(s) (first: {missing[0]}) lack the label {key!r} "
-                f"(looked for key {file_key!r} in atoms.info/arrays; map names with data.keys)"
+                f"(looked for {file_key(key, config.keys)!r} in atoms.info/arrays; map names with data.keys)"
             )
     return samples
 

@@ -16,10 +16,11 @@ import torch
 import yaml
 
 from aiida_emlip import schema
+from aiida_emlip.models.heads import head_capabilities
 from aiida_emlip.models.io import ModelFileError, resolve_device, save_model
 from aiida_emlip.models.model import DTYPES, EmlipModel, ModelConfig
 from aiida_emlip.training import distributed
-from aiida_emlip.training.config import LABEL_OF, LOSS_QUANTITIES, TrainConfig
+from aiida_emlip.training.config import AUTO_MULTIPOLE_WEIGHTS, LABEL_OF, LOSS_QUANTITIES, TrainConfig
 from aiida_emlip.training.data import (
     Sample,
     attach_graphs,
@@ -118,12 +119,6 @@ class Trainer:
                     f"(file key {data.keys.get(key, key)!r}); add the label, map it with data.keys, "
                     f"or set its weight to 0"
                 )
-        direct = [s.name for s in cfg.stages if s.scf_mode == "direct" and s.epochs > 0]
-        if direct and not any(schema.CHARGES in s.labels for s in self.train):
-            raise DataError(
-                f"stage(s) {direct} train in 'direct' mode, which needs per-atom reference charges "
-                f"({schema.CHARGES!r}) in the data"
-            )
 
     def _build_model(self) -> None:
         cfg = self.config
@@ -155,6 +150,49 @@ class Trainer:
         for samples in (self.train, self.valid, self.test):
             attach_graphs(samples, self.model.cutoff)
         self.model.to(self.device)
+        self._resolve_multipoles()
+        self._check_stage_labels()
+
+    def _resolve_multipoles(self) -> None:
+        """``multipoles: auto``: supervise the head's charges/dipoles on the data's DFT multipoles."""
+        cfg = self.config
+        self.auto_weights: dict[str, float] = {}
+        head = self.model.head
+        if cfg.multipoles == "off" or not head.learns_multipoles:
+            return
+        capabilities = head_capabilities(self.model.config.head)
+        named = set(cfg.loss) | {q for stage in cfg.stages for q in stage.weights}
+        for quantity, weight in AUTO_MULTIPOLE_WEIGHTS.items():
+            if quantity in named or quantity not in capabilities:
+                continue
+            if any(LABEL_OF[quantity] in s.labels for s in self.train):
+                self.auto_weights[quantity] = weight
+
+    def _check_stage_labels(self) -> None:
+        """Labels that a stage's SCF training mode needs, checked before the first epoch (and --check)."""
+        direct = [s.name for s in self.config.stages if s.scf_mode == "direct" and s.epochs > 0]
+        if not direct:
+            return
+        missing = [s.index for s in self.train if schema.CHARGES not in s.labels]
+        if missing:
+            raise DataError(
+                f"stage(s) {direct} train in 'direct' mode, which needs per-atom reference charges "
+                f"({schema.CHARGES!r}) in every training structure; {len(missing)} lack them "
+                f"(first: structure {missing[0]})"
+            )
+        head = self.model.config.head
+        if head.get("ensemble") == "constant_mu" and head.get("fermi_level") is None:
+            without = [s.index for s in self.train if schema.FERMI_LEVEL not in s.atoms.info]
+            if without:
+                raise DataError(
+                    f"stage(s) {direct}: 'direct' training of a constant-μ head needs the Fermi level of "
+                    f"every training structure; {len(without)} lack '{schema.FERMI_LEVEL}' "
+                    f"(first: structure {without[0]}); or set the head option fermi_level"
+                )
+
+    def weights(self, stage: int) -> dict[str, float]:
+        """Loss weights of ``stage``: the config's, plus the automatic multipole weights."""
+        return {**self.config.weights_at_stage(stage), **self.auto_weights}
 
     def _build_optimizer(self) -> None:
         cfg = self.config
@@ -257,6 +295,11 @@ class Trainer:
             f"{len(self.valid)} valid, {len(self.test)} test structures; "
             f"elements {self.model.config.elements}"
         )
+        if self.auto_weights:
+            self.progress.log(
+                "multipole supervision (multipoles: auto): "
+                + ", ".join(f"{q} weight {w:g}" for q, w in self.auto_weights.items())
+            )
         while pos.stage < len(cfg.stages):
             stage = cfg.stages[pos.stage]
             if not pos.stage_started:
@@ -273,8 +316,8 @@ class Trainer:
                 pos.epoch_in_stage = 0
                 pos.stage_started = False
                 continue
-            self._epoch(stage.scf_mode, cfg.weights_at_stage(pos.stage))
-            stop_early = self._end_epoch(stage.scf_mode, cfg.weights_at_stage(pos.stage))
+            self._epoch(stage.scf_mode, self.weights(pos.stage))
+            stop_early = self._end_epoch(stage.scf_mode, self.weights(pos.stage))
             pos.epoch += 1
             pos.epoch_in_stage = stage.epochs if stop_early else pos.epoch_in_stage + 1
             pos.step, pos.train_sum, pos.train_count = 0, 0.0, 0
@@ -463,6 +506,11 @@ class Trainer:
             "valid": valid_table.summary(),
             "test": test_table.summary(),
             "scf": {"test_convergence": scf, "drift": drift},
+            "loss_weights": {
+                stage.name: {q: w for q, w in self.weights(i).items() if w > 0}
+                for i, stage in enumerate(cfg.stages)
+            },
+            "auto_multipole_weights": self.auto_weights,
             "history": self.pos.history,
         }
         if self.world.is_main:

@@ -30,6 +30,7 @@ SAMPLERS: dict[str, tuple[Callable[..., list[Atoms]], bool]] = {
     "quartz_oxygen_vacancy": (structures.quartz_oxygen_vacancy, False),
     "metal_water_interface": (_interface, False),
     "ion_slab_scan": (structures.ion_slab_scan, True),
+    "fragment_pair_scan": (structures.fragment_pair_scan, False),
     "md": (_md, True),
 }
 

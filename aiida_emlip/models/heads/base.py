@@ -87,6 +87,10 @@ class Head(torch.nn.Module):
     name: ClassVar[str]
     Options: ClassVar[type[HeadOptions]] = HeadOptions
     charge_control: ClassVar[str] = "none"
+    #: Whether the head's charges (and dipoles) are meant to match DFT multipoles, so that training
+    #: supervises them when the data carry them (``multipoles: auto``); False for latent variables and
+    #: for fixed formal charges.
+    learns_multipoles: ClassVar[bool] = True
 
     def __init__(self, options: HeadOptions, elements: list[str], num_scalars: int, num_vectors: int) -> None:
         super().__init__()

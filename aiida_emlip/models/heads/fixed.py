@@ -35,6 +35,7 @@ class FixedChargeHead(Head):
     name = "fixed"
     Options = FixedOptions
     charge_control = "formal"
+    learns_multipoles = False
 
     @classmethod
     def capabilities(cls, options: FixedOptions) -> frozenset[str]:

@@ -34,6 +34,7 @@ class LatentChargesHead(Head):
     name = "latent"
     Options = LatentOptions
     charge_control = "none"
+    learns_multipoles = False
 
     @classmethod
     def capabilities(cls, options: LatentOptions) -> frozenset[str]:

@@ -359,17 +359,46 @@ class SelfConsistentHead(Head):
         return q, mu, ok if not differentiable else history[-1] < tol, history
 
     def _direct(self, inp, s: _Structure, loc, v_app, targets, b):
-        """One differentiable update at the reference charges and Fermi level (training mode)."""
+        """One differentiable update at the reference charges and Fermi level (training mode).
+
+        At constant Q the Fermi level may be unknown (no label): μ is then the one that makes the
+        update conserve Q, found by Newton steps on Σ F(q_ref, μ) = Q (exact in one step for the
+        linear update).
+        """
         if inp.reference_charges is None:
             raise ValueError("scf_mode='direct' needs reference_charges (and fermi_level in the data)")
         q_ref = inp.reference_charges[s.atoms].to(loc["p_loc"].dtype)
-        mu = self._require_mu(targets, b, "scf_mode='direct'")
+        constant_q = self.options.ensemble == "constant_q"
+        if constant_q and not bool(torch.isfinite(targets[b])):
+            mu = self._mu_from_constraint(inp, s, loc, q_ref)
+        else:
+            mu = self._require_mu(targets, b, "scf_mode='direct'")
         value, slopes, scales = self._map(
             inp, s, loc, q_ref, mu, inp.positions[s.atoms], inp.cell[s.b], v_app, True
         )
-        if self.options.ensemble == "constant_q":
+        if constant_q:
             value = self._constrain(s, value, slopes, scales)[0]
         return value, mu
+
+    def _mu_from_constraint(
+        self, inp, s: _Structure, loc, q_ref: torch.Tensor, steps: int = 3
+    ) -> torch.Tensor:
+        """μ with Σ_i F_i(q_ref, μ) = Q (detached Newton iterations from μ = 0)."""
+        detached = {k: v.detach() for k, v in loc.items()}
+        mu = q_ref.new_zeros(())
+        with torch.no_grad():
+            for _ in range(steps):
+                value, slopes, scales = self._map(
+                    inp, s, detached, q_ref.detach(), mu, s.positions, s.cell, s.v_app, False
+                )
+                error = s.total - value.sum()
+                dqdmu = (slopes / scales).sum()
+                if not bool(torch.isfinite(error)) or float(dqdmu.abs()) < 1e-12:
+                    break
+                mu = mu + error / dqdmu
+                if float(error.abs()) < 1e-10:
+                    break
+        return mu
 
     def _implicit(self, inp, s: _Structure, loc, v_app, q_star, mu_star, value: bool):
         """Differentiable Newton step ``z* − K⁻¹ g(z*)`` (implicit function theorem)."""

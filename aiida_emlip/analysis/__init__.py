@@ -1,0 +1,1 @@
+"""Pure analysis of validation results (numpy, ASE, pymatgen, phonopy; no AiiDA)."""

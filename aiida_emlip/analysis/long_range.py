@@ -1,0 +1,113 @@
+"""Errors beyond the cutoff and charges per fragment: what an electrostatic design must get right.
+
+Frames come from :func:`aiida_emlip.structures.fragments.fragment_pair_scan` (their ``sampler_params``
+record the closest-atom separation and the fragment sizes). References carry DFT labels (``energy``,
+``ref_charges`` from Hirshfeld), predictions the model's values under the same schema keys.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from ase import Atoms
+
+from aiida_emlip import schema
+
+
+def _params(atoms: Atoms) -> dict:
+    raw = atoms.info.get("sampler_params")
+    if raw is None:
+        raise ValueError("frame without sampler_params: not made by fragment_pair_scan")
+    return json.loads(raw) if isinstance(raw, str) else dict(raw)
+
+
+def separation(atoms: Atoms) -> float:
+    """Closest-atom distance between the two fragments (Å)."""
+    return float(_params(atoms)["separation"])
+
+
+def fragment_charges(atoms: Atoms, charges: np.ndarray) -> np.ndarray:
+    """Total charge of each fragment (e), fragments in the order the sampler placed them."""
+    sizes = _params(atoms)["fragments"]
+    bounds = np.cumsum([0, *sizes])
+    return np.array([float(np.sum(charges[a:b])) for a, b in itertools.pairwise(bounds)])
+
+
+def _rmse(values: Sequence[float]) -> float | None:
+    return float(math.sqrt(np.mean(np.square(values)))) if len(values) else None
+
+
+def long_range_table(
+    reference: Sequence[Atoms],
+    predictions: Mapping[str, Sequence[Atoms]],
+    cutoff: float,
+    baseline: str = "sr",
+) -> dict[str, dict[str, float | None]]:
+    """Per design: energy RMSE (meV/atom) beyond and within ``cutoff``, on neutral frames, ratios to
+    ``baseline``, and the mean and largest error of each fragment's charge (e) against the reference.
+
+    ``far`` frames have their fragments farther apart than the cutoff: no edge joins them, so a local
+    model sees two isolated fragments whatever the distance.
+    """
+    far = np.array([separation(a) > cutoff for a in reference])
+    neutral = np.array([abs(float(a.info.get(schema.TOTAL_CHARGE, 0.0))) < 1e-9 for a in reference])
+    table: dict[str, dict[str, float | None]] = {}
+    for label, frames in predictions.items():
+        if len(frames) != len(reference):
+            raise ValueError(f"{label}: {len(frames)} predictions for {len(reference)} reference frames")
+        de = np.array(
+            [
+                (float(p.info[schema.ENERGY]) - float(r.info[schema.ENERGY])) / len(r) * 1000.0
+                for p, r in zip(frames, reference)
+            ]
+        )
+        row: dict[str, float | None] = {
+            "far_energy_rmse": _rmse(de[far]),
+            "near_energy_rmse": _rmse(de[~far]),
+            "neutral_energy_rmse": _rmse(de[neutral]),
+            "charged_far_energy_rmse": _rmse(de[far & ~neutral]),
+            "n_far": int(far.sum()),
+        }
+        errors = []
+        for p, r in zip(frames, reference):
+            if schema.CHARGES in p.arrays and schema.CHARGES in r.arrays:
+                errors.append(
+                    np.abs(
+                        fragment_charges(p, p.arrays[schema.CHARGES])
+                        - fragment_charges(r, r.arrays[schema.CHARGES])
+                    )
+                )
+        row["fragment_charge_mae"] = float(np.mean(errors)) if errors else None
+        row["fragment_charge_max_error"] = float(np.max(errors)) if errors else None
+        table[label] = row
+    base = table.get(baseline)
+    for row in table.values():
+        for key in ("far_energy_rmse", "neutral_energy_rmse", "charged_far_energy_rmse"):
+            ratio = None
+            if base is not None and base[key] and row[key] is not None:
+                ratio = row[key] / base[key]
+            row[key.replace("_rmse", "_ratio")] = ratio
+    return table
+
+
+def format_long_range_table(table: Mapping[str, Mapping[str, float | None]]) -> str:
+    """A plain-text table of :func:`long_range_table`."""
+    columns = [
+        ("far_energy_rmse", "far E meV/at"),
+        ("far_energy_ratio", "far/sr"),
+        ("charged_far_energy_ratio", "charged far/sr"),
+        ("neutral_energy_rmse", "neutral E"),
+        ("neutral_energy_ratio", "neutral/sr"),
+        ("near_energy_rmse", "near E"),
+        ("fragment_charge_mae", "frag q MAE e"),
+        ("fragment_charge_max_error", "frag q max e"),
+    ]
+    lines = [f"{'design':<12}" + "".join(f"{title:>16}" for _, title in columns)]
+    for label, row in table.items():
+        cells = ["-" if row.get(key) is None else f"{row[key]:.4g}" for key, _ in columns]
+        lines.append(f"{label:<12}" + "".join(f"{c:>16}" for c in cells))
+    return "\n".join(lines)

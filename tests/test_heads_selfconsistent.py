@@ -119,6 +119,38 @@ def test_qeq_dissociated_ion_pair_keeps_fractional_charges():
     assert charges[-1] == pytest.approx(charges[-2], rel=0.05)  # does not decay with distance
 
 
+@pytest.mark.parametrize("name", ["qeq", "functional"])
+def test_vanishing_softness_keeps_local_charges_on_dissociation(name):
+    """Softness parametrization: where s → 0 a separated atom keeps its local reference charge q⁰ (an
+    insulator: no transfer across vacuum); large s gives QEq's fractional transfer (a metal)."""
+    head = {"name": name, "parametrization": "softness", "max_hardness": 1e9}
+    if name == "functional":
+        head["quartic"] = False
+    model = tiny_model(head, seed=3)
+    elements = model.config.elements
+    na, cl = elements.index("Na"), elements.index("Cl")
+    transfers = {}
+    for label, hardness0 in (("insulator", -40.0), ("metal", 3.0)):
+        with torch.no_grad():
+            model.head.hardness0.fill_(hardness0)
+            model.head.chi0[na], model.head.chi0[cl] = 0.3, -0.3  # local charges of the free atoms
+        for distance in (12.0, 60.0):
+            pair = Atoms("NaCl", positions=[[0, 0, 0], [distance, 0, 0]])
+            q = evaluate(model, pair)["charges"].numpy()
+            inp = _head_input(model, pair)
+            q0 = (
+                (model.head.chi0[inp.species] + model.head.readout(inp.features.scalars)[:, 0])
+                .detach()
+                .numpy()
+            )
+            transfers[label, distance] = (q, q0 - q0.mean())
+    for distance in (12.0, 60.0):
+        q, q0 = transfers["insulator", distance]
+        np.testing.assert_allclose(q, q0, atol=1e-6)  # the local charges, projected on Σq = 0
+        q_metal, _ = transfers["metal", distance]
+        assert abs(q_metal[0] - q[0]) > 0.05  # finite softness moves charge across 12–60 Å of vacuum
+
+
 # ---------------------------------------------------------------------------------------------- functional
 
 

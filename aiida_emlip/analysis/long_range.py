@@ -111,3 +111,20 @@ def format_long_range_table(table: Mapping[str, Mapping[str, float | None]]) -> 
         cells = ["-" if row.get(key) is None else f"{row[key]:.4g}" for key, _ in columns]
         lines.append(f"{label:<12}" + "".join(f"{c:>16}" for c in cells))
     return "\n".join(lines)
+
+
+def predict_frames(model, frames: Sequence[Atoms]) -> list[Atoms]:
+    """The model's energy and charges on ``frames`` under the schema keys (converged, evaluation mode)."""
+    from aiida_emlip.models.graph import build_graph
+
+    model.eval()
+    out = []
+    for atoms in frames:
+        pred = model(build_graph([atoms], model.cutoff, model.dtype, model.device), compute_stress=False)
+        frame = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+        frame.info = {k: atoms.info[k] for k in ("sampler_params", schema.TOTAL_CHARGE) if k in atoms.info}
+        frame.info[schema.ENERGY] = float(pred["energy"][0].detach())
+        if pred["charges"] is not None:
+            frame.arrays[schema.CHARGES] = pred["charges"].detach().cpu().double().numpy()
+        out.append(frame)
+    return out

@@ -41,6 +41,7 @@ from aiida_emlip.schema import COULOMB_CONSTANT
 
 SOLVERS = ("auto", "dense", "cg")
 FAILURE_MODES = ("raise", "flag")
+PARAMETRIZATIONS = ("electronegativity", "softness")
 
 
 @dataclass
@@ -52,12 +53,21 @@ class QEqOptions(HeadOptions):
     max_iter: int = 1000
     on_failure: str = "raise"  # raise | flag (set ``converged`` False)
     min_hardness: float = 0.1  # eV/e², added to softplus(J) for a strictly convex local term
+    #: ``electronegativity``: the readout gives χ_i and J_i (classic QEq); ``softness``: it gives a local
+    #: reference charge q⁰_i and a softness s_i = 1/J_i that can vanish, E_loc = (q − q⁰)²/(2 s): where
+    #: s → 0 the atom keeps its local charge (insulator), where s is large charge flows (metal).
+    parametrization: str = "electronegativity"
+    max_hardness: float = 1.0e4  # eV/e², caps 1/s of the softness parametrization (conditioning)
 
     def __post_init__(self) -> None:
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
         if self.on_failure not in FAILURE_MODES:
             raise ValueError(f"on_failure must be one of {FAILURE_MODES}, got {self.on_failure!r}")
+        if self.parametrization not in PARAMETRIZATIONS:
+            raise ValueError(
+                f"parametrization must be one of {PARAMETRIZATIONS}, got {self.parametrization!r}"
+            )
 
 
 def self_interaction(inp: HeadInput) -> float:
@@ -88,7 +98,9 @@ class EquilibrationHead(Head):
         super().__init__(options, elements, num_scalars, num_vectors)
         self.readout = mlp(num_scalars, self.num_local_outputs, options.hidden)
         self.chi0 = torch.nn.Parameter(torch.zeros(len(elements)))
-        self.hardness0 = torch.nn.Parameter(torch.full((len(elements),), 2.0))
+        # softness parametrization: start fairly hard (s ≈ 0.05 e²/eV), near the insulating limit
+        start = -3.0 if options.parametrization == "softness" else 2.0
+        self.hardness0 = torch.nn.Parameter(torch.full((len(elements),), start))
 
     num_local_outputs = 2
 
@@ -96,9 +108,17 @@ class EquilibrationHead(Head):
     def local_parameters(self, inp: HeadInput) -> dict[str, torch.Tensor]:
         """Per-atom parameters of the local energy from the features."""
         out = self.readout(inp.features.scalars)
-        chi = self.chi0[inp.species] + out[:, 0]
-        hardness = torch.nn.functional.softplus(self.hardness0[inp.species] + out[:, 1])
-        return {"chi": chi, "hardness": hardness + self.options.min_hardness + self_interaction(inp)}
+        options = self.options
+        if options.parametrization == "softness":
+            # q⁰ from the readout, s = softplus(·) ≥ 0; J = 1/s capped at max_hardness; χ = −J q⁰
+            softness = torch.nn.functional.softplus(self.hardness0[inp.species] + out[:, 1])
+            hardness = 1.0 / (softness + 1.0 / options.max_hardness) + options.min_hardness
+            chi = -hardness * (self.chi0[inp.species] + out[:, 0])
+        else:
+            chi = self.chi0[inp.species] + out[:, 0]
+            hardness = torch.nn.functional.softplus(self.hardness0[inp.species] + out[:, 1])
+            hardness = hardness + options.min_hardness
+        return {"chi": chi, "hardness": hardness + self_interaction(inp)}
 
     def local_energy(self, params: dict[str, torch.Tensor], q: torch.Tensor) -> torch.Tensor:
         return params["chi"] * q + 0.5 * params["hardness"] * q * q

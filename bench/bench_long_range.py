@@ -136,6 +136,10 @@ def report(workdir: Path, designs: list[str], cutoff: float) -> dict:
             predictions[name] = predict_frames(load_model(path), reference)
     table = long_range_table(reference, predictions, cutoff)
     print(format_long_range_table(table))
+    from aiida_emlip.report.figures_long_range import fragment_charge_curves
+
+    figure = fragment_charge_curves(reference, predictions, workdir / "fragment_charges.png", cutoff)
+    print(f"figure: {figure}")
     charged = [n for n in table if n not in ("sr", "fixed", "latent")]
     best = min(
         (n for n in table if n != "sr"), key=lambda n: table[n]["far_energy_ratio"] or 1e9, default=None

@@ -171,7 +171,8 @@ def test_slab_fermi_level_relative_to_vacuum(pw_code, pp_code, pseudo_family):
     assert results["dataset"].base.attributes.get("fermi_references") == ["cell_average", "vacuum"]
 
 
-def test_vacuum_level_needs_pp_code(pw_code, pseudo_family):
+@pytest.mark.parametrize("step", ["vacuum_level", "hirshfeld"])
+def test_postprocessing_asked_for_needs_pp_code(pw_code, pseudo_family, step):
     from aiida import orm
     from aiida.engine import run_get_node
 
@@ -181,10 +182,19 @@ def test_vacuum_level_needs_pp_code(pw_code, pseudo_family):
         pw_code,
         {"h2o": orm.StructureData(ase=water())},
         pseudo_family.label,
-        overrides={"postprocess": {"vacuum_level": True}},
+        overrides={"postprocess": {step: True}},
     )
     _, node = run_get_node(builder)
     assert node.exit_status == EmlipDatasetWorkChain.exit_codes.ERROR_MISSING_POSTPROCESS_CODE.status
+
+
+def test_default_hirshfeld_skipped_without_pp_code(labelled):
+    """Hirshfeld is on by default; without pp_code it is skipped with a report line, labels kept."""
+    from aiida.cmdline.utils.common import get_workchain_report
+
+    results, node = labelled
+    assert "Hirshfeld charges (on by default) skipped: no pp_code given" in get_workchain_report(node, "REPORT")
+    assert schema.CHARGES not in results["dataset"].label_keys
 
 
 def test_hirshfeld_reference_multipoles(pw_code, pp_code, pseudo_family):

@@ -66,7 +66,8 @@ def _head(name: str, labels: set[str], formal_charges: dict[str, float]) -> dict
         "split": {"name": "split", "formal_charges": formal_charges, "dipoles": dipoles},
         "qeq": {"name": "qeq"},
         "scf": {"name": "scf", "on_failure": "flag"},
-        "functional": {"name": "functional"},
+        # softness that can vanish: insulating where the data are, metallic where they are not
+        "functional": {"name": "functional", "parametrization": "softness"},
     }
     return heads[name]
 

@@ -197,7 +197,13 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WorkChain):
             return self.exit_codes.ERROR_UNKNOWN_FAMILY.format(
                 message="group is not a pseudopotential family"
             )
-        wanted = [k for k in ("vacuum_level", "hirshfeld") if self.ctx.inputs["postprocess"].get(k)]
+        postprocess = self.ctx.inputs["postprocess"]
+        if postprocess["hirshfeld"] and "pp_code" not in self.inputs:
+            if "hirshfeld" not in overrides.get("postprocess", {}):
+                # on by default (the reference multipoles that training supervises): skipped, with a word
+                postprocess["hirshfeld"] = False
+                self.report("Hirshfeld charges (on by default) skipped: no pp_code given")
+        wanted = [k for k in ("vacuum_level", "hirshfeld") if postprocess.get(k)]
         if wanted and "pp_code" not in self.inputs:
             return self.exit_codes.ERROR_MISSING_POSTPROCESS_CODE.format(
                 message=f"postprocess {wanted} needs pp_code"

@@ -197,7 +197,9 @@ def parse_parameters(values: Mapping[str, Any] | None) -> EvalParameters:
             fmax=_number("fmax", values.get("fmax", d.fmax), positive=True),
             max_steps=_integer("max_steps", values.get("max_steps", d.max_steps)),
             relax_cell=_boolean("relax_cell", values.get("relax_cell", d.relax_cell)),
-            trajectory_stride=_integer("trajectory_stride", values.get("trajectory_stride", d.trajectory_stride)),
+            trajectory_stride=_integer(
+                "trajectory_stride", values.get("trajectory_stride", d.trajectory_stride)
+            ),
         )
         return EvalParameters(mode, device, batch_size, relax=relax, constraints=constraints)
     d = MDOptions()

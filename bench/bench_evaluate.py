@@ -148,15 +148,15 @@ def md_rate(head: str, atoms, steps: int, device: str) -> dict:
     import numpy as np
     import torch
     from ase import units
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
     from ase.md.verlet import VelocityVerlet
 
     from aiida_emlip.models.calculator import EmlipCalculator
+    from aiida_emlip.training.dynamics import thermalize_momenta
 
     model = make_model(MD_HEADS[head])
     calc = EmlipCalculator(model, device=device)
     work = atoms.copy()
-    MaxwellBoltzmannDistribution(work, temperature_K=300, rng=np.random.default_rng(0))
+    thermalize_momenta(work, temperature_K=300, rng=np.random.default_rng(0))
     work.calc = calc
     dynamics = VelocityVerlet(work, timestep=0.5 * units.fs, logfile=None)
     dynamics.run(1)  # warm-up: neighbour list, Ewald/PME set-up, CUDA kernels

@@ -154,7 +154,7 @@ def relax(
             result.frames.append(tracker.frame({"relax_steps": step}))
             last_recorded = step
     result.steps = optimizer.nsteps
-    if stride and last_recorded != result.steps and result.frames is not None:
+    if stride and last_recorded != result.steps:
         result.frames.append(tracker.frame({"relax_steps": result.steps}))
     ok = bool(converged) and result.stop_reason is None
     if not ok and result.stop_reason is None:

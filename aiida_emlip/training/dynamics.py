@@ -116,7 +116,11 @@ class _Tracker:
             values["stress"] = voigt_6_to_full_3x3_stress(np.asarray(results["stress"], dtype=float))
         atoms = Atoms(self.work.numbers, self.work.positions, cell=self.work.cell, pbc=self.work.pbc)
         atoms.info.update(self.work.info)
-        return Frame(atoms, values, dict(meta))
+        meta = dict(meta)
+        if "converged" in results:  # every frame says whether its own SCF converged
+            meta["scf_converged"] = bool(results["converged"])
+            meta["scf_iterations"] = int(results.get("iterations", 0))
+        return Frame(atoms, values, meta)
 
     def final_atoms(self) -> Atoms:
         atoms = Atoms(self.work.numbers, self.work.positions, cell=self.work.cell, pbc=self.work.pbc)

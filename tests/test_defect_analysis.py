@@ -183,3 +183,89 @@ def test_vacancy_cells_keep_geometry_and_order():
         vacancy_cells(host, "F")
     with pytest.raises(ValueError, match="is Na"):
         vacancy_cells(host, "Cl", site=0)
+
+
+# ------------------------------------------------------------------------------------ whole analysis, figures
+
+
+def _labelled(atoms: Atoms, energy: float, charges: np.ndarray | None, key: str) -> Atoms:
+    atoms = atoms.copy()
+    atoms.info[schema.ENERGY] = energy
+    if charges is not None:
+        atoms.arrays[key] = np.asarray(charges, dtype=float)
+    return atoms
+
+
+def synthetic_case():
+    """DFT and two models on V_Cl (q = 0, +1) of a 2×1×1 rock-salt cell; model 'b' lacks q = 0."""
+    cells = vacancy_cells(rock_salt(), "Cl", supercell=(2, 1, 1))
+    q_host = np.where(cells.pristine.numbers == 11, 0.7, -0.7)
+    rest = np.delete(q_host, cells.site)
+
+    def frames(energies, shift, key, missing=()):
+        host = _labelled(cells.pristine, energies["host"], q_host, key)
+        defects = {}
+        for q in (0.0, 1.0):
+            if q in missing:
+                continue
+            charges = rest + shift
+            charges += (q - charges.sum()) / len(charges)
+            defects[q] = _labelled(cells.defect, energies[q], charges, key)
+        return {"host": host, "defects": defects}
+
+    reference = frames({"host": -100.0, 0.0: -95.0, 1.0: -99.0}, 0.0, schema.CHARGES)
+    models = {
+        "a": frames({"host": -100.2, 0.0: -95.1, 1.0: -99.3}, 0.0, "charges"),
+        "b": frames({"host": -100.0, 1.0: -98.5}, 0.0, "charges", missing=(0.0,)),
+    }
+    setup = {
+        "cell": cells.pristine.cell[:].tolist(),
+        "pristine_positions": cells.pristine.positions.tolist(),
+        "pristine_symbols": cells.pristine.get_chemical_symbols(),
+        "site": cells.site,
+        "element": "Cl",
+        "charges": [0, 1],
+        "vbm": 2.0,
+        "cbm": 7.0,
+        "dielectric_constant": 2.0,
+        "chemical_potentials": {"Cl": -3.0},
+        "fermi_points": 11,
+    }
+    return reference, models, setup, cells
+
+
+def test_analyse_vacancy_rows_and_errors():
+    reference, models, setup, cells = synthetic_case()
+    out = analysis.analyse_vacancy(reference, models, setup)
+    result, comparison = out["analysis"], out["comparison"]
+    correction = analysis.point_charge_correction(cells.pristine.cell[:], 1.0, 2.0)
+    assert result["correction"]["values"] == pytest.approx({"0": 0.0, "+1": correction})
+    assert result["chemical_potential"] == -3.0 and result["gap"] == 5.0
+    dft = result["methods"]["dft"]
+    assert dft["delta_e"]["+1"] == pytest.approx(-4.0)
+    # E_f(+1, 0) = −99 + 100 − 3 + 2 + corr; E_f(0, 0) = 5 − 3 = 2; ε(+1/0) = E_f(0) − E_f(+1)
+    assert dft["formation_energy_vbm"]["+1"] == pytest.approx(0.0 + correction)
+    assert dft["transition_levels"]["+1/0"] == pytest.approx(2.0 - correction)
+    assert dft["charge_source"] == schema.CHARGES and set(dft["profiles"]) == {"0", "+1"}
+    row = comparison["a"]
+    assert row["delta_e_error"] == pytest.approx({"+1": -0.2})  # (−99.3 + 95.1) − (−4)
+    assert row["relative_energy_error"] == pytest.approx({"0": 0.1, "+1": -0.1})
+    assert row["transition_level_error"]["+1/0"] == pytest.approx(0.2)
+    assert row["delta_q_rmse"]["+1"] == pytest.approx(0.0, abs=1e-12)
+    assert comparison["b"]["missing_charge_states"] == ["0"] and comparison["b"]["delta_e_error"] == {}
+    assert comparison["b"]["relative_energy_error"] == pytest.approx({"+1": 0.5})
+    assert set(comparison) == {"dft", "a", "b"}
+
+
+def test_figures_are_written(tmp_path):
+    from aiida_emlip.report.figures_defects import FIGURES, write_figures
+
+    reference, models, setup, _ = synthetic_case()
+    result = analysis.analyse_vacancy(reference, models, setup)["analysis"]
+    paths = write_figures(result, tmp_path)
+    assert set(paths) == set(FIGURES)
+    for path in paths.values():
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+    # DFT alone (no models) still gives every figure
+    alone = analysis.analyse_vacancy(reference, {}, setup)["analysis"]
+    assert all(p.stat().st_size > 3000 for p in write_figures(alone, tmp_path / "alone").values())

@@ -392,3 +392,41 @@ def _reference_row(dft: Mapping[str, Any]) -> dict[str, Any]:
         "transition_levels": dict(dft["transition_levels"]),
         "charge_source": dft["charge_source"],
     }
+
+
+def select_frames(
+    frames: Sequence[Atoms],
+    keys: Mapping[str, Any],
+    fallback_order: Sequence[str] | None = None,
+) -> tuple[dict[str, Any], list[str]]:
+    """Pick the host and vacancy frames of one method; return ({"host", "defects"}, skipped notes).
+
+    ``keys`` holds ``host`` (a key) and ``defects`` ({charge label: key}); frames are found by their
+    ``key`` in ``info``, else by position in ``fallback_order``. Frames without an energy, or whose
+    ``scf_converged`` is False, are skipped (never used as if converged).
+    """
+    by_key = {str(a.info["key"]): a for a in frames if "key" in a.info}
+    if not by_key and fallback_order is not None:
+        by_key = dict(zip(fallback_order, frames))
+    notes: list[str] = []
+
+    def usable(key: str) -> Atoms | None:
+        atoms = by_key.get(key)
+        if atoms is None:
+            notes.append(f"{key}: missing")
+            return None
+        if schema.ENERGY not in atoms.info:
+            notes.append(f"{key}: no energy")
+            return None
+        if "scf_converged" in atoms.info and not bool(atoms.info["scf_converged"]):
+            notes.append(f"{key}: SCF not converged")
+            return None
+        return atoms
+
+    host = usable(str(keys["host"]))
+    defects = {}
+    for label, key in keys["defects"].items():
+        atoms = usable(str(key))
+        if atoms is not None:
+            defects[float(label)] = atoms
+    return {"host": host, "defects": defects}, notes

@@ -46,6 +46,7 @@ METADATA_KEYS = frozenset(
         "md_step",
         "time_fs",
         "temperature",
+        "structure_index",
     }
 )
 

@@ -189,3 +189,91 @@ def test_chlorine_vacancy_dft(chlorine_vacancy):
     for name in ("formation_energy", "delta_e_parity", "charge_profile"):
         content = results["figures"][name].get_content(mode="rb")
         assert content[:4] == b"\x89PNG" and len(content) > 5000
+
+
+def _train_charges_model(train_code, dataset):
+    """A tiny ``charges`` model trained on the DFT labels of the vacancy run (the test's own data)."""
+    from aiida import orm
+    from aiida.engine import run_get_node
+
+    from aiida_emlip.calculations.train import EmlipTrainCalculation
+    from aiida_emlip.workflows.demo import design_config
+
+    config = design_config({"name": "charges", "correction": "weighted"}, epochs=20)
+    config["data"] = {"valid_fraction": 0.0, "test_fraction": 0.0, "batch_size": 3}
+    config["model"]["backbone"].update(num_channels=4, num_interactions=1, mlp_hidden=4)
+    builder = EmlipTrainCalculation.get_builder()
+    builder.code = train_code
+    builder.dataset = dataset
+    builder.config = orm.Dict(config)
+    builder.metadata.options = {"resources": {"num_machines": 1}, "max_wallclock_seconds": 600}
+    results, node = run_get_node(builder)
+    assert node.is_finished_ok, node.exit_message
+    return results["model"]
+
+
+@pytest.fixture(scope="module")
+def vacancy_with_models(
+    chlorine_vacancy, pw_code, pp_code, pseudo_family, train_code, eval_code, tmp_path_factory
+):
+    """The same vacancy again, now with two models; pw.x and pp.x come from the cache of the first run."""
+    from aiida import orm
+    from aiida.engine import run_get_node
+    from aiida.manage.caching import enable_caching
+
+    from aiida_emlip.workflows.validate.defect import EmlipChargedDefectWorkChain
+
+    first, _ = chlorine_vacancy
+    models = {
+        "pointcharge": _model_node(tmp_path_factory.mktemp("models"), ["Na", "Cl"], {"Na": 1.0, "Cl": -1.0}),
+        "charges": _train_charges_model(train_code, first["dft_dataset"]),
+    }
+    builder = EmlipChargedDefectWorkChain.get_builder_from_protocol(
+        pw_code,
+        orm.StructureData(ase=nacl_cube()),
+        "Cl",
+        [0, 1],
+        pseudo_family.label,
+        protocol="fast",
+        dft_overrides=CHEAP_DFT,
+        supercell=[1, 1, 1],
+        pp_code=pp_code,
+        dielectric_constant=2.5,
+        models=models,
+        eval_code=eval_code,
+    )
+    with enable_caching(identifier="aiida.calculations:quantumespresso.*"):
+        return run_get_node(builder)
+
+
+@pytest.mark.pw
+def test_chlorine_vacancy_models(vacancy_with_models, chlorine_vacancy):
+    from aiida_emlip.analysis.defects import MADELUNG_SIMPLE_CUBIC
+
+    results, node = vacancy_with_models
+    assert node.is_finished_ok, (node.exit_status, node.exit_message)
+    pw = [n for n in node.called_descendants if n.process_label == "PwCalculation"]
+    assert pw and all(n.base.caching.is_created_from_cache for n in pw)
+    assert set(results["predictions"]) == {"pointcharge", "charges"}
+    # the formal-charge model only sees the cells whose formal charges add up: pristine and V_Cl⁺
+    keys = {a.info["key"] for a in results["predictions"]["pointcharge"].to_ase()}
+    assert keys == {"pristine", "vacancy_qp1"}
+    comparison = results["comparison"].get_dict()
+    assert set(comparison) == {"dft", "pointcharge", "charges"}
+    assert comparison["pointcharge"]["missing_charge_states"] == ["0"]
+    # exact: the point-charge model's E(+1) − E_host = α_M k_e / r₀ + E_M(+1) in the 5.64 Å cube
+    point = results["analysis"]["methods"]["pointcharge"]["relative_energy"]["+1"]
+    k_e, a = schema.COULOMB_CONSTANT, 5.64
+    assert point == pytest.approx(
+        1.7475645946 * k_e / (a / 2) - MADELUNG_SIMPLE_CUBIC * k_e / (2 * a), abs=1e-5
+    )
+    row = comparison["charges"]
+    assert set(row["delta_e_error"]) == {"+1"} and np.isfinite(row["delta_e_error"]["+1"])
+    assert np.isfinite(row["transition_level_error"]["+1/0"])
+    assert set(row["delta_q_rmse"]) == {"0", "+1"}
+    # the DFT numbers are those of the first run (same cells, cached pw.x)
+    assert results["analysis"]["methods"]["dft"]["delta_e"] == pytest.approx(
+        chlorine_vacancy[0]["analysis"]["methods"]["dft"]["delta_e"]
+    )
+    for name in ("formation_energy", "delta_e_parity", "charge_profile"):
+        assert len(results["figures"][name].get_content(mode="rb")) > 5000

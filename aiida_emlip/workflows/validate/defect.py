@@ -387,10 +387,14 @@ class EmlipChargedDefectWorkChain(protocols.EmlipProtocolMixin, WorkChain):
             self.report(f"models {sorted(models)} given without eval_code: only DFT runs")
         elif models:
             for label, model in sorted(models.items()):
+                structures = model_side.model_inputs(self.ctx.structures["configurations"], model)
+                if structures is None:
+                    self.report(f"model {label}: its formal charges fit none of the cells; not evaluated")
+                    continue
                 builder = model_side.evaluation_builder(
                     self.inputs.eval_code,
                     model,
-                    self.ctx.structures["configurations"],
+                    structures,
                     self.ctx.inputs["eval_parameters"],
                     self.ctx.inputs["options"],
                     label=f"evaluate_{label}",

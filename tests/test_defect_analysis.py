@@ -269,3 +269,22 @@ def test_figures_are_written(tmp_path):
     # DFT alone (no models) still gives every figure
     alone = analysis.analyse_vacancy(reference, {}, setup)["analysis"]
     assert all(p.stat().st_size > 3000 for p in write_figures(alone, tmp_path / "alone").values())
+
+
+def test_select_frames_never_uses_unconverged_structures():
+    cells = vacancy_cells(rock_salt(), "Cl", supercell=(1, 1, 1))
+    host = _labelled(cells.pristine, -10.0, None, schema.CHARGES)
+    host.info["key"] = "pristine"
+    good = _labelled(cells.defect, -8.0, None, schema.CHARGES)
+    good.info.update(key="vacancy_q0", scf_converged=True)
+    bad = _labelled(cells.defect, -7.0, None, schema.CHARGES)
+    bad.info.update(key="vacancy_qp1", scf_converged=False)
+    keys = {"host": "pristine", "defects": {"0": "vacancy_q0", "+1": "vacancy_qp1", "-1": "vacancy_qm1"}}
+    selected, notes = analysis.select_frames([host, good, bad], keys)
+    assert selected["host"] is host and set(selected["defects"]) == {0.0}
+    assert notes == ["vacancy_qp1: SCF not converged", "vacancy_qm1: missing"]
+    # frames without keys are matched by order
+    for atoms in (host, good, bad):
+        del atoms.info["key"]
+    selected, _ = analysis.select_frames([host, good], keys, fallback_order=["pristine", "vacancy_q0"])
+    assert selected["host"] is host and selected["defects"][0.0] is good

@@ -283,3 +283,12 @@ def test_chlorine_vacancy_models(vacancy_with_models, chlorine_vacancy):
     )
     for name in ("formation_energy", "delta_e_parity", "charge_profile"):
         assert len(results["figures"][name].get_content(mode="rb")) > 5000
+
+
+def test_formal_charge_models_see_only_representable_cells():
+    from aiida_emlip.workflows.validate.evaluate import representable
+
+    formal = {"Na": 1.0, "Cl": -1.0}
+    symbols = ["Na"] * 4 + ["Cl"] * 3
+    assert representable(symbols, 1.0, formal) and not representable(symbols, 0.0, formal)
+    assert representable(symbols, 0.0, None)  # heads without formal charges take any total charge

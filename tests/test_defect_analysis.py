@@ -137,8 +137,18 @@ def test_chemical_potential_defaults():
     assert analysis.chemical_potential("O", symbols, -60.0, {"O": -4.0}) == (-4.0, "given")
     mu, how = analysis.chemical_potential("O", symbols, -60.0, {"Si": -10.0})
     assert mu == pytest.approx(-10.0) and how.startswith("host equilibrium")
+    mu, how = analysis.chemical_potential("O", symbols, -60.0, free_atom_energy=-430.0)
+    assert mu == -430.0 and how.startswith("free atom")
     mu, how = analysis.chemical_potential("O", symbols, -60.0)
     assert mu == pytest.approx(-10.0) and how == "host energy per atom"
+
+
+def test_free_atom_energy_from_the_upf_header():
+    from aiida_emlip.pseudos.upf_header import free_atom_energy
+
+    header = '<PP_HEADER element="O" z_valence="6.0" total_psenergy="-31.605744887098030" l_max="1"/>'
+    assert free_atom_energy(header) == pytest.approx(-31.605744887098030 * schema.RYDBERG_IN_EV)
+    assert free_atom_energy('<PP_HEADER element="O"/>') is None
 
 
 def test_charge_labels():

@@ -121,12 +121,14 @@ def chemical_potential(
     host_symbols: Sequence[str],
     host_energy: float,
     given: Mapping[str, float] | None = None,
+    free_atom_energy: float | None = None,
 ) -> tuple[float, str]:
     """Return (μ of ``element`` in eV/atom, how it was chosen).
 
     ``given[element]`` if present; else, when every other host element has a given μ, the host's
-    equilibrium ``Σ_j N_j μ_j = E_host``; else the host energy per atom (an equal share, which also
-    satisfies the host's equilibrium: a documented reference point, not a growth condition).
+    equilibrium ``Σ_j N_j μ_j = E_host``; else ``free_atom_energy`` (the isolated pseudo-atom: the
+    vacancy's atom goes to vacuum); else the host energy per atom (an equal share, which satisfies the
+    host's equilibrium: a reference point, not a growth condition).
     """
     given = dict(given or {})
     symbols = list(host_symbols)
@@ -137,6 +139,8 @@ def chemical_potential(
         rest = sum(symbols.count(el) * float(given[el]) for el in others)
         how = "host equilibrium with the given μ of " + ", ".join(others)
         return (host_energy - rest) / symbols.count(element), how
+    if free_atom_energy is not None:
+        return float(free_atom_energy), "free atom (pseudopotential total energy)"
     return host_energy / len(symbols), "host energy per atom"
 
 
@@ -336,8 +340,9 @@ def analyse_vacancy(
     ``reference`` and each model map ``host`` → pristine frame and ``defects`` → {q: frame} (frames with
     ``energy``; a model may miss charge states it cannot represent). ``setup``: ``cell`` (3×3),
     ``pristine_positions``, ``pristine_symbols``, ``site``, ``element``, ``charges``, ``vbm``, ``cbm``,
-    ``dielectric_constant``, ``chemical_potentials`` (dict, may be empty), ``shell_tolerance``,
-    ``fermi_points``. Returns ``{"analysis": ..., "comparison": ...}`` (JSON-compatible).
+    ``dielectric_constant``, ``chemical_potentials`` (dict, may be empty), ``free_atom_energy`` (eV or
+    None), ``shell_tolerance``, ``fermi_points``. Returns ``{"analysis": ..., "comparison": ...}``
+    (JSON-compatible).
     """
     cell = np.asarray(setup["cell"], dtype=float)
     eps = float(setup.get("dielectric_constant", 1.0))
@@ -345,7 +350,11 @@ def analyse_vacancy(
     corrections = {q: point_charge_correction(cell, q, eps) for q in charges}
     host_energy = float(reference["host"].info[schema.ENERGY])
     mu, mu_source = chemical_potential(
-        str(setup["element"]), setup["pristine_symbols"], host_energy, setup.get("chemical_potentials")
+        str(setup["element"]),
+        setup["pristine_symbols"],
+        host_energy,
+        setup.get("chemical_potentials"),
+        setup.get("free_atom_energy"),
     )
     vbm, cbm = float(setup["vbm"]), float(setup["cbm"])
     gap = cbm - vbm

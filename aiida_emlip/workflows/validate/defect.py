@@ -18,6 +18,7 @@ from aiida.engine import ToContext, WorkChain, if_
 
 from aiida_emlip.data import EmlipDatasetData
 from aiida_emlip.data.model import EmlipModelData
+from aiida_emlip.pseudos.upf_header import free_atom_energy
 from aiida_emlip.structures.defects import vacancy_cells
 from aiida_emlip.workflows import protocol as protocols
 from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain
@@ -291,6 +292,8 @@ class EmlipChargedDefectWorkChain(protocols.EmlipProtocolMixin, WorkChain):
                     message=f"q = {q:+d} leaves {n_defect - q:g} valence electrons in the vacancy supercell "
                     f"({n_defect:g} at q = 0)"
                 )
+        upf = family.get_pseudo(element=self.inputs.element.value).get_content()
+        self.ctx.free_atom_energy = free_atom_energy(upf)
         self.ctx.host_electrons = sum(
             z_valence[s] for s in self.inputs.structure.get_ase().get_chemical_symbols()
         )
@@ -464,6 +467,7 @@ class EmlipChargedDefectWorkChain(protocols.EmlipProtocolMixin, WorkChain):
             "chemical_potentials": (
                 self.inputs.chemical_potentials.get_dict() if "chemical_potentials" in self.inputs else {}
             ),
+            "free_atom_energy": self.ctx.free_atom_energy,
             "shell_tolerance": float(self.ctx.inputs["shell_tolerance"]),
             "fermi_points": int(self.ctx.inputs["fermi_points"]),
         }

@@ -90,7 +90,8 @@ def analyse_charged_vacancy(
     """ΔE(q), corrections, formation energies, transition levels and Δq profiles of DFT and every model.
 
     ``settings``: ``element``, ``site`` (supercell index), ``charges``, ``band_edges_key``,
-    ``dielectric_constant``, ``chemical_potentials``, ``shell_tolerance``, ``fermi_points``.
+    ``dielectric_constant``, ``chemical_potentials``, ``free_atom_energy`` (eV of the removed
+    element's free pseudo-atom, or None), ``shell_tolerance``, ``fermi_points``.
     ``predictions`` maps a model label to its ``emlip.evaluate`` output on the same cells.
     """
     values = settings.get_dict()
@@ -117,6 +118,7 @@ def analyse_charged_vacancy(
         "cbm": edges["cbm"],
         "dielectric_constant": float(values.get("dielectric_constant", 1.0)),
         "chemical_potentials": values.get("chemical_potentials") or {},
+        "free_atom_energy": values.get("free_atom_energy"),
         "shell_tolerance": float(values.get("shell_tolerance", 0.1)),
         "fermi_points": int(values.get("fermi_points", 201)),
     }

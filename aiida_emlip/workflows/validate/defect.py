@@ -14,12 +14,12 @@ from typing import Any
 
 from aiida import orm
 from aiida.common import exceptions
-from aiida.engine import ToContext, WorkChain, if_
+from aiida.engine import ExitCode, ToContext, WorkChain, if_
 
 from aiida_emlip.data import EmlipDatasetData
 from aiida_emlip.data.model import EmlipModelData
 from aiida_emlip.pseudos.upf_header import free_atom_energy
-from aiida_emlip.structures.defects import vacancy_cells
+from aiida_emlip.structures.defects import VacancyCells, vacancy_cells
 from aiida_emlip.workflows import protocol as protocols
 from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain
 
@@ -270,7 +270,7 @@ class EmlipChargedDefectWorkChain(protocols.EmlipProtocolMixin, WorkChain):
             return error
         return self._check_references(set(symbols))
 
-    def _check_family(self, cells):
+    def _check_family(self, cells: VacancyCells) -> ExitCode | None:
         label = self.inputs.dft.pseudo_family.value
         try:
             family = orm.load_group(label)
@@ -300,14 +300,14 @@ class EmlipChargedDefectWorkChain(protocols.EmlipProtocolMixin, WorkChain):
         self.ctx.repeat = cells.repeat
         return None
 
-    def _check_models(self, host_elements: set[str]):
+    def _check_models(self, host_elements: set[str]) -> ExitCode | None:
         for label, model in self.inputs.get("models", {}).items():
             missing = sorted(host_elements - set(model.base.attributes.get("elements", [])))
             if missing:
                 return self.exit_codes.ERROR_MODEL_ELEMENTS.format(message=f"model {label} lacks {missing}")
         return None
 
-    def _check_references(self, host_elements: set[str]):
+    def _check_references(self, host_elements: set[str]) -> ExitCode | None:
         if "dielectric_constant" in self.inputs and not self.inputs.dielectric_constant.value > 0:
             return self.exit_codes.ERROR_INVALID_REFERENCE.format(
                 message=f"dielectric constant {self.inputs.dielectric_constant.value} must be positive"

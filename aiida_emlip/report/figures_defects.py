@@ -42,12 +42,20 @@ def formation_energy_diagram(analysis: Mapping[str, Any], path: str | Path) -> P
     fig, ax = plt.subplots(figsize=(5.4, 4.2))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     gap = float(analysis["gap"])
+    dft_lines = analysis["methods"][DFT]["formation_lines"]
+    low, high = min(dft_lines["lowest"]), max(analysis["methods"][DFT]["formation_energy_vbm"].values())
+    pad = max(2.0, 0.5 * (high - low))
+    window = (low - pad, high + pad)  # DFT's range: a model far off is named, not drawn off the page
     for n, method in enumerate(_methods(analysis)):
         result = analysis["methods"][method]
         lines = result["formation_lines"]
         fermi = np.asarray(lines["fermi_level"])
         style = DFT_STYLE if method == DFT else {"color": colours[n % len(colours)], "lw": 1.6}
-        ax.plot(fermi, lines["lowest"], label=_label(method), **style)
+        lowest = np.asarray(lines["lowest"])
+        label = _label(method)
+        if lowest.max() < window[0] or lowest.min() > window[1]:
+            label += f" (off scale, {lowest.mean():+.1f} eV)"
+        ax.plot(fermi, lowest, label=label, **style)
         if method == DFT:
             for q, value in result["formation_energy_vbm"].items():
                 ax.plot(fermi, value + float(q) * fermi, color="grey", lw=0.7, ls=":")
@@ -58,6 +66,7 @@ def formation_energy_diagram(analysis: Mapping[str, Any], path: str | Path) -> P
                 ax.plot([energy], [y], "o", ms=4, color=style["color"])
     ax.axvline(0.0, color="grey", lw=0.8)
     ax.axvline(gap, color="grey", lw=0.8)
+    ax.set_ylim(*window)
     ax.set_xlabel("Fermi level above the VBM (eV)")
     ax.set_ylabel("formation energy (eV)")
     ax.set_title(

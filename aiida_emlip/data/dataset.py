@@ -30,6 +30,7 @@ METADATA_KEYS = frozenset(
         "key",
         "pw_wall_time",
         "highest_occupied_level",
+        "lowest_unoccupied_level",
         "total_magnetization",
         "fermi_level_cell_average",
         "vacuum_level_top",

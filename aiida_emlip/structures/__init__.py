@@ -7,7 +7,7 @@ calcfunctions for provenance.
 """
 
 from .bulk import rattle, strain
-from .defects import alpha_quartz, quartz_oxygen_vacancy, vacancy_supercells
+from .defects import alpha_quartz, quartz_oxygen_vacancy, vacancy_cells, vacancy_supercells
 from .fragments import fragment_pair_scan
 from .geometry import cell_volume, min_interatomic_distance, slab_axis, vacuum_axes, vacuum_gaps
 from .interfaces import fcc_slab, ion_slab_scan, metal_water_interface
@@ -26,6 +26,7 @@ __all__ = (
     "rattle",
     "slab_axis",
     "strain",
+    "vacancy_cells",
     "vacancy_supercells",
     "vacuum_axes",
     "vacuum_gaps",

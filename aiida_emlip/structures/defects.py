@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from ase import Atoms
@@ -82,3 +83,84 @@ def quartz_oxygen_vacancy(
 ) -> list[Atoms]:
     """Return the oxygen vacancy of α-quartz SiO2 in ``charges`` (the study's defect), one per charge."""
     return vacancy_supercells(alpha_quartz(), "O", charges=charges, supercell=supercell, seed=seed)
+
+
+@dataclass
+class VacancyCells:
+    """A pristine supercell and the same supercell with one atom removed (identical geometry otherwise).
+
+    ``defect`` holds the atoms of ``pristine`` except ``site`` (a supercell index), in the same order;
+    ``position`` is the removed atom's Cartesian position (Å) and ``repeat`` the diagonal supercell.
+    """
+
+    pristine: Atoms
+    defect: Atoms
+    site: int
+    position: np.ndarray
+    repeat: tuple[int, int, int]
+    element: str
+
+    def pristine_index(self, defect_index: int) -> int:
+        """Index in ``pristine`` of atom ``defect_index`` of ``defect``."""
+        return defect_index if defect_index < self.site else defect_index + 1
+
+
+def perpendicular_widths(cell: np.ndarray) -> np.ndarray:
+    """Distances between opposite faces of the cell (Å), one per lattice vector."""
+    cell = np.asarray(cell, dtype=float)
+    volume = abs(np.linalg.det(cell))
+    return volume / np.linalg.norm(np.cross(cell[[1, 2, 0]], cell[[2, 0, 1]]), axis=1)
+
+
+def supercell_repeat(atoms: Atoms, min_length: float) -> tuple[int, int, int]:
+    """Smallest diagonal repeat whose three perpendicular widths are all at least ``min_length`` Å."""
+    widths = perpendicular_widths(atoms.cell[:])
+    repeat = [max(1, int(np.ceil(min_length / w - 1e-9))) for w in widths]
+    return int(repeat[0]), int(repeat[1]), int(repeat[2])
+
+
+def vacancy_site(atoms: Atoms, element: str, site: int | None = None) -> int:
+    """Index in ``atoms`` of the atom to remove: ``site`` (checked) or the first ``element`` atom.
+
+    :raises ValueError: ``element`` absent from ``atoms``, or ``site`` out of range or of another element.
+    """
+    symbols = atoms.get_chemical_symbols()
+    if element not in symbols:
+        raise ValueError(f"no {element} atom in the host ({', '.join(sorted(set(symbols)))})")
+    if site is None:
+        return symbols.index(element)
+    if not 0 <= site < len(symbols):
+        raise ValueError(f"site {site} out of range: the host has {len(symbols)} atoms")
+    if symbols[site] != element:
+        raise ValueError(f"site {site} is {symbols[site]}, not {element}")
+    return int(site)
+
+
+def vacancy_cells(
+    atoms: Atoms,
+    element: str,
+    site: int | None = None,
+    supercell: Sequence[int] | None = None,
+    min_length: float = 10.0,
+) -> VacancyCells:
+    """Return the pristine supercell of ``atoms`` and the same supercell without one ``element`` atom.
+
+    ``site`` indexes ``atoms`` (default: its first ``element`` atom); the removed atom is that site's
+    image in the first cell of the supercell. ``supercell`` is a diagonal repeat (default: the smallest
+    whose perpendicular widths are ≥ ``min_length`` Å).
+
+    :raises ValueError: as :func:`vacancy_site`, or a repeat that is not three positive integers.
+    """
+    index = vacancy_site(atoms, element, site)
+    if supercell is None:
+        repeat: tuple[int, ...] = supercell_repeat(atoms, min_length)
+    else:
+        repeat = tuple(int(n) for n in supercell)
+    if len(repeat) != 3 or any(n < 1 for n in repeat):
+        raise ValueError(f"supercell must be three positive integers, got {list(repeat)}")
+    host = Atoms(atoms.get_chemical_symbols(), positions=atoms.positions, cell=atoms.cell, pbc=True)
+    pristine = host.repeat(repeat)  # ASE keeps the first cell's atoms first, in order
+    defect = pristine.copy()
+    position = np.array(pristine.positions[index], dtype=float)
+    del defect[index]
+    return VacancyCells(pristine, defect, index, position, (repeat[0], repeat[1], repeat[2]), element)

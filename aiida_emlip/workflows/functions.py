@@ -22,6 +22,8 @@ DEBYE_IN_E_A = 0.20819434
 #: Sign between pw.x's printed dipole (dipfield) and the physical dipole (ions − electrons), pinned by tests.
 QE_DIPOLE_SIGN = 1.0
 _DIPOLE_RE = re.compile(r"Dipole\s+[-+.\dEe]+\s+Ry au,\s+([-+.\dEe]+)\s+Debye")
+_LEVELS_RE = re.compile(r"highest occupied, lowest unoccupied level \(ev\):\s+([-+.\dEe]+)\s+([-+.\dEe]+)")
+_HOMO_RE = re.compile(r"highest occupied level \(ev\):\s+([-+.\dEe]+)")
 
 
 @calcfunction
@@ -56,6 +58,20 @@ def parse_dipole_debye(stdout: str) -> float | None:
     return value
 
 
+def parse_band_edges(stdout: str) -> tuple[float | None, float | None]:
+    """Return (highest occupied, lowest unoccupied level) in eV from pw.x's last report, None if absent.
+
+    pw.x prints both with fixed occupations when ``nbnd`` exceeds the occupied bands, otherwise only the
+    highest occupied level (measured from the cell-average electrostatic potential, like every level).
+    """
+    matches = _LEVELS_RE.findall(stdout)
+    if matches:
+        homo, lumo = matches[-1]
+        return float(homo), float(lumo)
+    homos = _HOMO_RE.findall(stdout)
+    return (float(homos[-1]) if homos else None), None
+
+
 def _labels(
     meta: dict[str, Any], parameters: orm.Dict, trajectory: orm.TrajectoryData, stdout: str, atoms: Atoms
 ) -> None:
@@ -71,8 +87,13 @@ def _labels(
     if fermi is not None:
         atoms.info[schema.FERMI_LEVEL] = float(fermi)
         atoms.info[schema.FERMI_REFERENCE] = "cell_average"
+    homo, lumo = parse_band_edges(stdout)
     if "highest_occupied_level" in params:
         atoms.info["highest_occupied_level"] = float(params["highest_occupied_level"])
+    elif homo is not None:
+        atoms.info["highest_occupied_level"] = homo
+    if lumo is not None:
+        atoms.info["lowest_unoccupied_level"] = lumo
     magnetization = params.get("total_magnetization")
     if magnetization is not None:
         atoms.info["total_magnetization"] = float(magnetization)

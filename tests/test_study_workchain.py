@@ -26,6 +26,7 @@ def tiny_study(pw_code, pseudo_family, train_code, eval_code):
 
 
 @pytest.mark.pw
+@pytest.mark.slow
 def test_tiny_study_outputs(tiny_study):
     node = tiny_study
     assert node.is_finished_ok, (node.exit_status, node.exit_message)
@@ -48,6 +49,7 @@ def test_tiny_study_outputs(tiny_study):
 
 
 @pytest.mark.pw
+@pytest.mark.slow
 def test_tiny_study_report_renders_in_chromium(tiny_study, tmp_path):
     if chromium() is None:
         pytest.skip("chromium missing (aiida-emlip setup installs it; apt-get install -y chromium)")

@@ -117,9 +117,8 @@ def reproduce_archive(
             )
     spec = original.inputs.spec.get_dict()
     text = original.inputs.spec_text.value if "spec_text" in original.inputs else None
-    click.echo(
-        f"Relaunching study {spec['name']!r} (archived <{original.pk}>) with caching {'on' if cache else 'off'}"
-    )
+    mode = "on" if cache else "off"
+    click.echo(f"Relaunching study {spec['name']!r} (archived <{original.pk}>) with caching {mode}")
     node = run_in_shell(study_builder(spec, text, codes), cache)
     print_outcome(node, target)
     if "comparison" not in node.outputs or "comparison" not in original.outputs:

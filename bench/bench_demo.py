@@ -48,13 +48,11 @@ def _span(nodes) -> float:
 
 def phases(study) -> dict[str, float]:
     """Seconds per phase of a finished study, from the creation and last-change times of its steps."""
-    from aiida import orm
+    from aiida.common.links import LinkType
 
     called = {
         link.link_label: link.node
-        for link in study.base.links.get_outgoing(
-            link_type=(orm.LinkType.CALL_WORK, orm.LinkType.CALL_CALC)
-        ).all()
+        for link in study.base.links.get_outgoing(link_type=(LinkType.CALL_WORK, LinkType.CALL_CALC)).all()
     }
     models = [n for label, n in called.items() if label.startswith(("evaluate_", "validate_"))]
     return {

@@ -122,8 +122,11 @@ def export(pk: str, file: Path, force: bool, profile_name: str | None) -> None:
     node = load_study(pk)
     if file.exists() and not force:
         raise click.ClickException(f"{file} exists: give another name or --force")
+    import logging
+
     from aiida.tools.archive import create_archive
 
+    logging.getLogger("aiida.export").setLevel(logging.WARNING)  # its tables would bury our line
     create_archive([node], filename=file, overwrite=force)
     size = file.stat().st_size / 2**20
     click.echo(f"Exported study {node.label!r} <{node.pk}> to {file} ({size:.1f} MiB)")

@@ -117,10 +117,21 @@ class ProgressHandler(logging.Handler):
     def __init__(self) -> None:
         super().__init__(level=logging.INFO)
         self.start = time.perf_counter()
+        self.labels: dict[int, str | None] = {}
+
+    def _label(self, pk: int) -> str | None:
+        if pk not in self.labels:
+            from aiida.orm import load_node
+
+            try:
+                self.labels[pk] = getattr(load_node(pk), "process_label", None)
+            except Exception:  # a node of another process type, or not yet visible
+                self.labels[pk] = None
+        return self.labels[pk]
 
     def emit(self, record: logging.LogRecord) -> None:
-        node = getattr(record, "dbnode", None)
-        label = getattr(node, "process_label", None)
+        pk = getattr(record, "dbnode_id", None)
+        label = self._label(pk) if isinstance(pk, int) else None
         if label not in PROGRESS_PROCESSES:
             return
         message = record.getMessage()
@@ -128,7 +139,7 @@ class ProgressHandler(logging.Handler):
             return
         elapsed = time.perf_counter() - self.start
         short = label.replace("Emlip", "").replace("WorkChain", "")
-        click.echo(f"[{elapsed:6.0f} s] {short}<{node.pk}>: {message}")
+        click.echo(f"[{elapsed:6.0f} s] {short}<{pk}>: {message}")
 
 
 @contextlib.contextmanager
@@ -169,7 +180,7 @@ def load_study(pk: str) -> ProcessNode:
         raise click.ClickException(f"no node {pk} in this profile: {exc}") from None
     if not isinstance(node, WorkflowNode) or node.process_type != STUDY_ENTRY_POINT:
         kind = getattr(node, "process_label", None) or type(node).__name__
-        raise click.ClickException(f"node {pk} is a {kind}, not a study (see `aiida-emlip list`)")
+        raise click.ClickException(f"node {pk} is not a study but a {kind} (see `aiida-emlip list`)")
     return node
 
 

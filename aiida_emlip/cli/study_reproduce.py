@@ -25,7 +25,7 @@ CODE_PORTS = ("pw_code", "train_code", "eval_code", "pp_code", "projwfc_code")
 def archived_studies(file: Path) -> list[str]:
     """UUIDs of the studies in an archive (read without importing it)."""
     from aiida import orm
-    from aiida.tools.archive import get_format
+    from aiida.tools.archive.abstract import get_format
 
     try:
         with get_format().open(file, "r") as archive:
@@ -71,6 +71,29 @@ def differences(old: dict[str, Any], new: dict[str, Any], tolerance: float) -> t
     return lines, compared
 
 
+def import_and_rehash(file: Path) -> int:
+    """Import the archive; give its processes their hashes back (an archive drops them), so that the
+    cache can find them. Returns the number of processes hashed."""
+    import logging
+
+    from aiida import orm
+    from aiida.manage import get_manager
+    from aiida.tools.archive import import_archive
+
+    get_manager().get_profile_storage()  # loading the storage reconfigures the logging: do it first
+    for name in ("aiida.export", "aiida.archive"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # its tables would bury our lines
+    group_pk = import_archive(file)
+    if group_pk is None:
+        return 0
+    count = 0
+    for node in orm.load_group(pk=group_pk).nodes:
+        if isinstance(node, orm.ProcessNode) and node.is_finished_ok:
+            node.base.caching.rehash()
+            count += 1
+    return count
+
+
 def _configure_local(computer) -> bool:
     """Configure an imported ``core.local`` computer for this user (nothing to ask); True if usable."""
     if computer.is_configured:
@@ -86,7 +109,6 @@ def reproduce_archive(
 ) -> None:
     """Import, relaunch with the archived codes (or the profile's), compare, print."""
     from aiida import orm
-    from aiida.tools.archive import import_archive
 
     uuids = archived_studies(file)
     if not uuids:
@@ -99,7 +121,8 @@ def reproduce_archive(
     if uuid not in uuids:
         raise click.ClickException(f"no study {uuid} in {file} (it holds {', '.join(uuids)})")
     click.echo(f"Importing {file} into profile {target.name!r} ...")
-    import_archive(file)
+    rehashed = import_and_rehash(file)
+    click.echo(f"Imported; {rehashed} calculations available to the cache")
     original = orm.load_node(uuid)
     if "comparison" not in original.outputs:
         click.echo("note: the archived study has no comparison; nothing to compare against")

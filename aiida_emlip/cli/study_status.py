@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from aiida import orm
+from aiida.common.links import LinkType
 
 from aiida_emlip.cli.study_common import STUDY_ENTRY_POINT
 
@@ -27,9 +28,7 @@ def _state(node: orm.ProcessNode) -> str:
 
 
 def _child(node: orm.ProcessNode, link_label: str) -> orm.ProcessNode | None:
-    for link in node.base.links.get_outgoing(
-        link_type=(orm.LinkType.CALL_WORK, orm.LinkType.CALL_CALC)
-    ).all():
+    for link in node.base.links.get_outgoing(link_type=(LinkType.CALL_WORK, LinkType.CALL_CALC)).all():
         if link.link_label == link_label:
             return link.node
     return None

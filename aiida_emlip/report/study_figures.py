@@ -94,6 +94,8 @@ def parity(label: str, reference: Sequence[Atoms], predicted: Sequence[Atoms]) -
         lo, hi = min(values), max(values)
         pad = 0.05 * (hi - lo or 1.0)
         ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], "k-", lw=0.8)
+        ax.set_xlim(lo - pad, hi + pad)
+        ax.set_ylim(lo - pad, hi + pad)
         ax.set_title(f"{label}, Q = {charge:+g}", fontsize=9)
         ax.set_xlabel("DFT (eV/atom)", fontsize=8)
         ax.tick_params(labelsize=7)

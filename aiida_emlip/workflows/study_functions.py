@@ -16,6 +16,10 @@ from aiida_emlip.analysis import study as analysis
 from aiida_emlip.data import EmlipDatasetData
 from aiida_emlip.spec_systems import system_frames
 
+#: Per-configuration metadata that names a particular run (the pw.x calculation's UUID, its wall time):
+#: left out of the training and held-out sets, so that identical labels make identical training inputs
+#: and a rerun finds its trainings in the cache. The study's ``dataset`` output keeps them.
+RUN_SPECIFIC = ("source_uuid", "pw_wall_time")
 #: pw.x setting of an ``isolated: true`` system (a molecule in open space).
 ISOLATED = {"SYSTEM": {"assume_isolated": "mt"}}
 
@@ -60,6 +64,8 @@ def split_study(dataset: EmlipDatasetData, settings: orm.Dict) -> dict[str, orm.
     geometry_of = values["geometry_of"]
     training, held_out = [], []
     for atoms in dataset.to_ase():
+        for name in RUN_SPECIFIC:
+            atoms.info.pop(name, None)
         key = str(atoms.info.get("key"))
         (held_out if geometry_of.get(key) in held else training).append(atoms)
     uuids = values.get("structure_uuids", {})

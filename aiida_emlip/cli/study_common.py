@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,8 @@ CACHED = (
 #: Processes whose report lines the foreground run prints.
 PROGRESS_PROCESSES = ("EmlipStudyWorkChain", "EmlipDatasetWorkChain", "EmlipTrainingWorkChain")
 PROGRESS_PROCESSES += ("EmlipChargedDefectWorkChain",)
+#: The ``[pk|Process|step]: `` that AiiDA puts before each report line.
+REPORT_PREFIX = re.compile(r"^\[\d+\|\w+\|\w+\]: ")
 
 
 def load_profile_or_exit(profile_name: str | None) -> ProfileTarget:
@@ -134,7 +137,7 @@ class ProgressHandler(logging.Handler):
         label = self._label(pk) if isinstance(pk, int) else None
         if label not in PROGRESS_PROCESSES:
             return
-        message = record.getMessage()
+        message = REPORT_PREFIX.sub("", record.getMessage())
         if label == "EmlipDatasetWorkChain" and not message.startswith(("progress", "finished")):
             return
         elapsed = time.perf_counter() - self.start

@@ -18,7 +18,8 @@ from aiida_emlip.spec_systems import system_frames
 
 #: Per-configuration metadata that names a particular run (the pw.x calculation's UUID, its wall time):
 #: left out of the training and held-out sets, so that identical labels make identical training inputs
-#: and a rerun finds its trainings in the cache. The study's ``dataset`` output keeps them.
+#: and a rerun finds its trainings in the cache (also in another profile, where an imported computer is
+#: relabelled: the split sets name the DFT code without its computer). The ``dataset`` output keeps them.
 RUN_SPECIFIC = ("source_uuid", "pw_wall_time")
 #: pw.x setting of an ``isolated: true`` system (a molecule in open space).
 ISOLATED = {"SYSTEM": {"assume_isolated": "mt"}}
@@ -80,6 +81,8 @@ def split_study(dataset: EmlipDatasetData, settings: orm.Dict) -> dict[str, orm.
         "they are never in any design's training or validation set",
     }
     dft = dataset.dft_settings
+    if "code" in dft:  # the program, not the computer's label (an imported computer is renamed)
+        dft["code"] = str(dft["code"]).split("@", 1)[0]
     return {
         "training_set": EmlipDatasetData(frames=training, dft_settings=dft),
         "held_out_set": EmlipDatasetData(frames=held_out, dft_settings=dft),

@@ -17,8 +17,8 @@
 Usage::
 
     python bench/bench_evaluate.py [--device auto|cpu|cuda] [--sizes 1000,5000] [--steps 5]
-                                   [--eval-steps 40] [--repeats 2] [--skip-overhead] [--skip-md]
-                                   [--json out.json]
+                                   [--heads sr,charges,qeq,scf] [--eval-steps 40] [--repeats 2]
+                                   [--skip-overhead] [--skip-md] [--json out.json]
 """
 
 from __future__ import annotations
@@ -200,7 +200,7 @@ def md_rate(head: str, atoms, steps: int, device: str) -> dict:
     }
 
 
-def md_table(sizes: list[int], steps: int, device: str) -> dict:
+def md_table(sizes: list[int], steps: int, device: str, heads: list[str]) -> dict:
     from aiida_emlip.models.io import resolve_device
 
     device = str(resolve_device(device))
@@ -210,7 +210,7 @@ def md_table(sizes: list[int], steps: int, device: str) -> dict:
     for size in sizes:
         atoms = water_box(WATER_ATOMS.get(size, round(size / 3)))
         rows = {}
-        for head in MD_HEADS:
+        for head in ["sr", *[h for h in heads if h != "sr"]]:
             rows[head] = md_rate(head, atoms, steps, device)
             rate = rows[head]["steps_per_s"]
             ratio = rate / rows["sr"]["steps_per_s"]
@@ -232,6 +232,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--sizes", default="1000,5000", help="water-box sizes in atoms (default 1000,5000)")
     parser.add_argument("--steps", type=int, default=5, help="timed MD steps per head and size")
+    parser.add_argument("--heads", default=",".join(MD_HEADS), help="heads of the MD table (sr always)")
     parser.add_argument("--eval-steps", type=int, default=40, help="MD steps of the overhead workload")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each side of the overhead comparison")
     parser.add_argument("--skip-overhead", action="store_true")
@@ -242,7 +243,11 @@ def main() -> None:
     try:
         if not args.skip_md:
             sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
-            results["md"] = md_table(sizes, args.steps, args.device)
+            heads = [h for h in args.heads.split(",") if h.strip()]
+            unknown = sorted(set(heads) - set(MD_HEADS))
+            if unknown:
+                raise SystemExit(f"unknown heads {unknown}; known: {list(MD_HEADS)}")
+            results["md"] = md_table(sizes, args.steps, args.device, heads)
         if not args.skip_overhead:
             results["overhead"] = overhead(args.eval_steps, args.device, args.repeats)
     finally:

@@ -152,7 +152,7 @@ def test_slab_fermi_level_relative_to_vacuum(pw_code, pp_code, pseudo_family):
         {"slab": orm.StructureData(ase=al_slab_water()), "h2o": orm.StructureData(ase=water())},
         pseudo_family.label,
         protocol="fast",
-        overrides={**CHEAP, "postprocess": {"vacuum_level": True}},
+        overrides={**CHEAP, "postprocess": {"vacuum_level": True, "hirshfeld": False}},
     )
     builder.pp_code = pp_code
     results, node = run_get_node(builder)
@@ -190,10 +190,9 @@ def test_postprocessing_asked_for_needs_pp_code(pw_code, pseudo_family, step):
 
 def test_default_hirshfeld_skipped_without_pp_code(labelled):
     """Hirshfeld is on by default; without pp_code it is skipped with a report line, labels kept."""
-    from aiida.cmdline.utils.common import get_workchain_report
-
     results, node = labelled
-    assert "Hirshfeld charges (on by default) skipped: no pp_code given" in get_workchain_report(node, "REPORT")
+    assert node.is_finished_ok, node.exit_message
+    assert results["report"]["postprocess_skipped"] == {"hirshfeld": "on by default; no pp_code given"}
     assert schema.CHARGES not in results["dataset"].label_keys
 
 

@@ -10,7 +10,7 @@ from ase import Atoms, units
 from ase.constraints import FixAtoms
 from ase.filters import FrechetCellFilter
 from ase.md.langevin import Langevin
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
+from ase.md.velocitydistribution import Stationary, ZeroRotation
 from ase.md.verlet import VelocityVerlet
 from ase.optimize import BFGS, FIRE
 from ase.stress import voigt_6_to_full_3x3_stress
@@ -18,6 +18,11 @@ from ase.stress import voigt_6_to_full_3x3_stress
 from aiida_emlip.models.calculator import EmlipCalculator
 from aiida_emlip.training.errors import DataError
 from aiida_emlip.training.eval_params import Constraints, MDOptions, RelaxOptions
+
+try:  # ASE >= 3.29
+    from ase.md.velocitydistribution import thermalize_momenta
+except ImportError:  # older ASE
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution as thermalize_momenta
 
 OPTIMIZERS = {"FIRE": FIRE, "BFGS": BFGS}
 #: Calculator result → prediction key (as in :data:`aiida_emlip.training.evaluate.PER_ATOM` etc.).
@@ -111,7 +116,11 @@ class _Tracker:
             values["stress"] = voigt_6_to_full_3x3_stress(np.asarray(results["stress"], dtype=float))
         atoms = Atoms(self.work.numbers, self.work.positions, cell=self.work.cell, pbc=self.work.pbc)
         atoms.info.update(self.work.info)
-        return Frame(atoms, values, dict(meta))
+        meta = dict(meta)
+        if "converged" in results:  # every frame says whether its own SCF converged
+            meta["scf_converged"] = bool(results["converged"])
+            meta["scf_iterations"] = int(results.get("iterations", 0))
+        return Frame(atoms, values, meta)
 
     def final_atoms(self) -> Atoms:
         atoms = Atoms(self.work.numbers, self.work.positions, cell=self.work.cell, pbc=self.work.pbc)
@@ -149,7 +158,7 @@ def relax(
             result.frames.append(tracker.frame({"relax_steps": step}))
             last_recorded = step
     result.steps = optimizer.nsteps
-    if stride and last_recorded != result.steps and result.frames is not None:
+    if stride and last_recorded != result.steps:
         result.frames.append(tracker.frame({"relax_steps": result.steps}))
     ok = bool(converged) and result.stop_reason is None
     if not ok and result.stop_reason is None:
@@ -175,7 +184,7 @@ def molecular_dynamics(
     work = _prepare(atoms, calc, fixed)
     rng = np.random.default_rng(options.seed)
     if options.temperature_K > 0:
-        MaxwellBoltzmannDistribution(work, temperature_K=options.temperature_K, rng=rng)
+        thermalize_momenta(work, temperature_K=options.temperature_K, rng=rng)
         if not fixed:
             Stationary(work)
             if not work.pbc.any():

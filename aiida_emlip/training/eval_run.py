@@ -166,7 +166,7 @@ def run_evaluation(
     else:
         from aiida_emlip.models.calculator import EmlipCalculator
 
-        calc = EmlipCalculator(model)
+        calc = EmlipCalculator(model, device=str(model.device))  # the device chosen above, not 'auto'
         run = relax if params.mode == "relax" else molecular_dynamics
         for i, s in enumerate(samples):
             tick = time.perf_counter()

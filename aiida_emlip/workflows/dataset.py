@@ -198,10 +198,12 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WorkChain):
                 message="group is not a pseudopotential family"
             )
         postprocess = self.ctx.inputs["postprocess"]
+        self.ctx.postprocess_skipped = {}
         if postprocess["hirshfeld"] and "pp_code" not in self.inputs:
             if "hirshfeld" not in overrides.get("postprocess", {}):
                 # on by default (the reference multipoles that training supervises): skipped, with a word
                 postprocess["hirshfeld"] = False
+                self.ctx.postprocess_skipped = {"hirshfeld": "on by default; no pp_code given"}
                 self.report("Hirshfeld charges (on by default) skipped: no pp_code given")
         wanted = [k for k in ("vacuum_level", "hirshfeld") if postprocess.get(k)]
         if wanted and "pp_code" not in self.inputs:
@@ -614,6 +616,7 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WorkChain):
             "configurations": {key: c["meta"] for key, c in self.ctx.configs.items()},
             "failures": self.ctx.failures,
             "postprocess_failures": self.ctx.postprocess_failures,
+            "postprocess_skipped": self.ctx.postprocess_skipped,
         }
         outputs = assemble_dataset(settings=orm.Dict(settings), **nodes)
         self.out("report", outputs["report"])

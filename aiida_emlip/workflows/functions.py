@@ -161,6 +161,7 @@ def assemble_dataset(settings: orm.Dict, **nodes: orm.Data) -> dict[str, orm.Dat
         "n_failed": len(data["failures"]),
         "failed": data["failures"],
         "postprocess_failed": data.get("postprocess_failures", {}),
+        "postprocess_skipped": data.get("postprocess_skipped", {}),
         "fermi_references": sorted({str(f.info.get(schema.FERMI_REFERENCE)) for f in frames}),
     }
     outputs: dict[str, orm.Data] = {"report": orm.Dict(report)}

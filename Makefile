@@ -9,7 +9,8 @@ SHELL := /bin/bash
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
-PYTEST_ARGS ?=
+# `make test` (CI) leaves out the tests marked slow; `make test-all` runs every test.
+PYTEST_ARGS ?= -m "not slow"
 STAMPS := .stamps
 HASH := $(shell (cat pyproject.toml; echo "$(TORCH_SPEC)") | sha256sum | cut -c1-16)
 INSTALL_STAMP := $(STAMPS)/install-$(HASH)
@@ -17,16 +18,19 @@ INSTALL_STAMP := $(STAMPS)/install-$(HASH)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help demo test setup install qe browser docs lint clean-stamps
+.PHONY: help demo test test-all setup install qe browser docs lint clean-stamps
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
 
-demo: setup  ## set up everything, then run the demo job (real pw.x through AiiDA)
+demo: setup  ## set up everything, then run the demo study (real pw.x through AiiDA) and write its report
 	$(BIN)/aiida-emlip demo
 
-test: setup  ## set up everything, then run the whole test suite
+test: setup  ## set up everything, then run the test suite without the tests marked slow (what CI runs)
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-all: setup  ## set up everything, then run every test, the slow ones included
+	$(BIN)/pytest
 
 setup: install qe browser  ## create/reuse the isolated AiiDA profile, computer, pw code and pseudo family
 	$(BIN)/aiida-emlip setup

@@ -67,8 +67,9 @@ LABELS: dict[str, Label] = {
 #: Allowed values of :data:`FERMI_REFERENCE`; ``model`` marks a model's μ, on the scale of its training data.
 FERMI_REFERENCES = ("cell_average", "vacuum", "vbm_aligned", "model")
 
-#: Coulomb constant e^2/(4 π ε0) in eV·Å/e^2.
-COULOMB_CONSTANT = 14.399645
+#: Coulomb constant e^2/(4 π ε0) in eV·Å/e^2: ASE's value (CODATA 2014, Hartree × Bohr) to all digits, so
+#: that energies agree with ASE's calculators beyond the 1e-8 relative floor a rounded constant sets.
+COULOMB_CONSTANT = 14.399645351950548
 #: One Hartree atomic unit of electric field in V/Å.
 FIELD_AU_IN_V_PER_A = 51.42206747632590
 #: Bohr radius in Å.

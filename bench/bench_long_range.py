@@ -37,7 +37,7 @@ DFT = {
 }
 
 
-def label(out: Path, quick: bool) -> None:
+def label(out: Path, quick: bool, separations: int = 12, orientations: int = 3) -> None:
     """Run the dataset workchain on the long-range set and export it."""
     from aiida_emlip.profile import load_or_create_profile, select_profile
 
@@ -50,7 +50,9 @@ def label(out: Path, quick: bool) -> None:
     from aiida_emlip.structures.fragments import long_range_set
     from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain
 
-    frames = long_range_set(n_separations=4, orientations=1) if quick else long_range_set()
+    if quick:
+        separations, orientations = 4, 1
+    frames = long_range_set(n_separations=separations, orientations=orientations)
     builder = EmlipDatasetWorkChain.get_builder_from_protocol(
         orm.load_code("pw@localhost"),
         EmlipDatasetData(frames=frames),
@@ -176,6 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("stage", choices=["label", "train", "report", "all"])
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--quick", action="store_true", help="a few configurations only (a smoke test)")
+    parser.add_argument("--separations", type=int, default=12, help="separations per system (label)")
+    parser.add_argument("--orientations", type=int, default=3, help="orientations per separation (label)")
     parser.add_argument("--workdir", type=Path, default=Path("long-range-runs"))
     parser.add_argument("--epochs", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0)
@@ -185,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
 
     designs = args.designs or list(PRESETS)
     if args.stage in ("label", "all"):
-        label(args.data, args.quick)
+        label(args.data, args.quick, args.separations, args.orientations)
     if args.stage in ("train", "all"):
         train(args.data, args.workdir, designs, args.epochs, args.seed)
     if args.stage in ("report", "all"):

@@ -48,11 +48,14 @@ def test_launch_refuses_a_bad_spec_before_creating_anything(cli_aiida_path, emli
     )
     text = _refused(emlip_cli("launch", str(bad), env=env), "bad.yaml: 3 problems")
     assert re.search(r"bad.yaml:1: .*'name'", text) and "unknown preset" in text
-    assert "Studies (0)" in _ok(emlip_cli("list", "studies", env=env))
     missing = emlip_cli("launch", str(tmp_path / "missing.yaml"), env=env)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
     _refused(emlip_cli("status", "999999", env=env), "no node 999999")
+    good = tmp_path / "good.yaml"
+    good.write_text(TINY_SPEC)
+    _refused(emlip_cli("launch", str(good), "--daemon", env=env), "has no broker")
     _refused(emlip_cli("report", "1", env=env), "not a study")
+    assert "Studies (0)" in _ok(emlip_cli("list", "studies", env=env))  # nothing was stored
 
 
 def test_status_list_and_report(study, emlip_cli, tmp_path):

@@ -190,7 +190,13 @@ def _validations(comparison: Mapping[str, Any], figures: Mapping[str, bytes]) ->
         prefix = f"validation_{name}_"
         for figure in sorted(k for k in figures if k.startswith(prefix)):
             parts.append(_figure(figure, f"{name}: {figure[len(prefix) :].replace('_', ' ')}", figures))
-    return "\n".join(parts) if parts else "<p>No validation in this study.</p>"
+    if not parts:
+        return "<p>No validation in this study.</p>"
+    note = (
+        "<p class='muted'>Each validation runs its own DFT on its own cells (e.g. the vacancy at the "
+        "pristine geometry); none of them is in any design's training set.</p>"
+    )
+    return note + "\n".join(parts)
 
 
 def _split(comparison: Mapping[str, Any]) -> str:

@@ -16,6 +16,7 @@ from aiida_emlip.cli.study_common import (
     load_spec_or_exit,
     load_study,
     print_outcome,
+    retry_when_busy,
     run_in_shell,
     study_builder,
 )
@@ -79,7 +80,7 @@ def status(pk: str, profile_name: str | None) -> None:
     load_profile_or_exit(profile_name)
     from aiida_emlip.cli.study_status import status_lines
 
-    for line in status_lines(load_study(pk)):
+    for line in retry_when_busy(lambda: status_lines(load_study(pk))):
         click.echo(line)
 
 
@@ -160,5 +161,5 @@ def list_(what: str, limit: int, profile_name: str | None) -> None:
     load_profile_or_exit(profile_name)
     from aiida_emlip.cli.study_status import list_lines
 
-    for line in list_lines(what, limit):
+    for line in retry_when_busy(lambda: list_lines(what, limit)):
         click.echo(line)

@@ -6,9 +6,9 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -17,6 +17,8 @@ from aiida_emlip.profile import ProfileNotFoundError, ProfileTarget, load_or_cre
 
 if TYPE_CHECKING:
     from aiida.orm import ProcessNode
+
+T = TypeVar("T")
 
 STUDY_ENTRY_POINT = "aiida.workflows:emlip.study"
 #: Calculations (and calcfunctions) whose finished results a study reuses when caching is on.
@@ -208,3 +210,25 @@ def print_outcome(node: ProcessNode, target: ProfileTarget) -> None:
     if cached:
         click.echo(f"{cached} of {total} calculations reused from the cache")
     click.echo(f"Status: aiida-emlip status {node.pk}; all processes: verdi -p {target.name} process list -a")
+
+
+def retry_when_busy(read: Callable[[], T], attempts: int = 10, wait: float = 1.0) -> T:
+    """``read()``, again after a pause while a running study holds the SQLite database's write lock."""
+    from sqlalchemy.exc import OperationalError
+
+    for attempt in range(attempts):
+        try:
+            return read()
+        except OperationalError as exc:
+            if "locked" not in str(exc) or attempt == attempts - 1:
+                raise click.ClickException(
+                    f"the profile's database is busy ({exc.orig}); try again"
+                ) from None
+            from aiida.manage import get_manager
+
+            try:  # the failed statement leaves the session's transaction unusable
+                get_manager().get_profile_storage().get_session().rollback()
+            except Exception:
+                pass
+            time.sleep(wait)
+    raise AssertionError("unreachable")

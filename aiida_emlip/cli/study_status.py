@@ -24,7 +24,12 @@ def _state(node: orm.ProcessNode) -> str:
         return "excepted"
     if node.is_killed:
         return "killed"
-    return node.process_state.value if node.process_state else "created"
+    if node.process_state is None:
+        return "created"
+    if isinstance(node, orm.CalcJobNode):  # a job waits on its scheduler: say what the job does
+        state = node.get_state()
+        return "running" if state is None else state.value.replace("withscheduler", "running")
+    return node.process_state.value
 
 
 def _child(node: orm.ProcessNode, link_label: str) -> orm.ProcessNode | None:

@@ -14,6 +14,7 @@ from aiida.engine import calcfunction
 
 from aiida_emlip.analysis import study as analysis
 from aiida_emlip.data import EmlipDatasetData
+from aiida_emlip.data.dataset import dft_settings_digest
 from aiida_emlip.spec_systems import system_frames
 
 #: Per-configuration metadata that names a particular run (the pw.x calculation's UUID, its wall time):
@@ -83,6 +84,8 @@ def split_study(dataset: EmlipDatasetData, settings: orm.Dict) -> dict[str, orm.
     dft = dataset.dft_settings
     if "code" in dft:  # the program, not the computer's label (an imported computer is renamed)
         dft["code"] = str(dft["code"]).split("@", 1)[0]
+        if "digest" in dft:
+            dft["digest"] = dft_settings_digest({k: v for k, v in dft.items() if k != "digest"})
     return {
         "training_set": EmlipDatasetData(frames=training, dft_settings=dft),
         "held_out_set": EmlipDatasetData(frames=held_out, dft_settings=dft),

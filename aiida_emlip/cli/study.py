@@ -78,9 +78,9 @@ def _submit(spec: dict, text: str, target) -> None:
 def status(pk: str, profile_name: str | None) -> None:
     """Live summary of study PK: DFT, each design's training, validations, report."""
     load_profile_or_exit(profile_name)
-    from aiida_emlip.cli.study_status import status_lines
+    from aiida_emlip.cli.study_status import render, status_lines
 
-    for line in retry_when_busy(lambda: status_lines(load_study(pk))):
+    for line in render(retry_when_busy(lambda: status_lines(load_study(pk)))):
         click.echo(line)
 
 

@@ -123,6 +123,7 @@ class ProgressHandler(logging.Handler):
         super().__init__(level=logging.INFO)
         self.start = time.perf_counter()
         self.labels: dict[int, str | None] = {}
+        self.done: dict[int, str] = {}
 
     def _label(self, pk: int) -> str | None:
         if pk not in self.labels:
@@ -140,8 +141,13 @@ class ProgressHandler(logging.Handler):
         if label not in PROGRESS_PROCESSES:
             return
         message = REPORT_PREFIX.sub("", record.getMessage())
-        if label == "EmlipDatasetWorkChain" and not message.startswith(("progress", "finished")):
-            return
+        if label == "EmlipDatasetWorkChain":
+            if not message.startswith(("progress", "finished")):
+                return
+            done = message.split(" done", 1)[0]
+            if self.done.get(pk) == done:  # the batch's start line; its end line follows
+                return
+            self.done[pk] = done
         elapsed = time.perf_counter() - self.start
         short = label.replace("Emlip", "").replace("WorkChain", "")
         click.echo(f"[{elapsed:6.0f} s] {short}<{pk}>: {message}")

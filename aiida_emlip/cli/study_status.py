@@ -39,30 +39,55 @@ def _child(node: orm.ProcessNode, link_label: str) -> orm.ProcessNode | None:
     return None
 
 
-def _remote_epoch(calc: orm.CalcJobNode) -> str | None:
-    """The last epoch line of a running training job (read from its working directory)."""
-    if "remote_folder" not in calc.outputs:
+def _epoch_text(text: str) -> str | None:
+    matches = EPOCH_LINE.findall(text.replace("\r", "\n"))
+    if not matches:
         return None
-    remote = calc.outputs.remote_folder
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in ("train.log", "stdout"):
-            try:
-                remote.getfile(name, str(Path(tmp) / name))
-            except Exception:  # not written yet, or the computer is not reachable
-                continue
-            text = (Path(tmp) / name).read_text(errors="replace").replace("\r", "\n")
-            matches = EPOCH_LINE.findall(text)
-            if matches:
-                epoch, stage, _, valid = matches[-1]
-                return f"epoch {epoch} ({stage}), validation loss {valid}"
+    epoch, stage, _, valid = matches[-1]
+    return f"epoch {epoch} ({stage}), validation loss {valid}"
+
+
+def _remote_epoch(job: dict[str, Any]) -> str | None:
+    """The last epoch line of a running training job, read from its working directory.
+
+    Runs after the database transaction has ended: on a SQLite profile a long read would hold the lock
+    that the running study needs to write.
+    """
+    workdir = job.get("workdir")
+    if not workdir:
+        return None
+    for name in ("train.log", "stdout"):
+        try:
+            if job["transport"] == "core.local":
+                text = (Path(workdir) / name).read_text(errors="replace")
+            else:
+                computer = orm.load_computer(job["computer"])
+                with computer.get_transport() as transport, tempfile.TemporaryDirectory() as tmp:
+                    transport.getfile(f"{workdir}/{name}", str(Path(tmp) / name))
+                    text = (Path(tmp) / name).read_text(errors="replace")
+        except Exception:  # not written yet, or the computer is not reachable
+            continue
+        found = _epoch_text(text)
+        if found:
+            return found
     return None
+
+
+def end_read() -> None:
+    """End the session's read transaction (releases SQLite's shared lock)."""
+    from aiida.manage import get_manager
+
+    try:
+        get_manager().get_profile_storage().get_session().rollback()
+    except Exception:  # a storage without sessions
+        pass
 
 
 def _epochs(config: dict[str, Any]) -> int:
     return sum(int(stage.get("epochs", 0)) for stage in config.get("stages", []))
 
 
-def training_lines(training: orm.ProcessNode | None, designs: list[str]) -> list[str]:
+def training_lines(training: orm.ProcessNode | None, designs: list[str]) -> list[Any]:
     """One line per design: waiting, running (epoch, validation loss) or finished (cost, loss)."""
     lines = []
     for label in designs:
@@ -83,16 +108,36 @@ def training_lines(training: orm.ProcessNode | None, designs: list[str]) -> list
         elif calc.is_terminated:
             lines.append(f"  {label:<12} {_state(calc)}: {calc.exit_message or ''}")
         else:
-            progress = _remote_epoch(calc) or "starting"
-            lines.append(f"  {label:<12} {_state(calc)}: {progress} of {total} epochs")
+            job = {
+                "workdir": calc.get_remote_workdir(),
+                "transport": calc.computer.transport_type,
+                "computer": calc.computer.label,
+            }
+            lines.append(RemoteLine(f"  {label:<12} {_state(calc)}: ", f" of {total} epochs", job))
     return lines
 
 
-def status_lines(study: orm.WorkflowNode) -> list[str]:
+class RemoteLine:
+    """A status line whose middle is read from a running job's folder once the database is released."""
+
+    def __init__(self, head: str, tail: str, job: dict[str, Any]) -> None:
+        self.head, self.tail, self.job = head, tail, job
+
+    def render(self) -> str:
+        return f"{self.head}{_remote_epoch(self.job) or 'starting'}{self.tail}"
+
+
+def render(lines: list[Any]) -> list[str]:
+    """Release the database, then read the running jobs' folders."""
+    end_read()
+    return [line.render() if isinstance(line, RemoteLine) else line for line in lines]
+
+
+def status_lines(study: orm.WorkflowNode) -> list[Any]:
     """The live summary of a study."""
     spec = study.inputs.spec.get_dict()
     stage = study.base.extras.get("emlip_stage", "not started")
-    lines = [f"Study {spec.get('name')!r} <{study.pk}>: {_state(study)} (stage: {stage})"]
+    lines: list[Any] = [f"Study {spec.get('name')!r} <{study.pk}>: {_state(study)} (stage: {stage})"]
     if study.exit_message:
         lines.append(f"  {study.exit_message}")
     dft = _child(study, "dft")
@@ -132,7 +177,7 @@ def list_lines(what: str, limit: int) -> list[str]:
     from aiida_emlip.data import EmlipDatasetData
     from aiida_emlip.data.model import EmlipModelData
 
-    lines: list[str] = []
+    lines: list[Any] = []
     if what in ("all", "studies"):
         query = orm.QueryBuilder().append(
             orm.WorkflowNode, filters={"process_type": STUDY_ENTRY_POINT}, tag="s"

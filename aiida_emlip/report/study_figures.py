@@ -78,19 +78,28 @@ def learning_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]]) -> byt
 
 
 def parity(label: str, reference: Sequence[Atoms], predicted: Sequence[Atoms]) -> bytes | None:
-    """DFT against model energy per atom on the held-out set, one panel per total-charge state."""
+    """DFT against model energy per atom on the held-out set, one panel per total-charge state.
+
+    Energies are relative to the mean DFT energy per atom of each configuration type over the held-out
+    set (the same shift for DFT and model), so that systems of very different energies share one scale.
+    """
     points = parity_points(reference, predicted)
     if not points:
         return None
+    shift: dict[str, float] = {}
+    for config_type in {p["config_type"] for p in points}:
+        values = [p["dft"] for p in points if p["config_type"] == config_type]
+        shift[config_type] = sum(values) / len(values)
     charges = sorted({p["total_charge"] for p in points})
     fig, axes = plt.subplots(1, len(charges), figsize=(2.9 * len(charges), 2.9), squeeze=False)
     for ax, charge in zip(axes[0], charges):
         chosen = [p for p in points if p["total_charge"] == charge]
-        types = sorted({p["config_type"] for p in chosen})
-        for config_type in types:
+        for config_type in sorted({p["config_type"] for p in chosen}):
             sub = [p for p in chosen if p["config_type"] == config_type]
-            ax.scatter([p["dft"] for p in sub], [p["model"] for p in sub], s=18, label=config_type)
-        values = [p["dft"] for p in chosen] + [p["model"] for p in chosen]
+            x = [p["dft"] - shift[config_type] for p in sub]
+            y = [p["model"] - shift[config_type] for p in sub]
+            ax.scatter(x, y, s=18, label=config_type)
+        values = [p[k] - shift[p["config_type"]] for p in chosen for k in ("dft", "model")]
         lo, hi = min(values), max(values)
         pad = 0.05 * (hi - lo or 1.0)
         ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], "k-", lw=0.8)
@@ -101,6 +110,7 @@ def parity(label: str, reference: Sequence[Atoms], predicted: Sequence[Atoms]) -
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=6)
     axes[0][0].set_ylabel("model (eV/atom)", fontsize=8)
+    fig.suptitle("energy per atom relative to the held-out DFT mean of each configuration type", fontsize=8)
     fig.tight_layout()
     return _png(fig)
 

@@ -68,7 +68,7 @@ def test_demo_study_cli(cli_aiida_path: Path, emlip_cli, tmp_path: Path) -> None
     proc = emlip_cli("demo", "--epochs", "2", "--output", str(report), env=env, timeout=3000)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Demo study 'demo'" in proc.stdout
-    assert "DFT: pw.x on 29 configurations" in proc.stdout
+    assert "DFT: pw.x on 41 configurations" in proc.stdout
     assert "Study 'demo' <" in proc.stdout and "finished OK" in proc.stdout
     assert "On the charged structures" in proc.stdout
     assert f"Report: {(report / 'index.html').resolve()}" in proc.stdout

@@ -47,7 +47,7 @@ class FakeResources:
 def test_demo_spec_parses_with_defaults():
     spec = parse_spec(bundled_spec_text("demo"), "demo.yaml")
     assert list(spec["designs"]) == ["sr", "charges", "qeq", "scf"]
-    assert spec["split"]["held_out_fraction"] == pytest.approx(0.3)
+    assert spec["split"]["held_out_fraction"] == pytest.approx(0.2)
     counts = dft_configuration_count(spec)
     assert counts["systems.vacancy"] == 8 and counts["validations.defect"] == 4
     assert sum(counts.values()) <= spec["budget"]["max_dft_configurations"]

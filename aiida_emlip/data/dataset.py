@@ -45,6 +45,7 @@ METADATA_KEYS = frozenset(
         "md_step",
         "time_fs",
         "temperature",
+        "structure_index",
     }
 )
 

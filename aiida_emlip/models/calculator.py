@@ -18,7 +18,7 @@ class EmlipCalculator(Calculator):
     """Evaluate an :class:`EmlipModel` on ASE ``Atoms``; total charge and field from ``atoms.info``.
 
     Extra results: ``charges`` (e), ``atomic_dipoles`` (e·Å), ``dipole`` (e·Å), ``fermi_level`` (eV,
-    heads that determine μ) and ``converged`` (iterative heads).
+    heads that determine μ), ``converged`` and ``iterations`` (iterative heads).
     """
 
     implemented_properties: ClassVar[list[str]] = [
@@ -58,6 +58,7 @@ class EmlipCalculator(Calculator):
             ("dipoles", "atomic_dipoles"),
             ("fermi_level", "fermi_level"),
             ("converged", "converged"),
+            ("iterations", "iterations"),
         ):
             value = numpy(key)
             if value is not None:

@@ -2,7 +2,7 @@
 
 Exit statuses (see :class:`~aiida_emlip.training.errors.ExitCode`): 0 ok, 1 internal error,
 2 bad configuration or data (before any compute), 3 NaN/inf, 4 interrupted by a signal with a
-checkpoint written.
+checkpoint written, 5 SCF not converged, 6 (emlip-eval) relaxation not converged.
 """
 
 from __future__ import annotations
@@ -93,18 +93,32 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     return _guard(body)
 
 
+EVAL_EXIT_HELP = EXIT_HELP.replace(
+    "  5  a self-consistent head did not converge or diverged (head option on_failure: raise)\n",
+    "  5  the SCF of a self-consistent head did not converge for some structure: every result is\n"
+    "     written, that structure flagged scf_converged=False\n"
+    "  6  a relaxation reached max_steps above fmax: results written, flagged relax_converged=False\n",
+)
+
+
 def eval_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="emlip-eval",
         description=(
-            "Evaluate a trained model (MODEL.safetensors) on DATA.xyz. Writes the structures with\n"
-            "predictions (PREFIX_energy, PREFIX_forces, PREFIX_stress, PREFIX_charges, PREFIX_dipoles,\n"
-            "PREFIX_dipole, PREFIX_fermi_level) as extxyz and, where DATA.xyz has labels, prints an\n"
-            "error table by quantity, config type and total charge. Self-consistent heads converge\n"
-            "from the local guess. Example:\n"
-            "  emlip-eval runs/charges/model.safetensors test.xyz -o pred.xyz --errors errors.json"
+            "Evaluate a trained model (MODEL.safetensors) on the structures of DATA.xyz; total\n"
+            "charge, spin, applied field and Fermi level of each come from its extxyz info keys.\n"
+            "Modes: single_point (default), relax (ASE FIRE/BFGS, optional cell, fixed atoms) and md\n"
+            "(NVE or Langevin). Writes the predictions as extxyz (PREFIX_energy, PREFIX_forces, ...\n"
+            "beside the input labels, or the schema keys with --schema-keys) with the metadata\n"
+            "model_sha256, eval_mode, scf_converged, scf_iterations, relax_converged, md_step, ...;\n"
+            "a JSON summary per structure; in relax/md a trajectory. single_point prints an error\n"
+            "table where DATA.xyz has labels. Parameters: --params FILE (YAML/JSON), flags override.\n"
+            "Examples:\n"
+            "  emlip-eval model.safetensors test.xyz -o pred.xyz --errors errors.json\n"
+            "  emlip-eval model.safetensors slab.xyz --mode relax --fmax 0.02 --fix-z-max 3.0\n"
+            "  emlip-eval model.safetensors box.xyz --mode md --ensemble langevin --steps 1000"
         ),
-        epilog=EXIT_HELP,
+        epilog=EVAL_EXIT_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model", type=Path, help="model file written by emlip-train (.safetensors)")
@@ -113,9 +127,20 @@ def eval_parser() -> argparse.ArgumentParser:
         "-o", "--output", type=Path, help="predictions extxyz (default: DATA stem + _pred.xyz)"
     )
     parser.add_argument("--errors", type=Path, help="also write the error table as JSON here")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--summary", type=Path, help="JSON summary (default: OUTPUT stem + _summary.json)")
+    parser.add_argument(
+        "--trajectory", type=Path, help="relax/md trajectory extxyz (default: OUTPUT stem + _traj.xyz)"
+    )
+    parser.add_argument("--params", type=Path, help="YAML or JSON file of parameters (docs/evaluate.md)")
+    parser.add_argument("--mode", choices=["single_point", "relax", "md"], help="default: single_point")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: auto (CUDA if present)")
+    parser.add_argument("--batch-size", type=int, help="structures per batch of single points (default 16)")
     parser.add_argument("--prefix", default="emlip", help="prefix of the prediction keys (default: emlip)")
+    parser.add_argument(
+        "--schema-keys",
+        action="store_true",
+        help="write predictions under the schema keys (energy, forces, ref_charges, ...) instead",
+    )
     parser.add_argument(
         "--key",
         action="append",
@@ -123,7 +148,70 @@ def eval_parser() -> argparse.ArgumentParser:
         metavar="SCHEMA=FILE",
         help="label key mapping, e.g. --key energy=REF_energy (repeatable)",
     )
+    relax = parser.add_argument_group("relax")
+    relax.add_argument("--optimizer", help="FIRE (default) or BFGS")
+    relax.add_argument("--fmax", type=float, help="eV/Å (default 0.05)")
+    relax.add_argument("--max-steps", type=int, help="default 200")
+    relax.add_argument("--relax-cell", action="store_true", default=None, help="also relax the cell")
+    md = parser.add_argument_group("md")
+    md.add_argument("--ensemble", help="nve (default) or langevin")
+    md.add_argument("--timestep-fs", type=float, help="default 0.5")
+    md.add_argument("--steps", type=int, help="default 100")
+    md.add_argument("--temperature-K", dest="temperature_K", type=float, help="default 300")
+    md.add_argument("--friction", type=float, help="Langevin friction in 1/fs (default 0.01)")
+    md.add_argument("--seed", type=int, help="velocities and Langevin noise (default 0)")
+    both = parser.add_argument_group("relax and md")
+    both.add_argument("--trajectory-stride", type=int, help="every n-th step to the trajectory (0: none)")
+    both.add_argument("--fix-indices", help="comma-separated indices of fixed atoms, e.g. 0,1,2")
+    both.add_argument("--fix-z-min", type=float, help="fix every atom with z >= this (Å; with --fix-z-max)")
+    both.add_argument("--fix-z-max", type=float, help="fix every atom with z <= this (Å)")
     return parser
+
+
+#: Flags that become parameters (argparse dest → parameter key).
+PARAMETER_FLAGS = (
+    "mode",
+    "device",
+    "batch_size",
+    "optimizer",
+    "fmax",
+    "max_steps",
+    "relax_cell",
+    "ensemble",
+    "timestep_fs",
+    "steps",
+    "temperature_K",
+    "friction",
+    "seed",
+    "trajectory_stride",
+)
+
+
+def eval_parameters(args: argparse.Namespace) -> dict:
+    """The parameter mapping of ``emlip-eval``: the --params file, then the flags given."""
+    from aiida_emlip.training.errors import ConfigError
+    from aiida_emlip.training.eval_params import load_parameters
+
+    values = load_parameters(args.params) if args.params else {}
+    for name in PARAMETER_FLAGS:
+        value = getattr(args, name)
+        if value is not None:
+            values[name] = value
+    constraints = dict(values.get("constraints") or {})
+    if args.fix_indices is not None:
+        try:
+            constraints["fixed_indices"] = [int(i) for i in args.fix_indices.split(",") if i.strip()]
+        except ValueError:
+            raise ConfigError(
+                f"--fix-indices expects comma-separated integers, got {args.fix_indices!r}"
+            ) from None
+    for name in ("z_min", "z_max"):
+        value = getattr(args, f"fix_{name}")
+        if value is not None:
+            constraints[name] = value
+    if constraints:
+        values["constraints"] = constraints
+    return values
 
 
 def eval_main(argv: Sequence[str] | None = None) -> int:
@@ -131,29 +219,37 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     args = eval_parser().parse_args(argv)
 
     def body() -> None:
-        from aiida_emlip.training.evaluate import evaluate_file
+        from aiida_emlip.training.errors import ConfigError
+        from aiida_emlip.training.eval_params import parse_parameters
+        from aiida_emlip.training.eval_run import run_evaluation
 
+        params = parse_parameters(eval_parameters(args))
         keys = {}
         for item in args.key:
             if "=" not in item:
-                from aiida_emlip.training.errors import ConfigError
-
                 raise ConfigError(f"--key expects SCHEMA=FILE, got {item!r}")
             schema_key, file_key = item.split("=", 1)
             keys[schema_key] = file_key
         output = args.output or args.data.with_name(args.data.stem + "_pred.xyz")
-        table = evaluate_file(
+        report = run_evaluation(
             args.model,
             args.data,
             output,
-            device=args.device,
-            batch_size=args.batch_size,
+            params,
             prefix=args.prefix,
+            schema_keys=args.schema_keys,
             keys=keys,
             errors_json=args.errors,
+            summary_json=args.summary,
+            trajectory=args.trajectory,
         )
-        print(f"wrote {output}")
-        print(table)
+        print(
+            f"wrote {output}, {report.summary_path}"
+            + (f", {report.trajectory_path}" if report.trajectory_path else "")
+        )
+        if report.table:
+            print(report.table)
+        report.raise_on_failure()
 
     return _guard(body)
 

@@ -14,6 +14,7 @@ class ExitCode(IntEnum):
     NON_FINITE = 3  # NaN/inf in the data, the loss or the gradients: stopped cleanly
     INTERRUPTED = 4  # SIGTERM/SIGUSR1/SIGINT received: checkpoint written, resume with --resume
     SCF_FAILED = 5  # a self-consistent head did not converge or diverged (head option on_failure='raise')
+    NOT_CONVERGED = 6  # emlip-eval: a relaxation stopped at max_steps above fmax (results written)
 
 
 class TrainingError(Exception):
@@ -50,3 +51,9 @@ class ScfFailedError(TrainingError, RuntimeError):
     """A self-consistent head did not converge or diverged."""
 
     exit_code = ExitCode.SCF_FAILED
+
+
+class RelaxNotConvergedError(TrainingError, RuntimeError):
+    """A relaxation of ``emlip-eval`` reached ``max_steps`` before ``fmax`` (its results are written)."""
+
+    exit_code = ExitCode.NOT_CONVERGED

@@ -1,21 +1,111 @@
-"""Evaluate a saved model on an extxyz file: predictions as extxyz and an error table."""
+"""Single-point predictions of a saved model on structures, batched, with SCF flags per structure."""
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import ase.io
 import numpy as np
 
 from aiida_emlip.models.io import ModelFileError, load_model
+from aiida_emlip.models.model import EmlipModel
 from aiida_emlip.training.config import LOSS_QUANTITIES, DataConfig
-from aiida_emlip.training.data import attach_graphs, batches, load_samples, read_structures
+from aiida_emlip.training.data import Sample, attach_graphs, batches, load_samples
 from aiida_emlip.training.errors import ConfigError, DataError
-from aiida_emlip.training.losses import ErrorTable, format_table, predict
+from aiida_emlip.training.losses import ErrorTable, predict
 
 PER_STRUCTURE = ("energy", "stress", "dipole", "fermi_level")
 PER_ATOM = ("forces", "charges", "dipoles")
+
+
+@dataclass
+class Prediction:
+    """The model's outputs for one structure (numpy, eV/Å/e) and its SCF flags (None: not iterative)."""
+
+    values: dict[str, np.ndarray] = field(default_factory=dict)
+    scf_converged: bool | None = None
+    scf_iterations: int | None = None
+
+    @property
+    def finite(self) -> bool:
+        """Whether every output is finite (stress of a non-periodic structure is absent, not NaN)."""
+        return all(np.isfinite(value).all() for value in self.values.values())
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file (the model's identity in the outputs)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_for_inference(model_path: str | Path, device: str = "auto") -> EmlipModel:
+    """Load ``model_path`` in eval mode; self-consistent heads flag failures instead of raising.
+
+    A structure whose SCF does not converge is then reported (``scf_converged`` False) next to the
+    others' results, never dropped and never presented as converged.
+    """
+    try:
+        model = load_model(model_path, device=device)
+    except ModelFileError as exc:
+        raise ConfigError(str(exc)) from None
+    options = getattr(model.head, "options", None)
+    if options is not None and getattr(options, "on_failure", None) == "raise":
+        model.head.options = dataclasses.replace(options, on_failure="flag")
+    model.eval()
+    return model
+
+
+def read_samples(data_path: str | Path, model: EmlipModel, keys: dict | None = None) -> list[Sample]:
+    """Structures of ``data_path`` with their conditions (total charge, spin, field, μ) and labels."""
+    try:
+        data_config = DataConfig(train=str(data_path), keys=dict(keys or {}))
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from None
+    samples = load_samples(data_path, data_config)
+    unknown = sorted(
+        {s for x in samples for s in x.atoms.get_chemical_symbols()} - set(model.config.elements)
+    )
+    if unknown:
+        raise DataError(f"{data_path} contains elements {unknown} the model does not know")
+    return samples
+
+
+def predict_samples(
+    model: EmlipModel, samples: Sequence[Sample], batch_size: int = 16, table: ErrorTable | None = None
+) -> list[Prediction]:
+    """Predict every sample (self-consistent heads converge from the local guess); errors into ``table``."""
+    attach_graphs(samples, model.cutoff)
+    results: list[Prediction] = []
+    for batch in batches(samples, batch_size, model.dtype):
+        batch = batch.to(model.device)
+        out = predict(model, batch, {"forces", "stress"}, "converge", training=False)
+        if table is not None:
+            table.add(out, batch, list(LOSS_QUANTITIES))
+        ptr = batch.graph.ptr.tolist()
+        periodic = batch.graph.pbc.all(dim=1).tolist()
+        converged, iterations = out.get("converged"), out.get("iterations")
+        for b in range(batch.graph.num_graphs):
+            row = Prediction()
+            for key in PER_STRUCTURE:
+                value = out.get(key)
+                if value is not None and not (key == "stress" and not periodic[b]):
+                    row.values[key] = value[b].detach().cpu().double().numpy()
+            for key in PER_ATOM:
+                value = out.get(key)
+                if value is not None:
+                    row.values[key] = value[ptr[b] : ptr[b + 1]].detach().cpu().double().numpy()
+            if converged is not None:
+                row.scf_converged = bool(converged[b])
+            if iterations is not None:
+                row.scf_iterations = int(iterations[b])
+            results.append(row)
+    return results
 
 
 def evaluate_file(
@@ -29,58 +119,17 @@ def evaluate_file(
     errors_json: str | Path | None = None,
 ) -> str:
     """Predict every structure of ``data_path`` (``converge`` mode) and return the error table text."""
-    try:
-        model = load_model(model_path, device=device)
-    except ModelFileError as exc:
-        raise ConfigError(str(exc)) from None
-    try:
-        data_config = DataConfig(train=str(data_path), keys=dict(keys or {}))
-    except TypeError as exc:
-        raise ConfigError(str(exc)) from None
-    frames = read_structures(data_path)
-    samples = load_samples(data_path, data_config)
-    unknown = sorted({s for f in frames for s in f.get_chemical_symbols()} - set(model.config.elements))
-    if unknown:
-        raise DataError(f"{data_path} contains elements {unknown} the model does not know")
-    attach_graphs(samples, model.cutoff)
-    model.eval()
-    table = ErrorTable()
-    need = {"forces", "stress"}
-    results: list[dict[str, np.ndarray]] = []
-    for batch in batches(samples, batch_size, model.dtype):
-        batch = batch.to(model.device)
-        out = predict(model, batch, need, "converge", training=False)
-        table.add(out, batch, list(LOSS_QUANTITIES))
-        ptr = batch.graph.ptr.tolist()
-        for b in range(batch.graph.num_graphs):
-            row: dict[str, np.ndarray] = {}
-            for key in PER_STRUCTURE:
-                value = out.get(key)
-                if value is not None:
-                    row[key] = value[b].detach().cpu().double().numpy()
-            for key in PER_ATOM:
-                value = out.get(key)
-                if value is not None:
-                    row[key] = value[ptr[b] : ptr[b + 1]].detach().cpu().double().numpy()
-            results.append(row)
-    written = []
-    for atoms, row in zip(frames, results):
-        atoms = atoms.copy()
-        for key, value in row.items():
-            if key in PER_ATOM:
-                atoms.arrays[f"{prefix}_{key}"] = value
-            elif key == "stress" and not np.isfinite(value).all():
-                continue
-            else:
-                atoms.info[f"{prefix}_{key}"] = value.tolist() if value.ndim else float(value)
-        written.append(atoms)
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    ase.io.write(output, written, format="extxyz")
-    summary = table.summary()
-    if errors_json is not None:
-        Path(errors_json).write_text(json.dumps(summary, indent=2))
-    return (
-        format_table(summary, f"errors of {Path(model_path).name} on {Path(data_path).name}")
-        if summary
-        else ("no labels to compare with")
+    from aiida_emlip.training.eval_params import EvalParameters
+    from aiida_emlip.training.eval_run import run_evaluation
+
+    report = run_evaluation(
+        model_path,
+        data_path,
+        output,
+        EvalParameters(device=device, batch_size=batch_size),
+        prefix=prefix,
+        keys=keys,
+        errors_json=errors_json,
     )
+    report.raise_on_failure()
+    return report.table

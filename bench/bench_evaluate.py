@@ -1,0 +1,236 @@
+"""Inference benchmarks: the ``emlip.evaluate`` overhead and MD steps per second of the ASE calculator.
+
+(a) Overhead: wall time of the ``emlip.evaluate`` calculation (``run_get_node`` on localhost in a
+    throw-away SQLite profile: upload, submission, polling, retrieval, parsing) over the wall time of
+    the same ``emlip-eval`` command run directly on the same files (process start included in both).
+    The workload is NVE MD of a small water box with the ``charges`` head, ``--eval-steps`` steps
+    (the default gives about 30 s on the 2-core development machine). Target: ≤ 1.2.
+(b) MD throughput: velocity-Verlet steps per second of :class:`~aiida_emlip.models.calculator.EmlipCalculator`
+    (energy, forces and charges every step) on water boxes for the heads ``sr``, ``charges``, ``qeq``
+    and ``scf``, as the ratio to ``sr``. Backbone as in bench_heads.py (8 channels, 2 interactions,
+    l ≤ 1, r_max 5 Å, float32, untrained weights; SCF iterations depend on them and are printed).
+    Targets (as bench_heads.py for one energy+force evaluation): charges ≥ 1/1.3, qeq ≥ 1/1.6,
+    scf ≥ 1/2.5 of sr's steps per second.
+
+Usage::
+
+    python bench/bench_evaluate.py [--device auto|cpu|cuda] [--sizes 1000,5000] [--steps 5]
+                                   [--eval-steps 150] [--skip-overhead] [--skip-md] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+WORK = Path(tempfile.mkdtemp(prefix="emlip-bench-evaluate-"))
+os.environ["AIIDA_PATH"] = str(WORK / ".aiida")  # a throw-away profile, before aiida is imported
+
+MD_HEADS = {
+    "sr": {"name": "sr"},
+    "charges": {"name": "charges"},
+    "qeq": {"name": "qeq"},
+    "scf": {"name": "scf", "on_failure": "flag"},
+}
+MD_TARGETS = {"charges": 1 / 1.3, "qeq": 1 / 1.6, "scf": 1 / 2.5}
+OVERHEAD_TARGET = 1.2
+WATER_ATOMS = {1000: 333, 5000: 1667}  # molecules → 999 and 5001 atoms
+SMALL_BOX = 24  # molecules of the overhead workload (72 atoms)
+
+
+def water_box(n_mol: int):
+    """A rattled periodic box of ``n_mol`` water molecules at liquid density (bench_heads' construction)."""
+    import bench_heads
+
+    bench_heads.WATER_MOLECULES[f"{n_mol} molecules"] = n_mol
+    return bench_heads.structure("water", f"{n_mol} molecules")
+
+
+def make_model(head: dict, path: Path | None = None, dtype: str = "float32"):
+    import torch
+    from bench_heads import BACKBONE
+
+    from aiida_emlip.models.io import save_model
+    from aiida_emlip.models.model import EmlipModel, ModelConfig
+
+    torch.manual_seed(0)
+    model = EmlipModel(
+        ModelConfig(elements=["H", "O", "Na", "Cl"], head=head, backbone=BACKBONE, dtype=dtype)
+    )
+    if path is not None:
+        save_model(model, path)
+    return model
+
+
+def verdict(value: float, target: float, lower_is_better: bool = False) -> str:
+    met = value <= target if lower_is_better else value >= target
+    return "met" if met else "MISSED"
+
+
+# ------------------------------------------------------------------------------ (a) overhead
+
+
+def overhead(eval_steps: int, device: str) -> dict:
+    import ase.io
+
+    from aiida_emlip.cli.setup import emlip_executable
+
+    work = WORK / "direct"
+    work.mkdir(parents=True)
+    model_path = make_model({"name": "charges"}, work / "model.safetensors", dtype="float64")
+    box = water_box(SMALL_BOX)
+    ase.io.write(work / "structures.xyz", [box], format="extxyz")
+    parameters = {
+        "mode": "md",
+        "device": device,
+        "steps": eval_steps,
+        "timestep_fs": 0.5,
+        "trajectory_stride": 10,
+    }
+    (work / "parameters.json").write_text(json.dumps(parameters))
+    exe = str(emlip_executable("emlip-eval"))
+    cmd = [exe, "model.safetensors", "structures.xyz", "--params", "parameters.json", "--schema-keys"]
+    cmd += ["-o", "predictions.xyz", "--summary", "summary.json", "--trajectory", "trajectory.xyz"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, check=False)
+    direct = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"emlip-eval failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+
+    from aiida import orm
+    from aiida.engine import run_get_node
+
+    from aiida_emlip.calculations.evaluate import EmlipEvaluateCalculation
+    from aiida_emlip.cli.setup import ensure_code, ensure_computer
+    from aiida_emlip.data.dataset import EmlipDatasetData
+    from aiida_emlip.data.model import EmlipModelData
+    from aiida_emlip.profile import load_or_create_profile, select_profile
+
+    target = select_profile(None)
+    load_or_create_profile(target)
+    computer, _ = ensure_computer(target)
+    code, _ = ensure_code(computer, Path(exe), label="emlip-eval", plugin="emlip.evaluate")
+    builder = EmlipEvaluateCalculation.get_builder()
+    builder.code = code
+    builder.model = EmlipModelData(model_path).store()
+    builder.dataset = EmlipDatasetData.from_extxyz(work / "structures.xyz").store()
+    builder.parameters = orm.Dict(parameters)
+    t0 = time.perf_counter()
+    _, node = run_get_node(builder)
+    calc = time.perf_counter() - t0
+    if not node.is_finished_ok:
+        raise SystemExit(f"emlip.evaluate failed: {node.exit_status} {node.exit_message}")
+    inner = json.loads((work / "summary.json").read_text())["timings"]["total_s"]
+    ratio = calc / direct
+    print("\n(a) emlip.evaluate overhead")
+    print(
+        f"  workload: NVE MD of {len(box)} water atoms, {eval_steps} steps, charges head, float64, {device}"
+    )
+    print(f"  emlip-eval direct      {direct:8.2f} s  (of which inside run_evaluation: {inner:.2f} s)")
+    print(f"  emlip.evaluate (AiiDA) {calc:8.2f} s")
+    print(f"  ratio {ratio:.3f}   target <= {OVERHEAD_TARGET}: {verdict(ratio, OVERHEAD_TARGET, True)}")
+    return {"direct_s": direct, "calculation_s": calc, "ratio": ratio, "atoms": len(box), "steps": eval_steps}
+
+
+# ------------------------------------------------------------------------------ (b) MD throughput
+
+
+def md_rate(head: str, atoms, steps: int, device: str) -> dict:
+    import numpy as np
+    import torch
+    from ase import units
+    from ase.md.verlet import VelocityVerlet
+
+    from aiida_emlip.models.calculator import EmlipCalculator
+    from aiida_emlip.training.dynamics import thermalize_momenta
+
+    model = make_model(MD_HEADS[head])
+    calc = EmlipCalculator(model, device=device)
+    work = atoms.copy()
+    thermalize_momenta(work, temperature_K=300, rng=np.random.default_rng(0))
+    work.calc = calc
+    dynamics = VelocityVerlet(work, timestep=0.5 * units.fs, logfile=None)
+    dynamics.run(1)  # warm-up: neighbour list, Ewald/PME set-up, CUDA kernels
+    cuda = calc.model.device.type == "cuda"
+    iterations = []
+
+    def record() -> None:
+        if "iterations" in calc.results:
+            iterations.append(int(calc.results["iterations"]))
+
+    dynamics.attach(record, interval=1)
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    dynamics.run(steps)
+    if cuda:
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    return {
+        "steps_per_s": steps / elapsed,
+        "s_per_step": elapsed / steps,
+        "iterations": (sum(iterations) / len(iterations)) if iterations else None,
+    }
+
+
+def md_table(sizes: list[int], steps: int, device: str) -> dict:
+    from aiida_emlip.models.io import resolve_device
+
+    device = str(resolve_device(device))
+    results: dict = {}
+    print(f"\n(b) MD steps per second of the ASE calculator (velocity Verlet, {steps} timed steps, {device})")
+    print(f"  {'atoms':>6} {'head':8} {'s/step':>8} {'steps/s':>8} {'vs sr':>6} {'SCF it.':>7}  target")
+    for size in sizes:
+        atoms = water_box(WATER_ATOMS.get(size, round(size / 3)))
+        rows = {}
+        for head in MD_HEADS:
+            rows[head] = md_rate(head, atoms, steps, device)
+            rate = rows[head]["steps_per_s"]
+            ratio = rate / rows["sr"]["steps_per_s"]
+            rows[head]["ratio_to_sr"] = ratio
+            target = MD_TARGETS.get(head)
+            note = f">= {target:.2f}: {verdict(ratio, target)}" if target else ""
+            it = rows[head]["iterations"]
+            it_text = f"{it:7.1f}" if it is not None else f"{'-':>7}"
+            cost = rows[head]["s_per_step"]
+            print(f"  {len(atoms):6d} {head:8} {cost:8.3f} {rate:8.3f} {ratio:6.2f} {it_text}  {note}")
+        results[str(len(atoms))] = rows
+    return {"device": device, "steps": steps, "sizes": results}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--sizes", default="1000,5000", help="water-box sizes in atoms (default 1000,5000)")
+    parser.add_argument("--steps", type=int, default=5, help="timed MD steps per head and size")
+    parser.add_argument("--eval-steps", type=int, default=150, help="MD steps of the overhead workload")
+    parser.add_argument("--skip-overhead", action="store_true")
+    parser.add_argument("--skip-md", action="store_true")
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    args = parser.parse_args()
+    results: dict = {"threads": __import__("torch").get_num_threads()}
+    try:
+        if not args.skip_md:
+            sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+            results["md"] = md_table(sizes, args.steps, args.device)
+        if not args.skip_overhead:
+            results["overhead"] = overhead(args.eval_steps, args.device)
+    finally:
+        shutil.rmtree(WORK, ignore_errors=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Validation workchains: every model against DFT on the same structures (``emlip.validate.*``)."""

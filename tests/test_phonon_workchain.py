@@ -97,7 +97,8 @@ def test_dft_side(phonons):
     symbols = results["setup"]["unitcell"]["symbols"]
     z_na = born[symbols.index("Na"), 0, 0]
     assert 0.8 < z_na < 1.5, z_na  # NaCl: Z* ≈ 1.1
-    assert tensors["asr_residual"] < 1e-4  # ph.x applied the sum rule
+    np.testing.assert_allclose(born.sum(axis=0), 0.0, atol=1e-10)  # the sum rule imposed on ph.x's Z*
+    assert tensors["asr_residual"] < 0.5  # ph.x's own violation at 25 Ry and 3×3×3 k-points
     # polar crystal: LO above TO in the DFT bands with NAC
     assert dft["nac"] and dft["lo_to_splitting"] > 0.5
     gamma = np.sort(dft["gamma_frequencies"])

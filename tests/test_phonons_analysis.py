@@ -116,17 +116,40 @@ def test_nac_parameters_of_a_conventional_unit_cell():
     np.testing.assert_allclose(nac["dielectric"], 2.5 * np.eye(3))
 
 
-PH_OUTPUT = """
+#: ph.x 6.7 (Debian) with an asymmetric entry added to pin the order: rows are the field directions.
+PH_OUTPUT_67 = """
           Dielectric constant in cartesian axis
 
-          (       2.463046452       0.010000000       0.000000000 )
-          (       0.010000000       2.463046452       0.000000000 )
+          (       2.507130390       0.010000000      -0.000000000 )
+          (       0.010000000       2.507130390      -0.000000000 )
+          (      -0.000000000      -0.000000000       2.507130390 )
+
+          Effective charges (d Force / dE) in cartesian axis
+
+           atom      1   Na
+      Ex  (        1.08296        0.20000       -0.00000 )
+      Ey  (       -0.00000        1.08296       -0.00000 )
+      Ez  (       -0.00000       -0.00000        1.08296 )
+           atom      2   Cl
+      Ex  (       -1.19283       -0.00000        0.00000 )
+      Ey  (       -0.00000       -1.19283        0.00000 )
+      Ez  (        0.00000        0.00000       -1.19283 )
+
+     PHONON       :      0.27s CPU      1.17s WALL
+"""
+
+#: Newer ph.x versions also print the block with the sum rule applied.
+PH_OUTPUT_NEW = """
+          Dielectric constant in cartesian axis
+
+          (       2.463046452       0.000000000       0.000000000 )
+          (       0.000000000       2.463046452       0.000000000 )
           (       0.000000000       0.000000000       2.463046452 )
 
           Effective charges (d Force / dE) in cartesian axis without acoustic sum rule applied (asymmetric)
 
            atom      1 Na     Mean Z*:        1.10660
-      Ex  (        1.10660        0.20000        0.00000 )
+      Ex  (        1.10660        0.00000        0.00000 )
       Ey  (        0.00000        1.10660        0.00000 )
       Ez  (        0.00000        0.00000        1.10660 )
            atom      2 Cl     Mean Z*:       -1.10440
@@ -136,11 +159,11 @@ PH_OUTPUT = """
 
           Effective charges (d Force / dE) in cartesian axis with asr applied:
            atom      1 Na      Mean Z*:        1.10550
-      E*x (        1.10550        0.20000        0.00000 )
+      E*x (        1.10550        0.00000        0.00000 )
       E*y (        0.00000        1.10550        0.00000 )
       E*z (        0.00000        0.00000        1.10550 )
            atom      2 Cl      Mean Z*:       -1.10550
-      E*x (       -1.10550       -0.20000        0.00000 )
+      E*x (       -1.10550        0.00000        0.00000 )
       E*y (        0.00000       -1.10550        0.00000 )
       E*z (        0.00000        0.00000       -1.10550 )
 
@@ -149,12 +172,17 @@ PH_OUTPUT = """
 
 
 def test_parse_ph_dielectric():
-    values = ph.parse_ph_dielectric(PH_OUTPUT)
-    np.testing.assert_allclose(values["epsilon"][0], [2.463046452, 0.01, 0.0])
-    born = np.asarray(values["born_charges"])
-    assert born.shape == (2, 3, 3)
-    assert born[0, 0, 1] == pytest.approx(0.2)  # row Ex: the field, column: the force component
-    np.testing.assert_allclose(born.sum(axis=0), 0.0, atol=1e-12)  # the ASR block
-    assert np.asarray(values["born_charges_raw"])[1, 0, 0] == pytest.approx(-1.1044)
+    values = ph.parse_ph_dielectric(PH_OUTPUT_67)
+    np.testing.assert_allclose(values["epsilon"][0], [2.50713039, 0.01, 0.0])
+    raw = np.asarray(values["born_charges_raw"])
+    assert raw.shape == (2, 3, 3)
+    assert raw[0, 0, 1] == pytest.approx(0.2)  # row Ex: the field, column: the force component
+    assert values["asr_residual"] == pytest.approx(0.2)  # the xy entry; the diagonal: 1.19283 − 1.08296
+    born = np.asarray(values["born_charges"])  # the sum rule imposed: the mean subtracted
+    np.testing.assert_allclose(born.sum(axis=0), 0.0, atol=1e-12)
+    assert born[0, 0, 0] == pytest.approx((1.08296 + 1.19283) / 2)
+    newer = ph.parse_ph_dielectric(PH_OUTPUT_NEW)
+    assert np.asarray(newer["born_charges"])[0, 0, 0] == pytest.approx(1.1055)  # ph.x's own ASR block
+    assert np.asarray(newer["born_charges_raw"])[1, 0, 0] == pytest.approx(-1.1044)
     with pytest.raises(ValueError, match="no dielectric constant"):
         ph.parse_ph_dielectric("JOB DONE")

@@ -462,12 +462,34 @@ def _rows(lines: list[str], start: int, count: int) -> tuple[list[list[float]], 
     return rows, i
 
 
+def impose_charge_neutrality(born: Any) -> np.ndarray:
+    """Born charges with the acoustic sum rule Σ_i Z*_i = 0 imposed (the mean subtracted, as ph.x does)."""
+    born = np.asarray(born, dtype=float)
+    return born - born.mean(axis=0)[None]
+
+
+def _born_block(lines: list[str], start: int) -> list[list[list[float]]]:
+    i, atoms = start, []
+    while i < len(lines):
+        line = lines[i].strip()
+        if line.startswith("atom"):
+            block, i = _rows(lines, i + 1, 3)
+            atoms.append(block)
+            continue
+        if line:
+            break
+        i += 1
+    return atoms
+
+
 def parse_ph_dielectric(stdout: str) -> dict[str, Any]:
     """ε∞ and Born charges ``Z*[i, α, β] = ∂F_iβ/∂E_α`` (e) from a ph.x output with ``epsil = .true.``.
 
-    The Born charges are the "d Force / dE" block with the acoustic sum rule applied when ph.x printed
-    it (else the raw block; ``born_charges_raw`` holds the raw one). The rows of each atom's block are
-    the field directions (``Ex``, ``Ey``, ``Ez``).
+    ``born_charges_raw`` is the last "Effective charges (d Force / dE) in cartesian axis" block as
+    printed (the rows of each atom are the field directions ``Ex``, ``Ey``, ``Ez``); ``born_charges``
+    is the block "with asr applied" when ph.x printed one (newer versions), else the raw one with the
+    sum rule imposed (:func:`impose_charge_neutrality`). ``asr_residual`` is max |Σ_i Z*_i| of the raw
+    charges: how far the DFT itself is from the sum rule (cutoff and k-points).
 
     :raises ValueError: no dielectric tensor in the output.
     """
@@ -476,25 +498,20 @@ def parse_ph_dielectric(stdout: str) -> dict[str, Any]:
     if not starts:
         raise ValueError("no dielectric constant in the ph.x output (epsil = .true. on an insulator?)")
     epsilon, _ = _rows(lines, starts[-1] + 1, 3)
-    result: dict[str, Any] = {"epsilon": epsilon, "born_charges": None, "born_charges_raw": None}
-    for key, marker in (
-        ("born_charges_raw", "(d Force / dE) in cartesian axis without acoustic sum rule"),
-        ("born_charges", "(d Force / dE) in cartesian axis with asr applied"),
-    ):
-        found = [i for i, line in enumerate(lines) if marker in line]
-        if not found:
+    raw, corrected = None, None
+    for i, line in enumerate(lines):
+        if "Effective charges (d Force / dE) in cartesian axis" not in line:
             continue
-        i, atoms = found[-1] + 1, []
-        while i < len(lines):
-            line = lines[i].strip()
-            if line.startswith("atom"):
-                block, i = _rows(lines, i + 1, 3)
-                atoms.append(block)
-                continue
-            if line and not line.startswith("atom") and not _ROW.search(line):
-                break
-            i += 1
-        result[key] = atoms or None
-    if result["born_charges"] is None:
-        result["born_charges"] = result["born_charges_raw"]
+        block = _born_block(lines, i + 1)
+        if "with asr" in line.lower():
+            corrected = block
+        else:
+            raw = block
+    result: dict[str, Any] = {"epsilon": epsilon, "born_charges": None, "born_charges_raw": raw}
+    if raw:
+        result["asr_residual"] = float(np.abs(np.asarray(raw, dtype=float).sum(axis=0)).max())
+    if corrected:
+        result["born_charges"] = corrected
+    elif raw:
+        result["born_charges"] = impose_charge_neutrality(raw).tolist()
     return result

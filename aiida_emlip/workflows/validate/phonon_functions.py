@@ -75,15 +75,7 @@ def model_dielectric(model: EmlipModelData, structure: orm.StructureData, settin
 @calcfunction
 def ph_dielectric(retrieved: orm.FolderData) -> orm.Dict:
     """ε∞ and Born charges from the ph.x stdout (``epsil = .true.``), in the schema's convention."""
-    values = analysis.parse_ph_dielectric(retrieved.base.repository.get_object_content(PH_STDOUT))
-    born = values["born_charges"]
-    values["asr_residual"] = None if born is None else analysis_asr(born)
-    return orm.Dict(values)
-
-
-def analysis_asr(born: list) -> float:
-    """max |Σ_i Z*_i| (e) of a neutral cell."""
-    return float(np.abs(np.asarray(born, dtype=float).sum(axis=0)).max())
+    return orm.Dict(analysis.parse_ph_dielectric(retrieved.base.repository.get_object_content(PH_STDOUT)))
 
 
 def _forces(dataset: EmlipDatasetData, keys: list[str]) -> list[np.ndarray] | str:

@@ -83,6 +83,9 @@ def test_finishes_with_every_output(phonons):
     setup = results["setup"].get_dict()
     assert setup["n_supercell_atoms"] == 16 and len(setup["keys"]) == 2
     assert len(results["dft_dataset"]) == 3  # two displaced supercells and the host cell for ph.x
+    for label, row in results["comparison"].get_dict().items():  # shown with pytest -s
+        numbers = {k: v for k, v in row.items() if k not in ("notes", "epsilon")}
+        print(label, numbers, "ε∞", np.diag(row.get("epsilon") or np.eye(3)))
 
 
 def test_dft_side(phonons):
@@ -108,7 +111,7 @@ def test_dft_side(phonons):
 def test_model_side_exact_rules(phonons):
     results, _ = phonons
     row = results["comparison"]["fixed"]
-    assert row["max_net_force"] < 1e-10  # Σ_i F_i = 0 in every displaced supercell
+    assert row["max_net_force"] < 1e-7  # Σ_i F_i = 0 in every supercell (up to the 1e-8 of the extxyz text)
     assert row["born_asr_residual"] == pytest.approx(0.0, abs=1e-12)
     born = np.asarray(results["dielectric"]["fixed"]["born_charges"])
     symbols = results["setup"]["unitcell"]["symbols"]

@@ -22,6 +22,10 @@ from pathlib import Path
 
 import pytest
 
+# Tiny models: one intra-op thread is faster than two, and far faster when pw.x runs beside the test
+# (oversubscribed OpenMP threads spin). Set before torch is imported; subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 _AIIDA_TMP = Path(tempfile.mkdtemp(prefix="emlip-pytest-aiida-"))
 os.environ["AIIDA_PATH"] = str(_AIIDA_TMP)
 atexit.register(shutil.rmtree, _AIIDA_TMP, ignore_errors=True)

@@ -1,0 +1,145 @@
+"""Structures of the response probes (pure ASE, no AiiDA): slabs and films in a field, ion pairs, water chains.
+
+Every builder returns a fully periodic cell with vacuum where the probe needs it (the DFT cell);
+:func:`model_cell` turns a copy into what a model should see (open along every vacuum axis, so that
+the model's electrostatics uses its slab or open-boundary form, as pw.x's dipole correction does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from ase import Atoms
+from ase.build import molecule
+
+from .geometry import vacuum_axes
+from .interfaces import fcc_slab
+
+#: O–O distance (Å) of the water chains (a hydrogen-bonded chain is about 2.8–2.9 Å).
+WATER_SPACING = 2.9
+
+
+def metal_slab(
+    symbol: str = "Al",
+    facet: str = "111",
+    size: Sequence[int] = (1, 2, 2),
+    vacuum: float = 8.0,
+    a: float | None = None,
+) -> Atoms:
+    """An fcc(111)/(100) slab of ``size = (nx, ny, layers)`` with ``vacuum`` Å along z (cell axis 2), centred."""
+    slab = fcc_slab(symbol, facet, size, a=a)
+    slab.center(vacuum=vacuum / 2.0, axis=2)
+    slab.pbc = True
+    return slab
+
+
+def water_film(n_water: int = 1, area: Sequence[float] = (3.6, 3.6), vacuum: float = 8.0) -> Atoms:
+    """``n_water`` molecules in one layer (molecular planes vertical, dipoles alternating) in an a × b cell.
+
+    The molecules sit on a square grid in the plane; vacuum ``vacuum`` Å along z. A single molecule
+    per cell is the thinnest water film.
+    """
+    if n_water < 1:
+        raise ValueError(f"n_water must be at least 1, got {n_water}")
+    side = int(np.ceil(np.sqrt(n_water)))
+    a, b = float(area[0]), float(area[1])
+    atoms = Atoms(cell=[a, b, 1.0], pbc=True)
+    for k in range(n_water):
+        i, j = divmod(k, side)
+        water = molecule("H2O")  # C2v axis along z, H towards +z
+        if k % 2:
+            water.rotate(180, "x")
+        water.translate([(i + 0.5) * a / side, (j + 0.5) * b / side, 0.0])
+        atoms += water
+    atoms.center(vacuum=vacuum / 2.0, axis=2)
+    return atoms
+
+
+def ion_pair(
+    first: str = "Li", second: str = "F", distance: float = 1.6, box: Sequence[float] = (7.0, 7.0)
+) -> Atoms:
+    """Two atoms at ``distance`` Å along z in a box of ``box`` (x, y) and z = distance + x-width.
+
+    The box is long enough along z that the gap between images is at least the lateral width.
+    """
+    width = float(min(box))
+    length = float(distance) + width
+    atoms = Atoms(
+        [first, second],
+        positions=[[box[0] / 2, box[1] / 2, width / 2], [box[0] / 2, box[1] / 2, width / 2 + distance]],
+        cell=[box[0], box[1], length],
+        pbc=True,
+    )
+    return atoms
+
+
+def ion_pair_scan(
+    first: str, second: str, distances: Sequence[float], box: Sequence[float] = (7.0, 7.0)
+) -> list[Atoms]:
+    """:func:`ion_pair` at each distance, all in one box whose length is at least twice the largest distance.
+
+    The same box for every distance (energies comparable), and no atom closer to an image of the other
+    than the two are to each other.
+    """
+    longest = max(float(d) for d in distances)
+    frames = []
+    for distance in distances:
+        atoms = ion_pair(first, second, float(distance), box)
+        atoms.set_cell([box[0], box[1], max(2.0 * longest, longest + float(min(box)))], scale_atoms=False)
+        frames.append(atoms)
+    return frames
+
+
+def water_chain(n_water: int, spacing: float = WATER_SPACING, vacuum: float = 7.0) -> Atoms:
+    """A linear chain of ``n_water`` molecules along x (O–O ``spacing`` Å), ``vacuum`` Å of box around it.
+
+    Each molecule donates one hydrogen bond to the next (an O–H along +x); the chain is a finite
+    molecule in a box (vacuum along every axis), the field of the polarisability probe runs along x.
+    """
+    if n_water < 1:
+        raise ValueError(f"n_water must be at least 1, got {n_water}")
+    bond, angle = 0.9572, np.radians(104.52)
+    symbols, positions = [], []
+    for k in range(n_water):
+        side = 1.0 if k % 2 == 0 else -1.0
+        o = np.array([k * spacing, 0.0, 0.0])
+        symbols += ["O", "H", "H"]
+        positions += [o, o + [bond, 0.0, 0.0], o + [bond * np.cos(angle), side * bond * np.sin(angle), 0.0]]
+    atoms = Atoms(symbols, positions=positions, cell=[1.0, 1.0, 1.0], pbc=True)
+    atoms.center(vacuum=vacuum / 2.0)
+    return atoms
+
+
+def model_cell(atoms: Atoms, gap: float = 4.0) -> Atoms:
+    """A copy as a model sees it: a slab (vacuum along one axis) open along that axis, anything with
+    vacuum along two or three axes open along all three (a molecule), bulk unchanged.
+
+    The model then uses its slab (Yeh–Berkowitz) or open-boundary electrostatics, the counterpart of
+    pw.x's dipole correction along the field.
+    """
+    copy = atoms.copy()
+    axes = vacuum_axes(atoms, gap)
+    if len(axes) == 1:
+        pbc = [True, True, True]
+        pbc[axes[0]] = False
+        copy.pbc = pbc
+    elif axes:
+        copy.pbc = False
+    return copy
+
+
+def slab_thickness(atoms: Atoms, axis: int = 2) -> float:
+    """Extent (Å) of the atoms along the plane normal of cell ``axis``."""
+    cell = np.asarray(atoms.cell[:], dtype=float)
+    normal = np.linalg.inv(cell).T[axis]
+    normal = normal / np.linalg.norm(normal)
+    heights = atoms.positions @ normal
+    return float(heights.max() - heights.min())
+
+
+def plane_area(atoms: Atoms, axis: int = 2) -> float:
+    """Area (Å²) of the cell face spanned by the two axes other than ``axis``."""
+    cell = np.asarray(atoms.cell[:], dtype=float)
+    others = [cell[j] for j in range(3) if j != axis]
+    return float(np.linalg.norm(np.cross(*others)))

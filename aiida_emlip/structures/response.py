@@ -143,3 +143,74 @@ def plane_area(atoms: Atoms, axis: int = 2) -> float:
     cell = np.asarray(atoms.cell[:], dtype=float)
     others = [cell[j] for j in range(3) if j != axis]
     return float(np.linalg.norm(np.cross(*others)))
+
+
+def _key_sign(value: float) -> str:
+    return "p" if value > 0 else "m"
+
+
+def probe_configurations(
+    settings: dict,
+    metal: Atoms | None = None,
+    water: Atoms | None = None,
+) -> tuple[list[Atoms], dict[str, dict]]:
+    """Every configuration of the requested probes (DFT cells) and each one's probe metadata by key.
+
+    ``settings``: ``probes`` (subset of field, charging, dissociation, polarizability), ``field_axis``,
+    ``metal`` / ``water`` (builder keywords, used when ``metal`` / ``water`` are None), ``fields``,
+    ``charges``, ``ion_pair``, ``distances``, ``pair_box``, ``water_sizes``, ``chain_field``,
+    ``chain_vacuum``. Each frame's ``info`` holds ``key``, ``config_type`` (the probe),
+    ``total_charge`` and, in a field, ``external_field`` (V/Å vector along the plane normal of the
+    field axis).
+    """
+    probes = list(settings["probes"])
+    axis = int(settings.get("field_axis", 2))
+    frames: list[Atoms] = []
+    setup: dict[str, dict] = {}
+
+    def add(atoms: Atoms, key: str, probe: str, meta: dict, charge: float = 0.0, field=None) -> None:
+        atoms = atoms.copy()
+        atoms.info = {"key": key, "config_type": probe, "total_charge": float(charge)}
+        if field is not None:
+            atoms.info["external_field"] = [float(x) for x in field]
+        frames.append(atoms)
+        setup[key] = {"probe": probe, **meta}
+
+    def normal(atoms: Atoms, which: int) -> np.ndarray:
+        n = np.linalg.inv(np.asarray(atoms.cell[:], dtype=float)).T[which]
+        return n / np.linalg.norm(n)
+
+    slabs = {}
+    if "field" in probes or "charging" in probes:
+        slabs["metal"] = metal if metal is not None else metal_slab(**settings["metal"])
+    if "field" in probes:
+        slabs["water"] = water if water is not None else water_film(**settings["water"])
+    geometry = {
+        name: {"area": plane_area(s, axis), "thickness": slab_thickness(s, axis), "axis": axis}
+        for name, s in slabs.items()
+    }
+    if "field" in probes:
+        for name in ("metal", "water"):
+            slab = slabs[name]
+            for i, magnitude in enumerate(settings["fields"]):
+                for sign in (1.0, -1.0):
+                    value = sign * float(magnitude)
+                    add(slab, f"field_{name}_{i}{_key_sign(value)}", f"field_{name}",
+                        {"value": value, **geometry[name]}, field=value * normal(slab, axis))
+    if "charging" in probes:
+        for i, charge in enumerate(settings["charges"]):
+            add(slabs["metal"], f"charge_{i}", "charging", {"value": float(charge), **geometry["metal"]},
+                charge=float(charge))
+    if "dissociation" in probes:
+        first, second = settings["ion_pair"]
+        pairs = ion_pair_scan(first, second, settings["distances"], settings["pair_box"])
+        for i, (distance, atoms) in enumerate(zip(settings["distances"], pairs)):
+            add(atoms, f"pair_{i}", "dissociation", {"value": float(distance), "n_first": 1})
+    if "polarizability" in probes:
+        field = float(settings["chain_field"])
+        for n in settings["water_sizes"]:
+            chain = water_chain(int(n), vacuum=float(settings["chain_vacuum"]))
+            for sign in (1.0, -1.0):
+                add(chain, f"chain{int(n)}_{_key_sign(sign)}", "polarizability",
+                    {"value": int(n), "axis": 0, "field": sign * field}, field=[sign * field, 0.0, 0.0])
+    return frames, setup

@@ -214,7 +214,15 @@ class EmlipResponseWorkChain(protocols.EmlipProtocolMixin, WorkChain):
             slabs["metal"] = self.inputs.metal_slab.get_ase()
         if "water_film" in self.inputs:
             slabs["water"] = self.inputs.water_film.get_ase()
-        for name, atoms in slabs.items():
+        try:
+            frames, _ = probe_configurations(settings, slabs.get("metal"), slabs.get("water"))
+        except (ValueError, KeyError, TypeError) as error:
+            return self.exit_codes.ERROR_INVALID_PROBES.format(message=f"{type(error).__name__}: {error}")
+        for atoms in frames:
+            probe = atoms.info["config_type"]
+            if not probe.startswith("field_"):
+                continue
+            name = probe.split("_", 1)[1]
             axes = vacuum_axes(atoms)
             if not axes:
                 return self.exit_codes.ERROR_NO_VACUUM.format(
@@ -224,10 +232,6 @@ class EmlipResponseWorkChain(protocols.EmlipProtocolMixin, WorkChain):
                 return self.exit_codes.ERROR_FIELD_ALONG_PERIODIC.format(
                     message=f"field axis {axis} of the {name} slab is periodic; its vacuum is along {axes}"
                 )
-        try:
-            frames, _ = probe_configurations(settings, slabs.get("metal"), slabs.get("water"))
-        except (ValueError, KeyError, TypeError) as error:
-            return self.exit_codes.ERROR_INVALID_PROBES.format(message=f"{type(error).__name__}: {error}")
         error = self._check_family(frames)
         if error is not None:
             return error

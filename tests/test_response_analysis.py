@@ -88,7 +88,7 @@ def test_fixed_head_has_no_induced_dipole():
     assert summary["alpha"] == pytest.approx(0.0, abs=1e-12)
 
 
-#: Tolerance on E_in/E of the ideal-conductor qeq slab (Gaussian charges of σ = 0.5 Å, layers 2.34 Å apart, J = 0.1 eV/e²).
+#: Tolerance on E_in/E of the ideal-conductor qeq slab (Gaussians of σ = 0.5 Å, layers 2.34 Å apart, J = 0.1).
 SCREENING_TOLERANCE = 0.03
 
 
@@ -124,7 +124,9 @@ def test_soft_qeq_screens_the_field_inside_a_slab():
     with torch.no_grad():
         model.head.hardness0.fill_(8.0)
     plus, minus = _evaluate(model, slab, e), _evaluate(model, slab, -e)
-    assert abs(analysis.interior_field_fraction(z, 0.5 * (plus["charges"] - minus["charges"]), area, e)) < 0.02
+    assert (
+        abs(analysis.interior_field_fraction(z, 0.5 * (plus["charges"] - minus["charges"]), area, e)) < 0.02
+    )
     with torch.no_grad():
         model.head.hardness0.fill_(1000.0)
     plus, minus = _evaluate(model, slab, e), _evaluate(model, slab, -e)
@@ -137,9 +139,13 @@ def test_interior_field_of_charge_sheets():
     area, field = 12.0, 0.3
     sigma = analysis.EPSILON_0 * area * field
     z = [0.0, 1.0, 2.0]
-    assert analysis.interior_field_fraction(z, [-sigma, 0.0, sigma], area, field) == pytest.approx(0.0, abs=1e-12)
+    assert analysis.interior_field_fraction(z, [-sigma, 0.0, sigma], area, field) == pytest.approx(
+        0.0, abs=1e-12
+    )
     assert analysis.interior_field_fraction(z, [0.0, 0.0, 0.0], area, field) == 1.0
-    assert analysis.interior_field_fraction(z, [-sigma / 2, 0.0, sigma / 2], area, field) == pytest.approx(0.5)
+    assert analysis.interior_field_fraction(z, [-sigma / 2, 0.0, sigma / 2], area, field) == pytest.approx(
+        0.5
+    )
     # ideal conductor: d = σ t → s = 1
     assert analysis.screened_fraction(sigma * 2.0 / field, area, 2.0) == pytest.approx(1.0)
 
@@ -244,12 +250,16 @@ def test_verdict_rules():
             "fixed": {"exponent": None, "alpha_per_molecule": 0.0},
         },
     }
-    table = verdicts.verdict_table(probes, ["qeq", "fixed"], skipped={"fixed": {"charging": "head fixed has no fermi_level"}})
+    table = verdicts.verdict_table(
+        probes, ["qeq", "fixed"], skipped={"fixed": {"charging": "head fixed has no fermi_level"}}
+    )
     assert table["columns"] == list(verdicts.COLUMNS)
     qeq, fixed = table["rows"]["qeq"], table["rows"]["fixed"]
     assert qeq["field_metal"]["verdict"] == verdicts.MATCH
     assert fixed["field_metal"]["verdict"] == verdicts.INSULATOR
-    assert qeq["field_water"]["verdict"] == verdicts.METAL and qeq["field_water"]["value"] == pytest.approx(5.0)
+    assert qeq["field_water"]["verdict"] == verdicts.METAL and qeq["field_water"]["value"] == pytest.approx(
+        5.0
+    )
     assert fixed["field_water"]["verdict"] == verdicts.INSULATOR
     assert qeq["charging"]["verdict"] == verdicts.MATCH
     assert fixed["charging"]["verdict"] == verdicts.SKIPPED and "fermi_level" in fixed["charging"]["reason"]

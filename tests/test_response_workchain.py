@@ -1,4 +1,4 @@
-"""EmlipResponseWorkChain: bad inputs stop before any compute; LiF dissociation and water chains with real pw.x."""
+"""EmlipResponseWorkChain: bad inputs stop before any compute; LiF and water chains with real pw.x."""
 
 from __future__ import annotations
 
@@ -104,7 +104,9 @@ def test_bad_inputs_exit_before_any_compute(case, pw_code, eval_code, pseudo_fam
     if "model" in change:
         head, elements = change["model"]
         kwargs = {"elements": elements} if elements else {}
-        builder.models = {"m": _model_node(tmp_path, head, sigma=0.5 if head["name"] == "qeq" else 0.0, **kwargs)}
+        builder.models = {
+            "m": _model_node(tmp_path, head, sigma=0.5 if head["name"] == "qeq" else 0.0, **kwargs)
+        }
         builder.eval_code = eval_code
     _, node = run_get_node(builder)
     assert node.exit_status == getattr(EmlipResponseWorkChain.exit_codes, exit_code).status, node.exit_message
@@ -146,7 +148,7 @@ def test_small_response_run(small_response):
     frames = {a.info["key"]: a for a in results["dft_dataset"].to_ase()}
     assert set(frames) == set(setup)
     # Hirshfeld charges sum to the (zero) total charge; the field is the one applied
-    for key, atoms in frames.items():
+    for atoms in frames.values():
         assert atoms.arrays[schema.CHARGES].sum() == pytest.approx(0.0, abs=1e-6)
     assert np.allclose(frames["chain2_p"].info[schema.EXTERNAL_FIELD], [0.05, 0.0, 0.0])
     probes = results["analysis"]["probes"]

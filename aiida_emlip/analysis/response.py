@@ -82,9 +82,7 @@ def interior_field_fraction(
     return 1.0 + below / (EPSILON_0 * area * field)
 
 
-def field_response(
-    points: Sequence[tuple[float, float]], area: float, thickness: float
-) -> dict[str, float]:
+def field_response(points: Sequence[tuple[float, float]], area: float, thickness: float) -> dict[str, float]:
     """α, its volume, the zero-field dipole and the screened fraction from (field, dipole) pairs."""
     fields, dipoles = zip(*points)
     alpha, d0 = linear_fit(fields, dipoles)
@@ -136,8 +134,7 @@ def curve_rmse(
     other: Mapping[float, float] | Sequence[tuple[float, float]],
 ) -> float | None:
     """RMSE of ``other`` against ``reference`` on their common abscissae (None when there is none)."""
-    ref = dict(reference) if not isinstance(reference, Mapping) else dict(reference)
-    oth = dict(other) if not isinstance(other, Mapping) else dict(other)
+    ref, oth = dict(reference), dict(other)
     common = sorted(set(round(float(k), 6) for k in ref) & set(round(float(k), 6) for k in oth))
     if not common:
         return None

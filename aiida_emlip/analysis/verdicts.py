@@ -5,15 +5,14 @@ Every probe gives each method one number; a model's verdict on a probe is
 * ``matches DFT`` when its number is within the stated tolerance of DFT's;
 * otherwise ``metal-like`` or ``insulator-like`` by the side on which it misses DFT:
 
-  ============== ====================================== ============================ ==========================
-  probe          number                                 metal-like                   insulator-like
-  ============== ====================================== ============================ ==========================
-  field (metal)  α_model/α_DFT of the metal slab        ratio > 1 + tol (over-screens)  ratio < 1 − tol (no screening)
-  field (water)  α_model/α_DFT of the water film        ratio > 1 + tol (over-polarised) ratio < 1 − tol
-  charging       (dμ/dQ)_model/(dμ/dQ)_DFT              ratio < 1 − tol (too soft)    ratio > 1 + tol (stiff, gap-like)
-  dissociation   fragment charge at the largest R       fractional part ≥ tol_frac    integer charge, off DFT
-  polarizability growth exponent b of α ∝ N^b           b > b_DFT + tol_b (superlinear) b < b_DFT − tol_b or α ≈ 0
-  ============== ====================================== ============================ ==========================
+  - field (metal, water): α_model/α_DFT; above 1 + tol over-screens (metal-like), below 1 − tol
+    under-screens (insulator-like);
+  - charging: (dμ/dQ)_model/(dμ/dQ)_DFT; below 1 − tol too soft (metal-like), above 1 + tol stiff,
+    gap-like (insulator-like);
+  - dissociation: the fragment charge at the largest R; a fractional part ≥ tol_frac is metal-like,
+    an integer charge off DFT insulator-like;
+  - polarizability: the growth exponent b of α ∝ N^b; b > b_DFT + tol_b (superlinear) is metal-like,
+    b below or α ≈ 0 insulator-like.
 
 Without DFT numbers the same rules are applied against the physical limits (a metal slab: s ≥ 0.5 is
 metal-like; water: b ≤ 1 + tol_b insulator-like, above metal-like) and the verdict says so.
@@ -55,7 +54,9 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def ratio_verdict(model: float, dft: float | None, tol: float, high: str, low: str) -> tuple[str, float | None]:
+def ratio_verdict(
+    model: float, dft: float | None, tol: float, high: str, low: str
+) -> tuple[str, float | None]:
     """(verdict, ratio): ``MATCH`` when |model/dft − 1| ≤ tol, ``high`` above, ``low`` below."""
     if not _finite(dft) or dft == 0 or not _finite(model):
         return "", None
@@ -90,9 +91,7 @@ def charging_verdict(
     if not model:
         return _cell(None, "", SKIPPED, reason=reason or "no Fermi level")
     slope = model["dmu_dq"]
-    verdict, ratio = ratio_verdict(
-        slope, (dft or {}).get("dmu_dq"), tol["charging_ratio"], INSULATOR, METAL
-    )
+    verdict, ratio = ratio_verdict(slope, (dft or {}).get("dmu_dq"), tol["charging_ratio"], INSULATOR, METAL)
     if ratio is None:
         return _cell(slope, "V/e", SKIPPED, reason="no DFT reference", dmu_dq=slope)
     return _cell(ratio, "dμ/dQ ÷ DFT", verdict, dmu_dq=slope, capacitance=model.get("capacitance"))
@@ -128,14 +127,25 @@ def polarizability_verdict(
         return _cell(None, "exponent", INSULATOR, alpha_per_molecule=per, note="no positive response")
     ref = (dft or {}).get("exponent")
     if ref is None:
-        return _cell(b, "exponent", METAL if b > 1.0 + tol["exponent"] else INSULATOR, note="no DFT",
-                     alpha_per_molecule=per)
+        return _cell(
+            b,
+            "exponent",
+            METAL if b > 1.0 + tol["exponent"] else INSULATOR,
+            note="no DFT",
+            alpha_per_molecule=per,
+        )
     if abs(b - ref) <= tol["exponent"]:
         ratio = per / dft["alpha_per_molecule"] if dft.get("alpha_per_molecule") else None
         if ratio is None or abs(ratio - 1.0) <= tol["field_ratio"]:
             return _cell(b, "exponent", MATCH, alpha_per_molecule=per, dft_exponent=ref)
-        return _cell(b, "exponent", METAL if ratio > 1 else INSULATOR, alpha_per_molecule=per,
-                     dft_exponent=ref, note=f"α per molecule {ratio:.2f} × DFT")
+        return _cell(
+            b,
+            "exponent",
+            METAL if ratio > 1 else INSULATOR,
+            alpha_per_molecule=per,
+            dft_exponent=ref,
+            note=f"α per molecule {ratio:.2f} × DFT",
+        )
     return _cell(b, "exponent", METAL if b > ref else INSULATOR, alpha_per_molecule=per, dft_exponent=ref)
 
 
@@ -178,14 +188,21 @@ def verdict_table(
         if dft is None:
             dft_row[column] = {"value": None, "note": "no DFT"}
         elif column.startswith("field_"):
-            dft_row[column] = {"value": dft["alpha"], "unit": "e·Å²/V", "screened_fraction": dft.get("screened_fraction")}
+            dft_row[column] = {
+                "value": dft["alpha"],
+                "unit": "e·Å²/V",
+                "screened_fraction": dft.get("screened_fraction"),
+            }
         elif column == "charging":
             dft_row[column] = {"value": dft["dmu_dq"], "unit": "V/e"}
         elif column == "dissociation":
             dft_row[column] = {"value": dft["far_charge"], "unit": "e"}
         else:
-            dft_row[column] = {"value": dft.get("exponent"), "unit": "exponent",
-                               "alpha_per_molecule": dft.get("alpha_per_molecule")}
+            dft_row[column] = {
+                "value": dft.get("exponent"),
+                "unit": "exponent",
+                "alpha_per_molecule": dft.get("alpha_per_molecule"),
+            }
     return {"columns": columns, "rows": rows, "dft": dft_row, "tolerances": tol}
 
 

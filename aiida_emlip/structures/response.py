@@ -1,4 +1,4 @@
-"""Structures of the response probes (pure ASE, no AiiDA): slabs and films in a field, ion pairs, water chains.
+"""Structures of the response probes (pure ASE): slabs and films in a field, ion pairs, water chains.
 
 Every builder returns a fully periodic cell with vacuum where the probe needs it (the DFT cell);
 :func:`model_cell` turns a copy into what a model should see (open along every vacuum axis, so that
@@ -27,7 +27,7 @@ def metal_slab(
     vacuum: float = 8.0,
     a: float | None = None,
 ) -> Atoms:
-    """An fcc(111)/(100) slab of ``size = (nx, ny, layers)`` with ``vacuum`` Å along z (cell axis 2), centred."""
+    """An fcc(111)/(100) slab of ``size = (nx, ny, layers)`` with ``vacuum`` Å along z (axis 2), centred."""
     slab = fcc_slab(symbol, facet, size, a=a)
     slab.center(vacuum=vacuum / 2.0, axis=2)
     slab.pbc = True
@@ -105,7 +105,11 @@ def water_chain(n_water: int, spacing: float = WATER_SPACING, vacuum: float = 7.
         side = 1.0 if k % 2 == 0 else -1.0
         o = np.array([k * spacing, 0.0, 0.0])
         symbols += ["O", "H", "H"]
-        positions += [o, o + [bond, 0.0, 0.0], o + [bond * np.cos(angle), side * bond * np.sin(angle), 0.0]]
+        positions += [
+            o,
+            o + np.array([bond, 0.0, 0.0]),
+            o + np.array([bond * np.cos(angle), side * bond * np.sin(angle), 0.0]),
+        ]
     atoms = Atoms(symbols, positions=positions, cell=[1.0, 1.0, 1.0], pbc=True)
     atoms.center(vacuum=vacuum / 2.0)
     return atoms
@@ -195,12 +199,22 @@ def probe_configurations(
             for i, magnitude in enumerate(settings["fields"]):
                 for sign in (1.0, -1.0):
                     value = sign * float(magnitude)
-                    add(slab, f"field_{name}_{i}{_key_sign(value)}", f"field_{name}",
-                        {"value": value, **geometry[name]}, field=value * normal(slab, axis))
+                    add(
+                        slab,
+                        f"field_{name}_{i}{_key_sign(value)}",
+                        f"field_{name}",
+                        {"value": value, **geometry[name]},
+                        field=value * normal(slab, axis),
+                    )
     if "charging" in probes:
         for i, charge in enumerate(settings["charges"]):
-            add(slabs["metal"], f"charge_{i}", "charging", {"value": float(charge), **geometry["metal"]},
-                charge=float(charge))
+            add(
+                slabs["metal"],
+                f"charge_{i}",
+                "charging",
+                {"value": float(charge), **geometry["metal"]},
+                charge=float(charge),
+            )
     if "dissociation" in probes:
         first, second = settings["ion_pair"]
         pairs = ion_pair_scan(first, second, settings["distances"], settings["pair_box"])
@@ -211,6 +225,11 @@ def probe_configurations(
         for n in settings["water_sizes"]:
             chain = water_chain(int(n), vacuum=float(settings["chain_vacuum"]))
             for sign in (1.0, -1.0):
-                add(chain, f"chain{int(n)}_{_key_sign(sign)}", "polarizability",
-                    {"value": int(n), "axis": 0, "field": sign * field}, field=[sign * field, 0.0, 0.0])
+                add(
+                    chain,
+                    f"chain{int(n)}_{_key_sign(sign)}",
+                    "polarizability",
+                    {"value": int(n), "axis": 0, "field": sign * field},
+                    field=[sign * field, 0.0, 0.0],
+                )
     return frames, setup

@@ -72,10 +72,16 @@ class EmlipResponseWorkChain(protocols.EmlipProtocolMixin, WorkChain):
             help="Probes to run (field, charging, dissociation, polarizability); default: the protocol's. "
             "Asking explicitly for `charging` requires every model to give μ (exit 214 otherwise).",
         )
-        spec.input("metal_slab", valid_type=orm.StructureData, required=False, help="Metal slab (default: protocol).")
-        spec.input("water_film", valid_type=orm.StructureData, required=False, help="Water film (default: protocol).")
+        spec.input(
+            "metal_slab", valid_type=orm.StructureData, required=False, help="Metal slab (default: protocol)."
+        )
+        spec.input(
+            "water_film", valid_type=orm.StructureData, required=False, help="Water film (default: protocol)."
+        )
         spec.input("protocol", valid_type=orm.Str, default=lambda: orm.Str(cls.get_default_protocol()))
-        spec.input("overrides", valid_type=orm.Dict, required=False, help="Overrides of the response protocol.")
+        spec.input(
+            "overrides", valid_type=orm.Dict, required=False, help="Overrides of the response protocol."
+        )
         spec.expose_inputs(
             EmlipDatasetWorkChain,
             namespace="dft",
@@ -96,7 +102,9 @@ class EmlipResponseWorkChain(protocols.EmlipProtocolMixin, WorkChain):
             cls.analyse,
             cls.results,
         )
-        spec.output("configurations", valid_type=EmlipDatasetData, help="Every probe configuration (DFT cells).")
+        spec.output(
+            "configurations", valid_type=EmlipDatasetData, help="Every probe configuration (DFT cells)."
+        )
         spec.output("setup", valid_type=orm.Dict, help="Probe metadata of every configuration key.")
         spec.output("dft_dataset", valid_type=EmlipDatasetData, help="Every DFT label of this workchain.")
         spec.output_namespace("predictions", valid_type=EmlipDatasetData, dynamic=True)
@@ -109,11 +117,17 @@ class EmlipResponseWorkChain(protocols.EmlipProtocolMixin, WorkChain):
         spec.exit_code(203, "ERROR_INVALID_PROBES", message="Invalid probes or probe settings: {message}")
         spec.exit_code(205, "ERROR_UNKNOWN_FAMILY", message="Pseudopotential family problem: {message}")
         spec.exit_code(210, "ERROR_NO_VACUUM", message="A slab has no vacuum along the field axis: {message}")
-        spec.exit_code(211, "ERROR_FIELD_ALONG_PERIODIC", message="The field runs along a periodic direction: {message}")
+        spec.exit_code(
+            211, "ERROR_FIELD_ALONG_PERIODIC", message="The field runs along a periodic direction: {message}"
+        )
         spec.exit_code(212, "ERROR_NO_ELECTRONS", message="A charge leaves no electrons: {message}")
-        spec.exit_code(213, "ERROR_MODEL_ELEMENTS", message="A model does not cover the structures: {message}")
+        spec.exit_code(
+            213, "ERROR_MODEL_ELEMENTS", message="A model does not cover the structures: {message}"
+        )
         spec.exit_code(214, "ERROR_NO_FERMI_LEVEL", message="The charging probe needs μ: {message}")
-        spec.exit_code(215, "ERROR_ELEMENT_NOT_IN_FAMILY", message="Element missing from the family: {message}")
+        spec.exit_code(
+            215, "ERROR_ELEMENT_NOT_IN_FAMILY", message="Element missing from the family: {message}"
+        )
         spec.exit_code(301, "ERROR_DFT_FAILED", message="DFT failed: {message}")
         spec.exit_code(303, "ERROR_MODEL_EVALUATION_FAILED", message="Model evaluation failed for: {message}")
 
@@ -182,10 +196,22 @@ class EmlipResponseWorkChain(protocols.EmlipProtocolMixin, WorkChain):
         unknown = sorted(set(probes) - set(PROBES))
         if unknown or not probes or len(set(probes)) != len(probes):
             return f"probes {probes}: give distinct names among {list(PROBES)}"
-        settings = {k: values[k] for k in (
-            "field_axis", "metal", "water", "fields", "charges", "ion_pair", "distances", "pair_box",
-            "water_sizes", "chain_field", "chain_vacuum",
-        )}
+        settings = {
+            k: values[k]
+            for k in (
+                "field_axis",
+                "metal",
+                "water",
+                "fields",
+                "charges",
+                "ion_pair",
+                "distances",
+                "pair_box",
+                "water_sizes",
+                "chain_field",
+                "chain_vacuum",
+            )
+        }
         settings["probes"] = [p for p in PROBES if p in probes]
         if settings["field_axis"] not in (0, 1, 2):
             return f"field_axis must be 0, 1 or 2, got {settings['field_axis']}"
@@ -244,7 +270,9 @@ class EmlipResponseWorkChain(protocols.EmlipProtocolMixin, WorkChain):
         except (exceptions.NotExistent, exceptions.MultipleObjectsError) as error:
             return self.exit_codes.ERROR_UNKNOWN_FAMILY.format(message=str(error))
         if not hasattr(family, "get_pseudo"):
-            return self.exit_codes.ERROR_UNKNOWN_FAMILY.format(message=f"{label} is not a pseudopotential family")
+            return self.exit_codes.ERROR_UNKNOWN_FAMILY.format(
+                message=f"{label} is not a pseudopotential family"
+            )
         elements = sorted({s for a in frames for s in a.get_chemical_symbols()})
         missing = sorted(set(elements) - set(family.elements))
         if missing:
@@ -335,7 +363,7 @@ class EmlipResponseWorkChain(protocols.EmlipProtocolMixin, WorkChain):
                         node = model_polarizabilities(
                             model, configurations, metadata={"call_link_label": f"autograd_{label}"}
                         )
-                    except Exception as error:  # noqa: BLE001 - reported, the finite-field α remains
+                    except Exception as error:
                         self.report(f"model {label}: no autograd α ({type(error).__name__}: {error})")
                     else:
                         self.ctx.autograd[label] = node

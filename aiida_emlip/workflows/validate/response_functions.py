@@ -83,7 +83,9 @@ def analyse_response_probes(
     columns = {}
     for probe, per_method in probes.items():
         columns[probe] = per_method
-    table = verdicts.verdict_table(columns, list(values["models"]), values.get("tolerances"), values.get("skipped"))
+    table = verdicts.verdict_table(
+        columns, list(values["models"]), values.get("tolerances"), values.get("skipped")
+    )
     # columns of requested probes that no method could fill still appear, with their reasons
     for column in values.get("columns", []):
         if column not in table["columns"]:
@@ -91,8 +93,12 @@ def analyse_response_probes(
             table["dft"][column] = {"value": None, "note": "no results"}
             for label in table["rows"]:
                 reason = (values.get("skipped") or {}).get(label, {}).get(column, "no results")
-                table["rows"][label][column] = {"value": None, "unit": "", "verdict": verdicts.SKIPPED,
-                                                "reason": reason}
+                table["rows"][label][column] = {
+                    "value": None,
+                    "unit": "",
+                    "verdict": verdicts.SKIPPED,
+                    "reason": reason,
+                }
     table["text"] = verdicts.format_table(table)
     return {"analysis": orm.Dict(result), "verdicts": orm.Dict(table)}
 

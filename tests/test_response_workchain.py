@@ -145,7 +145,9 @@ def test_small_response_run(small_response):
     assert node.is_finished_ok, (node.exit_status, node.exit_message)
     setup = results["setup"].get_dict()
     assert len(setup) == 4 + 2 * 2
-    frames = {a.info["key"]: a for a in results["dft_dataset"].to_ase()}
+    from aiida_emlip.workflows.validate.response_functions import dft_frames
+
+    frames = dft_frames(results["dft_dataset"], results["configurations"])
     assert set(frames) == set(setup)
     # Hirshfeld charges sum to the (zero) total charge; the field is the one applied
     for atoms in frames.values():

@@ -35,6 +35,7 @@ from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain
 from . import evaluate as model_side
 from .response_functions import (
     analyse_response_probes,
+    dft_frames,
     model_polarizabilities,
     response_figures,
     response_structures,
@@ -378,7 +379,7 @@ class EmlipResponseWorkChain(protocols.EmlipProtocolMixin, WorkChain):
                 message=f"{node.process_label}<{node.pk}> exit status {node.exit_status}, no dataset"
             )
         dataset = node.outputs.dataset
-        done = {a.info.get("key") for a in dataset.to_ase()}
+        done = set(dft_frames(dataset, self.ctx.structures["configurations"]))
         failed = sorted(set(self.ctx.structures["setup"].get_dict()) - done)
         if failed:
             self.report(f"DFT of {failed} failed (see {node.process_label}<{node.pk}>); left out")
@@ -418,6 +419,7 @@ class EmlipResponseWorkChain(protocols.EmlipProtocolMixin, WorkChain):
             setup=self.ctx.structures["setup"],
             settings=orm.Dict(settings),
             dft=self.ctx.dft_dataset,
+            configurations=self.ctx.structures["configurations"],
             **nodes,
             metadata={"call_link_label": "analyse"},
         )

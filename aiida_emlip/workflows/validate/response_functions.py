@@ -60,9 +60,26 @@ def model_polarizabilities(model: EmlipModelData, configurations: EmlipDatasetDa
     return orm.Dict(result)
 
 
+def dft_frames(dft: EmlipDatasetData, configurations: EmlipDatasetData) -> dict:
+    """DFT frames by probe key: the dataset workchain names configurations ``c0000``, ``c0001``, ... in order."""
+    keys = [str(a.info["key"]) for a in configurations.to_ase()]
+    frames = {}
+    for atoms in dft.to_ase():
+        key = str(atoms.info.get("key", ""))
+        if key not in keys and key.startswith("c") and key[1:].isdigit() and int(key[1:]) < len(keys):
+            key = keys[int(key[1:])]
+        atoms.info["key"] = key
+        frames[key] = atoms
+    return frames
+
+
 @calcfunction
 def analyse_response_probes(
-    setup: orm.Dict, settings: orm.Dict, dft: EmlipDatasetData, **nodes: orm.Data
+    setup: orm.Dict,
+    settings: orm.Dict,
+    dft: EmlipDatasetData,
+    configurations: EmlipDatasetData,
+    **nodes: orm.Data,
 ) -> dict[str, orm.Dict]:
     """Every probe's numbers for DFT and each model, and the design verdict table.
 
@@ -70,7 +87,7 @@ def analyse_response_probes(
     ``settings``: ``models`` (labels), ``tolerances``, ``skipped`` ({label: {column: reason}}).
     """
     values = settings.get_dict()
-    methods = {"dft": {str(a.info["key"]): a for a in dft.to_ase() if "key" in a.info}}
+    methods = {"dft": dft_frames(dft, configurations)}
     autograd = {}
     for name, node in nodes.items():
         if name.startswith("predictions_"):

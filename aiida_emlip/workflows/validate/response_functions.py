@@ -61,7 +61,7 @@ def model_polarizabilities(model: EmlipModelData, configurations: EmlipDatasetDa
 
 
 def dft_frames(dft: EmlipDatasetData, configurations: EmlipDatasetData) -> dict:
-    """DFT frames by probe key: the dataset workchain names configurations ``c0000``, ``c0001``, ... in order."""
+    """DFT frames by probe key (the dataset workchain names configurations c0000, c0001, ... in order)."""
     keys = [str(a.info["key"]) for a in configurations.to_ase()]
     frames = {}
     for atoms in dft.to_ase():

@@ -15,6 +15,10 @@ CHEAP_DFT = {
     "conv_thr_per_atom": 1.0e-8,
     "kpoints_distance": 1.0,
     "max_iterations": 1,
+    # separated Li + F: smeared (Li is a metal for `electronic_type: auto`), slow to converge at 0.01 Ry
+    "degauss": 0.03,
+    "mixing_beta": 0.2,
+    "electron_maxstep": 300,
     "options": {"max_wallclock_seconds": 600},
 }
 #: Four distances, chains of one and two molecules, one field value.

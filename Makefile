@@ -18,12 +18,12 @@ INSTALL_STAMP := $(STAMPS)/install-$(HASH)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help demo test test-all setup install qe docs lint clean-stamps
+.PHONY: help demo test test-all setup install qe browser docs lint clean-stamps
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
 
-demo: setup  ## set up everything, then run the demo job (real pw.x through AiiDA)
+demo: setup  ## set up everything, then run the demo study (real pw.x through AiiDA) and write its report
 	$(BIN)/aiida-emlip demo
 
 test: setup  ## set up everything, then run the test suite without the tests marked slow (what CI runs)
@@ -32,7 +32,7 @@ test: setup  ## set up everything, then run the test suite without the tests mar
 test-all: setup  ## set up everything, then run every test, the slow ones included
 	$(BIN)/pytest
 
-setup: install qe  ## create/reuse the isolated AiiDA profile, computer, pw code and pseudo family
+setup: install qe browser  ## create/reuse the isolated AiiDA profile, computer, pw code and pseudo family
 	$(BIN)/aiida-emlip setup
 
 install: $(INSTALL_STAMP)  ## create .venv and install torch (CPU) and the package with extras
@@ -57,6 +57,15 @@ qe:  ## install Quantum ESPRESSO (Debian package quantum-espresso) if pw.x is mi
 	  echo ">>> pw.x/ld1.x not found: installing Quantum ESPRESSO with apt-get (quantum-espresso)"; \
 	  $(SUDO) apt-get update -q; \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q quantum-espresso; \
+	fi
+
+browser:  ## install Debian chromium if missing (the report's tests render it headless)
+	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then \
+	  echo ">>> chromium: $$(command -v chromium || command -v chromium-browser)"; \
+	else \
+	  echo ">>> chromium not found: installing it with apt-get (chromium)"; \
+	  $(SUDO) apt-get update -q; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
 	fi
 
 docs: install  ## build the Sphinx (MyST) docs; warnings are errors

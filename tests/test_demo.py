@@ -61,10 +61,17 @@ def test_demo_cli(cli_aiida_path: Path, emlip_cli) -> None:
 
 @pytest.mark.pw
 @pytest.mark.slow
-def test_demo_chain_cli(cli_aiida_path: Path, emlip_cli) -> None:
-    """``aiida-emlip demo`` (the README's main job): pw.x labels → dataset → two designs → errors."""
-    proc = emlip_cli("demo", "--epochs", "2", env={"AIIDA_PATH": str(cli_aiida_path)})
+def test_demo_study_cli(cli_aiida_path: Path, emlip_cli, tmp_path: Path) -> None:
+    """``aiida-emlip demo`` (the README's main job): the demo study, its verdict and its report."""
+    report = tmp_path / "report"
+    env = {"AIIDA_PATH": str(cli_aiida_path)}
+    proc = emlip_cli("demo", "--epochs", "2", "--output", str(report), env=env, timeout=3000)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "15 configurations labelled by pw.x, total charges -1, +0, +1" in proc.stdout
-    assert "design 'sr'" in proc.stdout and "design 'charges'" in proc.stdout
-    assert "Energy RMSE on the test split" in proc.stdout
+    assert "Demo study 'demo'" in proc.stdout
+    assert "DFT: pw.x on 41 configurations" in proc.stdout
+    assert "Study 'demo' <" in proc.stdout and "finished OK" in proc.stdout
+    assert "On the charged structures" in proc.stdout
+    assert f"Report: {(report / 'index.html').resolve()}" in proc.stdout
+    assert (report / "figures" / "validation_defect_formation_energy.png").is_file() or any(
+        p.name.startswith("validation_defect") for p in (report / "figures").iterdir()
+    )

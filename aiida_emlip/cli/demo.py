@@ -1,8 +1,9 @@
 """``aiida-emlip demo``: the project's main job, run end to end through AiiDA (no broker needed).
 
-The main job is the most complete chain built so far: real pw.x labels of molecules in several total
-charges (``emlip.dataset``) → two designs trained on them (``emlip.train``: ``sr`` and ``charges``) →
-their errors side by side (:class:`~aiida_emlip.workflows.training.EmlipTrainingWorkChain`).
+The main job is the demo study (``aiida_emlip/studies/demo.yaml``, :mod:`aiida_emlip.workflows.study`):
+real pw.x labels of a charged Cl vacancy in NaCl and of small molecules in several total charges, a
+held-out split, the designs ``sr``, ``charges``, ``qeq`` and ``scf`` trained at once, their held-out
+errors, the charged-defect validation and the HTML report.
 ``--pw-only`` runs just one :class:`~aiida_quantumespresso.workflows.pw.base.PwBaseWorkChain` on a
 molecule (:func:`run_demo`), a quick check of the DFT set-up.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -136,61 +138,70 @@ def run_demo(
     )
 
 
-def run_chain(pw_code: AbstractCode, family_label: str, epochs: int) -> Any:
-    """Run the DFT → dataset → models chain in the loaded profile; return the workchain node."""
-    from aiida.common.exceptions import NotExistent
-    from aiida.engine import run_get_node
-    from aiida.orm import load_code
+DEMO_STUDY = "demo"
+DEFAULT_REPORT_DIR = "demo-report"
 
-    from aiida_emlip.cli.setup import TRAIN_CODE_LABEL
-    from aiida_emlip.workflows.demo import training_builder
 
+def demo_spec(epochs: int | None = None) -> tuple[dict[str, Any], str]:
+    """The bundled demo study checked against the loaded profile (its text; ``epochs`` overrides)."""
+    from aiida_emlip.cli.study_common import ProfileResources
+    from aiida_emlip.spec import SpecError, bundled_spec_text, parse_spec
+
+    text = bundled_spec_text(DEMO_STUDY)
+    if epochs is not None:
+        text += f"# aiida-emlip demo --epochs {epochs}\n"
     try:
-        train_code = load_code(f"{TRAIN_CODE_LABEL}@{COMPUTER_LABEL}")
-    except NotExistent as exc:
-        raise click.ClickException(
-            f"code {TRAIN_CODE_LABEL}@{COMPUTER_LABEL} missing: run `aiida-emlip setup`"
-        ) from exc
-    _, node = run_get_node(training_builder(pw_code, train_code, family_label, epochs=epochs))
-    return node
+        spec = parse_spec(text, "demo.yaml", resources=ProfileResources())
+    except SpecError as exc:
+        raise click.ClickException(exc.format()) from None
+    if epochs is not None:
+        spec["training"]["epochs"] = int(epochs)
+    return spec, text
 
 
-def print_chain(node: Any) -> None:
-    """The dataset, the models and the test errors per design and total charge."""
-    name = f"{node.process_label}<{node.pk}>"
-    click.echo(f"{name}: exit status {node.exit_status}")
-    if "training_set" in node.outputs:
-        data = node.outputs.training_set
-        charges = ", ".join(f"{q:+g}" for q in data.total_charges)
-        click.echo(
-            f"Dataset<{data.pk}>: {len(data)} configurations labelled by pw.x, total charges {charges}"
-        )
-    for label, model in sorted(node.outputs.models.items()) if "models" in node.outputs else []:
-        click.echo(f"Model<{model.pk}>: design '{label}'")
-    if "comparison" in node.outputs:
-        table = node.outputs.comparison.get_dict()["test"]
-        groups = sorted({g for row in table.values() for g in row["energy"]}, key=lambda g: (g != "all", g))
-        click.echo("Energy RMSE on the test split (meV/atom):")
-        click.echo("  " + f"{'design':<10}" + "".join(f"{g:>18}" for g in groups))
-        for label, row in table.items():
-            cells = [row["energy"].get(g, {}).get("rmse") for g in groups]
-            text = "".join(f"{'-' if c is None else f'{1000 * c:.1f}':>18}" for c in cells)
-            click.echo(f"  {label:<10}{text}")
+def run_study_demo(epochs: int | None, output: Path, cache: bool, target: Any) -> None:
+    """Run the demo study in this shell, print its verdict and write its report to ``output``."""
+    from aiida_emlip.cli.study_common import print_outcome, run_in_shell, study_builder
+
+    spec, text = demo_spec(epochs)
+    click.echo(f"Demo study {spec['name']!r}: {spec['description']}")
+    node = run_in_shell(study_builder(spec, text), cache)
+    print_outcome(node, target)
+    if "report" in node.outputs:
+        output.mkdir(parents=True, exist_ok=True)
+        node.outputs.report.copy_tree(output)
+        click.echo(f"Report: {(output / 'index.html').resolve()}")
     if not node.is_finished_ok:
-        raise click.ClickException(f"{name} failed: see `verdi process report {node.pk}`")
+        raise click.ClickException(f"study <{node.pk}> did not finish OK: see `aiida-emlip status {node.pk}`")
 
 
 @click.command("demo")
 @PROFILE_OPTION
 @click.option("--pw-only", is_flag=True, help="Run only one PwBaseWorkChain on a molecule (quick DFT check).")
-@click.option("--epochs", default=150, show_default=True, type=int, help="Training epochs of each design.")
+@click.option("--epochs", default=None, type=int, help="Training epochs per design [default: the study's].")
+@click.option(
+    "--output",
+    "-o",
+    default=DEFAULT_REPORT_DIR,
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory of the HTML report.",
+)
+@click.option("--cache/--no-cache", default=True, show_default=True, help="Reuse finished runs.")
 @click.option("--molecule", default=DEFAULT_MOLECULE, show_default=True, help="ASE g2 molecule (--pw-only).")
 @click.option("--box", default=DEFAULT_BOX, show_default=True, type=float, help="Box edge in Å (--pw-only).")
 @click.option("--ecutwfc", default=None, type=float, help="Cutoff in Ry (--pw-only) [default: family's].")
 def demo(
-    profile_name: str | None, pw_only: bool, epochs: int, molecule: str, box: float, ecutwfc: float | None
+    profile_name: str | None,
+    pw_only: bool,
+    epochs: int | None,
+    output: Path,
+    cache: bool,
+    molecule: str,
+    box: float,
+    ecutwfc: float | None,
 ) -> None:
-    """Run the main job: pw.x labels → dataset → trained designs → comparison (or --pw-only)."""
+    """Run the demo study: pw.x labels → held-out split → four designs → defect validation → report."""
     context = click.get_current_context()
     given = [
         f"--{name}"
@@ -217,9 +228,7 @@ def demo(
         missing = f"code {CODE_LABEL}@{COMPUTER_LABEL} missing: run `aiida-emlip setup`"
         raise click.ClickException(missing) from exc
     if not pw_only:
-        node = run_chain(code, FAMILY_LABEL, epochs)
-        print_chain(node)
-        click.echo(f"Inspect: AIIDA_PATH={target.config_dir} verdi -p {target.name} process status {node.pk}")
+        run_study_demo(epochs, output, cache, target)
         return
     try:
         result = run_demo(code, FAMILY_LABEL, molecule=molecule, box=box, ecutwfc=ecutwfc)

@@ -77,6 +77,27 @@ def check_qe(report: Report) -> None:
             report.add(name, f"{qe_version(exe)}  {exe}")
 
 
+CHROMIUM_FIX = "apt-get install -y chromium   (or: make browser)"
+
+
+def check_browser(report: Report) -> None:
+    """Report the headless browser that renders the study report in the tests (not essential)."""
+    exe = find_executable("chromium") or find_executable("chromium-browser")
+    if exe is None:
+        report.add(
+            "chromium", "not found (only needed to test the HTML report)", fix=CHROMIUM_FIX, essential=False
+        )
+        return
+    try:
+        proc = subprocess.run(
+            [str(exe), "--version"], capture_output=True, text=True, timeout=30, check=False
+        )
+        version = proc.stdout.strip() or "unknown version"
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        version = f"unknown ({exc.__class__.__name__})"
+    report.add("chromium", f"{version}  {exe}")
+
+
 def check_torch(report: Report) -> None:
     """Report the torch version and whether a CUDA device is available."""
     try:
@@ -163,10 +184,11 @@ def check_aiida(report: Report, target: ProfileTarget) -> None:
 @click.command("doctor")
 @PROFILE_OPTION
 def doctor(profile_name: str | None) -> None:
-    """Report pw.x, ld1.x, torch, the AiiDA profile and the pseudo family; exit 1 if essentials miss."""
+    """Report pw.x, ld1.x, chromium, torch, the profile and the pseudo family; exit 1 if essentials miss."""
     target = target_or_exit(profile_name)
     report = Report()
     check_qe(report)
+    check_browser(report)
     check_torch(report)
     check_aiida(report, target)
     for line in report.lines:

@@ -14,6 +14,7 @@ from aiida_emlip import __version__
 from aiida_emlip.cli.demo import demo
 from aiida_emlip.cli.doctor import doctor
 from aiida_emlip.cli.setup import setup
+from aiida_emlip.cli.study import export, launch, list_, report, reproduce, status
 
 # The isolated configuration directory is created on purpose: aiida's notice about it is noise here.
 warnings.filterwarnings("ignore", message="Creating AiiDA configuration folder", category=UserWarning)
@@ -28,3 +29,5 @@ def cli() -> None:
 cli.add_command(setup)
 cli.add_command(doctor)
 cli.add_command(demo)
+for command in (launch, status, report, export, reproduce, list_):
+    cli.add_command(command)

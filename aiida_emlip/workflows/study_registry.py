@@ -1,0 +1,182 @@
+"""Validations a study can run on its trained models: a small registry, one entry per workchain.
+
+An entry says which options its block in the study spec takes, what a design must provide for the
+validation to mean something, how many pw.x runs it costs, how to build the workchain's inputs from the
+spec and the trained models, and how to read its comparison rows and figures back. The spec side
+(:func:`check_options`, ``dft_configurations``, ``elements``) needs no AiiDA; ``build``, ``rows`` and
+``figures`` import it lazily.
+
+To add a validation: write the workchain (inputs ``models`` namespace of ``emlip.model`` and an
+``emlip-eval`` code; outputs a ``comparison`` ``Dict`` with one row per model), then register a
+:class:`Validation` here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiida_emlip.spec_systems import STRUCTURE_KINDS, build_structure, check_structure
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a validation block: Python type(s), default (``required`` when none)."""
+
+    types: tuple[type, ...]
+    default: Any = None
+    required: bool = False
+    help: str = ""
+
+
+@dataclass(frozen=True)
+class Context:
+    """What ``build`` gets besides the options: the study spec, models, codes and DFT settings."""
+
+    spec: dict[str, Any]
+    models: dict[str, Any]
+    codes: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Validation:
+    """A validation workchain as the study sees it."""
+
+    name: str
+    entry_point: str
+    description: str
+    options: dict[str, Option]
+    requires: frozenset[str] = field(default_factory=frozenset)
+    check: Callable[[dict[str, Any]], list[tuple[tuple[Any, ...], str]]] = lambda options: []
+    dft_configurations: Callable[[dict[str, Any]], int] = lambda options: 0
+    elements: Callable[[dict[str, Any]], set[str]] = lambda options: set()
+    build: Callable[[dict[str, Any], Context], Any] | None = None
+    rows: Callable[[Any], dict[str, dict[str, Any]]] | None = None
+    figures: Callable[[Any], dict[str, Any]] | None = None
+    summary: Callable[[dict[str, Any]], dict[str, float | None]] = lambda row: {}
+
+
+def _defect_check(options: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
+    problems = check_structure(options.get("host"), ("host",))
+    if problems:
+        return problems
+    atoms = build_structure(options["host"])
+    element = options.get("element")
+    if element not in set(atoms.get_chemical_symbols()):
+        problems.append((("element",), f"{element!r} is not in the host ({atoms.get_chemical_formula()})"))
+    if not all(atoms.pbc):
+        problems.append((("host",), "the host must be a periodic bulk cell"))
+    charges = options.get("charge_states") or []
+    if not all(isinstance(q, int) and not isinstance(q, bool) for q in charges):
+        problems.append((("charge_states",), "charge states must be integers"))
+    supercell = options.get("supercell")
+    if supercell is not None and (
+        len(supercell) != 3 or not all(isinstance(n, int) and n > 0 for n in supercell)
+    ):
+        problems.append((("supercell",), "a diagonal repeat [n1, n2, n3] of positive integers"))
+    return problems
+
+
+def _defect_cost(options: dict[str, Any]) -> int:
+    charges = {int(q) for q in options.get("charge_states") or [] if isinstance(q, int)} | {0}
+    return len(charges) + 2  # pristine, one vacancy cell per charge state, the band-edge run
+
+
+def _defect_build(options: dict[str, Any], context: Context) -> Any:
+    from aiida import orm
+
+    from aiida_emlip.workflows.validate.defect import EmlipChargedDefectWorkChain
+
+    dft = context.spec["dft"]
+    overrides = options.get("dft_overrides")
+    builder = EmlipChargedDefectWorkChain.get_builder_from_protocol(
+        context.codes["pw"],
+        orm.StructureData(ase=build_structure(options["host"])),
+        options["element"],
+        [int(q) for q in options["charge_states"]],
+        context.spec["pseudo_family"],
+        protocol=options["protocol"],
+        dft_overrides=dft.get("overrides") if overrides is None else overrides,
+        models=dict(context.models),
+        eval_code=context.codes["eval"],
+        supercell=options.get("supercell"),
+        pp_code=context.codes.get("pp"),
+        dielectric_constant=options.get("dielectric_constant"),
+        max_concurrent=int(dft["max_concurrent"]),
+    )
+    return builder
+
+
+def _comparison_rows(node: Any) -> dict[str, dict[str, Any]]:
+    if "comparison" not in node.outputs:
+        return {}
+    return {k: v for k, v in node.outputs.comparison.get_dict().items() if isinstance(v, dict)}
+
+
+def _figures(node: Any) -> dict[str, Any]:
+    return dict(node.outputs.figures) if "figures" in node.outputs else {}
+
+
+def _defect_summary(row: dict[str, Any]) -> dict[str, float | None]:
+    return {
+        "defect ΔE(q) MAE (eV)": row.get("delta_e_mae"),
+        "defect transition-level MAE (eV)": row.get("transition_level_mae"),
+    }
+
+
+DEFECT = Validation(
+    name="defect",
+    entry_point="emlip.validate.defect",
+    description="a vacancy in several charge states: ΔE(q), transition levels, Δq profiles, DFT vs models",
+    options={
+        "host": Option((dict,), required=True, help="the host bulk (a structure block)"),
+        "element": Option((str,), required=True, help="element of the removed atom"),
+        "charge_states": Option((list,), required=True, help="integer charge states (0 is always added)"),
+        "supercell": Option((list,), help="diagonal repeat [n1, n2, n3] of the host cell"),
+        "protocol": Option((str,), default="fast", help="protocol of the defect workchain"),
+        "dft_overrides": Option((dict,), help="dataset protocol overrides (default: the study's dft)"),
+        "dielectric_constant": Option((int, float), help="ε of the point-charge correction"),
+    },
+    requires=frozenset({"charges"}),
+    check=_defect_check,
+    dft_configurations=_defect_cost,
+    elements=lambda options: set(build_structure(options["host"]).get_chemical_symbols()),
+    build=_defect_build,
+    rows=_comparison_rows,
+    figures=_figures,
+    summary=_defect_summary,
+)
+
+#: name → validation; the keys are what the ``validations`` block of a study spec accepts.
+VALIDATIONS: dict[str, Validation] = {DEFECT.name: DEFECT}
+
+
+def check_options(name: str, options: Any) -> list[tuple[tuple[Any, ...], str]]:
+    """Problems of a validation block (paths relative to the block); defaults filled into ``options``."""
+    entry = VALIDATIONS[name]
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        return [((), "must be a mapping of options")]
+    problems: list[tuple[tuple[Any, ...], str]] = []
+    for key in sorted(set(options) - set(entry.options), key=str):
+        problems.append(((key,), f"unknown option; {name} takes: {', '.join(entry.options)}"))
+    for key, option in entry.options.items():
+        if key not in options:
+            if option.required:
+                problems.append(((), f"missing option {key!r} ({option.help})"))
+            continue
+        value = options[key]
+        if not isinstance(value, option.types) or (isinstance(value, bool) and bool not in option.types):
+            kinds = " or ".join(t.__name__ for t in option.types)
+            problems.append(((key,), f"must be {kinds}, got {type(value).__name__}"))
+    if problems:
+        return problems
+    for key, option in entry.options.items():
+        if key not in options and option.default is not None:
+            options[key] = option.default
+    return entry.check(options)
+
+
+__all__ = ("STRUCTURE_KINDS", "VALIDATIONS", "Context", "Option", "Validation", "check_options")

@@ -1,0 +1,92 @@
+"""Every study command on a tiny study with real pw.x: launch, status, report (in chromium), list, export,
+reproduce into a fresh profile from the cache; and the user's mistakes as messages, not tracebacks."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from study_helpers import TINY_SPEC, chromium, console_errors, render_in_chromium
+
+pytestmark = pytest.mark.pw
+
+
+def _ok(proc) -> str:
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def _refused(proc, *fragments: str) -> str:
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 1, text
+    assert "Traceback" not in text, text
+    for fragment in fragments:
+        assert fragment in text, text
+    return text
+
+
+@pytest.fixture(scope="module")
+def study(cli_aiida_path: Path, emlip_cli, tmp_path_factory):
+    """The tiny study launched once through the CLI: (environment, PK, spec path)."""
+    env = {"AIIDA_PATH": str(cli_aiida_path)}
+    spec = tmp_path_factory.mktemp("spec") / "tiny.yaml"
+    spec.write_text(TINY_SPEC)
+    out = _ok(emlip_cli("launch", str(spec), env=env, timeout=1200))
+    assert "valid; running study 'tiny'" in out
+    assert re.search(r"Study<\d+>: DFT: pw.x on 6 configurations", out), out
+    assert "finished OK" in out
+    pk = re.search(r"Study 'tiny' <(\d+)>: finished OK", out).group(1)
+    return env, pk, spec
+
+
+def test_launch_refuses_a_bad_spec_before_creating_anything(cli_aiida_path, emlip_cli, tmp_path):
+    env = {"AIIDA_PATH": str(cli_aiida_path)}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        TINY_SPEC.replace("designs: [sr, charges]", "designs: [sr, qqe]").replace("name:", "nmae:")
+    )
+    text = _refused(emlip_cli("launch", str(bad), env=env), "bad.yaml: 3 problems")
+    assert re.search(r"bad.yaml:1: .*'name'", text) and "unknown preset" in text
+    missing = emlip_cli("launch", str(tmp_path / "missing.yaml"), env=env)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    _refused(emlip_cli("status", "999999", env=env), "no node 999999")
+    good = tmp_path / "good.yaml"
+    good.write_text(TINY_SPEC)
+    _refused(emlip_cli("launch", str(good), "--daemon", env=env), "has no broker")
+    _refused(emlip_cli("report", "1", env=env), "not a study")
+    assert "Studies (0)" in _ok(emlip_cli("list", "studies", env=env))  # nothing was stored
+
+
+def test_status_list_and_report(study, emlip_cli, tmp_path):
+    env, pk, _ = study
+    out = _ok(emlip_cli("status", pk, env=env))
+    assert f"Study 'tiny' <{pk}>: finished" in out
+    assert "6 done, 0 running, 0 failed" in out
+    assert re.search(r"sr\s+finished: 3/3 epochs", out) and re.search(r"charges\s+finished", out)
+    assert "Report: ready" in out
+    listing = _ok(emlip_cli("list", env=env))
+    assert re.search(rf"\b{pk}\b.*finished\s+tiny", listing) and "Models (" in listing
+    report_dir = tmp_path / "report"
+    out = _ok(emlip_cli("report", pk, "--output", str(report_dir), env=env))
+    index = report_dir / "index.html"
+    assert str(index.resolve()) in out and (report_dir / "figures" / "parity_sr.png").is_file()
+    if chromium() is None:
+        pytest.skip("chromium missing (aiida-emlip setup installs it)")
+    dom, console = render_in_chromium(index)
+    assert console_errors(console) == []
+    assert 'data-status="ok"' in dom, dom[-1500:]
+
+
+def test_export_and_reproduce_in_a_fresh_profile(study, emlip_cli, tmp_path):
+    env, pk, _ = study
+    archive = tmp_path / "tiny.aiida"
+    out = _ok(emlip_cli("export", pk, str(archive), env=env))
+    assert archive.is_file() and "aiida-emlip reproduce" in out
+    _refused(emlip_cli("export", pk, str(archive), env=env), "exists")
+    fresh = {"AIIDA_PATH": str(tmp_path / "fresh" / ".aiida")}
+    _ok(emlip_cli("setup", env=fresh))
+    out = _ok(emlip_cli("reproduce", str(archive), env=fresh, timeout=1200))
+    assert "The new results match the archived ones" in out, out
+    cached, total = map(int, re.search(r"(\d+) of (\d+) calculations reused from the cache", out).groups())
+    assert cached == total and total >= 8  # 6 pw.x, 2 trainings, 2 evaluations

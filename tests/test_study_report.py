@@ -1,0 +1,72 @@
+"""The study's comparison and report without AiiDA runs: errors per group, the verdict, the HTML page."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ase import Atoms
+
+from aiida_emlip.analysis.study import held_out_errors, verdict
+from aiida_emlip.report.html import render_report
+from aiida_emlip.report.study_figures import study_figures
+
+
+def _frame(key: str, charge: float, energy: float, config_type: str = "water") -> Atoms:
+    atoms = Atoms("H2O", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
+    atoms.info.update(key=key, total_charge=charge, energy=energy, config_type=config_type)
+    atoms.arrays["forces"] = np.zeros((3, 3))
+    return atoms
+
+
+def test_held_out_errors_group_by_charge_and_type():
+    reference = [_frame("a_q0", 0.0, -10.0), _frame("a_qp1", 1.0, -5.0), _frame("b_q0", 0.0, -9.0, "salt")]
+    predicted = [_frame("a_q0", 0.0, -10.3), _frame("a_qp1", 1.0, -5.0 + 0.6)]
+    errors = held_out_errors(reference, predicted)
+    assert errors["missing"] == ["b_q0"]
+    energy = errors["energy"]
+    assert energy["total_charge=+0"]["rmse"] == pytest.approx(100.0)  # 0.3 eV over 3 atoms, meV/atom
+    assert energy["total_charge=+1"]["rmse"] == pytest.approx(200.0)
+    assert energy["charged"]["n"] == 1 and energy["config_type=water"]["n"] == 2
+    assert errors["forces"]["all"]["rmse"] == 0.0
+
+
+def test_verdict_names_the_ratio_to_sr():
+    def row(head, charged, neutral):
+        return {
+            "head": head,
+            "held_out": {
+                "energy": {
+                    "all": {"rmse": charged + neutral},
+                    "charged": {"rmse": charged},
+                    "neutral": {"rmse": neutral},
+                }
+            },
+        }
+
+    lines = verdict(
+        {"sr": row("sr", 400.0, 5.0), "qeq": row("qeq", 20.0, 4.0), "charges": row("charges", 40.0, 5.0)}
+    )
+    assert any(
+        "best electrostatic design, qeq, has an energy error 20.0× lower than sr's" in line for line in lines
+    )
+
+
+def test_report_page_is_static_and_escaped():
+    reference = [_frame("a_q0", 0.0, -10.0), _frame("a_qp1", 1.0, -5.0)]
+    predicted = [_frame("a_q0", 0.0, -10.1), _frame("a_qp1", 1.0, -5.2)]
+    comparison = {
+        "designs": {"sr": {"head": "sr", "held_out": held_out_errors(reference, predicted)}},
+        "verdict": ["<b>not bold</b>"],
+        "split": {"held_out_structures": {"a_q0": "uuid-1"}},
+    }
+    histories = {"sr": [{"epoch": 1, "valid_loss": 2.0, "train_loss": 3.0}, {"epoch": 2, "valid_loss": 1.0}]}
+    figures = study_figures(comparison, histories, reference, {"sr": predicted})
+    assert set(figures) == {"errors_by_charge", "learning_curves", "parity_sr"}
+    files = render_report(
+        comparison, figures, {"study": {"name": "t"}, "reproduce": ["aiida-emlip reproduce x"]}
+    )
+    page = files["index.html"].decode()
+    assert "&lt;b&gt;not bold&lt;/b&gt;" in page and "<b>not bold" not in page
+    assert "http" not in page.replace('lang="en"', "")
+    assert all(f"figures/{name}.png" in files for name in figures)
+    assert files["figures/parity_sr.png"].startswith(b"\x89PNG")

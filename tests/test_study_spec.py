@@ -1,0 +1,152 @@
+"""The study spec: the bundled demo parses; bad specs report every problem with its line."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from aiida_emlip.spec import (
+    SpecError,
+    bundled_spec_text,
+    design_config,
+    dft_configuration_count,
+    held_out_geometries,
+    parse_spec,
+)
+
+GOOD = textwrap.dedent(
+    """\
+    name: tiny
+    dft:
+      protocol: fast
+      overrides: {ecutwfc: 20.0}
+    systems:
+      water:
+        structure: {molecule: H2O, box: 8.0}
+        rattle: {n: 3, stdev: 0.05}
+        charges: [0, 1]
+        isolated: true
+    designs: [sr, charges]
+    training: {epochs: 2}
+    """
+)
+
+
+class FakeResources:
+    """Codes pw@localhost, emlip-train@localhost, emlip-eval@localhost; a family with H and O."""
+
+    def code_problem(self, label: str, plugin: str) -> str | None:
+        known = {"pw@localhost", "emlip-train@localhost", "emlip-eval@localhost"}
+        return None if label in known else f"no code {label!r} in the profile"
+
+    def family_elements(self, label: str) -> set[str] | None:
+        return {"H", "O"} if label == "emlip-ld1-pbe-v1" else None
+
+
+def test_demo_spec_parses_with_defaults():
+    spec = parse_spec(bundled_spec_text("demo"), "demo.yaml")
+    assert list(spec["designs"]) == ["sr", "charges", "qeq", "scf"]
+    assert spec["split"]["held_out_fraction"] == pytest.approx(0.2)
+    counts = dft_configuration_count(spec)
+    assert counts["systems.vacancy"] == 8 and counts["validations.defect"] == 4
+    assert sum(counts.values()) <= spec["budget"]["max_dft_configurations"]
+    held = held_out_geometries(spec)
+    assert all(len(v) == 1 for v in held.values())
+
+
+def test_good_spec_defaults_and_design_configs():
+    spec = parse_spec(GOOD, "tiny.yaml", resources=FakeResources())
+    assert spec["codes"]["pw"] == "pw@localhost" and spec["pseudo_family"] == "emlip-ld1-pbe-v1"
+    assert spec["split"] == {"held_out_fraction": 0.25, "seed": 0}
+    config = design_config(spec["designs"]["charges"], spec["training"], labels=["energy", "forces"])
+    assert config["data"]["test_fraction"] == 0.0 and config["stages"][0]["epochs"] == 2
+    assert config["model"]["head"]["name"] == "charges"
+
+
+BAD = textwrap.dedent(
+    """\
+    name: bad
+    colour: blue
+    codes:
+      pw: pw@nowhere
+    dft:
+      protocol: fastest
+    systems:
+      water:
+        structure: {molecule: H2O}
+        rattle: {n: 2}
+        charges: one
+      salt:
+        structure: {bulk: NaCl, crystalstructure: rocksalt, a: 5.64}
+        rattle: {n: 2}
+    training:
+      epochs: many
+    designs:
+      sr: {preset: sr}
+      mine: {preset: qqe}
+    validations:
+      defect:
+        host: {bulk: NaCl, crystalstructure: rocksalt, a: 5.64, cubic: true}
+        element: Cl
+        charge_states: [0, 1]
+      phonon_bands: {}
+    """
+)
+
+
+def test_bad_spec_reports_every_problem_with_its_line():
+    with pytest.raises(SpecError) as info:
+        parse_spec(BAD, "bad.yaml")
+    found = {(p.line, p.path) for p in info.value.problems}
+    assert (2, "colour") in found
+    assert (6, "dft.protocol") in found
+    assert (11, "systems.water.charges") in found
+    assert (16, "training.epochs") in found
+    assert (19, "designs.mine.preset") in found
+    assert (25, "validations.phonon_bands") in found
+    text = info.value.format()
+    assert "bad.yaml:19: designs.mine.preset: unknown preset 'qqe'" in text
+    assert "Traceback" not in text
+
+
+def test_validation_needing_what_no_design_provides():
+    spec = GOOD.replace("designs: [sr, charges]", "designs: [sr]") + textwrap.dedent(
+        """\
+        validations:
+          defect:
+            host: {bulk: NaCl, crystalstructure: rocksalt, a: 5.64, cubic: true}
+            element: Cl
+            charge_states: [0, 1]
+        """
+    )
+    with pytest.raises(SpecError) as info:
+        parse_spec(spec, "s.yaml")
+    (problem,) = info.value.problems
+    assert problem.line == 14 and problem.path == "validations.defect"
+    assert "needs a design that predicts charges" in problem.message
+
+
+def test_resources_missing_codes_and_pseudos_and_budget():
+    salt = "  salt:\n    structure: {bulk: NaCl, crystalstructure: rocksalt, a: 5.64}\n    rattle: {n: 2}\n"
+    text = GOOD.replace("name: tiny", "name: tiny\ncodes: {train: gpu-train@cluster}")
+    text = text.replace("designs:", salt + "designs:", 1)
+    with pytest.raises(SpecError) as info:
+        parse_spec(text + "budget: {max_dft_configurations: 5}\n", "r.yaml", resources=FakeResources())
+    messages = {p.path: p.message for p in info.value.problems}
+    assert "needs 8 pw.x configurations (water 6, salt 2)" in messages["budget.max_dft_configurations"]
+    # within budget, the profile's codes and pseudopotentials are checked
+    with pytest.raises(SpecError) as info:
+        parse_spec(text, "r.yaml", resources=FakeResources())
+    problems = {p.path: (p.line, p.message) for p in info.value.problems}
+    assert problems["codes.train"] == (2, "no code 'gpu-train@cluster' in the profile")
+    assert (
+        problems["systems.salt"][0] == 12 and "no pseudopotential for Cl, Na" in problems["systems.salt"][1]
+    )
+
+
+def test_yaml_syntax_and_duplicate_keys():
+    with pytest.raises(SpecError, match=r"d.yaml:3: designs: duplicate key|d.yaml:3: .*duplicate"):
+        parse_spec("name: x\ndesigns: [sr]\ndesigns: [qeq]\n", "d.yaml")
+    with pytest.raises(SpecError, match=r"y.yaml:2: not valid YAML"):
+        parse_spec("name: x\n  bad: [\n", "y.yaml")

@@ -95,7 +95,12 @@ def pseudo_dir(request: pytest.FixtureRequest) -> Path:
     from aiida_emlip.pseudos.generate import generate_family
 
     cache = getattr(request.config, "cache", None)  # absent with -p no:cacheprovider
-    base = cache.mkdir("emlip-pseudos") if cache is not None else Path(tempfile.mkdtemp(prefix="emlip-upf-"))
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")  # one folder per xdist worker: no race
+    base = (
+        cache.mkdir(f"emlip-pseudos-{worker}")
+        if cache is not None
+        else Path(tempfile.mkdtemp(prefix="emlip-upf-"))
+    )
     generate_family(Path(base), ld1=LD1_EXE)
     return Path(base)
 

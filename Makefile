@@ -9,8 +9,9 @@ SHELL := /bin/bash
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
-# `make test` (CI) leaves out the tests marked slow; `make test-all` runs every test.
-PYTEST_ARGS ?= -m "not slow"
+# `make test` (CI) leaves out the tests marked slow and runs on two workers, one test file each
+# (module fixtures stay shared); `make test-all` runs every test. PYTEST_ARGS= runs serially.
+PYTEST_ARGS ?= -m "not slow" -n 2 --dist loadfile
 STAMPS := .stamps
 HASH := $(shell (cat pyproject.toml; echo "$(TORCH_SPEC)") | sha256sum | cut -c1-16)
 INSTALL_STAMP := $(STAMPS)/install-$(HASH)
@@ -30,7 +31,7 @@ test: setup  ## set up everything, then run the test suite without the tests mar
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test-all: setup  ## set up everything, then run every test, the slow ones included
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadfile
 
 setup: install qe browser  ## create/reuse the isolated AiiDA profile, computer, pw code and pseudo family
 	$(BIN)/aiida-emlip setup

@@ -22,6 +22,10 @@ from pathlib import Path
 
 import pytest
 
+# Tiny models: one intra-op thread is faster than two, and far faster when pw.x runs beside the test
+# (oversubscribed OpenMP threads spin). Set before torch is imported; subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 _AIIDA_TMP = Path(tempfile.mkdtemp(prefix="emlip-pytest-aiida-"))
 os.environ["AIIDA_PATH"] = str(_AIIDA_TMP)
 atexit.register(shutil.rmtree, _AIIDA_TMP, ignore_errors=True)
@@ -91,7 +95,12 @@ def pseudo_dir(request: pytest.FixtureRequest) -> Path:
     from aiida_emlip.pseudos.generate import generate_family
 
     cache = getattr(request.config, "cache", None)  # absent with -p no:cacheprovider
-    base = cache.mkdir("emlip-pseudos") if cache is not None else Path(tempfile.mkdtemp(prefix="emlip-upf-"))
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")  # one folder per xdist worker: no race
+    base = (
+        cache.mkdir(f"emlip-pseudos-{worker}")
+        if cache is not None
+        else Path(tempfile.mkdtemp(prefix="emlip-upf-"))
+    )
     generate_family(Path(base), ld1=LD1_EXE)
     return Path(base)
 

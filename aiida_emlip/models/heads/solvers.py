@@ -132,6 +132,9 @@ class QEqSolution:
     info: SolveInfo
     solve_h: Callable[[torch.Tensor], torch.Tensor]  # H⁻¹ (dense or CG), for further right-hand sides
     y: torch.Tensor  # H⁻¹ 1
+    #: c of the rank-one shift H + c 11ᵀ used when H is indefinite (slab Coulomb matrices are positive
+    #: definite only on Σq = 0); it leaves q unchanged and shifts the multipliers by c·Σq.
+    shift: float = 0.0
 
 
 def qeq_solve(
@@ -149,9 +152,17 @@ def qeq_solve(
     ``dense`` is ``A`` as a matrix (then ``matvec`` is unused), otherwise ``matvec(x) = A x``.
     Returns ``q`` and ``μ`` with ``(A + diag d) q + b = −μ 1``.
     """
+    shift = 0.0
     if dense is not None:
         h = dense + torch.diag(diag)
-        factor = torch.linalg.cholesky(h)
+        factor, status = torch.linalg.cholesky_ex(h)
+        if int(status) != 0:
+            # The slab (Yeh–Berkowitz/BAC) Coulomb matrix has a negative uniform mode; on Σq = Q the
+            # energy is unchanged by c(Σq)² up to a constant, so shift that mode to make H definite.
+            lowest = float(torch.linalg.eigvalsh(h)[0])
+            shift = 2.0 * (abs(lowest) + float(diag.abs().max()) + 1.0) / h.shape[0]
+            h = h + shift * torch.ones_like(h)
+            factor = torch.linalg.cholesky(h)
 
         def solve_h(rhs: torch.Tensor) -> torch.Tensor:
             r2 = rhs[:, None] if rhs.dim() == 1 else rhs
@@ -174,7 +185,7 @@ def qeq_solve(
         )
     x, y = xy[:, 0], xy[:, 1]
     mu = (x.sum() - total) / y.sum()
-    return QEqSolution(x - mu * y, mu, info, solve_h, y)
+    return QEqSolution(x - mu * y, mu + shift * total, info, solve_h, y, shift)
 
 
 def kkt_inverse(
@@ -185,7 +196,7 @@ def kkt_inverse(
     def apply(r: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hr = solution.solve_h(r)
         nu = (hr.sum() - s) / solution.y.sum()
-        return hr - nu * solution.y, nu
+        return hr - nu * solution.y, nu + solution.shift * s
 
     return apply
 

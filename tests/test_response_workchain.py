@@ -1,0 +1,190 @@
+"""EmlipResponseWorkChain: bad inputs stop before any compute; LiF and water chains with real pw.x."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ase.build import bulk
+
+from aiida_emlip import schema
+
+#: Cheap pw.x: 20 Ry, Γ (every probe structure is a molecule in a box).
+CHEAP_DFT = {
+    "ecutwfc": 20.0,
+    "ecutrho": 80.0,
+    "conv_thr_per_atom": 1.0e-8,
+    "kpoints_distance": 1.0,
+    "max_iterations": 1,
+    # separated Li + F: smeared (Li is a metal for `electronic_type: auto`), slow to converge at 0.01 Ry
+    "degauss": 0.03,
+    "mixing_beta": 0.2,
+    "electron_maxstep": 300,
+    "options": {"max_wallclock_seconds": 600},
+}
+#: Four distances, chains of one and two molecules, one field value.
+TINY = {
+    "distances": [1.6, 3.0, 5.0, 8.0],
+    "pair_box": [6.0, 6.0],
+    "water_sizes": [1, 2],
+    "chain_vacuum": 6.0,
+    "chain_field": 0.05,
+}
+FORMAL = {"H": 1.0, "O": -2.0, "Li": 1.0, "F": -1.0, "Al": 0.0}
+
+
+def _model_node(tmp_path, head, elements=("H", "Li", "O", "F", "Al"), sigma=0.0):
+    import torch
+
+    from aiida_emlip.data.model import EmlipModelData
+    from aiida_emlip.models.io import save_model
+    from aiida_emlip.models.model import EmlipModel, ModelConfig
+
+    torch.manual_seed(0)
+    config = ModelConfig(
+        elements=list(elements),
+        head=head,
+        backbone={"num_channels": 4, "num_interactions": 1, "correlation": 1, "max_ell": 1, "r_max": 3.0},
+        electrostatics={"sigma": sigma, "accuracy": 1e-8},
+    )
+    model = EmlipModel(config)
+    with torch.no_grad():  # a silent backbone: the head's constants alone act
+        for parameter in model.backbone.parameters():
+            parameter.zero_()
+    path = save_model(model, tmp_path / f"{head['name']}-{'-'.join(elements)}.safetensors")
+    return EmlipModelData(path).store()
+
+
+def test_protocols():
+    from aiida_emlip.workflows.validate.response import EmlipResponseWorkChain
+
+    assert set(EmlipResponseWorkChain.get_available_protocols()) == {"fast", "balanced", "stringent"}
+    fast = EmlipResponseWorkChain.get_protocol_inputs("fast")
+    assert fast["fields"] == [0.1] and fast["metal"]["size"] == [1, 2, 2] and fast["water_sizes"] == [1, 2, 3]
+    assert EmlipResponseWorkChain.get_protocol_inputs("precise")["water_sizes"][-1] == 8
+
+
+def _slab(vacuum_axis):
+    from aiida_emlip.structures.response import metal_slab
+
+    atoms = metal_slab("Al", size=(1, 2, 2))
+    if vacuum_axis is None:
+        return bulk("Al", "fcc", a=4.05, cubic=True)
+    return atoms
+
+
+BAD_INPUTS = {
+    "slab_without_vacuum": ({"metal_slab": None}, "ERROR_NO_VACUUM"),
+    "field_along_periodic": ({"overrides": {"field_axis": 0}}, "ERROR_FIELD_ALONG_PERIODIC"),
+    "no_electrons": ({"overrides": {"charges": [0.0, 40.0]}}, "ERROR_NO_ELECTRONS"),
+    "model_elements": ({"model": ({"name": "qeq"}, ("H", "O"))}, "ERROR_MODEL_ELEMENTS"),
+    "mu_of_fixed_head": (
+        {"probes": ["charging"], "model": ({"name": "fixed", "formal_charges": FORMAL}, None)},
+        "ERROR_NO_FERMI_LEVEL",
+    ),
+    "unknown_probe": ({"probes": ["phonons"]}, "ERROR_INVALID_PROBES"),
+    "one_chain_size": ({"overrides": {"water_sizes": [2]}}, "ERROR_INVALID_PROBES"),
+    "unknown_protocol": ({"protocol": "sloppy"}, "ERROR_UNKNOWN_PROTOCOL"),
+    "unknown_override": ({"overrides": {"field": 1}}, "ERROR_INVALID_OVERRIDES"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_inputs_exit_before_any_compute(case, pw_code, eval_code, pseudo_family, tmp_path):
+    from aiida import orm
+    from aiida.engine import run_get_node
+
+    from aiida_emlip.workflows.validate.response import EmlipResponseWorkChain
+
+    change, exit_code = BAD_INPUTS[case]
+    builder = EmlipResponseWorkChain.get_builder_from_protocol(
+        pw_code, pseudo_family.label, protocol="fast", dft_overrides=CHEAP_DFT, probes=change.get("probes")
+    )
+    if "overrides" in change:
+        builder.overrides = orm.Dict(change["overrides"])
+    if "protocol" in change:
+        builder.protocol = orm.Str(change["protocol"])
+    if "metal_slab" in change:
+        builder.metal_slab = orm.StructureData(ase=_slab(None))
+    if "model" in change:
+        head, elements = change["model"]
+        kwargs = {"elements": elements} if elements else {}
+        builder.models = {
+            "m": _model_node(tmp_path, head, sigma=0.5 if head["name"] == "qeq" else 0.0, **kwargs)
+        }
+        builder.eval_code = eval_code
+    _, node = run_get_node(builder)
+    assert node.exit_status == getattr(EmlipResponseWorkChain.exit_codes, exit_code).status, node.exit_message
+    assert not node.called_descendants, "no process may run before the inputs are checked"
+
+
+@pytest.fixture(scope="module")
+def small_response(pw_code, pp_code, eval_code, pseudo_family, tmp_path_factory):
+    """LiF at four distances and water chains of 1–2 molecules, with a fixed and a qeq model."""
+    from aiida.engine import run_get_node
+
+    from aiida_emlip.workflows.validate.response import EmlipResponseWorkChain
+
+    tmp = tmp_path_factory.mktemp("response-models")
+    models = {
+        "fixed": _model_node(tmp, {"name": "fixed", "formal_charges": FORMAL}),
+        "qeq": _model_node(tmp, {"name": "qeq"}, sigma=0.5),
+    }
+    builder = EmlipResponseWorkChain.get_builder_from_protocol(
+        pw_code,
+        pseudo_family.label,
+        protocol="fast",
+        overrides=TINY,
+        dft_overrides=CHEAP_DFT,
+        probes=["dissociation", "polarizability"],
+        models=models,
+        eval_code=eval_code,
+        pp_code=pp_code,
+    )
+    return run_get_node(builder)
+
+
+@pytest.mark.pw
+def test_small_response_run(small_response):
+    results, node = small_response
+    assert node.is_finished_ok, (node.exit_status, node.exit_message)
+    setup = results["setup"].get_dict()
+    assert len(setup) == 4 + 2 * 2
+    from aiida_emlip.workflows.validate.response_functions import dft_frames
+
+    frames = dft_frames(results["dft_dataset"], results["configurations"])
+    assert set(frames) == set(setup)
+    # Hirshfeld charges sum to the (zero) total charge; the field is the one applied
+    for atoms in frames.values():
+        assert atoms.arrays[schema.CHARGES].sum() == pytest.approx(0.0, abs=5e-3)  # stored precision
+    assert np.allclose(frames["chain2_p"].info[schema.EXTERNAL_FIELD], [0.05, 0.0, 0.0])
+    probes = results["analysis"]["probes"]
+    print("\n", results["verdicts"]["text"], "\n", {p: probes[p] for p in probes})
+    dft_pol = probes["polarizability"]["dft"]
+    # water: α ≈ 1.4–1.6 Å³ per molecule (PBE, finite field), positive and growing with N
+    assert 0.5 < dft_pol["alpha_volume"][0] < 3.0, dft_pol
+    assert dft_pol["alpha"][1] > dft_pol["alpha"][0]
+    dft_pair = probes["dissociation"]["dft"]
+    assert dft_pair["distances"] == TINY["distances"] and 0.3 < dft_pair["near_charge"] < 1.0
+    # the fixed model: formal charges at every distance, no induced dipole (finite field and autograd)
+    fixed_pair = probes["dissociation"]["fixed"]
+    assert fixed_pair["fragment_charge"] == pytest.approx([1.0] * 4)
+    fixed_pol = probes["polarizability"]["fixed"]
+    assert fixed_pol["alpha"] == pytest.approx([0.0, 0.0], abs=1e-6)
+    assert results["autograd_polarizability"]["fixed"].get_dict() == {"1": 0.0, "2": 0.0}
+    # qeq: finite-field α equals autograd α
+    qeq_pol = probes["polarizability"]["qeq"]
+    assert qeq_pol["alpha"] == pytest.approx(qeq_pol["alpha_autograd"], rel=1e-3, abs=1e-6)
+    table = results["verdicts"].get_dict()
+    assert table["columns"] == ["dissociation", "polarizability"]
+    assert set(table["rows"]) == {"fixed", "qeq"}
+    assert table["rows"]["fixed"]["polarizability"]["verdict"] == "insulator-like"
+    assert table["rows"]["fixed"]["dissociation"]["verdict"] == "insulator-like"
+    for row in table["rows"].values():
+        for cell in row.values():
+            assert cell["verdict"] in ("metal-like", "insulator-like", "matches DFT", "skipped")
+    print("\n" + table["text"])
+    print({k: v for k, v in dft_pol.items()}, dft_pair)
+    print(qeq_pol, probes["dissociation"]["qeq"])
+    for name in ("dissociation", "polarizability"):
+        content = results["figures"][name].get_content(mode="rb")
+        assert content[:4] == b"\x89PNG" and len(content) > 5000

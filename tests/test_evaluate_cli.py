@@ -315,3 +315,7 @@ def test_bad_input_is_refused_before_any_compute(models, tmp_path, capsys):
     other = write_structures(tmp_path / "f.xyz", [Atoms("FH", positions=[[0, 0, 0], [0, 0, 0.95]])])
     assert eval_main([str(models["charges"]), str(other), "-o", str(out)]) == ExitCode.BAD_INPUT
     assert "does not know" in capsys.readouterr().err
+    labels = data.read_bytes()
+    assert eval_main([str(models["charges"]), str(data), "-o", str(data)]) == ExitCode.BAD_INPUT
+    assert "is the input file" in capsys.readouterr().err
+    assert data.read_bytes() == labels  # the reference labels are untouched

@@ -214,6 +214,18 @@ def eval_parameters(args: argparse.Namespace) -> dict:
     return values
 
 
+def check_outputs_spare_inputs(inputs: Sequence[Path], outputs: Sequence[Path | None]) -> None:
+    """Refuse an output path that is one of the inputs (it would destroy the reference labels)."""
+    from aiida_emlip.training.errors import ConfigError
+
+    for out in outputs:
+        if out is None:
+            continue
+        for inp in inputs:
+            if Path(out).resolve() == Path(inp).resolve():
+                raise ConfigError(f"output {out} is the input file {inp}; choose another output path")
+
+
 def eval_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``emlip-eval``."""
     args = eval_parser().parse_args(argv)
@@ -231,6 +243,9 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
             schema_key, file_key = item.split("=", 1)
             keys[schema_key] = file_key
         output = args.output or args.data.with_name(args.data.stem + "_pred.xyz")
+        check_outputs_spare_inputs(
+            [args.data, args.model], [output, args.errors, args.summary, args.trajectory]
+        )
         report = run_evaluation(
             args.model,
             args.data,

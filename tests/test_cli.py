@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from aiida_emlip.cli.main import cli
@@ -71,3 +72,14 @@ def test_demo_unknown_molecule(cli_aiida_path: Path, emlip_cli) -> None:
     assert proc.returncode != 0
     assert "unknown molecule" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args", [("--epochs", "-3"), ("--pw-only", "--ecutwfc", "-5"), ("--pw-only", "--box", "0")]
+)
+def test_demo_refuses_impossible_numbers(cli_aiida_path: Path, emlip_cli, args) -> None:
+    """Negative epochs, cutoffs or boxes are refused by the option parser before anything runs."""
+    proc = emlip_cli("demo", *args, env={"AIIDA_PATH": str(cli_aiida_path)}, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"Invalid value for '{args[-2]}'" in proc.stderr
+    assert "Traceback" not in proc.stderr and "PwBaseWorkChain" not in proc.stdout

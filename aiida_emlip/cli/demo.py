@@ -178,7 +178,12 @@ def run_study_demo(epochs: int | None, output: Path, cache: bool, target: Any) -
 @click.command("demo")
 @PROFILE_OPTION
 @click.option("--pw-only", is_flag=True, help="Run only one PwBaseWorkChain on a molecule (quick DFT check).")
-@click.option("--epochs", default=None, type=int, help="Training epochs per design [default: the study's].")
+@click.option(
+    "--epochs",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Training epochs per design [default: the study's].",
+)
 @click.option(
     "--output",
     "-o",
@@ -189,8 +194,19 @@ def run_study_demo(epochs: int | None, output: Path, cache: bool, target: Any) -
 )
 @click.option("--cache/--no-cache", default=True, show_default=True, help="Reuse finished runs.")
 @click.option("--molecule", default=DEFAULT_MOLECULE, show_default=True, help="ASE g2 molecule (--pw-only).")
-@click.option("--box", default=DEFAULT_BOX, show_default=True, type=float, help="Box edge in Å (--pw-only).")
-@click.option("--ecutwfc", default=None, type=float, help="Cutoff in Ry (--pw-only) [default: family's].")
+@click.option(
+    "--box",
+    default=DEFAULT_BOX,
+    show_default=True,
+    type=click.FloatRange(min=4.0),
+    help="Box edge in Å (--pw-only).",
+)
+@click.option(
+    "--ecutwfc",
+    default=None,
+    type=click.FloatRange(min=10.0),
+    help="Cutoff in Ry (--pw-only) [default: family's].",
+)
 def demo(
     profile_name: str | None,
     pw_only: bool,

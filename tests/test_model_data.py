@@ -51,3 +51,18 @@ def test_verdi_data_emlip_model(aiida_profile, tmp_path):
     exported = runner.invoke(verdi_data, ["emlip.model", "export", str(node.pk), str(out)])
     assert exported.exit_code == 0, exported.output
     assert out.read_bytes() == (tmp_path / "a.safetensors").read_bytes()
+
+
+def test_verdi_data_emlip_refuses_a_node_of_another_type(aiida_profile, tmp_path):
+    """A dataset PK given to ``emlip.model export`` (and vice versa) is a usage error, not "Success"."""
+    from aiida import orm
+    from aiida.cmdline.commands.cmd_data import verdi_data
+    from click.testing import CliRunner
+
+    other = orm.Int(3).store()
+    runner = CliRunner()
+    for group, command in (("emlip.model", "export"), ("emlip.dataset", "export")):
+        out = tmp_path / f"{group}.out"
+        result = runner.invoke(verdi_data, [group, command, str(other.pk), str(out)])
+        assert result.exit_code == 2, result.output
+        assert "Success" not in result.output and not out.exists()

@@ -6,7 +6,7 @@ import json
 
 import click
 from aiida.cmdline.groups import VerdiCommandGroup
-from aiida.cmdline.params import arguments
+from aiida.cmdline.params import arguments, types
 from aiida.cmdline.utils import decorators, echo
 
 
@@ -37,7 +37,7 @@ def dataset_list() -> None:
 
 
 @dataset.command("show")
-@arguments.DATUM()
+@arguments.DATUM(type=types.DataParamType(sub_classes=("aiida.data:emlip.dataset",)))
 @decorators.with_dbenv()
 def dataset_show(datum) -> None:
     """Show the summary attributes of DATUM."""
@@ -46,7 +46,7 @@ def dataset_show(datum) -> None:
 
 
 @dataset.command("export")
-@arguments.DATUM()
+@arguments.DATUM(type=types.DataParamType(sub_classes=("aiida.data:emlip.dataset",)))
 @click.argument("path", type=click.Path(dir_okay=False, writable=True))
 @decorators.with_dbenv()
 def dataset_export(datum, path: str) -> None:

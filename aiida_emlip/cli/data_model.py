@@ -6,7 +6,7 @@ import json
 
 import click
 from aiida.cmdline.groups import VerdiCommandGroup
-from aiida.cmdline.params import arguments
+from aiida.cmdline.params import arguments, types
 from aiida.cmdline.utils import decorators, echo
 
 
@@ -35,7 +35,7 @@ def model_list() -> None:
 
 
 @model_cli.command("show")
-@arguments.DATUM()
+@arguments.DATUM(type=types.DataParamType(sub_classes=("aiida.data:emlip.model",)))
 def model_show(datum) -> None:
     """Print the config, versions and extra information of a model."""
     attributes = {
@@ -45,7 +45,7 @@ def model_show(datum) -> None:
 
 
 @model_cli.command("export")
-@arguments.DATUM()
+@arguments.DATUM(type=types.DataParamType(sub_classes=("aiida.data:emlip.model",)))
 @click.argument("path", type=click.Path(dir_okay=False, writable=True))
 def model_export(datum, path: str) -> None:
     """Write the model file (safetensors) to PATH."""

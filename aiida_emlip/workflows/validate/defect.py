@@ -33,6 +33,7 @@ from .defect_functions import (
     vacancy_key,
     vacancy_structures,
 )
+from .protocols_merge import merge_protocols
 
 #: Inputs of the dataset workchain that this workchain sets itself.
 DATASET_SOURCES = ("configurations", "structures", "structure_settings", "sampler", "sampler_structure")
@@ -194,18 +195,7 @@ class EmlipChargedDefectWorkChain(protocols.EmlipProtocolMixin, WorkChain):
     # ------------------------------------------------------------------ checks
     def setup(self):
         """Merge the defect and the DFT protocols with their overrides."""
-        overrides = self.inputs.overrides.get_dict() if "overrides" in self.inputs else {}
-        dft_overrides = self.inputs.dft.overrides.get_dict() if "overrides" in self.inputs.dft else {}
-        try:
-            self.ctx.inputs = self.get_protocol_inputs(self.inputs.protocol.value, overrides)
-            self.ctx.dft_inputs = EmlipDatasetWorkChain.get_protocol_inputs(
-                self.inputs.dft.protocol.value, dft_overrides
-            )
-        except protocols.ProtocolError as error:
-            return self.exit_codes.ERROR_UNKNOWN_PROTOCOL.format(message=str(error))
-        except protocols.OverrideError as error:
-            return self.exit_codes.ERROR_INVALID_OVERRIDES.format(message=str(error))
-        return None
+        return merge_protocols(self)
 
     def _charges(self) -> list[int] | str:
         raw = self.inputs.charge_states.get_list()

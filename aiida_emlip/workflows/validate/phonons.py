@@ -36,6 +36,7 @@ from .phonon_functions import (
     phonon_displacements,
     phonon_figures,
 )
+from .protocols_merge import merge_protocols
 
 #: Inputs of the dataset workchain that this workchain sets itself.
 DATASET_SOURCES = ("configurations", "structures", "structure_settings", "sampler", "sampler_structure")
@@ -207,17 +208,9 @@ class EmlipPhononWorkChain(protocols.EmlipProtocolMixin, WorkChain):
     # ------------------------------------------------------------------ checks
     def setup(self):
         """Merge the phonon and the DFT protocols with their overrides."""
-        overrides = self.inputs.overrides.get_dict() if "overrides" in self.inputs else {}
-        dft_overrides = self.inputs.dft.overrides.get_dict() if "overrides" in self.inputs.dft else {}
-        try:
-            self.ctx.inputs = self.get_protocol_inputs(self.inputs.protocol.value, overrides)
-            self.ctx.dft_inputs = EmlipDatasetWorkChain.get_protocol_inputs(
-                self.inputs.dft.protocol.value, dft_overrides
-            )
-        except protocols.ProtocolError as error:
-            return self.exit_codes.ERROR_UNKNOWN_PROTOCOL.format(message=str(error))
-        except protocols.OverrideError as error:
-            return self.exit_codes.ERROR_INVALID_OVERRIDES.format(message=str(error))
+        failed = merge_protocols(self)
+        if failed is not None:
+            return failed
         plusminus = self.ctx.inputs["plusminus"]
         if plusminus not in ("auto", True, False):
             return self.exit_codes.ERROR_INVALID_OVERRIDES.format(

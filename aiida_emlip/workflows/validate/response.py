@@ -33,6 +33,7 @@ from aiida_emlip.workflows import protocol as protocols
 from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain
 
 from . import evaluate as model_side
+from .protocols_merge import merge_protocols
 from .response_functions import (
     analyse_response_probes,
     dft_frames,
@@ -179,16 +180,7 @@ class EmlipResponseWorkChain(protocols.EmlipProtocolMixin, WorkChain):
     # ------------------------------------------------------------------ checks
     def setup(self):
         """Merge the response and DFT protocols with their overrides."""
-        overrides = self.inputs.overrides.get_dict() if "overrides" in self.inputs else {}
-        dft_overrides = self.inputs.dft.overrides.get_dict() if "overrides" in self.inputs.dft else {}
-        try:
-            self.ctx.inputs = self.get_protocol_inputs(self.inputs.protocol.value, overrides)
-            EmlipDatasetWorkChain.get_protocol_inputs(self.inputs.dft.protocol.value, dft_overrides)
-        except protocols.ProtocolError as error:
-            return self.exit_codes.ERROR_UNKNOWN_PROTOCOL.format(message=str(error))
-        except protocols.OverrideError as error:
-            return self.exit_codes.ERROR_INVALID_OVERRIDES.format(message=str(error))
-        return None
+        return merge_protocols(self)
 
     def _settings(self) -> dict[str, Any] | str:
         values = self.ctx.inputs

@@ -1,4 +1,4 @@
-"""Benchmark of the dataset workchain (issue 6).
+"""Benchmark of the dataset workchain.
 
 1. Overhead: wall time of ``EmlipDatasetWorkChain`` run with ``run()`` (``max_concurrent=1``, and
    again with 4) over N small configurations, divided by the sum of the wall times of ``pw.x`` run

@@ -203,7 +203,7 @@ def test_periodic_energy_is_k0_excluded_hartree_energy():
 
 @pytest.mark.parametrize("box", [12.0, 16.0, 24.0, 36.0])
 def test_charged_cell_makov_payne(box):
-    """One Gaussian charge: −α Q² k_e/2L + 2πσ² Q² k_e/L³ + self energy (decisions.md 7)."""
+    """One Gaussian charge: −α Q² k_e/2L + 2πσ² Q² k_e/L³ + self energy."""
     big_q = 1.3
     e = model(method="ewald").energy(
         torch.tensor([big_q], dtype=DT),

@@ -1,4 +1,4 @@
-"""Validate the ld1.x family with real pw.x against PBE reference geometries (decisions.md, item 4).
+"""Validate the ld1.x family with real pw.x against PBE reference geometries.
 
 Lattice constants come from a Birch–Murnaghan fit of five E(V) points (a_ref ± 3 %); the O–H bond
 from a BFGS relaxation of H2O in a box. Every value must lie within 2 % of the PBE reference.

@@ -27,6 +27,7 @@ from aiida_emlip.models.heads.base import head_capabilities
 from aiida_emlip.workflows import protocol as protocols
 from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain
 
+from . import evaluate as model_side
 from .phonon_functions import (
     HOST,
     PH_STDOUT,
@@ -337,15 +338,15 @@ class EmlipPhononWorkChain(protocols.EmlipProtocolMixin, WorkChain):
         if models and "eval_code" not in self.inputs:
             self.report(f"models {sorted(models)} given without eval_code: only DFT runs")
             return ToContext(**futures)
-        calculation = CalculationFactory("emlip.evaluate")
         for label, model in sorted(models.items()):
-            builder = calculation.get_builder()
-            builder.code = self.inputs.eval_code
-            builder.model = model
-            builder.dataset = self.ctx.displacements["supercells"]
-            builder.parameters = orm.Dict(dict(self.ctx.inputs["eval_parameters"]))
-            builder.metadata.options = dict(self.ctx.inputs["options"])
-            builder.metadata.call_link_label = f"evaluate_{label}"
+            builder = model_side.evaluation_builder(
+                self.inputs.eval_code,
+                model,
+                self.ctx.displacements["supercells"],
+                self.ctx.inputs["eval_parameters"],
+                self.ctx.inputs["options"],
+                label=f"evaluate_{label}",
+            )
             futures[f"evaluate_{label}"] = self.submit(builder)
             self.ctx.model_labels.append(label)
             born = label in self.ctx.born_models

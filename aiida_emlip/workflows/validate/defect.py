@@ -33,13 +33,13 @@ from .defect_functions import (
     vacancy_key,
     vacancy_structures,
 )
-from .protocols_merge import merge_protocols
+from .steps import ValidationSteps, merge_protocols
 
 #: Inputs of the dataset workchain that this workchain sets itself.
 DATASET_SOURCES = ("configurations", "structures", "structure_settings", "sampler", "sampler_structure")
 
 
-class EmlipChargedDefectWorkChain(protocols.EmlipProtocolMixin, WorkChain):
+class EmlipChargedDefectWorkChain(ValidationSteps, protocols.EmlipProtocolMixin, WorkChain):
     """Charged vacancy: ΔE(q), transition levels, formation energies and Δq profiles, DFT vs models."""
 
     protocol_file = "defect.yaml"
@@ -364,10 +364,6 @@ class EmlipChargedDefectWorkChain(protocols.EmlipProtocolMixin, WorkChain):
         inputs["structures"] = structures
         inputs["structure_settings"] = orm.Dict(settings)
         return inputs
-
-    def has_models(self) -> bool:
-        """Whether models are evaluated (models given and an emlip-eval code)."""
-        return bool(self.ctx.get("model_labels"))
 
     def run_calculations(self):
         """Submit the DFT dataset workchain and one emlip.evaluate per model, all at once."""

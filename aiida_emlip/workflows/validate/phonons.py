@@ -37,7 +37,7 @@ from .phonon_functions import (
     phonon_displacements,
     phonon_figures,
 )
-from .protocols_merge import merge_protocols
+from .steps import ValidationSteps, merge_protocols
 
 #: Inputs of the dataset workchain that this workchain sets itself.
 DATASET_SOURCES = ("configurations", "structures", "structure_settings", "sampler", "sampler_structure")
@@ -57,7 +57,7 @@ def model_capabilities(model: EmlipModelData) -> frozenset[str]:
     return head_capabilities(dict(model.base.attributes.get("head", {"name": "sr"})))
 
 
-class EmlipPhononWorkChain(protocols.EmlipProtocolMixin, WorkChain):
+class EmlipPhononWorkChain(ValidationSteps, protocols.EmlipProtocolMixin, WorkChain):
     """Phonon bands, DOS and Γ frequencies (with LO–TO where Born charges exist), DFT against every model."""
 
     protocol_file = "phonons.yaml"
@@ -321,10 +321,6 @@ class EmlipPhononWorkChain(protocols.EmlipProtocolMixin, WorkChain):
         inputs["structures"] = structures
         inputs["structure_settings"] = orm.Dict(settings)
         return inputs
-
-    def has_models(self) -> bool:
-        """Whether models are evaluated (models given and an emlip-eval code)."""
-        return bool(self.ctx.get("model_labels"))
 
     def run_calculations(self):
         """Submit the DFT dataset workchain and one emlip.evaluate per model; the model responses."""

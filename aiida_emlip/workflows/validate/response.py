@@ -33,7 +33,6 @@ from aiida_emlip.workflows import protocol as protocols
 from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain
 
 from . import evaluate as model_side
-from .protocols_merge import merge_protocols
 from .response_functions import (
     analyse_response_probes,
     dft_frames,
@@ -41,6 +40,7 @@ from .response_functions import (
     response_figures,
     response_structures,
 )
+from .steps import ValidationSteps, merge_protocols
 
 #: Inputs of the dataset workchain that this workchain sets itself.
 DATASET_SOURCES = ("configurations", "structures", "structure_settings", "sampler", "sampler_structure")
@@ -58,7 +58,7 @@ def model_capabilities(model: EmlipModelData) -> frozenset[str]:
     return head_capabilities(dict(model.base.attributes.get("head", {"name": "sr"})))
 
 
-class EmlipResponseWorkChain(protocols.EmlipProtocolMixin, WorkChain):
+class EmlipResponseWorkChain(ValidationSteps, protocols.EmlipProtocolMixin, WorkChain):
     """Field response, charging curve, dissociation and α vs size: DFT against every model, with verdicts."""
 
     protocol_file = "response.yaml"
@@ -318,10 +318,6 @@ class EmlipResponseWorkChain(protocols.EmlipProtocolMixin, WorkChain):
         self.report(
             f"probes {self.ctx.settings['probes']}: {len(outputs['setup'].get_dict())} configurations"
         )
-
-    def has_models(self) -> bool:
-        """Whether models are evaluated (models given and an emlip-eval code)."""
-        return bool(self.ctx.get("model_labels"))
 
     def run_calculations(self):
         """Submit the DFT dataset workchain and one emlip.evaluate per model; autograd α of the models."""

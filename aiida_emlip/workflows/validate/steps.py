@@ -1,4 +1,4 @@
-"""The first step every validation workchain shares: its own protocol and the DFT one, merged."""
+"""Steps every validation workchain shares: the protocols merged, and whether models are evaluated."""
 
 from __future__ import annotations
 
@@ -27,3 +27,11 @@ def merge_protocols(workchain: WorkChain) -> ExitCode | None:
     except protocols.OverrideError as error:
         return workchain.exit_codes.ERROR_INVALID_OVERRIDES.format(message=str(error))
     return None
+
+
+class ValidationSteps:
+    """Outline predicates shared by the validation workchains (mixed into each ``WorkChain``)."""
+
+    def has_models(self) -> bool:
+        """Whether models are evaluated (models given and an emlip-eval code)."""
+        return bool(self.ctx.get("model_labels"))

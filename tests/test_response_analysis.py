@@ -169,8 +169,9 @@ def test_growth_exponent_on_synthetic_data():
 
 def test_charging_curve_and_dissociation():
     charges = [-0.2, 0.0, 0.2]
-    curve = analysis.charging_curve([(q, -4.0 + 2.0 * q) for q in charges], area=10.0)
-    assert curve["dmu_dq"] == pytest.approx(2.0) and curve["capacitance"] == pytest.approx(0.5)
+    # electrons added (Q < 0) raise μ: dμ/dQ < 0, C = −1/(dμ/dQ) > 0
+    curve = analysis.charging_curve([(q, -4.0 - 2.0 * q) for q in charges], area=10.0)
+    assert curve["dmu_dq"] == pytest.approx(-2.0) and curve["capacitance"] == pytest.approx(0.5)
     assert curve["capacitance_uf_cm2"] == pytest.approx(0.05 * analysis.E_PER_V_A2_IN_UF_PER_CM2)
     d = analysis.dissociation([(10.0, 0.38), (1.6, 0.85), (4.0, 0.6)])
     assert d["distances"] == [1.6, 4.0, 10.0] and d["far_charge"] == 0.38

@@ -150,3 +150,19 @@ def test_yaml_syntax_and_duplicate_keys():
         parse_spec("name: x\ndesigns: [sr]\ndesigns: [qeq]\n", "d.yaml")
     with pytest.raises(SpecError, match=r"y.yaml:2: not valid YAML"):
         parse_spec("name: x\n  bad: [\n", "y.yaml")
+
+
+def test_interface_validation_block():
+    """The interface validation: defaults filled, its pw.x cost counted, bad fields and facets reported."""
+    spec = parse_spec(
+        GOOD + "validations:\n  interface: {fields: [0.05, 0.1], charges: [-0.2, 0.0, 0.2]}\n", "i.yaml"
+    )
+    options = spec["validations"]["interface"]
+    assert options["symbol"] == "Al" and options["facet"] == "111" and options["protocol"] == "fast"
+    assert dft_configuration_count(spec)["validations.interface"] == 1 + 4 + 2
+    bad = GOOD + "validations:\n  interface: {fields: [-0.1], facet: '110'}\n"
+    with pytest.raises(SpecError) as info:
+        parse_spec(bad, "i.yaml")
+    messages = {p.path: p.message for p in info.value.problems}
+    assert "positive" in messages["validations.interface.fields"]
+    assert "111" in messages["validations.interface.facet"]

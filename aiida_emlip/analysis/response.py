@@ -11,8 +11,8 @@ Units: e, Å, V, eV; polarisabilities α = ∂d/∂E in e·Å²/V (the schema's 
   atomic charges, the field left at a plane z_m inside the slab is exact for sheets of charge:
   E_in/E = 1 + (4πk_e/(AE)) Σ_{z_i<z_m} Δq_i with Δq_i = q_i(E) − q_i(0) (or the antisymmetric part
   [q_i(E) − q_i(−E)]/2) — 0 for perfect screening, 1 for none (:func:`interior_field_fraction`).
-* **Charging curve**: μ(Q) of a metal slab; the slope dμ/dQ (V/e) is the inverse capacitance of the
-  electrode, C = 1/(dμ/dQ) (e/V; per area in μF/cm²).
+* **Charging curve**: μ(Q) of a metal slab; the slope dμ/dQ (V/e) is minus the inverse capacitance of the
+  electrode, C = −1/(dμ/dQ) (e/V; per area in μF/cm²; μ is the electron energy, so dμ/dQ < 0).
 * **Dissociation**: the charge on the first fragment (Σ of its atoms' charges) against the
   separation; ``far_charge`` is its value at the largest distance, ``fractional`` its distance to the
   nearest integer (a separated pair should carry integer charges).
@@ -96,10 +96,14 @@ def field_response(points: Sequence[tuple[float, float]], area: float, thickness
 
 
 def charging_curve(points: Sequence[tuple[float, float]], area: float) -> dict[str, float]:
-    """dμ/dQ (V/e) and the capacitance (e/V, μF/cm² of one face area) from (Q, μ) pairs."""
+    """dμ/dQ (V/e) and the capacitance C = −1/(dμ/dQ) (e/V, μF/cm² of one face area) from (Q, μ) pairs.
+
+    μ is the electron's energy and Q the charge in e: adding electrons (dQ < 0) raises μ, so a
+    physical electrode has dμ/dQ < 0 and C > 0.
+    """
     charges, mu = zip(*points)
     slope, mu0 = linear_fit(charges, mu)
-    capacitance = 1.0 / slope if slope != 0 else math.inf
+    capacitance = -1.0 / slope if slope != 0 else math.inf
     return {
         "dmu_dq": slope,
         "mu_neutral": mu0,
@@ -172,11 +176,11 @@ def _normal(atoms, axis: int) -> np.ndarray:
     return normal / np.linalg.norm(normal)
 
 
-def _usable(atoms) -> bool:
+def usable(atoms) -> bool:
     return not ("scf_converged" in atoms.info and not bool(atoms.info["scf_converged"]))
 
 
-def _dipole_along(atoms, normal: np.ndarray) -> float | None:
+def dipole_along(atoms, normal: np.ndarray) -> float | None:
     dipole = atoms.info.get(schema.DIPOLE)
     if dipole is None:
         charges = atoms.arrays.get(schema.CHARGES)
@@ -188,7 +192,7 @@ def _dipole_along(atoms, normal: np.ndarray) -> float | None:
     return float(np.asarray(dipole, dtype=float).reshape(3) @ normal)
 
 
-def _charges(atoms) -> np.ndarray | None:
+def frame_charges(atoms) -> np.ndarray | None:
     charges = atoms.arrays.get(schema.CHARGES)
     return None if charges is None else np.asarray(charges, dtype=float)
 
@@ -213,7 +217,7 @@ def analyse_method(
         if atoms is None:
             notes.append(f"{key}: missing")
             continue
-        if not _usable(atoms):
+        if not usable(atoms):
             notes.append(f"{key}: SCF not converged")
             continue
         groups.setdefault(meta["probe"], []).append((key, atoms))
@@ -224,12 +228,12 @@ def analyse_method(
         points, charge_rows = [], []
         for key, atoms in members:
             meta = setup[key]
-            d = _dipole_along(atoms, _normal(atoms, meta["axis"]))
+            d = dipole_along(atoms, _normal(atoms, meta["axis"]))
             if d is None:
                 notes.append(f"{key}: no dipole")
                 continue
             points.append((float(meta["value"]), d))
-            q = _charges(atoms)
+            q = frame_charges(atoms)
             if q is not None:
                 charge_rows.append((float(meta["value"]), atoms.positions @ _normal(atoms, meta["axis"]), q))
         if len({p[0] for p in points}) < 2:
@@ -264,7 +268,7 @@ def analyse_method(
     members = groups.get("dissociation", [])
     points = []
     for key, atoms in members:
-        q = _charges(atoms)
+        q = frame_charges(atoms)
         if q is not None:
             points.append((float(setup[key]["value"]), fragment_charge(q, int(setup[key]["n_first"]))))
     if points:
@@ -273,7 +277,7 @@ def analyse_method(
     by_size: dict[int, list[tuple[float, float]]] = {}
     for key, atoms in members:
         meta = setup[key]
-        d = _dipole_along(atoms, _normal(atoms, meta["axis"]))
+        d = dipole_along(atoms, _normal(atoms, meta["axis"]))
         if d is None:
             notes.append(f"{key}: no dipole")
             continue

@@ -122,6 +122,13 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WorkChain):
             required=False,
             help="The sampled configurations (sampler recipe input only).",
         )
+        spec.output_namespace(
+            "potential_profiles",
+            valid_type=orm.Dict,
+            dynamic=True,
+            required=False,
+            help="Per slab configuration key: vacuum levels and the planar-averaged potential (pp.x).",
+        )
         spec.exit_code(201, "ERROR_UNKNOWN_PROTOCOL", message="Unknown protocol: {message}")
         spec.exit_code(202, "ERROR_INVALID_OVERRIDES", message="Invalid overrides: {message}")
         spec.exit_code(203, "ERROR_INVALID_CONFIGURATIONS", message="Invalid configurations: {message}")
@@ -493,6 +500,7 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WorkChain):
             }
             levels = vacuum_level(potential=calc.outputs.output_data, settings=orm.Dict(settings))
             self.ctx.finished[key]["vacuum"] = levels.uuid
+            self.out(f"potential_profiles.{key}", levels)
 
     def should_run_hirshfeld(self) -> bool:
         """Whether Hirshfeld multipoles are wanted (and something finished)."""

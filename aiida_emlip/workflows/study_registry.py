@@ -148,8 +148,85 @@ DEFECT = Validation(
     summary=_defect_summary,
 )
 
+
+def _interface_check(options: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
+    problems: list[tuple[tuple[Any, ...], str]] = []
+    fields = options.get("fields") or []
+    if not all(isinstance(e, (int, float)) and not isinstance(e, bool) and e > 0 for e in fields):
+        problems.append(
+            (("fields",), "field magnitudes must be positive numbers (V/Å; both signs are applied)")
+        )
+    charges = options.get("charges") or []
+    if not all(isinstance(q, (int, float)) and not isinstance(q, bool) for q in charges):
+        problems.append((("charges",), "electrode charges must be numbers (e)"))
+    if not fields and not any(q for q in charges if isinstance(q, (int, float))):
+        problems.append(((), "give at least one field or one non-zero electrode charge"))
+    if options.get("facet") not in ("111", "100"):
+        problems.append((("facet",), "facet must be '111' or '100'"))
+    return problems
+
+
+def _interface_cost(options: dict[str, Any]) -> int:
+    return 1 + 2 * len(options.get("fields") or []) + sum(1 for q in options.get("charges") or [] if q)
+
+
+def _interface_build(options: dict[str, Any], context: Context) -> Any:
+    from aiida_emlip.workflows.validate.interface import EmlipInterfaceWorkChain
+
+    dft = context.spec["dft"]
+    overrides = {"fields": list(options["fields"]), "charges": list(options["charges"])}
+    overrides["interface"] = {
+        k: options[k] for k in ("symbol", "facet", "size", "n_water", "water_thickness") if k in options
+    }
+    dft_overrides = options.get("dft_overrides")
+    return EmlipInterfaceWorkChain.get_builder_from_protocol(
+        context.codes["pw"],
+        context.spec["pseudo_family"],
+        protocol=options["protocol"],
+        overrides=overrides,
+        dft_overrides=dft.get("overrides") if dft_overrides is None else dft_overrides,
+        models=dict(context.models),
+        eval_code=context.codes["eval"],
+        pp_code=context.codes.get("pp"),
+        max_concurrent=int(dft["max_concurrent"]),
+    )
+
+
+def _interface_summary(row: dict[str, Any]) -> dict[str, float | None]:
+    return {
+        "interface charge-transfer MAE (e)": row.get("charge_transfer_mae"),
+        "interface dΔφ/dQ ÷ DFT": row.get("interface_capacitance"),
+        "interface α ÷ DFT": row.get("interface_field"),
+    }
+
+
+INTERFACE = Validation(
+    name="interface",
+    entry_point="emlip.validate.interface",
+    description="a metal–water interface neutral, in fields and charged: charge transfer, potential drop, α",
+    options={
+        "symbol": Option((str,), default="Al", help="the fcc metal of the electrode"),
+        "facet": Option((str,), default="111", help="111 or 100"),
+        "size": Option((list,), help="(nx, ny, layers) of the slab (default: the protocol's)"),
+        "n_water": Option((int,), help="water molecules in the film (default: liquid density)"),
+        "water_thickness": Option((int, float), help="Å of water film (default: the protocol's)"),
+        "fields": Option((list,), default=[0.1], help="field magnitudes (V/Å), each with both signs"),
+        "charges": Option((list,), default=[-0.2], help="electrode charges (e)"),
+        "protocol": Option((str,), default="fast", help="protocol of the interface workchain"),
+        "dft_overrides": Option((dict,), help="dataset protocol overrides (default: the study's dft)"),
+    },
+    requires=frozenset({"charges"}),
+    check=_interface_check,
+    dft_configurations=_interface_cost,
+    elements=lambda options: {options["symbol"], "H", "O"},
+    build=_interface_build,
+    rows=_comparison_rows,
+    figures=_figures,
+    summary=_interface_summary,
+)
+
 #: name → validation; the keys are what the ``validations`` block of a study spec accepts.
-VALIDATIONS: dict[str, Validation] = {DEFECT.name: DEFECT}
+VALIDATIONS: dict[str, Validation] = {DEFECT.name: DEFECT, INTERFACE.name: INTERFACE}
 
 
 def check_options(name: str, options: Any) -> list[tuple[tuple[Any, ...], str]]:

@@ -53,7 +53,9 @@ def vacuum_levels(
 def vacuum_level(potential: orm.ArrayData, settings: orm.Dict) -> orm.Dict:
     """Return the vacuum levels (eV) of a slab from pp.x's potential cube and the pw.x sawtooth settings.
 
-    ``settings`` holds ``edir`` (0-based), ``emaxpos`` and ``eopreg``. The cube is in Ry.
+    ``settings`` holds ``edir`` (0-based), ``emaxpos`` and ``eopreg``. The cube is in Ry. The result
+    also holds the planar-averaged ``profile`` (eV, the electron's potential energy on the grid
+    s_j = j/n along ``edir``) and the sawtooth settings, for comparisons with a model's profile.
     """
     s = settings.get_dict()
     profile = planar_average(potential.get_array("data"), int(s["edir"])) * schema.RYDBERG_IN_EV
@@ -65,5 +67,9 @@ def vacuum_level(potential: orm.ArrayData, settings: orm.Dict) -> orm.Dict:
         "profile_min": float(profile.min()),
         "profile_max": float(profile.max()),
         "n_points": len(profile),
+        "profile": [float(v) for v in profile],
+        "edir": int(s["edir"]),
+        "emaxpos": float(s["emaxpos"]),
+        "eopreg": float(s["eopreg"]),
     }
     return orm.Dict(result)

@@ -14,16 +14,15 @@ from typing import Any
 
 from aiida import orm
 from aiida.common import exceptions
-from aiida.engine import ExitCode, ToContext, WorkChain, if_
+from aiida.engine import ExitCode, ToContext, if_
 
 from aiida_emlip.data import EmlipDatasetData
 from aiida_emlip.data.model import EmlipModelData
 from aiida_emlip.pseudos.upf_header import free_atom_energy
 from aiida_emlip.structures.defects import VacancyCells, vacancy_cells
-from aiida_emlip.workflows import protocol as protocols
 from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain
 
-from . import evaluate as model_side
+from .base import EmlipValidationWorkChain
 from .defect_functions import (
     BAND_EDGES,
     PRISTINE,
@@ -33,13 +32,9 @@ from .defect_functions import (
     vacancy_key,
     vacancy_structures,
 )
-from .steps import ValidationSteps, merge_protocols
-
-#: Inputs of the dataset workchain that this workchain sets itself.
-DATASET_SOURCES = ("configurations", "structures", "structure_settings", "sampler", "sampler_structure")
 
 
-class EmlipChargedDefectWorkChain(ValidationSteps, protocols.EmlipProtocolMixin, WorkChain):
+class EmlipChargedDefectWorkChain(EmlipValidationWorkChain):
     """Charged vacancy: ΔE(q), transition levels, formation energies and Δq profiles, DFT vs models."""
 
     protocol_file = "defect.yaml"
@@ -63,8 +58,6 @@ class EmlipChargedDefectWorkChain(ValidationSteps, protocols.EmlipProtocolMixin,
             required=False,
             help="Diagonal repeat [n1, n2, n3] (default: the protocol's supercell_min_length).",
         )
-        spec.input("protocol", valid_type=orm.Str, default=lambda: orm.Str(cls.get_default_protocol()))
-        spec.input("overrides", valid_type=orm.Dict, required=False, help="Overrides of the defect protocol.")
         spec.input(
             "chemical_potentials",
             valid_type=orm.Dict,
@@ -76,21 +69,6 @@ class EmlipChargedDefectWorkChain(ValidationSteps, protocols.EmlipProtocolMixin,
             valid_type=orm.Float,
             required=False,
             help="ε of the point-charge correction (default 1: unscreened); the same for DFT and models.",
-        )
-        spec.expose_inputs(
-            EmlipDatasetWorkChain,
-            namespace="dft",
-            exclude=DATASET_SOURCES,
-            namespace_options={"help": "Inputs of the dataset workchain that runs every pw.x calculation."},
-        )
-        spec.input_namespace(
-            "models", valid_type=EmlipModelData, dynamic=True, required=False, help="Models to validate."
-        )
-        spec.input(
-            "eval_code",
-            valid_type=orm.AbstractCode,
-            required=False,
-            help="emlip-eval code; without it only DFT runs.",
         )
         spec.outline(
             cls.setup,
@@ -107,15 +85,11 @@ class EmlipChargedDefectWorkChain(ValidationSteps, protocols.EmlipProtocolMixin,
         spec.output("cells", valid_type=orm.Dict, help="Vacancy site, position and supercell repeat.")
         spec.output("dft_dataset", valid_type=EmlipDatasetData, help="Every DFT label of this workchain.")
         spec.output("band_edges", valid_type=orm.Dict, help="VBM, CBM and gap of the host (eV).")
-        spec.output_namespace("predictions", valid_type=EmlipDatasetData, dynamic=True)
         spec.output("analysis", valid_type=orm.Dict, help="Energetics and profiles of DFT and every model.")
         spec.output("comparison", valid_type=orm.Dict, help="One row per model (errors) and the DFT row.")
         spec.output_namespace("figures", valid_type=orm.SinglefileData, dynamic=True)
-        spec.exit_code(201, "ERROR_UNKNOWN_PROTOCOL", message="Unknown protocol: {message}")
-        spec.exit_code(202, "ERROR_INVALID_OVERRIDES", message="Invalid overrides: {message}")
         spec.exit_code(203, "ERROR_INVALID_SUPERCELL", message="Invalid supercell: {message}")
         spec.exit_code(204, "ERROR_INVALID_CHARGE_STATES", message="Invalid charge states: {message}")
-        spec.exit_code(205, "ERROR_UNKNOWN_FAMILY", message="Pseudopotential family problem: {message}")
         spec.exit_code(206, "ERROR_INVALID_REFERENCE", message="Invalid μ or ε: {message}")
         spec.exit_code(
             210, "ERROR_ELEMENT_NOT_IN_HOST", message="The vacancy element is not in the host: {message}"
@@ -125,12 +99,7 @@ class EmlipChargedDefectWorkChain(ValidationSteps, protocols.EmlipProtocolMixin,
         spec.exit_code(
             213, "ERROR_MODEL_ELEMENTS", message="A model does not cover the host's elements: {message}"
         )
-        spec.exit_code(
-            214, "ERROR_ELEMENT_NOT_IN_FAMILY", message="Element missing from the family: {message}"
-        )
-        spec.exit_code(301, "ERROR_DFT_FAILED", message="DFT failed: {message}")
         spec.exit_code(302, "ERROR_NO_BAND_EDGES", message="No band edges: {message}")
-        spec.exit_code(303, "ERROR_MODEL_EVALUATION_FAILED", message="Model evaluation failed for: {message}")
 
     # ------------------------------------------------------------------ builder
     @classmethod
@@ -193,10 +162,6 @@ class EmlipChargedDefectWorkChain(ValidationSteps, protocols.EmlipProtocolMixin,
         return builder
 
     # ------------------------------------------------------------------ checks
-    def setup(self):
-        """Merge the defect and the DFT protocols with their overrides."""
-        return merge_protocols(self)
-
     def _charges(self) -> list[int] | str:
         raw = self.inputs.charge_states.get_list()
         if not raw:
@@ -255,7 +220,7 @@ class EmlipChargedDefectWorkChain(ValidationSteps, protocols.EmlipProtocolMixin,
         error = self._check_family(cells)
         if error is not None:
             return error
-        error = self._check_models(set(symbols))
+        error = self.check_model_elements([cells.pristine])
         if error is not None:
             return error
         return self._check_references(set(symbols))
@@ -288,13 +253,6 @@ class EmlipChargedDefectWorkChain(ValidationSteps, protocols.EmlipProtocolMixin,
             z_valence[s] for s in self.inputs.structure.get_ase().get_chemical_symbols()
         )
         self.ctx.repeat = cells.repeat
-        return None
-
-    def _check_models(self, host_elements: set[str]) -> ExitCode | None:
-        for label, model in self.inputs.get("models", {}).items():
-            missing = sorted(host_elements - set(model.base.attributes.get("elements", [])))
-            if missing:
-                return self.exit_codes.ERROR_MODEL_ELEMENTS.format(message=f"model {label} lacks {missing}")
         return None
 
     def _check_references(self, host_elements: set[str]) -> ExitCode | None:
@@ -370,36 +328,15 @@ class EmlipChargedDefectWorkChain(ValidationSteps, protocols.EmlipProtocolMixin,
         inputs = self._dataset_inputs()
         inputs["metadata"] = {"call_link_label": "dft"}
         futures = {"dft": self.submit(EmlipDatasetWorkChain, **inputs)}
-        models = dict(self.inputs.get("models", {}))
-        self.ctx.model_labels = []
-        if models and "eval_code" not in self.inputs:
-            self.report(f"models {sorted(models)} given without eval_code: only DFT runs")
-        elif models:
-            for label, model in sorted(models.items()):
-                structures = model_side.model_inputs(self.ctx.structures["configurations"], model)
-                if structures is None:
-                    self.report(f"model {label}: its formal charges fit none of the cells; not evaluated")
-                    continue
-                builder = model_side.evaluation_builder(
-                    self.inputs.eval_code,
-                    model,
-                    structures,
-                    self.ctx.inputs["eval_parameters"],
-                    self.ctx.inputs["options"],
-                    label=f"evaluate_{label}",
-                )
-                futures[f"evaluate_{label}"] = self.submit(builder)
-                self.ctx.model_labels.append(label)
+        futures.update(self.submit_models(self.ctx.structures["configurations"], "cells"))
         return ToContext(**futures)
 
     def inspect_dft(self):
         """The DFT dataset must hold the pristine cell, a vacancy state and the band-edge levels."""
+        dataset = self.dft_dataset()
+        if not isinstance(dataset, EmlipDatasetData):
+            return dataset
         node = self.ctx.dft
-        if "dataset" not in node.outputs:
-            return self.exit_codes.ERROR_DFT_FAILED.format(
-                message=f"{node.process_label}<{node.pk}> exit status {node.exit_status}, no dataset"
-            )
-        dataset = node.outputs.dataset
         frames = {a.info.get("key"): a for a in dataset.to_ase()}
         missing = [k for k in (PRISTINE,) if k not in frames]
         states = [q for q in self.ctx.charges if vacancy_key(q) in frames]
@@ -420,25 +357,6 @@ class EmlipChargedDefectWorkChain(ValidationSteps, protocols.EmlipProtocolMixin,
         self.out("dft_dataset", dataset)
         self.ctx.dft_dataset = dataset
         return None
-
-    def inspect_models(self):
-        """Keep each model's predictions; a failed evaluation is reported and left out of the analysis."""
-        self.ctx.predictions = {}
-        self.ctx.failed_models = []
-        for label in self.ctx.model_labels:
-            calc = self.ctx[f"evaluate_{label}"]
-            predictions = model_side.predictions(calc)
-            if predictions is None:
-                self.ctx.failed_models.append(label)
-                self.report(f"model {label}: {calc.process_label}<{calc.pk}> exit status {calc.exit_status}")
-                continue
-            if not calc.is_finished_ok:
-                self.report(
-                    f"model {label}: exit status {calc.exit_status} ({calc.exit_message}); "
-                    "unconverged structures are left out"
-                )
-            self.ctx.predictions[label] = predictions
-            self.out(f"predictions.{label}", predictions)
 
     def analyse(self):
         """The analysis (calcfunction) and the figures (calcfunction)."""
@@ -475,10 +393,3 @@ class EmlipChargedDefectWorkChain(ValidationSteps, protocols.EmlipProtocolMixin,
             f"VBM {edges['vbm']:.3f} eV, gap {edges['gap']:.3f} eV; DFT transition levels "
             + (", ".join(f"ε({k}) = {v:.3f} eV" for k, v in levels.items()) or "none")
         )
-
-    def results(self):
-        """Exit 303 when some model could not be evaluated (the outputs of the others are there)."""
-        failed = self.ctx.get("failed_models") or []
-        if failed:
-            return self.exit_codes.ERROR_MODEL_EVALUATION_FAILED.format(message=", ".join(failed))
-        return None

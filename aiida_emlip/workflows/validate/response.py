@@ -20,8 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from aiida import orm
-from aiida.common import exceptions
-from aiida.engine import ExitCode, ToContext, WorkChain, if_
+from aiida.engine import ExitCode, ToContext, if_
 
 from aiida_emlip.analysis.response import PROBES
 from aiida_emlip.data import EmlipDatasetData
@@ -29,10 +28,9 @@ from aiida_emlip.data.model import EmlipModelData
 from aiida_emlip.models.heads.base import head_capabilities
 from aiida_emlip.structures.geometry import vacuum_axes
 from aiida_emlip.structures.response import probe_configurations
-from aiida_emlip.workflows import protocol as protocols
 from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain
 
-from . import evaluate as model_side
+from .base import EmlipValidationWorkChain
 from .response_functions import (
     analyse_response_probes,
     dft_frames,
@@ -40,10 +38,7 @@ from .response_functions import (
     response_figures,
     response_structures,
 )
-from .steps import ValidationSteps, merge_protocols
 
-#: Inputs of the dataset workchain that this workchain sets itself.
-DATASET_SOURCES = ("configurations", "structures", "structure_settings", "sampler", "sampler_structure")
 #: Table columns of each probe.
 PROBE_COLUMNS = {
     "field": ("field_metal", "field_water"),
@@ -58,7 +53,7 @@ def model_capabilities(model: EmlipModelData) -> frozenset[str]:
     return head_capabilities(dict(model.base.attributes.get("head", {"name": "sr"})))
 
 
-class EmlipResponseWorkChain(ValidationSteps, protocols.EmlipProtocolMixin, WorkChain):
+class EmlipResponseWorkChain(EmlipValidationWorkChain):
     """Field response, charging curve, dissociation and α vs size: DFT against every model, with verdicts."""
 
     protocol_file = "response.yaml"
@@ -80,20 +75,6 @@ class EmlipResponseWorkChain(ValidationSteps, protocols.EmlipProtocolMixin, Work
         spec.input(
             "water_film", valid_type=orm.StructureData, required=False, help="Water film (default: protocol)."
         )
-        spec.input("protocol", valid_type=orm.Str, default=lambda: orm.Str(cls.get_default_protocol()))
-        spec.input(
-            "overrides", valid_type=orm.Dict, required=False, help="Overrides of the response protocol."
-        )
-        spec.expose_inputs(
-            EmlipDatasetWorkChain,
-            namespace="dft",
-            exclude=DATASET_SOURCES,
-            namespace_options={"help": "Inputs of the dataset workchain that runs every pw.x calculation."},
-        )
-        spec.input_namespace(
-            "models", valid_type=EmlipModelData, dynamic=True, required=False, help="Models to validate."
-        )
-        spec.input("eval_code", valid_type=orm.AbstractCode, required=False, help="emlip-eval code.")
         spec.outline(
             cls.setup,
             cls.validate_inputs,
@@ -109,29 +90,17 @@ class EmlipResponseWorkChain(ValidationSteps, protocols.EmlipProtocolMixin, Work
         )
         spec.output("setup", valid_type=orm.Dict, help="Probe metadata of every configuration key.")
         spec.output("dft_dataset", valid_type=EmlipDatasetData, help="Every DFT label of this workchain.")
-        spec.output_namespace("predictions", valid_type=EmlipDatasetData, dynamic=True)
         spec.output_namespace("autograd_polarizability", valid_type=orm.Dict, dynamic=True)
         spec.output("analysis", valid_type=orm.Dict, help="Every probe's numbers for DFT and every model.")
         spec.output("verdicts", valid_type=orm.Dict, help="The design verdict table (rows: models).")
         spec.output_namespace("figures", valid_type=orm.SinglefileData, dynamic=True)
-        spec.exit_code(201, "ERROR_UNKNOWN_PROTOCOL", message="Unknown protocol: {message}")
-        spec.exit_code(202, "ERROR_INVALID_OVERRIDES", message="Invalid overrides: {message}")
         spec.exit_code(203, "ERROR_INVALID_PROBES", message="Invalid probes or probe settings: {message}")
-        spec.exit_code(205, "ERROR_UNKNOWN_FAMILY", message="Pseudopotential family problem: {message}")
         spec.exit_code(210, "ERROR_NO_VACUUM", message="A slab has no vacuum along the field axis: {message}")
         spec.exit_code(
             211, "ERROR_FIELD_ALONG_PERIODIC", message="The field runs along a periodic direction: {message}"
         )
         spec.exit_code(212, "ERROR_NO_ELECTRONS", message="A charge leaves no electrons: {message}")
-        spec.exit_code(
-            213, "ERROR_MODEL_ELEMENTS", message="A model does not cover the structures: {message}"
-        )
         spec.exit_code(214, "ERROR_NO_FERMI_LEVEL", message="The charging probe needs μ: {message}")
-        spec.exit_code(
-            215, "ERROR_ELEMENT_NOT_IN_FAMILY", message="Element missing from the family: {message}"
-        )
-        spec.exit_code(301, "ERROR_DFT_FAILED", message="DFT failed: {message}")
-        spec.exit_code(303, "ERROR_MODEL_EVALUATION_FAILED", message="Model evaluation failed for: {message}")
 
     # ------------------------------------------------------------------ builder
     @classmethod
@@ -178,10 +147,6 @@ class EmlipResponseWorkChain(ValidationSteps, protocols.EmlipProtocolMixin, Work
         return builder
 
     # ------------------------------------------------------------------ checks
-    def setup(self):
-        """Merge the response and DFT protocols with their overrides."""
-        return merge_protocols(self)
-
     def _settings(self) -> dict[str, Any] | str:
         values = self.ctx.inputs
         explicit = "probes" in self.inputs
@@ -251,42 +216,14 @@ class EmlipResponseWorkChain(ValidationSteps, protocols.EmlipProtocolMixin, Work
                 return self.exit_codes.ERROR_FIELD_ALONG_PERIODIC.format(
                     message=f"field axis {axis} of the {name} slab is periodic; its vacuum is along {axes}"
                 )
-        error = self._check_family(frames)
+        error = self.check_family(frames) or self.check_model_elements(frames)
         if error is not None:
             return error
-        return self._check_models(frames)
+        return self._check_models()
 
-    def _check_family(self, frames) -> ExitCode | None:
-        label = self.inputs.dft.pseudo_family.value
-        try:
-            family = orm.load_group(label)
-        except (exceptions.NotExistent, exceptions.MultipleObjectsError) as error:
-            return self.exit_codes.ERROR_UNKNOWN_FAMILY.format(message=str(error))
-        if not hasattr(family, "get_pseudo"):
-            return self.exit_codes.ERROR_UNKNOWN_FAMILY.format(
-                message=f"{label} is not a pseudopotential family"
-            )
-        elements = sorted({s for a in frames for s in a.get_chemical_symbols()})
-        missing = sorted(set(elements) - set(family.elements))
-        if missing:
-            return self.exit_codes.ERROR_ELEMENT_NOT_IN_FAMILY.format(message=f"{missing} not in {label}")
-        z_valence = {el: float(family.get_pseudo(element=el).z_valence) for el in elements}
-        for atoms in frames:
-            charge = float(atoms.info.get("total_charge", 0.0))
-            electrons = sum(z_valence[s] for s in atoms.get_chemical_symbols()) - charge
-            if electrons <= 0:
-                return self.exit_codes.ERROR_NO_ELECTRONS.format(
-                    message=f"{atoms.info['key']}: Q = {charge:+g} leaves {electrons:g} valence electrons"
-                )
-        return None
-
-    def _check_models(self, frames) -> ExitCode | None:
-        elements = {s for a in frames for s in a.get_chemical_symbols()}
+    def _check_models(self) -> ExitCode | None:
         self.ctx.skipped = {}
         for label, model in self.inputs.get("models", {}).items():
-            missing = sorted(elements - set(model.base.attributes.get("elements", [])))
-            if missing:
-                return self.exit_codes.ERROR_MODEL_ELEMENTS.format(message=f"model {label} lacks {missing}")
             capabilities = model_capabilities(model)
             head = (model.base.attributes.get("head") or {}).get("name", "?")
             skipped = {}
@@ -325,48 +262,29 @@ class EmlipResponseWorkChain(ValidationSteps, protocols.EmlipProtocolMixin, Work
         inputs["configurations"] = self.ctx.structures["configurations"]
         inputs["metadata"] = {"call_link_label": "dft"}
         futures = {"dft": self.submit(EmlipDatasetWorkChain, **inputs)}
-        models = dict(self.inputs.get("models", {}))
-        self.ctx.model_labels = []
+        configurations = self.ctx.structures["model_configurations"]
+        futures.update(self.submit_models(configurations, "configurations"))
         self.ctx.autograd = {}
-        if models and "eval_code" not in self.inputs:
-            self.report(f"models {sorted(models)} given without eval_code: only DFT runs")
-        elif models:
-            configurations = self.ctx.structures["model_configurations"]
-            for label, model in sorted(models.items()):
-                structures = model_side.model_inputs(configurations, model)
-                if structures is None:
-                    self.report(f"model {label}: its formal charges fit none of the configurations")
-                    continue
-                builder = model_side.evaluation_builder(
-                    self.inputs.eval_code,
-                    model,
-                    structures,
-                    self.ctx.inputs["eval_parameters"],
-                    self.ctx.inputs["options"],
-                    label=f"evaluate_{label}",
-                )
-                futures[f"evaluate_{label}"] = self.submit(builder)
-                self.ctx.model_labels.append(label)
-                if "polarizability" in self.ctx.settings["probes"]:
-                    try:
-                        node = model_polarizabilities(
-                            model, configurations, metadata={"call_link_label": f"autograd_{label}"}
-                        )
-                    except Exception as error:
-                        self.report(f"model {label}: no autograd α ({type(error).__name__}: {error})")
-                    else:
-                        self.ctx.autograd[label] = node
-                        self.out(f"autograd_polarizability.{label}", node)
+        if "polarizability" in self.ctx.settings["probes"]:
+            models = self.inputs.get("models", {})
+            for label in self.ctx.model_labels:
+                try:
+                    node = model_polarizabilities(
+                        models[label], configurations, metadata={"call_link_label": f"autograd_{label}"}
+                    )
+                except Exception as error:
+                    self.report(f"model {label}: no autograd α ({type(error).__name__}: {error})")
+                else:
+                    self.ctx.autograd[label] = node
+                    self.out(f"autograd_polarizability.{label}", node)
         return ToContext(**futures)
 
     def inspect_dft(self):
         """The DFT dataset must exist; configurations that failed are reported and left out."""
+        dataset = self.dft_dataset()
+        if not isinstance(dataset, EmlipDatasetData):
+            return dataset
         node = self.ctx.dft
-        if "dataset" not in node.outputs:
-            return self.exit_codes.ERROR_DFT_FAILED.format(
-                message=f"{node.process_label}<{node.pk}> exit status {node.exit_status}, no dataset"
-            )
-        dataset = node.outputs.dataset
         done = set(dft_frames(dataset, self.ctx.structures["configurations"]))
         failed = sorted(set(self.ctx.structures["setup"].get_dict()) - done)
         if failed:
@@ -374,22 +292,6 @@ class EmlipResponseWorkChain(ValidationSteps, protocols.EmlipProtocolMixin, Work
         self.out("dft_dataset", dataset)
         self.ctx.dft_dataset = dataset
         return None
-
-    def inspect_models(self):
-        """Keep each model's predictions; a failed evaluation is reported and left out of the analysis."""
-        self.ctx.predictions = {}
-        self.ctx.failed_models = []
-        for label in self.ctx.model_labels:
-            calc = self.ctx[f"evaluate_{label}"]
-            predictions = model_side.predictions(calc)
-            if predictions is None:
-                self.ctx.failed_models.append(label)
-                self.report(f"model {label}: {calc.process_label}<{calc.pk}> exit status {calc.exit_status}")
-                continue
-            if not calc.is_finished_ok:
-                self.report(f"model {label}: exit status {calc.exit_status}; unconverged structures left out")
-            self.ctx.predictions[label] = predictions
-            self.out(f"predictions.{label}", predictions)
 
     def analyse(self):
         """The probes' numbers and the verdict table (calcfunction), then the figures (calcfunction)."""
@@ -417,10 +319,3 @@ class EmlipResponseWorkChain(ValidationSteps, protocols.EmlipProtocolMixin, Work
         for name, node in figures.items():
             self.out(f"figures.{name}", node)
         self.report("design verdicts:\n" + outputs["verdicts"]["text"])
-
-    def results(self):
-        """Exit 303 when some model could not be evaluated (the outputs of the others are there)."""
-        failed = self.ctx.get("failed_models") or []
-        if failed:
-            return self.exit_codes.ERROR_MODEL_EVALUATION_FAILED.format(message=", ".join(failed))
-        return None

@@ -1,0 +1,132 @@
+"""Benchmark of the interface workchain (``emlip.validate.interface``) at a protocol (default ``fast``).
+
+In a throw-away isolated profile (a temporary ``AIIDA_PATH``; ``aiida-emlip setup`` first): one run of
+``EmlipInterfaceWorkChain`` with pp.x and three untrained models (``charges``, ``qeq``, ``scf``, the
+demo backbone), so that model evaluation needs no training. Reports the wall time split into DFT (the
+dataset workchain: pw.x, pp.x, labels), model evaluation (every ``emlip.evaluate`` calculation, summed:
+they run alongside the DFT) and post-processing (the analysis and figure calcfunctions), from the
+process nodes' creation and last-change times.
+
+Target: model evaluation below 5 % of the DFT wall time at the ``fast`` protocol.
+
+Usage: ``python bench/bench_interface.py [--protocol fast] [--json out.json] [--keep]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+WORK = Path(tempfile.mkdtemp(prefix="emlip-bench-interface-"))
+os.environ["AIIDA_PATH"] = str(WORK / ".aiida")
+HEADS = {
+    "charges": {"name": "charges", "correction": "weighted"},
+    "qeq": {"name": "qeq"},
+    "scf": {"name": "scf"},
+}
+
+
+def _span(nodes) -> float:
+    nodes = [n for n in nodes if n is not None]
+    if not nodes:
+        return 0.0
+    return (max(n.mtime for n in nodes) - min(n.ctime for n in nodes)).total_seconds()
+
+
+def phases(node) -> dict[str, float]:
+    """Seconds per phase of a finished interface workchain."""
+    from aiida.common.links import LinkType
+
+    called = {
+        link.link_label: link.node
+        for link in node.base.links.get_outgoing(link_type=(LinkType.CALL_WORK, LinkType.CALL_CALC)).all()
+    }
+    evaluations = [n for label, n in called.items() if label.startswith("evaluate_")]
+    return {
+        "total": _span([node]),
+        "dft": _span([called.get("dft")]),
+        "model_evaluation": sum(_span([n]) for n in evaluations),
+        "model_evaluation_span": _span(evaluations),
+        "postprocessing": _span([called.get("analyse"), called.get("figures")]),
+        "structures": _span([called.get("structures")]),
+    }
+
+
+def untrained_models(directory: Path) -> dict:
+    """One untrained model per head on the demo backbone (H, O, Al), stored as emlip.model nodes."""
+    from aiida_emlip.data.model import EmlipModelData
+    from aiida_emlip.models.io import save_model
+    from aiida_emlip.models.model import EmlipModel, ModelConfig
+    from aiida_emlip.workflows.demo import design_config
+
+    models = {}
+    for label, head in HEADS.items():
+        config = design_config(head, epochs=1)["model"]
+        model = EmlipModel(ModelConfig(elements=["H", "O", "Al"], **config))
+        models[label] = EmlipModelData(save_model(model, directory / f"{label}.safetensors")).store()
+    return models
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--protocol", default="fast")
+    parser.add_argument("--json", type=Path, help="write the figures to this file")
+    parser.add_argument("--keep", action="store_true", help="keep the throw-away profile")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "aiida_emlip.cli", "setup"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"aiida-emlip setup failed:\n{proc.stdout}\n{proc.stderr}")
+    setup_s = time.perf_counter() - start
+    try:
+        from aiida import load_profile, orm
+        from aiida.engine import run_get_node
+
+        load_profile()
+        from aiida_emlip.workflows.validate.interface import EmlipInterfaceWorkChain
+
+        codes = {c.label: c for c in orm.QueryBuilder().append(orm.AbstractCode).all(flat=True)}
+        family = (
+            orm.QueryBuilder().append(orm.Group, filters={"label": {"like": "emlip-ld1%"}}).first(flat=True)
+        )
+        builder = EmlipInterfaceWorkChain.get_builder_from_protocol(
+            codes["pw"],
+            family.label,
+            protocol=args.protocol,
+            pp_code=codes["pp"],
+            models=untrained_models(WORK),
+            eval_code=codes["emlip-eval"],
+        )
+        _, node = run_get_node(builder)
+        if not node.is_finished_ok:
+            sys.exit(f"interface workchain failed: {node.exit_status} {node.exit_message}")
+        times = phases(node)
+        ratio = times["model_evaluation"] / times["dft"]
+        result = {
+            "protocol": args.protocol,
+            "setup_s": round(setup_s, 1),
+            **{f"{k}_s": round(v, 1) for k, v in times.items()},
+            "model_evaluation_over_dft": round(ratio, 4),
+            "target": "model evaluation < 0.05 of DFT",
+            "met": ratio < 0.05,
+            "states": len(node.outputs.setup.get_dict()),
+            "models": sorted(HEADS),
+        }
+        print(json.dumps(result, indent=2))
+        print(node.outputs.verdicts["text"])
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2))
+    finally:
+        if not args.keep:
+            shutil.rmtree(WORK, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -43,7 +43,7 @@ DEFAULT_SYMPREC = 1e-5
 
 
 def perpendicular_widths(cell: np.ndarray) -> np.ndarray:
-    """Distances between opposite faces of the cell (Å): V / |a_j × a_k| for each lattice vector i."""
+    """Distances between opposite faces of the cell (Å): ``V / |a_j × a_k|`` for each lattice vector i."""
     cell = np.asarray(cell, dtype=float)
     volume = abs(np.linalg.det(cell))
     return np.array(
@@ -184,7 +184,7 @@ def n_displacements(setup: dict[str, Any]) -> int:
 
 
 def net_forces(forces: list[np.ndarray]) -> float:
-    """Largest |Σ_i F_i| (eV/Å) over the supercells: zero for a translation-invariant force field."""
+    """Largest ``|Σ_i F_i|`` (eV/Å) over the supercells: zero for a translation-invariant force field."""
     return float(max(np.abs(np.asarray(f, dtype=float).sum(axis=0)).max() for f in forces))
 
 
@@ -328,7 +328,7 @@ def gamma_frequencies(phonon: Phonopy, direction: Any = (1.0, 0.0, 0.0)) -> dict
 
 
 def acoustic_residual(phonon: Phonopy) -> float:
-    """Largest |ω| (THz) of the three lowest modes at Γ without NAC: zero when the sum rule holds."""
+    """Largest ``|ω|`` (THz) of the three lowest modes at Γ without NAC: zero when the sum rule holds."""
     nac = phonon.nac_params
     phonon.nac_params = None
     phonon.run_qpoints([[0.0, 0.0, 0.0]])
@@ -488,7 +488,7 @@ def parse_ph_dielectric(stdout: str) -> dict[str, Any]:
     ``born_charges_raw`` is the last "Effective charges (d Force / dE) in cartesian axis" block as
     printed (the rows of each atom are the field directions ``Ex``, ``Ey``, ``Ez``); ``born_charges``
     is the block "with asr applied" when ph.x printed one (newer versions), else the raw one with the
-    sum rule imposed (:func:`impose_charge_neutrality`). ``asr_residual`` is max |Σ_i Z*_i| of the raw
+    sum rule imposed (:func:`impose_charge_neutrality`). ``asr_residual`` is max ``|Σ_i Z*_i|`` of the raw
     charges: how far the DFT itself is from the sum rule (cutoff and k-points).
 
     :raises ValueError: no dielectric tensor in the output.

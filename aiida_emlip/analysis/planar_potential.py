@@ -6,7 +6,7 @@ neutral system, as with pw.x's dipole correction),
 
     φ_q(z) = −(2πk_e q/A) S_σ(z − z_i),   S_σ(x) = x erf(x/√2σ) + σ√(2/π) e^{−x²/2σ²}
 
-(the smeared |x|; S_0 = |x|). A Gaussian dipole p (component along the normal) gives
+(the smeared ``|x|``; ``S_0 = |x|``). A Gaussian dipole p (component along the normal) gives
 φ_p(z) = (2πk_e p/A) erf((z − z_i)/√2σ): a step of 4πk_e p/A, the Helmholtz drop. A charged cell
 (Σq = Q ≠ 0) gets pw.x's neutralising background, −Q spread uniformly over the cell's length L; a
 homogeneous field E along the normal adds −E z. The profiles are reported, like pw.x's
@@ -31,7 +31,7 @@ SQRT2 = math.sqrt(2.0)
 
 
 def smeared_abs(x: np.ndarray, sigma: float) -> np.ndarray:
-    """S_σ(x): |x| convolved with a normalised Gaussian of standard deviation σ (|x| for σ = 0)."""
+    """S_σ(x): ``|x|`` convolved with a normalised Gaussian of standard deviation σ (``|x|`` for σ = 0)."""
     x = np.asarray(x, dtype=float)
     if sigma <= 0.0:
         return np.abs(x)

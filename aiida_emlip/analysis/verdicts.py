@@ -57,7 +57,7 @@ def _finite(value: Any) -> bool:
 def ratio_verdict(
     model: float, dft: float | None, tol: float, high: str, low: str
 ) -> tuple[str, float | None]:
-    """(verdict, ratio): ``MATCH`` when |model/dft − 1| ≤ tol, ``high`` above, ``low`` below."""
+    """(verdict, ratio): ``MATCH`` when ``|model/dft − 1| ≤ tol``, ``high`` above, ``low`` below."""
     if not _finite(dft) or dft == 0 or not _finite(model):
         return "", None
     ratio = model / dft

@@ -65,7 +65,7 @@ class DielectricResponse:
 
     @property
     def asr_residual(self) -> float | None:
-        """max |Σ_i Z*_i − Q·1| (e); None without Born charges."""
+        """max ``|Σ_i Z*_i − Q·1|`` (e); None without Born charges."""
         if self.born_charges is None:
             return None
         return asr_residual(self.born_charges, self.total_charge)

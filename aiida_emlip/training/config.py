@@ -68,7 +68,7 @@ class DataConfig:
     length_unit: str = "Å"
     #: ``fit`` (least squares on the training split) or a mapping element -> eV.
     reference_energies: Any = "fit"
-    #: Largest plausible |force| (eV/Å) and |charge| (e); larger values are reported as wrong units.
+    #: Largest plausible ``|force|`` (eV/Å) and ``|charge|`` (e); larger values are reported as wrong units.
     max_force: float = 100.0
     max_charge: float = 10.0
 

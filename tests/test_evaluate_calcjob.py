@@ -251,7 +251,7 @@ OK_FILES = {"exit_status": "0\n", "predictions.xyz": _predictions_text(), "summa
         pytest.param({"exit_status": "137\n"}, 350, set(), id="killed"),
     ],
 )
-def test_parser_exit_codes(model_nodes, files, status, attached):
+def test_parser_exit_codes(eval_code, model_nodes, files, status, attached):  # eval_code: localhost
     results, exit_status, message = _parse(model_nodes["charges"], files)
     assert exit_status == status, message
     assert set(results) == attached
@@ -261,3 +261,42 @@ def test_parser_exit_codes(model_nodes, files, status, attached):
         assert "scf_converged=False" in message
     if "summary" in results:
         assert results["summary"]["structures"][0]["energy"] is None  # NaN is stored as None
+
+
+@pytest.mark.parametrize(
+    ("files", "status", "quoted"),
+    [
+        pytest.param(
+            {
+                "exit_status": "2\n",
+                "stderr": "warning: something else\nerror: model.safetensors is corrupted: the checksum "
+                "of its weights and header does not match the one stored when it was saved\n",
+            },
+            310,
+            "model.safetensors is corrupted: the checksum",
+            id="corrupted-model",
+        ),
+        pytest.param(
+            {"exit_status": "2\n", "stderr": "error: structures.xyz, structure 3: overlapping atoms\n"},
+            310,
+            "structure 3: overlapping atoms",
+            id="overlapping-atoms",
+        ),
+        pytest.param({"exit_status": "2\n"}, 310, "see the stderr", id="no-stderr"),
+        pytest.param(
+            {
+                **OK_FILES,
+                "exit_status": "3\n",
+                "summary.json": _summary(n_non_finite=1),
+                "stderr": "error: non-finite (NaN or inf) predictions for structure 0: energy, forces; ...\n",
+            },
+            320,
+            "structure 0: energy, forces",
+            id="non-finite",
+        ),
+    ],
+)
+def test_parser_quotes_the_error_of_emlip_eval(eval_code, model_nodes, files, status, quoted):
+    """A refused model file, overlapping atoms or a NaN prediction: the exit message says which."""
+    _, exit_status, message = _parse(model_nodes["charges"], files)
+    assert exit_status == status and quoted in message, message

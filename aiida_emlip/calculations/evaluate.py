@@ -172,10 +172,14 @@ class EmlipEvaluateCalculation(CalcJob):
         )
         spec.exit_code(302, "ERROR_INVALID_OUTPUT", message="the predictions could not be stored: {error}")
         spec.exit_code(
-            310, "ERROR_BAD_INPUT", message="emlip-eval refused the model, structures or parameters."
+            310,
+            "ERROR_BAD_INPUT",
+            message="emlip-eval refused the model, structures or parameters: {error}",
         )
         spec.exit_code(
-            320, "ERROR_NON_FINITE", message="non-finite outputs for some structures (outputs attached)."
+            320,
+            "ERROR_NON_FINITE",
+            message="non-finite outputs for some structures (outputs attached): {error}",
         )
         spec.exit_code(
             330,

@@ -2,28 +2,21 @@
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from aiida.orm import SinglefileData
 
-from aiida_emlip.models.io import read_metadata
+from aiida_emlip.models.file_format import file_sha256, read_metadata  # no torch: a light import
 
 FILENAME = "model.safetensors"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class EmlipModelData(SinglefileData):
-    """A trained aiida-emlip model. The file is checked (safetensors, our format) before storing.
+    """A trained aiida-emlip model. The file is verified before storing: safetensors, our format, and
+    the checksum of its weights; a corrupted, truncated or foreign file is refused with a
+    :class:`~aiida_emlip.models.file_format.ModelFileError` (a ``ValueError``).
 
     Attributes summarise it without opening the file: ``sha256``, ``elements``, ``head`` (name and
     options), ``config`` (the full JSON model config), ``versions`` and ``extra`` (e.g. metrics).
@@ -33,7 +26,7 @@ class EmlipModelData(SinglefileData):
         path = Path(file)
         meta = read_metadata(path)
         super().__init__(file=str(path), filename=FILENAME, **kwargs)
-        self.base.attributes.set("sha256", _sha256(path))
+        self.base.attributes.set("sha256", file_sha256(path))
         self.base.attributes.set("elements", meta["config"]["elements"])
         self.base.attributes.set("head", meta["config"]["head"])
         self.base.attributes.set("config", meta["config"])
@@ -53,7 +46,7 @@ class EmlipModelData(SinglefileData):
         path = Path(path)
         with self.open(mode="rb") as source:
             path.write_bytes(source.read())
-        if _sha256(path) != self.sha256:
+        if file_sha256(path) != self.sha256:
             raise OSError(f"checksum mismatch after exporting model {self.pk} to {path}")
         return path
 

@@ -7,18 +7,35 @@ from typing import ClassVar
 
 import numpy as np
 from ase import Atoms
-from ase.calculators.calculator import Calculator, all_changes
+from ase.calculators.calculator import CalculationFailed, Calculator, all_changes
 
 from aiida_emlip.models.graph import build_graph
 from aiida_emlip.models.io import load_model, resolve_device
 from aiida_emlip.models.model import EmlipModel
+
+#: Results that must be finite (the SCF flags and iteration counts are not numbers of the physics).
+CHECKED = ("energy", "forces", "stress", "charges", "dipole", "atomic_dipoles", "fermi_level")
+
+
+class NonFinitePredictionError(CalculationFailed):
+    """The model predicted NaN or inf; ``quantities`` names the outputs concerned."""
+
+    def __init__(self, quantities: list[str], formula: str) -> None:
+        self.quantities = tuple(quantities)
+        super().__init__(f"the model predicted non-finite (NaN or inf) {', '.join(quantities)} for {formula}")
+
+
+def non_finite(results: dict, names: tuple[str, ...] = CHECKED) -> list[str]:
+    """The entries of ``results`` among ``names`` that hold a NaN or an inf."""
+    return [name for name in names if name in results and not np.isfinite(results[name]).all()]
 
 
 class EmlipCalculator(Calculator):
     """Evaluate an :class:`EmlipModel` on ASE ``Atoms``; total charge and field from ``atoms.info``.
 
     Extra results: ``charges`` (e), ``atomic_dipoles`` (e·Å), ``dipole`` (e·Å), ``fermi_level`` (eV,
-    heads that determine μ), ``converged`` and ``iterations`` (iterative heads).
+    heads that determine μ), ``converged`` and ``iterations`` (iterative heads). A NaN or inf in any
+    output raises :class:`NonFinitePredictionError` (an ASE ``CalculationFailed``); nothing is cached.
     """
 
     implemented_properties: ClassVar[list[str]] = [
@@ -63,3 +80,8 @@ class EmlipCalculator(Calculator):
             value = numpy(key)
             if value is not None:
                 self.results[name] = value if key == "dipoles" else value[0]
+        bad = non_finite(self.results)
+        if bad:
+            formula = self.atoms.get_chemical_formula()
+            self.reset()  # no NaN stays cached for the next property request
+            raise NonFinitePredictionError(bad, formula)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +12,27 @@ import safetensors.torch
 import torch
 
 from aiida_emlip import __version__
+from aiida_emlip.models.file_format import (
+    CHECKSUM_KEY,
+    FORMAT,
+    ModelFileError,
+    ModelFileWarning,
+    checksum,
+    parse_header,
+    read_metadata,
+)
 from aiida_emlip.models.model import EmlipModel, ModelConfig
 
-FORMAT = "aiida-emlip-model/1"
-
-
-class ModelFileError(ValueError):
-    """A model file is missing, unsafe or not an aiida-emlip model."""
+__all__ = (
+    "FORMAT",
+    "ModelFileError",
+    "ModelFileWarning",
+    "load_model",
+    "read_metadata",
+    "resolve_device",
+    "save_model",
+    "versions",
+)
 
 
 def versions() -> dict[str, str]:
@@ -33,8 +48,24 @@ def versions() -> dict[str, str]:
     }
 
 
+def _serialise(tensors: dict[str, torch.Tensor], metadata: dict[str, str], name: str) -> bytes:
+    """The file's bytes with the checksum of the tensors and the metadata in its header."""
+    draft = safetensors.torch.save(tensors, metadata=metadata)
+    header = parse_header(draft, len(draft), name)
+    metadata = {**metadata, CHECKSUM_KEY: checksum(header.tensors, metadata, [draft[header.data_start :]])}
+    blob = safetensors.torch.save(tensors, metadata=metadata)
+    header = parse_header(blob, len(blob), name)
+    if checksum(header.tensors, header.metadata, [blob[header.data_start :]]) != metadata[CHECKSUM_KEY]:
+        raise RuntimeError(f"safetensors wrote {name} differently twice; cannot checksum it")
+    return blob
+
+
 def save_model(model: EmlipModel, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``model`` to ``path`` (``.safetensors``): weights plus config, versions and ``extra`` as JSON."""
+    """Write ``model`` to ``path`` (``.safetensors``): weights plus config, versions and ``extra`` as JSON.
+
+    The header also holds the sha256 of the weights and these entries, checked by every load. The
+    file is written under a temporary name and renamed: an interrupted save leaves no partial file.
+    """
     path = Path(path)
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
     metadata = {
@@ -43,35 +74,35 @@ def save_model(model: EmlipModel, path: str | Path, extra: dict[str, Any] | None
         "versions": json.dumps(versions()),
         "extra": json.dumps(extra or {}),
     }
+    blob = _serialise(tensors, metadata, str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(blob)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """Config, versions and extra information of a model file, without building the model."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"model file {path} does not exist")
-    with path.open("rb") as handle:
-        head = handle.read(9)
-    if len(head) < 9 or head[8:9] != b"{":
-        raise ModelFileError(
-            f"{path} is not a safetensors model file (pickled checkpoints are refused: they can run code)"
-        )
-    with safetensors.safe_open(str(path), framework="pt") as handle:
-        meta = handle.metadata() or {}
-    if meta.get("format") != FORMAT:
-        raise ModelFileError(f"{path} is a safetensors file but not an {FORMAT} model")
-    return {key: json.loads(meta[key]) for key in ("config", "versions", "extra")}
-
-
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> EmlipModel:
-    """Rebuild the model from its JSON config and load its weights (strict)."""
+    """Rebuild the model from its JSON config and load its weights (strict), once the file is verified.
+
+    Every problem with the file (missing, pickled, truncated, corrupted, another format, weights that
+    do not fit the config) is a :class:`ModelFileError` with a one-line message.
+    """
     meta = read_metadata(path)
-    model = EmlipModel(ModelConfig.from_dict(meta["config"]))
-    state = safetensors.torch.load_file(str(path), device="cpu")
-    model.load_state_dict(state, strict=True)
+    try:
+        model = EmlipModel(ModelConfig.from_dict(meta["config"]))
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ModelFileError(f"{path}: its model config is not valid: {exc}") from None
+    try:
+        state = safetensors.torch.load_file(str(path), device="cpu")
+        model.load_state_dict(state, strict=True)
+    except (safetensors.SafetensorError, RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelFileError(f"{path}: its weights cannot be loaded: {first}") from None
     return model.to(resolve_device(device))
 
 

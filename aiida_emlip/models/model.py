@@ -171,3 +171,12 @@ class EmlipModel(torch.nn.Module):
                 )
             )
         return torch.cat(parts).detach()
+
+
+def predicts_dipole(out: dict[str, Any]) -> bool:
+    """Whether ``out["dipole"]`` is a prediction of the model's head.
+
+    A head without charges and atomic dipoles (``sr``) leaves a zero placeholder there: it must not be
+    compared with reference dipoles or reported as the model's dipole.
+    """
+    return out.get("charges") is not None or out.get("dipoles") is not None

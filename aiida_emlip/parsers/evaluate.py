@@ -15,7 +15,9 @@ from aiida_emlip.parsers.train import finite_or_none
 
 #: emlip-eval exit statuses whose outputs are complete and attached (0 ok; 3, 5, 6 flagged structures).
 ATTACHED = (0, 3, 5, 6)
-#: emlip-eval exit status → exit code label of the calculation.
+#: emlip-eval exit status → exit code label of the calculation. 2: a bad model file (missing, not a
+#: model, truncated, checksum mismatch), bad structures (unknown element, overlapping atoms) or
+#: parameters; 3: a NaN/inf prediction.
 STATUS_LABELS = {
     2: "ERROR_BAD_INPUT",
     3: "ERROR_NON_FINITE",
@@ -23,6 +25,9 @@ STATUS_LABELS = {
     5: "ERROR_SCF_NOT_CONVERGED",
     6: "ERROR_RELAX_NOT_CONVERGED",
 }
+#: Exit codes whose message quotes emlip-eval's own one-line error (``{error}``).
+QUOTES_ERROR = ("ERROR_BAD_INPUT", "ERROR_NON_FINITE")
+STDERR_FILE = "stderr"
 
 
 class EmlipEvaluateParser(Parser):
@@ -40,11 +45,11 @@ class EmlipEvaluateParser(Parser):
         status = int(text) if text.lstrip("-").isdigit() else -1
         if status not in ATTACHED:
             label = STATUS_LABELS.get(status)
-            return (
-                getattr(self.exit_codes, label)
-                if label
-                else self.exit_codes.ERROR_EVALUATOR.format(status=status)
-            )
+            if label is None:
+                return self.exit_codes.ERROR_EVALUATOR.format(status=status)
+            if label in QUOTES_ERROR:
+                return getattr(self.exit_codes, label).format(error=self._error_line(files))
+            return getattr(self.exit_codes, label)
         missing = sorted({PREDICTIONS_FILE, SUMMARY_FILE} - files)
         if missing:
             return self.exit_codes.ERROR_MISSING_OUTPUT.format(files=", ".join(missing))
@@ -64,7 +69,16 @@ class EmlipEvaluateParser(Parser):
         for port, node in nodes.items():
             self.out(port, node)
         self.out("summary", orm.Dict(finite_or_none(summary)))
-        return self._judge(status, summary)
+        return self._judge(status, summary, files)
+
+    def _error_line(self, files: set[str]) -> str:
+        """The last ``error: ...`` line emlip-eval wrote to stderr (its one-line reason)."""
+        if STDERR_FILE in files:
+            lines = self.retrieved.get_object_content(STDERR_FILE).splitlines()
+            for line in reversed(lines):
+                if line.startswith("error: "):
+                    return line[len("error: ") :].strip()
+        return "see the stderr of the calculation"
 
     def _dataset(self, name: str, summary: dict) -> EmlipDatasetData:
         frames = text_to_frames(self.retrieved.get_object_content(name))
@@ -79,13 +93,13 @@ class EmlipEvaluateParser(Parser):
         )
         return node
 
-    def _judge(self, status: int, summary: dict) -> ExitCode | None:
+    def _judge(self, status: int, summary: dict, files: set[str]) -> ExitCode | None:
         """The exit code of ``status``; the summary's flags count too (never a failure passed as ok)."""
         non_finite = int(summary.get("n_non_finite") or 0)
         scf = int(summary.get("n_scf_not_converged") or 0)
         relax = int(summary.get("n_relax_not_converged") or 0)
         if status == 3 or non_finite:
-            return self.exit_codes.ERROR_NON_FINITE
+            return self.exit_codes.ERROR_NON_FINITE.format(error=self._error_line(files))
         if status == 5 or scf:
             return self.exit_codes.ERROR_SCF_NOT_CONVERGED.format(count=scf or "some")
         if status == 6 or relax:

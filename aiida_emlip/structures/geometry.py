@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import numpy as np
 from ase import Atoms
+from ase.neighborlist import neighbor_list
 
 #: Default smallest empty gap (Å) along a cell axis that counts as vacuum.
 VACUUM_GAP = 4.0
 
 
-def min_interatomic_distance(atoms: Atoms) -> float:
-    """Return the smallest distance between two atoms (minimum image where periodic), ``inf`` for one atom."""
+def min_interatomic_distance(atoms: Atoms, cutoff: float | None = None) -> float:
+    """Return the smallest distance between two atoms (minimum image where periodic), ``inf`` for one atom.
+
+    With ``cutoff`` (Å) only pairs closer than it are searched, through a neighbour list (linear cost,
+    for large structures; an atom's own periodic images count too): ``inf`` when there is none.
+    """
+    if cutoff is not None:
+        distances = neighbor_list("d", atoms, cutoff)
+        return float(distances.min()) if len(distances) else float("inf")
     if len(atoms) < 2:
         return float("inf")
     distances = atoms.get_all_distances(mic=bool(np.any(atoms.pbc)))

@@ -1,8 +1,8 @@
 """``emlip-train`` and ``emlip-eval``: the trainer and the evaluator as plain command-line tools.
 
 Exit statuses (see :class:`~aiida_emlip.training.errors.ExitCode`): 0 ok, 1 internal error,
-2 bad configuration or data (before any compute), 3 NaN/inf, 4 interrupted by a signal with a
-checkpoint written, 5 SCF not converged, 6 (emlip-eval) relaxation not converged.
+2 bad configuration, data or model file (before any compute), 3 NaN/inf, 4 interrupted by a signal
+with a checkpoint written, 5 SCF not converged, 6 (emlip-eval) relaxation not converged.
 """
 
 from __future__ import annotations
@@ -10,9 +10,12 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TextIO
 
+from aiida_emlip.models.file_format import ModelFileError, ModelFileWarning
 from aiida_emlip.training.errors import ExitCode, TrainingError
 
 EXIT_HELP = """exit status:
@@ -25,12 +28,47 @@ EXIT_HELP = """exit status:
 """
 
 
+#: Third-party warnings that say nothing about the user's run: e3nn loading its own constants while
+#: mace-torch's TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set (aiida-emlip never unpickles a file), and
+#: TorchScript's remarks on mace-torch's modules.
+QUIET_WARNINGS = (
+    "Environment variable TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD",
+    "The TorchScript type system doesn't support instance-level annotations",
+)
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """Our own warnings on one line (``warning: ...``); the others as Python prints them."""
+    if issubclass(category, ModelFileWarning):
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def _guard(body: Callable[[], None]) -> int:
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        for text in QUIET_WARNINGS:
+            warnings.filterwarnings("ignore", message=text)
+        return _run(body)
+
+
+def _run(body: Callable[[], None]) -> int:
     try:
         body()
     except TrainingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return int(exc.exit_code)
+    except ModelFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return int(ExitCode.BAD_INPUT)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return int(ExitCode.INTERRUPTED)
@@ -93,12 +131,19 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     return _guard(body)
 
 
-EVAL_EXIT_HELP = EXIT_HELP.replace(
-    "  5  a self-consistent head did not converge or diverged (head option on_failure: raise)\n",
-    "  5  the SCF of a self-consistent head did not converge for some structure: every result is\n"
-    "     written, that structure flagged scf_converged=False\n"
-    "  6  a relaxation reached max_steps above fmax: results written, flagged relax_converged=False\n",
-)
+EVAL_EXIT_HELP = """exit status:
+  0  success
+  1  internal error (a bug; traceback printed)
+  2  bad model file (missing, not a model, truncated or corrupted: checksum mismatch), bad
+     structures (unreadable, unknown element, overlapping atoms) or bad parameters; before any
+     compute, nothing written
+  3  a prediction is NaN or inf (energy, forces, stress, charges, ...): every result is written,
+     the message names the structure index and the quantity
+  4  interrupted by SIGTERM/SIGUSR1/SIGINT
+  5  the SCF of a self-consistent head did not converge for some structure: every result is
+     written, that structure flagged scf_converged=False
+  6  a relaxation reached max_steps above fmax: results written, flagged relax_converged=False
+"""
 
 
 def eval_parser() -> argparse.ArgumentParser:
@@ -231,8 +276,13 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     args = eval_parser().parse_args(argv)
 
     def body() -> None:
+        from aiida_emlip.models.file_format import read_metadata
         from aiida_emlip.training.errors import ConfigError
         from aiida_emlip.training.eval_params import parse_parameters
+
+        with warnings.catch_warnings():  # its warnings come once, when the model is loaded
+            warnings.simplefilter("ignore", ModelFileWarning)
+            read_metadata(args.model)  # a broken model file is refused at once, before torch is imported
         from aiida_emlip.training.eval_run import run_evaluation
 
         params = parse_parameters(eval_parameters(args))

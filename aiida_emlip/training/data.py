@@ -15,6 +15,7 @@ from ase.data import chemical_symbols
 
 from aiida_emlip import schema
 from aiida_emlip.models.graph import Graph, build_graph
+from aiida_emlip.structures.geometry import min_interatomic_distance
 from aiida_emlip.training.config import ENERGY_UNITS, LENGTH_UNITS, VECTOR_ORDERS, DataConfig
 from aiida_emlip.training.errors import DataError, NonFiniteError
 
@@ -23,6 +24,8 @@ STRUCTURE_LABELS = (schema.ENERGY, schema.STRESS, schema.DIPOLE, schema.FERMI_LE
 ATOM_LABELS = (schema.FORCES, schema.CHARGES, schema.ATOMIC_DIPOLES)
 #: Conditions (model inputs) read from ``atoms.info``.
 CONDITIONS = (schema.TOTAL_CHARGE, schema.TOTAL_SPIN, schema.FERMI_LEVEL, schema.EXTERNAL_FIELD)
+#: Atoms closer than this (Å, minimum image) overlap: a broken structure, refused on reading.
+MIN_DISTANCE = 0.5
 
 
 @dataclass
@@ -117,6 +120,7 @@ def to_sample(atoms: Atoms, index: int, config: DataConfig, where: str) -> Sampl
     name = f"{where}, structure {index}"
     if not np.isfinite(atoms.positions).all():
         raise NonFiniteError(f"{name}: non-finite atomic positions")
+    check_no_overlap(atoms, name)
     labels: dict[str, np.ndarray] = {}
     for key in (*STRUCTURE_LABELS, *ATOM_LABELS):
         value = _mapped_value(atoms, key, config.keys)
@@ -148,6 +152,16 @@ def to_sample(atoms: Atoms, index: int, config: DataConfig, where: str) -> Sampl
     charge = float(info.get(schema.TOTAL_CHARGE, 0.0))
     _check_plausible(labels, config, name)
     return Sample(clean, labels, config_type, charge, index)
+
+
+def check_no_overlap(atoms: Atoms, name: str, min_distance: float = MIN_DISTANCE) -> None:
+    """Refuse (:class:`DataError`) a structure with two atoms closer than ``min_distance`` Å."""
+    distance = min_interatomic_distance(atoms, cutoff=min_distance)
+    if distance < min_distance:
+        raise DataError(
+            f"{name}: overlapping atoms, two are {distance:.3f} Å apart (minimum image; "
+            f"the minimum is {min_distance} Å)"
+        )
 
 
 def _condition(value: object, key: str, name: str) -> float | np.ndarray:

@@ -15,7 +15,7 @@ from ase.md.verlet import VelocityVerlet
 from ase.optimize import BFGS, FIRE
 from ase.stress import voigt_6_to_full_3x3_stress
 
-from aiida_emlip.models.calculator import EmlipCalculator
+from aiida_emlip.models.calculator import EmlipCalculator, NonFinitePredictionError
 from aiida_emlip.training.errors import DataError
 from aiida_emlip.training.eval_params import Constraints, MDOptions, RelaxOptions
 
@@ -55,6 +55,7 @@ class DynamicsResult:
     scf_converged: bool | None = None  # None: the head is not iterative; False if any step failed
     scf_iterations: int | None = None  # the most iterations any step needed
     finite: bool = True
+    non_finite: tuple[str, ...] = ()  # the outputs that were NaN/inf at the step that stopped the run
     stop_reason: str | None = None
     relax: dict[str, Any] | None = None
     md: dict[str, Any] | None = None
@@ -81,13 +82,13 @@ def _prepare(atoms: Atoms, calc: EmlipCalculator, fixed: list[int]) -> Atoms:
 
 
 class _Tracker:
-    """Reads the calculator after every step: outputs for frames, SCF flags, finiteness."""
+    """Reads the calculator after every step: outputs for frames, SCF flags; records a NaN/inf stop."""
 
     def __init__(self, work: Atoms, calc: EmlipCalculator, result: DynamicsResult) -> None:
         self.work, self.calc, self.result = work, calc, result
 
     def check(self) -> bool:
-        """Record SCF and finiteness of the last evaluation; False when the run must stop."""
+        """Record the SCF flags of the last evaluation; False when the run must stop."""
         results = self.calc.results
         if "converged" in results:
             ok = bool(results["converged"])
@@ -99,11 +100,13 @@ class _Tracker:
             if not ok:
                 self.result.stop_reason = "the SCF of a self-consistent head did not converge"
                 return False
-        if not (np.isfinite(results["energy"]) and np.isfinite(results["forces"]).all()):
-            self.result.finite = False
-            self.result.stop_reason = "non-finite energy or forces"
-            return False
         return True
+
+    def stopped(self, exc: NonFinitePredictionError) -> None:
+        """The calculator refused a NaN/inf prediction: the run ends there, not finite."""
+        self.result.finite = False
+        self.result.non_finite = exc.quantities
+        self.result.stop_reason = str(exc)
 
     def frame(self, meta: dict[str, Any]) -> Frame:
         results = self.calc.results
@@ -147,18 +150,22 @@ def relax(
     initial_energy = None
     converged = False
     last_recorded = -1
-    for converged in optimizer.irun(fmax=options.fmax, steps=options.max_steps):
-        step = optimizer.nsteps
-        if initial_energy is None:
-            initial_energy = float(calc.results["energy"])
-        if not tracker.check():
-            converged = False
-            break
-        if stride and step % stride == 0:
-            result.frames.append(tracker.frame({"relax_steps": step}))
-            last_recorded = step
+    try:
+        for converged in optimizer.irun(fmax=options.fmax, steps=options.max_steps):
+            step = optimizer.nsteps
+            if initial_energy is None:
+                initial_energy = float(calc.results["energy"])
+            if not tracker.check():
+                converged = False
+                break
+            if stride and step % stride == 0:
+                result.frames.append(tracker.frame({"relax_steps": step}))
+                last_recorded = step
+    except NonFinitePredictionError as exc:
+        tracker.stopped(exc)
+        converged = False
     result.steps = optimizer.nsteps
-    if stride and last_recorded != result.steps:
+    if stride and last_recorded != result.steps and result.finite:
         result.frames.append(tracker.frame({"relax_steps": result.steps}))
     ok = bool(converged) and result.stop_reason is None
     if not ok and result.stop_reason is None:
@@ -169,7 +176,7 @@ def relax(
         "steps": result.steps,
         "fmax": _fmax(target) if result.finite else None,
         "initial_energy": initial_energy,
-        "final_energy": float(calc.results["energy"]),
+        "final_energy": float(calc.results["energy"]) if result.finite else None,
         "fixed_atoms": len(fixed),
     }
     result.final_meta = {"relax_converged": ok, "relax_steps": result.steps}
@@ -207,19 +214,22 @@ def molecular_dynamics(
     times, totals, temperatures = [], [], []
     stride = options.trajectory_stride
     last_recorded = -1
-    for _ in dynamics.irun(options.steps):
-        step = dynamics.nsteps
-        if not tracker.check():
-            break
-        time_fs = step * options.timestep_fs
-        temperature = float(work.get_temperature())
-        times.append(time_fs)
-        totals.append(float(work.get_potential_energy()) + float(work.get_kinetic_energy()))
-        temperatures.append(temperature)
-        if stride and step % stride == 0:
-            meta = {"md_step": step, "time_fs": time_fs, "temperature": temperature}
-            result.frames.append(tracker.frame(meta))
-            last_recorded = step
+    try:
+        for _ in dynamics.irun(options.steps):
+            step = dynamics.nsteps
+            if not tracker.check():
+                break
+            time_fs = step * options.timestep_fs
+            temperature = float(work.get_temperature())
+            times.append(time_fs)
+            totals.append(float(work.get_potential_energy()) + float(work.get_kinetic_energy()))
+            temperatures.append(temperature)
+            if stride and step % stride == 0:
+                meta = {"md_step": step, "time_fs": time_fs, "temperature": temperature}
+                result.frames.append(tracker.frame(meta))
+                last_recorded = step
+    except NonFinitePredictionError as exc:
+        tracker.stopped(exc)
     result.steps = dynamics.nsteps
     time_fs = result.steps * options.timestep_fs
     temperature = float(work.get_temperature())

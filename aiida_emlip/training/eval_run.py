@@ -52,14 +52,17 @@ class EvalReport:
     summary: dict[str, Any]
     table: str = ""
     failures: dict[str, list[int]] = field(default_factory=dict)
+    non_finite: dict[int, list[str]] = field(default_factory=dict)  # structure → NaN/inf outputs
 
     def raise_on_failure(self) -> None:
         """Non-finite (3) before SCF not converged (5) before relaxation not converged (6)."""
         where = f"results written to {self.output} and {self.summary_path}"
         if self.failures.get("non_finite"):
-            raise NonFiniteError(
-                f"non-finite outputs for structure(s) {self.failures['non_finite']}; {where}"
+            which = "; ".join(
+                f"structure {i}: {', '.join(self.non_finite.get(i) or ['outputs'])}"
+                for i in self.failures["non_finite"]
             )
+            raise NonFiniteError(f"non-finite (NaN or inf) predictions for {which}; {where}")
         if self.failures.get("scf"):
             raise ScfFailedError(
                 f"the SCF did not converge for structure(s) {self.failures['scf']} "
@@ -247,6 +250,7 @@ def run_evaluation(
         summary,
         text,
         {k: v for k, v in failures.items() if v},
+        {row["index"]: row["non_finite"] for row in rows if row["non_finite"]},
     )
 
 
@@ -256,12 +260,14 @@ def _structure_row(
     """One structure's entry of the summary."""
     scf_converged, scf_iterations = pred.scf_converged, pred.scf_iterations
     finite = pred.finite
+    non_finite = pred.non_finite
     if result is not None:
         # a run is converged only when every step's SCF was (and finite only when every step was)
         if result.scf_converged is not None:
             scf_converged = bool(result.scf_converged and (scf_converged is not False))
             scf_iterations = max(result.scf_iterations or 0, scf_iterations or 0)
         finite = finite and result.finite
+        non_finite += [q for q in result.non_finite if q not in non_finite]
     energy = pred.values.get("energy")
     row: dict[str, Any] = {
         "index": index,
@@ -272,6 +278,7 @@ def _structure_row(
         "scf_converged": scf_converged,
         "scf_iterations": scf_iterations,
         "finite": bool(finite),
+        "non_finite": non_finite,
         "wall_s": wall_s,
     }
     if result is not None:

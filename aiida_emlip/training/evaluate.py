@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from aiida_emlip.models.io import ModelFileError, load_model
-from aiida_emlip.models.model import EmlipModel
+from aiida_emlip.models.file_format import ModelFileError, file_sha256
+from aiida_emlip.models.io import load_model
+from aiida_emlip.models.model import EmlipModel, predicts_dipole
 from aiida_emlip.training.config import LOSS_QUANTITIES, DataConfig
 from aiida_emlip.training.data import Sample, attach_graphs, batches, load_samples
 from aiida_emlip.training.errors import ConfigError, DataError
@@ -19,6 +19,19 @@ from aiida_emlip.training.losses import ErrorTable, predict
 
 PER_STRUCTURE = ("energy", "stress", "dipole", "fermi_level")
 PER_ATOM = ("forces", "charges", "dipoles")
+#: Prediction key → the name messages and the ASE calculator use for it.
+QUANTITY_NAMES = {"dipoles": "atomic_dipoles"}
+
+__all__ = (
+    "PER_ATOM",
+    "PER_STRUCTURE",
+    "Prediction",
+    "evaluate_file",
+    "file_sha256",
+    "load_for_inference",
+    "predict_samples",
+    "read_samples",
+)
 
 
 @dataclass
@@ -32,16 +45,14 @@ class Prediction:
     @property
     def finite(self) -> bool:
         """Whether every output is finite (stress of a non-periodic structure is absent, not NaN)."""
-        return all(np.isfinite(value).all() for value in self.values.values())
+        return not self.non_finite
 
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file (the model's identity in the outputs)."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    @property
+    def non_finite(self) -> list[str]:
+        """The outputs holding a NaN or an inf (``atomic_dipoles`` for the key ``dipoles``)."""
+        return [
+            QUANTITY_NAMES.get(key, key) for key, value in self.values.items() if not np.isfinite(value).all()
+        ]
 
 
 def load_for_inference(model_path: str | Path, device: str = "auto") -> EmlipModel:
@@ -85,6 +96,8 @@ def predict_samples(
     for batch in batches(samples, batch_size, model.dtype):
         batch = batch.to(model.device)
         out = predict(model, batch, {"forces", "stress"}, "converge", training=False)
+        if not predicts_dipole(out):
+            out["dipole"] = None  # a zero placeholder, not a prediction: no error row, no output
         if table is not None:
             table.add(out, batch, list(LOSS_QUANTITIES))
         ptr = batch.graph.ptr.tolist()

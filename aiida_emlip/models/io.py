@@ -33,9 +33,8 @@ def versions() -> dict[str, str]:
     }
 
 
-def save_model(model: EmlipModel, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``model`` to ``path`` (``.safetensors``): weights plus config, versions and ``extra`` as JSON."""
-    path = Path(path)
+def serialize_model(model: EmlipModel, extra: dict[str, Any] | None = None) -> bytes:
+    """The bytes of a model file: weights plus config, versions and ``extra`` as JSON."""
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
     metadata = {
         "format": FORMAT,
@@ -43,8 +42,14 @@ def save_model(model: EmlipModel, path: str | Path, extra: dict[str, Any] | None
         "versions": json.dumps(versions()),
         "extra": json.dumps(extra or {}),
     }
+    return safetensors.torch.save(tensors, metadata=metadata)
+
+
+def save_model(model: EmlipModel, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` to ``path`` (``.safetensors``): weights plus config, versions and ``extra`` as JSON."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+    path.write_bytes(serialize_model(model, extra))
     return path
 
 

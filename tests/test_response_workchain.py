@@ -188,3 +188,133 @@ def test_small_response_run(small_response):
     for name in ("dissociation", "polarizability"):
         content = results["figures"][name].get_content(mode="rb")
         assert content[:4] == b"\x89PNG" and len(content) > 5000
+
+
+def _pair_and_chain_training_frames():
+    """Held out from the probes: LiF at other distances, water chains of 1–2 molecules in other fields."""
+    from aiida_emlip.structures.response import ion_pair_scan, water_chain
+
+    frames = []
+    for atoms in ion_pair_scan("Li", "F", [2.2, 4.0, 7.0], TINY["pair_box"]):
+        atoms.set_cell([*TINY["pair_box"], 16.0], scale_atoms=False)
+        atoms.info = {"total_charge": 0.0}
+        frames.append(atoms)
+    for n, field in ((1, 0.03), (2, -0.03)):
+        atoms = water_chain(n, vacuum=TINY["chain_vacuum"])
+        atoms.rattle(stdev=0.03, seed=n)
+        atoms.info = {"total_charge": 0.0, "external_field": [field, 0.0, 0.0]}
+        frames.append(atoms)
+    return frames
+
+
+@pytest.fixture(scope="module")
+def trained_response_model(pw_code, pp_code, pseudo_family, train_code):
+    """A small ``qeq`` model trained (energies, forces, Hirshfeld charges) on its own pw.x labels."""
+    from aiida import orm
+    from aiida.engine import run_get_node
+
+    from aiida_emlip.calculations.train import EmlipTrainCalculation
+    from aiida_emlip.data import EmlipDatasetData
+    from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain
+    from aiida_emlip.workflows.demo import design_config
+
+    frames = _pair_and_chain_training_frames()
+    builder = EmlipDatasetWorkChain.get_builder_from_protocol(
+        pw_code, EmlipDatasetData(frames=frames).store(), pseudo_family.label, "fast", CHEAP_DFT
+    )
+    builder.pp_code = pp_code
+    labels, node = run_get_node(builder)
+    assert node.is_finished_ok and len(labels["dataset"].to_ase()) == len(frames), node.exit_message
+    config = design_config({"name": "qeq"}, epochs=30)
+    config["data"] = {"valid_fraction": 0.0, "test_fraction": 0.0, "batch_size": 2}
+    config["loss"] = {"energy": 10.0, "forces": 1.0, "charges": 10.0}
+    config["model"]["backbone"].update(num_channels=4, num_interactions=1, mlp_hidden=4)
+    config["model"]["electrostatics"] = {"sigma": 0.5}
+    train = EmlipTrainCalculation.get_builder()
+    train.code = train_code
+    train.dataset = labels["dataset"]
+    train.config = orm.Dict(config)
+    train.metadata.options = {"resources": {"num_machines": 1}, "max_wallclock_seconds": 600}
+    results, node = run_get_node(train)
+    assert node.is_finished_ok, node.exit_message
+    return results["model"]
+
+
+@pytest.mark.pw
+def test_trained_model_on_held_out_probes(trained_response_model, pw_code, pp_code, eval_code, pseudo_family):
+    """The trained qeq on LiF and the chains (the DFT comes from the cache of the first run)."""
+    from aiida.engine import run_get_node
+    from aiida.manage.caching import enable_caching
+
+    from aiida_emlip.workflows.validate.response import EmlipResponseWorkChain
+
+    builder = EmlipResponseWorkChain.get_builder_from_protocol(
+        pw_code,
+        pseudo_family.label,
+        protocol="fast",
+        overrides=TINY,
+        dft_overrides=CHEAP_DFT,
+        probes=["dissociation", "polarizability"],
+        models={"trained": trained_response_model},
+        eval_code=eval_code,
+        pp_code=pp_code,
+    )
+    with enable_caching(identifier="aiida.calculations:quantumespresso.*"):
+        results, node = run_get_node(builder)
+    assert node.is_finished_ok, (node.exit_status, node.exit_message)
+    probes = results["analysis"]["probes"]
+    pair, dft_pair = probes["dissociation"]["trained"], probes["dissociation"]["dft"]
+    print("\n" + results["verdicts"]["text"], pair, dft_pair, probes["polarizability"]["trained"])
+    # trained on Hirshfeld charges at 2.2, 4 and 7 Å: Li carries a positive charge that falls with R
+    assert 0.0 < pair["far_charge"] < pair["near_charge"] < 1.0
+    assert pair["rmse_vs_dft"] < 0.5
+    pol, dft_pol = probes["polarizability"]["trained"], probes["polarizability"]["dft"]
+    assert pol["alpha"] == pytest.approx(pol["alpha_autograd"], rel=1e-3, abs=1e-6)
+    assert all(a > 0 for a in pol["alpha"])  # charge equilibration responds to the field
+    # ... and, as a conductor, superlinearly with the chain's length: the known pathology of qeq
+    assert pol["exponent"] > dft_pol["exponent"] + 0.15
+    assert results["verdicts"]["rows"]["trained"]["polarizability"]["verdict"] == "metal-like"
+
+
+@pytest.mark.slow
+@pytest.mark.pw
+def test_field_and_charging_probes_against_pw(pw_code, pp_code, eval_code, pseudo_family, tmp_path):
+    """Two-layer Al(111) slab and a one-molecule water film in ±0.1 V/Å, the slab at Q = −0.2, 0, +0.2 e.
+
+    DFT screens the field in the metal (interior field ≈ 0) and gives a positive capacitance from μ(Q);
+    a fixed model has no induced dipole; a conductor-like qeq screens like the metal.
+    """
+    from aiida import orm
+    from aiida.engine import run_get_node
+
+    from aiida_emlip.workflows.validate.response import EmlipResponseWorkChain
+
+    models = {
+        "fixed": _model_node(tmp_path, {"name": "fixed", "formal_charges": FORMAL}),
+        "qeq": _model_node(tmp_path, {"name": "qeq", "min_hardness": 0.1}, sigma=0.5),
+    }
+    builder = EmlipResponseWorkChain.get_builder_from_protocol(
+        pw_code,
+        pseudo_family.label,
+        protocol="fast",
+        dft_overrides=CHEAP_DFT,
+        probes=["field", "charging"],
+        models=models,
+        eval_code=eval_code,
+        pp_code=pp_code,
+    )
+    builder.dft.overrides = orm.Dict({**CHEAP_DFT, "postprocess": {"vacuum_level": True, "hirshfeld": True}})
+    results, node = run_get_node(builder)
+    assert node.is_finished_ok, (node.exit_status, node.exit_message)
+    probes = results["analysis"]["probes"]
+    print("\n" + results["verdicts"]["text"], {p: probes[p].get("dft") for p in probes})
+    metal, water = probes["field_metal"], probes["field_water"]
+    assert abs(metal["dft"]["interior_field_fraction"]) < 0.2  # the metal screens
+    assert metal["dft"]["screened_fraction"] > 0.5
+    assert 0 < water["dft"]["alpha"] < metal["dft"]["alpha"]  # water polarises, far less than a metal
+    assert metal["fixed"]["alpha"] == pytest.approx(0.0, abs=1e-6)
+    assert abs(metal["qeq"]["interior_field_fraction"]) < 0.15
+    assert probes["charging"]["dft"]["dmu_dq"] < 0 < probes["charging"]["dft"]["capacitance"]
+    table = results["verdicts"].get_dict()
+    assert table["rows"]["fixed"]["field_metal"]["verdict"] == "insulator-like"
+    assert table["rows"]["fixed"]["charging"]["verdict"] == "skipped"

@@ -67,7 +67,9 @@ class EmlipTrainCalculation(CalcJob):
         spec.output("checkpoint", valid_type=orm.SinglefileData, required=False, help="last checkpoint")
         spec.exit_code(300, "ERROR_NO_EXIT_STATUS", message="emlip-train did not finish (no exit status).")
         spec.exit_code(301, "ERROR_MISSING_OUTPUT", message="emlip-train finished but {files} are missing.")
-        spec.exit_code(310, "ERROR_BAD_INPUT", message="emlip-train refused the configuration or data.")
+        spec.exit_code(
+            310, "ERROR_BAD_INPUT", message="emlip-train refused the config, data, checkpoint or job folder."
+        )
         spec.exit_code(320, "ERROR_NON_FINITE", message="training stopped on a NaN/inf loss or gradient.")
         spec.exit_code(
             330, "ERROR_INTERRUPTED", message="training was interrupted; the checkpoint is attached."

@@ -60,13 +60,9 @@ def _serialise(tensors: dict[str, torch.Tensor], metadata: dict[str, str], name:
     return blob
 
 
-def save_model(model: EmlipModel, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``model`` to ``path`` (``.safetensors``): weights plus config, versions and ``extra`` as JSON.
-
-    The header also holds the sha256 of the weights and these entries, checked by every load. The
-    file is written under a temporary name and renamed: an interrupted save leaves no partial file.
-    """
-    path = Path(path)
+def serialize_model(model: EmlipModel, extra: dict[str, Any] | None = None, name: str = "model") -> bytes:
+    """The bytes of a model file: weights plus config, versions and ``extra`` as JSON, with the checksum
+    of the weights and these entries in the header (checked by every load)."""
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
     metadata = {
         "format": FORMAT,
@@ -74,7 +70,17 @@ def save_model(model: EmlipModel, path: str | Path, extra: dict[str, Any] | None
         "versions": json.dumps(versions()),
         "extra": json.dumps(extra or {}),
     }
-    blob = _serialise(tensors, metadata, str(path))
+    return _serialise(tensors, metadata, name)
+
+
+def save_model(model: EmlipModel, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` to ``path`` (``.safetensors``): weights plus config, versions and ``extra`` as JSON.
+
+    The header also holds the sha256 of the weights and these entries, checked by every load. The
+    file is written under a temporary name and renamed: an interrupted save leaves no partial file.
+    """
+    path = Path(path)
+    blob = serialize_model(model, extra, str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

@@ -1,8 +1,11 @@
 """``emlip-train`` and ``emlip-eval``: the trainer and the evaluator as plain command-line tools.
 
-Exit statuses (see :class:`~aiida_emlip.training.errors.ExitCode`): 0 ok, 1 internal error,
-2 bad configuration, data or model file (before any compute), 3 NaN/inf, 4 interrupted by a signal
-with a checkpoint written, 5 SCF not converged, 6 (emlip-eval) relaxation not converged.
+Exit statuses (see :class:`~aiida_emlip.training.errors.ExitCode`): 0 ok (also: nothing left to
+train), 1 internal error, 2 usage error, before any compute: bad configuration, data or model file,
+an output directory that holds another run, is locked or cannot be written, a corrupt checkpoint or
+another run's; also an output that cannot be written; 3 NaN/inf, 4 interrupted by a signal
+(checkpoint written when in the training loop), 5 SCF not converged, 6 (emlip-eval) relaxation not
+converged.
 """
 
 from __future__ import annotations
@@ -18,14 +21,22 @@ from typing import TextIO
 from aiida_emlip.models.file_format import ModelFileError, ModelFileWarning
 from aiida_emlip.training.errors import ExitCode, TrainingError
 
-EXIT_HELP = """exit status:
-  0  success
-  1  internal error (a bug; traceback printed)
-  2  bad configuration or dataset (unknown key, missing label, wrong units, empty file), before any compute
-  3  NaN or inf in the data, the loss or the gradients: stopped cleanly
-  4  interrupted by SIGTERM/SIGUSR1/SIGINT: checkpoint written, continue with --resume CHECKPOINT
-  5  a self-consistent head did not converge or diverged (head option on_failure: raise)
-"""
+_TRAIN_OK = "  0  success (or, resuming a finished run, nothing left to train)\n"
+_TRAIN_BAD_INPUT = (
+    " an output directory that holds another run (without --resume/--overwrite),\n"
+    "     is locked by a running emlip-train or cannot be written (also later: disk full); a checkpoint\n"
+    "     that is truncated, corrupt or another run's (data, seed or schedule differ)\n"
+)
+EXIT_HELP = (
+    "exit status:\n" + _TRAIN_OK + "  1  internal error (a bug; traceback printed)\n"
+    "  2  bad configuration or dataset (unknown key, missing label, wrong units, empty file), before\n"
+    "     any compute;"
+    + _TRAIN_BAD_INPUT
+    + "  3  NaN or inf in the data, the loss or the gradients: stopped cleanly\n"
+    "  4  interrupted by SIGTERM/SIGUSR1/SIGINT: during training a checkpoint is written first;\n"
+    "     continue with --resume auto\n"
+    "  5  a self-consistent head did not converge or diverged (head option on_failure: raise)\n"
+)
 
 
 #: Third-party warnings that say nothing about the user's run: e3nn loading its own constants while
@@ -85,7 +96,8 @@ def train_parser() -> argparse.ArgumentParser:
             "Train an aiida-emlip model from one YAML configuration (schema: docs/training.md;\n"
             "unknown keys are an error; examples/*.yaml has one per head). Writes to OUTPUT_DIR:\n"
             "model.safetensors, metrics.json, learning_curve.csv, test_errors.txt, checkpoint.pt,\n"
-            "train.log. Several GPUs or nodes: launch the same command with torchrun, e.g.\n"
+            "config.yaml, train.log (each written atomically) and, while running, the lock file\n"
+            "emlip-train.lock. Several GPUs or nodes: launch the same command with torchrun, e.g.\n"
             "  torchrun --nproc_per_node 4 -m aiida_emlip.training.cli train CONFIG.yaml"
         ),
         epilog=EXIT_HELP,
@@ -94,10 +106,25 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument("config", type=Path, help="YAML configuration file (see examples/*.yaml)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="overrides the config's device")
     parser.add_argument("--output-dir", type=Path, help="overrides the config's output_dir")
-    parser.add_argument(
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument(
         "--resume",
         metavar="CHECKPOINT",
-        help="continue bit-for-bit from a checkpoint; 'auto' uses OUTPUT_DIR/checkpoint.pt when it exists",
+        help="continue bit-for-bit from a checkpoint of the same data, seed and schedule; 'auto': from "
+        "OUTPUT_DIR's checkpoint, or start anew when there is none. A finished run given more epochs "
+        "(--epochs or the last stage's) trains them",
+    )
+    start.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="OUTPUT_DIR holds a run: remove the files emlip-train writes there (listed in the log), then "
+        "start anew. Without --resume or --overwrite such a directory is refused",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        metavar="N",
+        help="total epochs: the last stage gets N minus the epochs of the stages before it",
     )
     parser.add_argument("--check", action="store_true", help="validate the config and data, then exit")
     return parser
@@ -108,25 +135,9 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     args = train_parser().parse_args(argv)
 
     def body() -> None:
-        import signal
+        from aiida_emlip.training.session import run_training
 
-        from aiida_emlip.training.config import load_config
-        from aiida_emlip.training.trainer import Trainer
-
-        config = load_config(args.config)
-        trainer = Trainer(config, output_dir=args.output_dir, device=args.device)
-        if args.check:
-            print(
-                f"ok: {len(trainer.train)} train, {len(trainer.valid)} valid, "
-                f"{len(trainer.test)} test structures"
-            )
-            return
-        resume = args.resume
-        if resume == "auto":
-            resume = trainer.checkpoint_path if trainer.checkpoint_path.is_file() else None
-        # SIGINT (Ctrl-C) also checkpoints cleanly
-        signal.signal(signal.SIGINT, lambda s, f: trainer._on_signal(s, f))
-        trainer.run(resume=resume)
+        run_training(args)
 
     return _guard(body)
 

@@ -207,6 +207,16 @@ class TrainConfig:
     def total_epochs(self) -> int:
         return sum(stage.epochs for stage in self.stages)
 
+    def set_total_epochs(self, total: int) -> None:
+        """``--epochs N``: the last stage gets what the earlier stages leave of ``total`` epochs."""
+        earlier = sum(stage.epochs for stage in self.stages[:-1])
+        if total < max(earlier, 1):
+            raise ConfigError(
+                f"--epochs {total}: must be at least 1 and at least the {earlier} epoch(s) of the stages "
+                f"before the last"
+            )
+        self.stages[-1].epochs = total - earlier
+
     def weights_at_stage(self, index: int) -> dict[str, float]:
         """Loss weights of stage ``index``: ``loss`` updated by the stage's ``weights``."""
         return {**dict.fromkeys(LOSS_QUANTITIES, 0.0), **self.loss, **self.stages[index].weights}

@@ -10,7 +10,7 @@ class ExitCode(IntEnum):
 
     OK = 0
     INTERNAL = 1  # an unexpected error (a bug): traceback printed
-    BAD_INPUT = 2  # malformed configuration or dataset, detected before any compute
+    BAD_INPUT = 2  # bad configuration, dataset, output directory or checkpoint; or output unwritable
     NON_FINITE = 3  # NaN/inf in the data, the loss or the gradients: stopped cleanly
     INTERRUPTED = 4  # SIGTERM/SIGUSR1/SIGINT received: checkpoint written, resume with --resume
     SCF_FAILED = 5  # a self-consistent head did not converge or diverged (head option on_failure='raise')
@@ -31,6 +31,18 @@ class ConfigError(TrainingError, ValueError):
 
 class DataError(TrainingError, ValueError):
     """A dataset is empty, misses a key, or holds values in implausible units."""
+
+    exit_code = ExitCode.BAD_INPUT
+
+
+class OutputError(TrainingError):
+    """The output directory holds another run, is locked by a running one, or cannot be written."""
+
+    exit_code = ExitCode.BAD_INPUT
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint is unreadable (truncated, corrupt) or belongs to another run."""
 
     exit_code = ExitCode.BAD_INPUT
 

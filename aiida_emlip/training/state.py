@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import os
+import io
 import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from aiida_emlip.training.atomic import write_bytes_atomic
+from aiida_emlip.training.errors import CheckpointError
 
 
 class Ema:
@@ -75,14 +78,39 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+#: Checkpoint formats this version reads; /1 lacks the run identity (data digests).
+CHECKPOINT_FORMAT = "aiida-emlip-checkpoint/2"
+READABLE_FORMATS = ("aiida-emlip-checkpoint/1", CHECKPOINT_FORMAT)
+#: Entries every readable checkpoint holds.
+CHECKPOINT_KEYS = ("config", "model", "optimizer", "scheduler", "ema", "rng", "position")
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write atomically (temporary file + rename) so a kill during the write leaves the old file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint; ``weights_only=True`` is always explicit (mace sets a global override)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Load a checkpoint (``weights_only=True``); an unreadable one is a :class:`CheckpointError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    hint = "resume from another checkpoint, or start again with --overwrite"
+    try:
+        # weights_only is always explicit: mace sets a global override
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ... on bad bytes
+        raise CheckpointError(
+            f"checkpoint {path} is truncated, corrupt or not an aiida-emlip checkpoint "
+            f"({type(exc).__name__}); {hint}"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") not in READABLE_FORMATS:
+        raise CheckpointError(f"{path} is not an aiida-emlip checkpoint; {hint}")
+    missing = [key for key in CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete (no {', '.join(missing)}); {hint}")
+    return state

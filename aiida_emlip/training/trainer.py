@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import signal
 import time
@@ -17,9 +18,10 @@ import yaml
 
 from aiida_emlip import schema
 from aiida_emlip.models.heads import head_capabilities
-from aiida_emlip.models.io import ModelFileError, resolve_device, save_model
+from aiida_emlip.models.io import ModelFileError, resolve_device, serialize_model
 from aiida_emlip.models.model import DTYPES, EmlipModel, ModelConfig
 from aiida_emlip.training import distributed
+from aiida_emlip.training.atomic import write_bytes_atomic, write_text_atomic
 from aiida_emlip.training.config import AUTO_MULTIPOLE_WEIGHTS, LABEL_OF, LOSS_QUANTITIES, TrainConfig
 from aiida_emlip.training.data import (
     Sample,
@@ -31,17 +33,12 @@ from aiida_emlip.training.data import (
     load_samples,
     split,
 )
-from aiida_emlip.training.errors import ConfigError, DataError, Interrupted, NonFiniteError
+from aiida_emlip.training.errors import CheckpointError, ConfigError, DataError, Interrupted, NonFiniteError
+from aiida_emlip.training.identity import data_digests, run_identity
 from aiida_emlip.training.losses import ErrorTable, format_table, loss_terms, predict, total_loss
 from aiida_emlip.training.progress import Progress
-from aiida_emlip.training.state import (
-    Ema,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    seed_everything,
-    set_rng_state,
-)
+from aiida_emlip.training.resume import restore
+from aiida_emlip.training.state import CHECKPOINT_FORMAT, Ema, rng_state, save_checkpoint, seed_everything
 
 SIGNALS = tuple(
     s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None
@@ -85,6 +82,13 @@ class Trainer:
             torch.set_num_threads(config.num_threads)
         self.progress = Progress(config.progress, enabled=self.world.is_main)
         self.after_step: Callable[[Trainer], None] | None = None  # test hook
+        #: Where the resolved configuration is copied (``None``: not copied, e.g. it is the input file).
+        self.config_copy: Path | None = self.output_dir / "config.yaml"
+        #: Lines logged (to the terminal and train.log) when the run starts.
+        self.notes: list[str] = []
+        #: Set by :meth:`load` when the checkpoint's run is finished and has no epoch left to train.
+        self.nothing_to_train: str | None = None
+        self._resumed = False
         self._stop_signal: int | None = None
         self._start = time.perf_counter()
         seed_everything(config.seed)  # model initialisation is reproducible from the seed
@@ -107,6 +111,7 @@ class Trainer:
         test = load_samples(data.test, data) if data.test else []
         fractions = [0.0 if data.valid else data.valid_fraction, 0.0 if data.test else data.test_fraction]
         split_valid, split_test, train = split(samples, fractions, cfg.seed)
+        self.data_sha256 = data_digests(data)
         self.train = train
         self.valid = valid or split_valid
         self.test = test or split_test
@@ -223,10 +228,15 @@ class Trainer:
     def checkpoint_path(self) -> Path:
         return self.output_dir / self.config.checkpoint.file
 
+    def identity(self) -> dict[str, Any]:
+        """What this run's checkpoints belong to (see :mod:`aiida_emlip.training.identity`)."""
+        return run_identity(self.config.to_dict(), self.data_sha256)
+
     def state_dict(self) -> dict[str, Any]:
         pos = self.pos
         return {
-            "format": "aiida-emlip-checkpoint/1",
+            "format": CHECKPOINT_FORMAT,
+            "identity": self.identity(),
             "config": self.config.to_dict(),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -241,23 +251,13 @@ class Trainer:
             save_checkpoint(self.checkpoint_path, self.state_dict())
 
     def load(self, path: str | Path) -> None:
-        """Restore everything needed to continue bit-for-bit from ``path``."""
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"checkpoint {path} does not exist")
-        state = load_checkpoint(path)
-        if state.get("format") != "aiida-emlip-checkpoint/1":
-            raise ConfigError(f"{path} is not an aiida-emlip checkpoint")
-        if state["config"]["model"] != self.config.to_dict()["model"]:
-            raise ConfigError(f"{path} was written for a different model configuration")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state["scheduler"] is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        if self.ema is not None and state["ema"] is not None:
-            self.ema.load_state_dict(state["ema"])
-        set_rng_state(state["rng"])
-        self.pos = Position(**state["position"])
+        """Restore everything needed to continue bit-for-bit from ``path``, after checking it is this run's.
+
+        The checkpoint must match the data, seed and schedule; only the epochs of the last stage may
+        differ. A finished run given more epochs continues its last stage (see :mod:`.resume`).
+        """
+        restore(self, Path(path))
+        self._resumed = True
 
     # ------------------------------------------------------------------------------------- loop
     def _on_signal(self, signum: int, _frame: Any) -> None:
@@ -267,14 +267,17 @@ class Trainer:
         """Train all stages; write the model, metrics and curves; return the metrics."""
         if resume is not None:
             self.load(resume)
-        else:
+        elif not self._resumed:
             seed_everything(self.config.seed)
+        if self.nothing_to_train:
+            raise CheckpointError(self.nothing_to_train)
         if self.world.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(
-                yaml.safe_dump(self.config.to_dict(), sort_keys=False)
-            )
+            if self.config_copy is not None:
+                write_text_atomic(self.config_copy, yaml.safe_dump(self.config.to_dict(), sort_keys=False))
             self.progress.logfile = self.output_dir / "train.log"
+        for note in self.notes:
+            self.progress.log(note)
         previous = {s: signal.signal(s, self._on_signal) for s in SIGNALS}
         start = self._start = time.perf_counter()
         try:
@@ -562,26 +565,26 @@ class Trainer:
         if self.ema is not None:
             self.ema.swap(self.model)
         try:
-            save_model(
-                self.model,
-                model_path,
-                extra={"training": {"epochs": self.pos.epoch, "seed": self.config.seed}},
-            )
+            extra = {"training": {"epochs": self.pos.epoch, "seed": self.config.seed}}
+            model_bytes = serialize_model(self.model, extra=extra)
         finally:
             if self.ema is not None:
                 self.ema.swap(self.model)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
-        if self.pos.history:
-            with (out / "learning_curve.csv").open("w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=list(self.pos.history[0]))
-                writer.writeheader()
-                writer.writerows(self.pos.history)
         table = (
             format_table(test_table.summary(), "test-set errors (scf_mode converge)")
             if self.test
             else "no test split"
         )
-        (out / "test_errors.txt").write_text(table + "\n")
+        # the checkpoint last: a run killed while writing these resumes and writes them again
+        write_bytes_atomic(model_path, model_bytes)
+        write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2, default=float))
+        if self.pos.history:
+            text = io.StringIO(newline="")
+            writer = csv.DictWriter(text, fieldnames=list(self.pos.history[0]))
+            writer.writeheader()
+            writer.writerows(self.pos.history)
+            write_text_atomic(out / "learning_curve.csv", text.getvalue())
+        write_text_atomic(out / "test_errors.txt", table + "\n")
         self.save()
         self.progress.log(f"wrote {model_path}, metrics.json, learning_curve.csv")
         self.progress.log(table)

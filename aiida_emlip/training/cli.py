@@ -41,10 +41,11 @@ EXIT_HELP = (
 
 #: Third-party warnings that say nothing about the user's run: e3nn loading its own constants while
 #: mace-torch's TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set (aiida-emlip never unpickles a file), and
-#: TorchScript's remarks on mace-torch's modules.
+#: TorchScript's remarks on mace-torch's and e3nn's modules (scripted by them at import).
 QUIET_WARNINGS = (
     "Environment variable TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD",
     "The TorchScript type system doesn't support instance-level annotations",
+    "`torch.jit.script` is deprecated",
 )
 
 

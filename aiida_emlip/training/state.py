@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -99,8 +100,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} does not exist")
     hint = "resume from another checkpoint, or start again with --overwrite"
     try:
-        # weights_only is always explicit: mace sets a global override
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # weights_only is always explicit: mace sets a global override; torch's remarks on the pickle
+        # protocol of a foreign file say nothing the error below does not
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except OSError as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
     except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ... on bad bytes

@@ -22,15 +22,19 @@ from aiida_emlip.pseudos.upf_header import free_atom_energy
 from aiida_emlip.structures.defects import VacancyCells, vacancy_cells
 from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain
 
+from . import evaluate as model_side
 from .base import EmlipValidationWorkChain
 from .defect_functions import (
     BAND_EDGES,
     PRISTINE,
     analyse_charged_vacancy,
+    analyse_relaxed_vacancy,
     cell_settings,
     defect_figures,
+    relaxed_structures,
     vacancy_key,
     vacancy_structures,
+    vacancy_subset,
 )
 
 
@@ -77,6 +81,7 @@ class EmlipChargedDefectWorkChain(EmlipValidationWorkChain):
             cls.run_calculations,
             cls.inspect_dft,
             if_(cls.has_models)(cls.inspect_models),
+            if_(cls.should_relax)(cls.run_relaxations, cls.run_relaxed_dft, cls.analyse_relaxed),
             cls.analyse,
             cls.results,
         )
@@ -87,6 +92,21 @@ class EmlipChargedDefectWorkChain(EmlipValidationWorkChain):
         spec.output("band_edges", valid_type=orm.Dict, help="VBM, CBM and gap of the host (eV).")
         spec.output("analysis", valid_type=orm.Dict, help="Energetics and profiles of DFT and every model.")
         spec.output("comparison", valid_type=orm.Dict, help="One row per model (errors) and the DFT row.")
+        spec.output_namespace(
+            "relaxed", valid_type=EmlipDatasetData, dynamic=True, help="Model-relaxed cells."
+        )
+        spec.output(
+            "relaxed_dft_dataset",
+            valid_type=EmlipDatasetData,
+            required=False,
+            help="DFT single points at every model's relaxed vacancy cells (relax_models).",
+        )
+        spec.output(
+            "relaxed_comparison",
+            valid_type=orm.Dict,
+            required=False,
+            help="Per model: relaxation energy against DFT's along the same displacement, ΔE(q) there.",
+        )
         spec.output_namespace("figures", valid_type=orm.SinglefileData, dynamic=True)
         spec.exit_code(203, "ERROR_INVALID_SUPERCELL", message="Invalid supercell: {message}")
         spec.exit_code(204, "ERROR_INVALID_CHARGE_STATES", message="Invalid charge states: {message}")
@@ -357,6 +377,95 @@ class EmlipChargedDefectWorkChain(EmlipValidationWorkChain):
         self.out("dft_dataset", dataset)
         self.ctx.dft_dataset = dataset
         return None
+
+    # ------------------------------------------------------------------ model-relaxed geometries
+    def should_relax(self) -> bool:
+        """Whether the vacancy cells are relaxed by each evaluated model (protocol ``relax_models``)."""
+        return bool(self.ctx.inputs["relax_models"]) and bool(self.ctx.get("predictions"))
+
+    def run_relaxations(self):
+        """One ``emlip.evaluate`` in relax mode per model on the vacancy cells of every charge state."""
+        cells = vacancy_subset(
+            self.ctx.structures["configurations"], metadata={"call_link_label": "vacancy_cells"}
+        )
+        futures = {}
+        models = self.inputs.models
+        for label in sorted(self.ctx.predictions):
+            structures = model_side.model_inputs(cells, models[label])
+            if structures is None:
+                continue
+            builder = model_side.evaluation_builder(
+                self.inputs.eval_code,
+                models[label],
+                structures,
+                self.ctx.inputs["relax_parameters"],
+                self.ctx.inputs["options"],
+                label=f"relax_{label}",
+            )
+            futures[f"relax_{label}"] = self.submit(builder)
+        self.ctx.relax_labels = sorted(k[len("relax_") :] for k in futures)
+        self.report(f"relaxing the vacancy cells with {self.ctx.relax_labels}")
+        return ToContext(**futures)
+
+    def run_relaxed_dft(self):
+        """DFT single points at every model's relaxed cells (the same settings as the unrelaxed cells)."""
+        relaxed = {}
+        for label in self.ctx.relax_labels:
+            calc = self.ctx[f"relax_{label}"]
+            node = model_side.predictions(calc)
+            if node is None:
+                self.report(f"model {label}: relaxation {calc.process_label}<{calc.pk}> failed; left out")
+                continue
+            if not calc.is_finished_ok:
+                self.report(
+                    f"model {label}: relaxation exit status {calc.exit_status}; unconverged cells flagged"
+                )
+            relaxed[label] = node
+            self.out(f"relaxed.{label}", node)
+        self.ctx.relaxed = relaxed
+        if not relaxed:
+            return None
+        structures = relaxed_structures(**relaxed, metadata={"call_link_label": "relaxed_structures"})
+        inputs = self._dataset_inputs()
+        settings = inputs["structure_settings"].get_dict()
+        new_settings = {}
+        for key in structures:
+            state = "vacancy_" + key.rsplit("vacancy_", 1)[1]
+            new_settings[key] = {
+                **settings[state],
+                "config_type": "relaxed_" + settings[state]["config_type"],
+            }
+            new_settings[key].pop("parameters", None)
+        inputs["structures"] = dict(structures)
+        inputs["structure_settings"] = orm.Dict(new_settings)
+        inputs["metadata"] = {"call_link_label": "relaxed_dft"}
+        return ToContext(relaxed_dft=self.submit(EmlipDatasetWorkChain, **inputs))
+
+    def analyse_relaxed(self):
+        """Relaxation energies and ΔE(q) of every model at its own geometries, with DFT there."""
+        node = self.ctx.get("relaxed_dft")
+        if node is None or "dataset" not in node.outputs:
+            if node is not None:
+                self.report(
+                    f"DFT at the relaxed cells failed: {node.process_label}<{node.pk}> {node.exit_status}"
+                )
+            return
+        self.out("relaxed_dft_dataset", node.outputs.dataset)
+        nodes = {f"relaxed_{k}": v for k, v in self.ctx.relaxed.items()}
+        nodes.update({f"predictions_{k}": self.ctx.predictions[k] for k in self.ctx.relaxed})
+        result = analyse_relaxed_vacancy(
+            settings=orm.Dict({"charges": self.ctx.charges}),
+            dft=self.ctx.dft_dataset,
+            relaxed_dft=node.outputs.dataset,
+            **nodes,
+            metadata={"call_link_label": "analyse_relaxed"},
+        )
+        self.out("relaxed_comparison", result)
+        for label, row in result.get_dict().items():
+            self.report(
+                f"model {label} relaxed: relaxation-energy MAE vs DFT {row.get('relaxation_energy_mae')} eV, "
+                f"ΔE(q) MAE {row.get('delta_e_mae')} eV; DFT energy lowered: {row.get('dft_lowered')}"
+            )
 
     def analyse(self):
         """The analysis (calcfunction) and the figures (calcfunction)."""

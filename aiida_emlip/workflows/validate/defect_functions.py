@@ -154,3 +154,60 @@ def defect_figures(analysis_node: orm.Dict) -> dict[str, orm.SinglefileData]:
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_figures(analysis_node.get_dict(), Path(tmp))
         return {name: orm.SinglefileData(file=str(path), filename=path.name) for name, path in paths.items()}
+
+
+# ----------------------------------------------------------------------------- model-relaxed geometries
+
+
+@calcfunction
+def vacancy_subset(configurations: EmlipDatasetData) -> EmlipDatasetData:
+    """The vacancy cells (every charge state) of a model's inputs, without the pristine cell."""
+    frames = [a for a in configurations.to_ase() if str(a.info.get("key", "")).startswith("vacancy_")]
+    return EmlipDatasetData(frames=frames)
+
+
+def relaxed_key(label: str, key: str) -> str:
+    """Key of the DFT single point at ``label``'s relaxed geometry of vacancy state ``key``."""
+    return f"relaxed_{label}_{key}"
+
+
+@calcfunction
+def relaxed_structures(**relaxed: EmlipDatasetData) -> dict[str, orm.StructureData]:
+    """Every model's relaxed vacancy cells as structures, keyed by :func:`relaxed_key`."""
+    structures = {}
+    for label, node in relaxed.items():
+        for atoms in node.to_ase():
+            cell = atoms.copy()
+            cell.pbc = True
+            structures[relaxed_key(label, str(atoms.info["key"]))] = orm.StructureData(ase=cell)
+    return structures
+
+
+@calcfunction
+def analyse_relaxed_vacancy(settings: orm.Dict, dft: EmlipDatasetData, **nodes: orm.Data) -> orm.Dict:
+    """Per model: relaxation energies against DFT's along the same displacement, ΔE(q) at its geometries.
+
+    ``nodes``: ``relaxed_dft`` (the single points at every model's geometries), ``relaxed_<label>``
+    (the model's relaxations) and ``predictions_<label>`` (its unrelaxed single points).
+    ``settings``: ``charges``.
+    """
+    from aiida_emlip.analysis.defect_relax import relaxed_energetics
+
+    charges = [int(q) for q in settings["charges"]]
+    by_key = {str(a.info.get("key")): a for a in dft.to_ase()}
+    dft_relaxed_frames = {str(a.info.get("key")): a for a in nodes["relaxed_dft"].to_ase()}
+    result = {}
+    for name, node in nodes.items():
+        if not name.startswith("relaxed_") or name == "relaxed_dft":
+            continue
+        label = name[len("relaxed_") :]
+        unrelaxed = {str(a.info.get("key")): a for a in nodes[f"predictions_{label}"].to_ase()}
+        relaxed = {str(a.info.get("key")): a for a in node.to_ase()}
+        result[label] = relaxed_energetics(
+            charges,
+            {q: relaxed.get(vacancy_key(q)) for q in charges},
+            {q: dft_relaxed_frames.get(relaxed_key(label, vacancy_key(q))) for q in charges},
+            {q: unrelaxed.get(vacancy_key(q)) for q in charges},
+            {q: by_key.get(vacancy_key(q)) for q in charges},
+        )
+    return orm.Dict(result)

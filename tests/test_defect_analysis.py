@@ -298,3 +298,41 @@ def test_select_frames_never_uses_unconverged_structures():
         del atoms.info["key"]
     selected, _ = analysis.select_frames([host, good], keys, fallback_order=["pristine", "vacancy_q0"])
     assert selected["host"] is host and selected["defects"][0.0] is good
+
+
+def test_relaxed_energetics_on_numbers_worked_by_hand():
+    """Relaxation energies, DFT's change along the same displacement and ΔE(q) at the model's cells."""
+    from ase import Atoms
+
+    from aiida_emlip.analysis.defect_relax import max_displacement, relaxed_energetics
+
+    def frame(energy, shift=0.0):
+        atoms = Atoms("NaCl", positions=[[0, 0, 0], [2.8 + shift, 0, 0]], cell=[5.6, 5.6, 5.6], pbc=True)
+        atoms.info["energy"] = energy
+        return atoms
+
+    # the model moves Cl by 0.1 Å; across the boundary the minimum image counts
+    assert max_displacement(frame(0.0, 0.1), frame(0.0)) == pytest.approx(0.1)
+    wrapped = frame(0.0)
+    wrapped.positions[0] = [5.55, 0, 0]
+    assert max_displacement(wrapped, frame(0.0)) == pytest.approx(0.05)
+    result = relaxed_energetics(
+        [0, 1],
+        model_relaxed={0: frame(-10.2, 0.1), 1: frame(-7.5, 0.1)},
+        dft_relaxed={0: frame(-11.05, 0.1), 1: frame(-8.2, 0.1)},
+        model_unrelaxed={0: frame(-10.0), 1: frame(-7.4)},
+        dft_unrelaxed={0: frame(-11.0), 1: frame(-8.3)},
+    )
+    zero, one = result["states"]["0"], result["states"]["1"]
+    assert zero["model_relaxation_energy"] == pytest.approx(-0.2)
+    assert zero["dft_energy_change"] == pytest.approx(-0.05)
+    assert one["dft_energy_change"] == pytest.approx(0.1)  # the model's geometry is worse for DFT
+    assert result["dft_lowered"] is False
+    assert result["relaxation_energy_mae"] == pytest.approx((0.15 + 0.2) / 2)
+    # ΔE(+1): model −7.5 − (−10.2) = 2.7, DFT −8.2 − (−11.05) = 2.85
+    assert result["delta_e"]["1"]["error"] == pytest.approx(-0.15)
+    assert result["delta_e_mae"] == pytest.approx(0.15)
+    partial = relaxed_energetics(
+        [0, 2], {0: frame(-1.0)}, {0: frame(-1.0)}, {0: frame(-1.0)}, {0: frame(-1.0)}
+    )
+    assert partial["missing"] == [2] and "delta_e_mae" not in partial

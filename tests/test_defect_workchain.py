@@ -248,6 +248,10 @@ def vacancy_with_models(
         models=models,
         eval_code=eval_code,
     )
+    # the trained model also relaxes the vacancy cells (the point charges alone would collapse them)
+    builder.overrides = orm.Dict(
+        {"relax_models": ["charges"], "relax_parameters": {"mode": "relax", "fmax": 0.1, "max_steps": 40}}
+    )
     with enable_caching(identifier="aiida.calculations:quantumespresso.*"):
         return run_get_node(builder)
 
@@ -258,7 +262,13 @@ def test_chlorine_vacancy_models(vacancy_with_models, chlorine_vacancy):
 
     results, node = vacancy_with_models
     assert node.is_finished_ok, (node.exit_status, node.exit_message)
-    pw = [n for n in node.called_descendants if n.process_label == "PwCalculation"]
+    from aiida.common.links import LinkType
+
+    called = {
+        link.link_label: link.node
+        for link in node.base.links.get_outgoing(link_type=LinkType.CALL_WORK).all()
+    }
+    pw = [n for n in called["dft"].called_descendants if n.process_label == "PwCalculation"]
     assert pw and all(n.base.caching.is_created_from_cache for n in pw)
     assert set(results["predictions"]) == {"pointcharge", "charges"}
     # the formal-charge model only sees the cells whose formal charges add up: pristine and V_Cl⁺
@@ -283,6 +293,18 @@ def test_chlorine_vacancy_models(vacancy_with_models, chlorine_vacancy):
     )
     for name in ("formation_energy", "delta_e_parity", "charge_profile"):
         assert len(results["figures"][name].get_content(mode="rb")) > 5000
+    # the trained model relaxes the vacancy cells; DFT single points at its geometries. In the 8-atom
+    # cube every atom sits on an inversion centre of the vacancy's periodic images: the forces vanish
+    # by symmetry, nothing moves, and both paths must give the unrelaxed numbers exactly
+    assert set(results["relaxed"]) == {"charges"}
+    relaxed = results["relaxed_comparison"].get_dict()["charges"]
+    assert set(relaxed["states"]) == {"0", "1"} and not relaxed["missing"]
+    for state in relaxed["states"].values():
+        assert state["max_displacement"] < 1e-6 and state["relax_converged"]
+        assert state["model_relaxation_energy"] == pytest.approx(0.0, abs=1e-8)
+        assert state["dft_energy_change"] == pytest.approx(0.0, abs=1e-6)
+    assert relaxed["delta_e"]["1"]["error"] == pytest.approx(row["delta_e_error"]["+1"], abs=1e-6)
+    assert len(results["relaxed_dft_dataset"].to_ase()) == 2
 
 
 def test_formal_charge_models_see_only_representable_cells():

@@ -379,9 +379,17 @@ class EmlipChargedDefectWorkChain(EmlipValidationWorkChain):
         return None
 
     # ------------------------------------------------------------------ model-relaxed geometries
+    def _relaxed_models(self) -> list[str]:
+        """Labels of the evaluated models that relax the cells (``relax_models``: true, or a list)."""
+        wanted = self.ctx.inputs["relax_models"]
+        evaluated = sorted(self.ctx.get("predictions", {}))
+        if isinstance(wanted, (list, tuple)):
+            return [label for label in evaluated if label in wanted]
+        return evaluated if wanted else []
+
     def should_relax(self) -> bool:
-        """Whether the vacancy cells are relaxed by each evaluated model (protocol ``relax_models``)."""
-        return bool(self.ctx.inputs["relax_models"]) and bool(self.ctx.get("predictions"))
+        """Whether the vacancy cells are relaxed by some evaluated model (protocol ``relax_models``)."""
+        return bool(self._relaxed_models())
 
     def run_relaxations(self):
         """One ``emlip.evaluate`` in relax mode per model on the vacancy cells of every charge state."""
@@ -390,7 +398,7 @@ class EmlipChargedDefectWorkChain(EmlipValidationWorkChain):
         )
         futures = {}
         models = self.inputs.models
-        for label in sorted(self.ctx.predictions):
+        for label in self._relaxed_models():
             structures = model_side.model_inputs(cells, models[label])
             if structures is None:
                 continue

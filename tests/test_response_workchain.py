@@ -297,8 +297,8 @@ def test_field_and_charging_probes_against_pw(pw_code, pp_code, eval_code, pseud
         pw_code,
         pseudo_family.label,
         protocol="fast",
+        overrides={"probes": ["field", "charging"]},  # from the protocol: μ-less heads are skipped
         dft_overrides=CHEAP_DFT,
-        probes=["field", "charging"],
         models=models,
         eval_code=eval_code,
         pp_code=pp_code,

@@ -52,7 +52,9 @@ def phases(node) -> dict[str, float]:
         for link in node.base.links.get_outgoing(link_type=(LinkType.CALL_WORK, LinkType.CALL_CALC)).all()
     }
     evaluations = [n for label, n in called.items() if label.startswith("evaluate_")]
+    inside = [n.outputs.summary.get_dict().get("timings", {}) for n in evaluations if "summary" in n.outputs]
     return {
+        "model_load_and_compute_inside_emlip_eval": sum(t.get("total_s", 0.0) for t in inside),
         "total": _span([node]),
         "dft": _span([called.get("dft")]),
         "model_evaluation": sum(_span([n]) for n in evaluations),

@@ -166,3 +166,13 @@ def test_interface_validation_block():
     messages = {p.path: p.message for p in info.value.problems}
     assert "positive" in messages["validations.interface.fields"]
     assert "111" in messages["validations.interface.facet"]
+
+
+def test_response_validation_block():
+    """The response validation: its pw.x cost from the protocol file, unknown probes reported."""
+    spec = parse_spec(GOOD + "validations:\n  response: {probes: [dissociation, polarizability]}\n", "r.yaml")
+    # fast: four distances, chains of 1–3 molecules with ± fields
+    assert dft_configuration_count(spec)["validations.response"] == 4 + 2 * 3
+    with pytest.raises(SpecError) as info:
+        parse_spec(GOOD + "validations:\n  response: {probes: [phonons]}\n", "r.yaml")
+    assert "probes must be some of" in info.value.problems[0].message

@@ -225,8 +225,117 @@ INTERFACE = Validation(
     summary=_interface_summary,
 )
 
+RESPONSE_PROBES = ("field", "charging", "dissociation", "polarizability")
+
+
+def _response_settings(options: dict[str, Any]) -> dict[str, Any]:
+    """The response protocol's settings (the YAML file read directly: no AiiDA import)."""
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(__file__).parent / "protocols" / "response.yaml"
+    data = yaml.safe_load(path.read_text())
+    settings = dict(data["default_inputs"])
+    name = data.get("aliases", {}).get(options["protocol"], options["protocol"])
+    settings.update({k: v for k, v in data["protocols"].get(name, {}).items() if k != "description"})
+    return settings
+
+
+def _response_check(options: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
+    probes = options.get("probes") or []
+    unknown = [p for p in probes if p not in RESPONSE_PROBES]
+    if unknown or not probes:
+        return [(("probes",), f"probes must be some of {', '.join(RESPONSE_PROBES)}")]
+    if options["protocol"] not in ("fast", "balanced", "stringent", "moderate", "precise"):
+        return [(("protocol",), "protocol must be fast, balanced or stringent")]
+    return []
+
+
+def _response_cost(options: dict[str, Any]) -> int:
+    settings = _response_settings(options)
+    probes = options.get("probes") or []
+    count = 0
+    if "field" in probes:
+        count += 2 * 2 * len(settings["fields"])  # metal and water, both signs
+    if "charging" in probes:
+        count += len(settings["charges"])
+    if "dissociation" in probes:
+        count += len(settings["distances"])
+    if "polarizability" in probes:
+        count += 2 * len(settings["water_sizes"])
+    return count
+
+
+def _response_elements(options: dict[str, Any]) -> set[str]:
+    settings = _response_settings(options)
+    probes = options.get("probes") or []
+    elements: set[str] = set()
+    if {"field", "charging"} & set(probes):
+        elements.add(settings["metal"]["symbol"])
+    if {"field", "polarizability"} & set(probes):
+        elements |= {"H", "O"}
+    if "dissociation" in probes:
+        elements |= set(settings["ion_pair"])
+    return elements
+
+
+def _response_build(options: dict[str, Any], context: Context) -> Any:
+    from aiida_emlip.workflows.validate.response import EmlipResponseWorkChain
+
+    dft = context.spec["dft"]
+    dft_overrides = options.get("dft_overrides")
+    return EmlipResponseWorkChain.get_builder_from_protocol(
+        context.codes["pw"],
+        context.spec["pseudo_family"],
+        protocol=options["protocol"],
+        overrides={"probes": list(options["probes"])},  # from the protocol: μ-less heads are skipped
+        dft_overrides=dft.get("overrides") if dft_overrides is None else dft_overrides,
+        models=dict(context.models),
+        eval_code=context.codes["eval"],
+        pp_code=context.codes.get("pp"),
+        max_concurrent=int(dft["max_concurrent"]),
+    )
+
+
+def _verdict_rows(node: Any) -> dict[str, dict[str, Any]]:
+    if "verdicts" not in node.outputs:
+        return {}
+    table = node.outputs.verdicts.get_dict()
+    rows = {}
+    for label, row in table.get("rows", {}).items():
+        line = {}
+        for column, cell in row.items():
+            line[column] = cell.get("value")
+            line[f"{column}_verdict"] = cell.get("verdict")
+        rows[label] = line
+    return rows
+
+
+def _response_summary(row: dict[str, Any]) -> dict[str, float | None]:
+    return {f"response {k}": v for k, v in row.items() if not k.endswith("_verdict")}
+
+
+RESPONSE = Validation(
+    name="response",
+    entry_point="emlip.validate.response",
+    description="field response, charging, dissociation and α vs size: the design verdict table",
+    options={
+        "probes": Option((list,), default=["dissociation", "polarizability"], help="probes to run"),
+        "protocol": Option((str,), default="fast", help="protocol of the response workchain"),
+        "dft_overrides": Option((dict,), help="dataset protocol overrides (default: the study's dft)"),
+    },
+    check=_response_check,
+    dft_configurations=_response_cost,
+    elements=_response_elements,
+    build=_response_build,
+    rows=_verdict_rows,
+    figures=_figures,
+    summary=_response_summary,
+)
+
 #: name → validation; the keys are what the ``validations`` block of a study spec accepts.
-VALIDATIONS: dict[str, Validation] = {DEFECT.name: DEFECT, INTERFACE.name: INTERFACE}
+VALIDATIONS: dict[str, Validation] = {DEFECT.name: DEFECT, INTERFACE.name: INTERFACE, RESPONSE.name: RESPONSE}
 
 
 def check_options(name: str, options: Any) -> list[tuple[tuple[Any, ...], str]]:

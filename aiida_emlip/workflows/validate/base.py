@@ -63,6 +63,44 @@ class EmlipValidationWorkChain(ValidationSteps, protocols.EmlipProtocolMixin, Wo
         spec.exit_code(301, "ERROR_DFT_FAILED", message="DFT failed: {message}")
         spec.exit_code(303, "ERROR_MODEL_EVALUATION_FAILED", message="Model evaluation failed for: {message}")
 
+    @classmethod
+    def shared_builder(
+        cls,
+        code: orm.AbstractCode,
+        pseudo_family: str,
+        protocol: str | None = None,
+        overrides: dict[str, Any] | None = None,
+        dft_overrides: dict[str, Any] | None = None,
+        models: dict[str, EmlipModelData] | None = None,
+        eval_code: orm.AbstractCode | None = None,
+        pp_code: orm.AbstractCode | None = None,
+        max_concurrent: int = 4,
+    ):
+        """A builder with the shared inputs set; ``ProtocolError``/``OverrideError`` at once.
+
+        The protocol's ``dft_protocol`` becomes ``dft.protocol``; ``dft_overrides`` are the dataset
+        protocol's overrides (pw.x settings). Subclasses' ``get_builder_from_protocol`` add their own.
+        """
+        inputs = cls.get_protocol_inputs(protocol, overrides)
+        EmlipDatasetWorkChain.get_protocol_inputs(inputs["dft_protocol"], dft_overrides)
+        builder = cls.get_builder()
+        builder.protocol = orm.Str(inputs["protocol"])
+        if overrides:
+            builder.overrides = orm.Dict(overrides)
+        builder.dft.code = code
+        builder.dft.pseudo_family = orm.Str(pseudo_family)
+        builder.dft.protocol = orm.Str(inputs["dft_protocol"])
+        builder.dft.max_concurrent = orm.Int(max_concurrent)
+        if dft_overrides:
+            builder.dft.overrides = orm.Dict(dft_overrides)
+        if pp_code is not None:
+            builder.dft.pp_code = pp_code
+        if models:
+            builder.models = dict(models)
+        if eval_code is not None:
+            builder.eval_code = eval_code
+        return builder
+
     def setup(self):
         """Merge this workchain's and the DFT protocols with their overrides."""
         return merge_protocols(self)

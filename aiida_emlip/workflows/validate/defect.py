@@ -148,15 +148,20 @@ class EmlipChargedDefectWorkChain(EmlipValidationWorkChain):
         The defect protocol's ``dft_protocol`` becomes ``dft.protocol``; ``dft_overrides`` are the
         dataset protocol's overrides (pw.x settings).
         """
-        inputs = cls.get_protocol_inputs(protocol, overrides)
-        EmlipDatasetWorkChain.get_protocol_inputs(inputs["dft_protocol"], dft_overrides)
-        builder = cls.get_builder()
+        builder = cls.shared_builder(
+            code,
+            pseudo_family,
+            protocol,
+            overrides,
+            dft_overrides,
+            models,
+            eval_code,
+            pp_code,
+            max_concurrent,
+        )
         builder.structure = structure
         builder.element = orm.Str(element)
         builder.charge_states = orm.List(list(charge_states))
-        builder.protocol = orm.Str(inputs["protocol"])
-        if overrides:
-            builder.overrides = orm.Dict(overrides)
         if supercell is not None:
             builder.supercell = orm.List(list(supercell))
         if site is not None:
@@ -165,20 +170,8 @@ class EmlipChargedDefectWorkChain(EmlipValidationWorkChain):
             builder.chemical_potentials = orm.Dict(chemical_potentials)
         if dielectric_constant is not None:
             builder.dielectric_constant = orm.Float(dielectric_constant)
-        builder.dft.code = code
-        builder.dft.pseudo_family = orm.Str(pseudo_family)
-        builder.dft.protocol = orm.Str(inputs["dft_protocol"])
-        builder.dft.max_concurrent = orm.Int(max_concurrent)
-        if dft_overrides:
-            builder.dft.overrides = orm.Dict(dft_overrides)
-        if pp_code is not None:
-            builder.dft.pp_code = pp_code
         if projwfc_code is not None:
             builder.dft.projwfc_code = projwfc_code
-        if models:
-            builder.models = dict(models)
-        if eval_code is not None:
-            builder.eval_code = eval_code
         return builder
 
     # ------------------------------------------------------------------ checks

@@ -101,26 +101,19 @@ class EmlipInterfaceWorkChain(EmlipValidationWorkChain):
         max_concurrent: int = 4,
     ):
         """Return a builder; ``ProtocolError``/``OverrideError`` at once for bad names or keys."""
-        inputs = cls.get_protocol_inputs(protocol, overrides)
-        EmlipDatasetWorkChain.get_protocol_inputs(inputs["dft_protocol"], dft_overrides)
-        builder = cls.get_builder()
-        builder.protocol = orm.Str(inputs["protocol"])
-        if overrides:
-            builder.overrides = orm.Dict(overrides)
+        builder = cls.shared_builder(
+            code,
+            pseudo_family,
+            protocol,
+            overrides,
+            dft_overrides,
+            models,
+            eval_code,
+            pp_code,
+            max_concurrent,
+        )
         if interface is not None:
             builder.interface = interface
-        builder.dft.code = code
-        builder.dft.pseudo_family = orm.Str(pseudo_family)
-        builder.dft.protocol = orm.Str(inputs["dft_protocol"])
-        builder.dft.max_concurrent = orm.Int(max_concurrent)
-        if dft_overrides:
-            builder.dft.overrides = orm.Dict(dft_overrides)
-        if pp_code is not None:
-            builder.dft.pp_code = pp_code
-        if models:
-            builder.models = dict(models)
-        if eval_code is not None:
-            builder.eval_code = eval_code
         return builder
 
     # ------------------------------------------------------------------ checks

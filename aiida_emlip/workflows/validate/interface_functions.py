@@ -62,11 +62,13 @@ def model_sigma(config: dict[str, Any]) -> float:
     return float(ElectrostaticsConfig().sigma)
 
 
-def grid_of(dft_profiles: dict[str, dict], reference) -> tuple[int, float, tuple[float, float] | None]:
+def grid_of(
+    dft_profiles: dict[str, dict], reference, axis: int
+) -> tuple[int, float, tuple[float, float] | None]:
     """(points, origin, sawtooth window) of the profiles: pw.x's grid when there is one."""
     axis_profile = next(iter(dft_profiles.values()), None)
     if axis_profile is None:
-        return DEFAULT_POINTS, vacuum_center(reference, 2), None
+        return DEFAULT_POINTS, vacuum_center(reference, axis), None
     emaxpos, eopreg = float(axis_profile["emaxpos"]), float(axis_profile["eopreg"])
     return len(axis_profile["profile"]), (emaxpos + eopreg / 2.0) % 1.0, (emaxpos, (emaxpos + eopreg) % 1.0)
 
@@ -130,7 +132,8 @@ def analyse_interface_states(
             if key not in cells and key[1:].isdigit() and int(key[1:]) < len(order):
                 key = order[int(key[1:])]
             dft_profiles[key] = node.get_dict()
-    grid = grid_of(dft_profiles, next(iter(cells.values())))
+    axis = int(next(iter(states.values()))["axis"])
+    grid = grid_of(dft_profiles, next(iter(cells.values())), axis)
     profiles = {"dft": {k: v["profile"] for k, v in dft_profiles.items()}}
     for label, frames in methods.items():
         if label != "dft":

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import math
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -16,9 +19,10 @@ from aiida_emlip.data.dataset import EmlipDatasetData
 TRAIN_FILE = "train.xyz"
 CONFIG_FILE = "config.yaml"
 STATUS_FILE = "exit_status"
+CHECKPOINT_FILE = "checkpoint.pt"
 OUTPUT_FILES = ("model.safetensors", "metrics.json", "learning_curve.csv", "test_errors.txt", "train.log")
 #: Keys the calculation sets itself; a user's config may not set them.
-RESERVED = {("data", "train"), ("output_dir",)}
+RESERVED = {("data", "train"), ("output_dir",), ("checkpoint", "file")}
 
 
 def job_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -27,6 +31,36 @@ def job_config(config: dict[str, Any]) -> dict[str, Any]:
     values.setdefault("data", {})["train"] = TRAIN_FILE
     values["output_dir"] = "."
     return values
+
+
+def check_job(config: dict[str, Any], dataset: EmlipDatasetData) -> str:
+    """What ``emlip-train --check`` says of this job: the trainer is built on the CPU, nothing trained.
+
+    Raises the :class:`~aiida_emlip.training.errors.TrainingError` that the job would stop with
+    before its first step (bad configuration, head or backbone options, labels, elements). A
+    ``data.valid`` or ``data.test`` file that is not readable here (a path on the remote computer) is
+    left out of the check.
+    """
+    from aiida_emlip.training.config import parse_config
+    from aiida_emlip.training.session import check
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / TRAIN_FILE
+        path.write_text(dataset.get_text())
+        values = job_config(config)
+        values["data"]["train"] = str(path)
+        values["output_dir"] = tmp
+        for role in ("valid", "test"):
+            given = values["data"].get(role)
+            if isinstance(given, str) and given and not Path(given).is_file():
+                del values["data"][role]
+        return check(parse_config(values), device="cpu")
+
+
+def validate_lr_scale(value: orm.Float, _) -> str | None:
+    if not (math.isfinite(value.value) and value.value > 0):
+        return f"lr_scale must be a positive number, got {value.value}"
+    return None
 
 
 def validate_config(value: orm.Dict, _) -> str | None:
@@ -51,8 +85,11 @@ def validate_config(value: orm.Dict, _) -> str | None:
 class EmlipTrainCalculation(CalcJob):
     """Train one model with ``emlip-train`` from an ``emlip.dataset`` node and a config ``Dict``.
 
-    The config is the YAML schema of ``emlip-train`` (docs/training.md) without ``data.train`` and
-    ``output_dir``, which the calculation sets. Outputs: ``model`` (``emlip.model``) and ``metrics``.
+    The config is the YAML schema of ``emlip-train`` (docs/training.md) without ``data.train``,
+    ``output_dir`` and ``checkpoint.file``, which the calculation sets. Outputs: ``model``
+    (``emlip.model``), ``metrics`` and, whenever one was written, ``checkpoint``. With a
+    ``checkpoint`` input the job continues that run (``--resume``); ``lr_scale`` scales its learning
+    rates (``--lr-scale``). emlip-train writes its exit status itself (``--exit-status-file``).
     """
 
     @classmethod
@@ -60,6 +97,20 @@ class EmlipTrainCalculation(CalcJob):
         super().define(spec)
         spec.input("dataset", valid_type=EmlipDatasetData, help="structures and DFT labels to train on")
         spec.input("config", valid_type=orm.Dict, validator=validate_config, help="emlip-train config")
+        spec.input(
+            "checkpoint",
+            valid_type=orm.SinglefileData,
+            required=False,
+            help="a checkpoint of this config and dataset (e.g. the checkpoint output of an interrupted "
+            "run): emlip-train continues from it (--resume)",
+        )
+        spec.input(
+            "lr_scale",
+            valid_type=orm.Float,
+            required=False,
+            validator=validate_lr_scale,
+            help="train at this factor times the configured learning rates (emlip-train --lr-scale)",
+        )
         spec.inputs["metadata"]["options"]["parser_name"].default = "emlip.train"
         spec.inputs["metadata"]["options"]["resources"].default = {"num_machines": 1}
         spec.output("model", valid_type=orm.Data, help="the trained model (emlip.model)")
@@ -76,19 +127,28 @@ class EmlipTrainCalculation(CalcJob):
         )
         spec.exit_code(340, "ERROR_SCF_FAILED", message="a self-consistent head did not converge.")
         spec.exit_code(350, "ERROR_TRAINER", message="emlip-train failed with exit status {status}.")
+        spec.exit_code(360, "ERROR_OUT_OF_MEMORY", message="emlip-train ran out of memory (host or GPU).")
 
     def prepare_for_submission(self, folder: Folder) -> CalcInfo:
         with folder.open(TRAIN_FILE, "w") as handle:
             handle.write(self.inputs.dataset.get_text())
         with folder.open(CONFIG_FILE, "w") as handle:
             yaml.safe_dump(job_config(self.inputs.config.get_dict()), handle, sort_keys=False)
+        calcinfo = CalcInfo()
+        calcinfo.local_copy_list = []
+        if "checkpoint" in self.inputs:
+            checkpoint = self.inputs.checkpoint
+            calcinfo.local_copy_list.append((checkpoint.uuid, checkpoint.filename, CHECKPOINT_FILE))
+            resume = CHECKPOINT_FILE  # refused unless it is a checkpoint of this config and data
+        else:
+            resume = "auto"  # a job requeued with its folder continues from its own checkpoint
         codeinfo = CodeInfo()
         codeinfo.code_uuid = self.inputs.code.uuid
-        codeinfo.cmdline_params = [CONFIG_FILE, "--resume", "auto"]
+        codeinfo.cmdline_params = [CONFIG_FILE, "--resume", resume, "--exit-status-file", STATUS_FILE]
+        if "lr_scale" in self.inputs:
+            codeinfo.cmdline_params += ["--lr-scale", repr(float(self.inputs.lr_scale.value))]
         codeinfo.stdout_name = "stdout"
         codeinfo.stderr_name = "stderr"
-        calcinfo = CalcInfo()
         calcinfo.codes_info = [codeinfo]
-        calcinfo.append_text = f"echo $? > {STATUS_FILE}"
-        calcinfo.retrieve_list = [*OUTPUT_FILES, "checkpoint.pt", STATUS_FILE, "stdout", "stderr"]
+        calcinfo.retrieve_list = [*OUTPUT_FILES, CHECKPOINT_FILE, STATUS_FILE, "stdout", "stderr"]
         return calcinfo

@@ -39,6 +39,15 @@ def _child(node: orm.ProcessNode, link_label: str) -> orm.ProcessNode | None:
     return None
 
 
+def _training_node(training: orm.ProcessNode, label: str) -> orm.ProcessNode | None:
+    """The design's last ``emlip.train`` calculation; its restart workchain while that has none yet."""
+    node = _child(training, f"train_{label}")
+    if node is None or isinstance(node, orm.CalcJobNode):
+        return node
+    calcs = [n for n in node.called if isinstance(n, orm.CalcJobNode)]
+    return max(calcs, key=lambda n: n.ctime) if calcs else node
+
+
 def _epoch_text(text: str) -> str | None:
     matches = EPOCH_LINE.findall(text.replace("\r", "\n"))
     if not matches:
@@ -91,9 +100,12 @@ def training_lines(training: orm.ProcessNode | None, designs: list[str]) -> list
     """One line per design: waiting, running (epoch, validation loss) or finished (cost, loss)."""
     lines = []
     for label in designs:
-        calc = _child(training, f"train_{label}") if training is not None else None
-        if calc is None:
+        calc = _training_node(training, label) if training is not None else None
+        if calc is None or (not isinstance(calc, orm.CalcJobNode) and not calc.is_terminated):
             lines.append(f"  {label:<12} waiting")
+            continue
+        if not isinstance(calc, orm.CalcJobNode):  # the restart workchain stopped before a calculation
+            lines.append(f"  {label:<12} {_state(calc)}: {calc.exit_message or ''}")
             continue
         total = _epochs(calc.inputs.config.get_dict())
         if calc.is_finished_ok:

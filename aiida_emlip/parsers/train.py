@@ -12,11 +12,17 @@ from aiida import orm
 from aiida.engine import ExitCode
 from aiida.parsers import Parser
 
-from aiida_emlip.calculations.train import STATUS_FILE
+from aiida_emlip.calculations.train import CHECKPOINT_FILE, STATUS_FILE
 from aiida_emlip.data.model import EmlipModelData
 
 #: emlip-train exit status → exit code label of the calculation.
-STATUS_LABELS = {2: "ERROR_BAD_INPUT", 3: "ERROR_NON_FINITE", 4: "ERROR_INTERRUPTED", 5: "ERROR_SCF_FAILED"}
+STATUS_LABELS = {
+    2: "ERROR_BAD_INPUT",
+    3: "ERROR_NON_FINITE",
+    4: "ERROR_INTERRUPTED",
+    5: "ERROR_SCF_FAILED",
+    7: "ERROR_OUT_OF_MEMORY",
+}
 
 
 def finite_or_none(value: Any) -> Any:
@@ -35,11 +41,14 @@ class EmlipTrainParser(Parser):
 
     def parse(self, **kwargs) -> ExitCode | None:
         files = set(self.retrieved.list_object_names())
-        if "checkpoint.pt" in files:
-            self._attach_file("checkpoint", "checkpoint.pt", orm.SinglefileData)
+        if CHECKPOINT_FILE in files:
+            self._attach_file("checkpoint", CHECKPOINT_FILE, orm.SinglefileData)
         if STATUS_FILE not in files:
+            if self.node.exit_status:  # the scheduler's verdict (out of walltime, of memory): keep it
+                return None
             return self.exit_codes.ERROR_NO_EXIT_STATUS
-        status = int(self.retrieved.get_object_content(STATUS_FILE).strip() or -1)
+        text = self.retrieved.get_object_content(STATUS_FILE).strip()
+        status = int(text) if text.lstrip("-").isdigit() else -1
         if status != 0:
             label = STATUS_LABELS.get(status)
             if label:

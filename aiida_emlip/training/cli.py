@@ -5,12 +5,15 @@ train), 1 internal error, 2 usage error, before any compute: bad configuration, 
 an output directory that holds another run, is locked or cannot be written, a corrupt checkpoint or
 another run's; also an output that cannot be written; 3 NaN/inf, 4 interrupted by a signal
 (checkpoint written when in the training loop), 5 SCF not converged, 6 (emlip-eval) relaxation not
-converged.
+converged, 7 out of memory (host or GPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
+import os
 import sys
 import traceback
 import warnings
@@ -36,16 +39,20 @@ EXIT_HELP = (
     "  4  interrupted by SIGTERM/SIGUSR1/SIGINT: during training a checkpoint is written first;\n"
     "     continue with --resume auto\n"
     "  5  a self-consistent head did not converge or diverged (head option on_failure: raise)\n"
+    "  7  out of memory (host or GPU): lower data.batch_size\n"
+    "With --exit-status-file FILE the status is also written to FILE (also after a usage error).\n"
 )
 
 
 #: Third-party warnings that say nothing about the user's run: e3nn loading its own constants while
 #: mace-torch's TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set (aiida-emlip never unpickles a file), and
-#: TorchScript's remarks on mace-torch's and e3nn's modules (scripted by them at import).
+#: TorchScript's remarks on mace-torch's modules (which newer torch versions also call deprecated), and
+#: torch's remark on the pickle protocol of a file that is no checkpoint (the error says so).
 QUIET_WARNINGS = (
     "Environment variable TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD",
     "The TorchScript type system doesn't support instance-level annotations",
     "`torch.jit.script` is deprecated",
+    "Detected pickle protocol",
 )
 
 
@@ -72,6 +79,18 @@ def _guard(body: Callable[[], None]) -> int:
         return _run(body)
 
 
+#: Messages of the errors torch raises when an allocation fails (CUDA, CPU and MPS allocators).
+OUT_OF_MEMORY_MESSAGES = ("out of memory", "can't allocate memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says an allocation failed (``MemoryError``, ``torch.cuda.OutOfMemoryError``, ...)."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(m in text for m in OUT_OF_MEMORY_MESSAGES)
+
+
 def _run(body: Callable[[], None]) -> int:
     try:
         body()
@@ -84,7 +103,11 @@ def _run(body: Callable[[], None]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return int(ExitCode.INTERRUPTED)
-    except Exception:
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            print(f"error: out of memory ({first}); lower data.batch_size", file=sys.stderr)
+            return int(ExitCode.OUT_OF_MEMORY)
         traceback.print_exc()
         return int(ExitCode.INTERNAL)
     return int(ExitCode.OK)
@@ -127,20 +150,78 @@ def train_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="total epochs: the last stage gets N minus the epochs of the stages before it",
     )
+    parser.add_argument(
+        "--lr-scale",
+        type=float,
+        metavar="F",
+        help="train with every learning rate (optimizer.lr, the stages' lr) F times the configured one; "
+        "with --resume the run continues from where it stands at F times the configured rates. Not "
+        "part of the run's identity: the checkpoint records it (default: the checkpoint's, or 1)",
+    )
     parser.add_argument("--check", action="store_true", help="validate the config and data, then exit")
+    parser.add_argument(
+        "--exit-status-file",
+        type=Path,
+        metavar="FILE",
+        help="also write the exit status to FILE when emlip-train ends, whatever the outcome (a batch "
+        "job or an AiiDA calculation reads it there)",
+    )
     return parser
+
+
+def _status_file_of(argv: Sequence[str]) -> Path | None:
+    """``--exit-status-file`` read before the full parse, so a usage error is written there too."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--exit-status-file", type=Path)
+    try:
+        return pre.parse_known_args(list(argv))[0].exit_status_file
+    except SystemExit:  # the option without a value: the full parse reports it
+        return None
+
+
+def write_exit_status(path: Path, status: int) -> None:
+    """Write ``status`` to ``path`` (rank 0 only under torchrun); a failure is reported, not raised."""
+    from aiida_emlip.training.atomic import write_text_atomic
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    try:
+        write_text_atomic(path, f"{status}\n")
+    except OSError as exc:
+        print(f"error: cannot write the exit status to {path}: {exc.strerror or exc}", file=sys.stderr)
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``emlip-train``."""
-    args = train_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    status_file = _status_file_of(argv)
+    if status_file is not None and os.environ.get("RANK", "0") == "0":
+        with contextlib.suppress(OSError):  # a stale status (of a requeued job's earlier attempt) goes
+            status_file.unlink(missing_ok=True)
+    status = int(ExitCode.INTERNAL)
+    try:
+        args = train_parser().parse_args(argv)
+        status_file = args.exit_status_file
 
-    def body() -> None:
-        from aiida_emlip.training.session import run_training
+        def body() -> None:
+            from aiida_emlip.training.errors import ConfigError
+            from aiida_emlip.training.session import run_training
 
-        run_training(args)
+            if args.lr_scale is not None and not (math.isfinite(args.lr_scale) and args.lr_scale > 0):
+                raise ConfigError(f"--lr-scale must be a positive number, got {args.lr_scale}")
+            run_training(args)
 
-    return _guard(body)
+        status = _guard(body)
+    except SystemExit as exc:  # argparse: usage error (2) or --help (0)
+        status = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        raise
+    except KeyboardInterrupt:
+        status = int(ExitCode.INTERRUPTED)
+        raise
+    finally:
+        if status_file is not None:
+            write_exit_status(status_file, status)
+    return status
 
 
 EVAL_EXIT_HELP = """exit status:
@@ -155,6 +236,7 @@ EVAL_EXIT_HELP = """exit status:
   5  the SCF of a self-consistent head did not converge for some structure: every result is
      written, that structure flagged scf_converged=False
   6  a relaxation reached max_steps above fmax: results written, flagged relax_converged=False
+  7  out of memory (host or GPU): lower --batch-size
 """
 
 

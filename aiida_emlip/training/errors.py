@@ -15,6 +15,7 @@ class ExitCode(IntEnum):
     INTERRUPTED = 4  # SIGTERM/SIGUSR1/SIGINT received: checkpoint written, resume with --resume
     SCF_FAILED = 5  # a self-consistent head did not converge or diverged (head option on_failure='raise')
     NOT_CONVERGED = 6  # emlip-eval: a relaxation stopped at max_steps above fmax (results written)
+    OUT_OF_MEMORY = 7  # the host or the GPU ran out of memory (lower data.batch_size)
 
 
 class TrainingError(Exception):

@@ -87,7 +87,7 @@ def extend(trainer: Trainer, path: Path, trained: int) -> None:
         f"({trained} -> {last.epochs}; epoch {pos.epoch} -> {pos.epoch + extra})"
     )
     if isinstance(trainer.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
-        base = last.lr if last.lr is not None else trainer.config.optimizer.lr
+        base = (last.lr if last.lr is not None else trainer.config.optimizer.lr) * pos.lr_scale
         for group in trainer.optimizer.param_groups:
             group["lr"] = group["initial_lr"] = base
         trainer.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import random
 import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from aiida_emlip.training import distributed
-from aiida_emlip.training.config import load_config
+from aiida_emlip.training.config import TrainConfig, load_config
 from aiida_emlip.training.errors import Interrupted, OutputError
 from aiida_emlip.training.rundir import Plan, clear, prepare
 from aiida_emlip.training.trainer import SIGNALS, Trainer
@@ -74,6 +75,8 @@ def _start(trainer: Trainer, args: argparse.Namespace, plan: Plan | None) -> Non
     resume = _resume_path(trainer, args, plan)
     if resume is not None:
         trainer.load(resume)
+    if getattr(args, "lr_scale", None) is not None:
+        trainer.set_lr_scale(args.lr_scale)
     if trainer.nothing_to_train:
         if trainer.world.is_main:
             print(trainer.nothing_to_train)
@@ -102,17 +105,47 @@ def _start(trainer: Trainer, args: argparse.Namespace, plan: Plan | None) -> Non
         raise OutputError(f"cannot write to {trainer.output_dir}: {exc.strerror or exc}") from None
 
 
+@contextlib.contextmanager
+def _process_state_kept() -> Iterator[None]:
+    """Restore the RNG states and torch's thread count that building a :class:`Trainer` sets."""
+    import numpy as np
+    import torch
+
+    py, np_state, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(np_state)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        torch.set_num_threads(threads)
+
+
+def check(config: TrainConfig, device: str | None = None) -> str:
+    """``emlip-train --check``: build the trainer (configuration, data, labels, model), train nothing.
+
+    Raises the :class:`~aiida_emlip.training.errors.TrainingError` a run would stop with before its
+    first step; returns the one-line summary. Leaves the calling process as it was (RNG states,
+    threads), so another program can run it (the AiiDA workchain ``emlip.train.base`` does).
+    """
+    with _process_state_kept():
+        trainer = Trainer(config, device=device)
+    return f"ok: {len(trainer.train)} train, {len(trainer.valid)} valid, {len(trainer.test)} test structures"
+
+
 def run_training(args: argparse.Namespace) -> None:
     """What ``emlip-train`` does with its parsed arguments."""
     config = load_config(args.config)
     if args.epochs is not None:
         config.set_total_epochs(args.epochs)
-    trainer = Trainer(config, output_dir=args.output_dir, device=args.device)
     if args.check:
-        print(
-            f"ok: {len(trainer.train)} train, {len(trainer.valid)} valid, {len(trainer.test)} test structures"
-        )
+        print(check(config, args.device))
         return
+    trainer = Trainer(config, output_dir=args.output_dir, device=args.device)
     with _signals_stop():
         plan = _prepare(trainer, args)
         try:

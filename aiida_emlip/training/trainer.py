@@ -59,6 +59,8 @@ class Position:
     bad_epochs: int = 0
     stage_started: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
+    #: Factor between the learning rates in use and the configured ones (``--lr-scale``).
+    lr_scale: float = 1.0
 
 
 class Trainer:
@@ -246,6 +248,30 @@ class Trainer:
             "position": {k: getattr(pos, k) for k in Position.__dataclass_fields__},
         }
 
+    def set_lr_scale(self, scale: float) -> None:
+        """Train at ``scale`` times the configured learning rates (``--lr-scale``) from where the run is.
+
+        The optimizer's rates and the scheduler's base rates are multiplied by ``scale`` over the current
+        factor, so the schedule goes on from the scaled rate; a stage that sets ``lr`` starts at
+        ``scale`` times it. The factor is saved in checkpoints and is not part of the run's identity.
+        """
+        factor = scale / self.pos.lr_scale
+        if factor != 1.0:
+            for group in self.optimizer.param_groups:
+                group["lr"] *= factor
+                if "initial_lr" in group:
+                    group["initial_lr"] *= factor
+            if self.scheduler is not None:
+                if hasattr(self.scheduler, "base_lrs"):
+                    self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
+                if hasattr(self.scheduler, "_last_lr"):
+                    self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+            self.notes.append(
+                f"learning rates at {scale:g} times the configured ones "
+                f"(--lr-scale; was {self.pos.lr_scale:g})"
+            )
+        self.pos.lr_scale = scale
+
     def save(self) -> None:
         if self.world.is_main:
             save_checkpoint(self.checkpoint_path, self.state_dict())
@@ -310,7 +336,7 @@ class Trainer:
                 pos.best, pos.bad_epochs = float("inf"), 0
                 if stage.lr is not None:
                     for group in self.optimizer.param_groups:
-                        group["lr"] = stage.lr
+                        group["lr"] = stage.lr * pos.lr_scale
                 self.progress.log(
                     f"stage {pos.stage} '{stage.name}': {stage.epochs} epochs, scf_mode {stage.scf_mode}"
                 )
@@ -498,6 +524,7 @@ class Trainer:
             "reference_energies": self.reference_energies,
             "sizes": {"train": len(self.train), "valid": len(self.valid), "test": len(self.test)},
             "epochs": self.pos.epoch,
+            "lr_scale": self.pos.lr_scale,
             "device": str(self.device),
             "world_size": self.world.size,
             "wall_time_s": elapsed,

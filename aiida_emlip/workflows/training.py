@@ -7,9 +7,9 @@ from typing import Any
 from aiida import orm
 from aiida.engine import ToContext, WorkChain, calcfunction, if_
 
-from aiida_emlip.calculations.train import EmlipTrainCalculation
 from aiida_emlip.data.dataset import EmlipDatasetData
 from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain
+from aiida_emlip.workflows.train_base import EmlipTrainBaseWorkChain
 
 
 def validate_designs(value: orm.Dict, _) -> str | None:
@@ -52,8 +52,9 @@ class EmlipTrainingWorkChain(WorkChain):
     """Label configurations with pw.x (``emlip.dataset``), train each design, compare their errors.
 
     Give either ``dataset`` (the inputs of :class:`EmlipDatasetWorkChain`) or ``training_set`` (an
-    existing ``emlip.dataset``). Every design is one :class:`EmlipTrainCalculation` on the same data,
-    so the designs differ only in their configs. A failed design is reported; the others are kept.
+    existing ``emlip.dataset``). Every design is one :class:`EmlipTrainBaseWorkChain` (``emlip.train``
+    with restarts after interruptions, NaN/inf, SCF failures and running out of memory) on the same
+    data, so the designs differ only in their configs. A failed design is reported; the others are kept.
     """
 
     @classmethod
@@ -72,6 +73,12 @@ class EmlipTrainingWorkChain(WorkChain):
             valid_type=orm.Dict,
             required=False,
             help="metadata.options of each training calculation (resources, queue, ...)",
+        )
+        spec.input(
+            "train_max_iterations",
+            valid_type=orm.Int,
+            required=False,
+            help="max_iterations of each design's EmlipTrainBaseWorkChain (its default: 5 calculations)",
         )
         spec.outline(
             cls.setup,
@@ -120,15 +127,17 @@ class EmlipTrainingWorkChain(WorkChain):
     def run_training(self):
         options = self.inputs.train_options.get_dict() if "train_options" in self.inputs else {}
         for label, config in self.inputs.designs.get_dict().items():
-            builder = EmlipTrainCalculation.get_builder()
-            builder.code = self.inputs.train_code
-            builder.dataset = self.ctx.training_set
-            builder.config = orm.Dict(config)
-            builder.metadata.options = {
+            builder = EmlipTrainBaseWorkChain.get_builder()
+            builder.train.code = self.inputs.train_code
+            builder.train.dataset = self.ctx.training_set
+            builder.train.config = orm.Dict(config)
+            builder.train.metadata.options = {
                 "resources": {"num_machines": 1},
                 "max_wallclock_seconds": 3600,
                 **options,
             }
+            if "train_max_iterations" in self.inputs:
+                builder.max_iterations = self.inputs.train_max_iterations
             builder.metadata.call_link_label = f"train_{label}"
             self.to_context(**{f"train_{label}": self.submit(builder)})
 

@@ -240,6 +240,7 @@ def trained_response_model(pw_code, pp_code, pseudo_family, train_code):
     return results["model"]
 
 
+@pytest.mark.slow
 @pytest.mark.pw
 def test_trained_model_on_held_out_probes(trained_response_model, pw_code, pp_code, eval_code, pseudo_family):
     """The trained qeq on LiF and the chains (the DFT comes from the cache of the first run)."""

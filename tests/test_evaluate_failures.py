@@ -161,3 +161,16 @@ def test_no_dipole_error_row_for_a_head_without_dipole(models, tmp_path, capsys)
         assert ("emlip_dipole" in predicted[0].info) == (head == "charges")
     assert tables["sr"] == ({"energy"}, {"energy", "forces"})
     assert "dipole" in tables["charges"][0] and "dipole" in tables["charges"][1]
+
+
+def test_exit_status_file_is_written_by_emlip_eval(models, tmp_path):
+    """The status a batch job reads: written by emlip-eval itself, for a refusal and for a success."""
+    data = write_structures(tmp_path / "s.xyz", [water()])
+    status = tmp_path / "exit_status"
+    status.write_text("99\n")  # a stale status of an earlier attempt must not survive
+    broken = _broken_files(models["charges"], tmp_path)["truncated"]
+    result = _cli(broken, data, "-o", tmp_path / "p.xyz", "--exit-status-file", status)
+    assert result.returncode == ExitCode.BAD_INPUT and status.read_text() == "2\n"
+    result = _cli(models["charges"], data, "-o", tmp_path / "q.xyz", "--exit-status-file", status)
+    assert result.returncode == 0, result.stderr
+    assert status.read_text() == "0\n"

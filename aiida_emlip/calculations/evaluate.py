@@ -231,13 +231,14 @@ class EmlipEvaluateCalculation(CalcJob):
             SUMMARY_FILE,
             "--trajectory",
             TRAJECTORY_FILE,
+            "--exit-status-file",  # written by emlip-eval itself: a user's append_text cannot change it
+            STATUS_FILE,
         ]
         codeinfo.stdout_name = "stdout"
         codeinfo.stderr_name = "stderr"
         calcinfo = CalcInfo()
         calcinfo.codes_info = [codeinfo]
         calcinfo.local_copy_list = [(model.uuid, model.base.attributes.get("filename"), MODEL_FILE)]
-        calcinfo.append_text = f"echo $? > {STATUS_FILE}"
         calcinfo.retrieve_list = [
             PREDICTIONS_FILE,
             SUMMARY_FILE,

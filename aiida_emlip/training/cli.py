@@ -191,8 +191,13 @@ def write_exit_status(path: Path, status: int) -> None:
         print(f"error: cannot write the exit status to {path}: {exc.strerror or exc}", file=sys.stderr)
 
 
-def train_main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``emlip-train``."""
+def _with_status_file(
+    argv: Sequence[str] | None,
+    parser: Callable[[], argparse.ArgumentParser],
+    make_body: Callable[[argparse.Namespace], Callable[[], None]],
+) -> int:
+    """Parse ``argv``, run the body under :func:`_guard`, and write the status to ``--exit-status-file``
+    whatever happens (a usage error and an interrupt included)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     status_file = _status_file_of(argv)
     if status_file is not None and os.environ.get("RANK", "0") == "0":
@@ -200,18 +205,9 @@ def train_main(argv: Sequence[str] | None = None) -> int:
             status_file.unlink(missing_ok=True)
     status = int(ExitCode.INTERNAL)
     try:
-        args = train_parser().parse_args(argv)
+        args = parser().parse_args(argv)
         status_file = args.exit_status_file
-
-        def body() -> None:
-            from aiida_emlip.training.errors import ConfigError
-            from aiida_emlip.training.session import run_training
-
-            if args.lr_scale is not None and not (math.isfinite(args.lr_scale) and args.lr_scale > 0):
-                raise ConfigError(f"--lr-scale must be a positive number, got {args.lr_scale}")
-            run_training(args)
-
-        status = _guard(body)
+        status = _guard(make_body(args))
     except SystemExit as exc:  # argparse: usage error (2) or --help (0)
         status = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
         raise
@@ -222,6 +218,23 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         if status_file is not None:
             write_exit_status(status_file, status)
     return status
+
+
+def _train_body(args: argparse.Namespace) -> Callable[[], None]:
+    def body() -> None:
+        from aiida_emlip.training.errors import ConfigError
+        from aiida_emlip.training.session import run_training
+
+        if args.lr_scale is not None and not (math.isfinite(args.lr_scale) and args.lr_scale > 0):
+            raise ConfigError(f"--lr-scale must be a positive number, got {args.lr_scale}")
+        run_training(args)
+
+    return body
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``emlip-train``."""
+    return _with_status_file(argv, train_parser, _train_body)
 
 
 EVAL_EXIT_HELP = """exit status:
@@ -237,6 +250,7 @@ EVAL_EXIT_HELP = """exit status:
      written, that structure flagged scf_converged=False
   6  a relaxation reached max_steps above fmax: results written, flagged relax_converged=False
   7  out of memory (host or GPU): lower --batch-size
+With --exit-status-file FILE the status is also written to FILE (also after a usage error).
 """
 
 
@@ -304,6 +318,13 @@ def eval_parser() -> argparse.ArgumentParser:
     both.add_argument("--fix-indices", help="comma-separated indices of fixed atoms, e.g. 0,1,2")
     both.add_argument("--fix-z-min", type=float, help="fix every atom with z >= this (Å; with --fix-z-max)")
     both.add_argument("--fix-z-max", type=float, help="fix every atom with z <= this (Å)")
+    parser.add_argument(
+        "--exit-status-file",
+        type=Path,
+        metavar="FILE",
+        help="also write the exit status to FILE when emlip-eval ends, whatever the outcome (a batch "
+        "job or an AiiDA calculation reads it there)",
+    )
     return parser
 
 
@@ -365,10 +386,7 @@ def check_outputs_spare_inputs(inputs: Sequence[Path], outputs: Sequence[Path | 
                 raise ConfigError(f"output {out} is the input file {inp}; choose another output path")
 
 
-def eval_main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``emlip-eval``."""
-    args = eval_parser().parse_args(argv)
-
+def _eval_body(args: argparse.Namespace) -> Callable[[], None]:
     def body() -> None:
         from aiida_emlip.models.file_format import read_metadata
         from aiida_emlip.training.errors import ConfigError
@@ -410,7 +428,12 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
             print(report.table)
         report.raise_on_failure()
 
-    return _guard(body)
+    return body
+
+
+def eval_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``emlip-eval``."""
+    return _with_status_file(argv, eval_parser, _eval_body)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -93,6 +93,8 @@ BAD_INPUTS = {
     "unknown_protocol": ({"protocol": "sloppy"}, "ERROR_UNKNOWN_PROTOCOL"),
     "unknown_override": ({"overrides": {"supercell": 3}}, "ERROR_INVALID_OVERRIDES"),
     "negative_dielectric": ({"dielectric_constant": -1.0}, "ERROR_INVALID_REFERENCE"),
+    "relax_unknown_model": ({"overrides": {"relax_models": ["charge"]}}, "ERROR_INVALID_RELAX_MODELS"),
+    "relax_not_a_flag": ({"overrides": {"relax_models": "yes"}}, "ERROR_INVALID_RELAX_MODELS"),
 }
 
 

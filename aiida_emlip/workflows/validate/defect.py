@@ -111,6 +111,7 @@ class EmlipChargedDefectWorkChain(EmlipValidationWorkChain):
         spec.exit_code(203, "ERROR_INVALID_SUPERCELL", message="Invalid supercell: {message}")
         spec.exit_code(204, "ERROR_INVALID_CHARGE_STATES", message="Invalid charge states: {message}")
         spec.exit_code(206, "ERROR_INVALID_REFERENCE", message="Invalid μ or ε: {message}")
+        spec.exit_code(207, "ERROR_INVALID_RELAX_MODELS", message="Invalid relax_models: {message}")
         spec.exit_code(
             210, "ERROR_ELEMENT_NOT_IN_HOST", message="The vacancy element is not in the host: {message}"
         )
@@ -201,6 +202,17 @@ class EmlipChargedDefectWorkChain(EmlipValidationWorkChain):
         if isinstance(charges, str):
             return self.exit_codes.ERROR_INVALID_CHARGE_STATES.format(message=charges)
         self.ctx.charges = charges
+        relax = self.ctx.inputs["relax_models"]
+        if isinstance(relax, (list, tuple)):
+            unknown = sorted(set(map(str, relax)) - set(self.inputs.get("models", {})))
+            if unknown:
+                return self.exit_codes.ERROR_INVALID_RELAX_MODELS.format(
+                    message=f"{unknown} are not among the models {sorted(self.inputs.get('models', {}))}"
+                )
+        elif not isinstance(relax, bool):
+            return self.exit_codes.ERROR_INVALID_RELAX_MODELS.format(
+                message=f"give true, false or a list of model labels, got {relax!r}"
+            )
         host = self.inputs.structure.get_ase()
         element = self.inputs.element.value
         symbols = host.get_chemical_symbols()

@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from process_times import called_by_label, span
+
 WORK = Path(tempfile.mkdtemp(prefix="emlip-bench-demo-"))
 os.environ["AIIDA_PATH"] = str(WORK / ".aiida")
 
@@ -39,27 +41,15 @@ def cli(*args: str) -> tuple[float, str]:
     return elapsed, proc.stdout
 
 
-def _span(nodes) -> float:
-    nodes = [n for n in nodes if n is not None]
-    if not nodes:
-        return 0.0
-    return (max(n.mtime for n in nodes) - min(n.ctime for n in nodes)).total_seconds()
-
-
 def phases(study) -> dict[str, float]:
     """Seconds per phase of a finished study, from the creation and last-change times of its steps."""
-    from aiida.common.links import LinkType
-
-    called = {
-        link.link_label: link.node
-        for link in study.base.links.get_outgoing(link_type=(LinkType.CALL_WORK, LinkType.CALL_CALC)).all()
-    }
+    called = called_by_label(study)
     models = [n for label, n in called.items() if label.startswith(("evaluate_", "validate_"))]
     return {
-        "dft": _span([called.get("sample"), called.get("dft")]),
-        "training": _span([called.get("training")]),
-        "validation": _span(models),
-        "report": _span([called.get("compare"), called.get("report")]),
+        "dft": span([called.get("sample"), called.get("dft")]),
+        "training": span([called.get("training")]),
+        "validation": span(models),
+        "report": span([called.get("compare"), called.get("report")]),
         "total": (study.mtime - study.ctime).total_seconds(),
     }
 

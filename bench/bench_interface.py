@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from process_times import called_by_label, span
+
 WORK = Path(tempfile.mkdtemp(prefix="emlip-bench-interface-"))
 os.environ["AIIDA_PATH"] = str(WORK / ".aiida")
 HEADS = {
@@ -36,31 +38,19 @@ HEADS = {
 }
 
 
-def _span(nodes) -> float:
-    nodes = [n for n in nodes if n is not None]
-    if not nodes:
-        return 0.0
-    return (max(n.mtime for n in nodes) - min(n.ctime for n in nodes)).total_seconds()
-
-
 def phases(node) -> dict[str, float]:
     """Seconds per phase of a finished interface workchain."""
-    from aiida.common.links import LinkType
-
-    called = {
-        link.link_label: link.node
-        for link in node.base.links.get_outgoing(link_type=(LinkType.CALL_WORK, LinkType.CALL_CALC)).all()
-    }
+    called = called_by_label(node)
     evaluations = [n for label, n in called.items() if label.startswith("evaluate_")]
     inside = [n.outputs.summary.get_dict().get("timings", {}) for n in evaluations if "summary" in n.outputs]
     return {
         "model_load_and_compute_inside_emlip_eval": sum(t.get("total_s", 0.0) for t in inside),
-        "total": _span([node]),
-        "dft": _span([called.get("dft")]),
-        "model_evaluation": sum(_span([n]) for n in evaluations),
-        "model_evaluation_span": _span(evaluations),
-        "postprocessing": _span([called.get("analyse"), called.get("figures")]),
-        "structures": _span([called.get("structures")]),
+        "total": span([node]),
+        "dft": span([called.get("dft")]),
+        "model_evaluation": sum(span([n]) for n in evaluations),
+        "model_evaluation_span": span(evaluations),
+        "postprocessing": span([called.get("analyse"), called.get("figures")]),
+        "structures": span([called.get("structures")]),
     }
 
 

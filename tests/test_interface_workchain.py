@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from validation_helpers import silent_model_node, train_qeq_on_pw_labels
 
 from aiida_emlip import schema
 
@@ -25,28 +26,7 @@ FORMAL = {"H": 1.0, "O": -2.0, "Al": 0.0}
 
 
 def _model_node(tmp_path, head, elements=("H", "O", "Al"), sigma=0.0, hardness=None):
-    """A model whose backbone is zero (the head's constants act); ``hardness`` sets a qeq head's J₀."""
-    import torch
-
-    from aiida_emlip.data.model import EmlipModelData
-    from aiida_emlip.models.io import save_model
-    from aiida_emlip.models.model import EmlipModel, ModelConfig
-
-    torch.manual_seed(0)
-    config = ModelConfig(
-        elements=list(elements),
-        head=head,
-        backbone={"num_channels": 4, "num_interactions": 1, "correlation": 1, "max_ell": 1, "r_max": 3.0},
-        electrostatics={"sigma": sigma, "accuracy": 1e-8},
-    )
-    model = EmlipModel(config)
-    with torch.no_grad():
-        for parameter in model.backbone.parameters():
-            parameter.zero_()
-        if hardness is not None:
-            model.head.hardness0.fill_(hardness)
-    name = f"{head['name']}-{'-'.join(elements)}-{hardness}.safetensors"
-    return EmlipModelData(save_model(model, tmp_path / name)).store()
+    return silent_model_node(tmp_path, head, elements, sigma, hardness)
 
 
 def test_protocols():
@@ -145,32 +125,8 @@ def _training_frames():
 @pytest.fixture(scope="module")
 def trained_qeq(pw_code, pp_code, pseudo_family, train_code):
     """A small ``qeq`` model trained (energies, forces, Hirshfeld charges) on its own pw.x labels."""
-    from aiida import orm
-    from aiida.engine import run_get_node
-
-    from aiida_emlip.calculations.train import EmlipTrainCalculation
-    from aiida_emlip.data import EmlipDatasetData
-    from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain
-    from aiida_emlip.workflows.demo import design_config
-
-    builder = EmlipDatasetWorkChain.get_builder_from_protocol(
-        pw_code, EmlipDatasetData(frames=_training_frames()).store(), pseudo_family.label, "fast", CHEAP_DFT
-    )
-    builder.pp_code = pp_code
-    labels, node = run_get_node(builder)
-    assert node.is_finished_ok and len(labels["dataset"].to_ase()) == 4, node.exit_message
-    config = design_config({"name": "qeq"}, epochs=30)
-    config["data"] = {"valid_fraction": 0.0, "test_fraction": 0.0, "batch_size": 2}
-    config["loss"] = {"energy": 10.0, "forces": 1.0, "charges": 10.0}
-    config["model"]["backbone"].update(num_channels=4, num_interactions=1, mlp_hidden=4)
-    train = EmlipTrainCalculation.get_builder()
-    train.code = train_code
-    train.dataset = labels["dataset"]
-    train.config = orm.Dict(config)
-    train.metadata.options = {"resources": {"num_machines": 1}, "max_wallclock_seconds": 600}
-    results, node = run_get_node(train)
-    assert node.is_finished_ok, node.exit_message
-    return results["model"]
+    codes = {"pw": pw_code, "pp": pp_code, "train": train_code}
+    return train_qeq_on_pw_labels(_training_frames(), codes, pseudo_family.label, CHEAP_DFT)
 
 
 @pytest.fixture(scope="module")

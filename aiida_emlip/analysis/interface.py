@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from aiida_emlip import schema
+from aiida_emlip.structures.geometry import unit_normal
 
 from . import verdicts
 from .planar_potential import region_mean, window_mask
@@ -50,12 +51,6 @@ DEFAULT_TOLERANCES = {
     "charge_transfer": 0.05,  # e, MAE of the electrolyte charge over the states
     "charging_ratio": 0.25,  # |dμ/dQ ratio − 1|
 }
-
-
-def normal_of(atoms, axis: int) -> np.ndarray:
-    """Unit normal of the lattice planes of cell ``axis``."""
-    n = np.linalg.inv(np.asarray(atoms.cell[:], dtype=float)).T[axis]
-    return n / np.linalg.norm(n)
 
 
 def electrolyte_charge(charges: Sequence[float], metal: Sequence[int]) -> float:
@@ -108,7 +103,7 @@ def state_numbers(
     q = frame_charges(atoms)
     if q is not None:
         row["electrolyte_charge"] = electrolyte_charge(q, meta["metal"])
-    d = dipole_along(atoms, normal_of(atoms, int(meta["axis"])))
+    d = dipole_along(atoms, unit_normal(atoms, int(meta["axis"])))
     if d is not None:
         row["dipole"] = d
     for key in (schema.ENERGY, schema.FERMI_LEVEL):
@@ -137,7 +132,7 @@ def metal_interior_field(setup: Mapping[str, Mapping[str, Any]], frames: Mapping
         plus, minus = frames.get(key), frames.get(partner)
         if plus is None or minus is None or frame_charges(plus) is None or frame_charges(minus) is None:
             continue
-        heights = plus.positions @ normal_of(plus, int(meta["axis"]))
+        heights = plus.positions @ unit_normal(plus, int(meta["axis"]))
         metal = heights[list(meta["metal"])]
         plane = 0.5 * (metal.min() + metal.max())
         delta = 0.5 * (frame_charges(plus) - frame_charges(minus))
@@ -207,27 +202,17 @@ def compare_with_dft(
     """A model's errors against DFT on the common states: energies, forces, charges, induced profiles."""
     common = sorted(set(summary["states"]) & set(dft["states"]))
     errors: dict[str, Any] = {"n_states": len(common)}
-    energy = [
-        (summary["states"][k][schema.ENERGY], dft["states"][k][schema.ENERGY])
+    energy = {
+        k: (summary["states"][k][schema.ENERGY], dft["states"][k][schema.ENERGY])
         for k in common
         if schema.ENERGY in summary["states"][k] and schema.ENERGY in dft["states"][k]
-    ]
+    }
     if energy:
-        diff = np.array([m - r for m, r in energy]) / n_atoms
+        diff = np.array([m - r for m, r in energy.values()]) / n_atoms
         errors["energy_mae_per_atom"] = float(np.abs(diff).mean())
-        pairs = dict(
-            zip(
-                [
-                    k
-                    for k in common
-                    if schema.ENERGY in summary["states"][k] and schema.ENERGY in dft["states"][k]
-                ],
-                energy,
-            )
-        )
-        if "neutral" in pairs and len(pairs) > 1:
-            m0, r0 = pairs["neutral"]
-            rel = [(m - m0) - (r - r0) for k, (m, r) in pairs.items() if k != "neutral"]
+        if "neutral" in energy and len(energy) > 1:
+            m0, r0 = energy["neutral"]
+            rel = [(m - m0) - (r - r0) for k, (m, r) in energy.items() if k != "neutral"]
             errors["relative_energy_mae"] = float(np.abs(rel).mean())
     forces = [
         np.asarray(frames[k].arrays["forces"]) - np.asarray(dft_frames[k].arrays["forces"])

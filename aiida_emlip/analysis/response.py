@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from aiida_emlip import schema
+from aiida_emlip.structures.geometry import unit_normal
 
 #: ε₀ in e/(V·Å): 1/(4π k_e).
 EPSILON_0 = 1.0 / (4.0 * math.pi * schema.COULOMB_CONSTANT)
@@ -170,12 +171,6 @@ def growth_exponent(sizes: Sequence[float], alphas: Sequence[float]) -> dict[str
 # ----------------------------------------------------------------------------- the whole analysis
 
 
-def _normal(atoms, axis: int) -> np.ndarray:
-    cell = np.asarray(atoms.cell[:], dtype=float)
-    normal = np.linalg.inv(cell).T[axis]
-    return normal / np.linalg.norm(normal)
-
-
 def usable(atoms) -> bool:
     return not ("scf_converged" in atoms.info and not bool(atoms.info["scf_converged"]))
 
@@ -228,14 +223,16 @@ def analyse_method(
         points, charge_rows = [], []
         for key, atoms in members:
             meta = setup[key]
-            d = dipole_along(atoms, _normal(atoms, meta["axis"]))
+            d = dipole_along(atoms, unit_normal(atoms, meta["axis"]))
             if d is None:
                 notes.append(f"{key}: no dipole")
                 continue
             points.append((float(meta["value"]), d))
             q = frame_charges(atoms)
             if q is not None:
-                charge_rows.append((float(meta["value"]), atoms.positions @ _normal(atoms, meta["axis"]), q))
+                charge_rows.append(
+                    (float(meta["value"]), atoms.positions @ unit_normal(atoms, meta["axis"]), q)
+                )
         if len({p[0] for p in points}) < 2:
             continue
         meta = setup[members[0][0]]
@@ -277,7 +274,7 @@ def analyse_method(
     by_size: dict[int, list[tuple[float, float]]] = {}
     for key, atoms in members:
         meta = setup[key]
-        d = dipole_along(atoms, _normal(atoms, meta["axis"]))
+        d = dipole_along(atoms, unit_normal(atoms, meta["axis"]))
         if d is None:
             notes.append(f"{key}: no dipole")
             continue

@@ -48,6 +48,12 @@ def vacuum_gaps(atoms: Atoms) -> np.ndarray:
     return gaps
 
 
+def unit_normal(atoms: Atoms, axis: int) -> np.ndarray:
+    """Unit normal of the lattice planes spanned by the two cell vectors other than ``axis``."""
+    normal = np.linalg.inv(np.asarray(atoms.cell[:], dtype=float)).T[axis]
+    return normal / np.linalg.norm(normal)
+
+
 def vacuum_axes(atoms: Atoms, gap: float = VACUUM_GAP) -> list[int]:
     """Return the cell axes along which the structure has an empty gap of at least ``gap`` Å."""
     return [int(axis) for axis in np.flatnonzero(vacuum_gaps(atoms) >= gap)]

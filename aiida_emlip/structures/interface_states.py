@@ -14,17 +14,12 @@ from collections.abc import Sequence
 import numpy as np
 from ase import Atoms
 
+from .geometry import unit_normal
 from .interfaces import metal_water_interface
 from .response import plane_area
 
 #: Configuration keys of the three kinds of state.
 STATES = ("neutral", "field", "charge")
-
-
-def unit_normal(atoms: Atoms, axis: int) -> np.ndarray:
-    """Unit normal of the lattice planes spanned by the two cell vectors other than ``axis``."""
-    normal = np.linalg.inv(np.asarray(atoms.cell[:], dtype=float)).T[axis]
-    return normal / np.linalg.norm(normal)
 
 
 def metal_symbols(atoms: Atoms, axis: int = 2, symbols: Sequence[str] | None = None) -> list[str]:

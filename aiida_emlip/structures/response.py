@@ -13,7 +13,7 @@ import numpy as np
 from ase import Atoms
 from ase.build import molecule
 
-from .geometry import vacuum_axes
+from .geometry import unit_normal, vacuum_axes
 from .interfaces import fcc_slab
 
 #: O–O distance (Å) of the water chains (a hydrogen-bonded chain is about 2.8–2.9 Å).
@@ -135,10 +135,7 @@ def model_cell(atoms: Atoms, gap: float = 4.0) -> Atoms:
 
 def slab_thickness(atoms: Atoms, axis: int = 2) -> float:
     """Extent (Å) of the atoms along the plane normal of cell ``axis``."""
-    cell = np.asarray(atoms.cell[:], dtype=float)
-    normal = np.linalg.inv(cell).T[axis]
-    normal = normal / np.linalg.norm(normal)
-    heights = atoms.positions @ normal
+    heights = atoms.positions @ unit_normal(atoms, axis)
     return float(heights.max() - heights.min())
 
 
@@ -180,10 +177,6 @@ def probe_configurations(
         frames.append(atoms)
         setup[key] = {"probe": probe, **meta}
 
-    def normal(atoms: Atoms, which: int) -> np.ndarray:
-        n = np.linalg.inv(np.asarray(atoms.cell[:], dtype=float)).T[which]
-        return n / np.linalg.norm(n)
-
     slabs = {}
     if "field" in probes or "charging" in probes:
         slabs["metal"] = metal if metal is not None else metal_slab(**settings["metal"])
@@ -204,7 +197,7 @@ def probe_configurations(
                         f"field_{name}_{i}{_key_sign(value)}",
                         f"field_{name}",
                         {"value": value, **geometry[name]},
-                        field=value * normal(slab, axis),
+                        field=value * unit_normal(slab, axis),
                     )
     if "charging" in probes:
         for i, charge in enumerate(settings["charges"]):

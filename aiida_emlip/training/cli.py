@@ -46,13 +46,13 @@ EXIT_HELP = (
 
 #: Third-party warnings that say nothing about the user's run: e3nn loading its own constants while
 #: mace-torch's TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set (aiida-emlip never unpickles a file), and
-#: TorchScript's remarks on mace-torch's modules (which newer torch versions also call deprecated), and
-#: torch's remark on the pickle protocol of a file that is no checkpoint (the error says so).
+#: TorchScript's remarks on mace-torch's modules (which newer torch versions also call deprecated).
+#: (torch's remark on the pickle protocol of a file that is no checkpoint is silenced where checkpoints
+#: are loaded, :func:`aiida_emlip.training.state.load_checkpoint`.)
 QUIET_WARNINGS = (
     "Environment variable TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD",
     "The TorchScript type system doesn't support instance-level annotations",
     "`torch.jit.script` is deprecated",
-    "Detected pickle protocol",
 )
 
 

@@ -12,6 +12,7 @@ from ase import Atoms
 
 from aiida_emlip import schema
 from aiida_emlip.data import EmlipDatasetData
+from aiida_emlip.structures.geometry import unit_normal
 
 from .samplers import run_recipe
 
@@ -101,9 +102,7 @@ def _labels(
     atoms.info[schema.TOTAL_SPIN] = float(spin if spin is not None else (magnetization or 0.0))
     value = parse_dipole_debye(stdout) if meta.get("dipfield") else None
     if value is not None:
-        cell = np.asarray(atoms.cell[:], dtype=float)
-        normal = np.linalg.inv(cell).T[meta["edir"]]
-        normal /= np.linalg.norm(normal)
+        normal = unit_normal(atoms, meta["edir"])
         atoms.info[schema.DIPOLE] = QE_DIPOLE_SIGN * value * DEBYE_IN_E_A * normal
     if "wall_time_seconds" in params:
         atoms.info["pw_wall_time"] = float(params["wall_time_seconds"])

@@ -301,15 +301,9 @@ def _response_build(options: dict[str, Any], context: Context) -> Any:
 def _verdict_rows(node: Any) -> dict[str, dict[str, Any]]:
     if "verdicts" not in node.outputs:
         return {}
-    table = node.outputs.verdicts.get_dict()
-    rows = {}
-    for label, row in table.get("rows", {}).items():
-        line = {}
-        for column, cell in row.items():
-            line[column] = cell.get("value")
-            line[f"{column}_verdict"] = cell.get("verdict")
-        rows[label] = line
-    return rows
+    from aiida_emlip.analysis.interface import comparison_row
+
+    return {label: comparison_row({}, row) for label, row in node.outputs.verdicts["rows"].items()}
 
 
 def _response_summary(row: dict[str, Any]) -> dict[str, float | None]:

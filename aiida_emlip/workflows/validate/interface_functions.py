@@ -16,11 +16,11 @@ from aiida_emlip import schema
 from aiida_emlip.analysis import interface as analysis
 from aiida_emlip.analysis.planar_potential import model_profile
 from aiida_emlip.data import EmlipDatasetData
-from aiida_emlip.structures.geometry import vacuum_center
-from aiida_emlip.structures.interface_states import default_interface, interface_states, unit_normal
+from aiida_emlip.structures.geometry import unit_normal, vacuum_center
+from aiida_emlip.structures.interface_states import default_interface, interface_states
 from aiida_emlip.structures.response import model_cell
 
-from .response_functions import dft_frames
+from .response_functions import dft_frames, probe_key
 
 #: Grid points of a model profile when there is no DFT profile to share the grid with.
 DEFAULT_POINTS = 240
@@ -128,10 +128,7 @@ def analyse_interface_states(
                 str(a.info["key"]): a for a in node.to_ase() if "key" in a.info
             }
         elif name.startswith("profile_"):
-            key = name[len("profile_") :]
-            if key not in cells and key[1:].isdigit() and int(key[1:]) < len(order):
-                key = order[int(key[1:])]
-            dft_profiles[key] = node.get_dict()
+            dft_profiles[probe_key(name[len("profile_") :], order)] = node.get_dict()
     axis = int(next(iter(states.values()))["axis"])
     grid = grid_of(dft_profiles, next(iter(cells.values())), axis)
     profiles = {"dft": {k: v["profile"] for k, v in dft_profiles.items()}}

@@ -60,14 +60,19 @@ def model_polarizabilities(model: EmlipModelData, configurations: EmlipDatasetDa
     return orm.Dict(result)
 
 
+def probe_key(key: str, keys: list[str]) -> str:
+    """The configuration key of a dataset-workchain key (it names them c0000, c0001, ... in order)."""
+    if key not in keys and key.startswith("c") and key[1:].isdigit() and int(key[1:]) < len(keys):
+        return keys[int(key[1:])]
+    return key
+
+
 def dft_frames(dft: EmlipDatasetData, configurations: EmlipDatasetData) -> dict:
-    """DFT frames by probe key (the dataset workchain names configurations c0000, c0001, ... in order)."""
+    """DFT frames by probe key (see :func:`probe_key`)."""
     keys = [str(a.info["key"]) for a in configurations.to_ase()]
     frames = {}
     for atoms in dft.to_ase():
-        key = str(atoms.info.get("key", ""))
-        if key not in keys and key.startswith("c") and key[1:].isdigit() and int(key[1:]) < len(keys):
-            key = keys[int(key[1:])]
+        key = probe_key(str(atoms.info.get("key", "")), keys)
         atoms.info["key"] = key
         frames[key] = atoms
     return frames

@@ -432,7 +432,7 @@ def _validations(value: Any, spec: dict[str, Any], c: _Checker, base_dir: Path |
         if problems:
             continue
         if "host" in options:
-            options["host"] = inline_structure(options["host"], base_dir)
+            options["host"] = inline_structure(options["host"])  # already resolved against base_dir
         entry = VALIDATIONS[name]
         provided = {label: design_capabilities(d, spec["training"]) for label, d in spec["designs"].items()}
         missing = [

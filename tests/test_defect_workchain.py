@@ -177,8 +177,25 @@ def test_chlorine_vacancy_dft(chlorine_vacancy):
     dft = analysis["methods"]["dft"]
     e = {k: a.info[schema.ENERGY] for k, a in frames.items()}
     assert dft["delta_e"]["+1"] == pytest.approx(e["vacancy_qp1"] - e["vacancy_q0"])
-    correction = point_charge_correction(pristine.cell[:], 1.0, 2.5)
+    # Freysoldt's correction from pp.x's planar-averaged potentials of the three cells
+    dataset_node = next(n for n in node.called if n.process_label == "EmlipDatasetWorkChain")
+    potentials = dataset_node.outputs.planar_potentials
+    assert set(potentials) == {"pristine", "vacancy_q0", "vacancy_qp1"}
+    grid = potentials["pristine"]["grid"]
+    assert [len(potentials["vacancy_qp1"]["axes"][str(i)]) for i in range(3)] == grid
+    assert analysis["correction"]["scheme"].startswith("Freysoldt")
+    own = dft["correction"]["+1"]
+    correction = own["total"]
+    assert correction == pytest.approx(own["lattice"] + own["alignment"], abs=1e-9)
     assert analysis["correction"]["values"]["+1"] == pytest.approx(correction)
+    # the lattice term of a 1-bohr Gaussian is the point-charge (Makov–Payne) term less its
+    # finite-width part; the alignment is q times the mean of three axes' potential shifts
+    assert own["lattice"] == pytest.approx(point_charge_correction(pristine.cell[:], 1.0, 2.5), rel=0.05)
+    assert own["alignment"] == pytest.approx(np.mean(own["shifts"]), abs=1e-9)
+    # V_Cl keeps the cube's symmetry: the three axes' planar averages, and so their shifts, agree
+    assert np.ptp(own["shifts"]) < 1e-3, own["shifts"]
+    assert 0.0 < abs(own["alignment"]) < 3.0  # eV; 1.05 measured (in the 8-atom cube nothing is far)
+    assert dft["correction"]["0"]["total"] == 0.0
     # ε(+1/0) = E_f(0) − E_f(+1) at E_F = VBM
     level = dft["transition_levels"]["+1/0"]
     formation = dft["formation_energy_vbm"]

@@ -176,3 +176,43 @@ def test_response_validation_block():
     with pytest.raises(SpecError) as info:
         parse_spec(GOOD + "validations:\n  response: {probes: [phonons]}\n", "r.yaml")
     assert "probes must be some of" in info.value.problems[0].message
+
+
+def test_structure_files_relative_to_the_spec(tmp_path, monkeypatch):
+    """``file`` blocks resolve against the spec's folder, for systems and a validation's host, from any
+    working directory; a missing file is a problem with its line, not a traceback."""
+    from ase.build import bulk
+    from ase.io import write
+
+    from aiida_emlip.spec import load_spec
+
+    folder = tmp_path / "study"
+    (folder / "cells").mkdir(parents=True)
+    write(folder / "cells" / "nacl.xyz", bulk("NaCl", "rocksalt", a=5.64, cubic=True), format="extxyz")
+    text = textwrap.dedent(
+        """\
+        name: files
+        systems:
+          host:
+            structure: {file: cells/nacl.xyz}
+            rattle: {n: 3, stdev: 0.05}
+            charges: [0]
+        designs: [sr, charges]
+        validations:
+          defect:
+            host: {file: cells/nacl.xyz}
+            element: Cl
+            charge_states: [0, 1]
+            supercell: [1, 1, 1]
+        """
+    )
+    (folder / "spec.yaml").write_text(text)
+    monkeypatch.chdir(tmp_path)
+    spec = load_spec("study/spec.yaml")
+    host = spec["validations"]["defect"]["host"]["atoms"]
+    assert host["symbols"].count("Cl") == 4 and len(host["symbols"]) == 8
+    assert spec["systems"]["host"]["structure"]["atoms"]["symbols"] == host["symbols"]
+    (folder / "spec.yaml").write_text(text.replace("host: {file: cells/nacl.xyz}", "host: {file: cells/x.xyz}"))
+    with pytest.raises(SpecError) as error:
+        load_spec("study/spec.yaml")
+    assert "spec.yaml:10" in str(error.value) and "x.xyz" in str(error.value)

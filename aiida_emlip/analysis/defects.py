@@ -6,12 +6,13 @@ any DFT or model numbers. Units eV, Å, e. Conventions, the same for DFT and for
 * ``E(q)`` is the total energy of the vacancy supercell in charge state q with a uniform neutralising
   background (pw.x ``tot_charge``; the models' k = 0-excluded Ewald convention), ``E_host`` that of
   the pristine supercell at the same geometry; ``ΔE(q) = E(q) − E(0)``.
-* Finite-size correction: the point-charge (Makov–Payne / Leslie–Gillan, first order) term
-  ``E_corr(q) = −E_M(q)/ε`` with ``E_M(q)`` the Ewald energy of a point charge q in the supercell with
-  its neutralising background (``−q²α_M k_e/2L`` for a cube); ``E_corr > 0``. It is exact for point
-  charges with ε = 1 and depends only on the cell, q and ε, so it shifts DFT and models identically and
-  leaves the model errors unchanged. The potential-alignment term of Freysoldt's scheme needs
-  planar-averaged potentials of every cell and is not included.
+* Finite-size correction ``E_corr(q)``: Freysoldt's scheme when DFT's planar-averaged potentials are
+  given (:mod:`aiida_emlip.analysis.defect_correction`: one lattice term for every method, each
+  method's own potential alignment, so a model whose charges misplace the defect's potential shows
+  it in its levels). Without them, the first-order point-charge (Makov–Payne / Leslie–Gillan) term
+  ``−E_M(q)/ε`` with ``E_M(q)`` the Ewald energy of a point charge q in the supercell with its
+  neutralising background (``−q²α_M k_e/2L`` for a cube; exact for point charges with ε = 1), the
+  same for DFT and every model.
 * Formation energy ``E_f(q, E_F) = E(q) − E_host + μ_X + q (E_VBM + E_F) + E_corr(q)``, E_F measured
   from the VBM (a vacancy removes one atom of chemical potential μ_X). E_VBM comes from DFT and serves
   the models too (a model has no band edges).
@@ -36,6 +37,8 @@ from scipy.special import erfc
 
 from aiida_emlip import schema
 from aiida_emlip.structures.defects import perpendicular_widths
+
+from . import defect_correction
 
 #: Madelung constant of a point charge in a simple-cubic lattice with a neutralising background.
 MADELUNG_SIMPLE_CUBIC = 2.8372974794806
@@ -111,6 +114,81 @@ def point_charge_correction(cell: np.ndarray, charge: float, dielectric_constant
     if charge == 0:
         return 0.0
     return -madelung_energy(cell, charge) / dielectric_constant
+
+
+def _axes(profiles: Mapping[Any, Sequence[float]]) -> dict[int, Sequence[float]]:
+    return {int(axis): values for axis, values in profiles.items()}
+
+
+def method_corrections(
+    reference: Mapping[str, Any],
+    models: Mapping[str, Mapping[str, Any]],
+    setup: Mapping[str, Any],
+    charges: Sequence[float],
+) -> tuple[dict[str, dict[float, float]], dict[str, Any], dict[str, dict[str, Any]]]:
+    """Finite-size corrections of DFT and every model: (totals by method, scheme info, breakdowns).
+
+    Freysoldt (:mod:`aiida_emlip.analysis.defect_correction`) when ``setup["potentials"]`` holds DFT's
+    planar-averaged potentials of the pristine cell (``host``) and of every charged state
+    (``defects``: {q: {axis: profile}}); models use their own charges' potential (widths
+    ``setup["sigmas"][label]``, Å, point charges when absent), a flat one without charges. Otherwise
+    the point-charge (Makov–Payne) term, the same for every method.
+    """
+    cell = np.asarray(setup["cell"], dtype=float)
+    eps = float(setup.get("dielectric_constant", 1.0))
+    methods = ["dft", *models]
+    potentials = setup.get("potentials") or {}
+    host = potentials.get("host")
+    defects = {float(q): _axes(v) for q, v in (potentials.get("defects") or {}).items()}
+    missing = [charge_label(q) for q in charges if q != 0 and q not in defects]
+    if host is None or missing:
+        values = {q: point_charge_correction(cell, q, eps) for q in charges}
+        reason = "no DFT potentials" if host is None else f"no DFT potential for q = {', '.join(missing)}"
+        info = {
+            "scheme": "point charge (Makov-Payne first order, Ewald), no potential alignment",
+            "reason": reason,
+            "values": {charge_label(q): values[q] for q in charges},
+        }
+        breakdown = {charge_label(q): {"total": values[q]} for q in charges}
+        return {m: dict(values) for m in methods}, info, {m: breakdown for m in methods}
+    host = _axes(host)
+    grid = [len(host[axis]) for axis in range(3)]
+    site = np.asarray(setup["pristine_positions"], dtype=float)[int(setup["site"])]
+    fractional = np.linalg.solve(cell.T, site) % 1.0
+    per_method = {"dft": (host, defects)}
+    sigmas = setup.get("sigmas") or {}
+    for label, frames in models.items():
+        sigma = float(sigmas.get(label, 0.0))
+        model_host = defect_correction.model_potentials(frames["host"], sigma, grid)
+        if model_host is None:
+            flat = defect_correction.flat_potentials(grid)
+            per_method[label] = (flat, {q: flat for q in frames["defects"]})
+            continue
+        model_defects = {}
+        for q, atoms in frames["defects"].items():
+            own = defect_correction.model_potentials(atoms, sigma, grid)
+            model_defects[q] = own if own is not None else defect_correction.flat_potentials(grid)
+        per_method[label] = (model_host, model_defects)
+    totals, breakdown = {}, {}
+    for method, (method_host, method_defects) in per_method.items():
+        states = [q for q in charges if q == 0 or q in method_defects]
+        result = defect_correction.method_corrections(
+            cell, states, eps, fractional, method_host, method_defects
+        )
+        totals[method] = {q: r["total"] for q, r in result.items()}
+        breakdown[method] = {charge_label(q): r for q, r in result.items()}
+    info = {
+        "scheme": defect_correction.SCHEME,
+        "model_charge_beta_bohr": defect_correction.MODEL_CHARGE_BETA,
+        "lattice": {
+            charge_label(q): breakdown["dft"][charge_label(q)]["lattice"]
+            for q in charges
+            if charge_label(q) in breakdown["dft"]
+        },
+        "values": {k: v["total"] for k, v in breakdown["dft"].items()},
+        "grid": grid,
+    }
+    return totals, info, breakdown
 
 
 # ------------------------------------------------------------------------------------ energetics
@@ -324,6 +402,13 @@ def compare(reference: Mapping[str, Any], model: Mapping[str, Any]) -> dict[str,
         diff = np.asarray(profile["delta_q"]) - np.asarray(ref_profile["delta_q"])
         profile_rmse[label] = _rmse(diff.tolist())
     row["delta_q_rmse"] = profile_rmse
+    # the potential-alignment term q·C of the method's own potential against DFT's (Freysoldt only)
+    ref_corr, own_corr = reference.get("correction", {}), model.get("correction", {})
+    row["alignment_error"] = {
+        k: own_corr[k]["alignment"] - ref_corr[k]["alignment"]
+        for k in ref_corr
+        if k != "0" and "alignment" in ref_corr[k] and "alignment" in own_corr.get(k, {})
+    }
     row["missing_charge_states"] = sorted(
         set(reference.get("relative_energy", {})) - set(model.get("relative_energy", {}))
     )
@@ -344,10 +429,9 @@ def analyse_vacancy(
     None), ``shell_tolerance``, ``fermi_points``. Returns ``{"analysis": ..., "comparison": ...}``
     (JSON-compatible).
     """
-    cell = np.asarray(setup["cell"], dtype=float)
     eps = float(setup.get("dielectric_constant", 1.0))
     charges = sorted(float(q) for q in setup["charges"])
-    corrections = {q: point_charge_correction(cell, q, eps) for q in charges}
+    corrections, correction_info, breakdown = method_corrections(reference, models, setup, charges)
     host_energy = float(reference["host"].info[schema.ENERGY])
     mu, mu_source = chemical_potential(
         str(setup["element"]),
@@ -360,12 +444,14 @@ def analyse_vacancy(
     gap = cbm - vbm
     n_points = int(setup.get("fermi_points", 201))
     methods: dict[str, Any] = {}
-    dft = method_results(reference["host"], reference["defects"], setup, corrections, mu)
+    dft = method_results(reference["host"], reference["defects"], setup, corrections["dft"], mu)
+    dft["correction"] = breakdown["dft"]
     dft["formation_lines"] = formation_lines(_by_charge(dft["formation_energy_vbm"]), gap, n_points)
     methods["dft"] = dft
     comparison: dict[str, Any] = {"dft": _reference_row(dft)}
     for label, frames in models.items():
-        result = method_results(frames["host"], frames["defects"], setup, corrections, mu)
+        result = method_results(frames["host"], frames["defects"], setup, corrections[label], mu)
+        result["correction"] = breakdown[label]
         result["formation_lines"] = formation_lines(_by_charge(result["formation_energy_vbm"]), gap, n_points)
         methods[label] = result
         comparison[label] = compare(dft, result)
@@ -380,10 +466,7 @@ def analyse_vacancy(
         "chemical_potential": mu,
         "chemical_potential_source": mu_source,
         "dielectric_constant": eps,
-        "correction": {
-            "scheme": "point charge (Makov-Payne first order, Ewald), no potential alignment",
-            "values": {charge_label(q): corrections[q] for q in charges},
-        },
+        "correction": correction_info,
         "methods": methods,
     }
     return {"analysis": analysis, "comparison": comparison}

@@ -27,7 +27,7 @@ from .lowdin import STDOUT as PROJWFC_STDOUT
 from .lowdin import lowdin_charges, parse_lowdin
 from .pw_inputs import ConfigurationError, build_pw_setup
 from .samplers import SAMPLERS
-from .vacuum_level import PP_PARAMETERS, vacuum_level
+from .vacuum_level import PP_PARAMETERS, planar_potentials, vacuum_level
 
 PwBaseWorkChain = WorkflowFactory("quantumespresso.pw.base")
 PpCalculation = CalculationFactory("quantumespresso.pp")
@@ -92,7 +92,7 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WorkChain):
             "pp_code",
             valid_type=orm.AbstractCode,
             required=False,
-            help="pp.x: needed for postprocess.vacuum_level and postprocess.hirshfeld.",
+            help="pp.x: needed for postprocess.vacuum_level, planar_potentials and hirshfeld.",
         )
         spec.input(
             "projwfc_code",
@@ -105,7 +105,7 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WorkChain):
             if_(cls.has_sampler)(cls.run_sampler),
             cls.prepare,
             while_(cls.has_pending)(cls.submit_batch, cls.inspect_batch),
-            if_(cls.should_run_vacuum_level)(cls.run_vacuum_level, cls.inspect_vacuum_level),
+            if_(cls.should_run_potential)(cls.run_potential, cls.inspect_potential),
             if_(cls.should_run_hirshfeld)(cls.run_hirshfeld, cls.inspect_hirshfeld),
             if_(cls.should_run_lowdin)(cls.run_lowdin, cls.inspect_lowdin),
             cls.results,
@@ -128,6 +128,13 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WorkChain):
             dynamic=True,
             required=False,
             help="Per slab configuration key: vacuum levels and the planar-averaged potential (pp.x).",
+        )
+        spec.output_namespace(
+            "planar_potentials",
+            valid_type=orm.Dict,
+            dynamic=True,
+            required=False,
+            help="Per configuration key: pp.x's V_bare + V_H averaged over the planes of each cell vector.",
         )
         spec.exit_code(201, "ERROR_UNKNOWN_PROTOCOL", message="Unknown protocol: {message}")
         spec.exit_code(202, "ERROR_INVALID_OVERRIDES", message="Invalid overrides: {message}")
@@ -212,7 +219,7 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WorkChain):
                 postprocess["hirshfeld"] = False
                 self.ctx.postprocess_skipped = {"hirshfeld": "on by default; no pp_code given"}
                 self.report("Hirshfeld charges (on by default) skipped: no pp_code given")
-        wanted = [k for k in ("vacuum_level", "hirshfeld") if postprocess.get(k)]
+        wanted = [k for k in ("vacuum_level", "planar_potentials", "hirshfeld") if postprocess.get(k)]
         if wanted and "pp_code" not in self.inputs:
             return self.exit_codes.ERROR_MISSING_POSTPROCESS_CODE.format(
                 message=f"postprocess {wanted} needs pp_code"
@@ -425,7 +432,8 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WorkChain):
 
     def _reads_pw_folders(self) -> bool:
         """Whether a post-processing step needs the pw.x remote folders."""
-        return any(self.ctx.inputs["postprocess"].get(k) for k in ("vacuum_level", "hirshfeld", "lowdin"))
+        steps = ("vacuum_level", "planar_potentials", "hirshfeld", "lowdin")
+        return any(self.ctx.inputs["postprocess"].get(k) for k in steps)
 
     def on_terminated(self) -> None:
         """Clean the remote folders of all calculations if clean_workdir was deferred for post-processing."""
@@ -469,28 +477,44 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WorkChain):
         }
         self.report(f"configuration {key}: {message}")
 
-    def should_run_vacuum_level(self) -> bool:
-        """Whether slab vacuum levels are wanted and some slab finished."""
-        if not self.ctx.inputs["postprocess"].get("vacuum_level"):
-            return False
-        return any(self.ctx.configs[key]["meta"].get("slab") for key in self.ctx.finished)
+    def _potential_keys(self) -> list[str]:
+        """Finished configurations whose electrostatic potential is wanted (slabs, or every one)."""
+        postprocess = self.ctx.inputs["postprocess"]
+        if postprocess.get("planar_potentials"):
+            return list(self.ctx.finished)
+        if postprocess.get("vacuum_level"):
+            return [key for key in self.ctx.finished if self.ctx.configs[key]["meta"].get("slab")]
+        return []
 
-    def run_vacuum_level(self):
-        """pp.x: the electrostatic potential (V_bare + V_H, plot_num 11) of every finished slab."""
-        slabs = [key for key in self.ctx.finished if self.ctx.configs[key]["meta"].get("slab")]
-        futures = self._run_on_pw_folders(PpCalculation, self.inputs.pp_code, "pp", slabs, PP_PARAMETERS)
-        self.report(f"pp.x vacuum level for {len(futures)} slab(s)")
+    def should_run_potential(self) -> bool:
+        """Whether slab vacuum levels or planar-averaged potentials are wanted and something finished."""
+        return bool(self._potential_keys())
+
+    def run_potential(self):
+        """pp.x: the electrostatic potential (V_bare + V_H, plot_num 11) of the finished configurations."""
+        keys = self._potential_keys()
+        futures = self._run_on_pw_folders(PpCalculation, self.inputs.pp_code, "pp", keys, PP_PARAMETERS)
+        self.report(f"pp.x electrostatic potential for {len(futures)} configuration(s)")
         return ToContext(**futures)
 
-    def inspect_vacuum_level(self):
-        """Planar-average the potentials (calcfunction) and keep the vacuum levels with the labels."""
+    def inspect_potential(self):
+        """Planar-average the potentials (calcfunctions): slab vacuum levels, per-axis planar averages."""
+        postprocess = self.ctx.inputs["postprocess"]
         for key in self.ctx.finished:
             if f"pp_{key}" not in self.ctx:
                 continue
             calc = self.ctx[f"pp_{key}"]
+            slab = bool(self.ctx.configs[key]["meta"].get("slab"))
             if not calc.is_finished_ok or "output_data" not in calc.outputs:
-                message = f"pp.x failed ({calc.exit_status}); Fermi level stays cell_average"
-                self._postprocess_failed(key, "vacuum_level", calc, message)
+                step = "vacuum_level" if slab and postprocess.get("vacuum_level") else "planar_potentials"
+                message = f"pp.x potential failed ({calc.exit_status})"
+                if step == "vacuum_level":
+                    message += "; Fermi level stays cell_average"
+                self._postprocess_failed(key, step, calc, message)
+                continue
+            if postprocess.get("planar_potentials"):
+                self.out(f"planar_potentials.{key}", planar_potentials(potential=calc.outputs.output_data))
+            if not (slab and postprocess.get("vacuum_level")):
                 continue
             system = self.ctx.configs[key]["parameters"]["SYSTEM"]
             settings = {

@@ -136,7 +136,7 @@ DEFECT = Validation(
         "supercell": Option((list,), help="diagonal repeat [n1, n2, n3] of the host cell"),
         "protocol": Option((str,), default="fast", help="protocol of the defect workchain"),
         "dft_overrides": Option((dict,), help="dataset protocol overrides (default: the study's dft)"),
-        "dielectric_constant": Option((int, float), help="ε of the point-charge correction"),
+        "dielectric_constant": Option((int, float), help="ε of the finite-size correction"),
     },
     requires=frozenset({"charges"}),
     check=_defect_check,

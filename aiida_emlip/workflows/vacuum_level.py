@@ -1,4 +1,4 @@
-"""Vacuum level of slabs from pp.x's electrostatic potential (plot_num 11), planar-averaged along edir.
+"""pp.x's electrostatic potential (plot_num 11) planar-averaged: slab vacuum levels, per-axis profiles.
 
 pp.x writes V_bare + V_H (including the sawtooth/dipole correction) on the FFT grid as a cube file;
 the planar average over the two in-plane axes (what average.x computes, without macroscopic
@@ -73,3 +73,15 @@ def vacuum_level(potential: orm.ArrayData, settings: orm.Dict) -> orm.Dict:
         "eopreg": float(s["eopreg"]),
     }
     return orm.Dict(result)
+
+
+@calcfunction
+def planar_potentials(potential: orm.ArrayData) -> orm.Dict:
+    """pp.x's potential (Ry) averaged over the lattice planes of each cell vector, in eV.
+
+    ``axes`` maps "0", "1", "2" to the profile along that cell vector on the FFT grid s_j = j/n
+    (the electron's potential energy, like pw.x's V_bare + V_H): the input of Freysoldt's alignment.
+    """
+    data = potential.get_array("data")
+    axes = {str(axis): (planar_average(data, axis) * schema.RYDBERG_IN_EV).tolist() for axis in range(3)}
+    return orm.Dict({"axes": axes, "grid": list(data.shape), "units": "eV"})

@@ -26,6 +26,7 @@ from . import evaluate as model_side
 from .base import EmlipValidationWorkChain
 from .defect_functions import (
     BAND_EDGES,
+    POTENTIAL_PREFIX,
     PRISTINE,
     analyse_charged_vacancy,
     analyse_relaxed_vacancy,
@@ -72,7 +73,7 @@ class EmlipChargedDefectWorkChain(EmlipValidationWorkChain):
             "dielectric_constant",
             valid_type=orm.Float,
             required=False,
-            help="ε of the point-charge correction (default 1: unscreened); the same for DFT and models.",
+            help="ε of the finite-size correction (default 1: unscreened); the same for DFT and models.",
         )
         spec.outline(
             cls.setup,
@@ -311,8 +312,12 @@ class EmlipChargedDefectWorkChain(EmlipValidationWorkChain):
             f"({cells['n_atoms']} atoms), charge states {self.ctx.charges}"
         )
 
-    def _dataset_inputs(self) -> dict[str, Any]:
-        """The dataset workchain's inputs: the cells, per-structure charges and the band-edge run."""
+    def _dataset_inputs(self, potentials: bool = True) -> dict[str, Any]:
+        """The dataset workchain's inputs: the cells, per-structure charges and the band-edge run.
+
+        With ``pp_code`` (and ``potentials``) the planar-averaged potentials of every cell are asked
+        for, unless the overrides say otherwise: Freysoldt's alignment needs them.
+        """
         inputs = dict(self.exposed_inputs(EmlipDatasetWorkChain, namespace="dft"))
         electronic_type = self.ctx.inputs["electronic_type"]
         structures = {PRISTINE: self.ctx.structures["pristine"]}
@@ -342,6 +347,9 @@ class EmlipChargedDefectWorkChain(EmlipValidationWorkChain):
         overrides = self.inputs.dft.overrides.get_dict() if "overrides" in self.inputs.dft else {}
         if "projwfc_code" in self.inputs.dft and "lowdin" not in overrides.get("postprocess", {}):
             overrides.setdefault("postprocess", {})["lowdin"] = True
+        postprocess = overrides.get("postprocess", {})
+        if potentials and "pp_code" in self.inputs.dft and "planar_potentials" not in postprocess:
+            overrides.setdefault("postprocess", {})["planar_potentials"] = True
         if overrides:
             inputs["overrides"] = orm.Dict(overrides)
         inputs["structures"] = structures
@@ -439,7 +447,7 @@ class EmlipChargedDefectWorkChain(EmlipValidationWorkChain):
         if not relaxed:
             return None
         structures = relaxed_structures(**relaxed, metadata={"call_link_label": "relaxed_structures"})
-        inputs = self._dataset_inputs()
+        inputs = self._dataset_inputs(potentials=False)
         settings = inputs["structure_settings"].get_dict()
         new_settings = {}
         for key in structures:
@@ -496,10 +504,20 @@ class EmlipChargedDefectWorkChain(EmlipValidationWorkChain):
             "free_atom_energy": self.ctx.free_atom_energy,
             "shell_tolerance": float(self.ctx.inputs["shell_tolerance"]),
             "fermi_points": int(self.ctx.inputs["fermi_points"]),
+            "sigmas": {
+                label: model_side.model_sigma(self.inputs.models[label].base.attributes.get("config", {}))
+                for label in self.ctx.get("predictions", {})
+            },
         }
+        potentials = {}
+        if "planar_potentials" in self.ctx.dft.outputs:
+            wanted = [PRISTINE, *(vacancy_key(q) for q in self.ctx.charges)]
+            found = self.ctx.dft.outputs.planar_potentials
+            potentials = {f"{POTENTIAL_PREFIX}{k}": found[k] for k in wanted if k in found}
         outputs = analyse_charged_vacancy(
             settings=orm.Dict(settings),
             dft=self.ctx.dft_dataset,
+            **potentials,
             **self.ctx.get("predictions", {}),
             metadata={"call_link_label": "analyse"},
         )

@@ -18,6 +18,8 @@ from aiida_emlip.structures.defects import vacancy_cells
 #: Structure keys of the DFT dataset and of the model inputs.
 PRISTINE = "pristine"
 BAND_EDGES = "band_edges"
+#: Prefix of DFT's planar-averaged potentials among the analysis calcfunction's inputs.
+POTENTIAL_PREFIX = "dft_potential_"
 
 
 def vacancy_key(charge: float) -> str:
@@ -85,16 +87,22 @@ def band_edges(frames: list, key: str) -> dict[str, Any]:
 
 @calcfunction
 def analyse_charged_vacancy(
-    settings: orm.Dict, dft: EmlipDatasetData, **predictions: EmlipDatasetData
+    settings: orm.Dict, dft: EmlipDatasetData, **nodes: orm.Data
 ) -> dict[str, orm.Dict]:
     """ΔE(q), corrections, formation energies, transition levels and Δq profiles of DFT and every model.
 
     ``settings``: ``element``, ``site`` (supercell index), ``charges``, ``band_edges_key``,
     ``dielectric_constant``, ``chemical_potentials``, ``free_atom_energy`` (eV of the removed
     element's free pseudo-atom, or None), ``shell_tolerance``, ``fermi_points``.
-    ``predictions`` maps a model label to its ``emlip.evaluate`` output on the same cells.
+    ``sigmas`` (model label -> Gaussian width, Å). ``nodes``: DFT's planar-averaged potentials
+    (``POTENTIAL_PREFIX`` + configuration key, from the dataset workchain; with them the correction is
+    Freysoldt's) and, under its label, every model's ``emlip.evaluate`` output on the same cells.
     """
     values = settings.get_dict()
+    predictions = {k: v for k, v in nodes.items() if not k.startswith(POTENTIAL_PREFIX)}
+    found = {
+        k[len(POTENTIAL_PREFIX) :]: v["axes"] for k, v in nodes.items() if k.startswith(POTENTIAL_PREFIX)
+    }
     frames = dft.to_ase()
     edges = band_edges(frames, values["band_edges_key"])
     keys = {
@@ -121,7 +129,13 @@ def analyse_charged_vacancy(
         "free_atom_energy": values.get("free_atom_energy"),
         "shell_tolerance": float(values.get("shell_tolerance", 0.1)),
         "fermi_points": int(values.get("fermi_points", 201)),
+        "sigmas": values.get("sigmas") or {},
     }
+    if PRISTINE in found:
+        setup["potentials"] = {
+            "host": found[PRISTINE],
+            "defects": {q: found[vacancy_key(q)] for q in charges if vacancy_key(q) in found},
+        }
     models, skipped = {}, {"dft": notes}
     for label, node in sorted(predictions.items()):
         selected, model_notes = analysis.select_frames(node.to_ase(), keys, fallback_order=order)

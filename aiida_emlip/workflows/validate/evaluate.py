@@ -28,6 +28,16 @@ def formal_charge_heads(model: orm.Data) -> dict[str, float] | None:
     return {str(k): float(v) for k, v in (head.get("formal_charges") or {}).items()}
 
 
+def model_sigma(config: dict[str, Any]) -> float:
+    """Width (Å) of a model's Gaussian charges, from its config (the library default when unset)."""
+    electrostatics = dict(config.get("electrostatics") or {})
+    if "sigma" in electrostatics:
+        return float(electrostatics["sigma"])
+    from aiida_emlip.models.electrostatics import ElectrostaticsConfig
+
+    return float(ElectrostaticsConfig().sigma)
+
+
 def representable(symbols: list[str], total_charge: float, formal: dict[str, float] | None) -> bool:
     """Whether a model with ``formal`` charges (None: any head without them) can evaluate the structure."""
     if formal is None:

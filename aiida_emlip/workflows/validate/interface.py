@@ -25,11 +25,11 @@ from aiida_emlip.structures.interface_states import default_interface, interface
 from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain
 
 from .base import EmlipValidationWorkChain
+from .evaluate import model_sigma
 from .interface_functions import (
     analyse_interface_states,
     interface_figures,
     interface_structures,
-    model_sigma,
 )
 from .response_functions import dft_frames
 

@@ -52,16 +52,6 @@ def interface_structures(settings: orm.Dict, **interface: orm.StructureData) -> 
     }
 
 
-def model_sigma(config: dict[str, Any]) -> float:
-    """Width (Å) of a model's Gaussian charges, from its config (the library default when unset)."""
-    electrostatics = dict(config.get("electrostatics") or {})
-    if "sigma" in electrostatics:
-        return float(electrostatics["sigma"])
-    from aiida_emlip.models.electrostatics import ElectrostaticsConfig
-
-    return float(ElectrostaticsConfig().sigma)
-
-
 def grid_of(
     dft_profiles: dict[str, dict], reference, axis: int
 ) -> tuple[int, float, tuple[float, float] | None]:

@@ -212,7 +212,9 @@ def test_structure_files_relative_to_the_spec(tmp_path, monkeypatch):
     host = spec["validations"]["defect"]["host"]["atoms"]
     assert host["symbols"].count("Cl") == 4 and len(host["symbols"]) == 8
     assert spec["systems"]["host"]["structure"]["atoms"]["symbols"] == host["symbols"]
-    (folder / "spec.yaml").write_text(text.replace("host: {file: cells/nacl.xyz}", "host: {file: cells/x.xyz}"))
+    (folder / "spec.yaml").write_text(
+        text.replace("host: {file: cells/nacl.xyz}", "host: {file: cells/x.xyz}")
+    )
     with pytest.raises(SpecError) as error:
         load_spec("study/spec.yaml")
     assert "spec.yaml:10" in str(error.value) and "x.xyz" in str(error.value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,7 +18,7 @@ from aiida_emlip import schema
 from aiida_emlip.models.graph import Graph, build_graph
 from aiida_emlip.structures.geometry import min_interatomic_distance
 from aiida_emlip.training.config import ENERGY_UNITS, LENGTH_UNITS, VECTOR_ORDERS, DataConfig
-from aiida_emlip.training.errors import DataError, NonFiniteError
+from aiida_emlip.training.errors import DataError, NonFiniteError, ReferenceEnergyWarning
 
 #: Labels a structure may carry (schema keys), in the order they are stored.
 STRUCTURE_LABELS = (schema.ENERGY, schema.STRESS, schema.DIPOLE, schema.FERMI_LEVEL, schema.POLARIZABILITY)
@@ -224,7 +225,13 @@ def split(samples: list[Sample], fractions: Sequence[float], seed: int) -> list[
 
 
 def fit_reference_energies(samples: Sequence[Sample], elements: Sequence[str]) -> np.ndarray:
-    """Per-element E0 (eV) by least squares of E ≈ Σ_Z n_Z E0_Z over structures with energies."""
+    """Per-element E0 (eV) by least squares of E ≈ Σ_Z n_Z E0_Z over structures with energies.
+
+    When the compositions do not determine every E0 (one stoichiometry throughout, or an element
+    absent from these samples), the least-squares values would be arbitrary: a
+    :class:`ReferenceEnergyWarning` says so, and the elements that cannot be resolved get the mean
+    energy per atom of the samples instead (every element when the present ones are not determined).
+    """
     index = {e: i for i, e in enumerate(elements)}
     rows, energies = [], []
     for s in samples:
@@ -237,7 +244,35 @@ def fit_reference_energies(samples: Sequence[Sample], elements: Sequence[str]) -
         energies.append(float(s.labels[schema.ENERGY]))
     if not rows:
         return np.zeros(len(elements))
-    solution, *_ = np.linalg.lstsq(np.array(rows), np.array(energies), rcond=None)
+    matrix, target = np.array(rows), np.array(energies)
+    per_atom = float(np.mean(target / matrix.sum(axis=1)))
+    present = matrix.any(axis=0)
+    n_present = int(present.sum())
+    rank = int(np.linalg.matrix_rank(matrix[:, present]))
+    solution = np.full(len(elements), per_atom)
+    problems = []
+    if rank == n_present:
+        solution[present], *_ = np.linalg.lstsq(matrix[:, present], target, rcond=None)
+    else:
+        problems.append(
+            f"the compositions determine only {rank} of the {n_present} elements' E0, so every element "
+            f"gets the mean energy per atom ({per_atom:.4f} eV)"
+        )
+    absent = [e for e, p in zip(elements, present) if not p]
+    if absent:
+        problems.append(
+            f"no training structure contains {', '.join(absent)}: E0 = the mean energy per atom "
+            f"({per_atom:.4f} eV)"
+        )
+    if problems:
+        warnings.warn(
+            "data.reference_energies 'fit': "
+            + "; ".join(problems)
+            + ". Give data.reference_energies {element: eV} (e.g. isolated-atom energies) for "
+            "transferable E0.",
+            ReferenceEnergyWarning,
+            stacklevel=2,
+        )
     return solution
 
 

@@ -18,6 +18,10 @@ class ExitCode(IntEnum):
     OUT_OF_MEMORY = 7  # the host or the GPU ran out of memory (lower data.batch_size)
 
 
+class ReferenceEnergyWarning(UserWarning):
+    """``reference_energies: fit`` could not determine every element's E0 and fell back (see the message)."""
+
+
 class TrainingError(Exception):
     """Base class; ``exit_code`` says how the command line tools exit."""
 

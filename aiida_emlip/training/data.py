@@ -227,10 +227,11 @@ def split(samples: list[Sample], fractions: Sequence[float], seed: int) -> list[
 def fit_reference_energies(samples: Sequence[Sample], elements: Sequence[str]) -> np.ndarray:
     """Per-element E0 (eV) by least squares of E ≈ Σ_Z n_Z E0_Z over structures with energies.
 
-    When the compositions do not determine every E0 (one stoichiometry throughout, or an element
-    absent from these samples), the least-squares values would be arbitrary: a
-    :class:`ReferenceEnergyWarning` says so, and the elements that cannot be resolved get the mean
-    energy per atom of the samples instead (every element when the present ones are not determined).
+    The fit is made around the mean energy per atom (minimum-norm deviation), so that when the
+    compositions do not determine every E0 (one stoichiometry throughout, or an element absent from
+    these samples) the undetermined part stays at the mean energy per atom instead of an arbitrary
+    value; a :class:`ReferenceEnergyWarning` then says so. With determined compositions this is the
+    ordinary least-squares fit.
     """
     index = {e: i for i, e in enumerate(elements)}
     rows, energies = [], []
@@ -245,24 +246,26 @@ def fit_reference_energies(samples: Sequence[Sample], elements: Sequence[str]) -
     if not rows:
         return np.zeros(len(elements))
     matrix, target = np.array(rows), np.array(energies)
-    per_atom = float(np.mean(target / matrix.sum(axis=1)))
+    n_atoms = matrix.sum(axis=1)
+    per_atom = float(np.mean(target / n_atoms))
+    # least squares around the mean energy per atom: the minimum-norm deviation leaves every direction
+    # the compositions do not determine (and every absent element) at the mean energy per atom
+    deviation, *_ = np.linalg.lstsq(matrix, target - per_atom * n_atoms, rcond=None)
+    solution = per_atom + deviation
     present = matrix.any(axis=0)
     n_present = int(present.sum())
     rank = int(np.linalg.matrix_rank(matrix[:, present]))
-    solution = np.full(len(elements), per_atom)
     problems = []
-    if rank == n_present:
-        solution[present], *_ = np.linalg.lstsq(matrix[:, present], target, rcond=None)
-    else:
+    if rank < n_present:
         problems.append(
-            f"the compositions determine only {rank} of the {n_present} elements' E0, so every element "
-            f"gets the mean energy per atom ({per_atom:.4f} eV)"
+            f"the compositions determine only {rank} combination(s) of the {n_present} elements' E0 "
+            f"(the rest is set by the mean energy per atom, {per_atom:.4f} eV)"
         )
     absent = [e for e, p in zip(elements, present) if not p]
     if absent:
         problems.append(
-            f"no training structure contains {', '.join(absent)}: E0 = the mean energy per atom "
-            f"({per_atom:.4f} eV)"
+            f"no training structure contains {', '.join(absent)} (E0 = the mean energy per atom, "
+            f"{per_atom:.4f} eV)"
         )
     if problems:
         warnings.warn(

@@ -48,12 +48,6 @@ def radial_density(upf_text: str) -> tuple[np.ndarray, np.ndarray]:
     return r, rho
 
 
-def _grid_points(shape: tuple[int, int, int], cell: np.ndarray) -> np.ndarray:
-    axes = [np.arange(n) / n for n in shape]
-    frac = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
-    return frac @ cell
-
-
 def hirshfeld(
     density: np.ndarray,
     cell: np.ndarray,
@@ -71,38 +65,32 @@ def hirshfeld(
     """
     bohr = schema.BOHR_IN_A
     volume = abs(np.linalg.det(cell))
-    points = _grid_points(density.shape, cell)  # Å
     rho = density.reshape(-1).astype(float)
     dv = volume / rho.size / bohr**3  # bohr³ per point
     rho = rho * (n_electrons / (rho.sum() * dv))
     heights = volume / np.linalg.norm(np.cross(cell[[1, 2, 0]], cell[[2, 0, 1]]), axis=1)
-    reps = [int(np.ceil(CUTOFF / h)) for h in heights]
-    shifts = (
-        np.array(
-            [
-                [i, j, k]
-                for i in range(-reps[0], reps[0] + 1)
-                for j in range(-reps[1], reps[1] + 1)
-                for k in range(-reps[2], reps[2] + 1)
-            ],
-            dtype=float,
-        )
-        @ cell
-    )
+    shape = np.array(density.shape)
     n_atoms = len(symbols)
     weights = np.zeros((n_atoms, rho.size))
     moments = np.zeros((n_atoms, rho.size, 3))
-    for i, (symbol, position) in enumerate(zip(symbols, positions)):
+    fractional = np.linalg.solve(cell.T, np.asarray(positions, dtype=float).T).T
+    for i, symbol in enumerate(symbols):
         r_grid, rho_free = free_atoms[symbol]
-        for shift in shifts:
-            delta = points - (position + shift)  # Å
-            dist = np.linalg.norm(delta, axis=1)
-            near = dist < CUTOFF
-            if not near.any():
-                continue
-            value = np.interp(dist[near] / bohr, r_grid, rho_free, right=0.0)
-            weights[i, near] += value
-            moments[i, near] += value[:, None] * delta[near]
+        # every grid point of every periodic image within CUTOFF: the unwrapped grid indices of the box
+        # around the atom (each index is one grid point in one image), wrapped for the accumulation
+        low = np.floor((fractional[i] - CUTOFF / heights) * shape).astype(int)
+        high = np.ceil((fractional[i] + CUTOFF / heights) * shape).astype(int)
+        index = np.stack(
+            np.meshgrid(*[np.arange(lo, hi + 1) for lo, hi in zip(low, high)], indexing="ij"), axis=-1
+        ).reshape(-1, 3)
+        delta = (index / shape) @ cell - positions[i]  # Å
+        dist = np.linalg.norm(delta, axis=1)
+        near = dist < CUTOFF
+        wrapped = np.ravel_multi_index(tuple((index[near] % shape).T), tuple(shape))
+        value = np.interp(dist[near] / bohr, r_grid, rho_free, right=0.0)
+        weights[i] = np.bincount(wrapped, value, minlength=rho.size)
+        for axis in range(3):
+            moments[i, :, axis] = np.bincount(wrapped, value * delta[near, axis], minlength=rho.size)
     total = weights.sum(axis=0)
     valid = total > FLOOR
     share = np.zeros_like(weights)

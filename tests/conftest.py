@@ -6,7 +6,8 @@ session. Neither the user's ``~/.aiida`` nor the project's ``.aiida`` demo profi
 
 ``pw_code`` and ``pseudo_family`` are session-scoped nodes of that profile: a test that empties the
 storage (``aiida_profile_clean``) deletes them for every later test, so do not combine the two.
-Markers: ``pw`` tests are skipped without ``pw.x``, ``cuda`` tests without a CUDA device.
+Markers: ``pw`` tests are skipped without ``pw.x`` (under ``CI=true`` the run fails instead),
+``cuda`` tests without a CUDA device.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ atexit.register(shutil.rmtree, _AIIDA_TMP, ignore_errors=True)
 
 pytest_plugins = ["aiida.tools.pytest_fixtures"]
 
-PW_EXE = shutil.which("pw.x") or "/usr/bin/pw.x"
+#: pw.x of the tests (``EMLIP_TEST_PW_X`` overrides the search, e.g. to check the CI rule below)
+PW_EXE = os.environ.get("EMLIP_TEST_PW_X") or shutil.which("pw.x") or "/usr/bin/pw.x"
 LD1_EXE = shutil.which("ld1.x") or "/usr/bin/ld1.x"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,6 +52,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     need_cuda = any(item.get_closest_marker("cuda") for item in items)
     no_cuda = need_cuda and not _cuda_available()
     no_pw = not Path(PW_EXE).is_file()
+    in_ci = os.environ.get("CI", "").lower() == "true"
+    if no_pw and in_ci and any(item.get_closest_marker("pw") for item in items):
+        # in CI the real pw.x tests are the point: a missing Quantum ESPRESSO fails the run, never skips
+        pytest.exit(f"CI=true but pw.x is missing ({PW_EXE}): install quantum-espresso", returncode=1)
     for item in items:
         if no_cuda and item.get_closest_marker("cuda"):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device (torch.cuda is not available)"))

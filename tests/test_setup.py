@@ -111,3 +111,21 @@ def test_existing_profile_option(cli_aiida_path: Path, emlip_cli) -> None:
     proc = emlip_cli("setup", "--profile", PROFILE_NAME, env={"AIIDA_PATH": str(cli_aiida_path)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "profile   emlip" in proc.stdout and ": created" not in proc.stdout
+
+
+def test_ci_fails_rather_than_skips_without_pw(tmp_path):
+    """Under CI=true a missing pw.x stops the test run with an error instead of skipping its tests."""
+    import subprocess
+
+    test_file = Path(__file__).parent / "test_qe_conventions.py"
+    env = {**os.environ, "CI": "true", "EMLIP_TEST_PW_X": str(tmp_path / "no-pw.x")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--co", str(test_file)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).parent.parent,
+        timeout=300,
+    )
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    assert "CI=true but pw.x is missing" in proc.stdout + proc.stderr

@@ -218,3 +218,20 @@ def test_structure_files_relative_to_the_spec(tmp_path, monkeypatch):
     with pytest.raises(SpecError) as error:
         load_spec("study/spec.yaml")
     assert "spec.yaml:10" in str(error.value) and "x.xyz" in str(error.value)
+
+
+def test_example_studies_parse():
+    """The example studies under examples/studies are valid specs (with their structure files)."""
+    from pathlib import Path
+
+    from aiida_emlip.spec import load_spec
+
+    folder = Path(__file__).resolve().parent.parent / "examples" / "studies"
+    specs = sorted(folder.glob("*.yaml"))
+    assert specs
+    for path in specs:
+        spec = load_spec(path)
+        assert spec["validations"] and spec["designs"]
+    quartz = load_spec(folder / "quartz_vacancy.yaml")
+    assert quartz["validations"]["defect"]["charge_states"] == [0, 1, 2]
+    assert len(quartz["validations"]["defect"]["host"]["atoms"]["symbols"]) == 9

@@ -45,9 +45,14 @@ def test_training_lowers_validation_loss(tmp_path, head):
     assert metrics["test"]["energy"]["all"]["count"] >= 1
 
 
-def test_outputs_and_reference_energies(tmp_path):
+def test_outputs_and_reference_energies(tmp_path, capsys):
     trainer = Trainer(make_config(tmp_path, "charges", epochs=2))
     metrics = trainer.run()
+    log = capsys.readouterr()
+    stages = [line for line in (log.out + log.err).splitlines() if "stage 0 " in line]
+    # a head that does not iterate has no SCF mode to report
+    assert stages and all("epochs" in line and "scf_mode" not in line for line in stages), stages
+    assert metrics["scf"]["test_convergence"] == {}
     run = tmp_path / "run"
     for name in (
         "model.safetensors",
@@ -339,6 +344,10 @@ def test_self_consistent_modes_teacher_student(tmp_path, head):
     drift = metrics["scf"]["drift"]
     assert drift is not None and drift["trained_mode"] == "implicit"
     assert 0.0 <= drift["converged_fraction"] <= 1.0 and "charges_rms_drift" in drift
+    tested = metrics["scf"]["test_convergence"]  # summed and mean iterations, each named so
+    assert tested["structures"] == metrics["sizes"]["test"]
+    assert tested["iterations_mean"] == pytest.approx(tested["iterations_total"] / tested["structures"])
+    assert tested["iterations_mean"] >= 1.0
 
 
 def test_formal_charge_head_on_charged_data_is_bad_input(tmp_path, capsys):

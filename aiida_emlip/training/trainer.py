@@ -337,9 +337,8 @@ class Trainer:
                 if stage.lr is not None:
                     for group in self.optimizer.param_groups:
                         group["lr"] = stage.lr * pos.lr_scale
-                self.progress.log(
-                    f"stage {pos.stage} '{stage.name}': {stage.epochs} epochs, scf_mode {stage.scf_mode}"
-                )
+                mode = f", scf_mode {stage.scf_mode}" if self._self_consistent() else ""
+                self.progress.log(f"stage {pos.stage} '{stage.name}': {stage.epochs} epochs{mode}")
             if pos.epoch_in_stage >= stage.epochs:
                 pos.stage += 1
                 pos.epoch_in_stage = 0
@@ -535,7 +534,7 @@ class Trainer:
             ),
             "valid": valid_table.summary(),
             "test": test_table.summary(),
-            "scf": {"test_convergence": scf, "drift": drift},
+            "scf": {"test_convergence": _convergence_summary(scf), "drift": drift},
             "loss_weights": {
                 stage.name: {q: w for q, w in self.weights(i).items() if w > 0}
                 for i, stage in enumerate(cfg.stages)
@@ -546,6 +545,12 @@ class Trainer:
         if self.world.is_main:
             self._write_outputs(metrics, test_table)
         return metrics
+
+    def _self_consistent(self) -> bool:
+        """Whether the head iterates (only then does a stage's ``scf_mode`` mean anything)."""
+        head = self.model.config.head
+        name = head.get("name") if isinstance(head, dict) else getattr(head, "name", None)
+        return name == "scf"
 
     def scf_drift(self, samples: list[Sample], trained_mode: str) -> dict[str, Any] | None:
         """How far the converged density (inference, from the local guess) is from the trained one.
@@ -615,3 +620,15 @@ class Trainer:
         self.save()
         self.progress.log(f"wrote {model_path}, metrics.json, learning_curve.csv")
         self.progress.log(table)
+
+
+def _convergence_summary(scf: dict[str, Any]) -> dict[str, Any]:
+    """SCF statistics of the test split: structures, converged, total and mean iterations (named so)."""
+    if not scf or not scf.get("structures"):
+        return {}
+    return {
+        "structures": scf["structures"],
+        "converged": scf["converged"],
+        "iterations_total": scf["iterations"],
+        "iterations_mean": scf["iterations"] / scf["structures"],
+    }

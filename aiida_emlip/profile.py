@@ -4,7 +4,8 @@ By default everything lives in an isolated, project-local AiiDA configuration di
 (``<project>/.aiida``) holding one SQLite profile (``core.sqlite_dos``, no broker) named
 :data:`PROFILE_NAME`, so that a user's own ``~/.aiida`` is never read or written. An ``AIIDA_PATH``
 already set in the environment is respected. ``--profile NAME`` selects an existing profile instead
-(e.g. a PostgreSQL + RabbitMQ one); it is never created.
+(e.g. a PostgreSQL + RabbitMQ one); it is never created, except by ``aiida-emlip setup --services``,
+which creates the PostgreSQL + RabbitMQ profile :data:`SERVICES_PROFILE_NAME` (or ``--profile NAME``).
 
 AiiDA fixes its configuration directory when :mod:`aiida` is first imported, so :func:`select_profile`
 must run before anything imports :mod:`aiida` (the CLI imports it lazily for this reason).
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
 
 PROFILE_NAME = "emlip"
 """Name of the isolated profile that ``aiida-emlip setup`` creates."""
+SERVICES_PROFILE_NAME = "emlip-services"
+"""Name of the PostgreSQL + RabbitMQ profile that ``aiida-emlip setup --services`` creates."""
 
 DEFAULT_EMAIL = "emlip@localhost"
 AIIDA_PATH_VAR = "AIIDA_PATH"
@@ -96,6 +99,20 @@ def profiles_in(config_dir: Path) -> list[str]:
     return sorted(data.get("profiles", {}))
 
 
+def default_config_dir() -> Path:
+    """Where aiida-emlip creates its profiles: ``AIIDA_PATH``'s directory, else the project's."""
+    env_value = os.environ.get(AIIDA_PATH_VAR)
+    return resolve_aiida_path(env_value) if env_value else project_config_dir()
+
+
+def candidate_config_dirs() -> list[Path]:
+    """Where ``--profile NAME`` is looked up: ``AIIDA_PATH``'s directory, else the project's, ``~/.aiida``."""
+    env_value = os.environ.get(AIIDA_PATH_VAR)
+    if env_value:
+        return [resolve_aiida_path(env_value)]
+    return [project_config_dir(), (Path("~").expanduser() / CONFIG_DIR_NAME).resolve()]
+
+
 def select_profile(profile: str | None = None) -> ProfileTarget:
     """Decide which profile to use and point ``AIIDA_PATH`` at its configuration directory.
 
@@ -103,15 +120,10 @@ def select_profile(profile: str | None = None) -> ProfileTarget:
     :raises ProfileNotFoundError: ``profile`` is given but exists in none of the searched directories;
         nothing is created anywhere in that case.
     """
-    env_value = os.environ.get(AIIDA_PATH_VAR)
     if profile is None:
-        config_dir = resolve_aiida_path(env_value) if env_value else project_config_dir()
-        target = ProfileTarget(PROFILE_NAME, config_dir, isolated=True)
+        target = ProfileTarget(PROFILE_NAME, default_config_dir(), isolated=True)
     else:
-        if env_value:
-            candidates = [resolve_aiida_path(env_value)]
-        else:
-            candidates = [project_config_dir(), (Path("~").expanduser() / CONFIG_DIR_NAME).resolve()]
+        candidates = candidate_config_dirs()
         found = next((c for c in candidates if profile in profiles_in(c)), None)
         if found is None:
             lines = [f"AiiDA profile '{profile}' does not exist. Looked in:"]
@@ -126,6 +138,51 @@ def select_profile(profile: str | None = None) -> ProfileTarget:
         target = ProfileTarget(profile, found, isolated=False)
     activate_config_dir(target.config_dir)
     return target
+
+
+def select_services_profile(profile: str | None = None) -> ProfileTarget:
+    """The PostgreSQL + RabbitMQ profile of ``setup --services``: found where ``--profile`` looks, else new.
+
+    A profile of that name that exists is reused from its directory; otherwise it will be created in
+    :func:`default_config_dir`, beside the isolated profile.
+    """
+    name = profile or SERVICES_PROFILE_NAME
+    found = next((c for c in candidate_config_dirs() if name in profiles_in(c)), None)
+    target = ProfileTarget(name, found or default_config_dir(), isolated=False)
+    activate_config_dir(target.config_dir)
+    return target
+
+
+def profile_backends(config_dir: Path, name: str) -> tuple[str | None, str | None]:
+    """Storage and broker backends of profile ``name`` in ``config_dir/config.json`` (without aiida)."""
+    try:
+        data = json.loads((config_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None, None
+    profile = data.get("profiles", {}).get(name, {})
+    storage = profile.get("storage", {}).get("backend")
+    broker = (profile.get("process_control") or {}).get("backend")
+    return storage, broker
+
+
+def daemon_problem(storage_backend: str | None, broker_backend: str | None, name: str) -> str | None:
+    """Why profile ``name`` cannot run the daemon, or ``None``: SQLite storage or no broker.
+
+    SQLite serialises writers: several daemon workers writing at once get "database is locked".
+    """
+    fix = "run `aiida-emlip setup --services` (PostgreSQL + RabbitMQ) and use `--profile emlip-services`"
+    if storage_backend is not None and storage_backend.startswith("core.sqlite"):
+        return (
+            f"profile {name!r} stores its data in SQLite ({storage_backend}), which does not take the "
+            'concurrent writes of daemon workers (they fail with "database is locked"). Run without '
+            f"--daemon (the work runs in this shell), or {fix}."
+        )
+    if broker_backend is None:
+        return (
+            f"profile {name!r} has no broker, so it has no daemon: run without --daemon (the work runs in "
+            f"this shell), or {fix}."
+        )
+    return None
 
 
 def activate_config_dir(config_dir: Path) -> None:

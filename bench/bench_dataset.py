@@ -6,9 +6,9 @@
 2. Daemon: wall time of the same workchain submitted to a daemon with two workers
    (``max_concurrent=N``) relative to the serial run. Target ≤ 0.6.
 
-Everything runs in a throw-away profile (``core.psql_dos`` on this machine's PostgreSQL with
-a fresh database and user, RabbitMQ broker, under a temporary ``AIIDA_PATH``); the profile, database
-and user are dropped at the end.
+Everything runs in a throw-away profile made as ``aiida-emlip setup --services`` makes one
+(``core.psql_dos`` on this machine's PostgreSQL with a fresh database and user, RabbitMQ broker, under
+a temporary ``AIIDA_PATH``); the profile, database and user are dropped at the end.
 
 Usage: ``python bench/bench_dataset.py [--n 20] [--workers 2] [--no-daemon] [--json out.json]``.
 """
@@ -25,6 +25,8 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+
+import services_profile
 
 WORK = Path(tempfile.mkdtemp(prefix="emlip-bench-"))
 os.environ["AIIDA_PATH"] = str(WORK)
@@ -43,129 +45,24 @@ CHEAP = {
 }
 
 
-def verdi(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run ``verdi`` in the benchmark's AIIDA_PATH."""
-    exe = str(Path(sys.executable).with_name("verdi"))
-    cmd = [exe, *args] if args[:2] == ("profile", "setup") else [exe, "-p", PROFILE, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, check=check, env=os.environ.copy())
+def verdi(*args: str) -> subprocess.CompletedProcess[str]:
+    """``verdi -p PROFILE ARGS`` in the benchmark's AIIDA_PATH."""
+    return services_profile.verdi(PROFILE, *args)
 
 
-def psql(sql: str) -> None:
-    """Run one SQL statement as the ``postgres`` superuser (trust authentication on 127.0.0.1)."""
-    subprocess.run(
-        ["psql", "-h", "127.0.0.1", "-U", "postgres", "-v", "ON_ERROR_STOP=1", "-c", sql],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+def create_profile():
+    """The throw-away ``core.psql_dos`` + RabbitMQ profile with pw.x and an H/O family; (code, family).
 
-
-def create_profile() -> None:
-    """A throw-away PostgreSQL database and a ``core.psql_dos`` profile with the RabbitMQ broker."""
-    name = PROFILE.replace("-", "_")
-    psql(f"CREATE USER {name} WITH PASSWORD '{name}'")
-    psql(
-        f"CREATE DATABASE {name} OWNER {name} ENCODING 'UTF8' LC_COLLATE 'C.UTF-8' LC_CTYPE 'C.UTF-8' "
-        "TEMPLATE template0"
-    )
-    proc = verdi(
-        "profile",
-        "setup",
-        "core.psql_dos",
-        "--non-interactive",
-        "--profile-name",
-        PROFILE,
-        "--email",
-        "bench@emlip.local",
-        "--first-name",
-        "bench",
-        "--last-name",
-        "emlip",
-        "--institution",
-        "emlip",
-        "--broker",
-        "core.rabbitmq",
-        "--database-hostname",
-        "127.0.0.1",
-        "--database-port",
-        "5432",
-        "--database-username",
-        name,
-        "--database-password",
-        name,
-        "--database-name",
-        name,
-        "--repository-uri",
-        f"file://{WORK / 'repository'}",
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise SystemExit(f"verdi profile setup failed:\n{proc.stdout}\n{proc.stderr}")
-    computer = verdi(
-        "computer",
-        "setup",
-        "--non-interactive",
-        "--label",
-        "localhost",
-        "--hostname",
-        "localhost",
-        "--transport",
-        "core.local",
-        "--scheduler",
-        "core.direct",
-        "--work-dir",
-        str(WORK / "work"),
-        "--mpiprocs-per-machine",
-        "1",
-        check=False,
-    )
-    if computer.returncode != 0:
-        raise SystemExit(f"verdi computer setup failed:\n{computer.stdout}\n{computer.stderr}")
-    verdi("computer", "configure", "core.local", "localhost", "--non-interactive", "--safe-interval", "0")
-    # A parent learns that a child finished from a RabbitMQ broadcast or, failing that, by polling every
-    # runner.poll.interval (default 60 s). Here the broadcasts did not wake the parents; poll every 1 s
-    # as `verdi presto` configures.
-    verdi("config", "set", "runner.poll.interval", str(POLL_INTERVAL))
+    ``runner.poll.interval`` is set from ``--poll-interval``: a parent learns that a child finished from
+    a RabbitMQ broadcast or, failing that, by polling (AiiDA's default: every 60 s); processes run with
+    ``run()`` here were not woken by the broadcasts.
+    """
+    return services_profile.make_profile(PROFILE, PW, WORK / "pseudos", ["H", "O"], POLL_INTERVAL)
 
 
 def delete_profile() -> None:
-    """Stop the daemon, delete the profile, drop its database and user, remove the files."""
-    verdi("daemon", "stop", check=False)
-    verdi("profile", "delete", "--delete-data", "--force", PROFILE, check=False)
-    name = PROFILE.replace("-", "_")
-    try:
-        from aiida.manage import get_manager
-
-        get_manager().unload_profile()
-    except Exception as error:  # the profile may never have been loaded
-        print(f"cleanup: unload profile: {error}", file=sys.stderr)
-    for sql in (f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", f"DROP USER IF EXISTS {name}"):
-        try:
-            psql(sql)
-        except subprocess.CalledProcessError as error:
-            print(f"cleanup: {sql} failed: {error.stderr}", file=sys.stderr)
-    shutil.rmtree(WORK, ignore_errors=True)
-
-
-def setup_codes():
-    """localhost computer, pw.x code and an H/O pseudo family in the benchmark profile."""
-    from aiida import load_profile, orm
-
-    load_profile(PROFILE, allow_switch=True)
-    from aiida_emlip.pseudos.family import FAMILY_LABEL, install_family
-
-    computer = orm.load_computer("localhost")
-    computer.set_minimum_job_poll_interval(0.0)
-    computer.configure(safe_interval=0.0)
-    code = orm.InstalledCode(
-        computer=computer,
-        filepath_executable=PW,
-        label="pw",
-        default_calc_job_plugin="quantumespresso.pw",
-        with_mpi=False,
-    ).store()
-    family = install_family(WORK / "pseudos", label=FAMILY_LABEL, elements=["H", "O"])
-    return code, family
+    """Stop the daemon, delete the profile, its database and user, remove the files."""
+    services_profile.delete_profile(PROFILE, WORK)
 
 
 def configurations(n: int):
@@ -230,7 +127,7 @@ def run_local(code, family, dataset, max_concurrent: int = 1) -> tuple[float, ob
 def run_daemon(code, family, dataset, workers: int) -> tuple[float, object]:
     from aiida.engine import submit
 
-    started = verdi("daemon", "start", str(workers), check=False)
+    started = verdi("daemon", "start", str(workers))
     if started.returncode != 0:
         raise RuntimeError(f"verdi daemon start failed:\n{started.stdout}\n{started.stderr}")
     try:
@@ -240,7 +137,7 @@ def run_daemon(code, family, dataset, workers: int) -> tuple[float, object]:
             time.sleep(0.5)
         wall = time.perf_counter() - start
     finally:
-        verdi("daemon", "stop", check=False)
+        verdi("daemon", "stop")
     assert node.is_finished_ok, node.exit_message
     return wall, node
 
@@ -256,8 +153,7 @@ def main() -> None:
     global POLL_INTERVAL
     POLL_INTERVAL = args.poll_interval
     try:
-        create_profile()
-        code, family = setup_codes()
+        code, family = create_profile()
         dataset = configurations(args.n)
         wall_serial, node = run_local(code, family, dataset, 1)
         bare, walls = bare_pw_time(node)

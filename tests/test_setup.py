@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
+from services_helpers import require_services
 
 from aiida_emlip.profile import PROFILE_NAME, ProfileNotFoundError, resolve_aiida_path, select_profile
 
@@ -111,6 +114,80 @@ def test_existing_profile_option(cli_aiida_path: Path, emlip_cli) -> None:
     proc = emlip_cli("setup", "--profile", PROFILE_NAME, env={"AIIDA_PATH": str(cli_aiida_path)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "profile   emlip" in proc.stdout and ": created" not in proc.stdout
+
+
+def test_services_options_need_the_flag(tmp_path: Path, emlip_cli) -> None:
+    """The connection options belong to --services: a usage error without it, and nothing is created."""
+    aiida_path = tmp_path / "aiida"
+    proc = emlip_cli("setup", "--db-port", "5999", env={"AIIDA_PATH": str(aiida_path)})
+    assert proc.returncode == 2 and "--db-port need --services" in proc.stderr
+    assert not aiida_path.exists()
+
+
+def test_services_unreachable(tmp_path: Path, emlip_cli) -> None:
+    """Neither service answers (closed ports): exit 3, what to run for each, nothing created or installed."""
+    aiida_path = tmp_path / "aiida"
+    args = ("setup", "--services", "--db-port", "1", "--broker-port", "2")
+    proc = emlip_cli(*args, env={"AIIDA_PATH": str(aiida_path)})
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "PostgreSQL is not reachable at 127.0.0.1:1." in proc.stderr
+    assert "RabbitMQ is not reachable at 127.0.0.1:2." in proc.stderr
+    assert "service postgresql start" in proc.stderr or "apt-get install -y postgresql" in proc.stderr
+    assert "Nothing was created" in proc.stderr and "Traceback" not in proc.stderr
+    assert "$ " not in proc.stdout  # no command was run: installing needs --install-services
+    assert not aiida_path.exists()
+
+
+def _delete_services_profile(aiida_path: Path, name: str) -> None:
+    code = (
+        "from aiida_emlip.profile import select_services_profile\n"
+        "from aiida_emlip.services.profile import delete_services_profile\n"
+        f"delete_services_profile(select_services_profile({name!r}).name)\n"
+    )
+    env = {**os.environ, "AIIDA_PATH": str(aiida_path)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.daemon
+def test_services_profile_created_then_reused(cli_aiida_path: Path, emlip_cli, tmp_path: Path) -> None:
+    """With the services: a psql_dos + RabbitMQ profile with the SQLite profile's set-up, then reused."""
+    require_services()
+    name = f"emlip-test-{uuid.uuid4().hex[:6]}"
+    env = {"AIIDA_PATH": str(cli_aiida_path)}
+    try:
+        first = emlip_cli("setup", "--services", "--profile", name, env=env)
+        assert first.returncode == 0, first.stdout + first.stderr
+        config = json.loads((cli_aiida_path / "config.json").read_text())["profiles"][name]
+        assert config["storage"]["backend"] == "core.psql_dos"
+        assert config["process_control"]["backend"] == "core.rabbitmq"
+        assert config["storage"]["config"]["database_name"].startswith("emlip_emlip_test_")
+        assert f"profile   {name} (core.psql_dos, core.rabbitmq)" in first.stdout
+        assert "created (database locale " in first.stdout
+        assert f"verdi -p {name} daemon start 2" in first.stdout
+        second = emlip_cli("setup", "--services", "--profile", name, env=env)
+        assert second.returncode == 0, second.stdout + second.stderr
+        lines = [
+            line
+            for line in second.stdout.splitlines()
+            if line.split()[0] in ("profile", "computer", "code", "pseudos")
+        ]
+        # the same computer, codes and family as the SQLite profile's set-up, all reused now
+        assert [line.split()[0] for line in lines] == ["profile", "computer", *["code"] * 6, "pseudos"]
+        assert all(line.endswith(": reused") for line in lines), second.stdout
+        doctor = emlip_cli("doctor", "--profile", name, env=env)
+        assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+        assert "core.psql_dos" in doctor.stdout and "core.rabbitmq reachable" in doctor.stdout
+        consumer = next(line for line in doctor.stdout.splitlines() if "] consumer" in line)
+        assert "consumer_timeout" in consumer
+        # the daemon path accepts this profile: launch goes on to check the spec (and stops there)
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("name: x\n")
+        launch = emlip_cli("launch", str(bad), "--daemon", "--profile", name, env=env)
+        assert launch.returncode == 1 and "SQLite" not in launch.stderr and "bad.yaml" in launch.stderr
+    finally:
+        _delete_services_profile(cli_aiida_path, name)
+    assert name not in json.loads((cli_aiida_path / "config.json").read_text())["profiles"]
 
 
 def test_ci_fails_rather_than_skips_without_pw(tmp_path):

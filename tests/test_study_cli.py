@@ -3,10 +3,15 @@ reproduce into a fresh profile from the cache; and the user's mistakes as messag
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from services_helpers import require_services
 from study_helpers import TINY_SPEC, chromium, console_errors, render_in_chromium
 
 pytestmark = pytest.mark.pw
@@ -53,9 +58,52 @@ def test_launch_refuses_a_bad_spec_before_creating_anything(cli_aiida_path, emli
     _refused(emlip_cli("status", "999999", env=env), "no node 999999")
     good = tmp_path / "good.yaml"
     good.write_text(TINY_SPEC)
-    _refused(emlip_cli("launch", str(good), "--daemon", env=env), "has no broker")
+    # the daemon path refuses SQLite (concurrent workers: "database is locked") before the spec is read
+    _refused(
+        emlip_cli("launch", str(good), "--daemon", env=env),
+        "SQLite",
+        "database is locked",
+        "aiida-emlip setup --services",
+    )
     _refused(emlip_cli("report", "1", env=env), "not a study")
     assert "Studies (0)" in _ok(emlip_cli("list", "studies", env=env))  # nothing was stored
+
+
+def test_daemon_refuses_sqlite_with_a_broker(tmp_path, emlip_cli):
+    """An SQLite profile with a broker (as `verdi presto` makes) could start a daemon: launch refuses it."""
+    require_services()
+    env = {"AIIDA_PATH": str(tmp_path / "aiida")}
+    verdi = Path(sys.executable).with_name("verdi")
+    made = subprocess.run(
+        [str(verdi), "presto", "--profile-name", "presto-sqlite"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        check=False,
+    )
+    assert made.returncode == 0, made.stdout + made.stderr
+    config = json.loads((tmp_path / "aiida" / ".aiida" / "config.json").read_text())["profiles"][
+        "presto-sqlite"
+    ]
+    assert config["storage"]["backend"] == "core.sqlite_dos"
+    assert config["process_control"]["backend"] == "core.rabbitmq"
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(TINY_SPEC)
+    text = _refused(
+        emlip_cli("launch", str(spec), "--daemon", "--profile", "presto-sqlite", env=env),
+        "'presto-sqlite' stores its data in SQLite",
+        "database is locked",
+        "aiida-emlip setup --services",
+    )
+    assert "has no broker" not in text
+    count = (
+        "from aiida import load_profile, orm; load_profile('presto-sqlite'); "
+        "print(orm.QueryBuilder().append(orm.Node).count())"
+    )
+    nodes = subprocess.run(
+        [sys.executable, "-c", count], capture_output=True, text=True, env={**os.environ, **env}, check=True
+    )
+    assert nodes.stdout.split()[-1] == "0", nodes.stdout  # nothing was stored
 
 
 def test_status_list_and_report(study, emlip_cli, tmp_path):

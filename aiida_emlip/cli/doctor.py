@@ -1,7 +1,8 @@
 """``aiida-emlip doctor``: report what is installed and configured, and how to fix what is missing.
 
 Doctor only reads: it never creates the profile (it does not even import :mod:`aiida` for a profile
-that does not exist yet), and it only *reports* the broker, which SQLite profiles do not need.
+that does not exist yet), and it only *reports* the broker, which SQLite profiles do not need. With a
+RabbitMQ broker it also reports the broker's ``consumer_timeout``, which ends long daemon processes.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import re
 import socket
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -25,6 +27,7 @@ from aiida_emlip.cli.options import (
     target_or_exit,
 )
 from aiida_emlip.profile import ProfileTarget, profiles_in
+from aiida_emlip.services.consumer_timeout import ConsumerTimeout, raise_fix, read_consumer_timeout
 
 SETUP_FIX = "aiida-emlip setup"
 QE_FIX = f"apt-get install -y {QE_PACKAGE}   (or: aiida-emlip setup --pw /path/to/pw.x)"
@@ -123,6 +126,18 @@ def broker_reachable(config: dict, timeout: float = 2.0) -> bool:
         return False
 
 
+def check_consumer_timeout(
+    report: Report, host: str, read: Callable[[str], ConsumerTimeout] = read_consumer_timeout
+) -> None:
+    """Report RabbitMQ's consumer_timeout: a note, with how to raise it, unless it is off or a day or more."""
+    timeout = read(host)
+    if timeout.sufficient:
+        report.add("consumer", timeout.describe())
+    else:
+        text = f"{timeout.describe()}: daemon processes that run longer are lost"
+        report.add("consumer", text, fix=raise_fix(), essential=False)
+
+
 def check_aiida(report: Report, target: ProfileTarget) -> None:
     """Report the AiiDA profile, its storage and broker, the computer, the pw code and the pseudo family."""
     report.add("aiida", f"aiida-core {metadata.version('aiida-core')}, config dir {target.config_dir}")
@@ -149,6 +164,7 @@ def check_aiida(report: Report, target: ProfileTarget) -> None:
         report.add("broker", "none (fine: processes run in this shell with run(); no daemon/submit)")
     elif broker_reachable(profile.process_control_config):
         report.add("broker", f"{broker} reachable")
+        check_consumer_timeout(report, profile.process_control_config.get("broker_host", "127.0.0.1"))
     else:
         report.add(
             "broker",

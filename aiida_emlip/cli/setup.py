@@ -1,7 +1,9 @@
 """``aiida-emlip setup``: create or reuse the profile, computer, codes and pseudo family.
 
-Every step is idempotent: a second run finds everything in place, prints ``reused`` for each item and
-changes nothing.
+The profile is the isolated SQLite one by default, an existing one with ``--profile``, or with
+``--services`` a PostgreSQL + RabbitMQ profile for the daemon (:mod:`aiida_emlip.cli.setup_services`);
+the computer, codes and family are set up the same way in each. Every step is idempotent: a second
+run finds everything in place, prints ``reused`` for each item and changes nothing.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -22,6 +24,12 @@ from aiida_emlip.cli.options import (
     qe_missing_message,
     resolve_pw,
     target_or_exit,
+)
+from aiida_emlip.cli.setup_services import (
+    check_services_options,
+    print_next_steps,
+    services_options,
+    services_profile_or_exit,
 )
 from aiida_emlip.profile import ProfileTarget, load_or_create_profile
 
@@ -170,17 +178,31 @@ def report(item: str, description: str, status: str) -> None:
     show_default=True,
     help="Run pw.x through mpirun. Off by default: Debian's pw.x is OpenMPI-linked and runs as a singleton.",
 )
-def setup(pw: Path | None, profile_name: str | None, mpi: bool) -> None:
-    """Create or reuse the AiiDA profile, localhost computer, pw code and pseudo family (idempotent)."""
+@services_options
+def setup(pw: Path | None, profile_name: str | None, mpi: bool, **services: Any) -> None:
+    """Create or reuse the AiiDA profile, localhost computer, pw code and pseudo family (idempotent).
+
+    With --services: a PostgreSQL + RabbitMQ profile (default name emlip-services) for the daemon.
+    """
+    check_services_options(services)
     pw_path = resolve_pw(pw)
-    target = target_or_exit(profile_name)
-
-    from aiida_emlip.pseudos.family import FAMILY_LABEL
-
-    profile, created = load_or_create_profile(target, create=True)
+    if services["services"]:
+        target, profile, status = services_profile_or_exit(profile_name, services)
+    else:
+        target = target_or_exit(profile_name)
+        profile, created = load_or_create_profile(target, create=True)
+        status = _s(created)
     storage = profile.storage_backend
     broker = profile.process_control_backend or "no broker"
-    report("profile", f"{profile.name} ({storage}, {broker}) in {target.config_dir}", _s(created))
+    report("profile", f"{profile.name} ({storage}, {broker}) in {target.config_dir}", status)
+    setup_resources(target, pw_path, mpi)
+    if services["services"]:
+        print_next_steps(target, profile)
+
+
+def setup_resources(target: ProfileTarget, pw_path: Path, mpi: bool) -> None:
+    """Computer, codes and pseudo family in the loaded profile: the same for every kind of profile."""
+    from aiida_emlip.pseudos.family import FAMILY_LABEL
 
     computer, status = ensure_computer(target)
     report("computer", f"{computer.label} ({computer.transport_type}, {computer.scheduler_type})", status)

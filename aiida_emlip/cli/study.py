@@ -16,6 +16,7 @@ from aiida_emlip.cli.study_common import (
     load_spec_or_exit,
     load_study,
     print_outcome,
+    refuse_daemon_profile,
     retry_when_busy,
     run_in_shell,
     study_builder,
@@ -37,6 +38,8 @@ CACHE_OPTION = click.option(
 def launch(spec_file: Path, daemon: bool, cache: bool, profile_name: str | None) -> None:
     """Check SPEC_FILE, then run the study in this shell with progress (or submit it with --daemon)."""
     target = load_profile_or_exit(profile_name)
+    if daemon:
+        refuse_daemon_profile()
     spec, text = load_spec_or_exit(spec_file)
     if daemon:
         _submit(spec, text, target)
@@ -55,11 +58,6 @@ def _submit(spec: dict, text: str, target) -> None:
     from aiida.manage import get_manager
 
     profile = get_manager().get_profile()
-    if profile.process_control_backend is None:
-        raise click.ClickException(
-            f"profile {profile.name!r} has no broker, so it has no daemon: run without --daemon (the study "
-            "runs in this shell), or use a profile with RabbitMQ (docs: running a study on the daemon)"
-        )
     node = submit(study_builder(spec, text))
     click.echo(f"Submitted study {spec['name']!r} <{node.pk}> to the daemon of profile {profile.name!r}")
     try:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from aiida_emlip.cli.options import target_or_exit
-from aiida_emlip.profile import ProfileNotFoundError, ProfileTarget, load_or_create_profile
+from aiida_emlip.profile import ProfileNotFoundError, ProfileTarget, daemon_problem, load_or_create_profile
 
 if TYPE_CHECKING:
     from aiida.orm import ProcessNode
@@ -44,6 +44,16 @@ def load_profile_or_exit(profile_name: str | None) -> ProfileTarget:
     except ProfileNotFoundError as exc:
         raise click.ClickException(str(exc)) from exc
     return target
+
+
+def refuse_daemon_profile() -> None:
+    """Exit 1 before anything is stored when the loaded profile cannot run the daemon (SQLite, no broker)."""
+    from aiida.manage import get_manager
+
+    profile = get_manager().get_profile()
+    problem = daemon_problem(profile.storage_backend, profile.process_control_backend, profile.name)
+    if problem:
+        raise click.ClickException(problem)
 
 
 class ProfileResources:

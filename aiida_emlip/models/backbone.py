@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import mace  # noqa: F401  # must precede e3nn: it lets e3nn 0.4.4 load its constants under torch>=2.6
 import numpy as np
 import torch
 from ase.data import atomic_numbers as ASE_NUMBERS
-from e3nn import o3
 
 from aiida_emlip.models.graph import Graph
+from aiida_emlip.models.mace_import import mace_modules, o3  # mace before e3nn, without side effects
 
 
 @dataclass
@@ -58,7 +57,8 @@ class MaceBackbone(torch.nn.Module):
         without it the backbone is exactly MACE's default and costs the same."""
         super().__init__()
         self.last_layer_vectors = last_layer_vectors
-        from mace.modules import MACE, interaction_classes
+        modules = mace_modules()
+        MACE, interaction_classes = modules.MACE, modules.interaction_classes
 
         self.config = config
         numbers = [ASE_NUMBERS[e] for e in config.elements]

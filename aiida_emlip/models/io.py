@@ -37,8 +37,9 @@ __all__ = (
 
 def versions() -> dict[str, str]:
     """Versions of the libraries that define the model's numerics."""
-    import mace
     import torchpme
+
+    from aiida_emlip.models.mace_import import mace
 
     return {
         "aiida-emlip": __version__,

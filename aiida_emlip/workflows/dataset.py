@@ -1,6 +1,7 @@
 """``emlip.dataset``: label configurations with pw.x and collect them in one dataset node.
 
-One ``PwBaseWorkChain`` per configuration, at most ``max_concurrent`` at a time. Every
+One ``PwBaseWorkChain`` per configuration, submitted in batches of ``max_concurrent``, and so are the
+post-processing calculations (pp.x, projwfc.x) on their folders. Every
 configuration is checked before the first pw.x run (elements, electrons, distances, volume, field),
 failures of single configurations end up in the ``report`` output and never drop finished labels.
 """
@@ -35,6 +36,17 @@ ProjwfcCalculation = CalculationFactory("quantumespresso.projwfc")
 
 #: Identifier for AiiDA caching of the DFT steps.
 PW_CACHE_IDENTIFIER = "aiida.calculations:quantumespresso.pw"
+#: Post-processing on the pw.x folders, by context prefix: (code input, calculation, parameters, options).
+POSTPROCESS = {
+    "pp": ("pp_code", PpCalculation, PP_PARAMETERS, {}),
+    "density": ("pp_code", PpCalculation, PP_DENSITY_PARAMETERS, {}),
+    "projwfc": (
+        "projwfc_code",
+        ProjwfcCalculation,
+        None,
+        {"resources": {"num_machines": 1, "num_mpiprocs_per_machine": 1}},
+    ),
+}
 #: ``atoms.info`` keys carried from the input configurations into the per-configuration metadata.
 CARRIED_INFO = ("sampler", "seed", "sampler_params", schema.CONFIG_TYPE)
 
@@ -86,7 +98,8 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WorkChain):
             "max_concurrent",
             valid_type=orm.Int,
             default=lambda: orm.Int(4),
-            help="Most PwBaseWorkChains running at once.",
+            help="Most PwBaseWorkChains (and then post-processing calculations) running at once: they are "
+            "submitted in batches of this size.",
         )
         spec.input(
             "pp_code",
@@ -105,9 +118,15 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WorkChain):
             if_(cls.has_sampler)(cls.run_sampler),
             cls.prepare,
             while_(cls.has_pending)(cls.submit_batch, cls.inspect_batch),
-            if_(cls.should_run_potential)(cls.run_potential, cls.inspect_potential),
-            if_(cls.should_run_hirshfeld)(cls.run_hirshfeld, cls.inspect_hirshfeld),
-            if_(cls.should_run_lowdin)(cls.run_lowdin, cls.inspect_lowdin),
+            if_(cls.should_run_potential)(
+                cls.run_potential, while_(cls.has_queued)(cls.submit_queued), cls.inspect_potential
+            ),
+            if_(cls.should_run_hirshfeld)(
+                cls.run_hirshfeld, while_(cls.has_queued)(cls.submit_queued), cls.inspect_hirshfeld
+            ),
+            if_(cls.should_run_lowdin)(
+                cls.run_lowdin, while_(cls.has_queued)(cls.submit_queued), cls.inspect_lowdin
+            ),
             cls.results,
         )
         spec.output(
@@ -452,8 +471,27 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WorkChain):
         if cleaned:
             self.report(f"cleaned remote folders of calculations {', '.join(cleaned)}")
 
+    def _queue(self, prefix: str, keys) -> None:
+        """Queue post-processing step ``prefix`` (:data:`POSTPROCESS`) on the pw.x folders of ``keys``."""
+        self.ctx.queue = {"prefix": prefix, "keys": list(keys)}
+
+    def has_queued(self) -> bool:
+        """Whether post-processing calculations wait to be submitted."""
+        return bool(self.ctx.queue["keys"])
+
+    def submit_queued(self):
+        """Submit the next ``max_concurrent`` queued post-processing calculations."""
+        limit = max(1, self.inputs.max_concurrent.value)
+        prefix, keys = self.ctx.queue["prefix"], self.ctx.queue["keys"]
+        self.ctx.queue = {"prefix": prefix, "keys": keys[limit:]}
+        code_port, process, parameters, options = POSTPROCESS[prefix]
+        futures = self._run_on_pw_folders(
+            process, self.inputs[code_port], prefix, keys[:limit], parameters, **options
+        )
+        return ToContext(**futures)
+
     def _run_on_pw_folders(self, process, code, prefix: str, keys, parameters=None, **options):
-        """Submit ``process`` with ``code`` on the pw.x remote folder of each of ``keys``, serially."""
+        """Submit ``process`` with ``code`` on the pw.x remote folder of each of ``keys``, all at once."""
         futures = {}
         options = {**self.ctx.inputs["options"], "withmpi": False, **options}
         for key in keys:
@@ -491,11 +529,10 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WorkChain):
         return bool(self._potential_keys())
 
     def run_potential(self):
-        """pp.x: the electrostatic potential (V_bare + V_H, plot_num 11) of the finished configurations."""
+        """Queue pp.x: the electrostatic potential (V_bare + V_H, plot_num 11) of the finished configurations."""
         keys = self._potential_keys()
-        futures = self._run_on_pw_folders(PpCalculation, self.inputs.pp_code, "pp", keys, PP_PARAMETERS)
-        self.report(f"pp.x electrostatic potential for {len(futures)} configuration(s)")
-        return ToContext(**futures)
+        self._queue("pp", keys)
+        self.report(f"pp.x electrostatic potential for {len(keys)} configuration(s)")
 
     def inspect_potential(self):
         """Planar-average the potentials (calcfunctions): slab vacuum levels, per-axis planar averages."""
@@ -531,12 +568,9 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WorkChain):
         return bool(self.ctx.inputs["postprocess"].get("hirshfeld")) and bool(self.ctx.finished)
 
     def run_hirshfeld(self):
-        """pp.x: the valence electron density (plot_num 0) of every finished configuration."""
-        futures = self._run_on_pw_folders(
-            PpCalculation, self.inputs.pp_code, "density", list(self.ctx.finished), PP_DENSITY_PARAMETERS
-        )
-        self.report(f"pp.x densities for {len(futures)} configuration(s)")
-        return ToContext(**futures)
+        """Queue pp.x: the valence electron density (plot_num 0) of every finished configuration."""
+        self._queue("density", self.ctx.finished)
+        self.report(f"pp.x densities for {len(self.ctx.finished)} configuration(s)")
 
     def inspect_hirshfeld(self):
         """Partition each density (calcfunction) into Hirshfeld charges and atomic dipoles."""
@@ -564,16 +598,9 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WorkChain):
         return bool(self.ctx.inputs["postprocess"].get("lowdin")) and bool(self.ctx.finished)
 
     def run_lowdin(self):
-        """projwfc.x on the pw.x output folder of every finished configuration."""
-        futures = self._run_on_pw_folders(
-            ProjwfcCalculation,
-            self.inputs.projwfc_code,
-            "projwfc",
-            list(self.ctx.finished),
-            resources={"num_machines": 1, "num_mpiprocs_per_machine": 1},
-        )
-        self.report(f"projwfc.x Löwdin populations for {len(futures)} configuration(s)")
-        return ToContext(**futures)
+        """Queue projwfc.x on the pw.x output folder of every finished configuration."""
+        self._queue("projwfc", self.ctx.finished)
+        self.report(f"projwfc.x Löwdin populations for {len(self.ctx.finished)} configuration(s)")
 
     def inspect_lowdin(self):
         """Read the Löwdin block of each retrieved stdout (calcfunction) whatever the parser's verdict.

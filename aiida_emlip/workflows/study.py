@@ -8,7 +8,8 @@ The spec is the normalised dict of :func:`aiida_emlip.spec.parse_spec`. Steps:
 3. every design trains at once through :class:`EmlipTrainingWorkChain` on the same training set, with
    the same backbone, epochs and seed;
 4. every model predicts the held-out set (``emlip.evaluate``) while the validations of the spec run
-   (registry :mod:`~aiida_emlip.workflows.study_registry`);
+   (registry :mod:`~aiida_emlip.workflows.study_registry`), side by side: they share ``dft.max_concurrent``,
+   so that the study never runs more pw.x at once than the spec says;
 5. one comparison ``Dict`` (a row per design) and the HTML report (``FolderData``).
 
 A design, evaluation or validation that fails is reported and left out; the study still compares the
@@ -38,6 +39,11 @@ EmlipEvaluateCalculation = CalculationFactory("emlip.evaluate")
 VERSIONED = ("aiida-emlip", "aiida-core", "aiida-quantumespresso", "aiida-pseudo", "torch", "mace-torch")
 VERSIONED += ("torch-pme", "ase")
 STAGE = "emlip_stage"
+
+
+def shared_concurrency(max_concurrent: int, side_by_side: int) -> int:
+    """Each one's ``max_concurrent`` when ``side_by_side`` workchains share a budget of ``max_concurrent``."""
+    return max(1, max_concurrent // max(1, side_by_side))
 
 
 def package_versions() -> dict[str, str]:
@@ -242,13 +248,17 @@ class EmlipStudyWorkChain(WorkChain):
         for port, role in (("pp_code", "pp"), ("projwfc_code", "projwfc")):
             if port in self.inputs:
                 codes[role] = self.inputs[port]
-        context = Context(spec=self.ctx.spec, models=self.ctx.models, codes=codes)
-        for name, options in self.ctx.spec.get("validations", {}).items():
+        validations = self.ctx.spec.get("validations", {})
+        dft = self.ctx.spec["dft"]
+        share = shared_concurrency(int(dft["max_concurrent"]), len(validations))
+        spec = {**self.ctx.spec, "dft": {**dft, "max_concurrent": share}}
+        context = Context(spec=spec, models=self.ctx.models, codes=codes)
+        for name, options in validations.items():
             entry = VALIDATIONS[name]
             builder = entry.build(options, context)
             builder.metadata.call_link_label = f"validate_{name}"
             futures[f"validate_{name}"] = self.submit(builder)
-        names = ", ".join(self.ctx.spec.get("validations", {})) or "none"
+        names = ", ".join(validations) + f" (at most {share} pw.x each)" if validations else "none"
         self._stage(
             "validation",
             f"models: held-out predictions of {len(self.ctx.models)} models; validations: {names}",

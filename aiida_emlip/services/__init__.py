@@ -1,0 +1,8 @@
+"""The services a scaled-out AiiDA profile needs: PostgreSQL (storage) and RabbitMQ (broker).
+
+:mod:`.reachability` finds out whether they answer and what to run when they do not,
+:mod:`.postgres` makes the profile's database (with a locale fallback), :mod:`.consumer_timeout`
+reads RabbitMQ's ``consumer_timeout`` and :mod:`.profile` creates or reuses the ``core.psql_dos``
+profile with the RabbitMQ broker. Only :mod:`.postgres` and :mod:`.profile` import :mod:`aiida`
+(lazily), so the checks can run before the AiiDA configuration directory is chosen.
+"""

@@ -1,0 +1,258 @@
+"""Benchmark: DFT calculations per minute in the foreground and on the daemon, and the workchain overhead.
+
+On N tiny configurations (H₂ of N bond lengths in a 5 Å box, 25 Ry, Γ: about a second of pw.x each),
+with caching off so that every calculation runs (checked: no calculation comes from the cache):
+
+1. foreground (``run()``): the dataset workchain with ``max_concurrent = 1`` (serial) and with
+   ``max_concurrent = M``; then ``PwBaseWorkChain`` alone, one after the other, on the very same inputs
+   (``get_builder_restart`` of each child of the serial run). Target: serial workchain / Σ
+   PwBaseWorkChain ≤ 1.10.
+2. daemon with 1 worker, then 2 workers: the dataset workchain submitted with ``max_concurrent = M``;
+   the resident memory (RSS) of every daemon worker is sampled every 0.5 s with psutil. Target: wall
+   with 2 workers / serial foreground wall ≤ 0.6.
+
+The profile is made the way ``aiida-emlip setup --services`` makes one (a fresh PostgreSQL database and
+user, RabbitMQ broker) under a temporary ``AIIDA_PATH``, and deleted with its database at the end.
+
+Usage: ``nice -n 10 python bench/bench_daemon.py [--n 40] [--max-concurrent 4] [--json out.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import services_profile
+
+WORK = Path(tempfile.mkdtemp(prefix="emlip-bench-daemon-"))
+os.environ["AIIDA_PATH"] = str(WORK)
+# the daemon is started with the verdi of this environment
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+PROFILE = f"emlip-bench-{uuid.uuid4().hex[:8]}"
+PW = shutil.which("pw.x") or "/usr/bin/pw.x"
+CHEAP = {
+    "ecutwfc": 25.0,
+    "ecutrho": 100.0,
+    "conv_thr_per_atom": 1.0e-7,
+    "kpoints_distance": 1.0,
+    "max_iterations": 1,
+    "postprocess": {"hirshfeld": False},
+}
+SAMPLE_S = 0.5
+
+
+def make_profile(poll_interval: float) -> tuple[Any, Any]:
+    """The services profile, ``pw@localhost`` and an H-only pseudo family."""
+    return services_profile.make_profile(PROFILE, PW, WORK / "pseudos", ["H"], poll_interval)
+
+
+def configurations(n: int) -> dict[str, Any]:
+    """H₂ at ``n`` bond lengths from 0.70 to 0.80 Å (all different: nothing could be reused anyway)."""
+    from aiida import orm
+    from ase import Atoms
+
+    out = {}
+    for i in range(n):
+        atoms = Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.70 + 0.10 * i / max(1, n - 1)]])
+        atoms.cell = [5.0, 5.0, 5.0]
+        atoms.center()
+        atoms.pbc = True
+        out[f"h2_{i:03d}"] = orm.StructureData(ase=atoms).store()
+    return out
+
+
+def builder(code, family, structures, max_concurrent: int):
+    from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain
+
+    return EmlipDatasetWorkChain.get_builder_from_protocol(
+        code, structures, family.label, protocol="fast", overrides=CHEAP, max_concurrent=max_concurrent
+    )
+
+
+def calculations(node) -> list:
+    from aiida import orm
+
+    return [c for c in node.called_descendants if isinstance(c, orm.CalcJobNode)]
+
+
+def check_ran(node, n: int) -> int:
+    """Every configuration ran pw.x itself (none from the cache); return the number of pw.x runs."""
+    assert node.is_finished_ok, f"{node.process_label}<{node.pk}>: {node.exit_status} {node.exit_message}"
+    calcs = calculations(node)
+    cached = [c.pk for c in calcs if c.base.caching.is_created_from_cache]
+    assert not cached, f"calculations from the cache: {cached}"
+    assert len(calcs) >= n, f"{len(calcs)} calculations for {n} configurations"
+    return len(calcs)
+
+
+def run_foreground(code, family, structures, max_concurrent: int) -> tuple[float, Any]:
+    from aiida.engine import run_get_node
+
+    start = time.perf_counter()
+    _, node = run_get_node(builder(code, family, structures, max_concurrent))
+    return time.perf_counter() - start, node
+
+
+def run_pwbase_alone(dataset_node) -> tuple[float, list[float]]:
+    """Each PwBaseWorkChain of ``dataset_node`` again, alone and one after the other, on the same inputs."""
+    from aiida.common.links import LinkType
+    from aiida.engine import run_get_node
+
+    children = dataset_node.base.links.get_outgoing(link_type=LinkType.CALL_WORK).all_nodes()
+    walls = []
+    for child in sorted(children, key=lambda c: c.ctime):
+        start = time.perf_counter()
+        _, node = run_get_node(child.get_builder_restart())
+        walls.append(time.perf_counter() - start)
+        check_ran(node, 1)
+    return sum(walls), walls
+
+
+class RssSampler(threading.Thread):
+    """Samples the resident memory of the daemon's worker processes every :data:`SAMPLE_S` seconds."""
+
+    def __init__(self, daemon_pid: int):
+        super().__init__(daemon=True)
+        self.daemon_pid = daemon_pid
+        self.samples: dict[int, list[float]] = {}
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        import psutil
+
+        while not self.halt.is_set():
+            try:  # the circus daemon's children that run `verdi daemon worker` (not their pw.x)
+                children = psutil.Process(self.daemon_pid).children(recursive=False)
+                workers = [c for c in children if "worker" in " ".join(c.cmdline())]
+            except psutil.Error:
+                workers = []
+            for worker in workers:
+                try:
+                    rss = worker.memory_info().rss / 2**20
+                except psutil.Error:
+                    continue
+                self.samples.setdefault(worker.pid, []).append(rss)
+            self.halt.wait(SAMPLE_S)
+
+    def summary(self) -> dict[str, Any]:
+        per_worker = {
+            str(pid): {"first_mib": s[0], "max_mib": max(s), "last_mib": s[-1], "samples": len(s)}
+            for pid, s in self.samples.items()
+        }
+        peaks = [w["max_mib"] for w in per_worker.values()]
+        return {"workers": per_worker, "max_mib": max(peaks) if peaks else None}
+
+
+def run_daemon(code, family, structures, workers: int, max_concurrent: int) -> tuple[float, Any, dict]:
+    from aiida.engine import submit
+    from aiida.engine.daemon.client import get_daemon_client
+
+    started = services_profile.verdi(PROFILE, "daemon", "start", str(workers))
+    if started.returncode != 0:
+        raise RuntimeError(f"verdi daemon start failed:\n{started.stdout}\n{started.stderr}")
+    sampler = RssSampler(get_daemon_client(PROFILE).get_daemon_pid())
+    sampler.start()
+    try:
+        start = time.perf_counter()
+        node = submit(builder(code, family, structures, max_concurrent))
+        while not node.is_terminated:
+            time.sleep(0.5)
+        wall = time.perf_counter() - start
+    finally:
+        sampler.halt.set()
+        sampler.join()
+        services_profile.verdi(PROFILE, "daemon", "stop")
+    return wall, node, sampler.summary()
+
+
+def per_minute(n: int, wall: float) -> float:
+    return 60.0 * n / wall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=40, help="configurations (default 40)")
+    parser.add_argument("--max-concurrent", type=int, default=4, help="of the concurrent runs (default 4)")
+    parser.add_argument("--poll-interval", type=float, default=1.0, help="runner.poll.interval (s)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    n, m = args.n, args.max_concurrent
+    result: dict[str, Any] = {
+        "n_configurations": n,
+        "max_concurrent": m,
+        "runner_poll_interval_s": args.poll_interval,
+        "cpu_count": os.cpu_count(),
+        "load_average_start": os.getloadavg(),
+    }
+    try:
+        from aiida.manage.caching import disable_caching
+        from aiida.manage.configuration import get_config_option
+
+        code, family = make_profile(args.poll_interval)
+        result["caching_default_enabled"] = get_config_option("caching.default_enabled")
+        structures = configurations(n)
+        with disable_caching():
+            serial, node = run_foreground(code, family, structures, 1)
+            result["pw_runs_serial"] = check_ran(node, n)
+            print(f"foreground, max_concurrent=1: {serial:.1f} s, {per_minute(n, serial):.1f} DFT/min")
+            alone, walls = run_pwbase_alone(node)
+            print(f"PwBaseWorkChain alone x {n}: {alone:.1f} s; workchain / alone = {serial / alone:.3f}")
+            concurrent, node_m = run_foreground(code, family, structures, m)
+            check_ran(node_m, n)
+            print(
+                f"foreground, max_concurrent={m}: {concurrent:.1f} s, {per_minute(n, concurrent):.1f} DFT/min"
+            )
+        result.update(
+            {
+                "foreground_serial_s": serial,
+                "pwbase_alone_sum_s": alone,
+                "pwbase_alone_mean_s": alone / len(walls),
+                "overhead_ratio": serial / alone,
+                "overhead_per_configuration_s": (serial - alone) / n,
+                f"foreground_max_concurrent_{m}_s": concurrent,
+            }
+        )
+        rates = {"foreground_serial": per_minute(n, serial), f"foreground_mc{m}": per_minute(n, concurrent)}
+        for workers in (1, 2):
+            wall, node_d, rss = run_daemon(code, family, structures, workers, m)
+            check_ran(node_d, n)
+            rates[f"daemon_{workers}_worker"] = per_minute(n, wall)
+            result[f"daemon_{workers}_worker_s"] = wall
+            result[f"daemon_{workers}_worker_rss"] = rss
+            rate = per_minute(n, wall)
+            print(
+                f"daemon, {workers} worker(s), max_concurrent={m}: {wall:.1f} s, {rate:.1f} DFT/min; "
+                f"worker RSS max {rss['max_mib']:.0f} MiB"
+            )
+        result["dft_per_minute"] = rates
+        result["daemon_2_workers_vs_serial"] = result["daemon_2_worker_s"] / serial
+        result["daemon_2_workers_vs_1"] = result["daemon_2_worker_s"] / result["daemon_1_worker_s"]
+        result["load_average_end"] = os.getloadavg()
+        print(
+            f"targets: workchain / PwBaseWorkChain alone = {result['overhead_ratio']:.3f} (<= 1.10); "
+            f"2 workers / serial = {result['daemon_2_workers_vs_serial']:.3f} (<= 0.6)"
+        )
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2))
+    finally:
+        cleanup()
+
+
+def cleanup() -> None:
+    """Stop the daemon; delete the profile, its database and user, and the temporary folder."""
+    services_profile.delete_profile(PROFILE, WORK)
+
+
+if __name__ == "__main__":
+    main()

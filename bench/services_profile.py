@@ -1,0 +1,59 @@
+"""A throw-away PostgreSQL + RabbitMQ profile for the daemon benchmarks, made as ``setup --services`` does.
+
+The caller points ``AIIDA_PATH`` at a temporary folder before importing :mod:`aiida`;
+:func:`make_profile` creates the database (locale fallback included), its user and the profile, a
+``localhost`` computer, the ``pw`` code and a pseudo family of the given elements; :func:`delete_profile`
+stops the daemon and drops everything again.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def verdi(profile: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``verdi -p PROFILE ARGS`` of this environment (in the caller's ``AIIDA_PATH``)."""
+    exe = str(Path(sys.executable).with_name("verdi"))
+    return subprocess.run([exe, "-p", profile, *args], capture_output=True, text=True, check=False)
+
+
+def make_profile(
+    name: str, pw: str, pseudo_dir: Path, elements: list[str], poll_interval: float = 1.0
+) -> tuple[Any, Any]:
+    """The profile (loaded), and its ``pw@localhost`` code and pseudo family; prints the database locale."""
+    from aiida import load_profile
+    from aiida.manage.configuration import get_config
+
+    from aiida_emlip.cli.setup import ensure_code, ensure_computer
+    from aiida_emlip.profile import select_services_profile
+    from aiida_emlip.pseudos.family import FAMILY_LABEL, install_family
+    from aiida_emlip.services.postgres import Superuser
+    from aiida_emlip.services.profile import Broker, create_services_profile
+
+    target = select_services_profile(name)
+    _, locale = create_services_profile(target, Superuser(), Broker())
+    config = get_config()
+    config.set_option("runner.poll.interval", poll_interval, scope=name)
+    config.store()
+    load_profile(name, allow_switch=True)
+    computer, _ = ensure_computer(target)
+    code, _ = ensure_code(computer, Path(pw))
+    family = install_family(pseudo_dir, label=FAMILY_LABEL, elements=elements)
+    print(f"profile {name}: core.psql_dos (database locale {locale}) + core.rabbitmq in {target.config_dir}")
+    return code, family
+
+
+def delete_profile(name: str, work: Path) -> None:
+    """Stop the daemon; delete the profile, its database and user, and the folder ``work``."""
+    verdi(name, "daemon", "stop")
+    try:
+        from aiida_emlip.services.profile import delete_services_profile
+
+        delete_services_profile(name)
+    except Exception as error:  # report, but still remove the folder
+        print(f"cleanup: {error.__class__.__name__}: {error}", file=sys.stderr)
+    shutil.rmtree(work, ignore_errors=True)

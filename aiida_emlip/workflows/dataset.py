@@ -529,7 +529,7 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WorkChain):
         return bool(self._potential_keys())
 
     def run_potential(self):
-        """Queue pp.x: the electrostatic potential (V_bare + V_H, plot_num 11) of the finished configurations."""
+        """Queue pp.x: the electrostatic potential (V_bare + V_H, plot_num 11) of finished configurations."""
         keys = self._potential_keys()
         self._queue("pp", keys)
         self.report(f"pp.x electrostatic potential for {len(keys)} configuration(s)")

@@ -72,14 +72,15 @@ def run_one(system: str, size: int, method: str, repeats: int) -> dict:
 
 
 def ewald_elements(system: str, size: int) -> float:
-    """Size of torch-pme's dense Ewald [k, atoms] matrix at the default accuracy."""
-    from aiida_emlip.models.electrostatics import kspace_cutoff
+    """Size of torch-pme's dense Ewald [k, atoms] matrix at the default accuracy (half k-sphere)."""
+    import torch
+
+    from aiida_emlip.models.accuracy import kspace_cutoff
 
     n = 8 * size**3 if system == "nacl" else 3 * size
     side = 5.64 * size if system == "nacl" else (size * 29.9) ** (1 / 3)
-    k_cut = kspace_cutoff(math.sqrt(2) * 1.5, 1e-6)
-    ns = math.ceil(2 * k_cut * side / (2 * math.pi))
-    return float(ns**3 * n)
+    k_cut = kspace_cutoff(torch.eye(3, dtype=torch.float64) * side, 1.5, n, 1e-6)
+    return side**3 * k_cut**3 / (12 * math.pi**2) * n
 
 
 def spawn(system: str, size: int, method: str, repeats: int) -> dict | None:

@@ -9,13 +9,7 @@ import pytest
 import torch
 from torchpme import CoulombPotential, EwaldCalculator
 
-from aiida_emlip.models.electrostatics import (
-    Electrostatics,
-    ElectrostaticsConfig,
-    field_energy,
-    kspace_cutoff,
-    total_dipole,
-)
+from aiida_emlip.models.electrostatics import Electrostatics, ElectrostaticsConfig, field_energy, total_dipole
 from aiida_emlip.schema import COULOMB_CONSTANT as KE
 
 DT = torch.float64
@@ -197,7 +191,7 @@ def reference_kspace_energy(q, pos, cell, sigma, dipoles=None) -> float:
 def test_periodic_energy_is_k0_excluded_hartree_energy():
     q, pos, _ = random_system(6, 8.0, neutral=False)
     cell = triclinic(8.0)
-    e = model(method="ewald").energy(q, pos, cell, T3).item()
+    e = model(method="ewald", accuracy=1e-10).energy(q, pos, cell, T3).item()
     assert e == pytest.approx(reference_kspace_energy(q.numpy(), pos.numpy(), cell.numpy(), SIGMA), rel=1e-7)
 
 
@@ -205,7 +199,7 @@ def test_periodic_energy_is_k0_excluded_hartree_energy():
 def test_charged_cell_makov_payne(box):
     """One Gaussian charge: −α Q² k_e/2L + 2πσ² Q² k_e/L³ + self energy."""
     big_q = 1.3
-    e = model(method="ewald").energy(
+    e = model(method="ewald", accuracy=1e-10).energy(
         torch.tensor([big_q], dtype=DT),
         torch.tensor([[1.0, 2.0, 3.0]], dtype=DT),
         torch.eye(3, dtype=DT) * box,
@@ -226,7 +220,7 @@ def test_charged_cell_makov_payne(box):
 def test_charged_cell_volume_dependence_and_pressure():
     """dE/dV of the charged cell = d/dV of the Makov–Payne expression (tests the background's stress)."""
     big_q, box = 1.0, 14.0
-    el = model(method="ewald")
+    el = model(method="ewald", accuracy=1e-10)
     q = torch.tensor([big_q], dtype=DT)
     pos = torch.tensor([[0.3, 0.2, 0.1]], dtype=DT)
     eps = torch.zeros(3, 3, dtype=DT, requires_grad=True)
@@ -344,13 +338,18 @@ def test_slab_matches_torchpme_correction_point_charges():
     """torch-pme's own 2D correction (periodic=[T,T,F], orthogonal cells) equals ours at σ = 0, Q ≠ 0."""
     q, pos, cell = slab_system(vacuum=12.0, neutral=False)
     cell[1, 0] = 0.0
-    ours = model(sigma=0.0, method="ewald").energy(q, pos, cell, SLAB).item()
-    from aiida_emlip.models.electrostatics import _neighbour_pairs, point_charge_smearing, realspace_cutoff
+    ours = model(sigma=0.0, method="ewald", accuracy=1e-10).energy(q, pos, cell, SLAB).item()
+    from aiida_emlip.models.accuracy import coulomb_length, ewald_alpha, kspace_cutoff, realspace_cutoff
+    from aiida_emlip.models.electrostatics import _neighbour_pairs
 
-    s = point_charge_smearing(6, abs(torch.linalg.det(cell)).item())
-    pairs, dist = _neighbour_pairs(pos, cell, realspace_cutoff(s, 1e-10))
+    volume = abs(torch.linalg.det(cell)).item()
+    alpha = ewald_alpha(6, volume)
+    pairs, dist = _neighbour_pairs(pos, cell, realspace_cutoff(alpha, coulomb_length(6, volume), 1e-10))
+    k_cut = kspace_cutoff(cell, 0.5 / alpha, 6, 1e-10)
+    # torch-pme's Ewald box reaches about π/λ along each axis: ask for twice the sphere
     calc = EwaldCalculator(
-        CoulombPotential(smearing=s, prefactor=KE), lr_wavelength=math.pi / kspace_cutoff(s, 1e-10)
+        CoulombPotential(smearing=1 / (math.sqrt(2) * alpha), prefactor=KE),
+        lr_wavelength=math.pi / (2 * k_cut),
     )
     v = calc.to(dtype=DT)(q[:, None], cell, pos, pairs, dist, periodic=SLAB)
     assert ours == pytest.approx((q[:, None] * v).sum().item(), rel=1e-6)
@@ -431,7 +430,7 @@ def test_projected_potential_periodic_matches_kspace_sum():
     q, pos, _ = random_system(5, 8.0, neutral=False)
     cell = triclinic(8.0)
     w = 2.5
-    proj = model(method="ewald").projected_potentials(q, pos, cell, T3, [w])[:, 0].numpy()
+    proj = model(method="ewald", accuracy=1e-10).projected_potentials(q, pos, cell, T3, [w])[:, 0].numpy()
     k = reciprocal_vectors(cell.numpy(), 12.0 / SIGMA)
     k2 = (k**2).sum(1)
     vol = abs(np.linalg.det(cell.numpy()))

@@ -19,12 +19,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
+import numpy as np
 import torch
-from torchpme import Calculator, CoulombPotential, EwaldCalculator, PMECalculator
+from ase.geometry.minkowski_reduction import minkowski_reduce
+from torchpme import Calculator, CoulombPotential, EwaldCalculator
 
 from aiida_emlip.models import gaussian_dipoles as gd
-from aiida_emlip.models.kernels import GaussianCoulombPotential
+from aiida_emlip.models.accuracy import (
+    PME_FORCE,
+    coulomb_length,
+    ewald_alpha,
+    kspace_cutoff,
+    pme_parameters,
+    realspace_cutoff,
+)
+from aiida_emlip.models.kernels import GaussianCoulombPotential, HalfSpaceCoulombPotential
+from aiida_emlip.models.pme import MeshPMECalculator
 from aiida_emlip.schema import COULOMB_CONSTANT
 
 __all__ = [
@@ -50,8 +62,7 @@ class ElectrostaticsConfig:
     pme_min_atoms: int = 700  # measured crossover, docs/electrostatics.md
     slab_correction: bool = True
     include_self: bool = True
-    pme_interpolation_nodes: int = 7
-    pme_spacing_factor: float = 0.5
+    pme_interpolation_nodes: int | None = None  # None: chosen with the mesh from the accuracy
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -60,30 +71,33 @@ class ElectrostaticsConfig:
             raise ValueError("sigma must be >= 0")
         if not 0.0 < self.accuracy < 1.0:
             raise ValueError("accuracy must lie in (0, 1)")
-
-
-# --------------------------------------------------------------------------------------------------
-# accuracy -> parameters
-
-
-def kspace_cutoff(smearing: float, accuracy: float) -> float:
-    """``k_c`` with ``exp(−s²k_c²/2) = accuracy`` for a kernel ``4π e^{−s²k²/2}/k²`` (Å⁻¹)."""
-    return math.sqrt(-2.0 * math.log(accuracy)) / smearing
-
-
-def realspace_cutoff(smearing: float, accuracy: float) -> float:
-    """``r_c`` with ``erfc(r_c / (√2 s)) = accuracy`` (Å)."""
-    x = torch.special.erfinv(torch.tensor(1.0 - accuracy, dtype=torch.float64)).item()
-    return math.sqrt(2.0) * smearing * x
-
-
-def point_charge_smearing(n_atoms: int, volume: float) -> float:
-    """Ewald splitting for point charges, the classic balance ``α = √π (N/V²)^{1/6}``, ``s = 1/(√2 α)``."""
-    return (volume * volume / max(n_atoms, 1)) ** (1.0 / 6.0) / math.sqrt(2.0 * math.pi)
+        if self.pme_interpolation_nodes is not None and self.pme_interpolation_nodes not in PME_FORCE:
+            raise ValueError(f"pme_interpolation_nodes must be one of {sorted(PME_FORCE)} or None")
 
 
 # --------------------------------------------------------------------------------------------------
 # geometry helpers
+
+
+def reduced_cell(cell: torch.Tensor) -> torch.Tensor:
+    """The same lattice in Minkowski-reduced form (ASE), ``U @ cell`` with integer ``U``, det U = +1.
+
+    A 3D periodic sum does not depend on which basis describes the lattice, but a PME mesh along
+    strongly skewed vectors is larger and less accurate than one along the reduced vectors.
+    Differentiable in ``cell``.
+    """
+    op = _reduction(tuple(float(x) for x in cell.detach().cpu().double().reshape(-1).tolist()))
+    if op is None:
+        return cell
+    return torch.tensor(op, dtype=cell.dtype, device=cell.device) @ cell
+
+
+@lru_cache(maxsize=256)
+def _reduction(cell_key: tuple) -> tuple | None:
+    op = minkowski_reduce(np.array(cell_key).reshape(3, 3))[1]
+    if np.linalg.det(op) < 0:
+        op = -op
+    return None if (op == np.eye(3, dtype=op.dtype)).all() else tuple(map(tuple, op.tolist()))
 
 
 def periodic_dims(pbc: torch.Tensor) -> list[bool]:
@@ -160,23 +174,18 @@ class Electrostatics(torch.nn.Module):
             return "pme" if n_atoms >= self.config.pme_min_atoms else "ewald"
         return method
 
-    def _calculator(self, method: str, smearing: float, like: torch.Tensor) -> Calculator:
-        key = (method, smearing, like.dtype, like.device)
+    def _calculator(self, method: str, smearing: float, like: torch.Tensor, nodes: int = 0) -> Calculator:
+        key = (method, smearing, nodes, like.dtype, like.device)
         if key not in self._calculators:
             if method == "direct":
                 calc = Calculator(GaussianCoulombPotential(smearing, prefactor=COULOMB_CONSTANT))
+            elif method == "ewald":
+                # k-vectors are passed per call (half sphere, see _phi_periodic): lr_wavelength unused
+                pot = HalfSpaceCoulombPotential(smearing=smearing, prefactor=COULOMB_CONSTANT)
+                calc = EwaldCalculator(pot, lr_wavelength=1.0)
             else:
                 pot = CoulombPotential(smearing=smearing, prefactor=COULOMB_CONSTANT)
-                k_cut = kspace_cutoff(smearing, self.config.accuracy)
-                if method == "ewald":
-                    # torch-pme's Ewald box reaches |k| = π / lr_wavelength along each axis
-                    calc = EwaldCalculator(pot, lr_wavelength=math.pi / k_cut)
-                else:
-                    # torch-pme's mesh has ≥ 2L/h + 1 points: Nyquist ≥ 2π/h
-                    spacing = self.config.pme_spacing_factor * 2.0 * math.pi / k_cut
-                    calc = PMECalculator(
-                        pot, mesh_spacing=spacing, interpolation_nodes=self.config.pme_interpolation_nodes
-                    )
+                calc = MeshPMECalculator(pot, interpolation_nodes=nodes)
             self._calculators[key] = calc.to(device=like.device, dtype=like.dtype)
         return self._calculators[key]
 
@@ -213,20 +222,35 @@ class Electrostatics(torch.nn.Module):
         volume = torch.abs(torch.linalg.det(cell))
         if volume.detach().item() < 1e-8:
             raise ValueError("periodic electrostatics needs a cell with nonzero volume")
+        n_atoms, accuracy = positions.shape[0], self.config.accuracy
+        cell = reduced_cell(cell)
         if s_phys > 0.0:
             # Gaussian density: the torch-pme long-range kernel at s = s_phys is the whole interaction
             smearing = s_phys
             pairs = torch.zeros((0, 2), dtype=torch.long, device=positions.device)
             dist = positions.new_zeros(0)
         else:
-            smearing = point_charge_smearing(positions.shape[0], volume.detach().item())
-            pairs, dist = _neighbour_pairs(positions, cell, realspace_cutoff(smearing, self.config.accuracy))
-        calc = self._calculator(method, smearing, positions)
-        # PME holds one mesh per channel: bound its memory by splitting the channels
-        size = x.shape[1] if method == "ewald" else PME_CHANNEL_CHUNK
-        phi = torch.cat(
-            [2.0 * calc(xc, cell, positions, pairs, dist) for xc in torch.split(x, size, dim=1)], 1
-        )
+            alpha = ewald_alpha(n_atoms, volume.detach().item())
+            smearing = 1.0 / (math.sqrt(2.0) * alpha)
+            r_cut = realspace_cutoff(alpha, coulomb_length(n_atoms, volume.detach().item()), accuracy)
+            pairs, dist = _neighbour_pairs(positions, cell, r_cut)
+        beta = smearing / math.sqrt(2.0)  # the k-space kernel is e^{−β²k²}/k²
+        if method == "ewald":
+            calc = self._calculator(method, smearing, positions)
+            kvectors = gd.half_space_kvectors(cell, kspace_cutoff(cell, beta, n_atoms, accuracy))
+            phi = 2.0 * calc(x, cell, positions, pairs, dist, kvectors=kvectors)
+        else:
+            params = pme_parameters(cell, beta, n_atoms, accuracy, self.config.pme_interpolation_nodes)
+            calc = self._calculator(method, smearing, positions, params.nodes)
+            calc.mesh = params.mesh
+            # PME holds one mesh per channel: bound its memory by splitting the channels
+            phi = torch.cat(
+                [
+                    2.0 * calc(xc, cell, positions, pairs, dist)
+                    for xc in torch.split(x, PME_CHANNEL_CHUNK, dim=1)
+                ],
+                1,
+            )
         # torch-pme's background term gives −2πs²Q/V; the k = 0-excluded density gives −2π(s²−s_phys²)Q/V
         return phi + (2.0 * math.pi * COULOMB_CONSTANT * s_phys**2) * x.sum(0, keepdim=True) / volume
 
@@ -291,7 +315,8 @@ class Electrostatics(torch.nn.Module):
         if sum(periodic_dims(pbc)) == 0:
             e = gd.dipole_direct_energy(charges, dipoles, positions, sigma)
             return e + self_energy if self.config.include_self else e
-        k_cut = kspace_cutoff(math.sqrt(2.0) * sigma, self.config.accuracy)
+        cell = reduced_cell(cell)
+        k_cut = kspace_cutoff(cell, sigma, positions.shape[0], self.config.accuracy, dipoles=True)
         e = gd.dipole_kspace_energy(charges, dipoles, positions, cell, sigma, k_cut)
         return e if self.config.include_self else e - self_energy
 
@@ -301,8 +326,10 @@ class Electrostatics(torch.nn.Module):
         sigma = self._require_dipole_width()
         if sum(periodic_dims(pbc)) == 0:
             return gd.dipole_direct_potential(dipoles, positions, sigma, widths)
-        smallest = math.sqrt(sigma**2 + float(widths.min()) ** 2)
-        k_cut = kspace_cutoff(smallest, self.config.accuracy)
+        # the projected kernel is e^{−(σ²+w²)k²/2}: the narrowest width sets the cutoff
+        beta = min(sigma, math.sqrt(0.5 * (sigma**2 + float(widths.min()) ** 2)))
+        cell = reduced_cell(cell)
+        k_cut = kspace_cutoff(cell, beta, positions.shape[0], self.config.accuracy, dipoles=True)
         return gd.dipole_kspace_potential(dipoles, positions, cell, sigma, widths, k_cut)
 
     # ---------------------------------------------------------------- public API

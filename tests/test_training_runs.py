@@ -51,7 +51,8 @@ def _snapshot(run: Path) -> dict[str, bytes]:
 
 
 def _error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
+    # one-line ``warning:`` notes (e.g. underdetermined reference energies) may precede the error
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("warning: ")]
     assert len(lines) == 1, err
     assert lines[0].startswith("error: ") and "Traceback" not in err, err
     return lines[0]

@@ -1,8 +1,10 @@
 """EmlipPhononWorkChain with real pw.x and ph.x: rock-salt NaCl (two-atom cell, 16-atom supercell).
 
-DFT forces of the displaced supercells, DFT Born charges and ε∞ from ph.x, and a formal point-charge
-model (r_max 3.2 Å) through emlip.evaluate with its own Born charges: exact sum rules on the model
-side, physical ranges on the DFT side, figures, and every bad input stopped before any compute.
+DFT forces of the displaced supercells, DFT Born charges and ε∞ from ph.x, and three models through
+emlip.evaluate with their own Born charges: a formal point-charge model (exact sum rules), a small
+``charges`` model trained in the test on pw.x labels of strained and rattled two-atom cells (never on
+the phonon supercells) and its untrained twin. Physical ranges on the DFT side, the trained model
+against DFT and the untrained twin, figures, and every bad input stopped before any compute.
 """
 
 from __future__ import annotations
@@ -10,8 +12,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from ase import units
 from ase.build import bulk
+from validation_helpers import train_on_pw_labels, untrained_twin
 
+from aiida_emlip import schema
 from aiida_emlip.models.io import save_model
 from aiida_emlip.models.model import EmlipModel, ModelConfig
 
@@ -29,6 +34,11 @@ DFT_OVERRIDES = {
     "options": {"max_wallclock_seconds": 900},
 }
 OVERRIDES = {"band_points": 21, "dos_mesh": [6, 6, 6], "ph_tr2": 1.0e-12}
+#: The trained model: a ``charges`` head on a 4-channel, one-interaction backbone whose cutoff fits the
+#: supercell (2 × 3.2 Å ≤ 6.58 Å), energies, forces and Hirshfeld charges, 20 epochs.
+TRAINED_HEAD = {"name": "charges", "correction": "weighted"}
+TRAINED_BACKBONE = {"r_max": 3.2}
+TRAINED_EPOCHS = 20
 
 
 def _model(tmp_path, name: str, head: dict, elements=("Na", "Cl"), r_max: float = 3.2):
@@ -64,12 +74,41 @@ def _builder(pw_code, pseudo_family, **kwargs):
     )
 
 
+def _training_frames():
+    """Six strained (±3 %) and rattled (0.08 Å) two-atom cells: held out from the 16-atom supercells."""
+    from aiida_emlip.structures import strain
+
+    frames = strain(bulk("NaCl", "rocksalt", a=A_NACL), 6, max_strain=0.03, stdev=0.08, seed=3)
+    for atoms in frames:
+        atoms.info["total_charge"] = 0.0
+    return frames
+
+
 @pytest.fixture(scope="module")
-def phonons(pw_code, ph_code, eval_code, pseudo_family, tmp_path_factory):
+def trained(pw_code, pp_code, pseudo_family, train_code):
+    """A small ``charges`` model trained on its own pw.x labels (energies, forces, Hirshfeld charges)."""
+    codes = {"pw": pw_code, "pp": pp_code, "train": train_code}
+    return train_on_pw_labels(
+        _training_frames(),
+        codes,
+        pseudo_family.label,
+        DFT_OVERRIDES,
+        TRAINED_HEAD,
+        epochs=TRAINED_EPOCHS,
+        backbone=TRAINED_BACKBONE,
+    )
+
+
+@pytest.fixture(scope="module")
+def phonons(pw_code, ph_code, eval_code, pseudo_family, trained, tmp_path_factory):
     from aiida.engine import run_get_node
 
     directory = tmp_path_factory.mktemp("phonon-models")
-    models = {"fixed": _model(directory, "fixed", FIXED)}
+    models = {
+        "fixed": _model(directory, "fixed", FIXED),
+        "trained": trained,
+        "untrained": untrained_twin(trained, directory),
+    }
     builder = _builder(pw_code, pseudo_family, models=models, eval_code=eval_code, ph_code=ph_code)
     return run_get_node(builder)
 
@@ -79,7 +118,7 @@ def test_finishes_with_every_output(phonons):
     assert node.is_finished_ok, (node.exit_status, node.exit_message)
     for name in ("setup", "supercells", "dft_dataset", "dft_dielectric", "phonons", "comparison"):
         assert name in results, name
-    assert set(results["predictions"]) == {"fixed"} and set(results["dielectric"]) == {"fixed"}
+    assert set(results["predictions"]) == set(results["dielectric"]) == {"fixed", "trained", "untrained"}
     setup = results["setup"].get_dict()
     assert setup["n_supercell_atoms"] == 16 and len(setup["keys"]) == 2
     assert len(results["dft_dataset"]) == 3  # two displaced supercells and the host cell for ph.x
@@ -122,6 +161,57 @@ def test_model_side_exact_rules(phonons):
     assert np.isfinite(row["frequency_rmse"]) and np.isfinite(row["frequency_rmse_nac"])
     predictions = results["predictions"]["fixed"].to_ase()
     assert [a.info["key"] for a in predictions] == results["setup"]["keys"]
+
+
+def _lo_to_squared(born_na: float, epsilon: float, setup: dict) -> float:
+    """ν_LO² − ν_TO² (THz²) of a cubic diatomic crystal: Z*² e² / (ε0 ε∞ μ V) / (2π)²."""
+    from aiida_emlip.analysis.phonons import unitcell_of
+
+    cell = unitcell_of(setup)
+    masses = cell.get_masses()
+    reduced = masses.prod() / masses.sum()  # amu
+    omega2 = 4 * np.pi * schema.COULOMB_CONSTANT * born_na**2 / (epsilon * reduced * cell.get_volume())
+    return omega2 * units._e / (units._amu * 1e-20) / (2 * np.pi * 1e12) ** 2  # eV/(amu Å²) → THz²
+
+
+def test_trained_model_physics(phonons, trained):
+    """The trained ``charges`` model against DFT and against its untrained twin (same architecture)."""
+    results, _ = phonons
+    setup = results["setup"].get_dict()
+    # held out: the model never saw a 16-atom cell, let alone one of the displaced supercells
+    training = trained.creator.inputs.dataset.to_ase()
+    assert len(training) == 6 and {len(a) for a in training} == {2} and setup["n_supercell_atoms"] == 16
+    comparison = results["comparison"].get_dict()
+    dft, model, untrained = comparison["dft"], comparison["trained"], comparison["untrained"]
+    symbols = setup["unitcell"]["symbols"]
+    na = symbols.index("Na")
+    # Born charges: the sum rule holds exactly, Na is the cation, and a model whose charges were
+    # trained on Hirshfeld charges has Z* close to them (NaCl: q_H ≈ 0.19 e, far below ph.x's 1.14 e)
+    born = np.asarray(results["dielectric"]["trained"]["born_charges"])
+    assert model["born_asr_residual"] == pytest.approx(0.0, abs=1e-10)
+    np.testing.assert_allclose(born[na], born[na, 0, 0] * np.eye(3), atol=1e-8)  # cubic site
+    hirshfeld = np.mean([a.arrays[schema.CHARGES][a.symbols == "Na"].mean() for a in training])
+    assert born[na, 0, 0] > 0.1 and born[na, 0, 0] == pytest.approx(hirshfeld, abs=0.05)
+    assert np.allclose(model["epsilon"], np.eye(3))  # the charges head has no electronic response
+    # Γ: acoustic modes at zero (translational invariance of the model; before the sum rule is imposed,
+    # up to the 1e-8 eV/Å of the forces' extxyz text: 2e-3 THz), the TO mode within 20 % of DFT
+    gamma = np.sort(model["gamma_frequencies"])
+    assert model["acoustic_residual"] < 1e-2 and np.abs(gamma[:3]).max() < 1e-3
+    to_dft, to_model = np.sort(dft["gamma_frequencies"])[3], gamma[3]
+    assert 0.8 < to_model / to_dft < 1.25, (to_model, to_dft)
+    assert np.sort(untrained["gamma_frequencies"])[3] < 0.5 * to_dft  # untrained: no stable TO mode
+    # LO–TO from each method's own Z* and ε∞: ν_LO² − ν_TO² = Z*² e² / (ε0 ε∞ μ V) (cubic diatomic)
+    for row, z, eps in (
+        (dft, results["dft_dielectric"]["born_charges"][na][0][0], dft["epsilon"][0][0]),
+        (model, born[na, 0, 0], 1.0),
+    ):
+        to, lo = max(row["gamma_frequencies"]), max(row["gamma_frequencies_nac"])
+        assert lo**2 - to**2 == pytest.approx(_lo_to_squared(z, eps, setup), rel=1e-3)
+    assert 0.05 < model["lo_to_splitting"] < 0.5 * dft["lo_to_splitting"]
+    # bands along the whole path: training halves the error of the untrained twin at least
+    assert model["frequency_rmse"] < 2.0 and model["frequency_rmse"] < 0.5 * untrained["frequency_rmse"]
+    assert model["frequency_rmse_nac"] < 0.5 * untrained["frequency_rmse_nac"]
+    assert model["max_net_force"] < 1e-7
 
 
 def test_figures(phonons):

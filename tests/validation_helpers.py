@@ -1,4 +1,4 @@
-"""Models for the validation workchain tests: silent-backbone models, a small qeq trained on pw.x labels."""
+"""Models for the validation workchain tests: silent-backbone models, small models trained on pw.x labels."""
 
 from __future__ import annotations
 
@@ -40,6 +40,28 @@ def train_qeq_on_pw_labels(
 
     ``codes``: ``pw``, ``pp``, ``train``. Energies, forces and charges are supervised; 30 epochs.
     """
+    electrostatics = None if sigma is None else {"sigma": sigma}
+    return train_on_pw_labels(
+        frames, codes, pseudo_family, dft_overrides, {"name": "qeq"}, electrostatics=electrostatics
+    )
+
+
+def train_on_pw_labels(
+    frames,
+    codes: dict,
+    pseudo_family: str,
+    dft_overrides: dict,
+    head: dict,
+    epochs: int = 30,
+    backbone: dict | None = None,
+    electrostatics: dict | None = None,
+):
+    """Label ``frames`` with pw.x (Hirshfeld charges with pp.x), then train a small model of ``head``.
+
+    ``codes``: ``pw``, ``pp``, ``train``. Energies, forces and charges are supervised. The backbone is
+    the demo's with 4 channels and one interaction, updated by ``backbone``. The training dataset is
+    the model's ``creator.inputs.dataset``.
+    """
     from aiida import orm
     from aiida.engine import run_get_node
 
@@ -54,12 +76,12 @@ def train_qeq_on_pw_labels(
     builder.pp_code = codes["pp"]
     labels, node = run_get_node(builder)
     assert node.is_finished_ok and len(labels["dataset"].to_ase()) == len(frames), node.exit_message
-    config = design_config({"name": "qeq"}, epochs=30)
+    config = design_config(head, epochs=epochs)
     config["data"] = {"valid_fraction": 0.0, "test_fraction": 0.0, "batch_size": 2}
     config["loss"] = {"energy": 10.0, "forces": 1.0, "charges": 10.0}
-    config["model"]["backbone"].update(num_channels=4, num_interactions=1, mlp_hidden=4)
-    if sigma is not None:
-        config["model"]["electrostatics"] = {"sigma": sigma}
+    config["model"]["backbone"].update(num_channels=4, num_interactions=1, mlp_hidden=4, **(backbone or {}))
+    if electrostatics is not None:
+        config["model"]["electrostatics"] = dict(electrostatics)
     train = EmlipTrainCalculation.get_builder()
     train.code = codes["train"]
     train.dataset = labels["dataset"]
@@ -68,3 +90,17 @@ def train_qeq_on_pw_labels(
     results, node = run_get_node(train)
     assert node.is_finished_ok, node.exit_message
     return results["model"]
+
+
+def untrained_twin(model, tmp_path: Path, seed: int = 0):
+    """A stored model of the same configuration (architecture, head, electrostatics) as ``model``,
+    with random weights (``seed``): the baseline a trained model must beat."""
+    import torch
+
+    from aiida_emlip.data.model import EmlipModelData
+    from aiida_emlip.models.io import save_model
+    from aiida_emlip.models.model import EmlipModel, ModelConfig
+
+    torch.manual_seed(seed)
+    twin = EmlipModel(ModelConfig.from_dict(model.base.attributes.get("config")))
+    return EmlipModelData(save_model(twin, tmp_path / f"untrained-{model.pk}.safetensors")).store()

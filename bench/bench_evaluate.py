@@ -11,18 +11,24 @@
     while waiting. Target: ≤ 1.2 for a ~30 s evaluation.
 (b) MD throughput: velocity-Verlet steps per second of :class:`~aiida_emlip.models.calculator.EmlipCalculator`
     (energy, forces, stress and charges every step) on water boxes for the heads ``sr``, ``charges``,
-    ``qeq`` and ``scf``, as the ratio to ``sr``. Backbone as in bench_heads.py (8 channels,
-    2 interactions, r_max 5 Å, float32, untrained weights; SCF iterations depend on them and are
+    ``qeq`` and ``scf``, as the ratio to ``sr``, for one or both backbones (``--backbones``): ``tiny``
+    as in bench_heads.py (8 channels, correlation 2, 2 interactions, r_max 5 Å) and ``realistic``
+    (64 channels, l ≤ 1 features, max_ell 3, correlation 3, 2 interactions, r_max 5 Å, the size of a
+    production MACE model); float32, untrained weights (SCF iterations depend on them and are
     printed). The heads alternate over ``--rounds`` rounds of ``--steps`` steps and each keeps its best
-    round, so that a burst of load on a shared machine does not land on one head only. Targets (as
-    bench_heads.py for one energy+force evaluation): charges ≥ 1/1.3, qeq ≥ 1/1.6, scf ≥ 1/2.5 of sr's
-    steps per second.
+    round, so that a burst of load on a shared machine does not land on one head only. The peak
+    resident memory of the process is printed after each box. Targets (as bench_heads.py for one
+    energy+force evaluation): charges ≥ 1/1.3, qeq ≥ 1/1.6, scf ≥ 1/2.5 of sr's steps per second.
 
 Usage::
 
     python bench/bench_evaluate.py [--device auto|cpu|cuda] [--sizes 1000,5000] [--steps 2]
-                                   [--heads sr,charges,qeq,scf] [--rounds 3] [--eval-steps 40] [--repeats 2]
-                                   [--skip-overhead] [--skip-md] [--json out.json]
+                                   [--heads sr,charges,qeq,scf] [--backbones tiny,realistic] [--rounds 3]
+                                   [--eval-steps 40] [--repeats 2] [--skip-overhead] [--skip-md]
+                                   [--json out.json]
+
+Threads: torch follows ``OMP_NUM_THREADS`` (e.g. ``OMP_NUM_THREADS=1`` for one core); the count used
+is printed.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -49,6 +56,15 @@ MD_HEADS = {
     "scf": {"name": "scf", "on_failure": "flag"},
 }
 MD_TARGETS = {"charges": 1 / 1.3, "qeq": 1 / 1.6, "scf": 1 / 2.5}
+#: Backbones of the MD table: bench_heads.py's tiny one and one of a production model's size.
+REALISTIC_BACKBONE = {
+    "num_channels": 64,
+    "max_L": 1,
+    "max_ell": 3,
+    "correlation": 3,
+    "num_interactions": 2,
+    "r_max": 5.0,
+}
 OVERHEAD_TARGET = 1.2
 WATER_ATOMS = {1000: 333, 5000: 1667}  # molecules → 999 and 5001 atoms
 SMALL_BOX = 24  # molecules of the overhead workload (72 atoms)
@@ -62,16 +78,22 @@ def water_box(n_mol: int):
     return bench_heads.structure("water", f"{n_mol} molecules")
 
 
-def make_model(head: dict, path: Path | None = None, dtype: str = "float32"):
-    import torch
+def backbones() -> dict[str, dict]:
+    """Backbone name -> configuration (``tiny`` is bench_heads.py's)."""
     from bench_heads import BACKBONE
+
+    return {"tiny": BACKBONE, "realistic": REALISTIC_BACKBONE}
+
+
+def make_model(head: dict, path: Path | None = None, dtype: str = "float32", backbone: str = "tiny"):
+    import torch
 
     from aiida_emlip.models.io import save_model
     from aiida_emlip.models.model import EmlipModel, ModelConfig
 
     torch.manual_seed(0)
     model = EmlipModel(
-        ModelConfig(elements=["H", "O", "Na", "Cl"], head=head, backbone=BACKBONE, dtype=dtype)
+        ModelConfig(elements=["H", "O", "Na", "Cl"], head=head, backbone=backbones()[backbone], dtype=dtype)
     )
     if path is not None:
         save_model(model, path)
@@ -188,7 +210,7 @@ def overhead(eval_steps: int, device: str, repeats: int) -> dict:
 class MDRun:
     """Velocity-Verlet MD of one head on one box, kept alive so that it can be timed in rounds."""
 
-    def __init__(self, head: str, atoms, device: str) -> None:
+    def __init__(self, head: str, atoms, device: str, backbone: str = "tiny") -> None:
         import numpy as np
         from ase import units
         from ase.md.verlet import VelocityVerlet
@@ -196,7 +218,7 @@ class MDRun:
         from aiida_emlip.models.calculator import EmlipCalculator
         from aiida_emlip.training.dynamics import thermalize_momenta
 
-        self.calc = EmlipCalculator(make_model(MD_HEADS[head]), device=device)
+        self.calc = EmlipCalculator(make_model(MD_HEADS[head], backbone=backbone), device=device)
         self.atoms = atoms.copy()
         thermalize_momenta(self.atoms, temperature_K=300, rng=np.random.default_rng(0))
         self.atoms.calc = self.calc
@@ -225,21 +247,35 @@ class MDRun:
         return cost
 
 
-def md_table(sizes: list[int], steps: int, device: str, heads: list[str], rounds: int) -> dict:
+def peak_memory_gb(device: str) -> float:
+    """Peak memory so far: the process's resident set on the CPU, allocated memory on CUDA (GB)."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
+
+
+def md_table(
+    sizes: list[int], steps: int, device: str, heads: list[str], rounds: int, backbone: str = "tiny"
+) -> dict:
     """Steps per second per head and size; heads alternate over ``rounds``, the best round counts."""
+    import torch
+
     from aiida_emlip.models.io import resolve_device
 
     device = str(resolve_device(device))
     results: dict = {}
     print(
-        f"\n(b) MD steps per second of the ASE calculator (velocity Verlet, {device}; {steps} timed "
-        f"step(s) per head per round, heads alternating, best of {rounds} round(s))"
+        f"\n(b) MD steps per second of the ASE calculator (velocity Verlet, {device}, "
+        f"{torch.get_num_threads()} thread(s); {backbone} backbone {backbones()[backbone]}; {steps} timed "
+        f"step(s) per head per round after one warm-up step, heads alternating, best of {rounds} round(s))"
     )
     print(f"  {'atoms':>6} {'head':8} {'s/step':>8} {'steps/s':>8} {'vs sr':>6} {'SCF it.':>7}  target")
     order = ["sr", *[h for h in heads if h != "sr"]]
     for size in sizes:
         atoms = water_box(WATER_ATOMS.get(size, round(size / 3)))
-        runs = {head: MDRun(head, atoms, device) for head in order}
+        runs = {head: MDRun(head, atoms, device, backbone) for head in order}
         rounds_seen: dict[str, list[float]] = {head: [] for head in order}
         for _ in range(rounds):
             for head in order:
@@ -259,9 +295,25 @@ def md_table(sizes: list[int], steps: int, device: str, heads: list[str], rounds
             target = MD_TARGETS.get(head)
             note = f">= {target:.2f}: {verdict(ratio, target)}" if target else ""
             it_text = f"{rows[head]['iterations']:7.1f}" if its else f"{'-':>7}"
-            print(f"  {len(atoms):6d} {head:8} {cost:8.3f} {1 / cost:8.3f} {ratio:6.2f} {it_text}  {note}")
-        results[str(len(atoms))] = rows
-    return {"device": device, "steps": steps, "rounds": rounds, "sizes": results}
+            spread = "/".join(f"{t:.3g}" for t in rounds_seen[head])
+            print(
+                f"  {len(atoms):6d} {head:8} {cost:8.3f} {1 / cost:8.3f} {ratio:6.2f} {it_text}  {note}"
+                f"  (rounds {spread} s)",
+                flush=True,
+            )
+        memory = peak_memory_gb(device)
+        print(f"  peak memory so far: {memory:.2f} GB", flush=True)
+        results[str(len(atoms))] = {"heads": rows, "peak_memory_gb": memory}
+        del runs
+    return {
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "backbone": backbone,
+        "backbone_config": backbones()[backbone],
+        "steps": steps,
+        "rounds": rounds,
+        "sizes": results,
+    }
 
 
 def main() -> None:
@@ -272,6 +324,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="1000,5000", help="water-box sizes in atoms (default 1000,5000)")
     parser.add_argument("--steps", type=int, default=2, help="timed MD steps per head, size and round")
     parser.add_argument("--heads", default=",".join(MD_HEADS), help="heads of the MD table (sr always)")
+    parser.add_argument(
+        "--backbones", default="tiny", help="backbones of the MD table: tiny, realistic or tiny,realistic"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="rounds over the heads; the best counts")
     parser.add_argument("--eval-steps", type=int, default=40, help="MD steps of the overhead workload")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each side of the overhead comparison")
@@ -287,7 +342,13 @@ def main() -> None:
             unknown = sorted(set(heads) - set(MD_HEADS))
             if unknown:
                 raise SystemExit(f"unknown heads {unknown}; known: {list(MD_HEADS)}")
-            results["md"] = md_table(sizes, args.steps, args.device, heads, args.rounds)
+            names = [b for b in args.backbones.split(",") if b.strip()]
+            unknown = sorted(set(names) - set(backbones()))
+            if unknown:
+                raise SystemExit(f"unknown backbones {unknown}; known: {list(backbones())}")
+            results["md"] = {
+                name: md_table(sizes, args.steps, args.device, heads, args.rounds, name) for name in names
+            }
         if not args.skip_overhead:
             results["overhead"] = overhead(args.eval_steps, args.device, args.repeats)
     finally:

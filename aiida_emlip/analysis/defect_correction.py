@@ -106,7 +106,7 @@ def flat_potentials(grid: Sequence[int]) -> dict[int, np.ndarray]:
     return {axis: np.zeros(int(grid[axis])) for axis in range(3)}
 
 
-def method_corrections(
+def state_corrections(
     cell: np.ndarray,
     charges: Sequence[float],
     dielectric: float,

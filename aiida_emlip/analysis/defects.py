@@ -172,7 +172,7 @@ def method_corrections(
     totals, breakdown = {}, {}
     for method, (method_host, method_defects) in per_method.items():
         states = [q for q in charges if q == 0 or q in method_defects]
-        result = defect_correction.method_corrections(
+        result = defect_correction.state_corrections(
             cell, states, eps, fractional, method_host, method_defects
         )
         totals[method] = {q: r["total"] for q, r in result.items()}

@@ -505,7 +505,7 @@ class EmlipChargedDefectWorkChain(EmlipValidationWorkChain):
             "shell_tolerance": float(self.ctx.inputs["shell_tolerance"]),
             "fermi_points": int(self.ctx.inputs["fermi_points"]),
             "sigmas": {
-                label: model_side.model_sigma(self.inputs.models[label].base.attributes.get("config", {}))
+                label: model_side.model_sigma(self.inputs.models[label])
                 for label in self.ctx.get("predictions", {})
             },
         }

@@ -28,8 +28,9 @@ def formal_charge_heads(model: orm.Data) -> dict[str, float] | None:
     return {str(k): float(v) for k, v in (head.get("formal_charges") or {}).items()}
 
 
-def model_sigma(config: dict[str, Any]) -> float:
-    """Width (Å) of a model's Gaussian charges, from its config (the library default when unset)."""
+def model_sigma(model: orm.Data) -> float:
+    """Width (Å) of an ``emlip.model``'s Gaussian charges, from its config (library default when unset)."""
+    config = model.base.attributes.get("config", {}) or {}
     electrostatics = dict(config.get("electrostatics") or {})
     if "sigma" in electrostatics:
         return float(electrostatics["sigma"])

@@ -212,9 +212,7 @@ class EmlipInterfaceWorkChain(EmlipValidationWorkChain):
         predictions = self.ctx.get("predictions", {})
         models = self.inputs.get("models", {})
         settings = {
-            "sigmas": {
-                label: model_sigma(models[label].base.attributes.get("config", {})) for label in predictions
-            },
+            "sigmas": {label: model_sigma(models[label]) for label in predictions},
             "tolerances": dict(self.ctx.inputs["tolerances"]),
         }
         nodes = {f"predictions_{k}": v for k, v in predictions.items()}

@@ -129,14 +129,22 @@ def long_range_set(
     cell: Sequence[float] = (8.0, 8.0, 18.0),
     rattle: float = 0.02,
     seed: int = 0,
+    systems: Sequence[str] | None = None,
 ) -> list[Atoms]:
     """Li⁺ and F⁻ approaching a water molecule in charged cells, and a neutral water pair.
 
     Each system spans closest-atom separations from its bonding distance to ``max_separation`` Å, far
     beyond a 4–5 Å cutoff: the data on which a local model must fail and an electrostatic one need not.
+    ``systems`` picks some of them by their first fragment (``"Li"``, ``"F"``, ``"H2O"``; default all).
     """
+    known = [system[0] for system in LONG_RANGE_SYSTEMS]
+    unknown = sorted(set(systems or ()) - set(known))
+    if unknown:
+        raise ValueError(f"unknown long-range systems {unknown}; known: {', '.join(known)}")
     frames: list[Atoms] = []
     for i, (first, second, charge, closest) in enumerate(LONG_RANGE_SYSTEMS):
+        if systems is not None and first not in systems:
+            continue
         separations = np.linspace(closest, max_separation, n_separations)
         frames += fragment_pair_scan(
             first,

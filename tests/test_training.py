@@ -106,6 +106,9 @@ def test_stages_chain_modes_and_weights(tmp_path):
     rows = metrics["history"]
     assert [r["stage"] for r in rows] == ["first", "late", "late"]
     assert [r["scf_mode"] for r in rows] == ["unrolled", "implicit", "implicit"]
+    # a head that does not iterate: its log names the stage, not an SCF mode
+    log = (trainer.output_dir / "train.log").read_text()
+    assert "epoch 1 (first) train" in log and "unrolled" not in log and "implicit" not in log
     assert rows[1]["lr"] == pytest.approx(0.001)
     assert trainer.config.weights_at_stage(1)["energy"] == 1000.0
     assert trainer.config.weights_at_stage(1)["forces"] == 1.0

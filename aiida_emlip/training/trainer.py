@@ -486,8 +486,9 @@ class Trainer:
         for quantity in LOSS_QUANTITIES:
             row[f"valid_rmse_{quantity}"] = summary.get(quantity, {}).get("all", {}).get("rmse", float("nan"))
         pos.history.append(row)
+        mode = f", {scf_mode}" if self._self_consistent() else ""
         self.progress.log(
-            f"epoch {pos.epoch + 1} ({row['stage']}, {scf_mode}) "
+            f"epoch {pos.epoch + 1} ({row['stage']}{mode}) "
             f"train {train_loss:.5g} valid {valid_loss:.5g} lr {lr:.3g}"
         )
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -603,7 +604,10 @@ class Trainer:
             if self.ema is not None:
                 self.ema.swap(self.model)
         table = (
-            format_table(test_table.summary(), "test-set errors (scf_mode converge)")
+            format_table(
+                test_table.summary(),
+                "test-set errors (scf_mode converge)" if self._self_consistent() else "test-set errors",
+            )
             if self.test
             else "no test split"
         )

@@ -138,3 +138,16 @@ def test_export_and_reproduce_in_a_fresh_profile(study, emlip_cli, tmp_path):
     assert "The new results match the archived ones" in out, out
     cached, total = map(int, re.search(r"(\d+) of (\d+) calculations reused from the cache", out).groups())
     assert cached == total and total >= 8  # 6 pw.x, 2 trainings, 2 evaluations
+
+
+def test_status_reads_epoch_lines_of_every_head():
+    """``status`` reads emlip-train's epoch line with and without an SCF mode (only SCF heads log one)."""
+    from aiida_emlip.cli.study_status import _epoch_text
+
+    plain = "[12:00:01] epoch 3 (main) train 0.61 valid 0.52 lr 0.001\n"
+    scf = (
+        "[12:00:01] epoch 7 (implicit, implicit) train 0.4 valid 0.3 lr 0.001\r[12:00:02] epoch 8 (main) x\n"
+    )
+    assert _epoch_text(plain) == "epoch 3 (main), validation loss 0.52"
+    assert _epoch_text(scf) == "epoch 7 (implicit), validation loss 0.3"
+    assert _epoch_text("stage 0 'main': 3 epochs\n") is None

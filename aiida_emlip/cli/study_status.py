@@ -12,7 +12,8 @@ from aiida.common.links import LinkType
 
 from aiida_emlip.cli.study_common import STUDY_ENTRY_POINT
 
-EPOCH_LINE = re.compile(r"epoch (\d+) \(([^,]+), \w+\) train (\S+) valid (\S+)")
+#: emlip-train's epoch line: ``epoch N (stage[, scf mode]) train L valid L ...`` (the mode for SCF heads)
+EPOCH_LINE = re.compile(r"epoch (\d+) \(([^,)]+)(?:, \w+)?\) train (\S+) valid (\S+)")
 
 
 def _state(node: orm.ProcessNode) -> str:

@@ -29,6 +29,7 @@ from aiida_emlip.data import EmlipDatasetData
 from aiida_emlip.data.model import EmlipModelData
 from aiida_emlip.spec import design_config, dft_configuration_count, held_out_geometries
 from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain
+from aiida_emlip.workflows.process_state import how_it_ended
 from aiida_emlip.workflows.study_functions import compare_study, sample_study, split_study, study_report
 from aiida_emlip.workflows.study_registry import VALIDATIONS, Context
 from aiida_emlip.workflows.training import EmlipTrainingWorkChain
@@ -160,7 +161,7 @@ class EmlipStudyWorkChain(WorkChain):
         node = self.ctx.dft
         if "dataset" not in node.outputs:
             return self.exit_codes.ERROR_DFT_FAILED.format(
-                message=f"{node.process_label}<{node.pk}> exit status {node.exit_status}"
+                message=f"{node.process_label}<{node.pk}> {how_it_ended(node)}"
             )
         self.out("dataset", node.outputs.dataset)
         self.report(f"DFT: {len(node.outputs.dataset)} configurations labelled")
@@ -274,12 +275,12 @@ class EmlipStudyWorkChain(WorkChain):
                 self.ctx.summaries[label] = calc.outputs.summary
                 self.out(f"predictions.{label}", calc.outputs.predictions)
             if not calc.is_finished_ok:
-                self.ctx.failed.append(f"held-out predictions of {label} (exit status {calc.exit_status})")
+                self.ctx.failed.append(f"held-out predictions of {label} ({how_it_ended(calc)})")
         for name in self.ctx.spec.get("validations", {}):
             node = self.ctx[f"validate_{name}"]
             entry = VALIDATIONS[name]
             if not node.is_finished_ok:
-                self.ctx.failed.append(f"validation {name} (exit status {node.exit_status})")
+                self.ctx.failed.append(f"validation {name} ({how_it_ended(node)})")
             if "comparison" in node.outputs:
                 self.ctx.validations[name] = node.outputs.comparison
                 self.out(f"validations.{name}", node.outputs.comparison)

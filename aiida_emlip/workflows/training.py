@@ -9,6 +9,7 @@ from aiida.engine import ToContext, WorkChain, calcfunction, if_
 
 from aiida_emlip.data.dataset import EmlipDatasetData
 from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain
+from aiida_emlip.workflows.process_state import how_it_ended
 from aiida_emlip.workflows.train_base import EmlipTrainBaseWorkChain
 
 
@@ -116,7 +117,7 @@ class EmlipTrainingWorkChain(WorkChain):
         node = self.ctx.labels
         if "dataset" not in node.outputs:
             return self.exit_codes.ERROR_DATASET_FAILED.format(
-                message=f"{node.process_label}<{node.pk}> exit status {node.exit_status}"
+                message=f"{node.process_label}<{node.pk}> {how_it_ended(node)}"
             )
         self.ctx.training_set = node.outputs.dataset
         self.report(
@@ -148,7 +149,7 @@ class EmlipTrainingWorkChain(WorkChain):
             node = self.ctx[f"train_{label}"]
             if not node.is_finished_ok:
                 failed.append(label)
-                self.report(f"design {label}: {node.process_label}<{node.pk}> exit status {node.exit_status}")
+                self.report(f"design {label}: {node.process_label}<{node.pk}> {how_it_ended(node)}")
                 continue
             self.out(f"models.{label}", node.outputs.model)
             self.out(f"metrics.{label}", node.outputs.metrics)

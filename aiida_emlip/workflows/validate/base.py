@@ -18,6 +18,7 @@ from aiida_emlip.data import EmlipDatasetData
 from aiida_emlip.data.model import EmlipModelData
 from aiida_emlip.workflows import protocol as protocols
 from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain
+from aiida_emlip.workflows.process_state import how_it_ended
 
 from . import evaluate as model_side
 from .steps import ValidationSteps, merge_protocols
@@ -139,7 +140,7 @@ class EmlipValidationWorkChain(ValidationSteps, protocols.EmlipProtocolMixin, Wo
         node = self.ctx.dft
         if "dataset" not in node.outputs:
             return self.exit_codes.ERROR_DFT_FAILED.format(
-                message=f"{node.process_label}<{node.pk}> exit status {node.exit_status}, no dataset"
+                message=f"{node.process_label}<{node.pk}> {how_it_ended(node)}, no dataset"
             )
         return node.outputs.dataset
 
@@ -152,7 +153,7 @@ class EmlipValidationWorkChain(ValidationSteps, protocols.EmlipProtocolMixin, Wo
             predictions = model_side.predictions(calc)
             if predictions is None:
                 self.ctx.failed_models.append(label)
-                self.report(f"model {label}: {calc.process_label}<{calc.pk}> exit status {calc.exit_status}")
+                self.report(f"model {label}: {calc.process_label}<{calc.pk}> {how_it_ended(calc)}")
                 continue
             if not calc.is_finished_ok:
                 self.report(f"model {label}: exit status {calc.exit_status}; unconverged structures left out")

@@ -26,6 +26,7 @@ from aiida_emlip.models.backbone import BackboneConfig
 from aiida_emlip.models.heads.base import head_capabilities
 from aiida_emlip.workflows import protocol as protocols
 from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain
+from aiida_emlip.workflows.process_state import how_it_ended
 
 from . import evaluate as model_side
 from .phonon_functions import (
@@ -371,7 +372,7 @@ class EmlipPhononWorkChain(ValidationSteps, protocols.EmlipProtocolMixin, WorkCh
         node = self.ctx.dft
         if "dataset" not in node.outputs:
             return self.exit_codes.ERROR_DFT_FAILED.format(
-                message=f"{node.process_label}<{node.pk}> exit status {node.exit_status}, no dataset"
+                message=f"{node.process_label}<{node.pk}> {how_it_ended(node)}, no dataset"
             )
         dataset = node.outputs.dataset
         keys = {a.info.get("key") for a in dataset.to_ase()}
@@ -445,7 +446,7 @@ class EmlipPhononWorkChain(ValidationSteps, protocols.EmlipProtocolMixin, WorkCh
             calc = self.ctx[f"evaluate_{label}"]
             if "predictions" not in calc.outputs or not calc.is_finished_ok:
                 self.ctx.failed_models.append(label)
-                self.report(f"model {label}: {calc.process_label}<{calc.pk}> exit status {calc.exit_status}")
+                self.report(f"model {label}: {calc.process_label}<{calc.pk}> {how_it_ended(calc)}")
                 continue
             self.ctx.predictions[label] = calc.outputs.predictions
             self.out(f"predictions.{label}", calc.outputs.predictions)

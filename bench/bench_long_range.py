@@ -117,28 +117,50 @@ def split_data(data: Path, workdir: Path, seed: int, test_fraction: float = 0.2)
     return train, test
 
 
-def train(data: Path, workdir: Path, designs: list[str], epochs: int, seed: int) -> None:
-    """Train every design on the same split with the same backbone, epochs and seed."""
+def train_one(name: str, train_file: Path, test_file: Path, workdir: Path, epochs: int, seed: int) -> float:
+    """Train design ``name`` into ``workdir/name``; return the wall time in seconds."""
     import ase.io
 
     from aiida_emlip.training.config import parse_config
     from aiida_emlip.training.presets import preset_config
     from aiida_emlip.training.trainer import Trainer
 
-    train_file, test_file = split_data(data, workdir, seed)
     frames = ase.io.read(train_file, ":")
     labels = {k for a in frames for k in (*a.info, *a.arrays)}
     elements = sorted({s for a in frames for s in a.get_chemical_symbols()})
-    for name in designs:
-        values = preset_config(
-            name, labels=labels, epochs=epochs, elements=elements, backbone=BACKBONE, seed=seed, batch_size=4
-        )
-        values["data"].update(train=str(train_file), test=str(test_file), valid_fraction=0.1)
-        values["output_dir"] = str(workdir / name)
-        values["progress"] = "log"
-        start = time.perf_counter()
-        Trainer(parse_config(values)).run()
-        print(f"{name}: trained in {time.perf_counter() - start:.0f} s", flush=True)
+    values = preset_config(
+        name, labels=labels, epochs=epochs, elements=elements, backbone=BACKBONE, seed=seed, batch_size=4
+    )
+    values["data"].update(train=str(train_file), test=str(test_file), valid_fraction=0.1)
+    values["output_dir"] = str(workdir / name)
+    values["progress"] = "log"
+    start = time.perf_counter()
+    Trainer(parse_config(values)).run()
+    return time.perf_counter() - start
+
+
+def train(data: Path, workdir: Path, designs: list[str], epochs: int, seed: int, jobs: int = 1) -> None:
+    """Train every design on the same split with the same backbone, epochs and seed.
+
+    ``jobs`` > 1 trains that many designs at once, each in its own process on one thread.
+    """
+    train_file, test_file = split_data(data, workdir, seed)
+    if jobs <= 1:
+        for name in designs:
+            seconds = train_one(name, train_file, test_file, workdir, epochs, seed)
+            print(f"{name}: trained in {seconds:.0f} s", flush=True)
+        return
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        args = (train_file, test_file, workdir, epochs, seed)
+        futures = {name: pool.submit(train_one, name, *args) for name in designs}
+        for name, future in futures.items():
+            print(f"{name}: trained in {future.result():.0f} s (one of {jobs} at once)", flush=True)
 
 
 def report(workdir: Path, designs: list[str], cutoff: float) -> dict:
@@ -208,6 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", type=Path, default=Path("long-range-runs"))
     parser.add_argument("--epochs", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=1, help="designs trained at once (train)")
     parser.add_argument("--designs", nargs="+", default=None, help="presets to train (default: all)")
     args = parser.parse_args(argv)
     from aiida_emlip.training.presets import PRESETS
@@ -216,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.stage in ("label", "all"):
         label(args.data, args.quick, args.separations, args.orientations, tuple(args.systems))
     if args.stage in ("train", "all"):
-        train(args.data, args.workdir, designs, args.epochs, args.seed)
+        train(args.data, args.workdir, designs, args.epochs, args.seed, args.jobs)
     if args.stage in ("report", "all"):
         report(args.workdir, designs, BACKBONE["r_max"])
 

@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 # `make test` (CI) leaves out the tests marked slow and runs on two workers, one test file each
 # (module fixtures stay shared); `make test-all` runs every test. PYTEST_ARGS= runs serially.
-PYTEST_ARGS ?= -m "not slow" -n 2 --dist loadfile
+PYTEST_ARGS ?= -m "not slow" -n 2 --dist loadfile --durations=25
 STAMPS := .stamps
 HASH := $(shell (cat pyproject.toml; echo "$(TORCH_SPEC)") | sha256sum | cut -c1-16)
 INSTALL_STAMP := $(STAMPS)/install-$(HASH)

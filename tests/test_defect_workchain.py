@@ -24,7 +24,7 @@ def nacl_cube():
 
 
 def test_parse_band_edges():
-    from aiida_emlip.workflows.functions import parse_band_edges
+    from aiida_emlip.parsers.pw import parse_band_edges
 
     text = "     highest occupied, lowest unoccupied level (ev):    -1.1886    2.1256\n"
     assert parse_band_edges("junk\n" + text) == (-1.1886, 2.1256)

@@ -47,6 +47,9 @@ POSTPROCESS = {
         {"resources": {"num_machines": 1, "num_mpiprocs_per_machine": 1}},
     ),
 }
+#: The pw.x parser: aiida-quantumespresso's, plus the dipole and band edges of the stdout.
+PW_PARSER = "emlip.pw"
+
 #: ``atoms.info`` keys carried from the input configurations into the per-configuration metadata.
 CARRIED_INFO = ("sampler", "seed", "sampler_params", schema.CONFIG_TYPE)
 
@@ -397,7 +400,7 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WorkChain):
             builder.pw.structure = structure
             builder.pw.parameters = orm.Dict(config["parameters"])
             builder.pw.pseudos = self._pseudos(structure)
-            builder.pw.metadata.options = dict(inputs["options"])
+            builder.pw.metadata.options = {**inputs["options"], "parser_name": PW_PARSER}
             builder.kpoints = kpoints
             builder.max_iterations = orm.Int(int(inputs["max_iterations"]))
             # post-processing reads the pw.x folders: then they are cleaned in on_terminated instead
@@ -661,7 +664,6 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WorkChain):
             nodes[f"structure_{key}"] = orm.load_node(self.ctx.configs[key]["structure"])
             nodes[f"parameters_{key}"] = orm.load_node(uuids["parameters"])
             nodes[f"trajectory_{key}"] = orm.load_node(uuids["trajectory"])
-            nodes[f"retrieved_{key}"] = orm.load_node(uuids["retrieved"])
             if "vacuum" in uuids:
                 nodes[f"vacuum_{key}"] = orm.load_node(uuids["vacuum"])
             if "hirshfeld" in uuids:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import numpy as np
@@ -22,9 +21,6 @@ GPA_IN_EV_PER_A3 = 1.0 / 160.21766208
 DEBYE_IN_E_A = 0.20819434
 #: Sign between pw.x's printed dipole (dipfield) and the physical dipole (ions − electrons), pinned by tests.
 QE_DIPOLE_SIGN = 1.0
-_DIPOLE_RE = re.compile(r"Dipole\s+[-+.\dEe]+\s+Ry au,\s+([-+.\dEe]+)\s+Debye")
-_LEVELS_RE = re.compile(r"highest occupied, lowest unoccupied level \(ev\):\s+([-+.\dEe]+)\s+([-+.\dEe]+)")
-_HOMO_RE = re.compile(r"highest occupied level \(ev\):\s+([-+.\dEe]+)")
 
 
 @calcfunction
@@ -41,42 +37,12 @@ def split_configurations(configurations: EmlipDatasetData) -> dict[str, orm.Stru
     return {f"c{i:04d}": orm.StructureData(ase=atoms) for i, atoms in enumerate(configurations.to_ase())}
 
 
-def parse_dipole_debye(stdout: str) -> float | None:
-    """Return the last dipole (Debye, along ``edir``) that pw.x printed with ``dipfield``, or None.
+def _labels(meta: dict[str, Any], parameters: orm.Dict, trajectory: orm.TrajectoryData, atoms: Atoms) -> None:
+    """Write the pw.x labels of one configuration into ``atoms.info`` / ``atoms.arrays`` (schema keys).
 
-    pw.x 6.7 prints ``Computed dipole along edir(3) :`` and on the next line
-    ``Dipole  <x> Ry au,  <y> Debye``; aiida-quantumespresso 5.1 expects another layout and misses it.
+    ``parameters`` is the ``output_parameters`` of the ``emlip.pw`` parser (band edges and the dipole
+    included).
     """
-    value = None
-    lines = stdout.splitlines()
-    for i, line in enumerate(lines):
-        if "Computed dipole along edir" in line:
-            for follow in lines[i + 1 : i + 4]:
-                match = _DIPOLE_RE.search(follow)
-                if match:
-                    value = float(match.group(1))
-                    break
-    return value
-
-
-def parse_band_edges(stdout: str) -> tuple[float | None, float | None]:
-    """Return (highest occupied, lowest unoccupied level) in eV from pw.x's last report, None if absent.
-
-    pw.x prints both with fixed occupations when ``nbnd`` exceeds the occupied bands, otherwise only the
-    highest occupied level (measured from the cell-average electrostatic potential, like every level).
-    """
-    matches = _LEVELS_RE.findall(stdout)
-    if matches:
-        homo, lumo = matches[-1]
-        return float(homo), float(lumo)
-    homos = _HOMO_RE.findall(stdout)
-    return (float(homos[-1]) if homos else None), None
-
-
-def _labels(
-    meta: dict[str, Any], parameters: orm.Dict, trajectory: orm.TrajectoryData, stdout: str, atoms: Atoms
-) -> None:
-    """Write the pw.x labels of one configuration into ``atoms.info`` / ``atoms.arrays`` (schema keys)."""
     params = parameters.get_dict()
     atoms.info[schema.ENERGY] = float(params["energy"])
     atoms.arrays[schema.FORCES] = np.asarray(trajectory.get_array("forces")[-1], dtype=float)
@@ -88,22 +54,18 @@ def _labels(
     if fermi is not None:
         atoms.info[schema.FERMI_LEVEL] = float(fermi)
         atoms.info[schema.FERMI_REFERENCE] = "cell_average"
-    homo, lumo = parse_band_edges(stdout)
-    if "highest_occupied_level" in params:
-        atoms.info["highest_occupied_level"] = float(params["highest_occupied_level"])
-    elif homo is not None:
-        atoms.info["highest_occupied_level"] = homo
-    if lumo is not None:
-        atoms.info["lowest_unoccupied_level"] = lumo
+    for level in ("highest_occupied_level", "lowest_unoccupied_level"):
+        if params.get(level) is not None:
+            atoms.info[level] = float(params[level])
     magnetization = params.get("total_magnetization")
     if magnetization is not None:
         atoms.info["total_magnetization"] = float(magnetization)
     spin = meta.get(schema.TOTAL_SPIN)
     atoms.info[schema.TOTAL_SPIN] = float(spin if spin is not None else (magnetization or 0.0))
-    value = parse_dipole_debye(stdout) if meta.get("dipfield") else None
+    value = params.get("dipole_debye") if meta.get("dipfield") else None
     if value is not None:
         normal = unit_normal(atoms, meta["edir"])
-        atoms.info[schema.DIPOLE] = QE_DIPOLE_SIGN * value * DEBYE_IN_E_A * normal
+        atoms.info[schema.DIPOLE] = QE_DIPOLE_SIGN * float(value) * DEBYE_IN_E_A * normal
     if "wall_time_seconds" in params:
         atoms.info["pw_wall_time"] = float(params["wall_time_seconds"])
 
@@ -114,7 +76,7 @@ def assemble_dataset(settings: orm.Dict, **nodes: orm.Data) -> dict[str, orm.Dat
 
     ``settings`` holds ``dft_settings``, ``configurations`` (key -> per-configuration metadata, in
     order) and ``failures`` (key -> exit status/message). ``nodes`` are ``structure_<key>``,
-    ``parameters_<key>``, ``trajectory_<key>`` and ``retrieved_<key>`` for every finished key, and
+    ``parameters_<key>`` and ``trajectory_<key>`` for every finished key, and
     ``hirshfeld_<key>``, ``lowdin_<key>``, ``vacuum_<key>`` where post-processing succeeded.
     """
     data = settings.get_dict()
@@ -133,9 +95,7 @@ def assemble_dataset(settings: orm.Dict, **nodes: orm.Data) -> dict[str, orm.Dat
                 atoms.info[extra] = meta[extra]
         atoms.info["key"] = key
         atoms.info["source_uuid"] = nodes[f"parameters_{key}"].creator.uuid
-        retrieved = nodes.get(f"retrieved_{key}")
-        stdout = retrieved.base.repository.get_object_content("aiida.out") if retrieved is not None else ""
-        _labels(meta, nodes[f"parameters_{key}"], nodes[f"trajectory_{key}"], stdout, atoms)
+        _labels(meta, nodes[f"parameters_{key}"], nodes[f"trajectory_{key}"], atoms)
         multipoles = nodes.get(f"hirshfeld_{key}")
         if multipoles is not None:
             atoms.arrays[schema.CHARGES] = np.asarray(multipoles.get_array("charges"), dtype=float)

@@ -26,3 +26,17 @@ def test_pure_layers_never_import_aiida():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_training_tools_do_not_import_pymatgen():
+    """emlip-train and emlip-eval start without pymatgen (seconds per job), which only defect samplers use."""
+    code = (
+        "import sys\n"
+        "import aiida_emlip.training.cli, aiida_emlip.training.trainer, aiida_emlip.training.eval_run\n"
+        "from aiida_emlip.structures import min_interatomic_distance\n"
+        "assert not [m for m in sys.modules if m.startswith('pymatgen')], 'pymatgen imported'\n"
+        "from aiida_emlip.structures import vacancy_cells\n"
+        "assert 'pymatgen.analysis.defects.generators' in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]

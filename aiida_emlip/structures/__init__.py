@@ -6,12 +6,38 @@ Every sampler returns a list of ``Atoms`` whose ``info`` holds ``sampler``, ``se
 calcfunctions for provenance.
 """
 
-from .bulk import rattle, strain
-from .defects import alpha_quartz, quartz_oxygen_vacancy, vacancy_cells, vacancy_supercells
-from .fragments import fragment_pair_scan
-from .geometry import cell_volume, min_interatomic_distance, slab_axis, vacuum_axes, vacuum_gaps
-from .interfaces import fcc_slab, ion_slab_scan, metal_water_interface
-from .md import md_snapshots
+from importlib import import_module
+from typing import Any
+
+#: Public name -> submodule. Loaded on first use, so that importing one light submodule (e.g.
+#: ``geometry`` in the trainer) does not pay for pymatgen, which only the defect samplers need.
+_EXPORTS = {
+    "rattle": "bulk",
+    "strain": "bulk",
+    "alpha_quartz": "defects",
+    "quartz_oxygen_vacancy": "defects",
+    "vacancy_cells": "defects",
+    "vacancy_supercells": "defects",
+    "fragment_pair_scan": "fragments",
+    "cell_volume": "geometry",
+    "min_interatomic_distance": "geometry",
+    "slab_axis": "geometry",
+    "vacuum_axes": "geometry",
+    "vacuum_gaps": "geometry",
+    "fcc_slab": "interfaces",
+    "ion_slab_scan": "interfaces",
+    "metal_water_interface": "interfaces",
+    "md_snapshots": "md",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = (
     "alpha_quartz",

@@ -141,11 +141,17 @@ def test_chunk_memory_bound():
     assert max(c.shape[0] for c in gd._chunks(kv, 16_000)) * 16_000 <= gd.CHUNK_ELEMENTS
 
 
-def test_second_derivative_through_checkpoint():
-    """∂F/∂p via create_graph (checkpointed chunks) equals finite differences of the forces."""
+@pytest.mark.parametrize("chunk_elements", [None, 40])
+def test_second_derivative_through_checkpoint(monkeypatch, chunk_elements):
+    """∂F/∂p via create_graph equals finite differences of the forces: one chunk (no recomputation)
+    and many checkpointed chunks alike."""
     q, pos, p = molecule(seed=6)
     cell = triclinic(7.0)
     el = model(method="ewald")
+    if chunk_elements is not None:
+        monkeypatch.setattr(gd, "CHUNK_ELEMENTS", chunk_elements)
+    n_chunks = len(gd._chunks(gd.half_space_kvectors(cell, 3.0), pos.shape[0]))
+    assert (n_chunks > 1) == (chunk_elements is not None)
     x = pos.clone().requires_grad_(True)
     pp = p.clone().requires_grad_(True)
     (f,) = torch.autograd.grad(el.energy(q, x, cell, T3, pp), x, create_graph=True)

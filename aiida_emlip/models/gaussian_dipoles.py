@@ -13,7 +13,8 @@ parts. With ``C_q = Σ q cos(k·r)``, ``S_q = Σ q sin(k·r)``, ``C_p = Σ (k·p
 .. math::
     E_{qp+pp} = \frac{4π k_e}{V} \sum_{k∈\text{half}} w(k)\,[C_p^2 + S_p^2 − 2(C_q S_p − S_q C_p)].
 
-The sum runs over chunks of k-vectors with activation checkpointing, so memory stays O(N · chunk).
+The sum runs over chunks of k-vectors with activation checkpointing when there are several, so memory
+stays O(N · chunk).
 The periodic sum includes each dipole's self-energy ``k_e p² / (12 √π σ³)``.
 
 Open boundaries: the same density interacts through derivatives of ``v(r) = k_e erf(a r)/r``,
@@ -61,8 +62,12 @@ def _chunks(kvectors: torch.Tensor, n_atoms: int) -> list[torch.Tensor]:
     return list(torch.split(kvectors, size, dim=0))
 
 
-def _maybe_checkpoint(fn, *args: torch.Tensor) -> torch.Tensor:
-    if torch.is_grad_enabled() and any(a.requires_grad for a in args):
+def _maybe_checkpoint(fn, *args: torch.Tensor, chunked: bool = True) -> torch.Tensor:
+    """``fn(*args)``, recomputed in the backward pass when the sum runs over several chunks.
+
+    With one chunk the memory is bounded by the chunk size already: recomputing would only cost time.
+    """
+    if chunked and torch.is_grad_enabled() and any(a.requires_grad for a in args):
         return checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
 
@@ -105,9 +110,10 @@ def dipole_kspace_energy(
     kvectors = half_space_kvectors(cell, k_cut)
     volume = torch.abs(torch.linalg.det(cell))
     total = positions.new_zeros(())
-    for kvec in _chunks(kvectors, positions.shape[0]):
+    chunks = _chunks(kvectors, positions.shape[0])
+    for kvec in chunks:
         fn = lambda k, q, p, r: _energy_chunk(k, q, p, r, sigma * sigma)  # noqa: E731
-        total = total + _maybe_checkpoint(fn, kvec, charges, dipoles, positions)
+        total = total + _maybe_checkpoint(fn, kvec, charges, dipoles, positions, chunked=len(chunks) > 1)
     return 4.0 * math.pi * COULOMB_CONSTANT * total / volume
 
 
@@ -127,8 +133,11 @@ def dipole_kspace_potential(
     volume = torch.abs(torch.linalg.det(cell))
     decay = 0.5 * (sigma * sigma + widths * widths)
     out = positions.new_zeros(positions.shape[0], widths.shape[0])
-    for kvec in _chunks(kvectors, positions.shape[0] * max(1, widths.shape[0])):
-        out = out + _maybe_checkpoint(_potential_chunk, kvec, dipoles, positions, decay)
+    chunks = _chunks(kvectors, positions.shape[0] * max(1, widths.shape[0]))
+    for kvec in chunks:
+        out = out + _maybe_checkpoint(
+            _potential_chunk, kvec, dipoles, positions, decay, chunked=len(chunks) > 1
+        )
     # half-space sum: (4π k_e/V) Σ_all = (8π k_e/V) Σ_half
     return 8.0 * math.pi * COULOMB_CONSTANT * out / volume
 

@@ -166,7 +166,7 @@ def train(data: Path, workdir: Path, designs: list[str], epochs: int, seed: int,
 def report(workdir: Path, designs: list[str], cutoff: float) -> dict:
     """The held-out table: far/neutral energy errors as ratios to sr, fragment charge errors."""
     from aiida_emlip.analysis.long_range import format_long_range_table, long_range_table, predict_frames
-    from aiida_emlip.data.extxyz import text_to_frames
+    from aiida_emlip.extxyz import text_to_frames
     from aiida_emlip.models.io import load_model
 
     # the labels in info/arrays (ASE's reader would move energy and forces into a calculator)

@@ -155,7 +155,7 @@ def test_bad_inputs_are_refused_before_submission(eval_code, model_nodes):
 
 
 def _predictions_text(**info) -> str:
-    from aiida_emlip.data.extxyz import frames_to_text
+    from aiida_emlip.extxyz import frames_to_text
 
     atoms = water()
     atoms.info.update({"energy": -1.0, "eval_mode": "single_point", **info})

@@ -57,12 +57,21 @@ def test_verdi_data_emlip_refuses_a_node_of_another_type(aiida_profile, tmp_path
     """A dataset PK given to ``emlip.model export`` (and vice versa) is a usage error, not "Success"."""
     from aiida import orm
     from aiida.cmdline.commands.cmd_data import verdi_data
+    from ase import Atoms
     from click.testing import CliRunner
 
-    other = orm.Int(3).store()
+    from aiida_emlip.data import EmlipDatasetData
+    from aiida_emlip.data.model import EmlipModelData
+
+    dataset = EmlipDatasetData.from_ase([Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]])]).store()
+    model = EmlipModelData(save_model(tiny_model(HEAD_CONFIGS["sr"]), tmp_path / "m.safetensors")).store()
+    number = orm.Int(3).store()
     runner = CliRunner()
-    for group, command in (("emlip.model", "export"), ("emlip.dataset", "export")):
-        out = tmp_path / f"{group}.out"
-        result = runner.invoke(verdi_data, [group, command, str(other.pk), str(out)])
-        assert result.exit_code == 2, result.output
-        assert "Success" not in result.output and not out.exists()
+    for group, wrong in (("emlip.model", dataset), ("emlip.model", number), ("emlip.dataset", model)):
+        for command in ("export", "show"):
+            out = tmp_path / f"{group}-{wrong.pk}.out"
+            args = [group, command, str(wrong.pk)] + ([str(out)] if command == "export" else [])
+            result = runner.invoke(verdi_data, args)
+            assert result.exit_code == 2, result.output
+            assert "Success" not in result.output and not out.exists()
+            assert f"{wrong.pk}" in result.output and "Invalid value for 'DATUM'" in result.output

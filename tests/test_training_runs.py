@@ -430,7 +430,7 @@ def _truncated(path: Path) -> None:
         (_truncated, "truncated, corrupt"),
         (lambda p: p.write_bytes(b""), "truncated, corrupt"),
         (lambda p: p.write_bytes(os.urandom(4096)), "truncated, corrupt"),
-        (lambda p: torch.save({"x": _Opaque()}, p), "truncated, corrupt"),
+        (lambda p: torch.save({"x": _Opaque()}, p), "unpickling can run code (refused)"),
         (lambda p: p.write_bytes(pickle.dumps({"format": "x"})), "truncated, corrupt"),
         (lambda p: torch.save({"format": "something else"}, p), "is not an aiida-emlip checkpoint"),
         (lambda p: torch.save({"format": "aiida-emlip-checkpoint/2"}, p), "is incomplete"),

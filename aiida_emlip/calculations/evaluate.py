@@ -16,8 +16,8 @@ from ase import Atoms
 
 from aiida_emlip import schema
 from aiida_emlip.data.dataset import EmlipDatasetData
-from aiida_emlip.data.extxyz import frames_to_text
 from aiida_emlip.data.model import EmlipModelData
+from aiida_emlip.extxyz import frames_to_text
 
 MODEL_FILE = "model.safetensors"
 STRUCTURES_FILE = "structures.xyz"

@@ -13,8 +13,7 @@ from aiida import orm
 from ase import Atoms
 
 from aiida_emlip import schema
-
-from .extxyz import frames_to_text, text_to_frames
+from aiida_emlip.extxyz import frames_to_text, text_to_frames
 
 __all__ = ("EmlipDatasetData", "dft_settings_digest")
 

@@ -10,7 +10,7 @@ from aiida.parsers import Parser
 
 from aiida_emlip.calculations.evaluate import PREDICTIONS_FILE, STATUS_FILE, SUMMARY_FILE, TRAJECTORY_FILE
 from aiida_emlip.data.dataset import EmlipDatasetData
-from aiida_emlip.data.extxyz import text_to_frames
+from aiida_emlip.extxyz import text_to_frames
 from aiida_emlip.parsers.train import finite_or_none
 
 #: emlip-eval exit statuses whose outputs are complete and attached (0 ok; 3, 5, 6 flagged structures).

@@ -382,7 +382,10 @@ def check_outputs_spare_inputs(inputs: Sequence[Path], outputs: Sequence[Path | 
         if out is None:
             continue
         for inp in inputs:
-            if Path(out).resolve() == Path(inp).resolve():
+            same = Path(out).resolve() == Path(inp).resolve()
+            with contextlib.suppress(OSError):  # a hard link is the same file under another name
+                same = same or os.path.samefile(out, inp)
+            if same:
                 raise ConfigError(f"output {out} is the input file {inp}; choose another output path")
 
 
@@ -395,8 +398,6 @@ def _eval_body(args: argparse.Namespace) -> Callable[[], None]:
         with warnings.catch_warnings():  # its warnings come once, when the model is loaded
             warnings.simplefilter("ignore", ModelFileWarning)
             read_metadata(args.model)  # a broken model file is refused at once, before torch is imported
-        from aiida_emlip.training.eval_run import run_evaluation
-
         params = parse_parameters(eval_parameters(args))
         keys = {}
         for item in args.key:
@@ -405,9 +406,14 @@ def _eval_body(args: argparse.Namespace) -> Callable[[], None]:
             schema_key, file_key = item.split("=", 1)
             keys[schema_key] = file_key
         output = args.output or args.data.with_name(args.data.stem + "_pred.xyz")
-        check_outputs_spare_inputs(
-            [args.data, args.model], [output, args.errors, args.summary, args.trajectory]
-        )
+        # every file written, the default summary and trajectory included (as run_evaluation names them)
+        summary = args.summary or output.with_name(output.stem + "_summary.json")
+        trajectory = None
+        if params.mode != "single_point":
+            trajectory = args.trajectory or output.with_name(output.stem + "_traj.xyz")
+        check_outputs_spare_inputs([args.data, args.model], [output, args.errors, summary, trajectory])
+        from aiida_emlip.training.eval_run import run_evaluation
+
         report = run_evaluation(
             args.model,
             args.data,

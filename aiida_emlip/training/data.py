@@ -8,13 +8,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import ase.io
 import numpy as np
 import torch
 from ase import Atoms
 from ase.data import chemical_symbols
 
 from aiida_emlip import schema
+from aiida_emlip.extxyz import labels_from_calculator, read_frames, stress_matrix
 from aiida_emlip.models.graph import Graph, build_graph
 from aiida_emlip.structures.geometry import min_interatomic_distance
 from aiida_emlip.training.config import ENERGY_UNITS, LENGTH_UNITS, VECTOR_ORDERS, DataConfig
@@ -42,18 +42,11 @@ class Sample:
 
 
 def _raw_value(atoms: Atoms, key: str) -> np.ndarray | None:
-    """A label from info/arrays, or from the SinglePointCalculator ASE makes of energy/forces/stress."""
+    """A label from ``atoms.info`` / ``atoms.arrays`` (read by :mod:`aiida_emlip.extxyz`)."""
     if key in atoms.info:
         return np.asarray(atoms.info[key], dtype=np.float64)
     if key in atoms.arrays:
         return np.asarray(atoms.arrays[key], dtype=np.float64)
-    calc = atoms.calc
-    if calc is not None and key in getattr(calc, "results", {}):
-        value = np.asarray(calc.results[key], dtype=np.float64)
-        if key == "stress" and value.shape == (6,):
-            xx, yy, zz, yz, xz, xy = value
-            value = np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
-        return value
     return None
 
 
@@ -85,14 +78,15 @@ def file_key(key: str, keys: dict) -> str:
 
 
 def read_structures(path: str | Path) -> list[Atoms]:
-    """Read every frame of an extxyz file; clear errors for missing, empty or unreadable files."""
+    """Every frame of an extxyz file, labels under schema keys (:func:`aiida_emlip.extxyz.read_frames`,
+    the reader of the ``emlip.dataset`` node too); clear errors for missing, empty or unreadable files."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"dataset {path} does not exist")
     if path.stat().st_size == 0:
         raise DataError(f"dataset {path} is empty")
     try:
-        frames = ase.io.read(path, index=":", format="extxyz")
+        frames = read_frames(path)
     except Exception as exc:  # ASE raises many types for malformed files
         raise DataError(f"cannot read {path} as extxyz: {exc}") from None
     if not frames:
@@ -114,7 +108,7 @@ def to_sample(atoms: Atoms, index: int, config: DataConfig, where: str) -> Sampl
         schema.FERMI_LEVEL: e_unit,
         schema.POLARIZABILITY: l_unit**2,
     }
-    atoms = atoms.copy() if atoms.calc is None else _with_calc(atoms)
+    atoms = atoms.copy() if atoms.calc is None else labels_from_calculator(_with_calc(atoms))
     if l_unit != 1.0:
         atoms.positions *= l_unit
         atoms.set_cell(atoms.cell.array * l_unit)
@@ -130,9 +124,8 @@ def to_sample(atoms: Atoms, index: int, config: DataConfig, where: str) -> Sampl
         expected = schema.label(key).shape
         if schema.label(key).scope == "atom":
             expected = (len(atoms), *expected)
-        if key == schema.STRESS and value.shape == (6,):
-            xx, yy, zz, yz, xz, xy = value
-            value = np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
+        if key == schema.STRESS and value.size in (6, 9):
+            value = stress_matrix(value)
         if value.size == math.prod(expected):
             value = value.reshape(expected)
         else:

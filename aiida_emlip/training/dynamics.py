@@ -13,8 +13,8 @@ from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import Stationary, ZeroRotation
 from ase.md.verlet import VelocityVerlet
 from ase.optimize import BFGS, FIRE
-from ase.stress import voigt_6_to_full_3x3_stress
 
+from aiida_emlip.extxyz import stress_matrix
 from aiida_emlip.models.calculator import EmlipCalculator, NonFinitePredictionError
 from aiida_emlip.training.errors import DataError
 from aiida_emlip.training.eval_params import Constraints, MDOptions, RelaxOptions
@@ -116,7 +116,7 @@ class _Tracker:
             if name in results
         }
         if "stress" in results:
-            values["stress"] = voigt_6_to_full_3x3_stress(np.asarray(results["stress"], dtype=float))
+            values["stress"] = stress_matrix(results["stress"])
         atoms = Atoms(self.work.numbers, self.work.positions, cell=self.work.cell, pbc=self.work.pbc)
         atoms.info.update(self.work.info)
         meta = dict(meta)

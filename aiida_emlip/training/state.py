@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import random
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,16 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     write_bytes_atomic(path, buffer.getvalue())
 
 
+#: How torch's weights-only unpickler names a global (class, function) it refused to load.
+_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def _refused_global(exc: BaseException) -> str | None:
+    """The object a weights-only ``torch.load`` refused to unpickle (e.g. ``io.open``), if any."""
+    match = _REFUSED_GLOBAL.search(str(exc))
+    return match.group(1) if match else None
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint (``weights_only=True``); an unreadable one is a :class:`CheckpointError`."""
     path = Path(path)
@@ -108,6 +119,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
     except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ... on bad bytes
+        name = _refused_global(exc)
+        if name is not None:
+            raise CheckpointError(
+                f"checkpoint {path} is not an aiida-emlip checkpoint: it holds the Python object {name}, "
+                f"which only unpickling could restore, and unpickling can run code (refused); {hint}"
+            ) from None
         raise CheckpointError(
             f"checkpoint {path} is truncated, corrupt or not an aiida-emlip checkpoint "
             f"({type(exc).__name__}); {hint}"

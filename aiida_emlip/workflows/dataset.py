@@ -8,6 +8,7 @@ failures of single configurations end up in the ``report`` output and never drop
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -16,13 +17,20 @@ from aiida.common import exceptions
 from aiida.engine import ToContext, WorkChain, if_, while_
 from aiida.manage.caching import get_use_cache
 from aiida.plugins import CalculationFactory, WorkflowFactory
+from ase import Atoms
 
 from aiida_emlip import schema
 from aiida_emlip.data import EmlipDatasetData
 from aiida_emlip.data.dataset import dft_settings_digest
 
 from . import protocol as protocols
-from .functions import assemble_dataset, sample_configurations, split_configurations
+from .functions import (
+    assemble_dataset,
+    configuration_key,
+    natural_order,
+    sample_configurations,
+    split_configurations,
+)
 from .hirshfeld import PP_DENSITY_PARAMETERS, hirshfeld_multipoles
 from .lowdin import STDOUT as PROJWFC_STDOUT
 from .lowdin import lowdin_charges, parse_lowdin
@@ -57,6 +65,36 @@ CARRIED_INFO = ("sampler", "seed", "sampler_params", schema.CONFIG_TYPE)
 #: pw.x ``assume_isolated`` schemes that give the energy of the molecule in open space: the dataset
 #: stores such configurations as non-periodic (``pbc = False``), as the models must then treat them.
 OPEN_BOUNDARY_SCHEMES = ("mt", "m-t", "martyna-tuckerman")
+
+
+def configuration_settings(atoms: Atoms) -> dict[str, Any]:
+    """The pw.x settings a configuration carries in ``atoms.info`` (total charge and spin, applied field),
+    with the carried metadata (:data:`CARRIED_INFO`) under ``_extra``."""
+    settings = {k: atoms.info[k] for k in (schema.TOTAL_CHARGE, schema.TOTAL_SPIN) if k in atoms.info}
+    if schema.EXTERNAL_FIELD in atoms.info:
+        settings[schema.EXTERNAL_FIELD] = np.asarray(atoms.info[schema.EXTERNAL_FIELD]).tolist()
+    extra = {k: atoms.info[k] for k in CARRIED_INFO if k in atoms.info}
+    return {**settings, "_extra": extra}
+
+
+def pair_configurations(
+    frames: list[Atoms], structures: Mapping[str, orm.StructureData]
+) -> list[tuple[str, orm.StructureData, dict[str, Any]]]:
+    """(key, structure, settings) of each configuration in ``frames``, in their order.
+
+    Configuration ``i`` is paired with ``structures[configuration_key(i)]``: by its index, never by
+    sorting the keys (``c10000`` sorts before ``c9999``).
+    """
+    if len(structures) != len(frames):
+        raise ConfigurationError(
+            "ERROR_INVALID_CONFIGURATIONS",
+            f"{len(frames)} configurations but {len(structures)} structures split from them",
+        )
+    out = []
+    for index, atoms in enumerate(frames):
+        key = configuration_key(index)
+        out.append((key, structures[key], configuration_settings(atoms)))
+    return out
 
 
 class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WorkChain):
@@ -285,20 +323,15 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WorkChain):
         self.out("configurations", self.ctx.configurations)
 
     def _collect(self) -> list[tuple[str, orm.StructureData, dict[str, Any]]]:
-        """Return (key, structure, per-configuration settings) for every configuration, in order."""
+        """Return (key, structure, per-configuration settings) for every configuration, in order.
+
+        A dataset input is split into structures keyed :func:`~.functions.configuration_key` of their
+        index, and each configuration is paired with the structure of its own key; ``structures`` are
+        paired with ``structure_settings`` by name and taken in :func:`~.functions.natural_order`.
+        """
         dataset = self.ctx.get("configurations") or self.inputs.get("configurations")
         if dataset is not None:
-            structures = split_configurations(dataset)
-            out = []
-            for atoms, key in zip(dataset.to_ase(), sorted(structures)):
-                settings = {
-                    k: atoms.info[k] for k in (schema.TOTAL_CHARGE, schema.TOTAL_SPIN) if k in atoms.info
-                }
-                if schema.EXTERNAL_FIELD in atoms.info:
-                    settings[schema.EXTERNAL_FIELD] = np.asarray(atoms.info[schema.EXTERNAL_FIELD]).tolist()
-                extra = {k: atoms.info[k] for k in CARRIED_INFO if k in atoms.info}
-                out.append((key, structures[key], {**settings, "_extra": extra}))
-            return out
+            return pair_configurations(dataset.to_ase(), split_configurations(dataset))
         settings = self.inputs.structure_settings.get_dict() if "structure_settings" in self.inputs else {}
         unknown = sorted(set(settings) - set(self.inputs.structures))
         if unknown:
@@ -307,7 +340,7 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WorkChain):
             )
         return [
             (key, self.inputs.structures[key], dict(settings.get(key, {})))
-            for key in sorted(self.inputs.structures)
+            for key in natural_order(self.inputs.structures)
         ]
 
     def _cutoffs(self, elements: list[str]) -> tuple[float, float]:
@@ -342,6 +375,8 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WorkChain):
             cutoffs = self._cutoffs(elements)
             z_valence = {el: float(self.ctx.family.get_pseudo(element=el).z_valence) for el in elements}
             self.ctx.configs = {}
+            # the order of the dataset, kept as a list: a checkpoint may store the dict in another order
+            self.ctx.order = [key for key, _, _ in configs]
             for key, structure, settings in configs:
                 extra = settings.pop("_extra", {})
                 try:
@@ -371,7 +406,7 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WorkChain):
         except ConfigurationError as error:
             return getattr(self.exit_codes, error.code).format(message=str(error))
         self.ctx.cutoffs = cutoffs
-        self.ctx.pending = list(self.ctx.configs)
+        self.ctx.pending = list(self.ctx.order)
         self.report(
             f"{len(self.ctx.pending)} configurations checked; "
             f"ecutwfc {cutoffs[0]:g} Ry, ecutrho {cutoffs[1]:g} Ry"
@@ -672,9 +707,11 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WorkChain):
                 nodes[f"lowdin_{key}"] = orm.load_node(uuids["lowdin"])
         dft = self._dft_settings()
         dft["digest"] = dft_settings_digest(dft)
+        order = self.ctx.get("order") or list(self.ctx.configs)  # a run checkpointed before ``order``
         settings = {
             "dft_settings": dft,
-            "configurations": {key: c["meta"] for key, c in self.ctx.configs.items()},
+            "configurations": {key: self.ctx.configs[key]["meta"] for key in order},
+            "order": list(order),
             "failures": self.ctx.failures,
             "postprocess_failures": self.ctx.postprocess_failures,
             "postprocess_skipped": self.ctx.postprocess_skipped,

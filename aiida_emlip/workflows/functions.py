@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -31,10 +33,35 @@ def sample_configurations(recipe: orm.Dict, structure: orm.StructureData | None 
     return EmlipDatasetData(frames=frames)
 
 
+_DIGITS = re.compile(r"(\d+)")
+
+
+def configuration_key(index: int) -> str:
+    """The key of the ``index``-th configuration of a dataset input: ``c0000``, ..., ``c9999``, ``c10000``.
+
+    Past ``c9999`` the keys no longer sort as strings in the order of the configurations: they are paired
+    with their configurations by this function, never by sorting.
+    """
+    return f"c{index:04d}"
+
+
+def natural_order(keys: Iterable[str]) -> list[str]:
+    """``keys`` sorted with runs of digits compared as numbers: ``s2`` before ``s10``, ``c9999`` before
+    ``c10000`` (ties, such as ``s01`` and ``s1``, by the plain string)."""
+
+    def key(text: str) -> tuple[tuple[str | int, ...], str]:
+        parts = _DIGITS.split(text)
+        return tuple(int(p) if i % 2 else p for i, p in enumerate(parts)), text
+
+    return sorted(keys, key=key)
+
+
 @calcfunction
 def split_configurations(configurations: EmlipDatasetData) -> dict[str, orm.StructureData]:
-    """Return one ``StructureData`` per configuration, keyed ``c0000``, ``c0001``, ..."""
-    return {f"c{i:04d}": orm.StructureData(ase=atoms) for i, atoms in enumerate(configurations.to_ase())}
+    """Return one ``StructureData`` per configuration, keyed :func:`configuration_key` of its index."""
+    return {
+        configuration_key(i): orm.StructureData(ase=atoms) for i, atoms in enumerate(configurations.to_ase())
+    }
 
 
 def _labels(meta: dict[str, Any], parameters: orm.Dict, trajectory: orm.TrajectoryData, atoms: Atoms) -> None:
@@ -74,14 +101,16 @@ def _labels(meta: dict[str, Any], parameters: orm.Dict, trajectory: orm.Trajecto
 def assemble_dataset(settings: orm.Dict, **nodes: orm.Data) -> dict[str, orm.Data]:
     """Collect the labels of the finished configurations into a dataset and write the failure report.
 
-    ``settings`` holds ``dft_settings``, ``configurations`` (key -> per-configuration metadata, in
-    order) and ``failures`` (key -> exit status/message). ``nodes`` are ``structure_<key>``,
+    ``settings`` holds ``dft_settings``, ``configurations`` (key -> per-configuration metadata),
+    ``order`` (the keys in the order of the dataset; without it, that of ``configurations``) and
+    ``failures`` (key -> exit status/message). ``nodes`` are ``structure_<key>``,
     ``parameters_<key>`` and ``trajectory_<key>`` for every finished key, and
     ``hirshfeld_<key>``, ``lowdin_<key>``, ``vacuum_<key>`` where post-processing succeeded.
     """
     data = settings.get_dict()
     frames = []
-    for key, meta in data["configurations"].items():
+    for key in data.get("order") or list(data["configurations"]):
+        meta = data["configurations"][key]
         if f"parameters_{key}" not in nodes:
             continue
         source = nodes[f"structure_{key}"].get_ase()

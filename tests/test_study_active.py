@@ -37,7 +37,6 @@ active_learning:
   target_error: 0.001
 """
 PER_ROUND = 2
-POLL_INTERVAL_S = 1.0
 
 
 @pytest.fixture(scope="module")
@@ -53,15 +52,7 @@ def active_study(pw_code, pseudo_family, train_code, eval_code):
     builder.spec = orm.Dict(spec)
     builder.spec_text = orm.Str(ACTIVE_SPEC)
     builder.pw_code, builder.train_code, builder.eval_code = pw_code, train_code, eval_code
-    # the shared computer polls its jobs without pause: with 14 jobs in a row that polling costs as much
-    # CPU as the jobs themselves, so this test polls once a second (and puts the interval back)
-    computer = pw_code.computer
-    interval = computer.get_minimum_job_poll_interval()
-    computer.set_minimum_job_poll_interval(POLL_INTERVAL_S)
-    try:
-        _, node = run_get_node(builder)
-    finally:
-        computer.set_minimum_job_poll_interval(interval)
+    _, node = run_get_node(builder)
     return node
 
 

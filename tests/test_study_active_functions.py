@@ -128,3 +128,22 @@ def test_merge_refuses_held_out_keys(aiida_profile):
     held = {"round": 1, "held_out_keys": ["water_000_q0_al1_00"], "origins": origins}
     with pytest.raises(ValueError, match="held out"):
         merge_active(training_set=training, labels=labels, settings=orm.Dict(held))
+
+
+def test_status_line_of_the_loop():
+    from types import SimpleNamespace
+
+    from aiida_emlip.cli.study_status import active_learning_line
+    from aiida_emlip.workflows.study_active import PROGRESS
+
+    def study(extras):
+        return SimpleNamespace(
+            base=SimpleNamespace(extras=SimpleNamespace(get=lambda key, default: extras.get(key)))
+        )
+
+    assert active_learning_line(study({}), {"rounds": 2}) == "Active learning: waiting (at most 2 rounds)"
+    progress = {"round": 1, "rounds": 2, "dft_calls": 4, "stop": None, "model": "qeq"}
+    running = active_learning_line(study({PROGRESS: progress}), {"rounds": 2})
+    assert running == "Active learning (qeq): round 1 of at most 2, 4 pw.x runs"
+    done = active_learning_line(study({PROGRESS: {**progress, "stop": "rounds spent (2)"}}), {"rounds": 2})
+    assert done.endswith("; stopped: rounds spent (2)")

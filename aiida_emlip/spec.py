@@ -45,6 +45,7 @@ TOP_KEYS = (
     "training",
     "designs",
     "validations",
+    "active_learning",
     "report",
 )
 SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
@@ -234,6 +235,8 @@ def _check(data: Any, c: _Checker, base_dir: Path | None) -> dict[str, Any]:
     spec["systems"] = _systems(data.get("systems"), c, base_dir)
     spec["designs"] = _designs(data.get("designs"), spec["training"], c)
     spec["validations"] = _validations(data.get("validations"), spec, c, base_dir)
+    if "active_learning" in data:  # absent: no key, so that specs without it stay as they were
+        spec["active_learning"] = _active_learning(data["active_learning"], spec, c)
     if not c.problems:
         _budget_and_split(spec, c)
     return spec
@@ -449,6 +452,26 @@ def _validations(value: Any, spec: dict[str, Any], c: _Checker, base_dir: Path |
     return out
 
 
+def _active_learning(value: Any, spec: dict[str, Any], c: _Checker) -> dict[str, Any]:
+    from aiida_emlip.spec_active import ACTIVE_KEYS, MD_KEYS, check_active_learning
+
+    path = ("active_learning",)
+    block = c.block(path, value, ACTIVE_KEYS)
+    block["md"] = c.block((*path, "md"), block.get("md"), MD_KEYS)
+    heads = design_heads(spec)
+    for sub, message in check_active_learning(block, heads):
+        c.add((*path, *sub), message)
+    return block
+
+
+def design_heads(spec: dict[str, Any]) -> dict[str, str]:
+    """Design label → the name of its head."""
+    return {
+        label: design_config(design, spec["training"])["model"]["head"]["name"]
+        for label, design in spec["designs"].items()
+    }
+
+
 def _budget_and_split(spec: dict[str, Any], c: _Checker) -> None:
     from aiida_emlip.workflows.study_registry import VALIDATIONS
 
@@ -461,6 +484,13 @@ def _budget_and_split(spec: dict[str, Any], c: _Checker) -> None:
         c.add(
             ("budget", "max_dft_configurations"),
             f"the study needs {total} pw.x configurations ({parts}) but the budget allows {budget}",
+        )
+    active = spec.get("active_learning")
+    if active and budget is not None and total <= budget and budget - total < active["per_round"]:
+        c.add(
+            ("active_learning", "per_round"),
+            f"the budget ({budget}) leaves {budget - total} pw.x runs after the study's {total}: "
+            f"not enough for one round of {active['per_round']}",
         )
     held = held_out_geometries(spec)
     if not any(held.values()):

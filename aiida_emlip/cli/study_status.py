@@ -146,6 +146,20 @@ def render(lines: list[Any]) -> list[str]:
     return [line.render() if isinstance(line, RemoteLine) else line for line in lines]
 
 
+def active_learning_line(study: orm.WorkflowNode, options: dict[str, Any]) -> str:
+    """Round, pw.x runs and why the loop stopped (from the study's extras)."""
+    from aiida_emlip.workflows.study_active import PROGRESS
+
+    progress = study.base.extras.get(PROGRESS, None)
+    if not progress:
+        return f"Active learning: waiting (at most {options['rounds']} rounds)"
+    text = (
+        f"Active learning ({progress.get('model')}): round {progress['round']} of at most "
+        f"{progress['rounds']}, {progress['dft_calls']} pw.x runs"
+    )
+    return text + (f"; stopped: {progress['stop']}" if progress.get("stop") else "")
+
+
 def status_lines(study: orm.WorkflowNode) -> list[Any]:
     """The live summary of a study."""
     spec = study.inputs.spec.get_dict()
@@ -170,6 +184,8 @@ def status_lines(study: orm.WorkflowNode) -> list[Any]:
     training = _child(study, "training")
     lines.append(f"Training{f' <{training.pk}>' if training else ''}:")
     lines += training_lines(training, list(spec.get("designs", {})))
+    if spec.get("active_learning"):
+        lines.append(active_learning_line(study, spec["active_learning"]))
     validations = list(spec.get("validations", {}))
     if validations:
         lines.append("Validations:")

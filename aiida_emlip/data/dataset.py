@@ -46,6 +46,11 @@ METADATA_KEYS = frozenset(
         "time_fs",
         "temperature",
         "structure_index",
+        # active learning: the round that added a configuration and where in the MD it came from
+        "al_round",
+        "al_source",
+        "al_md_step",
+        "al_score",
     }
 )
 

@@ -7,6 +7,8 @@ The spec is the normalised dict of :func:`aiida_emlip.spec.parse_spec`. Steps:
    trains or validates on them;
 3. every design trains at once through :class:`EmlipTrainingWorkChain` on the same training set, with
    the same backbone, epochs and seed;
+   optionally, active-learning rounds (:mod:`~aiida_emlip.workflows.study_active`): MD with the model,
+   the most uncertain frames labelled by pw.x, every design retrained on the union;
 4. every model predicts the held-out set (``emlip.evaluate``) while the validations of the spec run
    (registry :mod:`~aiida_emlip.workflows.study_registry`), side by side: they share ``dft.max_concurrent``,
    so that the study never runs more pw.x at once than the spec says;
@@ -22,7 +24,7 @@ from importlib import metadata
 from typing import Any
 
 from aiida import orm
-from aiida.engine import ToContext, WorkChain, if_
+from aiida.engine import ToContext, WorkChain, if_, while_
 from aiida.plugins import CalculationFactory
 
 from aiida_emlip.data import EmlipDatasetData
@@ -30,6 +32,7 @@ from aiida_emlip.data.model import EmlipModelData
 from aiida_emlip.spec import design_config, dft_configuration_count, held_out_geometries
 from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain
 from aiida_emlip.workflows.process_state import how_it_ended
+from aiida_emlip.workflows.study_active import HELD_OUT_PARAMETERS, ActiveLearningSteps
 from aiida_emlip.workflows.study_functions import compare_study, sample_study, split_study, study_report
 from aiida_emlip.workflows.study_registry import VALIDATIONS, Context
 from aiida_emlip.workflows.training import EmlipTrainingWorkChain
@@ -58,7 +61,7 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-class EmlipStudyWorkChain(WorkChain):
+class EmlipStudyWorkChain(ActiveLearningSteps, WorkChain):
     """A whole study from one spec: DFT, held-out split, training of every design, validations, report."""
 
     @classmethod
@@ -79,6 +82,20 @@ class EmlipStudyWorkChain(WorkChain):
             cls.split,
             cls.run_training,
             cls.inspect_training,
+            if_(cls.al_enabled)(
+                cls.al_setup,
+                if_(cls.al_going)(cls.al_run_held_out, cls.al_inspect_held_out),
+                while_(cls.al_going)(
+                    cls.al_run_committee,
+                    cls.al_inspect_committee,
+                    if_(cls.al_going)(cls.al_run_md, cls.al_inspect_md),
+                    if_(cls.al_going)(cls.al_run_scoring, cls.al_select),
+                    if_(cls.al_going)(cls.al_run_labels, cls.al_inspect_labels),
+                    if_(cls.al_going)(cls.al_run_training, cls.al_inspect_training),
+                    if_(cls.al_going)(cls.al_run_held_out, cls.al_inspect_held_out),
+                ),
+                cls.al_results,
+            ),
             cls.run_models,
             cls.inspect_models,
             cls.compare,
@@ -95,6 +112,12 @@ class EmlipStudyWorkChain(WorkChain):
         spec.output_namespace("metrics", valid_type=orm.Dict, dynamic=True)
         spec.output_namespace("predictions", valid_type=EmlipDatasetData, dynamic=True)
         spec.output_namespace("validations", valid_type=orm.Dict, dynamic=True)
+        spec.output(
+            "active_learning",
+            valid_type=orm.Dict,
+            required=False,
+            help="Per active-learning round: the chosen frames' uncertainty, held-out errors, pw.x runs.",
+        )
         spec.output("comparison", valid_type=orm.Dict, required=False, help="One row per design.")
         spec.output("report", valid_type=orm.FolderData, required=False, help="index.html and its figures.")
         spec.exit_code(201, "ERROR_INVALID_SPEC", message="Invalid spec: {message}")
@@ -134,16 +157,18 @@ class EmlipStudyWorkChain(WorkChain):
         self.ctx.settings = outputs["settings"].get_dict()
         self.ctx.structures = {k[2:]: v for k, v in outputs.items() if k.startswith("c_")}
 
-    def run_dft(self):
-        """pw.x labels of every configuration (one dataset workchain)."""
+    def _out_training_set(self) -> None:
+        """The ``training_set`` output, once: at the split, or after active learning (the final set)."""
+        if not self.ctx.get("training_set_out"):
+            self.out("training_set", self.ctx.training_set)
+            self.ctx.training_set_out = True
+
+    def _dataset_builder(self, structures: dict[str, orm.StructureData], settings: dict[str, Any]):
+        """The dataset workchain on ``structures`` with the study's DFT settings."""
         spec = self.ctx.spec
-        settings = {
-            key: {k: v for k, v in entry.items() if k != "geometry"}
-            for key, entry in self.ctx.settings.items()
-        }
         builder = EmlipDatasetWorkChain.get_builder_from_protocol(
             self.inputs.pw_code,
-            self.ctx.structures,
+            structures,
             spec["pseudo_family"],
             protocol=spec["dft"]["protocol"],
             overrides=spec["dft"].get("overrides") or None,
@@ -153,6 +178,15 @@ class EmlipStudyWorkChain(WorkChain):
         for port in ("pp_code", "projwfc_code"):
             if port in self.inputs:
                 builder[port] = self.inputs[port]
+        return builder
+
+    def run_dft(self):
+        """pw.x labels of every configuration (one dataset workchain)."""
+        settings = {
+            key: {k: v for k, v in entry.items() if k != "geometry"}
+            for key, entry in self.ctx.settings.items()
+        }
+        builder = self._dataset_builder(self.ctx.structures, settings)
         builder.metadata.call_link_label = "dft"
         self._stage("dft", f"DFT: pw.x on {len(self.ctx.structures)} configurations")
         return ToContext(dft=self.submit(builder))
@@ -180,12 +214,15 @@ class EmlipStudyWorkChain(WorkChain):
             settings=orm.Dict(settings),
             metadata={"call_link_label": "split"},
         )
-        for name in ("training_set", "held_out_set", "split"):
+        for name in ("held_out_set", "split"):  # the training set: once active learning is done
             self.out(name, outputs[name])
         self.ctx.training_set = outputs["training_set"]
         self.ctx.held_out = outputs["held_out_set"]
         self.ctx.split = outputs["split"]
+        if not self.al_enabled():
+            self._out_training_set()
         if len(self.ctx.held_out) == 0:
+            self._out_training_set()
             return self.exit_codes.ERROR_NOTHING_HELD_OUT.format(message=f"geometries {held}")
         self.report(
             f"split: {len(self.ctx.training_set)} configurations to train on, "
@@ -193,23 +230,43 @@ class EmlipStudyWorkChain(WorkChain):
         )
         return None
 
-    def run_training(self):
-        """Every design on the same training set, at once (one training workchain)."""
+    def _training_builder(self, training_set: EmlipDatasetData, designs: dict[str, dict[str, Any]]):
+        """The training workchain of ``designs`` (label → design of the spec, or an emlip-train config
+        under ``config``) on ``training_set``, with the study's training settings."""
         spec = self.ctx.spec
-        training_set = self.ctx.training_set
         labels = training_set.label_keys
         elements = sorted(set(training_set.elements) | set(self.ctx.held_out.elements))
-        designs = {
+        configs = {
             label: design_config(design, spec["training"], labels=labels, elements=elements)
-            for label, design in spec["designs"].items()
+            for label, design in designs.items()
         }
         builder = EmlipTrainingWorkChain.get_builder()
         builder.training_set = training_set
         builder.train_code = self.inputs.train_code
-        builder.designs = orm.Dict(designs)
+        builder.designs = orm.Dict(configs)
         options = dict(spec["training"].get("options") or {})
         if options:
             builder.train_options = orm.Dict(options)
+        return builder
+
+    def _evaluate_builder(self, model: EmlipModelData, dataset: EmlipDatasetData, parameters: dict[str, Any]):
+        """``emlip.evaluate`` of ``model`` on ``dataset``."""
+        builder = EmlipEvaluateCalculation.get_builder()
+        builder.code = self.inputs.eval_code
+        builder.model = model
+        builder.dataset = dataset
+        builder.parameters = orm.Dict(parameters)
+        builder.metadata.options = {
+            "resources": {"num_machines": 1},
+            "max_wallclock_seconds": 3600,
+            "withmpi": False,
+        }
+        return builder
+
+    def run_training(self):
+        """Every design on the same training set, at once (one training workchain)."""
+        designs = self.ctx.spec["designs"]
+        builder = self._training_builder(self.ctx.training_set, designs)
         builder.metadata.call_link_label = "training"
         self._stage("training", f"training: {', '.join(designs)} at once")
         return ToContext(training=self.submit(builder))
@@ -222,27 +279,30 @@ class EmlipStudyWorkChain(WorkChain):
         if failed:
             self.ctx.failed.append(f"training of {', '.join(failed)}")
         if not self.ctx.models:
+            self._out_training_set()
             return self.exit_codes.ERROR_ALL_TRAININGS_FAILED
-        for label, model in self.ctx.models.items():
-            self.out(f"models.{label}", model)
-            self.out(f"metrics.{label}", self.ctx.metrics[label])
         self.report(f"training: {len(self.ctx.models)} models ({', '.join(self.ctx.models)})")
         return None
 
     def run_models(self):
-        """Held-out predictions of every model and every validation of the spec, all at once."""
-        futures = {}
+        """Held-out predictions of every model and every validation of the spec, all at once.
+
+        The models are final here (after active learning, if any): they, their metrics and the set they
+        trained on become outputs. A model whose held-out predictions active learning made already is
+        not evaluated again.
+        """
+        self._out_training_set()
         for label, model in self.ctx.models.items():
-            builder = EmlipEvaluateCalculation.get_builder()
-            builder.code = self.inputs.eval_code
-            builder.model = model
-            builder.dataset = self.ctx.held_out
-            builder.parameters = orm.Dict({"mode": "single_point"})
-            builder.metadata.options = {
-                "resources": {"num_machines": 1},
-                "max_wallclock_seconds": 3600,
-                "withmpi": False,
-            }
+            self.out(f"models.{label}", model)
+            self.out(f"metrics.{label}", self.ctx.metrics[label])
+        futures = {}
+        evaluated = self.ctx.get("al_evaluated") or {}
+        for label, model in self.ctx.models.items():
+            calc = evaluated.get(label)
+            if calc is not None and calc.inputs.model.uuid == model.uuid:
+                self.ctx[f"evaluate_{label}"] = calc
+                continue
+            builder = self._evaluate_builder(model, self.ctx.held_out, HELD_OUT_PARAMETERS)
             builder.metadata.call_link_label = f"evaluate_{label}"
             futures[f"evaluate_{label}"] = self.submit(builder)
         codes = {"pw": self.inputs.pw_code, "eval": self.inputs.eval_code}
@@ -306,6 +366,8 @@ class EmlipStudyWorkChain(WorkChain):
             nodes[f"metrics_{label}"] = node
         for name, node in self.ctx.validations.items():
             nodes[f"validation_{name}"] = node
+        if "active_learning" in self.ctx:
+            nodes["active_learning"] = self.ctx.active_learning
         settings = {"designs": designs, "split": self.ctx.split.get_dict()}
         self._stage("report", "comparison and report")
         if not self.ctx.predictions:
@@ -345,6 +407,8 @@ class EmlipStudyWorkChain(WorkChain):
             "comparison": self.ctx.comparison.uuid,
             **{f"model {label}": node.uuid for label, node in self.ctx.models.items()},
         }
+        if "active_learning" in self.ctx:
+            nodes["active_learning"] = self.ctx.active_learning.uuid
         return {
             "study": {"name": spec["name"], "title": spec.get("report", {}).get("title") or spec["name"]},
             "description": spec.get("description", ""),

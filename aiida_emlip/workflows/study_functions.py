@@ -102,9 +102,11 @@ def compare_study(held_out: EmlipDatasetData, settings: orm.Dict, **nodes: orm.D
     """One row per design: held-out errors, training cost, cost per MD step, validation summaries.
 
     ``nodes``: ``predictions_<design>``, ``metrics_<design>``, ``evaluation_<design>`` (summary) and
-    ``validation_<name>`` (a validation's comparison). ``settings``: ``designs`` (label → head and
-    preset), ``split`` (the record) and ``validation_summaries`` (name → metric names).
+    ``validation_<name>`` (a validation's comparison), and ``active_learning`` (the record of the rounds,
+    if any). ``settings``: ``designs`` (label → head and preset), ``split`` (the record) and
+    ``validation_summaries`` (name → metric names).
     """
+    from aiida_emlip.analysis import active_learning
     from aiida_emlip.workflows.study_registry import VALIDATIONS
 
     values = settings.get_dict()
@@ -133,16 +135,19 @@ def compare_study(held_out: EmlipDatasetData, settings: orm.Dict, **nodes: orm.D
         verdict += analysis.validation_verdict(
             name, {d: row["validations"][name] for d, row in designs.items() if name in row["validations"]}
         )
-    return orm.Dict(
-        {
-            "designs": designs,
-            "validations": validations,
-            "verdict": verdict,
-            "split": values.get("split", {}),
-            "units": analysis.UNITS,
-            "held_out_size": len(reference),
-        }
-    )
+    out = {
+        "designs": designs,
+        "validations": validations,
+        "verdict": verdict,
+        "split": values.get("split", {}),
+        "units": analysis.UNITS,
+        "held_out_size": len(reference),
+    }
+    if "active_learning" in nodes:
+        record = nodes["active_learning"].get_dict()
+        out["active_learning"] = active_learning.summary(record)
+        out["verdict"] = verdict + active_learning.verdict(record)
+    return orm.Dict(out)
 
 
 @calcfunction

@@ -30,6 +30,7 @@ from aiida.engine import ToContext
 from aiida_emlip.analysis import active_learning as al
 from aiida_emlip.spec import design_config, design_heads, dft_configuration_count
 from aiida_emlip.spec_active import candidate_designs, room_for_rounds
+from aiida_emlip.workflows.process_state import how_it_ended
 from aiida_emlip.workflows.study_active_functions import (
     merge_active,
     record_active_learning,
@@ -236,7 +237,7 @@ class ActiveLearningSteps:
         calc = self.ctx.al_md
         if "trajectory" not in calc.outputs:
             self._al_fail(
-                f"the MD of round {self.ctx.al_round} wrote no trajectory (exit status {calc.exit_status})"
+                f"the MD of round {self.ctx.al_round} wrote no trajectory ({how_it_ended(calc)})"
             )
             return
         self.ctx.al_entries[-1]["md"] = {
@@ -262,7 +263,7 @@ class ActiveLearningSteps:
         for i in range(1, len(self.ctx.al_members) + 1):
             calc = self.ctx[f"al_member_{i}"]
             if "predictions" not in calc.outputs:
-                self._al_fail(f"committee member {i} predicted nothing (exit status {calc.exit_status})")
+                self._al_fail(f"committee member {i} predicted nothing ({how_it_ended(calc)})")
                 return
             nodes[f"member_{i}"] = calc.outputs.predictions
         md = self.ctx.al_md
@@ -340,7 +341,7 @@ class ActiveLearningSteps:
         entry["failed"] = sorted(failures)
         if "dataset" not in node.outputs:
             self._al_fail(
-                f"no frame of round {self.ctx.al_round} was labelled (exit status {node.exit_status})"
+                f"no frame of round {self.ctx.al_round} was labelled ({how_it_ended(node)})"
             )
             return
         labels = node.outputs.dataset

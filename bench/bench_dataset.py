@@ -10,15 +10,21 @@ Everything runs in a throw-away profile made as ``aiida-emlip setup --services``
 (``core.psql_dos`` on this machine's PostgreSQL with a fresh database and user, RabbitMQ broker, under
 a temporary ``AIIDA_PATH``); the profile, database and user are dropped at the end.
 
-Usage: ``python bench/bench_dataset.py [--n 20] [--workers 2] [--no-daemon] [--json out.json]``.
+With ``--kill-pw`` only a fault is injected instead: the workchain is submitted to the daemon, the
+OS process of one running pw.x (found by its working directory, the CalcJob's remote workdir) is sent
+SIGKILL, and the outcome (exit status, report, labels, PwCalculations per configuration) is written out.
+
+Usage: ``python bench/bench_dataset.py [--n 20] [--workers 2] [--no-daemon] [--kill-pw] [--json out.json]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -142,11 +148,118 @@ def run_daemon(code, family, dataset, workers: int) -> tuple[float, object]:
     return wall, node
 
 
+def running_pw(node) -> tuple[object, object, int] | None:
+    """(PwCalculation, its pw.x OS process, SCF iterations so far) of a pw.x under ``node`` in its SCF.
+
+    The pw.x process is matched by its working directory (the CalcJob's remote workdir), so pw.x runs
+    of other programs never are; it counts once its stdout shows the SCF loop and not yet ``JOB DONE``.
+    """
+    import psutil
+    from aiida import orm
+
+    workdirs = {}
+    for calc in node.called_descendants:
+        if isinstance(calc, orm.CalcJobNode) and calc.get_remote_workdir():
+            workdirs[os.path.realpath(calc.get_remote_workdir())] = calc
+    for proc in psutil.process_iter(["name", "cwd"]):
+        cwd = proc.info["cwd"]
+        if proc.info["name"] != "pw.x" or not cwd or os.path.realpath(cwd) not in workdirs:
+            continue
+        try:
+            stdout = (Path(cwd) / "aiida.out").read_text(errors="replace")
+        except OSError:
+            continue
+        if "Self-consistent Calculation" in stdout and "JOB DONE" not in stdout:
+            return workdirs[os.path.realpath(cwd)], proc, stdout.count("iteration #")
+    return None
+
+
+def call_labels(node) -> dict[int, str]:
+    """pk -> call link label of the processes ``node`` called."""
+    from aiida.common.links import LinkType
+
+    links = node.base.links.get_outgoing(link_type=(LinkType.CALL_CALC, LinkType.CALL_WORK)).all()
+    return {link.node.pk: link.link_label for link in links}
+
+
+def outcome(node) -> dict[str, object]:
+    """What a dataset workchain did: exit status, report, energies by key, PwCalculations by key."""
+    from aiida import orm
+
+    labels = call_labels(node)
+    calcs: dict[str, list[dict[str, object]]] = {}
+    base: dict[str, dict[str, object]] = {}
+    for child in node.called:
+        key = labels.get(child.pk, "").removeprefix("pw_")
+        if not labels.get(child.pk, "").startswith("pw_"):
+            continue
+        base[key] = {"pk": child.pk, "exit_status": child.exit_status, "exit_message": child.exit_message}
+        calcs[key] = [
+            {"pk": c.pk, "exit_status": c.exit_status, "exit_message": c.exit_message}
+            for c in sorted(child.called, key=lambda c: c.ctime)
+            if isinstance(c, orm.CalcJobNode)
+        ]
+    energies = {}
+    if "dataset" in node.outputs:
+        energies = {a.info["key"]: float(a.info["energy"]) for a in node.outputs.dataset.to_ase()}
+    return {
+        "exit_status": node.exit_status,
+        "exit_message": node.exit_message,
+        "report": node.outputs.report.get_dict() if "report" in node.outputs else None,
+        "energies": energies,
+        "energies_finite": all(math.isfinite(e) for e in energies.values()),
+        "pw_base": base,
+        "pw_calculations": calcs,
+    }
+
+
+def run_daemon_kill_pw(code, family, dataset, workers: int, timeout: float = 600.0) -> dict[str, object]:
+    """Submit to the daemon, SIGKILL one running pw.x, wait for the end; the :func:`outcome` and timings."""
+    from aiida.engine import submit
+
+    started = verdi("daemon", "start", str(workers))
+    if started.returncode != 0:
+        raise RuntimeError(f"verdi daemon start failed:\n{started.stdout}\n{started.stderr}")
+    try:
+        start = time.perf_counter()
+        node = submit(builder(code, family, dataset, len(dataset)))
+        found = None
+        while found is None and not node.is_terminated and time.perf_counter() - start < timeout:
+            found = running_pw(node)
+            if found is None:
+                time.sleep(0.1)
+        if found is None:
+            raise RuntimeError(f"no pw.x seen in its SCF under {node.pk} ({node.process_state})")
+        calc, proc, iterations = found
+        killed_at = time.perf_counter() - start
+        pw_age = time.time() - proc.create_time()
+        os.kill(proc.pid, signal.SIGKILL)
+        killed_key = call_labels(node)[calc.caller.pk].removeprefix("pw_")
+        while not node.is_terminated and time.perf_counter() - start < timeout:
+            time.sleep(0.5)
+        wall = time.perf_counter() - start
+    finally:
+        verdi("daemon", "stop")
+    return {
+        **outcome(node),
+        "daemon_workers": workers,
+        "killed_key": killed_key,
+        "killed_calculation_pk": calc.pk,
+        "killed_pid": proc.pid,
+        "killed_after_submit_s": killed_at,
+        "pw_age_at_kill_s": pw_age,
+        "scf_iterations_at_kill": iterations,
+        "terminated": node.is_terminated,
+        "workchain_daemon_s": wall,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=20)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--no-daemon", action="store_true")
+    parser.add_argument("--kill-pw", action="store_true", help="only the daemon run, with one pw.x killed")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--poll-interval", type=int, default=1, help="runner.poll.interval (s, an integer)")
     args = parser.parse_args()
@@ -155,6 +268,12 @@ def main() -> None:
     try:
         code, family = create_profile()
         dataset = configurations(args.n)
+        if args.kill_pw:
+            result = {"n_configurations": args.n, **run_daemon_kill_pw(code, family, dataset, args.workers)}
+            if args.json:
+                args.json.write_text(json.dumps(result, indent=2))
+            print(json.dumps(result, indent=2))
+            return
         wall_serial, node = run_local(code, family, dataset, 1)
         bare, walls = bare_pw_time(node)
         result = {

@@ -1,0 +1,78 @@
+"""Fault injection under a real daemon: one pw.x is killed (SIGKILL) in the middle of its run.
+
+Runs ``bench/bench_dataset.py --kill-pw`` with three configurations and one daemon worker in a
+subprocess (its own throw-away ``core.psql_dos`` + RabbitMQ profile, deleted afterwards): once a pw.x
+of the workchain is in its SCF loop (found by the CalcJob's working directory), its OS process gets
+SIGKILL. The parser then fails the calculation (no complete stdout or XML), no ``PwBaseWorkChain``
+handler claims that exit code, and ``BaseRestartWorkChain`` aborts on an unhandled failure by default
+(``on_unhandled_failure``), so there is no restart. The dataset workchain still finishes (exit status 0:
+``ERROR_ALL_CONFIGURATIONS_FAILED`` only when nothing was labelled) with the other labels, and lists the
+killed configuration under ``failed`` in its report. Should a restart relabel it, the test checks that
+instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from services_helpers import require_services
+
+pytestmark = [pytest.mark.daemon, pytest.mark.pw, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parent.parent
+N = 3
+
+
+def test_pw_killed_mid_run(tmp_path):
+    require_services()
+    out = tmp_path / "faults.json"
+    env = {**os.environ, "AIIDA_PATH": str(tmp_path / "aiida")}
+    command = [sys.executable, str(REPO / "bench" / "bench_dataset.py"), "--n", str(N)]
+    proc = subprocess.run(
+        [*command, "--workers", "1", "--kill-pw", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["terminated"] and result["daemon_workers"] == 1
+    assert result["pw_age_at_kill_s"] > 0 and result["scf_iterations_at_kill"] >= 0
+    summary = ("killed_key", "pw_age_at_kill_s", "scf_iterations_at_kill", "workchain_daemon_s")
+    print(json.dumps({k: result[k] for k in summary} | {"report_failed": result["report"]["failed"]}))
+    killed = result["killed_key"]
+    keys = sorted(result["pw_base"])
+    assert len(keys) == N and killed in keys
+    others = [key for key in keys if key != killed]
+
+    # the other configurations are labelled, with finite energies, and their pw.x ran exactly once
+    energies = result["energies"]
+    assert set(others) <= set(energies)
+    assert all(math.isfinite(energies[key]) for key in others)
+    assert all(len(result["pw_calculations"][key]) == 1 for key in others)
+    assert all(result["pw_calculations"][key][0]["exit_status"] == 0 for key in others)
+
+    report = result["report"]
+    assert report["n_configurations"] == N
+    calcs = result["pw_calculations"][killed]
+    assert calcs[0]["pk"] == result["killed_calculation_pk"]
+    assert calcs[0]["exit_status"] not in (None, 0)  # the killed run itself failed
+    if len(calcs) > 1:  # relabelled by a PwBaseWorkChain restart
+        assert calcs[-1]["exit_status"] == 0 and math.isfinite(energies[killed])
+        assert result["exit_status"] == 0 and report["n_finished"] == N and report["n_failed"] == 0
+    else:  # recorded as a failure: the workchain still finishes with the other labels
+        assert result["exit_status"] == 0, result["exit_message"]
+        assert killed not in energies and len(energies) == N - 1
+        assert report["n_finished"] == N - 1 and report["n_failed"] == 1
+        failure = report["failed"][killed]
+        assert failure["calcjob_pk"] == result["killed_calculation_pk"]
+        assert failure["exit_status"] not in (None, 0) and failure["exit_message"]
+        assert failure["calcjob_exit_status"] == calcs[0]["exit_status"]

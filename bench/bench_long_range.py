@@ -199,9 +199,13 @@ def report(workdir: Path, designs: list[str], cutoff: float) -> dict:
         verdict = "met" if value is not None and value <= limit else "missed"
         print(f"{goal}: {name} {value if value is None else round(value, 3)} -> {verdict}")
     for name in charged:
-        value = table[name]["fragment_charge_max_error"]
+        value, far = table[name]["fragment_charge_max_error"], table[name]["far_fragment_charge_max_error"]
         verdict = "met" if value is not None and value <= 0.1 else "missed"
-        print(f"{name}: largest fragment charge error {value} e (goal <= 0.1) -> {verdict}")
+        far_verdict = "met" if far is not None and far <= 0.1 else "missed"
+        print(
+            f"{name}: largest fragment charge error {value:.3f} e over all frames (<= 0.1) -> {verdict}; "
+            f"{far:.3f} e beyond the cutoff -> {far_verdict}"
+        )
     for name, row in table.items():
         ratio = row["neutral_energy_ratio"]
         if name != "sr" and ratio is not None:

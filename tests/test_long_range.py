@@ -39,7 +39,7 @@ def test_long_range_table_numbers():
     """Far/near split at the cutoff, ratios to sr and fragment charge errors, on hand-made frames."""
     reference = [_pair(1.0, 0.0, 2.0), _pair(1.0, 0.0, 6.0), _pair(1.0, 0.0, 8.0)]
     sr = [_pair(0.0, e, s) for e, s in ((0.4, 2.0), (0.8, 6.0), (-0.8, 8.0))]
-    good = [_pair(0.95, e, s) for e, s in ((0.4, 2.0), (0.2, 6.0), (-0.2, 8.0))]
+    good = [_pair(q, e, s) for q, e, s in ((0.8, 0.4, 2.0), (0.95, 0.2, 6.0), (0.98, -0.2, 8.0))]
     for frame in sr:  # sr has no charges
         del frame.arrays[schema.CHARGES]
     table = long_range_table(reference, {"sr": sr, "good": good}, cutoff=4.0)
@@ -47,7 +47,8 @@ def test_long_range_table_numbers():
     assert table["sr"]["far_energy_rmse"] == pytest.approx(200.0)  # 0.8 eV / 4 atoms
     assert table["good"]["far_energy_ratio"] == pytest.approx(0.25)
     assert table["sr"]["fragment_charge_mae"] is None
-    assert table["good"]["fragment_charge_max_error"] == pytest.approx(0.05)
+    assert table["good"]["fragment_charge_max_error"] == pytest.approx(0.2)  # at contact
+    assert table["good"]["far_fragment_charge_max_error"] == pytest.approx(0.05)
     assert fragment_charges(reference[0], reference[0].arrays[schema.CHARGES]) == pytest.approx([1.0, 0.0])
 
 

@@ -48,7 +48,9 @@ def long_range_table(
     baseline: str = "sr",
 ) -> dict[str, dict[str, float | None]]:
     """Per design: energy RMSE (meV/atom) beyond and within ``cutoff``, on neutral frames, ratios to
-    ``baseline``, and the mean and largest error of each fragment's charge (e) against the reference.
+    ``baseline``, and the mean and largest error of each fragment's charge (e) against the reference,
+    over every frame and over the far frames alone (at contact the split of the charge between two
+    fragments depends on the partition; beyond the cutoff it does not).
 
     ``far`` frames have their fragments farther apart than the cutoff: no edge joins them, so a local
     model sees two isolated fragments whatever the distance.
@@ -72,17 +74,17 @@ def long_range_table(
             "charged_far_energy_rmse": _rmse(de[far & ~neutral]),
             "n_far": int(far.sum()),
         }
-        errors = []
-        for p, r in zip(frames, reference):
+        errors, far_errors = [], []
+        for p, r, is_far in zip(frames, reference, far):
             if schema.CHARGES in p.arrays and schema.CHARGES in r.arrays:
-                errors.append(
-                    np.abs(
-                        fragment_charges(p, p.arrays[schema.CHARGES])
-                        - fragment_charges(r, r.arrays[schema.CHARGES])
-                    )
-                )
+                predicted = fragment_charges(p, p.arrays[schema.CHARGES])
+                error = np.abs(predicted - fragment_charges(r, r.arrays[schema.CHARGES]))
+                errors.append(error)
+                if is_far:
+                    far_errors.append(error)
         row["fragment_charge_mae"] = float(np.mean(errors)) if errors else None
         row["fragment_charge_max_error"] = float(np.max(errors)) if errors else None
+        row["far_fragment_charge_max_error"] = float(np.max(far_errors)) if far_errors else None
         table[label] = row
     base = table.get(baseline)
     for row in table.values():
@@ -105,6 +107,7 @@ def format_long_range_table(table: Mapping[str, Mapping[str, float | None]]) -> 
         ("near_energy_rmse", "near E"),
         ("fragment_charge_mae", "frag q MAE e"),
         ("fragment_charge_max_error", "frag q max e"),
+        ("far_fragment_charge_max_error", "far frag q max"),
     ]
     lines = [f"{'design':<12}" + "".join(f"{title:>16}" for _, title in columns)]
     for label, row in table.items():

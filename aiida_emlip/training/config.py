@@ -71,6 +71,10 @@ class DataConfig:
     #: Largest plausible ``|force|`` (eV/Å) and ``|charge|`` (e); larger values are reported as wrong units.
     max_force: float = 100.0
     max_charge: float = 10.0
+    #: Move the reference atomic dipoles onto the reference charges (each atom's dipole onto charges of
+    #: it and its neighbours within 1.6 Å, fragment charges unchanged): for heads without atomic dipoles,
+    #: whose charges must then carry the whole molecular dipole (see ``training.dipole_charges``).
+    charges_from_dipoles: bool = False
 
 
 @dataclass

@@ -18,6 +18,7 @@ from aiida_emlip.extxyz import labels_from_calculator, read_frames, stress_matri
 from aiida_emlip.models.graph import Graph, build_graph
 from aiida_emlip.structures.geometry import min_interatomic_distance
 from aiida_emlip.training.config import ENERGY_UNITS, LENGTH_UNITS, VECTOR_ORDERS, DataConfig
+from aiida_emlip.training.dipole_charges import dipole_preserving_charges
 from aiida_emlip.training.errors import DataError, NonFiniteError, ReferenceEnergyWarning
 
 #: Labels a structure may carry (schema keys), in the order they are stored.
@@ -133,6 +134,11 @@ def to_sample(atoms: Atoms, index: int, config: DataConfig, where: str) -> Sampl
         if not np.isfinite(value).all():
             raise NonFiniteError(f"{name}: label {key!r} contains NaN or inf")
         labels[key] = value * scale[key]
+    if config.charges_from_dipoles:
+        if schema.CHARGES not in labels or schema.ATOMIC_DIPOLES not in labels:
+            raise DataError(f"{name}: data.charges_from_dipoles needs reference charges and atomic dipoles")
+        projected = dipole_preserving_charges(atoms, labels[schema.CHARGES], labels[schema.ATOMIC_DIPOLES])
+        labels[schema.CHARGES] = projected.charges
     info = {}
     for key in CONDITIONS:
         name_in_file = config.keys.get(key, key)

@@ -3,7 +3,9 @@
 ``preset_config(name, labels=..., epochs=...)`` returns an ``emlip-train`` configuration (without
 ``data.train`` and ``output_dir``, which the caller sets). Every design that carries physical charges
 trains on the DFT multipoles whenever the data have them: the charges (``ref_charges``) always, the
-atomic dipoles (``ref_dipoles``) for heads that predict them. The self-consistent ``scf`` head trains
+atomic dipoles (``ref_dipoles``) for heads that predict them; heads without atomic dipoles (``qeq``,
+``scf``, ``functional``) train on charges that carry the atomic dipoles as well
+(``data.charges_from_dipoles``). The self-consistent ``scf`` head trains
 in two stages as its authors do: ``direct`` (one update at the DFT charges, which needs
 ``ref_charges``) for a third of the epochs, then ``implicit`` (converged from the local guess, exact
 gradients) for the rest; without reference charges it trains ``unrolled`` then ``implicit``.
@@ -51,6 +53,10 @@ BACKBONE = {
 
 #: Loss weights on per-atom energies (eV/atom) and forces (eV/Å) shared by every preset.
 LOSS = {"energy": 10.0, "forces": 1.0}
+
+#: Supervised heads with charges but no atomic dipoles: they train on charges that carry the reference
+#: atomic dipoles too (``data.charges_from_dipoles``), or their charges would hold half a water dipole.
+CHARGE_ONLY = ("qeq", "scf", "functional")
 
 #: Fraction of the epochs that ``scf`` spends in ``direct`` mode when reference charges exist.
 SCF_DIRECT_FRACTION = 1.0 / 3.0
@@ -122,10 +128,13 @@ def preset_config(
             has = schema.CHARGES if quantity == "charges" else schema.ATOMIC_DIPOLES
             if has in labels and (quantity == "charges" or model["head"].get("dipoles")):
                 loss[quantity] = weight
+    data: dict[str, Any] = {"valid_fraction": 0.1, "test_fraction": 0.1, "batch_size": batch_size}
+    if name in CHARGE_ONLY and schema.CHARGES in labels and schema.ATOMIC_DIPOLES in labels:
+        data["charges_from_dipoles"] = True
     return {
         "seed": seed,
         "device": "auto",
-        "data": {"valid_fraction": 0.1, "test_fraction": 0.1, "batch_size": batch_size},
+        "data": data,
         "model": model,
         "optimizer": {"name": "adamw", "lr": lr},
         "scheduler": {"name": "cosine", "min_lr": lr / 100},

@@ -37,7 +37,7 @@ def frame_disagreement(energies: Sequence[float], forces: Sequence[np.ndarray]) 
 
     ``energies``: one total energy per member (eV); ``forces``: one ``(n_atoms, 3)`` array per member
     (eV/Å). The energy spread is the population standard deviation of E/N; the force disagreement of
-    an atom is sqrt(mean over members of |F_m − F̄|²), and the frame's is the largest over its atoms.
+    an atom is ``sqrt(mean over members of |F_m − F̄|²)``, and the frame's is the largest over its atoms.
     """
     values = np.asarray(energies, dtype=float)
     if values.ndim != 1 or values.size < 2:

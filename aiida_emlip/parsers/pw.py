@@ -72,7 +72,7 @@ class EmlipPwParser(PwParser):
         filename = self.node.get_option("output_filename")
         try:
             stdout = self.retrieved.base.repository.get_object_content(filename)
-        except (OSError, FileNotFoundError):
+        except OSError:  # no stdout retrieved: PwParser has reported it
             return exit_code
         extra = stdout_labels(stdout)
         # the XML's own highest occupied level wins where it has one

@@ -469,7 +469,6 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WorkChain):
                 self.ctx.finished[key] = {
                     "parameters": node.outputs.output_parameters.uuid,
                     "trajectory": node.outputs.output_trajectory.uuid,
-                    "retrieved": node.outputs.retrieved.uuid,
                     "remote_folder": node.outputs.remote_folder.uuid,
                 }
                 continue

@@ -39,21 +39,4 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-__all__ = (
-    "alpha_quartz",
-    "cell_volume",
-    "fcc_slab",
-    "fragment_pair_scan",
-    "ion_slab_scan",
-    "md_snapshots",
-    "metal_water_interface",
-    "min_interatomic_distance",
-    "quartz_oxygen_vacancy",
-    "rattle",
-    "slab_axis",
-    "strain",
-    "vacancy_cells",
-    "vacancy_supercells",
-    "vacuum_axes",
-    "vacuum_gaps",
-)
+__all__ = tuple(sorted(_EXPORTS))

@@ -9,7 +9,7 @@ adds the smallest charges δ (least squares) on {i} ∪ N(i) with Σδ = 0 and �
 Every charge added sums to zero over one atom's neighbourhood, so the total charge and the charge of
 every fragment (set of atoms bonded within ``bond_cutoff``) are unchanged; the dipole components that
 the neighbourhood cannot span (an isolated ion's, or out of a planar neighbourhood) are dropped and
-reported.
+returned as ``lost_dipole``.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ Usage: ``python bench/bench_dataset.py [--n 20] [--workers 2] [--no-daemon] [--k
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -30,6 +31,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import services_profile
@@ -130,20 +132,27 @@ def run_local(code, family, dataset, max_concurrent: int = 1) -> tuple[float, ob
     return wall, node
 
 
-def run_daemon(code, family, dataset, workers: int) -> tuple[float, object]:
-    from aiida.engine import submit
-
+@contextlib.contextmanager
+def daemon(workers: int) -> Iterator[None]:
+    """A daemon with ``workers`` workers for the duration of the block, stopped whatever happens."""
     started = verdi("daemon", "start", str(workers))
     if started.returncode != 0:
         raise RuntimeError(f"verdi daemon start failed:\n{started.stdout}\n{started.stderr}")
     try:
+        yield
+    finally:
+        verdi("daemon", "stop")
+
+
+def run_daemon(code, family, dataset, workers: int) -> tuple[float, object]:
+    from aiida.engine import submit
+
+    with daemon(workers):
         start = time.perf_counter()
         node = submit(builder(code, family, dataset, len(dataset)))
         while not node.is_terminated:
             time.sleep(0.5)
         wall = time.perf_counter() - start
-    finally:
-        verdi("daemon", "stop")
     assert node.is_finished_ok, node.exit_message
     return wall, node
 
@@ -217,10 +226,7 @@ def run_daemon_kill_pw(code, family, dataset, workers: int, timeout: float = 600
     """Submit to the daemon, SIGKILL one running pw.x, wait for the end; the :func:`outcome` and timings."""
     from aiida.engine import submit
 
-    started = verdi("daemon", "start", str(workers))
-    if started.returncode != 0:
-        raise RuntimeError(f"verdi daemon start failed:\n{started.stdout}\n{started.stderr}")
-    try:
+    with daemon(workers):
         start = time.perf_counter()
         node = submit(builder(code, family, dataset, len(dataset)))
         found = None
@@ -238,8 +244,6 @@ def run_daemon_kill_pw(code, family, dataset, workers: int, timeout: float = 600
         while not node.is_terminated and time.perf_counter() - start < timeout:
             time.sleep(0.5)
         wall = time.perf_counter() - start
-    finally:
-        verdi("daemon", "stop")
     return {
         **outcome(node),
         "daemon_workers": workers,

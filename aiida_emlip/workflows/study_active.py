@@ -236,9 +236,7 @@ class ActiveLearningSteps:
     def al_inspect_md(self):
         calc = self.ctx.al_md
         if "trajectory" not in calc.outputs:
-            self._al_fail(
-                f"the MD of round {self.ctx.al_round} wrote no trajectory ({how_it_ended(calc)})"
-            )
+            self._al_fail(f"the MD of round {self.ctx.al_round} wrote no trajectory ({how_it_ended(calc)})")
             return
         self.ctx.al_entries[-1]["md"] = {
             "calculation": calc.uuid,
@@ -340,9 +338,7 @@ class ActiveLearningSteps:
         failures = node.outputs.report.get_dict().get("failures", {}) if "report" in node.outputs else {}
         entry["failed"] = sorted(failures)
         if "dataset" not in node.outputs:
-            self._al_fail(
-                f"no frame of round {self.ctx.al_round} was labelled ({how_it_ended(node)})"
-            )
+            self._al_fail(f"no frame of round {self.ctx.al_round} was labelled ({how_it_ended(node)})")
             return
         labels = node.outputs.dataset
         entry["labelled"] = len(labels)

@@ -11,7 +11,7 @@ name: tiny
 description: water in two charge states, two designs (a test, not a study)
 dft:
   protocol: fast
-  max_concurrent: 2
+  max_concurrent: 3
   overrides: {ecutwfc: 20.0, ecutrho: 160.0, conv_thr_per_atom: 1.0e-8, max_iterations: 1}
 budget: {max_dft_configurations: 10}
 systems:

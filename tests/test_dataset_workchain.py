@@ -140,12 +140,16 @@ def test_caching_reuses_pw_results(labelled, pw_code, pseudo_family):
     assert frame.info[schema.ENERGY] == pytest.approx(first.info[schema.ENERGY])
 
 
-def test_slab_fermi_level_relative_to_vacuum(pw_code, pp_code, pseudo_family):
-    """pp.x potential → planar average → vacuum level; the slab's μ is then measured from the vacuum."""
+def test_slab_fermi_level_relative_to_vacuum(labelled, pw_code, pp_code, pseudo_family):
+    """pp.x potential → planar average → vacuum level; the slab's μ is then measured from the vacuum.
+
+    The pw.x runs come from the cache of the module's run (same inputs); pp.x reads their outputs.
+    """
     from aiida import orm
     from aiida.engine import run_get_node
+    from aiida.manage.caching import enable_caching
 
-    from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain
+    from aiida_emlip.workflows.dataset import PW_CACHE_IDENTIFIER, EmlipDatasetWorkChain
 
     builder = EmlipDatasetWorkChain.get_builder_from_protocol(
         pw_code,
@@ -155,9 +159,12 @@ def test_slab_fermi_level_relative_to_vacuum(pw_code, pp_code, pseudo_family):
         overrides={**CHEAP, "postprocess": {"vacuum_level": True, "hirshfeld": False}},
     )
     builder.pp_code = pp_code
-    results, node = run_get_node(builder)
+    with enable_caching(identifier=PW_CACHE_IDENTIFIER):
+        results, node = run_get_node(builder)
     assert node.is_finished_ok, node.exit_message
     assert [c.process_label for c in node.called if c.process_label == "PpCalculation"] == ["PpCalculation"]
+    pw_runs = [n for n in node.called_descendants if n.process_label == "PwCalculation"]
+    assert len(pw_runs) == 2 and all(n.base.caching.is_created_from_cache for n in pw_runs)
     frames = {a.info["key"]: a for a in results["dataset"].to_ase()}
     slab, molecule = frames["slab"], frames["h2o"]
     assert slab.info[schema.FERMI_REFERENCE] == "vacuum"
@@ -196,12 +203,16 @@ def test_default_hirshfeld_skipped_without_pp_code(labelled):
     assert schema.CHARGES not in results["dataset"].label_keys
 
 
-def test_hirshfeld_reference_multipoles(pw_code, pp_code, pseudo_family):
-    """pp.x density + the UPFs' free-atom densities → ref_charges and ref_dipoles of water and OH⁻."""
+def test_hirshfeld_reference_multipoles(labelled, pw_code, pp_code, pseudo_family):
+    """pp.x density + the UPFs' free-atom densities → ref_charges and ref_dipoles of water and OH⁻.
+
+    The pw.x runs come from the cache of the module's run (same inputs); pp.x reads their outputs.
+    """
     from aiida import orm
     from aiida.engine import run_get_node
+    from aiida.manage.caching import enable_caching
 
-    from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain
+    from aiida_emlip.workflows.dataset import PW_CACHE_IDENTIFIER, EmlipDatasetWorkChain
 
     builder = EmlipDatasetWorkChain.get_builder_from_protocol(
         pw_code,
@@ -212,9 +223,12 @@ def test_hirshfeld_reference_multipoles(pw_code, pp_code, pseudo_family):
         structure_settings={"oh": {"total_charge": -1}},
     )
     builder.pp_code = pp_code
-    results, node = run_get_node(builder)
+    with enable_caching(identifier=PW_CACHE_IDENTIFIER):
+        results, node = run_get_node(builder)
     assert node.is_finished_ok, node.exit_message
     assert not results["report"]["postprocess_failed"]
+    pw_runs = [n for n in node.called_descendants if n.process_label == "PwCalculation"]
+    assert len(pw_runs) == 2 and all(n.base.caching.is_created_from_cache for n in pw_runs)
     frames = {a.info["key"]: a for a in results["dataset"].to_ase()}
     h2o, oh = frames["h2o"], frames["oh"]
     q = h2o.arrays[schema.CHARGES]

@@ -1,4 +1,8 @@
-"""EmlipInterfaceWorkChain: bad inputs stop before any compute; Al(111)/water with real pw.x."""
+"""EmlipInterfaceWorkChain: bad inputs stop before any compute; Al(111)/water with real pw.x.
+
+The real runs take minutes each and are marked ``slow`` (``make test-all``); the bad-input checks
+run in the default suite. The defect workchain's test is the default suite's real end-to-end path.
+"""
 
 from __future__ import annotations
 
@@ -157,6 +161,7 @@ def small_interface(pw_code, pp_code, eval_code, pseudo_family, trained_qeq, tmp
     return run_get_node(builder)
 
 
+@pytest.mark.slow
 @pytest.mark.pw
 def test_small_interface_run(small_interface):
     results, node = small_interface

@@ -5,6 +5,9 @@ emlip.evaluate with their own Born charges: a formal point-charge model (exact s
 ``charges`` model trained in the test on pw.x labels of strained and rattled two-atom cells (never on
 the phonon supercells) and its untrained twin. Physical ranges on the DFT side, the trained model
 against DFT and the untrained twin, figures, and every bad input stopped before any compute.
+
+The real runs take minutes each and are marked ``slow`` (``make test-all``); the bad-input checks
+run in the default suite. The defect workchain's test is the default suite's real end-to-end path.
 """
 
 from __future__ import annotations
@@ -113,6 +116,7 @@ def phonons(pw_code, ph_code, eval_code, pseudo_family, trained, tmp_path_factor
     return run_get_node(builder)
 
 
+@pytest.mark.slow
 def test_finishes_with_every_output(phonons):
     results, node = phonons
     assert node.is_finished_ok, (node.exit_status, node.exit_message)
@@ -127,6 +131,7 @@ def test_finishes_with_every_output(phonons):
         print(label, numbers, "ε∞", np.diag(row.get("epsilon") or np.eye(3)))
 
 
+@pytest.mark.slow
 def test_dft_side(phonons):
     results, _ = phonons
     dft = results["comparison"]["dft"]
@@ -147,6 +152,7 @@ def test_dft_side(phonons):
     assert gamma[3] > 1.0  # stable TO mode (THz)
 
 
+@pytest.mark.slow
 def test_model_side_exact_rules(phonons):
     results, _ = phonons
     row = results["comparison"]["fixed"]
@@ -174,6 +180,7 @@ def _lo_to_squared(born_na: float, epsilon: float, setup: dict) -> float:
     return omega2 * units._e / (units._amu * 1e-20) / (2 * np.pi * 1e12) ** 2  # eV/(amu Å²) → THz²
 
 
+@pytest.mark.slow
 def test_trained_model_physics(phonons, trained):
     """The trained ``charges`` model against DFT and against its untrained twin (same architecture)."""
     results, _ = phonons
@@ -214,6 +221,7 @@ def test_trained_model_physics(phonons, trained):
     assert model["max_net_force"] < 1e-7
 
 
+@pytest.mark.slow
 def test_figures(phonons):
     results, _ = phonons
     for name in ("bands", "dos"):

@@ -1,4 +1,8 @@
-"""EmlipResponseWorkChain: bad inputs stop before any compute; LiF and water chains with real pw.x."""
+"""EmlipResponseWorkChain: bad inputs stop before any compute; LiF and water chains with real pw.x.
+
+The real runs take minutes each and are marked ``slow`` (``make test-all``); the bad-input checks
+run in the default suite. The defect workchain's test is the default suite's real end-to-end path.
+"""
 
 from __future__ import annotations
 
@@ -126,6 +130,7 @@ def small_response(pw_code, pp_code, eval_code, pseudo_family, tmp_path_factory)
     return run_get_node(builder)
 
 
+@pytest.mark.slow
 @pytest.mark.pw
 def test_small_response_run(small_response):
     results, node = small_response

@@ -70,3 +70,49 @@ def test_report_page_is_static_and_escaped():
     assert "http" not in page.replace('lang="en"', "")
     assert all(f"figures/{name}.png" in files for name in figures)
     assert files["figures/parity_sr.png"].startswith(b"\x89PNG")
+
+
+def test_active_learning_rounds_table_and_figure():
+    """The rounds of an active-learning record: one row per round, each design's held-out error (the
+    best of the round highlighted), the chosen frames' scores, and the figure; absent without rounds."""
+    from aiida_emlip.analysis.active_learning import summary
+
+    record = {
+        "model": "charges",
+        "selection": "committee",
+        "uncertainty": "energy",
+        "committee": 2,
+        "stop_reason": "rounds done",
+        "rounds_run": 1,
+        "dft_calls": 2,
+        "rounds": [
+            {
+                "round": 0,
+                "dft_calls": 0,
+                "training_size": 4,
+                "test_error": {"sr": {"energy": 120.0}, "charges": {"energy": 80.0}},
+            },
+            {
+                "round": 1,
+                "dft_calls": 2,
+                "labelled": 2,
+                "training_size": 6,
+                "uncertainty": {"selected": [0.0421, 0.0307]},
+                "test_error": {"sr": {"energy": 95.0}, "charges": {"energy": 41.5}},
+            },
+        ],
+    }
+    comparison = {"designs": {}, "verdict": [], "split": {}, "active_learning": summary(record)}
+    figures = study_figures(comparison, {}, [], {})
+    assert set(figures) == {"active_learning"} and figures["active_learning"].startswith(b"\x89PNG")
+    page = render_report(comparison, figures, {"study": {"name": "t"}})["index.html"].decode()
+    section = page[page.index('<h2 id="active">') : page.index('<h2 id="cost">')]
+    assert '<a href="#active">' in page and "committee disagreement (energy) of charges models" in section
+    rows = section.split("<tr>")[2:]
+    assert len(rows) == 2
+    assert '<td class="best">80.0</td>' in rows[0] and "<td>120.0</td>" in rows[0]
+    assert '<td class="best">41.5</td>' in rows[1] and "<td>95.0</td>" in rows[1]
+    assert "<td>6</td><td>2</td><td>2</td>" in rows[1] and "0.042, 0.031" in rows[1]
+    assert 'src="figures/active_learning.png"' in section
+    plain = render_report({"designs": {}}, {}, {"study": {"name": "t"}})["index.html"].decode()
+    assert 'id="active"' not in plain and "#active" not in plain

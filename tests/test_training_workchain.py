@@ -17,6 +17,7 @@ def test_demo_configurations_repeat_geometries_in_three_charge_states():
     assert all(charges == {-1.0, 0.0, 1.0} for charges in by_geometry.values())
 
 
+@pytest.mark.slow
 @pytest.mark.pw
 def test_dft_to_models(pw_code, pseudo_family, train_code):
     from aiida.engine import run_get_node

@@ -199,6 +199,53 @@ def _validations(comparison: Mapping[str, Any], figures: Mapping[str, bytes]) ->
     return note + "\n".join(parts)
 
 
+def _active_learning(comparison: Mapping[str, Any], figures: Mapping[str, bytes]) -> str:
+    """The rounds: training size, pw.x runs, new labels, every design's held-out energy error, the scores
+    of the chosen frames; best design of each round highlighted."""
+    view = comparison.get("active_learning")
+    if not view:
+        return ""
+    rounds = view.get("rounds") or []
+    labels = sorted({label for r in rounds for label in (r.get("energy_error") or {})})
+    raw = [[r.get("round"), *((r.get("energy_error") or {}).get(label) for label in labels)] for r in rounds]
+    rows = []
+    for r, values in zip(rounds, raw, strict=True):
+        known = [(v, i) for i, v in enumerate(values[1:]) if isinstance(v, (int, float))]
+        best = min(known)[1] if known else None
+        cells = [
+            f'<td class="best">{_num(v)}</td>' if i == best else f"<td>{_num(v)}</td>"
+            for i, v in enumerate(values[1:])
+        ]
+        scores = ", ".join(_num(s, 3) for s in r.get("selected_scores") or []) or "–"
+        rows.append(
+            f"<tr><td>{_e(r.get('round'))}</td><td>{_e(r.get('training_size', '–'))}</td>"
+            f"<td>{_e(r.get('dft_calls', 0))}</td><td>{_e(r.get('labelled', 0))}</td>{''.join(cells)}"
+            f"<td>{_e(scores)}</td></tr>"
+        )
+    header = ["round", "training structures", "pw.x runs", "new labels"]
+    header += [f"{label} (meV/atom)" for label in labels] + ["scores of the chosen frames"]
+    table = (
+        "<table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>" + "".join(rows) + "</table>"
+    )
+    how = (
+        f"committee disagreement ({_e(view.get('uncertainty'))}) of {_e(view.get('model'))} models"
+        if view.get("selection") == "committee"
+        else f"SCF failures of {_e(view.get('model'))}"
+    )
+    intro = (
+        f"<p>{_e(view.get('rounds_run', 0))} round(s) selected by {how}; "
+        f"{_e(view.get('dft_calls', 0))} pw.x runs in all; stopped: {_e(view.get('stop_reason'))}. Held-out "
+        "energy RMSE of every design after each round (round 0: the first training); the held-out set is "
+        "the same in every round and never labelled for training.</p>"
+    )
+    return (
+        '<h2 id="active">Active learning</h2>'
+        + intro
+        + table
+        + _figure("active_learning", "held-out energy error per round", figures)
+    )
+
+
 def _split(comparison: Mapping[str, Any]) -> str:
     split = comparison.get("split") or {}
     held = split.get("held_out_structures") or {}
@@ -256,12 +303,13 @@ def render_report(
         _figure(f"parity_{label}", f"{label}: DFT vs model energy per atom on the held-out set", figures)
         for label in designs
     )
+    active_link = '<a href="#active">active learning</a>' if comparison.get("active_learning") else ""
     body = f"""
 <h1>{_e(title)}</h1>
 <p class="muted">Study <code>{_e(study.get("name"))}</code> (AiiDA PK {_e(provenance.get("pk"))}, UUID
 <code>{_e((provenance.get("nodes") or {}).get("study"))}</code>). {_e(provenance.get("description", ""))}</p>
 <nav><a href="#verdict">verdict</a><a href="#errors">errors</a><a href="#training">training</a>
-<a href="#validation">validation</a><a href="#cost">cost</a><a href="#split">held-out set</a>
+<a href="#validation">validation</a>{active_link}<a href="#cost">cost</a><a href="#split">held-out set</a>
 <a href="#provenance">provenance</a></nav>
 <h2 id="verdict">Verdict</h2>
 <ul class="verdict">{verdict or "<li>No comparison available.</li>"}</ul>
@@ -278,6 +326,7 @@ Energies per atom, forces per component, charges against the DFT (Hirshfeld) cha
 {_figure("learning_curves", "validation loss per epoch (dotted: training loss)", figures)}
 <h2 id="validation">Validation</h2>
 {_validations(comparison, figures)}
+{_active_learning(comparison, figures)}
 <h2 id="cost">Cost</h2>
 {_cost(designs)}
 <h2 id="split">Held-out set</h2>

@@ -121,7 +121,8 @@ def study_figures(
     reference: Sequence[Atoms],
     predictions: Mapping[str, Sequence[Atoms]],
 ) -> dict[str, bytes]:
-    """Every figure of the report by name (``errors_by_charge``, ``learning_curves``, ``parity_<design>``)."""
+    """Every figure of the report by name (``errors_by_charge``, ``learning_curves``, ``parity_<design>``,
+    ``active_learning`` when the study ran rounds)."""
     out: dict[str, bytes] = {}
     figure = errors_by_charge(comparison.get("designs", {}))
     if figure:
@@ -133,4 +134,10 @@ def study_figures(
         figure = parity(label, reference, frames)
         if figure:
             out[f"parity_{label}"] = figure
+    if comparison.get("active_learning"):
+        from aiida_emlip.report.figures_active import active_learning_errors
+
+        figure = active_learning_errors(comparison["active_learning"])
+        if figure:
+            out["active_learning"] = figure
     return out

@@ -7,6 +7,7 @@ import pytest
 from dataset_systems import CHEAP, al_slab_water, hydronium, hydroxide, nacl, water
 
 from aiida_emlip import schema
+from aiida_emlip.cache_version import PW_PARSER_REVISION
 
 pytestmark = pytest.mark.pw
 
@@ -135,6 +136,8 @@ def test_caching_reuses_pw_results(labelled, pw_code, pseudo_family):
     assert node.is_finished_ok
     calcs = [n for n in node.called_descendants if n.process_label == "PwCalculation"]
     assert len(calcs) == 1 and calcs[0].base.caching.is_created_from_cache
+    # the emlip.pw parser's revision is part of every pw.x run's hash
+    assert calcs[0].base.attributes.get("cache_version") == {"parser": PW_PARSER_REVISION}
     (frame,) = results["dataset"].to_ase()
     first = {a.info["key"]: a for a in labelled[0]["dataset"].to_ase()}["h2o"]
     assert frame.info[schema.ENERGY] == pytest.approx(first.info[schema.ENERGY])

@@ -53,6 +53,8 @@ def test_single_point_from_a_dataset_and_caching(eval_code, model_nodes, model_f
     from aiida.engine import run_get_node
     from aiida.manage.caching import enable_caching
 
+    from aiida_emlip.calculations.evaluate import EmlipEvaluateCalculation
+
     frames = [nacl_cell(), charged_cluster()]
     builder = _builder(eval_code, model_nodes["charges"], {"device": "cpu"}, dataset=frames)
     results, node = run_get_node(builder)
@@ -62,6 +64,7 @@ def test_single_point_from_a_dataset_and_caching(eval_code, model_nodes, model_f
     assert attributes.get("model_uuid") == model_nodes["charges"].uuid
     assert attributes.get("eval_mode") == "single_point"
     assert attributes.get("model_sha256") == model_nodes["charges"].sha256
+    assert node.base.attributes.get("cache_version") == {"calc_job": EmlipEvaluateCalculation.CACHE_VERSION}
     assert "trajectory" not in results
     calc = EmlipCalculator(model_files["charges"], device="cpu")
     for atoms, pred in zip(frames, predictions.to_ase()):

@@ -15,6 +15,7 @@ from aiida.engine.processes.calcjobs.calcjob import validate_calc_job
 from ase import Atoms
 
 from aiida_emlip import schema
+from aiida_emlip.cache_version import cache_version
 from aiida_emlip.data.dataset import EmlipDatasetData
 from aiida_emlip.data.model import EmlipModelData
 from aiida_emlip.extxyz import frames_to_text
@@ -124,6 +125,9 @@ class EmlipEvaluateCalculation(CalcJob):
     UUID and the mode in its attributes), ``trajectory`` (relax/md, when frames were written) and
     ``summary``.
     """
+
+    #: Part of the hash: a new release of the package never reuses older results (see cache_version).
+    CACHE_VERSION = cache_version("evaluate")
 
     @classmethod
     def define(cls, spec: CalcJobProcessSpec) -> None:

@@ -14,6 +14,7 @@ from aiida.common.datastructures import CalcInfo, CodeInfo
 from aiida.common.folders import Folder
 from aiida.engine import CalcJob, CalcJobProcessSpec
 
+from aiida_emlip.cache_version import cache_version
 from aiida_emlip.data.dataset import EmlipDatasetData
 
 TRAIN_FILE = "train.xyz"
@@ -91,6 +92,9 @@ class EmlipTrainCalculation(CalcJob):
     ``checkpoint`` input the job continues that run (``--resume``); ``lr_scale`` scales its learning
     rates (``--lr-scale``). emlip-train writes its exit status itself (``--exit-status-file``).
     """
+
+    #: Part of the hash: a new release of the package never reuses older results (see cache_version).
+    CACHE_VERSION = cache_version("train")
 
     @classmethod
     def define(cls, spec: CalcJobProcessSpec) -> None:

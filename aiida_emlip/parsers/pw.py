@@ -14,6 +14,8 @@ import re
 
 from aiida_quantumespresso.parsers.pw import PwParser
 
+from aiida_emlip.cache_version import PW_PARSER_REVISION
+
 _DIPOLE_RE = re.compile(r"Dipole\s+[-+.\dEe]+\s+Ry au,\s+([-+.\dEe]+)\s+Debye")
 _LEVELS_RE = re.compile(r"highest occupied, lowest unoccupied level \(ev\):\s+([-+.\dEe]+)\s+([-+.\dEe]+)")
 _HOMO_RE = re.compile(r"highest occupied level \(ev\):\s+([-+.\dEe]+)")
@@ -63,6 +65,9 @@ def stdout_labels(stdout: str) -> dict[str, float]:
 
 class EmlipPwParser(PwParser):
     """``PwParser`` with the dipole and band edges of pw.x's stdout in ``output_parameters``."""
+
+    #: Part of the hash of every pw.x run parsed by this parser (see cache_version).
+    CACHE_VERSION = PW_PARSER_REVISION
 
     def parse(self, **kwargs):
         exit_code = super().parse(**kwargs)

@@ -1,0 +1,33 @@
+"""Which finished calculations AiiDA's cache may hand out again, across versions of this package.
+
+AiiDA reuses a finished calculation when the hash of a new one's inputs matches. The hash covers the
+code node (computer and executable path), not the software behind the path: upgrading aiida-emlip in
+place leaves ``emlip-train``'s code node unchanged, so without more, a relaunch after an upgrade would
+reuse models trained by the old trainer. AiiDA adds a plugin's ``CACHE_VERSION`` (an integer on the
+``CalcJob`` and on its parser) to the hash; this module sets it:
+
+* ``emlip.train`` and ``emlip.evaluate``: derived from the package version and :data:`NUMERICS`, so a
+  new release never reuses an older release's trainings or predictions (they are cheap next to DFT,
+  and their numbers may have changed).
+* the ``emlip.pw`` parser: :data:`PW_PARSER_REVISION` only, so pw.x results (the expensive part)
+  survive releases; it is raised when the labels the parser adds change.
+
+Raise :data:`NUMERICS` when a change to the trainer or the models changes results for the same inputs
+between releases (a development install keeps its version number).
+"""
+
+from __future__ import annotations
+
+import zlib
+
+from aiida_emlip import __version__
+
+#: Raised when emlip-train's or emlip-eval's results change for the same inputs within one version.
+NUMERICS = 1
+#: Raised when the ``emlip.pw`` parser's outputs change (new or different labels).
+PW_PARSER_REVISION = 1
+
+
+def cache_version(component: str, version: str = __version__, numerics: int = NUMERICS) -> int:
+    """A stable positive integer for ``component`` (``train``, ``evaluate``) of this package version."""
+    return zlib.crc32(f"aiida-emlip:{component}:{version}:{numerics}".encode()) & 0x7FFFFFFF

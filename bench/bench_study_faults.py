@@ -5,10 +5,11 @@ predictions and one validation: the ``response`` polarisability probe, 6 more pw
 with ``aiida-emlip launch SPEC --daemon`` in a throw-away ``core.psql_dos`` + RabbitMQ profile (made as
 ``aiida-emlip setup --services`` makes one, deleted at the end).
 
-``--restart-daemon``: once some pw.x runs of the study's DFT have finished and others are waiting or
-running, ``verdi daemon stop``; after ``--down`` seconds ``verdi daemon start``. Then, once the same
-holds for the validation's pw.x runs, the daemon is crashed instead: its circus arbiter and every
-worker get SIGKILL (the unacknowledged tasks go back to RabbitMQ's queue), and it is started again.
+``--restart-daemon``: once some pw.x runs of the study's DFT have finished and another has just started
+(less than 3 s ago), ``verdi daemon stop``; once the pw.x runs that were running have ended (nothing
+watched them) and ``--down`` seconds more, ``verdi daemon start``. Then, at the same point of the
+validation's pw.x runs, the daemon is crashed instead: its circus arbiter and every worker get SIGKILL
+(the unacknowledged tasks go back to RabbitMQ's queue), and it is started again the same way.
 The study is left to finish. Written out: the exit status, every pw.x calculation by configuration
 (call path) with its state, which ran before and after each fault, and the pw.x OS processes seen in
 each calculation's working directory (sampled every 0.2 s): a repeated run would show twice.
@@ -198,12 +199,32 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
     return time.perf_counter() - start
 
 
+def pw_processes(workdirs: set[str], younger_than: float | None = None) -> list[Any]:
+    """pw.x OS processes whose working directory is one of ``workdirs`` (started < ``younger_than`` s ago)."""
+    import psutil
+
+    now = time.time()
+    return [
+        p
+        for p in psutil.process_iter(["name", "cwd", "create_time"])
+        if p.info["name"] == "pw.x"
+        and p.info["cwd"]
+        and os.path.realpath(p.info["cwd"]) in workdirs
+        and (younger_than is None or now - p.info["create_time"] < younger_than)
+    ]
+
+
+def workdirs_of(rows: list[dict[str, Any]]) -> set[str]:
+    return {os.path.realpath(r["workdir"]) for r in rows if r["workdir"]}
+
+
 def mid_pw(study: Any, prefix: str) -> bool:
-    """Some pw.x runs under ``prefix`` have finished and others are still waiting or running."""
+    """Some pw.x runs under ``prefix`` have finished and another has just started (less than 3 s ago)."""
     rows = [r for r in pw_calculations(study) if r["configuration"].startswith(prefix)]
-    return any(r["state"] == "ok" for r in rows) and any(
-        r["state"] in ("created", "waiting", "running") for r in rows
-    )
+    if not any(r["state"] == "ok" for r in rows):
+        return False
+    active = [r for r in rows if r["state"] in ("created", "waiting", "running")]
+    return bool(pw_processes(workdirs_of(active), younger_than=3.0))
 
 
 class PwSampler:
@@ -227,8 +248,9 @@ class PwSampler:
 
         while not self._stop.is_set():
             for proc in psutil.process_iter(["name", "cwd"]):
-                if proc.info["name"] == "pw.x" and proc.info["cwd"]:
-                    self.seen.setdefault(os.path.realpath(proc.info["cwd"]), set()).add(proc.pid)
+                cwd = proc.info["cwd"]
+                if proc.info["name"] == "pw.x" and cwd and os.path.realpath(cwd).startswith(str(WORK)):
+                    self.seen.setdefault(os.path.realpath(cwd), set()).add(proc.pid)
             self._stop.wait(0.2)
 
     def runs(self, workdir: str | None) -> int:
@@ -240,7 +262,6 @@ def alive_pw(study: Any, younger_than: float | None = None) -> list[int]:
 
     ``younger_than``: only those started less than that many seconds ago.
     """
-    import psutil
     from aiida import orm
 
     workdirs = {
@@ -248,15 +269,7 @@ def alive_pw(study: Any, younger_than: float | None = None) -> list[int]:
         for n in study.called_descendants
         if isinstance(n, orm.CalcJobNode) and n.get_remote_workdir()
     }
-    now = time.time()
-    return [
-        p.pid
-        for p in psutil.process_iter(["name", "cwd", "create_time"])
-        if p.info["name"] == "pw.x"
-        and p.info["cwd"]
-        and os.path.realpath(p.info["cwd"]) in workdirs
-        and (younger_than is None or now - p.info["create_time"] < younger_than)
-    ]
+    return [p.pid for p in pw_processes(workdirs, younger_than)]
 
 
 def fault(
@@ -271,6 +284,9 @@ def fault(
         return {"how": how, "injected": False, "why": "the study ended first"}
     at = time.perf_counter()
     before = pw_calculations(study)
+    running = pw_processes(workdirs_of(before))
+    by_workdir = {os.path.realpath(r["workdir"]): r["pk"] for r in before if r["workdir"]}
+    running_calcs = sorted({by_workdir[os.path.realpath(p.info["cwd"])] for p in running})
     if how == "stop":
         stopped = verdi("daemon", "stop")
         detail = (stopped.stdout + stopped.stderr).strip().splitlines()[-1:]
@@ -279,6 +295,9 @@ def fault(
     # `verdi daemon stop` may time out on a loaded machine while the workers still shut down
     wait_for(lambda: not daemon_processes(), 120, "the daemon's processes to end")
     stop_s = time.perf_counter() - at
+    # the pw.x runs go on without a daemon: let them end, so that the restarted daemon finds them done
+    with contextlib.suppress(RuntimeError):
+        wait_for(lambda: not any(p.is_running() for p in running), 300, "the running pw.x to end")
     time.sleep(down)
     down_rows = pw_calculations(study)
     start_daemon(workers)
@@ -288,7 +307,8 @@ def fault(
         "stage": study.base.extras.get("emlip_stage", None),
         "at_s": at - start,
         "stop_s": stop_s,
-        "down_s": down,
+        "down_s": time.perf_counter() - at,
+        "pw_running_at_fault": running_calcs,
         "detail": detail,
         "before": before,
         "while_down": down_rows,

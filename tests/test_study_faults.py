@@ -5,10 +5,11 @@ designs trained for 3 epochs, held-out predictions and the response validation's
 6 more pw.x runs) launched with ``aiida-emlip launch --daemon`` in its own throw-away ``core.psql_dos``
 + RabbitMQ profile, deleted afterwards.
 
-* Restart: ``verdi daemon stop`` once some of the DFT's pw.x runs have finished and others are pending,
-  ``verdi daemon start`` a few seconds later; then a crash (SIGKILL of the circus arbiter and of every
-  worker) in the middle of the validation's pw.x runs, and a start again. The study still finishes OK,
-  every configuration has exactly one pw.x calculation, finished OK, and no pw.x ran twice.
+* Restart: ``verdi daemon stop`` once some of the DFT's pw.x runs have finished and another has just
+  started; ``verdi daemon start`` once that pw.x has ended unwatched. Then a crash (SIGKILL of the
+  circus arbiter and of every worker) at the same point of the validation's pw.x runs, and a start
+  again. The study still finishes OK, every configuration has exactly one pw.x calculation, finished
+  OK, and no pw.x ran twice (one OS process per working directory, none in a folder AiiDA moved aside).
 * Kill: ``verdi process kill`` of the study just after a pw.x started: every process of the tree ends
   (killed, or finished OK before the kill reached it), no pw.x is left running, and
   ``aiida-emlip status`` says what was lost and kept, in words.
@@ -75,6 +76,17 @@ def test_daemon_stopped_then_crashed_mid_study(tmp_path):
         for row in event.get("before", []):
             if row["state"] == "ok":
                 assert final[row["configuration"]] == row["pk"], (event["how"], row)
+    # the pw.x runs that were running at a fault ended while the daemon was down; the restarted daemon
+    # found them done: the same calculation finished OK from that single run
+    by_pk = {row["pk"]: row for row in rows}
+    for event in (stop, crash):
+        if not event["injected"]:
+            continue
+        assert event["pw_running_at_fault"], event
+        for pk in event["pw_running_at_fault"]:
+            assert by_pk[pk]["state"] == "ok" and by_pk[pk]["os_runs"] == 1, by_pk[pk]
+    assert not result["pw_runs_elsewhere"], result["pw_runs_elsewhere"]
+    assert not any(entry["pw_ran"] for entry in result["lost_and_found"]), result["lost_and_found"]
     if crash["injected"]:
         assert crash["stage"] == "validation", crash
     assert result["status_rc"] == 0 and "Traceback" not in result["status"], result["status"]

@@ -107,7 +107,7 @@ def start_daemon(workers: int) -> None:
 
 @contextlib.contextmanager
 def daemon(workers: int) -> Iterator[None]:
-    """A daemon with ``workers`` workers for the duration of the block, stopped whatever happens."""
+    """A daemon with ``workers`` workers for the duration of the block, shut down whatever happens."""
     start_daemon(workers)
     try:
         yield
@@ -232,7 +232,7 @@ class PwSampler:
 
     def __init__(self) -> None:
         self.seen: dict[str, set[int]] = {}
-        self._stop = threading.Event()
+        self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> PwSampler:
@@ -240,18 +240,18 @@ class PwSampler:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
+        self._done.set()
         self._thread.join()
 
     def _run(self) -> None:
         import psutil
 
-        while not self._stop.is_set():
+        while not self._done.is_set():
             for proc in psutil.process_iter(["name", "cwd"]):
                 cwd = proc.info["cwd"]
                 if proc.info["name"] == "pw.x" and cwd and os.path.realpath(cwd).startswith(str(WORK)):
                     self.seen.setdefault(os.path.realpath(cwd), set()).add(proc.pid)
-            self._stop.wait(0.2)
+            self._done.wait(0.2)
 
     def runs(self, workdir: str | None) -> int:
         return len(self.seen.get(os.path.realpath(workdir), ())) if workdir else 0
@@ -275,7 +275,7 @@ def alive_pw(study: Any, younger_than: float | None = None) -> list[int]:
 def fault(
     study: Any, prefix: str, how: str, workers: int, down: float, start: float, timeout: float
 ) -> dict[str, Any]:
-    """Once ``prefix``'s pw.x runs are half done, take the daemon down (``stop`` or ``crash``); start it."""
+    """Once ``prefix``'s pw.x runs are half done, take the daemon down (``shutdown``, ``crash``); restart."""
     try:
         wait_for(lambda: mid_pw(study, prefix) or study.is_terminated, timeout, f"{prefix} pw.x runs")
     except RuntimeError as error:
@@ -287,14 +287,14 @@ def fault(
     running = pw_processes(workdirs_of(before))
     by_workdir = {os.path.realpath(r["workdir"]): r["pk"] for r in before if r["workdir"]}
     running_calcs = sorted({by_workdir[os.path.realpath(p.info["cwd"])] for p in running})
-    if how == "stop":
-        stopped = verdi("daemon", "stop")
-        detail = (stopped.stdout + stopped.stderr).strip().splitlines()[-1:]
+    if how == "shutdown":
+        ended = verdi("daemon", "stop")
+        detail = (ended.stdout + ended.stderr).strip().splitlines()[-1:]
     else:
         detail = [f"SIGKILL {pid}" for pid in crash_daemon()]
     # `verdi daemon stop` may time out on a loaded machine while the workers still shut down
     wait_for(lambda: not daemon_processes(), 120, "the daemon's processes to end")
-    stop_s = time.perf_counter() - at
+    down_after_s = time.perf_counter() - at
     # the pw.x runs go on without a daemon: let them end, so that the restarted daemon finds them done
     with contextlib.suppress(RuntimeError):
         wait_for(lambda: not any(p.is_running() for p in running), 300, "the running pw.x to end")
@@ -306,7 +306,7 @@ def fault(
         "injected": True,
         "stage": study.base.extras.get("emlip_stage", None),
         "at_s": at - start,
-        "stop_s": stop_s,
+        "down_after_s": down_after_s,
         "down_s": time.perf_counter() - at,
         "pw_running_at_fault": running_calcs,
         "detail": detail,
@@ -316,7 +316,7 @@ def fault(
 
 
 def run_restart(workers: int, down: float, timeout: float) -> dict[str, Any]:
-    """Launch, stop and restart the daemon mid-DFT, crash and restart it mid-validation; wait for the end."""
+    """Launch; shut the daemon down mid-DFT, crash it mid-validation, restart it each time; await the end."""
     from aiida import orm
 
     spec_file = WORK / "faults.yaml"
@@ -325,7 +325,7 @@ def run_restart(workers: int, down: float, timeout: float) -> dict[str, Any]:
         start = time.perf_counter()
         pk = launch(spec_file)
         study = orm.load_node(pk)
-        faults = [fault(study, "dft/", "stop", workers, down, start, timeout)]
+        faults = [fault(study, "dft/", "shutdown", workers, down, start, timeout)]
         faults.append(fault(study, "validate_", "crash", workers, down, start, timeout))
         wait_for(lambda: study.is_terminated, timeout, f"study {pk} to end")
         wall = time.perf_counter() - start
@@ -429,7 +429,9 @@ def run_kill_study(workers: int, timeout: float) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--restart-daemon", action="store_true", help="stop, then crash, the daemon mid-study")
+    mode.add_argument(
+        "--restart-daemon", action="store_true", help="shut down, then crash, the daemon mid-study"
+    )
     mode.add_argument("--kill-study", action="store_true", help="verdi process kill the study mid-DFT")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--down", type=float, default=5.0, help="seconds the daemon stays down")

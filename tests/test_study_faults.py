@@ -45,18 +45,18 @@ def _bench(tmp_path: Path, mode: str) -> dict:
     return json.loads(out.read_text())
 
 
-def test_daemon_stopped_then_crashed_mid_study(tmp_path):
+def test_daemon_shut_down_then_crashed_mid_study(tmp_path):
     require_services()
     result = _bench(tmp_path, "--restart-daemon")
-    stop, crash = result["faults"]
+    shutdown, crash = result["faults"]
     summary = {k: result[k] for k in ("study_pk", "state", "exit_status", "wall_s")}
     summary["faults"] = [
         {k: f.get(k) for k in ("how", "injected", "stage", "at_s", "why")} for f in result["faults"]
     ]
     print(json.dumps(summary))
-    assert stop["injected"] and stop["stage"] == "dft", stop
-    # the stop caught the DFT half done: some pw.x finished, some still to run or running
-    states = Counter(row["state"] for row in stop["before"] if row["configuration"].startswith("dft/"))
+    assert shutdown["injected"] and shutdown["stage"] == "dft", shutdown
+    # the shutdown caught the DFT half done: some pw.x finished, some still to run or running
+    states = Counter(row["state"] for row in shutdown["before"] if row["configuration"].startswith("dft/"))
     assert states["ok"] >= 1 and states["ok"] < DFT_CONFIGURATIONS, states
 
     assert result["state"] == "ok" and result["exit_status"] == 0, result["exit_message"]
@@ -72,14 +72,14 @@ def test_daemon_stopped_then_crashed_mid_study(tmp_path):
     assert all(row["os_runs"] <= 1 for row in rows), rows
     # what had finished before a fault is the very calculation the study used (same pk, still ok)
     final = {row["configuration"]: row["pk"] for row in rows}
-    for event in (stop, crash):
+    for event in (shutdown, crash):
         for row in event.get("before", []):
             if row["state"] == "ok":
                 assert final[row["configuration"]] == row["pk"], (event["how"], row)
     # the pw.x runs that were running at a fault ended while the daemon was down; the restarted daemon
     # found them done: the same calculation finished OK from that single run
     by_pk = {row["pk"]: row for row in rows}
-    for event in (stop, crash):
+    for event in (shutdown, crash):
         if not event["injected"]:
             continue
         assert event["pw_running_at_fault"], event

@@ -188,7 +188,7 @@ def dft_counts(dft: orm.ProcessNode) -> dict[str, Any]:
     """pw.x configurations of the study's dataset workchain by state.
 
     While it runs (or once it finished) these are the counts it keeps in its extras; once it was killed
-    or excepted they are counted from its ``pw_*`` children (the extras stop at the last batch's start):
+    or excepted they are counted from its ``pw_*`` children (the extras end at the last batch's start):
     ``done``, ``killed``, ``failed`` and ``never started``.
     """
     counts = dict(dft.base.extras.get("emlip_progress", {}))

@@ -97,6 +97,7 @@ def test_excepted_study_gives_the_error_not_the_traceback(aiida_profile):
 
 def test_running_study_is_unchanged(aiida_profile):
     study = _study(ProcessState.WAITING)
+    assert render(status_lines(study))[1] == "DFT: not started"
     dft = _process(ProcessState.WAITING, study, "dft")
     dft.base.extras.set("emlip_progress", {"done": 1, "running": 2, "failed": 0, "waiting": 1, "total": 4})
     lines = render(status_lines(study))

@@ -281,10 +281,13 @@ def status_lines(study: orm.WorkflowNode) -> list[Any]:
     lines: list[Any] = [f"Study {spec.get('name')!r} <{study.pk}>: {_state(study)} (stage: {stage})"]
     if study.exit_message:
         lines.append(f"  {study.exit_message}")
-    elif ended and _why_ended(study):
-        lines.append(f"  {_why_ended(study)}")
+    elif ended and (why := _why_ended(study)):
+        lines.append(f"  {why}")
     dft = _child(study, "dft")
-    lines.append(f"DFT: {not_started}" if dft is None else _dft_line(dft, dft_counts(dft)))
+    if dft is None:
+        lines.append(f"DFT: {'not run' if study.is_terminated else 'not started'}")
+    else:
+        lines.append(_dft_line(dft, dft_counts(dft)))
     if "split" in study.outputs:
         split = study.outputs.split.get_dict()
         lines.append(

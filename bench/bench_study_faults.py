@@ -116,20 +116,27 @@ def daemon(workers: int) -> Iterator[None]:
 
 
 def daemon_processes() -> list[Any]:
-    """The OS processes of this profile's daemon: its circus arbiter and its workers."""
+    """The OS processes of this profile's daemon: its circus arbiter, its statistics process, its workers."""
     import psutil
 
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = proc.info["cmdline"] or []
-        if PROFILE in cmdline and "daemon" in cmdline and {"start-circus", "worker"} & set(cmdline):
+        text = " ".join(cmdline)
+        daemon = "daemon" in cmdline and {"start-circus", "worker"} & set(cmdline)
+        stats = "circus import stats" in text  # circusd-stats, named by its log file
+        if PROFILE in text and (daemon or stats):
             found.append(proc)
     return found
 
 
 def crash_daemon() -> list[int]:
-    """SIGKILL the daemon's circus arbiter first (nothing respawns the workers), then each worker."""
-    procs = sorted(daemon_processes(), key=lambda p: "worker" in (p.info["cmdline"] or []))
+    """SIGKILL the daemon's circus arbiter first (nothing respawns the others), then the rest.
+
+    The arbiter's statistics process (``circusd-stats``) outlives a killed arbiter: it goes too, as
+    it would on a machine that went down.
+    """
+    procs = sorted(daemon_processes(), key=lambda p: "start-circus" not in (p.info["cmdline"] or []))
     for proc in procs:
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, signal.SIGKILL)

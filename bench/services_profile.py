@@ -3,7 +3,8 @@
 The caller points ``AIIDA_PATH`` at a temporary folder before importing :mod:`aiida`;
 :func:`make_profile` creates the database (locale fallback included), its user and the profile, a
 ``localhost`` computer, the ``pw`` code and a pseudo family of the given elements; :func:`delete_profile`
-stops the daemon and drops everything again.
+stops the daemon and drops everything again. :func:`add_emlip_codes` adds the ``emlip-train`` and
+``emlip-eval`` codes a study needs.
 """
 
 from __future__ import annotations
@@ -45,6 +46,16 @@ def make_profile(
     family = install_family(pseudo_dir, label=FAMILY_LABEL, elements=elements)
     print(f"profile {name}: core.psql_dos (database locale {locale}) + core.rabbitmq in {target.config_dir}")
     return code, family
+
+
+def add_emlip_codes(computer: Any) -> dict[str, Any]:
+    """``emlip-train`` and ``emlip-eval`` of this environment on ``computer``, as setup makes them."""
+    from aiida_emlip.cli.setup import EMLIP_PROGRAMS, emlip_executable, ensure_code
+
+    codes = {}
+    for label, (program, plugin) in EMLIP_PROGRAMS.items():
+        codes[label], _ = ensure_code(computer, emlip_executable(program), label=label, plugin=plugin)
+    return codes
 
 
 def delete_profile(name: str, work: Path) -> None:

@@ -162,6 +162,7 @@ def test_services_profile_created_then_reused(cli_aiida_path: Path, emlip_cli, t
         assert config["storage"]["backend"] == "core.psql_dos"
         assert config["process_control"]["backend"] == "core.rabbitmq"
         assert config["storage"]["config"]["database_name"].startswith("emlip_emlip_test_")
+        assert config["options"]["daemon.timeout"] == 20 and config["options"]["runner.poll.interval"] == 1
         assert f"profile   {name} (core.psql_dos, core.rabbitmq)" in first.stdout
         assert "created (database locale " in first.stdout
         assert f"verdi -p {name} daemon start 2" in first.stdout

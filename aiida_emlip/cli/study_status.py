@@ -12,6 +12,7 @@ from aiida.common.links import LinkType
 
 from aiida_emlip.cli.study_common import STUDY_ENTRY_POINT
 
+PW_PROCESS = "aiida.calculations:quantumespresso.pw"
 #: emlip-train's epoch line: ``epoch N (stage[, scf mode]) train L valid L ...`` (the mode for SCF heads)
 EPOCH_LINE = re.compile(r"epoch (\d+) \(([^,)]+)(?:, \w+)?\) train (\S+) valid (\S+)")
 
@@ -31,6 +32,19 @@ def _state(node: orm.ProcessNode) -> str:
         state = node.get_state()
         return "running" if state is None else state.value.replace("withscheduler", "running")
     return node.process_state.value
+
+
+def _ended_early(node: orm.ProcessNode) -> bool:
+    """Killed (``verdi process kill``) or excepted: the process ran none of its remaining steps."""
+    return node.is_killed or node.is_excepted
+
+
+def _why_ended(node: orm.ProcessNode) -> str | None:
+    """Why a killed or excepted process ended, in one line (never a traceback)."""
+    if node.is_excepted:
+        lines = [line for line in (node.exception or "").strip().splitlines() if line.strip()]
+        return lines[-1].strip() if lines else None
+    return node.process_status or None
 
 
 def _child(node: orm.ProcessNode, link_label: str) -> orm.ProcessNode | None:
@@ -97,16 +111,26 @@ def _epochs(config: dict[str, Any]) -> int:
     return sum(int(stage.get("epochs", 0)) for stage in config.get("stages", []))
 
 
-def training_lines(training: orm.ProcessNode | None, designs: list[str]) -> list[Any]:
-    """One line per design: waiting, running (epoch, validation loss) or finished (cost, loss)."""
+def _ended_text(node: orm.ProcessNode) -> str:
+    """``killed``, ``failed (N): message`` ...: the state, with the exit message when there is one."""
+    return f"{_state(node)}: {node.exit_message}" if node.exit_message else _state(node)
+
+
+def training_lines(
+    training: orm.ProcessNode | None, designs: list[str], not_started: str = "waiting"
+) -> list[Any]:
+    """One line per design: waiting, running (epoch, validation loss) or finished (cost, loss).
+
+    ``not_started`` is what a design without a calculation shows: ``not run`` once the study has ended.
+    """
     lines = []
     for label in designs:
         calc = _training_node(training, label) if training is not None else None
         if calc is None or (not isinstance(calc, orm.CalcJobNode) and not calc.is_terminated):
-            lines.append(f"  {label:<12} waiting")
+            lines.append(f"  {label:<12} {not_started}")
             continue
         if not isinstance(calc, orm.CalcJobNode):  # the restart workchain stopped before a calculation
-            lines.append(f"  {label:<12} {_state(calc)}: {calc.exit_message or ''}")
+            lines.append(f"  {label:<12} {_ended_text(calc)}")
             continue
         total = _epochs(calc.inputs.config.get_dict())
         if calc.is_finished_ok:
@@ -119,7 +143,7 @@ def training_lines(training: orm.ProcessNode | None, designs: list[str]) -> list
                 f"{loss:.4g}, {metrics.get('wall_time_s', 0):.0f} s{cached}"
             )
         elif calc.is_terminated:
-            lines.append(f"  {label:<12} {_state(calc)}: {calc.exit_message or ''}")
+            lines.append(f"  {label:<12} {_ended_text(calc)}")
         else:
             job = {
                 "workdir": calc.get_remote_workdir(),
@@ -160,22 +184,110 @@ def active_learning_line(study: orm.WorkflowNode, options: dict[str, Any]) -> st
     return text + (f"; stopped: {progress['stop']}" if progress.get("stop") else "")
 
 
+def dft_counts(dft: orm.ProcessNode) -> dict[str, Any]:
+    """pw.x configurations of the study's dataset workchain by state.
+
+    While it runs (or once it finished) these are the counts it keeps in its extras; once it was killed
+    or excepted they are counted from its ``pw_*`` children (the extras end at the last batch's start):
+    ``done``, ``killed``, ``failed`` and ``never started``.
+    """
+    counts = dict(dft.base.extras.get("emlip_progress", {}))
+    if not _ended_early(dft):
+        return {k: counts.get(k, 0) for k in ("done", "running", "failed", "waiting")} | {
+            "total": counts.get("total")
+        }
+    links = dft.base.links.get_outgoing(link_type=LinkType.CALL_WORK).all()
+    runs = [link.node for link in links if link.link_label.startswith("pw_")]
+    done = sum(1 for n in runs if n.is_finished_ok)
+    killed = sum(1 for n in runs if n.is_killed)
+    total = counts.get("total")
+    ended = {"done": done, "killed": killed, "failed": len(runs) - done - killed}
+    if total is not None:
+        ended["never started"] = max(0, int(total) - len(runs))
+    return ended | {"total": total}
+
+
+def _dft_line(dft: orm.ProcessNode, counts: dict[str, Any]) -> str:
+    text = ", ".join(f"{v} {k}" for k, v in counts.items() if k != "total")
+    total = counts["total"] if counts.get("total") is not None else "?"
+    return f"DFT <{dft.pk}> {_state(dft)}: {text} of {total} pw.x configurations"
+
+
+def lost_lines(study: orm.WorkflowNode, spec: dict[str, Any]) -> list[str]:
+    """What a killed or excepted study lost and what it kept, in words."""
+    stage = study.base.extras.get("emlip_stage", "not started")
+    lost: list[str] = []
+    kept: list[str] = []
+    dft = _child(study, "dft")
+    if dft is None:
+        lost.append("every pw.x configuration (none started)")
+    elif dft.is_finished_ok:
+        kept.append(f"the DFT labels ({len(dft.outputs.dataset)} configurations)")
+    else:
+        counts = dft_counts(dft)
+        missing = {k: v for k, v in counts.items() if k not in ("done", "total") and v}
+        total = counts["total"] if counts.get("total") is not None else "?"
+        details = ", ".join(f"{v} {k}" for k, v in missing.items())
+        lost.append(f"{sum(missing.values())} of {total} pw.x configurations ({details})")
+        finished = _finished_pw(dft)
+        if finished:
+            kept.append(f"{finished} finished pw.x calculations")
+    designs = list(spec.get("designs", {}))
+    training = _child(study, "training")
+    trained = [label for label in designs if training is not None and _trained(training, label)]
+    untrained = [label for label in designs if label not in trained]
+    if untrained:
+        lost.append(f"training of {', '.join(untrained)}")
+    if trained:
+        kept.append(f"models of {', '.join(trained)}")
+    for name in spec.get("validations", {}):
+        node = _child(study, f"validate_{name}")
+        (kept if node is not None and node.is_finished_ok else lost).append(f"validation {name}")
+    evaluated = [label for label in designs if _finished(_child(study, f"evaluate_{label}"))]
+    if len(evaluated) < len(designs):
+        lost.append("held-out predictions")
+    if "report" not in study.outputs:
+        lost.append("the report")
+    lines = [f"Lost ({_state(study)} at stage {stage}): {'; '.join(lost) or 'nothing'}"]
+    if kept:
+        lines.append(f"Kept: {'; '.join(kept)} (stored in the profile)")
+    return lines
+
+
+def _finished_pw(node: orm.ProcessNode) -> int:
+    """pw.x calculations under ``node`` that finished OK (one may outlive its killed workchain)."""
+    return sum(
+        1
+        for n in node.called_descendants
+        if isinstance(n, orm.CalcJobNode) and n.process_type == PW_PROCESS and n.is_finished_ok
+    )
+
+
+def _finished(node: orm.ProcessNode | None) -> bool:
+    return node is not None and node.is_finished_ok
+
+
+def _trained(training: orm.ProcessNode, label: str) -> bool:
+    calc = _training_node(training, label)
+    return isinstance(calc, orm.CalcJobNode) and calc.is_finished_ok
+
+
 def status_lines(study: orm.WorkflowNode) -> list[Any]:
-    """The live summary of a study."""
+    """The live summary of a study; once it was killed or excepted, also what it lost and kept."""
     spec = study.inputs.spec.get_dict()
     stage = study.base.extras.get("emlip_stage", "not started")
+    ended = _ended_early(study)
+    not_started = "not run" if study.is_terminated else "waiting"
     lines: list[Any] = [f"Study {spec.get('name')!r} <{study.pk}>: {_state(study)} (stage: {stage})"]
     if study.exit_message:
         lines.append(f"  {study.exit_message}")
+    elif ended and (why := _why_ended(study)):
+        lines.append(f"  {why}")
     dft = _child(study, "dft")
     if dft is None:
-        lines.append("DFT: not started")
+        lines.append(f"DFT: {'not run' if study.is_terminated else 'not started'}")
     else:
-        counts = dft.base.extras.get("emlip_progress", {})
-        text = ", ".join(f"{counts.get(k, 0)} {k}" for k in ("done", "running", "failed", "waiting"))
-        lines.append(
-            f"DFT <{dft.pk}> {_state(dft)}: {text} of {counts.get('total', '?')} pw.x configurations"
-        )
+        lines.append(_dft_line(dft, dft_counts(dft)))
     if "split" in study.outputs:
         split = study.outputs.split.get_dict()
         lines.append(
@@ -183,7 +295,7 @@ def status_lines(study: orm.WorkflowNode) -> list[Any]:
         )
     training = _child(study, "training")
     lines.append(f"Training{f' <{training.pk}>' if training else ''}:")
-    lines += training_lines(training, list(spec.get("designs", {})))
+    lines += training_lines(training, list(spec.get("designs", {})), not_started)
     if spec.get("active_learning"):
         lines.append(active_learning_line(study, spec["active_learning"]))
     validations = list(spec.get("validations", {}))
@@ -191,13 +303,15 @@ def status_lines(study: orm.WorkflowNode) -> list[Any]:
         lines.append("Validations:")
         for name in validations:
             node = _child(study, f"validate_{name}")
-            lines.append(f"  {name:<12} {_state(node) if node else 'waiting'}")
+            lines.append(f"  {name:<12} {_ended_text(node) if node else not_started}")
     evaluated = [label for label in spec.get("designs", {}) if _child(study, f"evaluate_{label}")]
     if evaluated:
         done = [label for label in evaluated if _child(study, f"evaluate_{label}").is_finished_ok]
         lines.append(f"Held-out predictions: {len(done)} of {len(spec.get('designs', {}))} designs")
     if "report" in study.outputs:
         lines.append(f"Report: ready (aiida-emlip report {study.pk} --output DIR)")
+    if ended:
+        lines += lost_lines(study, spec)
     return lines
 
 

@@ -19,6 +19,11 @@ from aiida_emlip.services.postgres import (
 if TYPE_CHECKING:
     from aiida.manage.configuration.profile import Profile
 
+
+#: ``daemon.timeout`` (s) of the profile: how long ``verdi daemon stop``/``status`` wait for the daemon's
+#: answer. AiiDA's 2 s made ``verdi daemon stop`` print ``Connection to the daemon timed out`` on a busy
+#: machine while the workers were still shutting down (they did, seconds later).
+DAEMON_TIMEOUT = 20
 STORAGE = "core.psql_dos"
 BROKER = "core.rabbitmq"
 
@@ -105,6 +110,7 @@ def create_services_profile(
         drop_user_and_database(postgres, name)
         raise ServicesProfileError(f"creating profile {target.name!r} failed: {error}") from error
     config.set_option("runner.poll.interval", POLL_INTERVAL, scope=target.name)
+    config.set_option("daemon.timeout", DAEMON_TIMEOUT, scope=target.name)
     config.store()
     return profile, locale
 

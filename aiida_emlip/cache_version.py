@@ -22,6 +22,15 @@ import zlib
 
 from aiida_emlip import __version__
 
+#: The calculations a study reuses from the cache when caching is on (``launch``'s default; the profile
+#: made by ``aiida-emlip setup --services`` enables them for its daemon).
+CACHED_PROCESSES = (
+    "aiida.calculations:quantumespresso.pw",
+    "aiida.calculations:quantumespresso.pp",
+    "aiida.calculations:quantumespresso.projwfc",
+    "aiida.calculations:emlip.train",
+    "aiida.calculations:emlip.evaluate",
+)
 #: Raised when emlip-train's or emlip-eval's results change for the same inputs within one version.
 NUMERICS = 1
 #: Raised when the ``emlip.pw`` parser's outputs change (new or different labels).

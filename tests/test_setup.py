@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from services_helpers import require_services
 
+from aiida_emlip.cache_version import CACHED_PROCESSES
 from aiida_emlip.profile import PROFILE_NAME, ProfileNotFoundError, resolve_aiida_path, select_profile
 
 
@@ -163,6 +164,7 @@ def test_services_profile_created_then_reused(cli_aiida_path: Path, emlip_cli, t
         assert config["process_control"]["backend"] == "core.rabbitmq"
         assert config["storage"]["config"]["database_name"].startswith("emlip_emlip_test_")
         assert config["options"]["daemon.timeout"] == 20 and config["options"]["runner.poll.interval"] == 1
+        assert config["options"]["caching.enabled_for"] == list(CACHED_PROCESSES)
         assert f"profile   {name} (core.psql_dos, core.rabbitmq)" in first.stdout
         assert "created (database locale " in first.stdout
         assert f"verdi -p {name} daemon start 2" in first.stdout

@@ -12,6 +12,7 @@ import click
 
 from aiida_emlip.cli.options import PROFILE_OPTION
 from aiida_emlip.cli.study_common import (
+    CACHED,
     load_profile_or_exit,
     load_spec_or_exit,
     load_study,
@@ -43,6 +44,9 @@ def launch(spec_file: Path, daemon: bool, cache: bool, profile_name: str | None)
     spec, text = load_spec_or_exit(spec_file)
     if daemon:
         _submit(spec, text, target)
+        note = daemon_caching_note(cache, target.name)
+        if note:
+            click.echo(note)
         return
     click.echo(f"{spec_file}: valid; running study {spec['name']!r} in this shell (Ctrl-C stops it)")
     node = run_in_shell(study_builder(spec, text), cache)
@@ -51,6 +55,33 @@ def launch(spec_file: Path, daemon: bool, cache: bool, profile_name: str | None)
         click.echo(f"Report: aiida-emlip report {node.pk} --output DIR")
     if not node.is_finished_ok:
         raise SystemExit(1)
+
+
+def daemon_caching_note(cache: bool, profile: str) -> str | None:
+    """A note when the daemon will not cache as ``--cache``/``--no-cache`` asks.
+
+    Daemon workers read the profile's ``caching.enabled_for``, not this command's option (the profile
+    made by ``aiida-emlip setup --services`` enables the study's calculations).
+    """
+    from aiida.manage.caching import get_use_cache
+
+    on = [i for i in CACHED if get_use_cache(identifier=i)]
+    off = [i.split(":", 1)[1] for i in CACHED if i not in on]
+    if cache and off:
+        return (
+            f"note: the daemon caches what profile {profile!r} says, and it leaves caching off for "
+            f"{', '.join(off)}; to reuse finished runs: `verdi -p {profile} config set caching.enabled_for "
+            f"'aiida.calculations:quantumespresso.*'`, `verdi -p {profile} config set --append "
+            f"caching.enabled_for 'aiida.calculations:emlip.*'`, then `verdi -p {profile} daemon restart`"
+        )
+    if not cache and on:
+        names = ", ".join(i.split(":", 1)[1] for i in on)
+        return (
+            f"note: --no-cache does not reach the daemon: profile {profile!r} caches {names}; "
+            f"`verdi -p {profile} config unset caching.enabled_for` and `verdi -p {profile} daemon restart` "
+            "turn that off"
+        )
+    return None
 
 
 def _submit(spec: dict, text: str, target) -> None:

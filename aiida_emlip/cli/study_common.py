@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from aiida_emlip.cache_version import CACHED_PROCESSES
 from aiida_emlip.cli.options import target_or_exit
 from aiida_emlip.profile import ProfileNotFoundError, ProfileTarget, daemon_problem, load_or_create_profile
 
@@ -22,13 +23,7 @@ T = TypeVar("T")
 
 STUDY_ENTRY_POINT = "aiida.workflows:emlip.study"
 #: Calculations (and calcfunctions) whose finished results a study reuses when caching is on.
-CACHED = (
-    "aiida.calculations:quantumespresso.pw",
-    "aiida.calculations:quantumespresso.pp",
-    "aiida.calculations:quantumespresso.projwfc",
-    "aiida.calculations:emlip.train",
-    "aiida.calculations:emlip.evaluate",
-)
+CACHED = CACHED_PROCESSES
 #: Processes whose report lines the foreground run prints.
 PROGRESS_PROCESSES = ("EmlipStudyWorkChain", "EmlipDatasetWorkChain", "EmlipTrainingWorkChain")
 PROGRESS_PROCESSES += ("EmlipChargedDefectWorkChain",)

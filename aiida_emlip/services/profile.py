@@ -6,6 +6,7 @@ import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from aiida_emlip.cache_version import CACHED_PROCESSES
 from aiida_emlip.profile import DEFAULT_EMAIL, POLL_INTERVAL, ProfileTarget, profile_backends
 from aiida_emlip.services.postgres import (
     DatabaseSetupError,
@@ -111,6 +112,8 @@ def create_services_profile(
         raise ServicesProfileError(f"creating profile {target.name!r} failed: {error}") from error
     config.set_option("runner.poll.interval", POLL_INTERVAL, scope=target.name)
     config.set_option("daemon.timeout", DAEMON_TIMEOUT, scope=target.name)
+    # the daemon's workers cache what a foreground `launch` caches (they read the profile, not `--cache`)
+    config.set_option("caching.enabled_for", list(CACHED_PROCESSES), scope=target.name)
     config.store()
     return profile, locale
 

@@ -23,22 +23,14 @@ import argparse
 import json
 import os
 import shutil
-import sys
-import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import services_profile
 
-WORK = Path(tempfile.mkdtemp(prefix="emlip-bench-daemon-"))
-os.environ["AIIDA_PATH"] = str(WORK)
-# the daemon is started with the verdi of this environment
-os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-PROFILE = f"emlip-bench-{uuid.uuid4().hex[:8]}"
+WORK, PROFILE = services_profile.scratch_environment("emlip-bench")
 PW = shutil.which("pw.x") or "/usr/bin/pw.x"
 CHEAP = {
     "ecutwfc": 25.0,

@@ -27,20 +27,14 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import services_profile
 
-WORK = Path(tempfile.mkdtemp(prefix="emlip-bench-"))
-os.environ["AIIDA_PATH"] = str(WORK)
-# the daemon client looks for `verdi` on the PATH
-os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-PROFILE = f"emlip-bench-{uuid.uuid4().hex[:8]}"
+WORK, PROFILE = services_profile.scratch_environment("emlip-bench")
 PW = shutil.which("pw.x") or "/usr/bin/pw.x"
 #: runner.poll.interval of the benchmark profile (s); set from --poll-interval.
 POLL_INTERVAL = 1

@@ -34,22 +34,15 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import services_profile
 
-WORK = Path(tempfile.mkdtemp(prefix="emlip-faults-"))
-os.environ["AIIDA_PATH"] = str(WORK)
-# the daemon client looks for `verdi` on the PATH
-os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-PROFILE = f"emlip-faults-{uuid.uuid4().hex[:8]}"
+WORK, PROFILE = services_profile.scratch_environment("emlip-faults")
 PW = shutil.which("pw.x") or "/usr/bin/pw.x"
 EMLIP = str(Path(sys.executable).with_name("aiida-emlip"))
 PW_PROCESS = "aiida.calculations:quantumespresso.pw"

@@ -16,6 +16,21 @@ from pathlib import Path
 from typing import Any
 
 
+def scratch_environment(prefix: str) -> tuple[Path, str]:
+    """A temporary ``AIIDA_PATH`` (set before :mod:`aiida` is imported), this environment's ``verdi``
+    first on the ``PATH`` (the daemon client starts it), one OpenMP thread unless set; returns the folder
+    and a fresh profile name."""
+    import os
+    import tempfile
+    import uuid
+
+    work = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
+    os.environ["AIIDA_PATH"] = str(work)
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    return work, f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
 def verdi(profile: str, *args: str) -> subprocess.CompletedProcess[str]:
     """``verdi -p PROFILE ARGS`` of this environment (in the caller's ``AIIDA_PATH``)."""
     exe = str(Path(sys.executable).with_name("verdi"))

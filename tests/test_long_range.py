@@ -53,6 +53,47 @@ def test_long_range_table_numbers():
 
 
 @pytest.mark.pw
+def _ion_and_dipole(sign: float) -> Atoms:
+    """Li⁺ and a neutral water carrying one point-like dipole (charges zero), 6 Å apart along z."""
+    frame = fragment_pair_scan("Li", "H2O", [6.0], total_charge=1.0)[0]
+    frame.arrays[schema.CHARGES] = np.array([1.0, 0.0, 0.0, 0.0])
+    dipoles = np.zeros((4, 3))
+    dipoles[1, 2] = sign * 0.4  # on the oxygen, along the separation
+    frame.arrays[schema.ATOMIC_DIPOLES] = dipoles
+    return frame
+
+
+def test_multipole_interaction_ion_dipole():
+    """The reference interaction is linear in the water's dipole (periodic cell) and equals
+    k q p·r̂ / r² for the pair without periodicity."""
+    from aiida_emlip.analysis.long_range import multipole_interaction
+    from aiida_emlip.schema import COULOMB_CONSTANT
+
+    up, down = multipole_interaction(_ion_and_dipole(1.0)), multipole_interaction(_ion_and_dipole(-1.0))
+    assert up == pytest.approx(-down, rel=1e-5)
+    assert multipole_interaction(_ion_and_dipole(0.0)) == pytest.approx(0.0, abs=1e-6)  # Ewald accuracy
+    isolated = _ion_and_dipole(1.0)
+    isolated.pbc = False
+    r = isolated.positions[1] - isolated.positions[0]
+    expected = -COULOMB_CONSTANT * 0.4 * r[2] / np.linalg.norm(r) ** 3  # E = −p·E_ion
+    assert multipole_interaction(isolated) == pytest.approx(expected, rel=1e-6)
+
+
+def test_local_model_has_no_interaction_beyond_cutoff():
+    """``sr`` (no long-range term) gives zero interaction beyond its cutoff; the error is then the
+    reference interaction itself."""
+    from aiida_emlip.analysis.long_range import interaction_errors, model_interaction
+    from aiida_emlip.models.model import EmlipModel, ModelConfig
+
+    backbone = {"num_channels": 4, "num_interactions": 2, "max_ell": 2, "r_max": 4.0, "mlp_hidden": 4}
+    model = EmlipModel(ModelConfig(elements=["H", "Li", "O"], backbone=backbone))
+    frame = _ion_and_dipole(1.0)
+    frame.info[schema.ENERGY] = 0.0
+    assert model_interaction(model, frame) == pytest.approx(0.0, abs=1e-9)
+    errors = interaction_errors({"sr": model}, [frame], cutoff=model.cutoff)
+    assert errors["sr"]["rms"] == pytest.approx(errors["reference"]["rms"])
+
+
 @pytest.mark.slow
 def test_long_range_benchmark_reduced(tmp_path, pw_code, pp_code, pseudo_family):
     """Li⁺ + H₂O in a charged cell: a supervised electrostatic design beats sr beyond the cutoff.

@@ -79,10 +79,15 @@ def test_training_data_option_and_preset():
     )
     water.info[schema.ENERGY] = -1.0
     plain = to_sample(water, 0, DataConfig(train="x"), "w").labels[schema.CHARGES]
-    moved = to_sample(water, 0, DataConfig(train="x", charges_from_dipoles=True), "w").labels[schema.CHARGES]
+    labels = to_sample(water, 0, DataConfig(train="x", charges_from_dipoles=True), "w").labels
+    moved, left = labels[schema.CHARGES], labels[schema.ATOMIC_DIPOLES]
     np.testing.assert_allclose(plain, [-0.30, 0.15, 0.15])
     target = _dipole(water, plain, water.arrays[schema.ATOMIC_DIPOLES])
     np.testing.assert_allclose(_dipole(water, moved), target, atol=1e-10)
+    # the moved dipoles leave the dipole labels (in-plane water: nothing is left), so charges plus
+    # atomic dipoles still give the molecule's dipole once, also for a head that predicts both
+    np.testing.assert_allclose(left, 0.0, atol=1e-10)
+    np.testing.assert_allclose(_dipole(water, moved, left), target, atol=1e-10)
     assert abs(moved[0]) > abs(plain[0]) + 0.05  # the oxygen takes the dipole's charge
     del water.arrays[schema.ATOMIC_DIPOLES]
     with pytest.raises(DataError, match="charges_from_dipoles needs"):

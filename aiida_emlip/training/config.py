@@ -73,7 +73,8 @@ class DataConfig:
     max_charge: float = 10.0
     #: Move the reference atomic dipoles onto the reference charges (each atom's dipole onto charges of
     #: it and its neighbours within 1.6 Å, fragment charges unchanged): for heads without atomic dipoles,
-    #: whose charges must then carry the whole molecular dipole (see ``training.dipole_charges``).
+    #: whose charges must then carry the whole molecular dipole (see ``training.dipole_charges``). The
+    #: atomic-dipole labels keep only the part no neighbourhood charge could carry.
     charges_from_dipoles: bool = False
 
 

@@ -139,6 +139,8 @@ def to_sample(atoms: Atoms, index: int, config: DataConfig, where: str) -> Sampl
             raise DataError(f"{name}: data.charges_from_dipoles needs reference charges and atomic dipoles")
         projected = dipole_preserving_charges(atoms, labels[schema.CHARGES], labels[schema.ATOMIC_DIPOLES])
         labels[schema.CHARGES] = projected.charges
+        # what moved onto the charges leaves the dipoles: a head with atomic dipoles would count it twice
+        labels[schema.ATOMIC_DIPOLES] = projected.lost_dipole
     info = {}
     for key in CONDITIONS:
         name_in_file = config.keys.get(key, key)

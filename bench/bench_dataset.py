@@ -10,11 +10,18 @@ Everything runs in a throw-away profile made as ``aiida-emlip setup --services``
 (``core.psql_dos`` on this machine's PostgreSQL with a fresh database and user, RabbitMQ broker, under
 a temporary ``AIIDA_PATH``); the profile, database and user are dropped at the end.
 
+With ``--load`` only the daemon runs, as a load test: N configurations (default 200) through
+``--workers`` workers with the workchain's own throttle (``max_concurrent`` 8), every daemon worker's
+resident memory sampled every 2 s (:mod:`daemon_memory`); the report gives per worker the peak and
+the growth after the first 50 configurations (target: no growth beyond 20 %), and checks that every
+configuration was labelled by exactly one pw.x run.
+
 With ``--kill-pw`` only a fault is injected instead: the workchain is submitted to the daemon, the
 OS process of one running pw.x (found by its working directory, the CalcJob's remote workdir) is sent
 SIGKILL, and the outcome (exit status, report, labels, PwCalculations per configuration) is written out.
 
-Usage: ``python bench/bench_dataset.py [--n 20] [--workers 2] [--no-daemon] [--kill-pw] [--json out.json]``.
+Usage: ``python bench/bench_dataset.py [--n 20] [--workers 2] [--no-daemon] [--kill-pw | --load]
+[--json out.json]``.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import services_profile
+from daemon_memory import MemoryTrace, growth
 
 WORK, PROFILE = services_profile.scratch_environment("emlip-bench")
 PW = shutil.which("pw.x") or "/usr/bin/pw.x"
@@ -216,6 +224,41 @@ def outcome(node) -> dict[str, object]:
     }
 
 
+def run_daemon_load(code, family, dataset, workers: int, warmup: int = 50) -> dict[str, object]:
+    """Submit N configurations to the daemon (throttled by the workchain), trace the workers' memory."""
+    from aiida import orm
+    from aiida.engine import submit
+
+    def finished_pw() -> int:
+        query = orm.QueryBuilder().append(orm.WorkflowNode, filters={"id": node.pk}, tag="wc")
+        query.append(orm.WorkflowNode, with_incoming="wc", tag="base")
+        query.append(orm.CalcJobNode, with_incoming="base", filters={"attributes.exit_status": 0})
+        return query.count()
+
+    with daemon(workers):
+        start = time.perf_counter()
+        node = submit(builder(code, family, dataset, 8))
+        with MemoryTrace(PROFILE, finished_pw) as trace:
+            while not node.is_terminated:
+                time.sleep(1.0)
+        wall = time.perf_counter() - start
+    result = outcome(node)
+    runs = result.pop("pw_calculations")
+    result.pop("pw_base")
+    energies = result.pop("energies")
+    return {
+        "wall_s": wall,
+        "workers": workers,
+        "exit_status": result["exit_status"],
+        "labelled": len(energies),
+        "pw_runs_per_configuration": sorted({len(v) for v in runs.values()}),
+        "energies_finite": result["energies_finite"],
+        "memory": growth(trace.samples, warmup),
+        "warmup_configurations": warmup,
+        "samples": len(trace.samples),
+    }
+
+
 def run_daemon_kill_pw(code, family, dataset, workers: int, timeout: float = 600.0) -> dict[str, object]:
     """Submit to the daemon, SIGKILL one running pw.x, wait for the end; the :func:`outcome` and timings."""
     from aiida.engine import submit
@@ -254,18 +297,31 @@ def run_daemon_kill_pw(code, family, dataset, workers: int, timeout: float = 600
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=20)
+    parser.add_argument("--n", type=int, default=None, help="configurations (20; 200 with --load)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--no-daemon", action="store_true")
     parser.add_argument("--kill-pw", action="store_true", help="only the daemon run, with one pw.x killed")
+    parser.add_argument("--load", action="store_true", help="only the daemon run, with worker memory traced")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--poll-interval", type=int, default=1, help="runner.poll.interval (s, an integer)")
     args = parser.parse_args()
+    if args.n is None:
+        args.n = 200 if args.load else 20
     global POLL_INTERVAL
     POLL_INTERVAL = args.poll_interval
     try:
         code, family = create_profile()
         dataset = configurations(args.n)
+        if args.load:
+            warmup = min(50, max(1, args.n // 4))
+            result = {
+                "n_configurations": args.n,
+                **run_daemon_load(code, family, dataset, args.workers, warmup),
+            }
+            if args.json:
+                args.json.write_text(json.dumps(result, indent=2))
+            print(json.dumps(result, indent=2))
+            return
         if args.kill_pw:
             result = {"n_configurations": args.n, **run_daemon_kill_pw(code, family, dataset, args.workers)}
             if args.json:

@@ -23,12 +23,12 @@ import argparse
 import json
 import os
 import shutil
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import services_profile
+from daemon_memory import MemoryTrace
 
 WORK, PROFILE = services_profile.scratch_environment("emlip-bench")
 PW = shutil.which("pw.x") or "/usr/bin/pw.x"
@@ -110,61 +110,30 @@ def run_pwbase_alone(dataset_node) -> tuple[float, list[float]]:
     return sum(walls), walls
 
 
-class RssSampler(threading.Thread):
-    """Samples the resident memory of the daemon's worker processes every :data:`SAMPLE_S` seconds."""
-
-    def __init__(self, daemon_pid: int):
-        super().__init__(daemon=True)
-        self.daemon_pid = daemon_pid
-        self.samples: dict[int, list[float]] = {}
-        self.halt = threading.Event()
-
-    def run(self) -> None:
-        import psutil
-
-        while not self.halt.is_set():
-            try:  # the circus daemon's children that run `verdi daemon worker` (not their pw.x)
-                children = psutil.Process(self.daemon_pid).children(recursive=False)
-                workers = [c for c in children if "worker" in " ".join(c.cmdline())]
-            except psutil.Error:
-                workers = []
-            for worker in workers:
-                try:
-                    rss = worker.memory_info().rss / 2**20
-                except psutil.Error:
-                    continue
-                self.samples.setdefault(worker.pid, []).append(rss)
-            self.halt.wait(SAMPLE_S)
-
-    def summary(self) -> dict[str, Any]:
-        per_worker = {
-            str(pid): {"first_mib": s[0], "max_mib": max(s), "last_mib": s[-1], "samples": len(s)}
-            for pid, s in self.samples.items()
-        }
-        peaks = [w["max_mib"] for w in per_worker.values()]
-        return {"workers": per_worker, "max_mib": max(peaks) if peaks else None}
+def rss_summary(trace: MemoryTrace) -> dict[str, Any]:
+    """Per daemon worker: first, largest and last resident memory (MiB) and the number of samples."""
+    series: dict[int, list[float]] = {}
+    for _, _, rss in trace.samples:
+        for pid, mib in rss.items():
+            series.setdefault(pid, []).append(mib)
+    per_worker = {
+        str(pid): {"first_mib": s[0], "max_mib": max(s), "last_mib": s[-1], "samples": len(s)}
+        for pid, s in series.items()
+    }
+    peaks = [w["max_mib"] for w in per_worker.values()]
+    return {"workers": per_worker, "max_mib": max(peaks) if peaks else None}
 
 
 def run_daemon(code, family, structures, workers: int, max_concurrent: int) -> tuple[float, Any, dict]:
     from aiida.engine import submit
-    from aiida.engine.daemon.client import get_daemon_client
 
-    started = services_profile.verdi(PROFILE, "daemon", "start", str(workers))
-    if started.returncode != 0:
-        raise RuntimeError(f"verdi daemon start failed:\n{started.stdout}\n{started.stderr}")
-    sampler = RssSampler(get_daemon_client(PROFILE).get_daemon_pid())
-    sampler.start()
-    try:
+    with services_profile.daemon(PROFILE, workers), MemoryTrace(PROFILE, interval=SAMPLE_S) as trace:
         start = time.perf_counter()
         node = submit(builder(code, family, structures, max_concurrent))
         while not node.is_terminated:
             time.sleep(0.5)
         wall = time.perf_counter() - start
-    finally:
-        sampler.halt.set()
-        sampler.join()
-        services_profile.verdi(PROFILE, "daemon", "stop")
-    return wall, node, sampler.summary()
+    return wall, node, rss_summary(trace)
 
 
 def per_minute(n: int, wall: float) -> float:

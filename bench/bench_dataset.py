@@ -27,7 +27,6 @@ Usage: ``python bench/bench_dataset.py [--n 20] [--workers 2] [--no-daemon] [--k
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -36,7 +35,6 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import services_profile
@@ -134,22 +132,10 @@ def run_local(code, family, dataset, max_concurrent: int = 1) -> tuple[float, ob
     return wall, node
 
 
-@contextlib.contextmanager
-def daemon(workers: int) -> Iterator[None]:
-    """A daemon with ``workers`` workers for the duration of the block, stopped whatever happens."""
-    started = verdi("daemon", "start", str(workers))
-    if started.returncode != 0:
-        raise RuntimeError(f"verdi daemon start failed:\n{started.stdout}\n{started.stderr}")
-    try:
-        yield
-    finally:
-        verdi("daemon", "stop")
-
-
 def run_daemon(code, family, dataset, workers: int) -> tuple[float, object]:
     from aiida.engine import submit
 
-    with daemon(workers):
+    with services_profile.daemon(PROFILE, workers):
         start = time.perf_counter()
         node = submit(builder(code, family, dataset, len(dataset)))
         while not node.is_terminated:
@@ -235,7 +221,7 @@ def run_daemon_load(code, family, dataset, workers: int, warmup: int = 50) -> di
         query.append(orm.CalcJobNode, with_incoming="base", filters={"attributes.exit_status": 0})
         return query.count()
 
-    with daemon(workers):
+    with services_profile.daemon(PROFILE, workers):
         start = time.perf_counter()
         node = submit(builder(code, family, dataset, 8))
         with MemoryTrace(PROFILE, finished_pw) as trace:
@@ -263,7 +249,7 @@ def run_daemon_kill_pw(code, family, dataset, workers: int, timeout: float = 600
     """Submit to the daemon, SIGKILL one running pw.x, wait for the end; the :func:`outcome` and timings."""
     from aiida.engine import submit
 
-    with daemon(workers):
+    with services_profile.daemon(PROFILE, workers):
         start = time.perf_counter()
         node = submit(builder(code, family, dataset, len(dataset)))
         found = None

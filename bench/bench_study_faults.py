@@ -34,13 +34,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 import services_profile
+from daemon_memory import Sampler, daemon_processes
 
 WORK, PROFILE = services_profile.scratch_environment("emlip-faults")
 PW = shutil.which("pw.x") or "/usr/bin/pw.x"
@@ -92,44 +93,13 @@ def create_profile() -> None:
     services_profile.add_emlip_codes(code.computer)
 
 
-def start_daemon(workers: int) -> None:
-    started = verdi("daemon", "start", str(workers))
-    if started.returncode != 0:
-        raise RuntimeError(f"verdi daemon start failed:\n{started.stdout}\n{started.stderr}")
-
-
-@contextlib.contextmanager
-def daemon(workers: int) -> Iterator[None]:
-    """A daemon with ``workers`` workers for the duration of the block, shut down whatever happens."""
-    start_daemon(workers)
-    try:
-        yield
-    finally:
-        verdi("daemon", "stop")
-
-
-def daemon_processes() -> list[Any]:
-    """The OS processes of this profile's daemon: its circus arbiter, its statistics process, its workers."""
-    import psutil
-
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = proc.info["cmdline"] or []
-        text = " ".join(cmdline)
-        daemon = "daemon" in cmdline and {"start-circus", "worker"} & set(cmdline)
-        stats = "circus import stats" in text  # circusd-stats, named by its log file
-        if PROFILE in text and (daemon or stats):
-            found.append(proc)
-    return found
-
-
 def crash_daemon() -> list[int]:
     """SIGKILL the daemon's circus arbiter first (nothing respawns the others), then the rest.
 
     The arbiter's statistics process (``circusd-stats``) outlives a killed arbiter: it goes too, as
     it would on a machine that went down.
     """
-    procs = sorted(daemon_processes(), key=lambda p: "start-circus" not in (p.info["cmdline"] or []))
+    procs = sorted(daemon_processes(PROFILE), key=lambda p: "start-circus" not in (p.info["cmdline"] or []))
     for proc in procs:
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, signal.SIGKILL)
@@ -201,8 +171,6 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
 
 def pw_processes(workdirs: set[str], younger_than: float | None = None) -> list[Any]:
     """pw.x OS processes whose working directory is one of ``workdirs`` (started < ``younger_than`` s ago)."""
-    import psutil
-
     now = time.time()
     return [
         p
@@ -227,31 +195,18 @@ def mid_pw(study: Any, prefix: str) -> bool:
     return bool(pw_processes(workdirs_of(active), younger_than=3.0))
 
 
-class PwSampler:
+class PwSampler(Sampler):
     """pw.x OS processes seen, by working directory, sampled every 0.2 s in a thread."""
 
     def __init__(self) -> None:
+        super().__init__(0.2)
         self.seen: dict[str, set[int]] = {}
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> PwSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        import psutil
-
-        while not self._done.is_set():
-            for proc in psutil.process_iter(["name", "cwd"]):
-                cwd = proc.info["cwd"]
-                if proc.info["name"] == "pw.x" and cwd and os.path.realpath(cwd).startswith(str(WORK)):
-                    self.seen.setdefault(os.path.realpath(cwd), set()).add(proc.pid)
-            self._done.wait(0.2)
+    def sample(self) -> None:
+        for proc in psutil.process_iter(["name", "cwd"]):
+            cwd = proc.info["cwd"]
+            if proc.info["name"] == "pw.x" and cwd and os.path.realpath(cwd).startswith(str(WORK)):
+                self.seen.setdefault(os.path.realpath(cwd), set()).add(proc.pid)
 
     def runs(self, workdir: str | None) -> int:
         return len(self.seen.get(os.path.realpath(workdir), ())) if workdir else 0
@@ -293,14 +248,14 @@ def fault(
     else:
         detail = [f"SIGKILL {pid}" for pid in crash_daemon()]
     # `verdi daemon stop` may time out on a loaded machine while the workers still shut down
-    wait_for(lambda: not daemon_processes(), 120, "the daemon's processes to end")
+    wait_for(lambda: not daemon_processes(PROFILE), 120, "the daemon's processes to end")
     down_after_s = time.perf_counter() - at
     # the pw.x runs go on without a daemon: let them end, so that the restarted daemon finds them done
     with contextlib.suppress(RuntimeError):
         wait_for(lambda: not any(p.is_running() for p in running), 300, "the running pw.x to end")
     time.sleep(down)
     down_rows = pw_calculations(study)
-    start_daemon(workers)
+    services_profile.start_daemon(PROFILE, workers)
     return {
         "how": how,
         "injected": True,
@@ -321,7 +276,7 @@ def run_restart(workers: int, down: float, timeout: float) -> dict[str, Any]:
 
     spec_file = WORK / "faults.yaml"
     spec_file.write_text(SPEC)
-    with daemon(workers), PwSampler() as sampler:
+    with services_profile.daemon(PROFILE, workers), PwSampler() as sampler:
         start = time.perf_counter()
         pk = launch(spec_file)
         study = orm.load_node(pk)
@@ -379,7 +334,7 @@ def run_kill_study(workers: int, timeout: float) -> dict[str, Any]:
 
     spec_file = WORK / "faults.yaml"
     spec_file.write_text(SPEC)
-    with daemon(workers):
+    with services_profile.daemon(PROFILE, workers):
         start = time.perf_counter()
         pk = launch(spec_file)
         study = orm.load_node(pk)

@@ -9,9 +9,11 @@ stops the daemon and drops everything again. :func:`add_emlip_codes` adds the ``
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +39,31 @@ def verdi(profile: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([exe, "-p", profile, *args], capture_output=True, text=True, check=False)
 
 
+def start_daemon(profile: str, workers: int) -> None:
+    """``verdi daemon start WORKERS``; a RuntimeError with verdi's output when it fails."""
+    started = verdi(profile, "daemon", "start", str(workers))
+    if started.returncode != 0:
+        raise RuntimeError(f"verdi daemon start failed:\n{started.stdout}\n{started.stderr}")
+
+
+@contextlib.contextmanager
+def daemon(profile: str, workers: int) -> Iterator[None]:
+    """A daemon with ``workers`` workers for the duration of the block, stopped whatever happens."""
+    start_daemon(profile, workers)
+    try:
+        yield
+    finally:
+        verdi(profile, "daemon", "stop")
+
+
 def make_profile(
     name: str, pw: str, pseudo_dir: Path, elements: list[str], poll_interval: float = 1.0
 ) -> tuple[Any, Any]:
-    """The profile (loaded), and its ``pw@localhost`` code and pseudo family; prints the database locale."""
+    """The profile (loaded), and its ``pw@localhost`` code and pseudo family; prints the database locale.
+
+    Caching is off (``setup --services`` turns it on for a study's calculations): a benchmark measures
+    real runs, and may run the same inputs twice.
+    """
     from aiida import load_profile
     from aiida.manage.configuration import get_config
 
@@ -54,6 +77,7 @@ def make_profile(
     _, locale = create_services_profile(target, Superuser(), Broker())
     config = get_config()
     config.set_option("runner.poll.interval", poll_interval, scope=name)
+    config.unset_option("caching.enabled_for", scope=name)
     config.store()
     load_profile(name, allow_switch=True)
     computer, _ = ensure_computer(target)

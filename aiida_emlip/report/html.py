@@ -54,25 +54,26 @@ def _num(value: Any, digits: int = 1) -> str:
     return _e(value)
 
 
-def _table(header: list[str], rows: list[list[str]], best_columns: dict[int, int] | None = None) -> str:
-    """``rows`` are already escaped HTML cells; ``best_columns``: column → row index to highlight."""
+def _table(header: list[str], rows: list[list[str]], best: set[tuple[int, int]] | None = None) -> str:
+    """``rows`` are already escaped HTML cells; ``best``: (row, column) cells to highlight."""
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
     body = []
     for i, row in enumerate(rows):
         cells = []
         for j, cell in enumerate(row):
-            best = best_columns is not None and best_columns.get(j) == i
-            cells.append(f'<td class="best">{cell}</td>' if best else f"<td>{cell}</td>")
+            highlight = best is not None and (i, j) in best
+            cells.append(f'<td class="best">{cell}</td>' if highlight else f"<td>{cell}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def _best(rows: list[list[Any]], columns: list[int]) -> dict[int, int]:
-    out = {}
+def _best(rows: list[list[Any]], columns: list[int]) -> set[tuple[int, int]]:
+    """The (row, column) of the lowest number in each of ``columns``."""
+    out = set()
     for column in columns:
         values = [(r[column], i) for i, r in enumerate(rows) if isinstance(r[column], (int, float))]
         if values:
-            out[column] = min(values)[1]
+            out.add((min(values)[1], column))
     return out
 
 
@@ -207,26 +208,26 @@ def _active_learning(comparison: Mapping[str, Any], figures: Mapping[str, bytes]
         return ""
     rounds = view.get("rounds") or []
     labels = sorted({label for r in rounds for label in (r.get("energy_error") or {})})
-    raw = [[r.get("round"), *((r.get("energy_error") or {}).get(label) for label in labels)] for r in rounds]
-    rows = []
-    for r, values in zip(rounds, raw, strict=True):
-        known = [(v, i) for i, v in enumerate(values[1:]) if isinstance(v, (int, float))]
-        best = min(known)[1] if known else None
-        cells = [
-            f'<td class="best">{_num(v)}</td>' if i == best else f"<td>{_num(v)}</td>"
-            for i, v in enumerate(values[1:])
+    raw = [[(r.get("energy_error") or {}).get(label) for label in labels] for r in rounds]
+    best = set()  # the lowest error of each round; the designs' columns start at 4
+    for i, values in enumerate(raw):
+        known = [(v, j) for j, v in enumerate(values) if isinstance(v, (int, float))]
+        if known:
+            best.add((i, 4 + min(known)[1]))
+    rows = [
+        [
+            _e(r.get("round")),
+            _e(r.get("training_size", "–")),
+            _e(r.get("dft_calls", 0)),
+            _e(r.get("labelled", 0)),
+            *(_num(v) for v in values),
+            _e(", ".join(_num(s, 3) for s in r.get("selected_scores") or []) or "–"),
         ]
-        scores = ", ".join(_num(s, 3) for s in r.get("selected_scores") or []) or "–"
-        rows.append(
-            f"<tr><td>{_e(r.get('round'))}</td><td>{_e(r.get('training_size', '–'))}</td>"
-            f"<td>{_e(r.get('dft_calls', 0))}</td><td>{_e(r.get('labelled', 0))}</td>{''.join(cells)}"
-            f"<td>{_e(scores)}</td></tr>"
-        )
+        for r, values in zip(rounds, raw, strict=True)
+    ]
     header = ["round", "training structures", "pw.x runs", "new labels"]
     header += [f"{label} (meV/atom)" for label in labels] + ["scores of the chosen frames"]
-    table = (
-        "<table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>" + "".join(rows) + "</table>"
-    )
+    table = _table(header, rows, best)
     how = (
         f"committee disagreement ({_e(view.get('uncertainty'))}) of {_e(view.get('model'))} models"
         if view.get("selection") == "committee"

@@ -8,18 +8,12 @@ database and user afterwards. Under ``CI=true`` a missing service is a failure, 
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from services_helpers import require_services
+from services_helpers import require_services, run_bench
 
 pytestmark = [pytest.mark.daemon, pytest.mark.pw]
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _databases() -> set[str]:
@@ -35,20 +29,9 @@ def _databases() -> set[str]:
 def test_daemon_submit(tmp_path):
     require_services()
     before = _databases()
-    out = tmp_path / "bench.json"
     # the benchmark makes and deletes its own profile: keep even its config folder out of ~/.aiida
-    env = {**os.environ, "AIIDA_PATH": str(tmp_path / "aiida")}
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "bench_dataset.py"), "--n", "3", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "core.psql_dos (database locale" in proc.stdout
-    result = json.loads(out.read_text())
+    stdout, result = run_bench(tmp_path, "bench_dataset.py", "--n", "3")
+    assert "core.psql_dos (database locale" in stdout
     assert result["n_configurations"] == 3
     assert result["workchain_daemon_s"] > 0 and result["bare_pw_sum_s"] > 0
     assert not any(name.startswith("emlip_emlip_bench_") for name in _databases() - before)

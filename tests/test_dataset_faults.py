@@ -15,35 +15,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from services_helpers import require_services
+from services_helpers import require_services, run_bench
 
 pytestmark = [pytest.mark.daemon, pytest.mark.pw, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parent.parent
 N = 3
 
 
 def test_pw_killed_mid_run(tmp_path):
     require_services()
-    out = tmp_path / "faults.json"
-    env = {**os.environ, "AIIDA_PATH": str(tmp_path / "aiida")}
-    command = [sys.executable, str(REPO / "bench" / "bench_dataset.py"), "--n", str(N)]
-    proc = subprocess.run(
-        [*command, "--workers", "1", "--kill-pw", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    _, result = run_bench(tmp_path, "bench_dataset.py", "--n", str(N), "--workers", "1", "--kill-pw")
     assert result["terminated"] and result["daemon_workers"] == 1
     assert result["pw_age_at_kill_s"] > 0 and result["scf_iterations_at_kill"] >= 0
     summary = ("killed_key", "pw_age_at_kill_s", "scf_iterations_at_kill", "workchain_daemon_s")

@@ -18,31 +18,23 @@ designs trained for 3 epochs, held-out predictions and the response validation's
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from services_helpers import require_services
+from services_helpers import require_services, run_bench
 
 pytestmark = [pytest.mark.daemon, pytest.mark.pw, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parent.parent
 DFT_CONFIGURATIONS = 6
 VALIDATION_CONFIGURATIONS = 6
 
 
 def _bench(tmp_path: Path, mode: str) -> dict:
-    out = tmp_path / "faults.json"
-    env = {**os.environ, "AIIDA_PATH": str(tmp_path / "aiida"), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(REPO / "bench" / "bench_study_faults.py"), mode, "--workers", "2"]
-    proc = subprocess.run(
-        [*command, "--json", str(out)], capture_output=True, text=True, env=env, timeout=1100, check=False
+    _, result = run_bench(
+        tmp_path, "bench_study_faults.py", mode, "--workers", "2", timeout=1100, env={"OMP_NUM_THREADS": "1"}
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(out.read_text())
+    return result
 
 
 def test_daemon_shut_down_then_crashed_mid_study(tmp_path):

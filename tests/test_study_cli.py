@@ -119,6 +119,12 @@ def test_status_list_and_report(study, emlip_cli, tmp_path):
     out = _ok(emlip_cli("report", pk, "--output", str(report_dir), env=env))
     index = report_dir / "index.html"
     assert str(index.resolve()) in out and (report_dir / "figures" / "parity_sr.png").is_file()
+    _ok(emlip_cli("report", pk, "--output", str(report_dir), env=env))  # its own report: rewritten
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "index.html").write_text("someone else's page")
+    _refused(emlip_cli("report", pk, "--output", str(foreign), env=env), "holds other files")
+    assert (foreign / "index.html").read_text() == "someone else's page"
     if chromium() is None:
         pytest.skip("chromium missing (aiida-emlip setup installs it)")
     dom, console = render_in_chromium(index)

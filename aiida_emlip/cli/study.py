@@ -134,8 +134,13 @@ def report(pk: str, output: Path | None, profile_name: str | None) -> None:
             f"see `aiida-emlip status {node.pk}`"
         )
     output = output or Path(f"study-{node.pk}-report")
-    if output.exists() and any(output.iterdir()) and not (output / "index.html").exists():
-        raise click.ClickException(f"{output} exists and holds other files: give an empty or new directory")
+    index = output / "index.html"
+    ours = index.is_file() and node.uuid in index.read_text(errors="replace")
+    if output.exists() and any(output.iterdir()) and not ours:
+        raise click.ClickException(
+            f"{output} exists and holds other files (not a report of study {node.pk}): give an empty or new "
+            "directory"
+        )
     output.mkdir(parents=True, exist_ok=True)
     node.outputs.report.copy_tree(output)
     click.echo(f"Report: {(output / 'index.html').resolve()}")

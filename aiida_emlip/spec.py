@@ -83,6 +83,7 @@ DESIGN_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
     "preset": ((str,), None),
     "head": ((dict,), None),
     "epochs": ((int,), None),
+    "induction": ((bool, dict), None),
     "config": ((dict,), None),
 }
 DTYPES = ("float32", "float64")
@@ -398,8 +399,8 @@ def _designs(value: Any, training: dict[str, Any], c: _Checker) -> dict[str, Any
         if "preset" in design and design["preset"] not in PRESETS:
             c.add((*path, "preset"), f"unknown preset {design['preset']!r}; choose from {', '.join(PRESETS)}")
             continue
-        if "config" in design and ("head" in design or "epochs" in design):
-            c.add(path, "head and epochs apply to presets; put them in the config instead")
+        if "config" in design and ({"head", "epochs", "induction"} & set(design)):
+            c.add(path, "head, epochs and induction apply to presets; put them in the config instead")
             continue
         try:
             config = design_config(design, training, labels=(), elements=None)
@@ -587,6 +588,11 @@ def design_config(
             batch_size=int(training["batch_size"]),
         )
         config["model"]["head"].update(copy.deepcopy(design.get("head") or {}))
+        induction = design.get("induction")
+        if induction is True:
+            config["model"]["induction"] = {"enabled": True}
+        elif induction:
+            config["model"]["induction"] = copy.deepcopy(induction)
         config["device"] = training["device"]
         config["data"]["valid_fraction"] = float(training["valid_fraction"])
     config.setdefault("data", {})["test_fraction"] = 0.0
@@ -595,21 +601,21 @@ def design_config(
 
 def design_capabilities(design: dict[str, Any], training: dict[str, Any]) -> frozenset[str]:
     """What the design's head predicts besides energies and forces (``charges``, ``fermi_level``, ...)."""
-    from aiida_emlip.models.heads import head_capabilities
+    from aiida_emlip.models.model import model_capabilities
 
     config = design_config(design, training)
-    return head_capabilities(config["model"]["head"])
+    return model_capabilities(config["model"])
 
 
 def _parse_train_config(config: dict[str, Any]) -> None:
-    from aiida_emlip.models.heads import head_capabilities
+    from aiida_emlip.models.model import model_capabilities
     from aiida_emlip.training.config import parse_config
 
     values = copy.deepcopy(config)
     values.setdefault("data", {})["train"] = "train.xyz"
     values["output_dir"] = "."
     parse_config(values)
-    head_capabilities(values["model"]["head"])
+    model_capabilities(values["model"])
 
 
 def dft_configuration_count(spec: dict[str, Any]) -> dict[str, int]:

@@ -123,7 +123,10 @@ def split_data(data: Path, workdir: Path, seed: int, test_fraction: float = 0.2)
 def train_one(
     name: str, train_file: Path, test_file: Path, workdir: Path, epochs: int, seed: int
 ) -> tuple[float, float]:
-    """Train design ``name`` into ``workdir/name``; return its wall and CPU time in seconds."""
+    """Train design ``name`` into ``workdir/name``; return its wall and CPU time in seconds.
+
+    ``<preset>+ind`` is the preset with induced atomic dipoles (``model.induction``).
+    """
     import ase.io
 
     from aiida_emlip.training.config import parse_config
@@ -133,8 +136,18 @@ def train_one(
     frames = ase.io.read(train_file, ":")
     labels = {k for a in frames for k in (*a.info, *a.arrays)}
     elements = sorted({s for a in frames for s in a.get_chemical_symbols()})
+    preset, _, variant = name.partition("+")
+    if variant not in ("", "ind"):
+        raise ValueError(f"unknown design variant {name!r}: use <preset> or <preset>+ind")
     values = preset_config(
-        name, labels=labels, epochs=epochs, elements=elements, backbone=BACKBONE, seed=seed, batch_size=4
+        preset,
+        labels=labels,
+        epochs=epochs,
+        elements=elements,
+        backbone=BACKBONE,
+        seed=seed,
+        batch_size=4,
+        induction=variant == "ind",
     )
     values["data"].update(train=str(train_file), test=str(test_file), valid_fraction=0.1)
     values["output_dir"] = str(workdir / name)
@@ -205,7 +218,12 @@ def report(workdir: Path, designs: list[str], cutoff: float) -> dict:
 
     figure = fragment_charge_curves(reference, predictions, workdir / "fragment_charges.png", cutoff)
     print(f"figure: {figure}")
-    charged = [n for n in table if n not in ("sr", "fixed", "latent")]
+    charged = [n for n in table if n.partition("+")[0] not in ("sr", "fixed", "latent")]
+    scf = min(
+        (n for n in table if n.partition("+")[0] == "scf"),
+        key=lambda n: table[n]["far_energy_ratio"] or 1e9,
+        default="scf",
+    )
     best = min(
         (n for n in table if n != "sr"), key=lambda n: table[n]["far_energy_ratio"] or 1e9, default=None
     )
@@ -215,7 +233,7 @@ def report(workdir: Path, designs: list[str], cutoff: float) -> dict:
             table[best]["far_energy_ratio"] if best else None,
             1 / 3,
         ),
-        "scf far-error ratio <= 1/2": ("scf", table.get("scf", {}).get("far_energy_ratio"), 1 / 2),
+        "scf far-error ratio <= 1/2": (scf, table.get(scf, {}).get("far_energy_ratio"), 1 / 2),
     }
     print()
     for goal, (name, value, limit) in goals.items():
@@ -258,7 +276,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=1, help="designs trained at once (train)")
-    parser.add_argument("--designs", nargs="+", default=None, help="presets to train (default: all)")
+    parser.add_argument(
+        "--designs",
+        nargs="+",
+        default=None,
+        help="presets to train (default: all); <preset>+ind adds induced atomic dipoles",
+    )
     args = parser.parse_args(argv)
     from aiida_emlip.training.presets import PRESETS
 

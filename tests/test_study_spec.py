@@ -9,6 +9,7 @@ import pytest
 from aiida_emlip.spec import (
     SpecError,
     bundled_spec_text,
+    design_capabilities,
     design_config,
     dft_configuration_count,
     held_out_geometries,
@@ -235,3 +236,24 @@ def test_example_studies_parse():
     quartz = load_spec(folder / "quartz_vacancy.yaml")
     assert quartz["validations"]["defect"]["charge_states"] == [0, 1, 2]
     assert len(quartz["validations"]["defect"]["host"]["atoms"]["symbols"]) == 9
+
+
+def test_design_with_induced_dipoles():
+    """``induction: true`` (or the model's induction options) adds induced dipoles to a preset; a bad
+    option or induction beside a full config is reported with its line."""
+    text = GOOD.replace(
+        "designs: [sr, charges]",
+        "designs:\n  sr: {preset: sr}\n  pol: {preset: split, induction: true}\n"
+        "  soft: {preset: scf, induction: {enabled: true, initial_polarizability: 1.2}}",
+    )
+    spec = parse_spec(text, "i.yaml", resources=FakeResources())
+    config = design_config(spec["designs"]["pol"], spec["training"], labels=["energy", "forces"])
+    assert config["model"]["induction"] == {"enabled": True}
+    soft = design_capabilities(spec["designs"]["soft"], spec["training"])
+    assert soft >= {"polarizability", "atomic_dipoles"}
+    assert "polarizability" not in design_capabilities(spec["designs"]["sr"], spec["training"])
+    bad = text.replace("initial_polarizability: 1.2", "initial_polarizability: -1")
+    with pytest.raises(SpecError) as info:
+        parse_spec(bad, "b.yaml", resources=FakeResources())
+    (problem,) = info.value.problems
+    assert problem.path == "designs.soft" and "initial_polarizability" in problem.message

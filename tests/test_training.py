@@ -210,6 +210,11 @@ def test_nan_during_training_stops_cleanly(tmp_path):
         (lambda v: v["stages"][0].update(scf_mode="fast"), "scf_mode must be one of"),
         (lambda v: v["model"]["head"].update(name="nohead"), "unknown head 'nohead'"),
         (lambda v: v["model"]["backbone"].update(channels=4), "unknown key(s) ['channels'] in backbone"),
+        (lambda v: v["model"].update(induction={"enable": True}), "model.induction: unknown option(s)"),
+        (
+            lambda v: v["model"].update(induction={"enabled": True, "initial_polarizability": 0}),
+            "model.induction.initial_polarizability must be > 0",
+        ),
     ],
 )
 def test_malformed_config_exit_status_2(tmp_path, capsys, change, message):

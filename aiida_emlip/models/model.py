@@ -11,7 +11,8 @@ from aiida_emlip.models.backbone import BackboneConfig, MaceBackbone
 from aiida_emlip.models.electrostatics import Electrostatics, ElectrostaticsConfig
 from aiida_emlip.models.graph import Graph
 from aiida_emlip.models.heads import HeadInput, build_head
-from aiida_emlip.models.heads.base import head_class, scatter_sum, structure_dipoles
+from aiida_emlip.models.heads.base import head_capabilities, head_class, scatter_sum, structure_dipoles
+from aiida_emlip.models.induction import Induction, InductionConfig
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -33,12 +34,15 @@ class ModelConfig:
     backbone: dict[str, Any] = field(default_factory=dict)
     electrostatics: dict[str, Any] = field(default_factory=dict)
     dtype: str = "float64"
+    #: induced atomic dipoles in the field of the head's density (:mod:`~aiida_emlip.models.induction`)
+    induction: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         _strict(BackboneConfig, {**self.backbone, "elements": self.elements}, "backbone")
         _strict(ElectrostaticsConfig, self.electrostatics, "electrostatics")
+        InductionConfig(**_strict(InductionConfig, self.induction, "induction"))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
@@ -63,6 +67,8 @@ class EmlipModel(torch.nn.Module):
         self.head = build_head(
             config.head, config.elements, self.backbone.num_scalars, self.backbone.num_vectors
         )
+        induction = InductionConfig(**config.induction)
+        self.induction = Induction(induction, self.backbone.num_scalars) if induction.enabled else None
         self.register_buffer("reference_energies", torch.zeros(len(config.elements)))
         self.to(DTYPES[config.dtype])
 
@@ -123,8 +129,18 @@ class EmlipModel(torch.nn.Module):
                 reference_dipoles=reference_dipoles,
             )
             head = self.head(inp)
+            dipoles, dipole, polarizabilities = head.dipoles, head.dipole, None
+            if self.induction is not None:
+                charges = head.charges if head.charges is not None else positions.new_zeros(graph.num_atoms)
+                induced_energy, induced, polarizabilities = self.induction(inp, charges, head.dipoles)
+                if dipole is None:
+                    dipole = structure_dipoles(inp, head.charges, head.dipoles)
+                dipole = dipole + scatter_sum(induced, graph.batch, graph.num_graphs)
+                dipoles = induced if dipoles is None else dipoles + induced
             node_energy = feats.node_energy + self.reference_energies[species]
             energy = scatter_sum(node_energy, graph.batch, graph.num_graphs) + head.energy
+            if self.induction is not None:
+                energy = energy + induced_energy
             wrt = [t for t, need in ((positions, compute_forces), (strain, compute_stress)) if need]
             grads = (
                 torch.autograd.grad(energy.sum(), wrt, create_graph=create_graph, allow_unused=True)
@@ -135,7 +151,8 @@ class EmlipModel(torch.nn.Module):
             "energy": energy,
             "node_energy": node_energy,
             "charges": head.charges,
-            "dipoles": head.dipoles,
+            "dipoles": dipoles,
+            "polarizabilities": polarizabilities,
             "fermi_level": head.fermi_level,
             "converged": head.converged,
             "iterations": head.iterations,
@@ -151,11 +168,9 @@ class EmlipModel(torch.nn.Module):
             out["stress"] = torch.where(
                 periodic[:, None, None], stress, torch.full_like(stress, float("nan"))
             )
-        out["dipole"] = (
-            head.dipole if head.dipole is not None else structure_dipoles(inp, head.charges, head.dipoles)
-        )
+        out["dipole"] = dipole if dipole is not None else structure_dipoles(inp, head.charges, head.dipoles)
         if compute_potential and head.charges is not None:
-            out["potential"] = self._potential(inp, head.charges.detach(), head.dipoles)
+            out["potential"] = self._potential(inp, head.charges.detach(), dipoles)
         return out
 
     def _potential(self, inp: HeadInput, charges: torch.Tensor, dipoles: torch.Tensor | None) -> torch.Tensor:
@@ -171,6 +186,18 @@ class EmlipModel(torch.nn.Module):
                 )
             )
         return torch.cat(parts).detach()
+
+
+def model_capabilities(config: dict[str, Any]) -> frozenset[str]:
+    """What a model of ``config`` (a model section: ``head`` and ``induction``) predicts besides E, F, σ.
+
+    The head's capabilities (:data:`~aiida_emlip.models.heads.base.CAPABILITIES`), plus atomic dipoles
+    and a polarisability when induced dipoles are enabled.
+    """
+    found = head_capabilities(dict(config.get("head") or {"name": "sr"}))
+    if InductionConfig(**dict(config.get("induction") or {})).enabled:
+        found = found | {"atomic_dipoles", "polarizability"}
+    return found
 
 
 def predicts_dipole(out: dict[str, Any]) -> bool:

@@ -39,8 +39,7 @@ from ase import Atoms
 
 from aiida_emlip import schema
 from aiida_emlip.models.graph import build_graph
-from aiida_emlip.models.heads.base import head_capabilities
-from aiida_emlip.models.model import EmlipModel
+from aiida_emlip.models.model import EmlipModel, model_capabilities
 
 METHODS = ("autograd", "finite_difference")
 #: Heads whose autograd Born charges are not exact (non-variational update): finite differences.
@@ -97,8 +96,8 @@ def epsilon_from_polarizability(polarizability: np.ndarray, volume: float) -> np
 
 
 def capabilities(model: EmlipModel) -> frozenset[str]:
-    """What the model's head predicts besides energy and forces (``charges``, ``polarizability``, ...)."""
-    return head_capabilities(model.config.head)
+    """What the model predicts besides energy and forces (``charges``, ``polarizability``, ...)."""
+    return model_capabilities(model.config.to_dict())
 
 
 def require_charges(model: EmlipModel) -> None:

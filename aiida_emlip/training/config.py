@@ -203,10 +203,11 @@ class TrainConfig:
             if stage.epochs < 0:
                 raise ConfigError(f"stages[{i}].epochs must be >= 0")
             _check_weights(stage.weights, f"stages[{i}].weights")
-        model_keys = {"elements", "head", "backbone", "electrostatics", "dtype"}
+        model_keys = {"elements", "head", "backbone", "electrostatics", "dtype", "induction"}
         unknown = sorted(set(self.model) - model_keys)
         if unknown:
             raise ConfigError(f"model: unknown key(s) {unknown}; known: {sorted(model_keys)}")
+        _check_induction(self.model.get("induction"))
 
     @property
     def total_epochs(self) -> int:
@@ -228,6 +229,23 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _check_induction(values: Any) -> None:
+    """The model's ``induction`` section: a mapping of :class:`InductionConfig` options."""
+    from aiida_emlip.models.induction import InductionConfig
+
+    if values is None:
+        return
+    if not isinstance(values, dict):
+        raise ConfigError(f"model.induction must be a mapping, got {type(values).__name__}")
+    try:
+        InductionConfig(**values)
+    except TypeError as exc:
+        known = sorted(f.name for f in dataclasses.fields(InductionConfig))
+        raise ConfigError(f"model.induction: unknown option(s) in {sorted(values)}; known: {known}") from exc
+    except ValueError as exc:
+        raise ConfigError(f"model.{exc}") from exc
 
 
 def check_key_mapping(key: str, value: Any) -> None:

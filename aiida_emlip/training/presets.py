@@ -99,10 +99,13 @@ def preset_config(
     dtype: str = "float64",
     lr: float = 0.01,
     batch_size: int = 4,
+    induction: bool = False,
 ) -> dict[str, Any]:
     """The ``emlip-train`` configuration of design ``name`` for data carrying ``labels`` (schema keys).
 
-    ``formal_charges`` default to :data:`FORMAL_CHARGES` for the elements present (``fixed``, ``split``).
+    ``induction`` adds induced atomic dipoles in the field of the head's density
+    (:mod:`~aiida_emlip.models.induction`). ``formal_charges`` default to :data:`FORMAL_CHARGES` for
+    the elements present (``fixed``, ``split``).
     Raises ``ValueError`` for an unknown name or an element without a formal charge where one is needed.
     """
     if name not in PRESETS:
@@ -122,6 +125,8 @@ def preset_config(
     }
     if elements:
         model["elements"] = list(elements)
+    if induction:
+        model["induction"] = {"enabled": True}
     loss = dict(LOSS)
     if name not in ("sr", "fixed", "latent"):
         for quantity, weight in AUTO_MULTIPOLE_WEIGHTS.items():

@@ -17,9 +17,8 @@ import torch
 import yaml
 
 from aiida_emlip import schema
-from aiida_emlip.models.heads import head_capabilities
 from aiida_emlip.models.io import ModelFileError, resolve_device, serialize_model
-from aiida_emlip.models.model import DTYPES, EmlipModel, ModelConfig
+from aiida_emlip.models.model import DTYPES, EmlipModel, ModelConfig, model_capabilities
 from aiida_emlip.training import distributed
 from aiida_emlip.training.atomic import write_bytes_atomic, write_text_atomic
 from aiida_emlip.training.config import AUTO_MULTIPOLE_WEIGHTS, LABEL_OF, LOSS_QUANTITIES, TrainConfig
@@ -167,7 +166,7 @@ class Trainer:
         head = self.model.head
         if cfg.multipoles == "off" or not head.learns_multipoles:
             return
-        capabilities = head_capabilities(self.model.config.head)
+        capabilities = model_capabilities(self.model.config.to_dict())
         named = set(cfg.loss) | {q for stage in cfg.stages for q in stage.weights}
         for quantity, weight in AUTO_MULTIPOLE_WEIGHTS.items():
             if quantity in named or quantity not in capabilities:

@@ -23,7 +23,7 @@ from aiida_emlip.analysis import phonons as analysis
 from aiida_emlip.data import EmlipDatasetData
 from aiida_emlip.data.model import EmlipModelData
 from aiida_emlip.models.backbone import BackboneConfig
-from aiida_emlip.models.heads.base import head_capabilities
+from aiida_emlip.models.model import model_capabilities as config_capabilities
 from aiida_emlip.workflows import protocol as protocols
 from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain
 from aiida_emlip.workflows.process_state import how_it_ended
@@ -55,7 +55,7 @@ def model_cutoff(model: EmlipModelData) -> float:
 
 def model_capabilities(model: EmlipModelData) -> frozenset[str]:
     """Capabilities of a model node's head (``charges``, ``polarizability``, ...)."""
-    return head_capabilities(dict(model.base.attributes.get("head", {"name": "sr"})))
+    return config_capabilities(dict(model.base.attributes.get("config", {})))
 
 
 class EmlipPhononWorkChain(ValidationSteps, protocols.EmlipProtocolMixin, WorkChain):

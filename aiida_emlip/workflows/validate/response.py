@@ -25,7 +25,7 @@ from aiida.engine import ExitCode, ToContext, if_
 from aiida_emlip.analysis.response import PROBES
 from aiida_emlip.data import EmlipDatasetData
 from aiida_emlip.data.model import EmlipModelData
-from aiida_emlip.models.heads.base import head_capabilities
+from aiida_emlip.models.model import model_capabilities as config_capabilities
 from aiida_emlip.structures.geometry import vacuum_axes
 from aiida_emlip.structures.response import probe_configurations
 from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain
@@ -50,7 +50,7 @@ PROBE_COLUMNS = {
 
 def model_capabilities(model: EmlipModelData) -> frozenset[str]:
     """Capabilities of a model node's head (``charges``, ``fermi_level``, ``polarizability``, ...)."""
-    return head_capabilities(dict(model.base.attributes.get("head", {"name": "sr"})))
+    return config_capabilities(dict(model.base.attributes.get("config", {})))
 
 
 class EmlipResponseWorkChain(EmlipValidationWorkChain):

@@ -59,6 +59,33 @@ class Graph:
         for b in range(self.num_graphs):
             yield b, slice(ptr[b], ptr[b + 1])
 
+    def reverse_edges(self) -> torch.Tensor | None:
+        """Index of each edge's reverse (receiver → sender, opposite shift), ``[E]``; None if one lacks it.
+
+        A full neighbour list holds both directions of every pair, so per-pair quantities can be read
+        out once per directed edge and antisymmetrised with this index.
+        """
+        sender, receiver = self.edge_index
+        if sender.numel() == 0:
+            return sender.clone()
+        shifts = self.unit_shifts.round().long()
+        span = int(shifts.abs().max()) if shifts.numel() else 0
+        base = 2 * span + 1
+        n = self.num_atoms
+
+        def key(s: torch.Tensor, r: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+            code = ((shift[:, 0] + span) * base + shift[:, 1] + span) * base + shift[:, 2] + span
+            return (s * n + r) * base**3 + code
+
+        keys = key(sender, receiver, shifts)
+        order = torch.argsort(keys)
+        wanted = key(receiver, sender, -shifts)
+        found = torch.searchsorted(keys[order], wanted).clamp(max=keys.numel() - 1)
+        reverse = order[found]
+        if not bool((keys[reverse] == wanted).all()):
+            return None
+        return reverse
+
     def edge_vectors(self, positions: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
         """Edge vectors ``r_r - r_s + S·cell`` for (possibly strained) positions and cells."""
         sender, receiver = self.edge_index

@@ -68,7 +68,12 @@ class SplitChargesHead(Head):
         radial = self._radial(torch.linalg.vector_norm(vectors, dim=-1))
         h = inp.features.scalars
         forward = self.transfer(torch.cat([h[sender], h[receiver], radial], dim=-1))[:, 0]
-        backward = self.transfer(torch.cat([h[receiver], h[sender], radial], dim=-1))[:, 0]
+        reverse = inp.graph.reverse_edges()
+        if reverse is not None:
+            # the reverse edge's readout is this edge's backward one (same features, same length)
+            backward = forward[reverse]
+        else:
+            backward = self.transfer(torch.cat([h[receiver], h[sender], radial], dim=-1))[:, 0]
         cutoff = (radial.abs().sum(-1) > 0).to(h.dtype)
         return (forward - backward) * cutoff, vectors
 

@@ -17,7 +17,7 @@ whole run (reading the data, building the model and training: ``time.process_tim
 Several ``--seeds`` repeat it on other shuffles.
 
 Usage: ``OMP_NUM_THREADS=1 python bench/bench_warm_start.py [--epochs 40] [--seeds 0 1 2]``; writes
-``--workdir/results.json`` and prints a table.
+``--workdir/results.json`` and prints a table (``--report DIR...``: the table of earlier runs).
 """
 
 from __future__ import annotations
@@ -129,8 +129,10 @@ def run(
 
 
 def table(results: dict[str, Any], designs: list[str]) -> str:
+    seeds = len(results["runs"]) // len(designs)
+    epochs, short = results["epochs"], results["short_epochs"]
     lines = [
-        f"N = {results['epochs']} epochs, N/4 = {results['short_epochs']}; mean over seeds (min–max)",
+        f"N = {epochs} epochs, N/4 = {short}; median over {seeds} seeds (min–max)",
         f"{'design':8} {'run':11} {'epochs':>6} {'E RMSE meV/atom':>22} {'F RMSE meV/Å':>20} {'CPU s':>14}",
     ]
     for design in designs:
@@ -140,7 +142,7 @@ def table(results: dict[str, Any], designs: list[str]) -> str:
             for key, fmt in (("energy_rmse_meV_atom", ".1f"), ("forces_rmse_meV_A", ".0f"), ("cpu_s", ".0f")):
                 values = [r[name][key] for r in rows]
                 cells.append(
-                    f"{statistics.mean(values):{fmt}} ({min(values):{fmt}}–{max(values):{fmt}})"
+                    f"{statistics.median(values):{fmt}} ({min(values):{fmt}}–{max(values):{fmt}})"
                     if len(values) > 1
                     else f"{values[0]:{fmt}}"
                 )
@@ -161,10 +163,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--warm-lr-scale", type=float, default=0.1, help="learning-rate factor of warm_low_lr"
     )
-    parser.add_argument("--report", action="store_true", help="print the table of an earlier run")
+    parser.add_argument(
+        "--report",
+        type=Path,
+        nargs="+",
+        metavar="WORKDIR",
+        help="print the table of earlier runs (their seeds together) instead of running",
+    )
     args = parser.parse_args(argv)
     if args.report:
-        results = json.loads((args.workdir / "results.json").read_text())
+        parts = [json.loads((workdir / "results.json").read_text()) for workdir in args.report]
+        results = {**parts[0], "runs": {k: v for part in parts for k, v in part["runs"].items()}}
     else:
         results = run(args.data, args.workdir, args.designs, args.epochs, args.seeds, args.warm_lr_scale)
     print(table(results, args.designs))

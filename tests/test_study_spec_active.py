@@ -182,5 +182,6 @@ def test_retraining_configs_of_a_round():
         base=SimpleNamespace(attributes={"elements": ["H", "O"], "config": dict(config["model"])})
     )
     assert steps._architecture_change(model, config) == ""
-    wider = {**config, "model": {**config["model"], "backbone": {**config["model"]["backbone"], "r_max": 5.0}}}
+    backbone = {**config["model"]["backbone"], "r_max": 5.0}
+    wider = {**config, "model": {**config["model"], "backbone": backbone}}
     assert steps._architecture_change(model, wider) == "model.backbone.r_max (init model 4.0, config 5.0)"

@@ -10,6 +10,8 @@
       md: {temperature: 600, steps: 200, interval: 10, timestep: 0.5}
       per_round: 4           # configurations labelled by DFT per round
       target_error: 5.0      # meV/atom on the held-out set: stop when reached
+      warm_start: true       # retrain each design from its previous model (false: from scratch)
+      retrain_epochs: 25     # epochs of the retrainings (default: each design's own)
 
 The keys and types are checked by the spec's block checker (:data:`ACTIVE_KEYS`, :data:`MD_KEYS`);
 :func:`check_active_learning` checks what the values mean against the rest of the spec and fills the
@@ -37,6 +39,8 @@ ACTIVE_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
     "per_round": ((int,), 4),
     "min_spacing": ((int,), None),
     "target_error": ((float, int), None),
+    "warm_start": ((bool,), True),
+    "retrain_epochs": ((int,), None),
 }
 MD_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
     "temperature": ((float, int), 300.0),
@@ -67,6 +71,8 @@ def check_active_learning(block: dict[str, Any], heads: dict[str, str]) -> Probl
             problems.append((("committee",), "a committee needs at least 2 members (seeds)"))
         if block.get("uncertainty") not in UNCERTAINTIES:
             problems.append((("uncertainty",), f"choose from {', '.join(UNCERTAINTIES)}"))
+    if block.get("retrain_epochs", 1) < 1:
+        problems.append((("retrain_epochs",), "must be at least 1"))
     target = block.get("target_error")
     if target is not None and target <= 0:
         problems.append((("target_error",), "must be positive (meV/atom)"))
@@ -130,3 +136,19 @@ def candidate_designs(block: dict[str, Any], heads: dict[str, str]) -> list[str]
 def room_for_rounds(budget: int | None, planned: int) -> int | None:
     """pw.x runs left to active learning by a budget after the ``planned`` ones (``None``: no budget)."""
     return None if budget is None else max(0, int(budget) - int(planned))
+
+
+def scaled_stages(stages: list[dict[str, Any]], epochs: int) -> list[dict[str, Any]]:
+    """``stages`` (of an emlip-train config) with ``epochs`` in all, shared in their proportions.
+
+    Cumulative rounding: the stages' epochs sum to ``epochs`` exactly, and a stage keeps its place in
+    the schedule (a stage may get none when ``epochs`` is smaller than the number of stages).
+    """
+    total = sum(int(stage.get("epochs", 10)) for stage in stages)
+    out, done, before = [], 0, 0
+    for stage in stages:
+        done += int(stage.get("epochs", 10))
+        upto = round(done * epochs / total) if total else (epochs if stage is stages[-1] else 0)
+        out.append({**stage, "epochs": upto - before})
+        before = upto
+    return out

@@ -35,6 +35,7 @@ active_learning:
   min_spacing: 5
   per_round: 2
   target_error: 0.001
+  retrain_epochs: 2
 """
 PER_ROUND = 2
 
@@ -116,6 +117,12 @@ def test_one_round_labels_the_most_uncertain_md_frames(active_study):
     assert round0["training_size"] == len(initial) and round1["training_size"] == len(final)
     assert node.outputs.models.sr.uuid == round1["models"]["sr"] != round0["models"]["sr"]
     assert len(round1["committee"]) == 2 and round1["committee"][0] == round0["models"]["sr"]
+    # the retraining started from the model of round 0 (warm_start by default), for retrain_epochs
+    assert round1["warm_start"] == {"sr": round0["models"]["sr"]} and round1["retrain_epochs"] == {"sr": 2}
+    (retrain,) = _child(_child(node, "al1_training"), "train_sr").called
+    assert retrain.inputs.initial_model.uuid == round0["models"]["sr"]
+    metrics = node.outputs.metrics.sr.get_dict()
+    assert metrics["epochs"] == 2 and metrics["init_from"]["sha256"] == retrain.inputs.initial_model.sha256
     # the final held-out predictions are those of the last round (not evaluated twice)
     assert node.outputs.predictions.sr.uuid == _child(node, "al1_evaluate_sr").outputs.predictions.uuid
     comparison = node.outputs.comparison.get_dict()

@@ -138,3 +138,50 @@ def test_the_budget_must_leave_room_for_a_round():
     line, message = problems["active_learning.per_round"]
     assert line == 12
     assert message == "the budget (12) leaves 6 pw.x runs after the study's 6: not enough for one round of 7"
+
+
+def test_warm_start_keys_defaults_and_problems():
+    minimal = parse_spec(BASE + "active_learning: {}\n", "al.yaml")["active_learning"]
+    assert minimal["warm_start"] is True and "retrain_epochs" not in minimal
+    given = parse_spec(BASE + "active_learning: {warm_start: false, retrain_epochs: 5}\n", "al.yaml")
+    assert given["active_learning"]["warm_start"] is False and given["active_learning"]["retrain_epochs"] == 5
+    problems = _problems(BASE + "active_learning:\n  warm_start: yes please\n  retrain_epochs: 0\n")
+    assert problems == {
+        "active_learning.warm_start": (12, "must be true or false, got a string"),
+        "active_learning.retrain_epochs": (13, "must be at least 1"),
+    }
+
+
+def test_retraining_configs_of_a_round():
+    """retrain_epochs: a preset shares them among its stages, a config design's stages are scaled; the
+    previous model's architecture is compared with the retraining's config."""
+    from types import SimpleNamespace
+
+    from aiida_emlip.spec_active import scaled_stages
+    from aiida_emlip.workflows.study_active import ActiveLearningSteps
+
+    assert [s["epochs"] for s in scaled_stages([{"epochs": 10}, {"epochs": 20}], 9)] == [3, 6]
+    assert [s["epochs"] for s in scaled_stages([{"epochs": 1}, {"epochs": 99}], 4)] == [0, 4]
+    assert scaled_stages([{"name": "a", "epochs": 10, "scf_mode": "direct"}], 3) == [
+        {"name": "a", "epochs": 3, "scf_mode": "direct"}
+    ]
+
+    spec = parse_spec(BASE + "active_learning: {}\n", "al.yaml")
+    spec["designs"]["own"] = {"config": {"model": {"head": {"name": "sr"}}, "stages": [{"epochs": 4}] * 2}}
+    dataset = SimpleNamespace(elements=["H", "O"], label_keys=["energy", "forces", "ref_charges"])
+    steps = ActiveLearningSteps()
+    steps.ctx = SimpleNamespace(spec=spec, al_merged=dataset, held_out=dataset)
+    scf = steps._retrain_design("qeq", 6)["config"]
+    assert sum(s["epochs"] for s in scf["stages"]) == 6 and scf["model"]["elements"] == ["H", "O"]
+    assert scf["scheduler"] == {"name": "cosine", "min_lr": 1e-4}
+    assert [s["epochs"] for s in steps._retrain_design("own", 3)["config"]["stages"]] == [2, 1]
+    assert [s["epochs"] for s in steps._retrain_design("sr", None)["config"]["stages"]] == [2]
+
+    config = steps._retrain_design("sr", 1)["config"]
+    model = SimpleNamespace(
+        base=SimpleNamespace(attributes={"elements": ["H", "O"], "config": dict(config["model"])})
+    )
+    assert steps._architecture_change(model, config) == ""
+    backbone = {**config["model"]["backbone"], "r_max": 5.0}
+    wider = {**config, "model": {**config["model"], "backbone": backbone}}
+    assert steps._architecture_change(model, wider) == "model.backbone.r_max (init model 4.0, config 5.0)"

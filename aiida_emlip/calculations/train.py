@@ -16,31 +16,40 @@ from aiida.engine import CalcJob, CalcJobProcessSpec
 
 from aiida_emlip.cache_version import cache_version
 from aiida_emlip.data.dataset import EmlipDatasetData
+from aiida_emlip.data.model import EmlipModelData
 
 TRAIN_FILE = "train.xyz"
 CONFIG_FILE = "config.yaml"
 STATUS_FILE = "exit_status"
 CHECKPOINT_FILE = "checkpoint.pt"
+#: Where the initial model of a warm start (input ``initial_model``) lies in the job folder.
+INIT_FILE = "initial_model.safetensors"
 OUTPUT_FILES = ("model.safetensors", "metrics.json", "learning_curve.csv", "test_errors.txt", "train.log")
 #: Keys the calculation sets itself; a user's config may not set them.
-RESERVED = {("data", "train"), ("output_dir",), ("checkpoint", "file")}
+RESERVED = {("data", "train"), ("output_dir",), ("checkpoint", "file"), ("init_from",)}
 
 
-def job_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The YAML the job runs: the user's config with the data path and output folder filled in."""
+def job_config(config: dict[str, Any], initial_model: bool = False) -> dict[str, Any]:
+    """The YAML the job runs: the user's config with the data path and output folder filled in (and
+    ``init_from`` when the job starts from an initial model)."""
     values = copy.deepcopy(config)
     values.setdefault("data", {})["train"] = TRAIN_FILE
     values["output_dir"] = "."
+    if initial_model:
+        values["init_from"] = INIT_FILE
     return values
 
 
-def check_job(config: dict[str, Any], dataset: EmlipDatasetData) -> str:
+def check_job(
+    config: dict[str, Any], dataset: EmlipDatasetData, initial_model: EmlipModelData | None = None
+) -> str:
     """What ``emlip-train --check`` says of this job: the trainer is built on the CPU, nothing trained.
 
     Raises the :class:`~aiida_emlip.training.errors.TrainingError` that the job would stop with
-    before its first step (bad configuration, head or backbone options, labels, elements). A
-    ``data.valid`` or ``data.test`` file that is not readable here (a path on the remote computer) is
-    left out of the check.
+    before its first step (bad configuration, head or backbone options, labels, elements; with
+    ``initial_model``, an architecture or elements that differ from the model's). A ``data.valid`` or
+    ``data.test`` file that is not readable here (a path on the remote computer) is left out of the
+    check.
     """
     from aiida_emlip.training.config import parse_config
     from aiida_emlip.training.session import check
@@ -48,9 +57,11 @@ def check_job(config: dict[str, Any], dataset: EmlipDatasetData) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / TRAIN_FILE
         path.write_text(dataset.get_text())
-        values = job_config(config)
+        values = job_config(config, initial_model is not None)
         values["data"]["train"] = str(path)
         values["output_dir"] = tmp
+        if initial_model is not None:
+            values["init_from"] = str(initial_model.export(Path(tmp) / INIT_FILE))
         for role in ("valid", "test"):
             given = values["data"].get(role)
             if isinstance(given, str) and given and not Path(given).is_file():
@@ -90,7 +101,9 @@ class EmlipTrainCalculation(CalcJob):
     ``output_dir`` and ``checkpoint.file``, which the calculation sets. Outputs: ``model``
     (``emlip.model``), ``metrics`` and, whenever one was written, ``checkpoint``. With a
     ``checkpoint`` input the job continues that run (``--resume``); ``lr_scale`` scales its learning
-    rates (``--lr-scale``). emlip-train writes its exit status itself (``--exit-status-file``).
+    rates (``--lr-scale``); with an ``initial_model`` the run starts from that model's weights (a warm
+    start: ``init_from``, which the calculation sets). emlip-train writes its exit status itself
+    (``--exit-status-file``).
     """
 
     #: Part of the hash: a new release of the package never reuses older results (see cache_version).
@@ -107,6 +120,13 @@ class EmlipTrainCalculation(CalcJob):
             required=False,
             help="a checkpoint of this config and dataset (e.g. the checkpoint output of an interrupted "
             "run): emlip-train continues from it (--resume)",
+        )
+        spec.input(
+            "initial_model",
+            valid_type=EmlipModelData,
+            required=False,
+            help="a model of the config's architecture to start from (warm start, emlip-train init_from): "
+            "its weights and reference energies; the optimizer starts fresh",
         )
         spec.input(
             "lr_scale",
@@ -137,9 +157,13 @@ class EmlipTrainCalculation(CalcJob):
         with folder.open(TRAIN_FILE, "w") as handle:
             handle.write(self.inputs.dataset.get_text())
         with folder.open(CONFIG_FILE, "w") as handle:
-            yaml.safe_dump(job_config(self.inputs.config.get_dict()), handle, sort_keys=False)
+            values = job_config(self.inputs.config.get_dict(), "initial_model" in self.inputs)
+            yaml.safe_dump(values, handle, sort_keys=False)
         calcinfo = CalcInfo()
         calcinfo.local_copy_list = []
+        if "initial_model" in self.inputs:
+            model = self.inputs.initial_model
+            calcinfo.local_copy_list.append((model.uuid, model.filename, INIT_FILE))
         if "checkpoint" in self.inputs:
             checkpoint = self.inputs.checkpoint
             calcinfo.local_copy_list.append((checkpoint.uuid, checkpoint.filename, CHECKPOINT_FILE))

@@ -130,6 +130,14 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument("config", type=Path, help="YAML configuration file (see examples/*.yaml)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="overrides the config's device")
     parser.add_argument("--output-dir", type=Path, help="overrides the config's output_dir")
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        metavar="MODEL",
+        help="overrides the config's init_from: start from the weights and reference energies of MODEL "
+        "(a model file of the same architecture as the config's model section); optimizer state starts "
+        "fresh. With --resume the checkpoint wins (it must have begun from the same MODEL)",
+    )
     start = parser.add_mutually_exclusive_group()
     start.add_argument(
         "--resume",

@@ -146,6 +146,10 @@ class TrainConfig:
     #: ``auto``: train on the data's reference charges/dipoles (weights AUTO_MULTIPOLE_WEIGHTS) when the
     #: head predicts them and the loss does not name them; ``off``: only what the loss names.
     multipoles: str = "auto"
+    #: A model file (``.safetensors``) whose weights and reference energies start the run (warm start);
+    #: its architecture must be that of ``model``. Relative paths are taken from the config file's
+    #: directory. Optimiser, scheduler and EMA start fresh.
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -167,6 +171,8 @@ class TrainConfig:
             )
         for key, value in self.data.keys.items():
             check_key_mapping(key, value)
+        if self.init_from is not None and not self.init_from.strip():
+            raise ConfigError("init_from must be the path of a model file (or null)")
         if self.multipoles not in ("auto", "off"):
             raise ConfigError(f"multipoles must be 'auto' or 'off', got {self.multipoles!r}")
         if self.data.energy_unit not in ENERGY_UNITS:
@@ -347,7 +353,8 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
 
 
 def parse_config(values: dict[str, Any], base_dir: Path | None = None) -> TrainConfig:
-    """Build a :class:`TrainConfig` from a mapping; relative data paths are taken from ``base_dir``."""
+    """Build a :class:`TrainConfig` from a mapping; relative data and ``init_from`` paths are taken
+    from ``base_dir``."""
     if not isinstance(values, dict):
         raise ConfigError("the configuration must be a YAML mapping")
     if "data" not in values:
@@ -358,6 +365,8 @@ def parse_config(values: dict[str, Any], base_dir: Path | None = None) -> TrainC
             path = getattr(config.data, name)
             if path and not Path(path).is_absolute():
                 setattr(config.data, name, str(base_dir / path))
+        if config.init_from and not Path(config.init_from).is_absolute():
+            config.init_from = str(base_dir / config.init_from)
     return config
 
 

@@ -3,7 +3,8 @@
 ``--resume`` compares the identity stored in a checkpoint with that of the current configuration
 field by field; only the epochs of the last stage may differ (that extends or shortens the run).
 Settings that do not change what is trained (device, threads, progress, output and checkpoint
-locations, validation batch size) are not part of the identity.
+locations, validation batch size) are not part of the identity. A warm-started run (``init_from``) is
+identified by the sha256 of its initial model file (:data:`INIT_KEY`), not by that file's path.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ NOT_IDENTITY = (
     "data.valid",
     "data.test",
     "data.valid_batch_size",
+    "init_from",
 )
+#: Identity key of the sha256 of the initial model file of a warm start (absent for a cold start).
+INIT_KEY = "init_from.sha256"
 #: Identity key of the digest of each data file.
 DIGEST_KEY = "data.sha256.{role}"
 
@@ -58,12 +62,17 @@ def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
         out[prefix] = value
 
 
-def run_identity(config: dict[str, Any], digests: dict[str, str | None] | None) -> dict[str, Any]:
-    """Flat mapping ``dotted.key -> value`` of everything a run's results depend on."""
+def run_identity(
+    config: dict[str, Any], digests: dict[str, str | None] | None, init_sha256: str | None = None
+) -> dict[str, Any]:
+    """Flat mapping ``dotted.key -> value`` of everything a run's results depend on (``init_sha256``:
+    the sha256 of the model file a warm start begins from)."""
     out: dict[str, Any] = {}
     _flatten(config, "", out)
     for role, digest in (digests or {}).items():
         out[DIGEST_KEY.format(role=role)] = digest
+    if init_sha256 is not None:
+        out[INIT_KEY] = init_sha256
     return out
 
 

@@ -140,6 +140,8 @@ def check(config: TrainConfig, device: str | None = None) -> str:
 def run_training(args: argparse.Namespace) -> None:
     """What ``emlip-train`` does with its parsed arguments."""
     config = load_config(args.config)
+    if getattr(args, "init_from", None) is not None:
+        config.init_from = str(args.init_from)
     if args.epochs is not None:
         config.set_total_epochs(args.epochs)
     if args.check:

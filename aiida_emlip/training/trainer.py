@@ -38,6 +38,12 @@ from aiida_emlip.training.losses import ErrorTable, format_table, loss_terms, pr
 from aiida_emlip.training.progress import Progress
 from aiida_emlip.training.resume import restore
 from aiida_emlip.training.state import CHECKPOINT_FORMAT, Ema, rng_state, save_checkpoint, seed_everything
+from aiida_emlip.training.warmstart import (
+    check_architecture,
+    check_new_elements,
+    load_init_weights,
+    read_init_model,
+)
 
 SIGNALS = tuple(
     s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None
@@ -90,6 +96,7 @@ class Trainer:
         #: Set by :meth:`load` when the checkpoint's run is finished and has no epoch left to train.
         self.nothing_to_train: str | None = None
         self._resumed = False
+        self._init_note: str | None = None  # the log line of a warm start (init_from)
         self._stop_signal: int | None = None
         self._start = time.perf_counter()
         seed_everything(config.seed)  # model initialisation is reproducible from the seed
@@ -131,7 +138,10 @@ class Trainer:
         values = dict(cfg.model)
         everything = self.train + self.valid + self.test
         present = elements_of(everything)
-        values.setdefault("elements", present)
+        init = self.init_model = read_init_model(cfg.init_from) if cfg.init_from else None
+        if init is not None:
+            check_new_elements(init, present)
+        values.setdefault("elements", init.elements if init is not None else present)
         try:
             model_config = ModelConfig.from_dict(values)
             self.model = EmlipModel(model_config)
@@ -144,7 +154,17 @@ class Trainer:
             )
         self.dtype = DTYPES[model_config.dtype]
         ref = cfg.data.reference_energies
-        if ref == "fit":
+        if init is not None:
+            check_architecture(init, model_config.to_dict())
+            load_init_weights(self.model, init)
+            self._init_note = (
+                f"warm start: weights and reference energies from {init.path} (sha256 {init.sha256[:12]}…); "
+                "optimizer, scheduler and EMA start fresh"
+            )
+            self.notes.append(self._init_note)
+        if init is not None and ref == "fit":
+            e0 = self.model.reference_energies.detach().cpu().double().numpy()  # the initial model's
+        elif ref == "fit":
             e0 = fit_reference_energies(self.train, model_config.elements)
         else:
             missing = sorted(set(model_config.elements) - set(ref))
@@ -231,7 +251,8 @@ class Trainer:
 
     def identity(self) -> dict[str, Any]:
         """What this run's checkpoints belong to (see :mod:`aiida_emlip.training.identity`)."""
-        return run_identity(self.config.to_dict(), self.data_sha256)
+        init = self.init_model
+        return run_identity(self.config.to_dict(), self.data_sha256, init.sha256 if init else None)
 
     def state_dict(self) -> dict[str, Any]:
         pos = self.pos
@@ -283,6 +304,11 @@ class Trainer:
         """
         restore(self, Path(path))
         self._resumed = True
+        if self._init_note in self.notes:  # the checkpoint's weights replace those of the initial model
+            self.notes[self.notes.index(self._init_note)] = (
+                f"warm start from {self.init_model.path}: the checkpoint continues that run "
+                "(it began from the same model file)"
+            )
 
     # ------------------------------------------------------------------------------------- loop
     def _on_signal(self, signum: int, _frame: Any) -> None:
@@ -540,6 +566,7 @@ class Trainer:
                 for i, stage in enumerate(cfg.stages)
             },
             "auto_multipole_weights": self.auto_weights,
+            "init_from": self.init_model.record() if self.init_model is not None else None,
             "history": self.pos.history,
         }
         if self.world.is_main:
@@ -597,7 +624,10 @@ class Trainer:
         if self.ema is not None:
             self.ema.swap(self.model)
         try:
-            extra = {"training": {"epochs": self.pos.epoch, "seed": self.config.seed}}
+            extra: dict[str, Any] = {"training": {"epochs": self.pos.epoch, "seed": self.config.seed}}
+            if self.init_model is not None:
+                record = self.init_model.record()
+                extra["training"]["init_from"] = {k: record[k] for k in ("sha256", "weights_sha256")}
             model_bytes = serialize_model(self.model, extra=extra)
         finally:
             if self.ema is not None:

@@ -230,9 +230,15 @@ class EmlipStudyWorkChain(ActiveLearningSteps, WorkChain):
         )
         return None
 
-    def _training_builder(self, training_set: EmlipDatasetData, designs: dict[str, dict[str, Any]]):
+    def _training_builder(
+        self,
+        training_set: EmlipDatasetData,
+        designs: dict[str, dict[str, Any]],
+        initial_models: dict[str, EmlipModelData] | None = None,
+    ):
         """The training workchain of ``designs`` (label → design of the spec, or an emlip-train config
-        under ``config``) on ``training_set``, with the study's training settings."""
+        under ``config``) on ``training_set``, with the study's training settings; a design named in
+        ``initial_models`` starts from that model (warm start)."""
         spec = self.ctx.spec
         labels = training_set.label_keys
         elements = sorted(set(training_set.elements) | set(self.ctx.held_out.elements))
@@ -244,6 +250,8 @@ class EmlipStudyWorkChain(ActiveLearningSteps, WorkChain):
         builder.training_set = training_set
         builder.train_code = self.inputs.train_code
         builder.designs = orm.Dict(configs)
+        if initial_models:
+            builder.initial_models = dict(initial_models)
         options = dict(spec["training"].get("options") or {})
         if options:
             builder.train_options = orm.Dict(options)

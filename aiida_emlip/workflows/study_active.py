@@ -13,7 +13,9 @@ comparison see the final models. A round:
    chosen, ``min_spacing`` MD steps apart (calcfunction ``select_active``);
 4. pw.x on them with the study's DFT settings (``EmlipDatasetWorkChain``), added to the training set
    (calcfunction ``merge_active``; held-out configurations are refused);
-5. every design retrained on the union (``EmlipTrainingWorkChain``), then its held-out predictions.
+5. every design retrained on the union (``EmlipTrainingWorkChain``), then its held-out predictions;
+   with ``warm_start`` (the default) each design starts from its model of the round before, for
+   ``retrain_epochs`` (default: the design's own epochs).
 
 Before each round the loop stops when the model's held-out energy error is at most ``target_error``,
 when ``rounds`` are done, or when another round would take the study over its DFT budget. A failure
@@ -29,7 +31,7 @@ from aiida.engine import ToContext
 
 from aiida_emlip.analysis import active_learning as al
 from aiida_emlip.spec import design_config, design_heads, dft_configuration_count
-from aiida_emlip.spec_active import candidate_designs, room_for_rounds
+from aiida_emlip.spec_active import candidate_designs, room_for_rounds, scaled_stages
 from aiida_emlip.workflows.process_state import how_it_ended
 from aiida_emlip.workflows.study_active_functions import (
     merge_active,
@@ -359,16 +361,62 @@ class ActiveLearningSteps:
             self.ctx.al_sources[key] = self.ctx.al_chosen_settings[key]
 
     def al_run_training(self):
-        """Every design (that trained before) on the union."""
-        designs = {label: self.ctx.spec["designs"][label] for label in self.ctx.models}
-        builder = self._training_builder(self.ctx.al_merged, designs)
+        """Every design (that trained before) on the union; warm-started from its previous model."""
+        options = self.ctx.spec["active_learning"]
+        epochs = options.get("retrain_epochs")
+        designs = {label: self._retrain_design(label, epochs) for label in self.ctx.models}
+        initial: dict[str, Any] = {}
+        if options.get("warm_start", True):
+            for label, design in designs.items():
+                model = self.ctx.models[label]
+                differ = self._architecture_change(model, design["config"])
+                if differ:
+                    self.report(
+                        f"active learning, round {self.ctx.al_round}: {label} retrains from scratch: its "
+                        f"architecture changed ({differ})"
+                    )
+                else:
+                    initial[label] = model
+        self.ctx.al_entries[-1]["warm_start"] = {
+            label: (initial[label].uuid if label in initial else None) for label in designs
+        }
+        self.ctx.al_entries[-1]["retrain_epochs"] = {
+            label: sum(int(stage.get("epochs", 10)) for stage in design["config"].get("stages") or [{}])
+            for label, design in designs.items()
+        }
+        builder = self._training_builder(self.ctx.al_merged, designs, initial)
         builder.metadata.call_link_label = self._al_link("training")
+        how = f"from the previous models ({', '.join(initial)})" if initial else "from scratch"
         self._stage(
             "active_learning",
             f"active learning, round {self.ctx.al_round}: retraining {', '.join(designs)} on "
-            f"{len(self.ctx.al_merged)} configurations",
+            f"{len(self.ctx.al_merged)} configurations, {how}",
         )
         return ToContext(al_training=self.submit(builder))
+
+    def _retrain_design(self, label: str, epochs: int | None) -> dict[str, Any]:
+        """Design ``label`` as an emlip-train config for the merged set (``epochs``: ``retrain_epochs``)."""
+        design = dict(self.ctx.spec["designs"][label])
+        if epochs is not None and "config" not in design:
+            design["epochs"] = int(epochs)  # a preset shares them among its stages itself
+        merged = self.ctx.al_merged
+        elements = sorted(set(merged.elements) | set(self.ctx.held_out.elements))
+        config = design_config(design, self.ctx.spec["training"], labels=merged.label_keys, elements=elements)
+        if epochs is not None and "config" in design:
+            config["stages"] = scaled_stages(config.get("stages") or [{}], int(epochs))
+        return {"config": config}
+
+    @staticmethod
+    def _architecture_change(model: Any, config: dict[str, Any]) -> str:
+        """The architecture keys in which ``config`` differs from ``model``'s ('' when none)."""
+        from aiida_emlip.training.warmstart import architecture_differences
+
+        values = dict(config.get("model") or {})
+        values.setdefault("elements", model.base.attributes.get("elements"))
+        try:
+            return "; ".join(architecture_differences(model.base.attributes.get("config"), values))
+        except (TypeError, ValueError, KeyError) as exc:
+            return f"cannot compare: {exc}"
 
     def al_inspect_training(self):
         """Take the retrained models, all or none (the designs keep sharing one training set)."""

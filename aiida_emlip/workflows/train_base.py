@@ -15,7 +15,8 @@ failed calculation, the process handlers below (highest priority first) decide h
 
 A checkpoint records the configuration it was written for, so a handler that changes the
 configuration (batch size, head options) starts again from scratch; the learning-rate factor is not
-part of it, so the NaN handler resumes.
+part of it, so the NaN handler resumes. A warm start (input ``train.initial_model``) keeps its initial
+model through every restart: "from scratch" then means from that model again.
 """
 
 from __future__ import annotations
@@ -110,7 +111,9 @@ class EmlipTrainBaseWorkChain(BaseRestartWorkChain):
         from aiida_emlip.training.errors import TrainingError
 
         try:
-            summary = check_job(self.ctx.inputs.config, self.ctx.inputs.dataset)
+            summary = check_job(
+                self.ctx.inputs.config, self.ctx.inputs.dataset, self.ctx.inputs.get("initial_model")
+            )
         except TrainingError as exc:
             self.report(f"emlip-train --check: {exc}")
             return self.exit_codes.ERROR_INVALID_INPUTS.format(message=str(exc))

@@ -8,6 +8,7 @@ from aiida import orm
 from aiida.engine import ToContext, WorkChain, calcfunction, if_
 
 from aiida_emlip.data.dataset import EmlipDatasetData
+from aiida_emlip.data.model import EmlipModelData
 from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain
 from aiida_emlip.workflows.process_state import how_it_ended
 from aiida_emlip.workflows.train_base import EmlipTrainBaseWorkChain
@@ -55,7 +56,8 @@ class EmlipTrainingWorkChain(WorkChain):
     Give either ``dataset`` (the inputs of :class:`EmlipDatasetWorkChain`) or ``training_set`` (an
     existing ``emlip.dataset``). Every design is one :class:`EmlipTrainBaseWorkChain` (``emlip.train``
     with restarts after interruptions, NaN/inf, SCF failures and running out of memory) on the same
-    data, so the designs differ only in their configs. A failed design is reported; the others are kept.
+    data, so the designs differ only in their configs. A design named in ``initial_models`` starts from
+    that model (a warm start). A failed design is reported; the others are kept.
     """
 
     @classmethod
@@ -69,6 +71,14 @@ class EmlipTrainingWorkChain(WorkChain):
         spec.input("training_set", valid_type=EmlipDatasetData, required=False)
         spec.input("train_code", valid_type=orm.AbstractCode, help="the emlip-train code")
         spec.input("designs", valid_type=orm.Dict, validator=validate_designs)
+        spec.input_namespace(
+            "initial_models",
+            valid_type=EmlipModelData,
+            dynamic=True,
+            required=False,
+            help="design label → a model of that design's architecture to start from (warm start: the "
+            "training calculation's initial_model); designs without one train from scratch",
+        )
         spec.input(
             "train_options",
             valid_type=orm.Dict,
@@ -102,6 +112,11 @@ class EmlipTrainingWorkChain(WorkChain):
             return self.exit_codes.ERROR_INVALID_INPUTS.format(
                 message=f"give exactly one of dataset (inputs) or training_set, got {given or 'none'}"
             )
+        unknown = sorted(set(self.inputs.get("initial_models", {})) - set(self.inputs.designs.get_dict()))
+        if unknown:
+            return self.exit_codes.ERROR_INVALID_INPUTS.format(
+                message=f"initial_models for designs that are not given: {', '.join(unknown)}"
+            )
         if "training_set" in self.inputs:
             self.ctx.training_set = self.inputs.training_set
         return None
@@ -127,11 +142,14 @@ class EmlipTrainingWorkChain(WorkChain):
 
     def run_training(self):
         options = self.inputs.train_options.get_dict() if "train_options" in self.inputs else {}
+        initial = self.inputs.get("initial_models", {})
         for label, config in self.inputs.designs.get_dict().items():
             builder = EmlipTrainBaseWorkChain.get_builder()
             builder.train.code = self.inputs.train_code
             builder.train.dataset = self.ctx.training_set
             builder.train.config = orm.Dict(config)
+            if label in initial:
+                builder.train.initial_model = initial[label]
             builder.train.metadata.options = {
                 "resources": {"num_machines": 1},
                 "max_wallclock_seconds": 3600,

@@ -126,6 +126,9 @@ def test_architecture_differences_resolve_defaults():
     assert architecture_differences(base, {**base, "electrostatics": {"sigma": 1.0}}) == [
         "model.electrostatics.sigma (init model 1.5, config 1.0)"
     ]
+    assert architecture_differences(base, {**base, "induction": {"enabled": True}}) == [
+        "model.induction.enabled (init model False, config True)"
+    ]
 
 
 def test_new_element_is_refused(tmp_path, capsys):

@@ -1,11 +1,11 @@
 """Warm start (``init_from``): a new run whose model starts from the weights of an existing model file.
 
 The model file is verified (its checksum) and its architecture compared with the configuration's
-``model`` section, resolved with every default: elements, dtype, the head and its options, the backbone
-and the electrostatics settings must be the same, or :func:`architecture_differences` names each key
-that differs. The weights and every persistent buffer (the per-element reference energies included)
-are taken as they are; the optimiser, the scheduler and the EMA start fresh. Only what is read here is
-used: the file is never unpickled.
+``model`` section, resolved with every default: elements, dtype, the head and its options, the backbone,
+the electrostatics and the induced-dipole settings must be the same, or
+:func:`architecture_differences` names each key that differs. The weights and every persistent
+buffer (the per-element reference energies included) are taken as they are; the optimiser, the
+scheduler and the EMA start fresh. Only what is read here is used: the file is never unpickled.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from aiida_emlip.models.file_format import CHECKSUM_KEY, ModelFileError, file_sh
 from aiida_emlip.training.errors import ConfigError, DataError
 
 #: The sections of the model configuration that make its architecture (compared key by key).
-ARCHITECTURE = ("elements", "dtype", "head", "backbone", "electrostatics")
+ARCHITECTURE = ("elements", "dtype", "head", "backbone", "electrostatics", "induction")
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,7 @@ def resolved_architecture(config: dict[str, Any]) -> dict[str, Any]:
     from aiida_emlip.models.backbone import BackboneConfig
     from aiida_emlip.models.electrostatics import ElectrostaticsConfig
     from aiida_emlip.models.heads.base import head_class
+    from aiida_emlip.models.induction import InductionConfig
     from aiida_emlip.models.model import ModelConfig
 
     model = ModelConfig.from_dict(config)
@@ -112,6 +113,8 @@ def resolved_architecture(config: dict[str, Any]) -> dict[str, Any]:
         out[f"backbone.{key}"] = value
     for key, value in asdict(ElectrostaticsConfig(**model.electrostatics)).items():
         out[f"electrostatics.{key}"] = value
+    for key, value in asdict(InductionConfig(**model.induction)).items():
+        out[f"induction.{key}"] = value
     return _plain(out)
 
 
@@ -149,8 +152,8 @@ def check_architecture(init: InitModel, config: dict[str, Any]) -> None:
         raise ConfigError(
             f"init_from: the model {init.path} differs from the configuration's model section in "
             f"{len(differ)} key(s): {'; '.join(differ)}. A warm start needs the same elements, dtype, "
-            f"head, backbone and electrostatics: make the model section match, or train from scratch "
-            f"without init_from"
+            f"head, backbone, electrostatics and induction: make the model section match, or train from "
+            f"scratch without init_from"
         )
 
 

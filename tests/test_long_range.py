@@ -197,5 +197,4 @@ def test_split_captures_the_interaction_on_the_committed_cells(tmp_path):
     # measured 0.25 here, 0.26 with the benchmark's backbone (32 channels, 100 epochs)
     assert errors["split"]["rms"] < 0.5 * errors["sr"]["rms"], errors
     # induced dipoles supply the ion's polarisation of the water beyond the cutoff, which split lacks
-    print({name: round(row["rms"], 3) for name, row in errors.items()})
     assert errors["split+ind"]["rms"] < 0.8 * errors["split"]["rms"], errors

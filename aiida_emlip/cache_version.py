@@ -11,6 +11,8 @@ reuse models trained by the old trainer. AiiDA adds a plugin's ``CACHE_VERSION``
   and their numbers may have changed).
 * the ``emlip.pw`` parser: :data:`PW_PARSER_REVISION` only, so pw.x results (the expensive part)
   survive releases; it is raised when the labels the parser adds change.
+* the ``emlip.projwfc`` parser: :data:`PROJWFC_PARSER_REVISION` only, likewise for projwfc.x runs; it
+  is raised when its ``lowdin`` output changes.
 
 Raise :data:`NUMERICS` when a change to the trainer or the models changes results for the same inputs
 between releases (a development install keeps its version number).
@@ -27,7 +29,7 @@ from aiida_emlip import __version__
 CACHED_PROCESSES = (
     "aiida.calculations:quantumespresso.pw",
     "aiida.calculations:quantumespresso.pp",
-    "aiida.calculations:quantumespresso.projwfc",
+    "aiida.calculations:emlip.projwfc",
     "aiida.calculations:emlip.train",
     "aiida.calculations:emlip.evaluate",
 )
@@ -35,6 +37,8 @@ CACHED_PROCESSES = (
 NUMERICS = 1
 #: Raised when the ``emlip.pw`` parser's outputs change (new or different labels).
 PW_PARSER_REVISION = 1
+#: Raised when the ``emlip.projwfc`` parser's outputs change (its ``lowdin`` output).
+PROJWFC_PARSER_REVISION = 1
 
 
 def cache_version(component: str, version: str = __version__, numerics: int = NUMERICS) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from aiida_emlip import __version__
-from aiida_emlip.cache_version import NUMERICS, PW_PARSER_REVISION, cache_version
+from aiida_emlip.cache_version import NUMERICS, PROJWFC_PARSER_REVISION, PW_PARSER_REVISION, cache_version
 
 
 def test_cache_version_is_stable_and_tracks_release_and_numerics():
@@ -23,11 +23,13 @@ def test_plugins_carry_their_cache_versions_into_the_hash():
 
     from aiida_emlip.calculations.evaluate import EmlipEvaluateCalculation
     from aiida_emlip.calculations.train import EmlipTrainCalculation
+    from aiida_emlip.parsers.projwfc import EmlipProjwfcParser
     from aiida_emlip.parsers.pw import EmlipPwParser
 
     assert EmlipTrainCalculation.CACHE_VERSION == cache_version("train")
     assert EmlipEvaluateCalculation.CACHE_VERSION == cache_version("evaluate")
     assert EmlipPwParser.CACHE_VERSION == PW_PARSER_REVISION
+    assert EmlipProjwfcParser.CACHE_VERSION == PROJWFC_PARSER_REVISION
     hashes = []
     for version in (cache_version("train", "0.1.0"), cache_version("train", "0.2.0")):
         node = orm.CalcJobNode(process_type="aiida.calculations:emlip.train")

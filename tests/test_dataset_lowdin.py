@@ -1,4 +1,4 @@
-"""Löwdin charges (projwfc.x) in EmlipDatasetWorkChain: the stdout parser and a real pw.x + projwfc.x run."""
+"""Löwdin charges (projwfc.x) in EmlipDatasetWorkChain: a real pw.x + projwfc.x run."""
 
 from __future__ import annotations
 
@@ -7,65 +7,7 @@ import pytest
 from dataset_systems import CHEAP, water
 
 from aiida_emlip import schema
-from aiida_emlip.workflows.lowdin import parse_lowdin
-
-#: projwfc.x 6.7 on H2O in a 6 Å box (ecutwfc 25 Ry), trimmed.
-STDOUT_H2O = """
- k =   0.0000000000  0.0000000000  0.0000000000
-==== e(   4) =    -6.62882 eV ====
-     psi = 0.990*[#   3]
-    |psi|^2 = 0.990
-
-Lowdin Charges:
-
-     Atom #   1: total charge =   6.6922, s =  1.6609,
-     Atom #   1: total charge =   6.6922, p =  5.0314, pz=  1.6973, px=  1.9799, py=  1.3542,
-     Atom #   2: total charge =   0.5943, s =  0.5943,
-     Atom #   2: total charge =   0.5943, p =  0.0000, pz=  0.0000, px=  0.0000, py=  0.0000,
-     Atom #   3: total charge =   0.5943, s =  0.5943,
-     Atom #   3: total charge =   0.5943, p =  0.0000, pz=  0.0000, px=  0.0000, py=  0.0000,
-     Spilling Parameter:   0.0149
-
-     PROJWFC      :      0.13s CPU      0.14s WALL
-"""
-
-#: The same molecule spin-polarised (nspin 2, tot_magnetization 2), trimmed to two atoms.
-STDOUT_H2O_SPIN = """
-Lowdin Charges:
-
-     Atom #   1: total charge =   6.0744, s =  1.7826, p =  4.2919,
-                 spin up      =   3.6213, s =  0.9484,
-                 spin up      =   3.6213, p =  2.6729, pz=  0.9410, px=  0.9940, py=  0.7380,
-                 spin down    =   2.4531, s =  0.8342,
-                 spin down    =   2.4531, p =  1.6189, pz=  0.8853, px=  0.0000, py=  0.7337,
-                 polarization =   1.1682, s =  0.1142, p =  1.0540,
-     Atom #   2: total charge =   0.7711, s =  0.7711, p =  0.0000,
-                 spin up      =   0.5251, s =  0.5251,
-                 spin down    =   0.2460, s =  0.2460,
-                 polarization =   0.2790, s =  0.2790, p =  0.0000,
-     Spilling Parameter:   0.0479
-"""
-
-
-def test_parse_lowdin_populations():
-    populations, spilling = parse_lowdin(STDOUT_H2O)
-    assert populations == pytest.approx([6.6922, 0.5943, 0.5943])
-    assert spilling == pytest.approx(0.0149)
-    # the populations miss about spilling x N_valence electrons
-    assert 8.0 - populations.sum() == pytest.approx(0.0149 * 8.0, abs=2e-3)
-
-
-def test_parse_lowdin_spin_polarised_reads_totals():
-    populations, spilling = parse_lowdin(STDOUT_H2O_SPIN)
-    assert populations == pytest.approx([6.0744, 0.7711])
-    assert spilling == pytest.approx(0.0479)
-
-
-def test_parse_lowdin_rejects_missing_block():
-    with pytest.raises(ValueError, match="no 'Lowdin Charges:'"):
-        parse_lowdin("     PROJWFC      :      0.13s CPU\n   JOB DONE.\n")
-    with pytest.raises(ValueError, match="incomplete"):
-        parse_lowdin("Lowdin Charges:\n     Atom #   2: total charge =   0.5943, s =  0.5943,\n")
+from aiida_emlip.cache_version import PROJWFC_PARSER_REVISION
 
 
 @pytest.mark.pw
@@ -88,7 +30,7 @@ def test_lowdin_needs_projwfc_code(pw_code, pseudo_family):
 
 @pytest.mark.pw
 def test_lowdin_charges_of_water(pw_code, projwfc_code, pseudo_family):
-    """pw.x → projwfc.x (a ProjwfcCalculation in the graph) → lowdin_charges of H2O in the dataset."""
+    """pw.x → projwfc.x (emlip.projwfc: its ``lowdin`` output) → lowdin_charges of H2O in the dataset."""
     from aiida import orm
     from aiida.engine import run_get_node
 
@@ -105,11 +47,16 @@ def test_lowdin_charges_of_water(pw_code, projwfc_code, pseudo_family):
     results, node = run_get_node(builder)
     assert node.is_finished_ok, node.exit_message
     assert not results["report"]["postprocess_failed"]
-    (projwfc,) = [c for c in node.called if c.process_label == "ProjwfcCalculation"]
+    (projwfc,) = [c for c in node.called if c.process_label == "EmlipProjwfcCalculation"]
     pw_calc = next(n for n in node.called_descendants if n.process_label == "PwCalculation")
     assert projwfc.inputs.parent_folder.uuid == pw_calc.outputs.remote_folder.uuid
-    creator = next(n for n in node.called if n.process_label == "lowdin_charges")
-    assert creator.inputs.retrieved.uuid == projwfc.outputs.retrieved.uuid
+    assert projwfc.base.attributes.get("cache_version") == {"parser": PROJWFC_PARSER_REVISION}
+    assert projwfc.is_finished_ok, projwfc.exit_message
+    # the charges are the calculation's own output (emlip.projwfc): no calcfunction re-reads its stdout
+    lowdin = projwfc.outputs.lowdin
+    assert lowdin.creator.uuid == projwfc.uuid
+    functions = {n.process_label for n in node.called_descendants if isinstance(n, orm.CalcFunctionNode)}
+    assert not {label for label in functions if "lowdin" in label}, functions
     # clean_workdir is deferred until projwfc.x has read the pw.x folder, then done for both
     assert pw_calc.outputs.remote_folder.is_empty and projwfc.outputs.remote_folder.is_empty
 
@@ -121,5 +68,10 @@ def test_lowdin_charges_of_water(pw_code, projwfc_code, pseudo_family):
     assert q.sum() == pytest.approx(spilling * 8.0, abs=0.01)
     assert q[0] < 0 < q[1] and q[2] > 0
     assert q[1] == pytest.approx(q[2], abs=1e-3)
+    # the label is Z_val − population with Z_val of the pw.x run's pseudopotentials (O 6, H 1)
+    populations = lowdin.get_array("populations")
+    assert q == pytest.approx(np.array([6.0, 1.0, 1.0]) - populations, abs=1e-12)
+    assert q == pytest.approx(lowdin.get_array("charges"), abs=1e-12)
+    assert spilling == pytest.approx(lowdin.base.attributes.get("spilling"))
     assert schema.LOWDIN_CHARGES in results["dataset"].label_keys
     assert np.all(np.isfinite(q))

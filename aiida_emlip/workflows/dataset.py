@@ -20,6 +20,7 @@ from aiida.plugins import CalculationFactory, WorkflowFactory
 from ase import Atoms
 
 from aiida_emlip import schema
+from aiida_emlip.calculations.projwfc import EmlipProjwfcCalculation
 from aiida_emlip.data import EmlipDatasetData
 from aiida_emlip.data.dataset import dft_settings_digest
 
@@ -32,15 +33,12 @@ from .functions import (
     split_configurations,
 )
 from .hirshfeld import PP_DENSITY_PARAMETERS, hirshfeld_multipoles
-from .lowdin import STDOUT as PROJWFC_STDOUT
-from .lowdin import lowdin_charges, parse_lowdin
 from .pw_inputs import ConfigurationError, build_pw_setup
 from .samplers import SAMPLERS
 from .vacuum_level import PP_PARAMETERS, planar_potentials, vacuum_level
 
 PwBaseWorkChain = WorkflowFactory("quantumespresso.pw.base")
 PpCalculation = CalculationFactory("quantumespresso.pp")
-ProjwfcCalculation = CalculationFactory("quantumespresso.projwfc")
 
 #: Identifier for AiiDA caching of the DFT steps.
 PW_CACHE_IDENTIFIER = "aiida.calculations:quantumespresso.pw"
@@ -50,7 +48,7 @@ POSTPROCESS = {
     "density": ("pp_code", PpCalculation, PP_DENSITY_PARAMETERS, {}),
     "projwfc": (
         "projwfc_code",
-        ProjwfcCalculation,
+        EmlipProjwfcCalculation,
         None,
         {"resources": {"num_machines": 1, "num_mpiprocs_per_machine": 1}},
     ),
@@ -640,40 +638,25 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WorkChain):
         self.report(f"projwfc.x Löwdin populations for {len(self.ctx.finished)} configuration(s)")
 
     def inspect_lowdin(self):
-        """Read the Löwdin block of each retrieved stdout (calcfunction) whatever the parser's verdict.
+        """Take the Löwdin charges of each projwfc.x run from its ``lowdin`` output (``emlip.projwfc``).
 
-        aiida-quantumespresso's ProjwfcParser does not read Löwdin charges and may fail on runs that it
-        cannot parse (e.g. Γ-only); the charges only need the retrieved stdout.
+        The parser attaches ``lowdin`` whenever the stdout's block is complete, also when
+        aiida-quantumespresso's part of the parsing fails on a run it cannot read (its exit status is
+        then reported and the charges are kept).
         """
         for key in self.ctx.finished:
             calc = self.ctx[f"projwfc_{key}"]
-            retrieved = calc.outputs.retrieved if "retrieved" in calc.outputs else None
-            error = None
-            if retrieved is None or PROJWFC_STDOUT not in retrieved.base.repository.list_object_names():
-                error = "no retrieved stdout"
-            else:
-                try:
-                    parse_lowdin(retrieved.base.repository.get_object_content(PROJWFC_STDOUT))
-                except ValueError as exc:
-                    error = str(exc)
-            if error is not None:
-                message = f"projwfc.x failed ({calc.exit_status}, {error}); no lowdin"
+            lowdin = calc.outputs.lowdin if "lowdin" in calc.outputs else None
+            if lowdin is None or "charges" not in lowdin.get_arraynames():
+                message = f"projwfc.x failed ({calc.exit_status}, {calc.exit_message}); no lowdin"
                 self._postprocess_failed(key, "lowdin", calc, message)
                 continue
             if not calc.is_finished_ok:
                 self.report(
-                    f"configuration {key}: ProjwfcParser exit status {calc.exit_status}; "
-                    "Löwdin charges read from the stdout"
+                    f"configuration {key}: projwfc.x exit status {calc.exit_status} "
+                    f"({calc.exit_message}); its Löwdin charges are complete and kept"
                 )
-            structure = orm.load_node(self.ctx.configs[key]["structure"])
-            z_valence = {
-                el: float(self.ctx.family.get_pseudo(element=el).z_valence)
-                for el in sorted(structure.get_symbols_set())
-            }
-            charges = lowdin_charges(
-                retrieved=retrieved, structure=structure, settings=orm.Dict({"z_valence": z_valence})
-            )
-            self.ctx.finished[key]["lowdin"] = charges.uuid
+            self.ctx.finished[key]["lowdin"] = lowdin.uuid
 
     def _dft_settings(self) -> dict[str, Any]:
         inputs = {k: v for k, v in self.ctx.inputs.items() if k not in ("options",)}

@@ -589,8 +589,8 @@ def design_config(
         )
         config["model"]["head"].update(copy.deepcopy(design.get("head") or {}))
         induction = design.get("induction")
-        if induction is True:
-            config["model"]["induction"] = {"enabled": True}
+        if isinstance(induction, bool):
+            config["model"]["induction"] = {"enabled": induction}
         elif induction:
             config["model"]["induction"] = copy.deepcopy(induction)
         config["device"] = training["device"]

@@ -120,12 +120,29 @@ def split_data(data: Path, workdir: Path, seed: int, test_fraction: float = 0.2)
     return train, test
 
 
+#: Design-name suffixes: with or without induced dipoles; no suffix takes the preset's default.
+VARIANTS = {"+ind": True, "-ind": False}
+
+
+def _variant(name: str) -> tuple[str, bool | None]:
+    """Preset and induction of a design name (``split``, ``split+ind``, ``split-ind``)."""
+    for suffix, induction in VARIANTS.items():
+        if name.endswith(suffix):
+            return name.removesuffix(suffix), induction
+    return name, None
+
+
+def _preset(name: str) -> str:
+    return _variant(name)[0]
+
+
 def train_one(
     name: str, train_file: Path, test_file: Path, workdir: Path, epochs: int, seed: int
 ) -> tuple[float, float]:
     """Train design ``name`` into ``workdir/name``; return its wall and CPU time in seconds.
 
-    ``<preset>+ind`` is the preset with induced atomic dipoles (``model.induction``).
+    ``<preset>+ind`` is the preset with induced atomic dipoles (``model.induction``), ``<preset>-ind``
+    the preset without them; the plain name takes the preset's default.
     """
     import ase.io
 
@@ -136,9 +153,7 @@ def train_one(
     frames = ase.io.read(train_file, ":")
     labels = {k for a in frames for k in (*a.info, *a.arrays)}
     elements = sorted({s for a in frames for s in a.get_chemical_symbols()})
-    preset, _, variant = name.partition("+")
-    if variant not in ("", "ind"):
-        raise ValueError(f"unknown design variant {name!r}: use <preset> or <preset>+ind")
+    preset, induction = _variant(name)
     values = preset_config(
         preset,
         labels=labels,
@@ -147,7 +162,7 @@ def train_one(
         backbone=BACKBONE,
         seed=seed,
         batch_size=4,
-        induction=variant == "ind",
+        induction=induction,
     )
     values["data"].update(train=str(train_file), test=str(test_file), valid_fraction=0.1)
     values["output_dir"] = str(workdir / name)
@@ -218,9 +233,9 @@ def report(workdir: Path, designs: list[str], cutoff: float) -> dict:
 
     figure = fragment_charge_curves(reference, predictions, workdir / "fragment_charges.png", cutoff)
     print(f"figure: {figure}")
-    charged = [n for n in table if n.partition("+")[0] not in ("sr", "fixed", "latent")]
+    charged = [n for n in table if _preset(n) not in ("sr", "fixed", "latent")]
     scf = min(
-        (n for n in table if n.partition("+")[0] == "scf"),
+        (n for n in table if _preset(n) == "scf"),
         key=lambda n: table[n]["far_energy_ratio"] or 1e9,
         default="scf",
     )
@@ -280,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
         "--designs",
         nargs="+",
         default=None,
-        help="presets to train (default: all); <preset>+ind adds induced atomic dipoles",
+        help="presets to train (default: all); <preset>+ind with, <preset>-ind without induced dipoles",
     )
     args = parser.parse_args(argv)
     from aiida_emlip.training.presets import PRESETS

@@ -249,6 +249,8 @@ def test_design_with_induced_dipoles():
     spec = parse_spec(text, "i.yaml", resources=FakeResources())
     config = design_config(spec["designs"]["pol"], spec["training"], labels=["energy", "forces"])
     assert config["model"]["induction"] == {"enabled": True}
+    plain = design_config({"preset": "split", "induction": False}, spec["training"])
+    assert plain["model"]["induction"] == {"enabled": False}
     soft = design_capabilities(spec["designs"]["soft"], spec["training"])
     assert soft >= {"polarizability", "atomic_dipoles"}
     assert "polarizability" not in design_capabilities(spec["designs"]["sr"], spec["training"])

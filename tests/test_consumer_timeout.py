@@ -63,7 +63,7 @@ def short_timeout():
     """The broker's consumer_timeout at 15 s and channel tick at 5 s; the old values back afterwards."""
     require_services()
     _rabbitmqctl_usable()
-    from consumer_timeout_probe import get_rabbit_env, rabbit_env
+    from rabbit_settings import get_rabbit_env, rabbit_env
 
     with rabbit_env(consumer_timeout=SHORT_MS, channel_tick_interval=TICK_MS) as old:
         yield old
@@ -77,7 +77,7 @@ def _doctor_lines() -> list[str]:
 
 
 def test_short_timeout_runs_a_calcfunction_twice(short_timeout, tmp_path):
-    from consumer_timeout_probe import get_rabbit_env
+    from rabbit_settings import get_rabbit_env
 
     assert get_rabbit_env("consumer_timeout") == str(SHORT_MS)
     lines = _doctor_lines()
@@ -114,7 +114,7 @@ def test_the_advised_fix_runs_it_once(short_timeout, tmp_path):
     # the task was acknowledged: nothing waits in, or is held from, the profile's queue
     assert len(result["task_queue"]) == 1 and result["task_queue"][0].split()[1:3] == ["0", "0"]
     # the probe put the short value back; doctor reads the fix's value as sufficient
-    from consumer_timeout_probe import get_rabbit_env, rabbit_env, rabbitmqctl_eval
+    from rabbit_settings import get_rabbit_env, rabbit_env, rabbitmqctl_eval
 
     assert get_rabbit_env("consumer_timeout") == str(SHORT_MS)
     with rabbit_env(consumer_timeout=SHORT_MS):

@@ -2,7 +2,8 @@
 
 Doctor only reads: it never creates the profile (it does not even import :mod:`aiida` for a profile
 that does not exist yet), and it only *reports* the broker, which SQLite profiles do not need. With a
-RabbitMQ broker it also reports the broker's ``consumer_timeout``, which ends long daemon processes.
+RabbitMQ broker it also reports the broker's ``consumer_timeout``, past which a daemon process is handed
+to a second worker.
 """
 
 from __future__ import annotations
@@ -27,7 +28,12 @@ from aiida_emlip.cli.options import (
     target_or_exit,
 )
 from aiida_emlip.profile import ProfileTarget, profiles_in
-from aiida_emlip.services.consumer_timeout import ConsumerTimeout, raise_fix, read_consumer_timeout
+from aiida_emlip.services.consumer_timeout import (
+    CONSEQUENCE,
+    ConsumerTimeout,
+    raise_fix,
+    read_consumer_timeout,
+)
 
 SETUP_FIX = "aiida-emlip setup"
 QE_FIX = f"apt-get install -y {QE_PACKAGE}   (or: aiida-emlip setup --pw /path/to/pw.x)"
@@ -129,12 +135,12 @@ def broker_reachable(config: dict, timeout: float = 2.0) -> bool:
 def check_consumer_timeout(
     report: Report, host: str, read: Callable[[str], ConsumerTimeout] = read_consumer_timeout
 ) -> None:
-    """Report RabbitMQ's consumer_timeout: a note, with how to raise it, unless it is off or a day or more."""
+    """Report RabbitMQ's consumer_timeout: a note, with how to raise it, unless it is off or 10 h or more."""
     timeout = read(host)
     if timeout.sufficient:
         report.add("consumer", timeout.describe())
     else:
-        text = f"{timeout.describe()}: daemon processes that run longer are lost"
+        text = f"{timeout.describe()}: {CONSEQUENCE}"
         report.add("consumer", text, fix=raise_fix(), essential=False)
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from aiida_emlip.profile import ProfileTarget, select_services_profile
-from aiida_emlip.services.consumer_timeout import raise_fix, read_consumer_timeout
+from aiida_emlip.services.consumer_timeout import CONSEQUENCE, raise_fix, read_consumer_timeout
 from aiida_emlip.services.reachability import (
     Service,
     install_commands,
@@ -172,5 +172,5 @@ def print_next_steps(target: ProfileTarget, profile: Profile) -> None:
     click.echo(f"launch    aiida-emlip launch SPEC.yaml --daemon --profile {profile.name}")
     timeout = read_consumer_timeout(profile.process_control_config.get("broker_host", "127.0.0.1"))
     if not timeout.sufficient:
-        click.echo(f"note      RabbitMQ {timeout.describe()}: daemon processes that run longer are lost")
+        click.echo(f"note      RabbitMQ {timeout.describe()}: {CONSEQUENCE}")
         click.echo(f"          raise it: {raise_fix()}")

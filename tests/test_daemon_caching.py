@@ -1,4 +1,4 @@
-"""`launch --daemon`: the daemon's workers cache as the profile says, and the command says so."""
+"""`launch --daemon`: the notes it prints — caching as the profile says, a short consumer_timeout."""
 
 from __future__ import annotations
 
@@ -25,3 +25,21 @@ def test_launch_daemon_says_when_the_profile_caches_otherwise():
         for identifier in CACHED_PROCESSES:
             stack.enter_context(enable_caching(identifier=identifier))
         assert daemon_caching_note(True, "p") is None
+
+
+def test_launch_daemon_notes_a_short_consumer_timeout():
+    from aiida_emlip.cli.study import daemon_timeout_note
+    from aiida_emlip.services.consumer_timeout import ConsumerTimeout
+
+    asked = []
+
+    def short(host):
+        asked.append(host)
+        return ConsumerTimeout(1_800_000, True, "rabbitmqctl")
+
+    note = daemon_timeout_note(short)
+    assert asked and note is not None
+    assert "consumer_timeout 1800000 ms = 30 min" in note and "may run twice" in note
+    assert "rabbitmqctl eval" in note  # the fix, as doctor prints it
+    assert daemon_timeout_note(lambda host: ConsumerTimeout(None, True, "rabbitmqctl")) is None  # off
+    assert daemon_timeout_note(lambda host: ConsumerTimeout(None, False, "remote broker")) is None

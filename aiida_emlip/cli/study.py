@@ -44,9 +44,9 @@ def launch(spec_file: Path, daemon: bool, cache: bool, profile_name: str | None)
     spec, text = load_spec_or_exit(spec_file)
     if daemon:
         _submit(spec, text, target)
-        note = daemon_caching_note(cache, target.name)
-        if note:
-            click.echo(note)
+        for note in (daemon_caching_note(cache, target.name), daemon_timeout_note()):
+            if note:
+                click.echo(note)
         return
     click.echo(f"{spec_file}: valid; running study {spec['name']!r} in this shell (Ctrl-C stops it)")
     node = run_in_shell(study_builder(spec, text), cache)
@@ -55,6 +55,23 @@ def launch(spec_file: Path, daemon: bool, cache: bool, profile_name: str | None)
         click.echo(f"Report: aiida-emlip report {node.pk} --output DIR")
     if not node.is_finished_ok:
         raise SystemExit(1)
+
+
+def daemon_timeout_note(read=None) -> str | None:
+    """A note when the broker's ``consumer_timeout`` is shorter than a study may take (see ``doctor``).
+
+    ``read`` (host -> :class:`~aiida_emlip.services.consumer_timeout.ConsumerTimeout`) defaults to
+    reading the running broker of the loaded profile.
+    """
+    from aiida.manage import get_manager
+
+    from aiida_emlip.services.consumer_timeout import CONSEQUENCE, raise_fix, read_consumer_timeout
+
+    config = get_manager().get_profile().process_control_config or {}
+    timeout = (read or read_consumer_timeout)(config.get("broker_host", "127.0.0.1"))
+    if not timeout.known or timeout.sufficient:
+        return None
+    return f"note: RabbitMQ's {timeout.describe()}: {CONSEQUENCE}; to raise it: {raise_fix()}"
 
 
 def daemon_caching_note(cache: bool, profile: str) -> str | None:

@@ -55,6 +55,9 @@ class Validation:
     rows: Callable[[Any], dict[str, dict[str, Any]]] | None = None
     figures: Callable[[Any], dict[str, Any]] | None = None
     summary: Callable[[dict[str, Any]], dict[str, float | None]] = lambda row: {}
+    #: DFT's value of each summary metric, from the validation's ``comparison`` (1 for a ratio to DFT,
+    #: 0 for an error against it): what "closest to DFT" measures from and the report's DFT row
+    reference: Callable[[dict[str, Any]], dict[str, float | None]] = lambda table: {}
 
 
 def _defect_check(options: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
@@ -192,11 +195,32 @@ def _interface_build(options: dict[str, Any], context: Context) -> Any:
     )
 
 
+def _ratio(row: dict[str, Any], column: str) -> float | None:
+    """A verdict column's ratio to DFT; none where the cell was skipped (no DFT, or no charges)."""
+    return None if row.get(f"{column}_verdict") in (None, "skipped") else row.get(column)
+
+
 def _interface_summary(row: dict[str, Any]) -> dict[str, float | None]:
     return {
+        "interface α (e·Å²/V)": row.get("alpha"),
+        "interface α ÷ DFT": _ratio(row, "interface_field"),
+        "interface dΔφ/dQ (V/e)": row.get("ddrop_dq"),
+        "interface dΔφ/dQ ÷ DFT": _ratio(row, "interface_capacitance"),
+        "interface q_el, neutral (e)": row.get("charge_transfer_neutral"),
         "interface charge-transfer MAE (e)": row.get("charge_transfer_mae"),
-        "interface dΔφ/dQ ÷ DFT": row.get("interface_capacitance"),
-        "interface α ÷ DFT": row.get("interface_field"),
+    }
+
+
+def _interface_reference(table: dict[str, Any]) -> dict[str, float | None]:
+    dft = table.get("dft") or {}
+    alpha, drop, transfer = dft.get("alpha"), dft.get("ddrop_dq"), dft.get("charge_transfer_neutral")
+    return {
+        "interface α (e·Å²/V)": alpha,
+        "interface α ÷ DFT": 1.0 if alpha else None,
+        "interface dΔφ/dQ (V/e)": drop,
+        "interface dΔφ/dQ ÷ DFT": 1.0 if drop else None,
+        "interface q_el, neutral (e)": transfer,
+        "interface charge-transfer MAE (e)": 0.0 if transfer is not None else None,
     }
 
 
@@ -223,6 +247,7 @@ INTERFACE = Validation(
     rows=_comparison_rows,
     figures=_figures,
     summary=_interface_summary,
+    reference=_interface_reference,
 )
 
 RESPONSE_PROBES = ("field", "charging", "dissociation", "polarizability")

@@ -152,6 +152,10 @@ DEFECT = Validation(
 )
 
 
+#: Options of the interface block that are ``metal_water_interface`` keywords.
+INTERFACE_KEYWORDS = ("symbol", "facet", "size", "n_water", "water_thickness")
+
+
 def _interface_check(options: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
     problems: list[tuple[tuple[Any, ...], str]] = []
     fields = options.get("fields") or []
@@ -166,7 +170,49 @@ def _interface_check(options: dict[str, Any]) -> list[tuple[tuple[Any, ...], str
         problems.append(((), "give at least one field or one non-zero electrode charge"))
     if options.get("facet") not in ("111", "100"):
         problems.append((("facet",), "facet must be '111' or '100'"))
+    protocols = _protocol_file("interface.yaml")
+    if options.get("protocol") not in {*protocols["protocols"], *protocols.get("aliases", {})}:
+        choices = ", ".join(sorted(protocols["protocols"]))
+        problems.append(
+            (("protocol",), f"unknown protocol {options.get('protocol')!r}; choose from {choices}")
+        )
+    size = options.get("size")
+    if size is not None and (
+        len(size) != 3 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in size)
+    ):
+        problems.append((("size",), "(nx, ny, layers): three positive integers"))
+    if options.get("n_water") is not None and options["n_water"] < 1:
+        problems.append((("n_water",), "at least one water molecule (the electrolyte)"))
+    if options.get("water_thickness") is not None and options["water_thickness"] <= 0:
+        problems.append((("water_thickness",), "a positive thickness (Å)"))
+    if problems:
+        return problems
+    from aiida_emlip.structures.interface_states import default_interface
+
+    try:  # the interface the workchain will build (pure ASE): refused here, not after the training
+        default_interface(_interface_settings(options))
+    except (ValueError, KeyError, TypeError, RuntimeError) as error:
+        problems.append(((), f"the interface cannot be built: {error}"))
     return problems
+
+
+def _protocol_file(name: str) -> dict[str, Any]:
+    """A workchain's protocol file, read directly (no AiiDA import)."""
+    from pathlib import Path
+
+    import yaml
+
+    return yaml.safe_load((Path(__file__).parent / "protocols" / name).read_text())
+
+
+def _interface_settings(options: dict[str, Any]) -> dict[str, Any]:
+    """The ``interface`` keywords of the protocol with the block's on top."""
+    data = _protocol_file("interface.yaml")
+    name = data.get("aliases", {}).get(options["protocol"], options["protocol"])
+    settings = dict(data["default_inputs"]["interface"])
+    settings.update(data["protocols"].get(name, {}).get("interface", {}))
+    settings.update({k: options[k] for k in INTERFACE_KEYWORDS if k in options})
+    return settings
 
 
 def _interface_cost(options: dict[str, Any]) -> int:
@@ -178,9 +224,7 @@ def _interface_build(options: dict[str, Any], context: Context) -> Any:
 
     dft = context.spec["dft"]
     overrides = {"fields": list(options["fields"]), "charges": list(options["charges"])}
-    overrides["interface"] = {
-        k: options[k] for k in ("symbol", "facet", "size", "n_water", "water_thickness") if k in options
-    }
+    overrides["interface"] = {k: options[k] for k in INTERFACE_KEYWORDS if k in options}
     dft_overrides = options.get("dft_overrides")
     return EmlipInterfaceWorkChain.get_builder_from_protocol(
         context.codes["pw"],

@@ -93,6 +93,13 @@ def test_identical_model_matches_and_silent_model_is_insulator_like():
     assert result["methods"]["silent"]["field"]["interior_field_fraction"] == pytest.approx(1.0)
     assert silent_row["interface_field"]["verdict"] == "insulator-like"
     assert result["comparison"]["silent"]["interface_field_verdict"] == "insulator-like"
+    # the comparison carries DFT's numbers and each model's beside its ratios
+    comparison = result["comparison"]
+    assert comparison["dft"]["alpha"] == ref["field"]["alpha"]
+    assert comparison["dft"]["ddrop_dq"] == ref["capacitance"]["ddrop_dq"]
+    assert comparison["same"]["alpha"] == pytest.approx(ref["field"]["alpha"])
+    assert comparison["same"]["interface_field"] == pytest.approx(1.0)
+    assert comparison["silent"]["alpha"] == 0.0 and comparison["silent"]["interface_field"] == 0.0
     assert result["errors"]["silent"]["induced_profile_rmse"] > 0.05
 
 

@@ -116,3 +116,35 @@ def test_active_learning_rounds_table_and_figure():
     assert 'src="figures/active_learning.png"' in section
     plain = render_report({"designs": {}}, {}, {"study": {"name": "t"}})["index.html"].decode()
     assert 'id="active"' not in plain and "#active" not in plain
+
+
+def test_validation_closest_to_dft_measures_from_dft():
+    """A ratio to DFT is closest at 1 and a quantity at DFT's own value (not at 0); the report shows DFT
+    first and highlights the design closest to it."""
+    from aiida_emlip.analysis.study import validation_verdict
+
+    summaries = {
+        "insulating": {"α ÷ DFT": 0.0, "α": 0.0, "MAE": 0.2},
+        "close": {"α ÷ DFT": 0.9, "α": 0.45, "MAE": 0.05},
+        "none": {"α ÷ DFT": None, "α": None, "MAE": None},
+    }
+    references = {"α ÷ DFT": 1.0, "α": 0.5}
+    lines = validation_verdict("interface", summaries, references)
+    assert "interface: closest to DFT in α ÷ DFT: close (0.9; DFT 1)." in lines
+    assert "interface: closest to DFT in α: close (0.45; DFT 0.5)." in lines
+    assert "interface: closest to DFT in MAE: close (0.05)." in lines
+    assert validation_verdict("interface", summaries)[0].startswith("interface: closest to DFT in MAE")
+    comparison = {
+        "designs": {
+            label: {"head": label, "validations": {"interface": row}} for label, row in summaries.items()
+        },
+        "validations": {"interface": {}},
+        "validation_references": {"interface": references},
+    }
+    page = render_report(comparison, {}, {})["index.html"].decode()
+    table = page.split("<h3>interface</h3>", 1)[1].split("</table>", 1)[0]
+    rows = table.split("<tr>")[2:]
+    assert rows[0].startswith("<td>DFT</td>") and "best" not in rows[0]
+    assert rows[0].count("<td>–</td>") == 1  # MAE: no DFT value
+    assert rows[2].startswith("<td>close</td>") and rows[2].count('class="best"') == 3
+    assert 'class="best"' not in rows[1]

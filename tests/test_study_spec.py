@@ -167,6 +167,15 @@ def test_interface_validation_block():
     messages = {p.path: p.message for p in info.value.problems}
     assert "positive" in messages["validations.interface.fields"]
     assert "111" in messages["validations.interface.facet"]
+    # the interface itself is checked before anything runs: size, protocol, a metal the sampler lacks
+    bad = GOOD + "validations:\n  interface: {size: [1, 2], protocol: sloppy}\n"
+    with pytest.raises(SpecError) as info:
+        parse_spec(bad, "i.yaml")
+    messages = {p.path: p.message for p in info.value.problems}
+    assert "three positive integers" in messages["validations.interface.size"]
+    assert "unknown protocol 'sloppy'" in messages["validations.interface.protocol"]
+    with pytest.raises(SpecError, match="the interface cannot be built"):
+        parse_spec(GOOD + "validations:\n  interface: {symbol: Xx}\n", "i.yaml")
 
 
 def test_response_validation_block():

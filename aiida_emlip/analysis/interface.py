@@ -354,13 +354,34 @@ def analyse_interface(
     }
     table = {"columns": list(COLUMNS), "rows": rows, "dft": dft_row, "tolerances": tol}
     table["text"] = verdicts.format_table(table)
-    comparison = {label: comparison_row(errors[label], rows[label]) for label in rows}
+    comparison = {
+        label: {**quantities(summaries[label]), **comparison_row(errors[label], rows[label])}
+        for label in rows
+    }
+    comparison["dft"] = quantities(dft)
     return {
         "methods": summaries,
         "errors": errors,
         "notes": notes,
         "verdicts": table,
         "comparison": comparison,
+    }
+
+
+def quantities(summary: Mapping[str, Any] | None) -> dict[str, float | None]:
+    """A method's interface numbers as such (``None`` where it has none): α (e·Å²/V), the interior
+    field fraction, dΔφ/dQ (V/e), C (μF/cm²), the electrolyte's charge in the neutral state (e), dμ/dQ
+    (V/e). The comparison carries them for DFT and beside each model's ratios."""
+    summary = summary or {}
+    field = summary.get("field") or {}
+    capacitance = summary.get("capacitance") or {}
+    return {
+        "alpha": field.get("alpha"),
+        "interior_field_fraction": field.get("interior_field_fraction"),
+        "ddrop_dq": capacitance.get("ddrop_dq"),
+        "capacitance_uf_cm2": capacitance.get("capacitance_uf_cm2"),
+        "charge_transfer_neutral": (summary.get("charge_transfer") or {}).get("neutral"),
+        "dmu_dq": (summary.get("charging") or {}).get("dmu_dq"),
     }
 
 

@@ -176,13 +176,30 @@ def verdict(designs: Mapping[str, Mapping[str, Any]], baseline: str = "sr") -> l
     return lines
 
 
-def validation_verdict(name: str, summaries: Mapping[str, Mapping[str, float | None]]) -> list[str]:
-    """One sentence per summary metric of a validation: which design comes closest to DFT."""
+def distance_to_dft(value: float, reference: float | None) -> float:
+    """How far a summary metric is from DFT: ``|value − reference|``, or ``|value|`` (an error against
+    DFT) where the validation gives no reference."""
+    return abs(value - reference) if reference is not None else abs(value)
+
+
+def validation_verdict(
+    name: str,
+    summaries: Mapping[str, Mapping[str, float | None]],
+    references: Mapping[str, float | None] | None = None,
+) -> list[str]:
+    """One sentence per summary metric of a validation: which design comes closest to DFT.
+
+    ``references``: DFT's value of a metric (1 for a ratio to DFT, DFT's own number for a quantity);
+    a metric without one is an error against DFT, closest at 0.
+    """
+    references = references or {}
     lines = []
     metrics = sorted({m for row in summaries.values() for m in row})
     for metric in metrics:
         values = {d: row.get(metric) for d, row in summaries.items() if row.get(metric) is not None}
         if values:
-            best = min(values, key=lambda d: abs(values[d]))
-            lines.append(f"{name}: closest to DFT in {metric}: {best} ({values[best]:.3g}).")
+            ref = references.get(metric)
+            best = min(values, key=lambda d: distance_to_dft(values[d], ref))
+            dft = f"; DFT {ref:.3g}" if ref is not None else ""
+            lines.append(f"{name}: closest to DFT in {metric}: {best} ({values[best]:.3g}{dft}).")
     return lines

@@ -13,6 +13,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from aiida_emlip.analysis.study import distance_to_dft
+
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2rem auto;max-width:1100px;
 padding:0 1rem;color:#1d1d1f;line-height:1.45}
@@ -166,6 +168,11 @@ def _cost(designs: Mapping[str, Any]) -> str:
     return _table(header, rows)
 
 
+def _distance(value: Any, reference: float | None) -> Any:
+    """A validation metric's distance to DFT, for the highlight (numbers only)."""
+    return distance_to_dft(value, reference) if isinstance(value, (int, float)) else value
+
+
 def _validations(comparison: Mapping[str, Any], figures: Mapping[str, bytes]) -> str:
     designs = comparison.get("designs", {})
     parts = []
@@ -175,13 +182,21 @@ def _validations(comparison: Mapping[str, Any], figures: Mapping[str, bytes]) ->
         )
         parts.append(f"<h3>{_e(name)}</h3>")
         if metrics:
+            references = (comparison.get("validation_references") or {}).get(name) or {}
             raw = [
                 [label, *((row.get("validations") or {}).get(name, {}).get(m) for m in metrics)]
                 for label, row in designs.items()
             ]
-            absolute = [[r[0], *(abs(v) if isinstance(v, (int, float)) else v for v in r[1:])] for r in raw]
-            best = _best(absolute, list(range(1, len(metrics) + 1)))
+            distance = [
+                [r[0], *(_distance(v, references.get(m)) for v, m in zip(r[1:], metrics, strict=True))]
+                for r in raw
+            ]
+            best = _best(distance, list(range(1, len(metrics) + 1)))
             rows = [[_e(r[0]), *(_num(v, 3) for v in r[1:])] for r in raw]
+            if any(v is not None for v in references.values()):
+                # DFT first, never highlighted: the designs' best is the one closest to it
+                rows.insert(0, ["DFT", *(_num(references.get(m), 3) for m in metrics)])
+                best = {(i + 1, j) for i, j in best}
             parts.append(_table(["design", *metrics], rows, best))
         if "dft" in table:
             parts.append(

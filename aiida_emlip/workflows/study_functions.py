@@ -102,7 +102,8 @@ def compare_study(held_out: EmlipDatasetData, settings: orm.Dict, **nodes: orm.D
     """One row per design: held-out errors, training cost, cost per MD step, validation summaries.
 
     ``nodes``: ``predictions_<design>``, ``metrics_<design>``, ``evaluation_<design>`` (summary) and
-    ``validation_<name>`` (a validation's comparison), and ``active_learning`` (the record of the rounds,
+    ``validation_<name>`` (a validation's comparison; its DFT values of the summary metrics go to
+    ``validation_references``), and ``active_learning`` (the record of the rounds,
     if any). ``settings``: ``designs`` (label → head and preset), ``split`` (the record) and
     ``validation_summaries`` (name → metric names).
     """
@@ -131,13 +132,17 @@ def compare_study(held_out: EmlipDatasetData, settings: orm.Dict, **nodes: orm.D
         }
         designs[label] = row
     verdict = analysis.verdict(designs)
+    references = {name: VALIDATIONS[name].reference(table) for name, table in validations.items()}
     for name in validations:
         verdict += analysis.validation_verdict(
-            name, {d: row["validations"][name] for d, row in designs.items() if name in row["validations"]}
+            name,
+            {d: row["validations"][name] for d, row in designs.items() if name in row["validations"]},
+            references[name],
         )
     out = {
         "designs": designs,
         "validations": validations,
+        "validation_references": references,
         "verdict": verdict,
         "split": values.get("split", {}),
         "units": analysis.UNITS,

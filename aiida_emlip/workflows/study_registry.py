@@ -55,6 +55,9 @@ class Validation:
     rows: Callable[[Any], dict[str, dict[str, Any]]] | None = None
     figures: Callable[[Any], dict[str, Any]] | None = None
     summary: Callable[[dict[str, Any]], dict[str, float | None]] = lambda row: {}
+    #: DFT's value of each summary metric, from the validation's ``comparison`` (1 for a ratio to DFT,
+    #: 0 for an error against it): what "closest to DFT" measures from and the report's DFT row
+    reference: Callable[[dict[str, Any]], dict[str, float | None]] = lambda table: {}
 
 
 def _defect_check(options: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
@@ -149,6 +152,10 @@ DEFECT = Validation(
 )
 
 
+#: Options of the interface block that are ``metal_water_interface`` keywords.
+INTERFACE_KEYWORDS = ("symbol", "facet", "size", "n_water", "water_thickness")
+
+
 def _interface_check(options: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
     problems: list[tuple[tuple[Any, ...], str]] = []
     fields = options.get("fields") or []
@@ -163,7 +170,49 @@ def _interface_check(options: dict[str, Any]) -> list[tuple[tuple[Any, ...], str
         problems.append(((), "give at least one field or one non-zero electrode charge"))
     if options.get("facet") not in ("111", "100"):
         problems.append((("facet",), "facet must be '111' or '100'"))
+    protocols = _protocol_file("interface.yaml")
+    if options.get("protocol") not in {*protocols["protocols"], *protocols.get("aliases", {})}:
+        choices = ", ".join(sorted(protocols["protocols"]))
+        problems.append(
+            (("protocol",), f"unknown protocol {options.get('protocol')!r}; choose from {choices}")
+        )
+    size = options.get("size")
+    if size is not None and (
+        len(size) != 3 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in size)
+    ):
+        problems.append((("size",), "(nx, ny, layers): three positive integers"))
+    if options.get("n_water") is not None and options["n_water"] < 1:
+        problems.append((("n_water",), "at least one water molecule (the electrolyte)"))
+    if options.get("water_thickness") is not None and options["water_thickness"] <= 0:
+        problems.append((("water_thickness",), "a positive thickness (Å)"))
+    if problems:
+        return problems
+    from aiida_emlip.structures.interface_states import default_interface
+
+    try:  # the interface the workchain will build (pure ASE): refused here, not after the training
+        default_interface(_interface_settings(options))
+    except (ValueError, KeyError, TypeError, RuntimeError) as error:
+        problems.append(((), f"the interface cannot be built: {error}"))
     return problems
+
+
+def _protocol_file(name: str) -> dict[str, Any]:
+    """A workchain's protocol file, read directly (no AiiDA import)."""
+    from pathlib import Path
+
+    import yaml
+
+    return yaml.safe_load((Path(__file__).parent / "protocols" / name).read_text())
+
+
+def _interface_settings(options: dict[str, Any]) -> dict[str, Any]:
+    """The ``interface`` keywords of the protocol with the block's on top."""
+    data = _protocol_file("interface.yaml")
+    name = data.get("aliases", {}).get(options["protocol"], options["protocol"])
+    settings = dict(data["default_inputs"]["interface"])
+    settings.update(data["protocols"].get(name, {}).get("interface", {}))
+    settings.update({k: options[k] for k in INTERFACE_KEYWORDS if k in options})
+    return settings
 
 
 def _interface_cost(options: dict[str, Any]) -> int:
@@ -175,9 +224,7 @@ def _interface_build(options: dict[str, Any], context: Context) -> Any:
 
     dft = context.spec["dft"]
     overrides = {"fields": list(options["fields"]), "charges": list(options["charges"])}
-    overrides["interface"] = {
-        k: options[k] for k in ("symbol", "facet", "size", "n_water", "water_thickness") if k in options
-    }
+    overrides["interface"] = {k: options[k] for k in INTERFACE_KEYWORDS if k in options}
     dft_overrides = options.get("dft_overrides")
     return EmlipInterfaceWorkChain.get_builder_from_protocol(
         context.codes["pw"],
@@ -192,11 +239,32 @@ def _interface_build(options: dict[str, Any], context: Context) -> Any:
     )
 
 
+def _ratio(row: dict[str, Any], column: str) -> float | None:
+    """A verdict column's ratio to DFT; none where the cell was skipped (no DFT, or no charges)."""
+    return None if row.get(f"{column}_verdict") in (None, "skipped") else row.get(column)
+
+
 def _interface_summary(row: dict[str, Any]) -> dict[str, float | None]:
     return {
+        "interface α (e·Å²/V)": row.get("alpha"),
+        "interface α ÷ DFT": _ratio(row, "interface_field"),
+        "interface dΔφ/dQ (V/e)": row.get("ddrop_dq"),
+        "interface dΔφ/dQ ÷ DFT": _ratio(row, "interface_capacitance"),
+        "interface q_el, neutral (e)": row.get("charge_transfer_neutral"),
         "interface charge-transfer MAE (e)": row.get("charge_transfer_mae"),
-        "interface dΔφ/dQ ÷ DFT": row.get("interface_capacitance"),
-        "interface α ÷ DFT": row.get("interface_field"),
+    }
+
+
+def _interface_reference(table: dict[str, Any]) -> dict[str, float | None]:
+    dft = table.get("dft") or {}
+    alpha, drop, transfer = dft.get("alpha"), dft.get("ddrop_dq"), dft.get("charge_transfer_neutral")
+    return {
+        "interface α (e·Å²/V)": alpha,
+        "interface α ÷ DFT": 1.0 if alpha else None,
+        "interface dΔφ/dQ (V/e)": drop,
+        "interface dΔφ/dQ ÷ DFT": 1.0 if drop else None,
+        "interface q_el, neutral (e)": transfer,
+        "interface charge-transfer MAE (e)": 0.0 if transfer is not None else None,
     }
 
 
@@ -223,6 +291,7 @@ INTERFACE = Validation(
     rows=_comparison_rows,
     figures=_figures,
     summary=_interface_summary,
+    reference=_interface_reference,
 )
 
 RESPONSE_PROBES = ("field", "charging", "dissociation", "polarizability")

@@ -148,3 +148,72 @@ def test_validation_closest_to_dft_measures_from_dft():
     assert rows[0].count("<td>–</td>") == 1  # MAE: no DFT value
     assert rows[2].startswith("<td>close</td>") and rows[2].count('class="best"') == 3
     assert 'class="best"' not in rows[1]
+
+
+def _response_verdicts():
+    """A response verdict table (as the workchain's ``verdicts`` output) for split, qeq and sr."""
+    from aiida_emlip.analysis.verdicts import verdict_table
+    from aiida_emlip.workflows.study_registry import VALIDATIONS
+
+    probes = {
+        "field_water": {"dft": {"alpha": 2.0}, "split": {"alpha": 1.8}, "qeq": {"alpha": 6.0}},
+        "dissociation": {
+            "dft": {"far_charge": 0.98, "fractional": 0.02},
+            "split": {"far_charge": 0.97, "fractional": 0.03, "rmse_vs_dft": 0.02},
+            "qeq": {"far_charge": 0.55, "fractional": 0.45, "rmse_vs_dft": 0.3},
+        },
+        "polarizability": {
+            "dft": {"exponent": 1.0, "alpha_per_molecule": 1.0},
+            "split": {"exponent": 1.02, "alpha_per_molecule": 1.1},
+            "qeq": {"exponent": 1.6, "alpha_per_molecule": 3.0},
+        },
+    }
+    skipped = {"sr": {c: "no charges" for c in probes}}
+    verdicts = verdict_table(probes, ["split", "qeq", "sr"], skipped=skipped)
+    return verdicts, VALIDATIONS["response"]
+
+
+def test_response_verdicts_reach_the_study_with_dft_values():
+    """The response workchain's verdict table becomes the study's rows, with DFT's values as references:
+    the design closest to DFT is chosen by distance to DFT, not by the smallest value."""
+    from aiida_emlip.analysis.study import validation_verdict
+
+    verdicts, entry = _response_verdicts()
+    assert entry.output == "verdicts"
+    table = entry.table(verdicts)
+    assert table["dft"] == {"field_water": 2.0, "dissociation": 0.98, "polarizability": 1.0}
+    summaries = {d: entry.summary(table[d]) for d in ("split", "qeq", "sr")}
+    assert summaries["split"] == pytest.approx(
+        {"response field_water": 0.9, "response dissociation": 0.97, "response polarizability": 1.02}
+    )
+    assert set(summaries["sr"].values()) == {None}  # skipped cells are no numbers
+    references = entry.reference(table)
+    assert references == {
+        "response field_water": 1.0,
+        "response dissociation": 0.98,
+        "response polarizability": 1.0,
+    }
+    lines = validation_verdict("response", summaries, references)
+    assert "response: closest to DFT in response dissociation: split (0.97; DFT 0.98)." in lines
+    assert "response: closest to DFT in response field_water: split (0.9; DFT 1)." in lines
+
+
+def test_compare_study_takes_the_response_verdicts(aiida_profile):
+    """``compare_study`` (the study's calcfunction) on a response ``verdicts`` node: rows, DFT, verdict."""
+    from aiida import orm
+
+    from aiida_emlip.data import EmlipDatasetData
+    from aiida_emlip.workflows.study_functions import compare_study
+
+    verdicts, _ = _response_verdicts()
+    held_out = EmlipDatasetData(frames=[_frame("a_q0", 0.0, -10.0)])
+    settings = {
+        "designs": {d: {"head": d, "preset": d} for d in ("split", "qeq", "sr")},
+        "split": {},
+        "validation_summaries": {},
+    }
+    out = compare_study(held_out, orm.Dict(settings), validation_response=orm.Dict(verdicts)).get_dict()
+    assert out["validations"]["response"]["dft"]["dissociation"] == 0.98
+    assert out["designs"]["qeq"]["validations"]["response"]["response dissociation"] == 0.55
+    assert out["validation_references"]["response"]["response field_water"] == 1.0
+    assert "response: closest to DFT in response dissociation: split (0.97; DFT 0.98)." in out["verdict"]

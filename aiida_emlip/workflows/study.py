@@ -349,9 +349,9 @@ class EmlipStudyWorkChain(ActiveLearningSteps, WorkChain):
             entry = VALIDATIONS[name]
             if not node.is_finished_ok:
                 self.ctx.failed.append(f"validation {name} ({how_it_ended(node)})")
-            if "comparison" in node.outputs:
-                self.ctx.validations[name] = node.outputs.comparison
-                self.out(f"validations.{name}", node.outputs.comparison)
+            if entry.output in node.outputs:
+                self.ctx.validations[name] = node.outputs[entry.output]
+                self.out(f"validations.{name}", node.outputs[entry.output])
             for figure, file in (entry.figures(node) if entry.figures else {}).items():
                 self.ctx.figures[f"{name}_{figure}"] = file
         self.report(

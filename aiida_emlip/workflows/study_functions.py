@@ -115,7 +115,7 @@ def compare_study(held_out: EmlipDatasetData, settings: orm.Dict, **nodes: orm.D
     predictions = _by_prefix(nodes, "predictions_")
     metrics = _by_prefix(nodes, "metrics_")
     evaluations = _by_prefix(nodes, "evaluation_")
-    validations = {k: v.get_dict() for k, v in _by_prefix(nodes, "validation_").items()}
+    validations = {k: VALIDATIONS[k].table(v.get_dict()) for k, v in _by_prefix(nodes, "validation_").items()}
     designs: dict[str, Any] = {}
     for label, design in values["designs"].items():
         row: dict[str, Any] = {"head": design.get("head"), "preset": design.get("preset")}

@@ -52,7 +52,10 @@ class Validation:
     dft_configurations: Callable[[dict[str, Any]], int] = lambda options: 0
     elements: Callable[[dict[str, Any]], set[str]] = lambda options: set()
     build: Callable[[dict[str, Any], Context], Any] | None = None
-    rows: Callable[[Any], dict[str, dict[str, Any]]] | None = None
+    #: The workchain's output the study takes as the validation's table (``validations.<name>``), and
+    #: how that output's dict becomes rows (design label → {metric: value}; ``dft``: DFT's values).
+    output: str = "comparison"
+    table: Callable[[dict[str, Any]], dict[str, Any]] = lambda values: values
     figures: Callable[[Any], dict[str, Any]] | None = None
     summary: Callable[[dict[str, Any]], dict[str, float | None]] = lambda row: {}
     #: DFT's value of each summary metric, from the validation's ``comparison`` (1 for a ratio to DFT,
@@ -111,12 +114,6 @@ def _defect_build(options: dict[str, Any], context: Context) -> Any:
     return builder
 
 
-def _comparison_rows(node: Any) -> dict[str, dict[str, Any]]:
-    if "comparison" not in node.outputs:
-        return {}
-    return {k: v for k, v in node.outputs.comparison.get_dict().items() if isinstance(v, dict)}
-
-
 def _figures(node: Any) -> dict[str, Any]:
     return dict(node.outputs.figures) if "figures" in node.outputs else {}
 
@@ -146,7 +143,6 @@ DEFECT = Validation(
     dft_configurations=_defect_cost,
     elements=lambda options: set(build_structure(options["host"]).get_chemical_symbols()),
     build=_defect_build,
-    rows=_comparison_rows,
     figures=_figures,
     summary=_defect_summary,
 )
@@ -288,7 +284,6 @@ INTERFACE = Validation(
     dft_configurations=_interface_cost,
     elements=lambda options: {options["symbol"], "H", "O"},
     build=_interface_build,
-    rows=_comparison_rows,
     figures=_figures,
     summary=_interface_summary,
     reference=_interface_reference,
@@ -367,16 +362,31 @@ def _response_build(options: dict[str, Any], context: Context) -> Any:
     )
 
 
-def _verdict_rows(node: Any) -> dict[str, dict[str, Any]]:
-    if "verdicts" not in node.outputs:
-        return {}
+#: Response columns whose model value is a ratio to DFT (DFT's own value is then 1).
+RATIO_COLUMNS = ("field_metal", "field_water", "charging")
+
+
+def _response_table(verdicts: dict[str, Any]) -> dict[str, Any]:
+    """The response workchain's verdict table as rows: each model's cell values and verdicts, and DFT's."""
     from aiida_emlip.analysis.interface import comparison_row
 
-    return {label: comparison_row({}, row) for label, row in node.outputs.verdicts["rows"].items()}
+    rows: dict[str, Any] = {label: comparison_row({}, row) for label, row in verdicts.get("rows", {}).items()}
+    rows["dft"] = {column: cell.get("value") for column, cell in (verdicts.get("dft") or {}).items()}
+    return rows
 
 
 def _response_summary(row: dict[str, Any]) -> dict[str, float | None]:
-    return {f"response {k}": v for k, v in row.items() if not k.endswith("_verdict")}
+    return {f"response {k}": _ratio(row, k) for k in row if not k.endswith("_verdict")}
+
+
+def _response_reference(table: dict[str, Any]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for column, value in (table.get("dft") or {}).items():
+        if value is None:
+            out[f"response {column}"] = None
+        else:
+            out[f"response {column}"] = 1.0 if column in RATIO_COLUMNS else value
+    return out
 
 
 RESPONSE = Validation(
@@ -392,9 +402,11 @@ RESPONSE = Validation(
     dft_configurations=_response_cost,
     elements=_response_elements,
     build=_response_build,
-    rows=_verdict_rows,
     figures=_figures,
     summary=_response_summary,
+    output="verdicts",
+    table=_response_table,
+    reference=_response_reference,
 )
 
 #: name → validation; the keys are what the ``validations`` block of a study spec accepts.

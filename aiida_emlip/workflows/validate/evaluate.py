@@ -28,6 +28,13 @@ def formal_charge_heads(model: orm.Data) -> dict[str, float] | None:
     return {str(k): float(v) for k, v in (head.get("formal_charges") or {}).items()}
 
 
+def model_capabilities(model: orm.Data) -> frozenset[str]:
+    """What an ``emlip.model`` predicts besides E, F, σ (``charges``, ``polarizability``, ...)."""
+    from aiida_emlip.models.model import model_capabilities as config_capabilities
+
+    return config_capabilities(dict(model.base.attributes.get("config", {}) or {}))
+
+
 def model_sigma(model: orm.Data) -> float:
     """Width (Å) of an ``emlip.model``'s Gaussian charges, from its config (library default when unset)."""
     config = model.base.attributes.get("config", {}) or {}

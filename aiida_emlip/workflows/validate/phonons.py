@@ -23,7 +23,6 @@ from aiida_emlip.analysis import phonons as analysis
 from aiida_emlip.data import EmlipDatasetData
 from aiida_emlip.data.model import EmlipModelData
 from aiida_emlip.models.backbone import BackboneConfig
-from aiida_emlip.models.model import model_capabilities as config_capabilities
 from aiida_emlip.workflows import protocol as protocols
 from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain
 from aiida_emlip.workflows.process_state import how_it_ended
@@ -51,11 +50,6 @@ def model_cutoff(model: EmlipModelData) -> float:
     config = model.base.attributes.get("config", {}) or {}
     backbone = dict(config.get("backbone") or {})
     return float(BackboneConfig(elements=list(config.get("elements", [])), **backbone).r_max)
-
-
-def model_capabilities(model: EmlipModelData) -> frozenset[str]:
-    """Capabilities of a model node's head (``charges``, ``polarizability``, ...)."""
-    return config_capabilities(dict(model.base.attributes.get("config", {})))
 
 
 class EmlipPhononWorkChain(ValidationSteps, protocols.EmlipProtocolMixin, WorkChain):
@@ -254,7 +248,7 @@ class EmlipPhononWorkChain(ValidationSteps, protocols.EmlipProtocolMixin, WorkCh
         nac = self.inputs.nac.value if "nac" in self.inputs else None
         self.ctx.born_models = []
         for label, model in sorted(models.items()):
-            charged = "charges" in model_capabilities(model)
+            charged = "charges" in model_side.model_capabilities(model)
             if nac is True and not charged:
                 return self.exit_codes.ERROR_MODEL_WITHOUT_CHARGES.format(
                     message=f"model {label} ({model.base.attributes.get('head', {}).get('name')} head)"

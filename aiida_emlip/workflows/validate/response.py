@@ -25,12 +25,12 @@ from aiida.engine import ExitCode, ToContext, if_
 from aiida_emlip.analysis.response import PROBES
 from aiida_emlip.data import EmlipDatasetData
 from aiida_emlip.data.model import EmlipModelData
-from aiida_emlip.models.model import model_capabilities as config_capabilities
 from aiida_emlip.structures.geometry import vacuum_axes
 from aiida_emlip.structures.response import probe_configurations
 from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain
 
 from .base import EmlipValidationWorkChain
+from .evaluate import model_capabilities
 from .response_functions import (
     analyse_response_probes,
     dft_frames,
@@ -46,11 +46,6 @@ PROBE_COLUMNS = {
     "dissociation": ("dissociation",),
     "polarizability": ("polarizability",),
 }
-
-
-def model_capabilities(model: EmlipModelData) -> frozenset[str]:
-    """Capabilities of a model node's head (``charges``, ``fermi_level``, ``polarizability``, ...)."""
-    return config_capabilities(dict(model.base.attributes.get("config", {})))
 
 
 class EmlipResponseWorkChain(EmlipValidationWorkChain):

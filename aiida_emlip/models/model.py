@@ -129,18 +129,17 @@ class EmlipModel(torch.nn.Module):
                 reference_dipoles=reference_dipoles,
             )
             head = self.head(inp)
-            dipoles, dipole, polarizabilities = head.dipoles, head.dipole, None
+            long_range, dipoles, dipole, polarizabilities = head.energy, head.dipoles, head.dipole, None
             if self.induction is not None:
                 charges = head.charges if head.charges is not None else positions.new_zeros(graph.num_atoms)
                 induced_energy, induced, polarizabilities = self.induction(inp, charges, head.dipoles)
+                long_range = long_range + induced_energy
                 if dipole is None:
                     dipole = structure_dipoles(inp, head.charges, head.dipoles)
                 dipole = dipole + scatter_sum(induced, graph.batch, graph.num_graphs)
                 dipoles = induced if dipoles is None else dipoles + induced
             node_energy = feats.node_energy + self.reference_energies[species]
-            energy = scatter_sum(node_energy, graph.batch, graph.num_graphs) + head.energy
-            if self.induction is not None:
-                energy = energy + induced_energy
+            energy = scatter_sum(node_energy, graph.batch, graph.num_graphs) + long_range
             wrt = [t for t, need in ((positions, compute_forces), (strain, compute_stress)) if need]
             grads = (
                 torch.autograd.grad(energy.sum(), wrt, create_graph=create_graph, allow_unused=True)

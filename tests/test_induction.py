@@ -208,6 +208,10 @@ def test_capabilities_and_config_checks():
         ModelConfig(elements=["H"], induction={"enable": True})
     with pytest.raises(ValueError, match="initial_polarizability"):
         ModelConfig(elements=["H"], induction={"enabled": True, "initial_polarizability": 0.0})
+    with pytest.raises(ValueError, match="enabled must be true or false, got 'no'"):
+        ModelConfig(elements=["H"], induction={"enabled": "no"})  # a string would otherwise switch it on
+    with pytest.raises(ValueError, match="hidden must be an integer"):
+        ModelConfig(elements=["H"], induction={"enabled": True, "hidden": "16"})
 
 
 def test_model_file_keeps_the_induction(tmp_path):

@@ -41,6 +41,16 @@ class InductionConfig:
     initial_polarizability: float = 0.5  # Å³ per atom at initialisation
 
     def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"induction.enabled must be true or false, got {self.enabled!r}")
+        if isinstance(self.hidden, bool) or not isinstance(self.hidden, int):
+            raise ValueError(f"induction.hidden must be an integer, got {self.hidden!r}")
+        if isinstance(self.initial_polarizability, bool) or not isinstance(
+            self.initial_polarizability, (int, float)
+        ):
+            raise ValueError(
+                f"induction.initial_polarizability must be a number (Å³), got {self.initial_polarizability!r}"
+            )
         if self.hidden < 0:
             raise ValueError(f"induction.hidden must be >= 0, got {self.hidden}")
         if not self.initial_polarizability > 0.0:

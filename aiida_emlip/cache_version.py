@@ -34,7 +34,7 @@ CACHED_PROCESSES = (
     "aiida.calculations:emlip.evaluate",
 )
 #: Raised when emlip-train's or emlip-eval's results change for the same inputs within one version.
-NUMERICS = 1
+NUMERICS = 2
 #: Raised when the ``emlip.pw`` parser's outputs change (new or different labels).
 PW_PARSER_REVISION = 1
 #: Raised when the ``emlip.projwfc`` parser's outputs change (its ``lowdin`` output).

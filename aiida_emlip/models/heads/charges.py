@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from aiida_emlip.models.fragments import FRAGMENTS, correct_fragment_charges
 from aiida_emlip.models.heads.base import (
     Head,
     HeadInput,
@@ -24,12 +25,15 @@ CORRECTIONS = ("uniform", "weighted", "none")
 @dataclass
 class ChargesOptions(HeadOptions):
     correction: str = "uniform"  # uniform | weighted | none (Σq = Q only through the loss)
+    fragments: str = "integer"  # integer | shared (see FRAGMENTS)
     dipoles: bool = False  # also read out atomic dipoles from the l = 1 features
     hidden: int = 16
 
     def __post_init__(self) -> None:
         if self.correction not in CORRECTIONS:
             raise ValueError(f"correction must be one of {CORRECTIONS}, got {self.correction!r}")
+        if self.fragments not in FRAGMENTS:
+            raise ValueError(f"fragments must be one of {FRAGMENTS}, got {self.fragments!r}")
 
 
 class LocalChargesHead(Head):
@@ -37,7 +41,9 @@ class LocalChargesHead(Head):
 
     With ``correction='uniform'`` or ``'weighted'`` the total charge equals Q exactly; with
     ``'none'`` Σq is whatever the readout gives and is reported (the study's loss-only variant).
-    Charge cannot move further than the backbone's receptive field.
+    With ``fragments='integer'`` (the default) the correction acts fragment by fragment and each
+    fragment that no edge joins to another carries an integer charge: charge cannot move further than
+    the backbone's receptive field.
     """
 
     name = "charges"
@@ -64,10 +70,14 @@ class LocalChargesHead(Head):
     def forward(self, inp: HeadInput) -> HeadOutput:
         out = self.readout(inp.features.scalars)
         charges = out[:, 0]
-        if self.options.correction == "uniform":
-            charges = correct_total_charge(charges, inp)
-        elif self.options.correction == "weighted":
-            charges = correct_total_charge(charges, inp, torch.nn.functional.softplus(out[:, 1]) + 1e-3)
+        if self.options.correction != "none":
+            weights = None
+            if self.options.correction == "weighted":
+                weights = torch.nn.functional.softplus(out[:, 1]) + 1e-3
+            if self.options.fragments == "integer":
+                charges = correct_fragment_charges(charges, inp.graph, weights)
+            else:
+                charges = correct_total_charge(charges, inp, weights)
         dipoles = None
         if self.options.dipoles:
             dipoles = self.dipole_weights(inp.features.vectors.transpose(1, 2)).squeeze(-1)

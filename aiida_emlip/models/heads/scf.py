@@ -14,6 +14,10 @@ One structure at a time, with ``h_i`` the backbone scalars and ``q`` the current
   with GMRES, robust against charge sloshing). Constant Q: the Fukui function
   ``f_i = (∂F_i/∂μ)/Σ_j ∂F_j/∂μ`` (autograd through the update) redistributes the charge error,
   ``F += f (Q − ΣF)``, and μ takes a Newton step ``Δμ = (Q − ΣF)/Σ ∂F/∂μ`` clamped to ±1.
+  With ``fragments='integer'`` (the default) every fragment that no edge joins to another
+  (:mod:`~aiida_emlip.models.fragments`) has its own integer charge — the one nearest the sum of its
+  local charges — and its own μ, so no charge moves across vacuum between fragments; the reported
+  Fermi level is that of the largest fragment. ``shared``: one μ and one constraint per structure.
   Constant μ: μ is the electrode's Fermi level and Σq floats.
 
 Energy on the final density: ``Σ_i [a_i δ_i + ½ b_i δ_i²] + E_H[q] − E·d`` with ``δ = q − p_loc`` and
@@ -30,6 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from aiida_emlip.models.fragments import FRAGMENTS, fragment_index, integer_targets
 from aiida_emlip.models.heads.base import (
     Head,
     HeadInput,
@@ -61,6 +66,7 @@ class SCFOptions(HeadOptions):
     update: str = "linear"  # linear (environment-dependent linear susceptibility) | mlp (nonlinear)
     widths: list[float] = field(default_factory=lambda: [1.5, 3.0])  # Å, projections of the potential
     ensemble: str = "constant_q"  # constant_q (μ found, Σq = Q exactly) | constant_mu (Σq floats)
+    fragments: str = "integer"  # constant Q: integer | shared (see aiida_emlip.models.fragments)
     fermi_level: float | None = None  # constant_mu target (eV); None: graph.fermi_level per structure
     mixer: str = "anderson"  # anderson | linear | newton (Newton–Krylov); ``unrolled`` is always linear
     mixing: float = 0.3  # α of the linear mixing (and the damping of Anderson's step)
@@ -81,6 +87,7 @@ class SCFOptions(HeadOptions):
             ("ensemble", self.ensemble, ENSEMBLES),
             ("on_failure", self.on_failure, FAILURE_MODES),
             ("mixer", self.mixer, MIXERS),
+            ("fragments", self.fragments, FRAGMENTS),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -130,6 +137,16 @@ class _Structure:
     pbc: torch.Tensor
     v_app: torch.Tensor
     total: torch.Tensor
+    fragment: torch.Tensor  # [n] the constraint group (fragment) of each atom, 0..C-1
+    targets: torch.Tensor  # [C] the charge of each group (Σ = total)
+
+    @property
+    def groups(self) -> int:
+        return int(self.targets.numel())
+
+    def group_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Σ of ``values`` [n] over each group, [C]."""
+        return values.new_zeros(self.groups).index_add(0, self.fragment, values)
 
 
 class SelfConsistentHead(Head):
@@ -189,7 +206,7 @@ class SelfConsistentHead(Head):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``F(q, μ)``, the slopes ``∂U/∂u`` and the scales, for one structure."""
         scales = self._scales(inp, q)
-        u = (self._projected(inp, s, q, positions, cell) + v_app[:, None] + mu) / scales
+        u = (self._projected(inp, s, q, positions, cell) + v_app[:, None] + mu[s.fragment, None]) / scales
         value = loc["p_loc"] + self._update(loc["h"], loc["chi"], u)
         slopes = self._slopes(loc["h"], loc["chi"], u, create_graph)
         return value, slopes, scales
@@ -197,11 +214,11 @@ class SelfConsistentHead(Head):
     def _constrain(
         self, s: _Structure, value: torch.Tensor, slopes: torch.Tensor, scales: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Fukui redistribution ``F += f (Q − ΣF)``; returns F, the charge error and dQ/dμ."""
+        """Fukui redistribution ``F += f (Q − ΣF)`` per group; returns F, the charge errors and dQ/dμ."""
         dfdmu = (slopes / scales).sum(-1)
-        dqdmu = dfdmu.sum()
-        error = s.total - value.sum()
-        return value + dfdmu / dqdmu * error, error, dqdmu
+        dqdmu = s.group_sum(dfdmu)
+        error = s.targets - s.group_sum(value)
+        return value + dfdmu * (error / dqdmu)[s.fragment], error, dqdmu
 
     # ------------------------------------------------------------------ forward
     def forward(self, inp: HeadInput) -> HeadOutput:
@@ -215,12 +232,7 @@ class SelfConsistentHead(Head):
         chi = torch.nn.functional.softplus(self.susceptibility(h))
         v_app = -(inp.external_field[graph.batch] * inp.positions).sum(-1)
         constant_q = self.options.ensemble == "constant_q"
-        start = p_loc  # constant Q: start from p_loc shifted to Σ = Q; the map keeps p_loc itself
-        if constant_q:
-            shift = (inp.total_charge - scatter_sum(p_loc, graph.batch, graph.num_graphs)) / torch.diff(
-                graph.ptr
-            )
-            start = p_loc + shift[graph.batch]
+        groups = self._groups(inp, p_loc.detach(), constant_q)
         targets = self._target_mu(inp)
         charges, mus, converged, iterations, history = [], [], [], [], []
         for b, atoms in graph.structures():
@@ -232,8 +244,13 @@ class SelfConsistentHead(Head):
                 graph.pbc[b],
                 v_app[atoms].detach(),
                 inp.total_charge[b].detach(),
+                *groups[b],
             )
-            loc = {"p_loc": p_loc[atoms], "start": start[atoms], "h": h[atoms], "chi": chi[atoms]}
+            start = p_loc[atoms]  # constant Q: p_loc shifted to each group's charge; the map keeps p_loc
+            if constant_q:
+                counts = s.group_sum(torch.ones_like(start))
+                start = start + ((s.targets - s.group_sum(start)) / counts)[s.fragment]
+            loc = {"p_loc": p_loc[atoms], "start": start, "h": h[atoms], "chi": chi[atoms]}
             if mode == "direct":
                 q, mu = self._direct(inp, s, loc, v_app[atoms], targets, b)
                 ok, steps, res = True, 1, []
@@ -254,7 +271,7 @@ class SelfConsistentHead(Head):
                 if torch.is_grad_enabled():
                     q, mu = self._implicit(inp, s, loc, v_app[atoms], q, mu, value=(mode == "implicit"))
             charges.append(q)
-            mus.append(mu.reshape(()))
+            mus.append(self._reported_mu(s, mu))
             converged.append(ok)
             iterations.append(steps)
             history.append(res)
@@ -283,6 +300,48 @@ class SelfConsistentHead(Head):
             residuals=residuals,
         )
 
+    def _groups(
+        self, inp: HeadInput, p_loc: torch.Tensor, constant_q: bool
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per structure, the constraint group of each atom and each group's charge.
+
+        ``integer`` at constant Q: the fragments, at the integer charges nearest their local
+        charges (:func:`~aiida_emlip.models.fragments.integer_targets`); otherwise one group, Q.
+        """
+        graph = inp.graph
+        totals = inp.total_charge.detach()
+        if not constant_q or self.options.fragments == "shared":
+            return [
+                (torch.zeros(a.stop - a.start, dtype=torch.long, device=p_loc.device), totals[b].reshape(1))
+                for b, a in graph.structures()
+            ]
+        index, count = fragment_index(graph)
+        fragment_batch = torch.zeros(count, dtype=graph.batch.dtype, device=p_loc.device)
+        fragment_batch = fragment_batch.scatter(0, index, graph.batch)
+        predicted = p_loc.new_zeros(count).index_add(0, index, p_loc)
+        sizes = torch.bincount(index, minlength=count)
+        integers, remainders = integer_targets(predicted, fragment_batch, totals, sizes)
+        integers = integers.to(device=p_loc.device, dtype=p_loc.dtype)
+        remainders = remainders.to(device=p_loc.device, dtype=p_loc.dtype)
+        out = []
+        for b, atoms in graph.structures():
+            local = index[atoms]
+            first = int(local.min())
+            group_targets = integers[first : int(local.max()) + 1].clone()
+            # a non-integer total charge: its fraction goes to the fragments by their size
+            group_sizes = sizes[first : first + group_targets.numel()].to(p_loc.dtype)
+            group_targets = group_targets + remainders[b] * group_sizes / group_sizes.sum()
+            out.append((local - first, group_targets))
+        return out
+
+    @staticmethod
+    def _reported_mu(s: _Structure, mu: torch.Tensor) -> torch.Tensor:
+        """The structure's Fermi level: μ of its largest group (the only one without fragments)."""
+        if mu.numel() == 1:
+            return mu.reshape(())
+        largest = int(torch.bincount(s.fragment, minlength=s.groups).argmax())
+        return mu[largest]
+
     def _target_mu(self, inp: HeadInput) -> torch.Tensor:
         """μ of constant-μ runs (option, else ``graph.fermi_level``) and of ``direct`` mode."""
         if self.options.fermi_level is not None and self.options.ensemble == "constant_mu":
@@ -298,6 +357,12 @@ class SelfConsistentHead(Head):
             )
         return mu
 
+    def _initial_mu(self, s: _Structure, q: torch.Tensor, targets, b: int, constant_q: bool) -> torch.Tensor:
+        """μ = 0 for each group at constant Q; the target Fermi level at constant μ."""
+        return (
+            q.new_zeros(s.groups) if constant_q else self._require_mu(targets, b, "constant-μ SCF").reshape(1)
+        )
+
     def _check(self, ok: bool, b: int, res: list[float]) -> None:
         if not ok and self.options.on_failure == "raise":
             last = res[-1] if res else float("nan")
@@ -312,7 +377,7 @@ class SelfConsistentHead(Head):
         o = self.options
         constant_q = o.ensemble == "constant_q"
         q = loc["start"]
-        mu = q.new_zeros(()) if constant_q else self._require_mu(targets, b, "constant-μ SCF")
+        mu = self._initial_mu(s, q, targets, b, constant_q)
         positions = inp.positions[s.atoms] if differentiable else s.positions
         cell = inp.cell[s.b] if differentiable else s.cell
         tol = default_tolerance(o.tol, q.dtype)
@@ -328,7 +393,7 @@ class SelfConsistentHead(Head):
                 value, error, dqdmu = self._constrain(s, value, slopes, scales)
                 # Newton on μ; the first step (from an arbitrary μ = 0) is not clamped
                 mu = mu + (error / dqdmu if step == 0 else torch.clamp(error / dqdmu, -1.0, 1.0))
-                err = float(error.abs())
+                err = float(error.detach().abs().max())
             else:
                 err = 0.0
             change = value - q
@@ -341,7 +406,7 @@ class SelfConsistentHead(Head):
             else:
                 q = q + o.mixing * change
             largest = float((q - q_old).abs().max())  # the charge change actually applied
-            if not (math.isfinite(res) and bool(torch.isfinite(mu))):
+            if not (math.isfinite(res) and bool(torch.isfinite(mu).all())):
                 self._reason = "non-finite charges or μ"
                 return q, mu, False, history
             growing = step > 0 and largest > previous
@@ -372,7 +437,7 @@ class SelfConsistentHead(Head):
         if constant_q and not bool(torch.isfinite(targets[b])):
             mu = self._mu_from_constraint(inp, s, loc, q_ref)
         else:
-            mu = self._require_mu(targets, b, "scf_mode='direct'")
+            mu = self._require_mu(targets, b, "scf_mode='direct'").expand(s.groups).clone()
         value, slopes, scales = self._map(
             inp, s, loc, q_ref, mu, inp.positions[s.atoms], inp.cell[s.b], v_app, True
         )
@@ -383,20 +448,20 @@ class SelfConsistentHead(Head):
     def _mu_from_constraint(
         self, inp, s: _Structure, loc, q_ref: torch.Tensor, steps: int = 3
     ) -> torch.Tensor:
-        """μ with Σ_i F_i(q_ref, μ) = Q (detached Newton iterations from μ = 0)."""
+        """μ of each group with Σ_group F_i(q_ref, μ) = its charge (detached Newton iterations from 0)."""
         detached = {k: v.detach() for k, v in loc.items()}
-        mu = q_ref.new_zeros(())
+        mu = q_ref.new_zeros(s.groups)
         with torch.no_grad():
             for _ in range(steps):
                 value, slopes, scales = self._map(
                     inp, s, detached, q_ref.detach(), mu, s.positions, s.cell, s.v_app, False
                 )
-                error = s.total - value.sum()
-                dqdmu = (slopes / scales).sum()
-                if not bool(torch.isfinite(error)) or float(dqdmu.abs()) < 1e-12:
+                error = s.targets - s.group_sum(value)
+                dqdmu = s.group_sum((slopes / scales).sum(-1))
+                if not bool(torch.isfinite(error).all()) or float(dqdmu.abs().min()) < 1e-12:
                     break
                 mu = mu + error / dqdmu
-                if float(error.abs()) < 1e-10:
+                if float(error.abs().max()) < 1e-10:
                     break
         return mu
 
@@ -412,14 +477,15 @@ class SelfConsistentHead(Head):
             )
         tol = default_tolerance(self.options.linear_tol, q_star.dtype)
         solve, solve_t = self._linear_solvers(inp, s, slopes, scales, tol)
-        dq, dmu = ImplicitStep.apply(residual, solve, solve_t, value)
+        dq, dmu = ImplicitStep.apply(residual, solve, solve_t, value, mu_star)
         constant_q = self.options.ensemble == "constant_q"
         return q_star - dq, (mu_star - dmu) if constant_q else mu_star
 
     def _linear_solvers(self, inp, s: _Structure, slopes, scales, tol: float, strict: bool = True):
         """``K⁻¹`` and ``K⁻ᵀ`` (GMRES) of the linearised fixed point at the given slopes.
 
-        ``K = [[∂F/∂q − I, ∂F/∂μ], [1ᵀ, 0]]`` at constant Q, ``∂F/∂q − I`` at constant μ, with
+        ``K = [[∂F/∂q − I, ∂F/∂μ], [Gᵀ, 0]]`` at constant Q (one μ column and one Σq row per
+        constraint group, G the atoms' group indicator), ``∂F/∂q − I`` at constant μ, with
         ``∂F/∂q = Σ_w diag(∂U/∂u_w / s_w) A_w`` applied through projected potentials (no N×N matrix).
         """
         coef = slopes / scales  # ∂F_i/∂φ_w,i
@@ -443,12 +509,12 @@ class SelfConsistentHead(Head):
                 if constant_q:
 
                     def full(z):
-                        a, m = z[:n], z[n]
-                        column = m if transpose else fmu * m
-                        row = (a * fmu).sum() if transpose else a.sum()
-                        return torch.cat([op(a) - a + column, row[None]])
+                        a, m = z[:n], z[n:]
+                        column = m[s.fragment] if transpose else fmu * m[s.fragment]
+                        row = s.group_sum(a * fmu) if transpose else s.group_sum(a)
+                        return torch.cat([op(a) - a + column, row])
 
-                    rhs = torch.cat([r, rhs_mu.reshape(1)])
+                    rhs = torch.cat([r, rhs_mu.reshape(-1).expand(s.groups)])
                 else:
 
                     def full(z):
@@ -462,7 +528,7 @@ class SelfConsistentHead(Head):
                         f"scf: the linearised solve of structure {s.b} did not converge "
                         f"(relative residual {info.residual:.3g}); the fixed point may be unstable"
                     )
-                return (z[:n], z[n]) if constant_q else (z, rhs_mu * 0)
+                return (z[:n], z[n:]) if constant_q else (z, rhs_mu * 0)
 
             return solve
 
@@ -473,7 +539,7 @@ class SelfConsistentHead(Head):
         o = self.options
         constant_q = o.ensemble == "constant_q"
         q = loc["start"]
-        mu = q.new_zeros(()) if constant_q else self._require_mu(targets, b, "constant-μ SCF")
+        mu = self._initial_mu(s, q, targets, b, constant_q)
         tol = default_tolerance(o.tol, q.dtype)
         linear_floor = default_tolerance(o.linear_tol, q.dtype)
         history: list[float] = []
@@ -482,8 +548,8 @@ class SelfConsistentHead(Head):
         for _ in range(o.max_steps):
             value, slopes, scales = self._map(inp, s, loc, q, mu, s.positions, s.cell, s.v_app, False)
             g_q = value - q
-            g_mu = q.sum() - s.total if constant_q else q.new_zeros(())
-            res = max(float(g_q.abs().max()), float(g_mu.abs()))
+            g_mu = s.group_sum(q) - s.targets if constant_q else q.new_zeros(())
+            res = max(float(g_q.abs().max()), float(g_mu.abs().max()))
             history.append(res)
             if not math.isfinite(res):
                 self._reason = "non-finite charges or μ"

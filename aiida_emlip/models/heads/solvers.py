@@ -214,16 +214,20 @@ class ImplicitStep(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, r: torch.Tensor, solve: PairSolve, solve_t: PairSolve, value: bool):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, r: torch.Tensor, solve: PairSolve, solve_t: PairSolve, value: bool, mu_zero=None
+    ):
         ctx.solve_t = solve_t
-        zero = r.new_zeros(())
+        # μ is a scalar, or one per constraint (``mu_zero``: zeros of its shape)
+        zero = r.new_zeros(()) if mu_zero is None else torch.zeros_like(mu_zero)
+        ctx.mu_shape = zero.shape
         if value:
             dq, dmu = solve(r.detach(), zero)
-            return dq, dmu.reshape(())
+            return dq, dmu.reshape(zero.shape)
         return torch.zeros_like(r), zero
 
     @staticmethod
     def backward(ctx, grad_q: torch.Tensor, grad_mu: torch.Tensor):  # type: ignore[override]
         with torch.no_grad():
-            gq, _ = ctx.solve_t(grad_q.detach(), grad_mu.detach().reshape(()))
-        return gq, None, None, None
+            gq, _ = ctx.solve_t(grad_q.detach(), grad_mu.detach().reshape(ctx.mu_shape))
+        return gq, None, None, None, None

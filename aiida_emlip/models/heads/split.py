@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from aiida_emlip.models.fragments import FRAGMENTS, correct_fragment_charges
 from aiida_emlip.models.heads.base import (
     Head,
     HeadInput,
@@ -28,15 +29,22 @@ class SplitOptions(HeadOptions):
     dipoles: bool = True
     hidden: int = 16
     num_radial: int = 8
+    fragments: str = "integer"  # integer | shared: how Σq⁰ = Q is met across separate fragments
+
+    def __post_init__(self) -> None:
+        if self.fragments not in FRAGMENTS:
+            raise ValueError(f"fragments must be one of {FRAGMENTS}, got {self.fragments!r}")
 
 
 class SplitChargesHead(Head):
     """q_i = q⁰_i + Σ_{e: s→i} t_e − Σ_{e: i→r} t_e with t_e antisymmetric in (s, r).
 
-    q⁰ are formal charges shifted uniformly so that Σq⁰ = Q; each transfer moves charge from the
-    sender to the receiver of an edge, so Σq = Q holds exactly for any weights. The polarisation
-    P = Σ_i (p_i + q⁰_i r_i) + Σ_e t_e (r_r − r_s + S·cell) uses minimum-image bond vectors and is
-    well defined in periodic cells (Born charges Z* = ∂P/∂r). Charge cannot move beyond the cutoff.
+    q⁰ are formal charges shifted uniformly so that Σq⁰ = Q (fragment by fragment, each fragment that
+    no edge joins to another at an integer charge, unless ``fragments='shared'``); each transfer moves
+    charge from the sender to the receiver of an edge, so Σq = Q holds exactly for any weights. The
+    polarisation P = Σ_i (p_i + q⁰_i r_i) + Σ_e t_e (r_r − r_s + S·cell) uses minimum-image bond
+    vectors and is well defined in periodic cells (Born charges Z* = ∂P/∂r). Charge cannot move
+    beyond the cutoff.
     """
 
     name = "split"
@@ -87,7 +95,11 @@ class SplitChargesHead(Head):
 
     def forward(self, inp: HeadInput) -> HeadOutput:
         graph = inp.graph
-        base = correct_total_charge(self.formal.to(inp.positions.dtype)[inp.species], inp)
+        formal = self.formal.to(inp.positions.dtype)[inp.species]
+        if self.options.fragments == "integer":
+            base = correct_fragment_charges(formal, graph)
+        else:
+            base = correct_total_charge(formal, inp)
         t, vectors = self.transfers(inp)
         sender, receiver = graph.edge_index
         n = graph.num_atoms

@@ -1,0 +1,108 @@
+"""Fragments: the parts of a structure that no edge of the graph connects (no AiiDA).
+
+A local model cannot know anything beyond its receptive field, so charge it moves between two
+fragments that no chain of edges joins (an ion and a molecule 10 Å apart, two molecules in a gas)
+is charge transfer across vacuum that the physics of an insulator forbids. The heads that call
+themselves insulating meet the total charge of a structure fragment by fragment: each fragment
+receives an integer charge — the integer nearest its own local prediction, the structure's
+remainder going in unit steps to the fragments whose predictions were closest to the next integer —
+and only within a fragment is charge redistributed. A non-integer total charge (a charged electrode)
+leaves its fractional part to be shared by every fragment in proportion to their weights.
+
+With one fragment (any bulk, any liquid or slab denser than the cutoff) this is exactly the usual
+correction of the total charge.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from aiida_emlip.models.graph import Graph
+
+#: How a head meets the total charge across fragments: ``integer`` — each fragment an integer charge,
+#: nothing moves across vacuum; ``shared`` — one correction over the whole structure (charge leaks
+#: between distant fragments in proportion to their weights).
+FRAGMENTS = ("integer", "shared")
+#: A total charge whose distance to an integer is below this is treated as that integer (e).
+INTEGER_TOLERANCE = 1e-6
+
+
+def fragment_index(graph: Graph) -> tuple[torch.Tensor, int]:
+    """The fragment of every atom [N] (numbered 0.. within the batch) and the number of fragments.
+
+    Fragments are the connected components of the graph's edges (the backbone's cutoff, periodic
+    images included); edges never join two structures of a batch, so no fragment spans two.
+    """
+    n = graph.num_atoms
+    label = torch.arange(n, device=graph.batch.device)
+    if graph.edge_index.numel():
+        sender, receiver = graph.edge_index
+        while True:
+            # each atom takes the smallest label among itself and its neighbours, then follows the
+            # label it took (pointer jumping), so that chains collapse in a few sweeps
+            new = label.scatter_reduce(0, receiver, label[sender], reduce="amin", include_self=True)
+            new = new.scatter_reduce(0, sender, new[receiver], reduce="amin", include_self=True)
+            new = new[new]
+            if torch.equal(new, label):
+                break
+            label = new
+    _, index = torch.unique(label, return_inverse=True)
+    return index, int(index.max()) + 1 if n else 0
+
+
+def integer_targets(
+    predicted: torch.Tensor, fragment_batch: torch.Tensor, total_charge: torch.Tensor, sizes: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer charge of each fragment [F] and the non-integer remainder of each structure [B].
+
+    ``predicted`` [F]: the sum of the local charges over each fragment; ``fragment_batch`` [F]: its
+    structure; ``sizes`` [F]: its number of atoms (ties go to the larger fragment). Each fragment takes
+    the integer nearest its prediction; a structure's integer remainder goes one unit at a time to the
+    fragments nearest to rounding the other way (positive remainders to the largest fractional parts).
+    """
+    predicted = predicted.detach().double().cpu()
+    fragment_batch = fragment_batch.cpu()
+    totals = total_charge.detach().double().cpu()
+    targets = torch.round(predicted)
+    remainders = torch.zeros_like(totals)
+    for b in range(totals.numel()):
+        members = torch.nonzero(fragment_batch == b).flatten()
+        if members.numel() == 0:
+            continue
+        residual = float(totals[b] - targets[members].sum())
+        units = round(residual)
+        if abs(residual - units) < INTEGER_TOLERANCE:
+            residual = float(units)
+        remainders[b] = residual - units
+        if units == 0:
+            continue
+        sign = 1.0 if units > 0 else -1.0
+        fraction = (predicted[members] - targets[members]) * sign
+        order = sorted(range(members.numel()), key=lambda k: (-float(fraction[k]), -int(sizes[members[k]])))
+        for step in range(abs(units)):
+            targets[members[order[step % len(order)]]] += sign
+    return targets, remainders
+
+
+def correct_fragment_charges(
+    charges: torch.Tensor, graph: Graph, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Shift ``charges`` [N] so that each fragment carries an integer charge and each structure Q.
+
+    Within a fragment the excess is spread uniformly, or in proportion to positive ``weights`` [N].
+    Differentiable in ``charges`` and ``weights`` (the integers are constants).
+    """
+    index, count = fragment_index(graph)
+    weights = torch.ones_like(charges) if weights is None else weights
+    fragment_batch = torch.zeros(count, dtype=graph.batch.dtype, device=charges.device)
+    fragment_batch = fragment_batch.scatter(0, index, graph.batch)
+    predicted = charges.new_zeros(count).index_add(0, index, charges)
+    norm = weights.new_zeros(count).index_add(0, index, weights)
+    sizes = torch.bincount(index, minlength=count)
+    integers, remainders = integer_targets(predicted, fragment_batch, graph.total_charge, sizes)
+    targets = integers.to(device=charges.device, dtype=charges.dtype)
+    remainders = remainders.to(device=charges.device, dtype=charges.dtype)
+    if bool((remainders != 0).any()):
+        structure_norm = weights.new_zeros(graph.num_graphs).index_add(0, graph.batch, weights)
+        targets = targets + remainders[fragment_batch] * norm / structure_norm[fragment_batch]
+    return charges + ((targets - predicted) / norm)[index] * weights

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -184,3 +186,10 @@ def test_scf_dissociation_curve_ends_in_neutral_atoms():
     assert all(abs(curve[d]) < 1e-12 for d in (4.5, 8.0, 12.0))  # beyond the 4 Å cutoff: neutral atoms
     assert all(curve[d] == leak[d] for d in (2.4, 3.0, 3.6))  # one fragment: the same head
     assert abs(leak[12.0]) > 1e-3
+
+
+def test_non_finite_local_charges_stay_non_finite():
+    """A NaN readout is not rounded into an integer: it reaches the model's non-finite check."""
+    predicted = torch.tensor([0.4, math.nan], dtype=torch.float64)
+    targets, _ = integer_targets(predicted, torch.tensor([0, 0]), torch.tensor([1.0]), torch.tensor([1, 3]))
+    assert bool(torch.isnan(targets).all())

@@ -15,6 +15,8 @@ correction of the total charge.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from aiida_emlip.models.graph import Graph
@@ -63,6 +65,9 @@ def integer_targets(
     predicted = predicted.detach().double().cpu()
     fragment_batch = fragment_batch.cpu()
     totals = total_charge.detach().double().cpu()
+    if not (bool(torch.isfinite(predicted).all()) and bool(torch.isfinite(totals).all())):
+        # no integer is nearest a NaN: pass it on, so that the model reports a non-finite prediction
+        return torch.full_like(predicted, math.nan), torch.zeros_like(totals)
     targets = torch.round(predicted)
     remainders = torch.zeros_like(totals)
     for b in range(totals.numel()):

@@ -11,7 +11,7 @@ from ase import Atoms
 from ase.build import molecule
 from models_helpers import evaluate, nacl_cell, tiny_model
 
-from aiida_emlip.models.fragments import fragment_index, integer_targets
+from aiida_emlip.models.fragments import correct_fragment_charges, fragment_index, integer_targets
 from aiida_emlip.models.graph import build_graph
 
 CHARGES = {"name": "charges", "correction": "weighted"}
@@ -193,3 +193,47 @@ def test_non_finite_local_charges_stay_non_finite():
     predicted = torch.tensor([0.4, math.nan], dtype=torch.float64)
     targets, _ = integer_targets(predicted, torch.tensor([0, 0]), torch.tensor([1.0]), torch.tensor([1, 3]))
     assert bool(torch.isnan(targets).all())
+
+
+def test_the_weights_decide_which_fragment_takes_the_excess():
+    """Local sums Na 0.2, water 0.3 with Q = +1: bare rounding would hand the unit to the water (the
+    larger fraction); the weights that carry the excess to Na in a connected structure hand it to Na."""
+    atoms = ion_and_water(9.0)
+    graph = build_graph([atoms], 4.0, torch.float64)
+    local = torch.tensor([0.1, 0.1, 0.1, 0.2], dtype=torch.float64)
+    weights = torch.tensor([0.01, 0.01, 0.01, 10.0], dtype=torch.float64)
+    charges = correct_fragment_charges(local, graph, weights)
+    assert fragment_sums(charges) == pytest.approx([0.0, 1.0], abs=1e-12)
+    uniform = correct_fragment_charges(local, graph)  # equal weights: the water's larger share wins
+    assert fragment_sums(uniform) == pytest.approx([1.0, 0.0], abs=1e-12)
+
+
+def test_training_supervises_the_structure_wide_fragment_charges():
+    """The charge loss adds (structure-wide fragment charge − reference)² for structures that fall
+    apart; it reaches the readout of an ion that carries exactly its integer (no other gradient)."""
+    from aiida_emlip import schema
+    from aiida_emlip.training.data import Batch
+    from aiida_emlip.training.losses import fragment_residuals, loss_terms
+
+    model = tiny_model(CHARGES, seed=6)
+    far, near = ion_and_water(9.0), ion_and_water(2.4)
+    graph = build_graph([far, near], model.cutoff, model.dtype)
+    reference = torch.tensor([-0.8, 0.4, 0.4, 1.0] * 2, dtype=torch.float64)
+    batch = Batch(
+        graph=graph,
+        labels={schema.CHARGES: reference},
+        masks={schema.CHARGES: torch.tensor([True, True])},
+        num_atoms=torch.tensor([4, 4]),
+    )
+    out = model(graph, compute_forces=False, compute_stress=False)
+    fragments = fragment_residuals(out, batch)
+    assert fragments.shape == (2,)  # the two fragments of the far structure only
+    shared = out["fragment_charges"][:2]
+    torch.testing.assert_close(fragments, shared - torch.tensor([0.0, 1.0], dtype=torch.float64))
+    assert float(shared.detach().sum()) == pytest.approx(1.0, abs=1e-12)
+    terms = loss_terms(out, batch, {"charges": 1.0})
+    atoms_only = float(((out["charges"] - reference) ** 2).mean())
+    assert float(terms["charges"]) == pytest.approx(atoms_only + float((fragments**2).mean()), rel=1e-12)
+    readout = list(model.head.readout.parameters())[-1]
+    grad_far = torch.autograd.grad((fragments**2).mean(), readout, retain_graph=True)[0]
+    assert float(grad_far.abs().max()) > 0

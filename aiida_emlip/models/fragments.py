@@ -4,10 +4,13 @@ A local model cannot know anything beyond its receptive field, so charge it move
 fragments that no chain of edges joins (an ion and a molecule 10 Å apart, two molecules in a gas)
 is charge transfer across vacuum that the physics of an insulator forbids. The heads that call
 themselves insulating meet the total charge of a structure fragment by fragment: each fragment
-receives an integer charge — the integer nearest its own local prediction, the structure's
-remainder going in unit steps to the fragments whose predictions were closest to the next integer —
-and only within a fragment is charge redistributed. A non-integer total charge (a charged electrode)
-leaves its fractional part to be shared by every fragment in proportion to their weights.
+receives an integer charge — the integer nearest the charge that the head's structure-wide
+correction would give it (its local charges plus its weighted share of the structure's excess), the
+remainder going in unit steps to the fragments closest to the next integer — and only within a
+fragment is charge redistributed. Rounding the structure-wide charges, not the bare local sums,
+keeps the assignment consistent with what training on connected structures teaches the weights.
+A non-integer total charge (a charged electrode) leaves its fractional part to be shared by every
+fragment in proportion to their weights.
 
 With one fragment (any bulk, any liquid or slab denser than the cutoff) this is exactly the usual
 correction of the total charge.
@@ -57,7 +60,8 @@ def integer_targets(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer charge of each fragment [F] and the non-integer remainder of each structure [B].
 
-    ``predicted`` [F]: the sum of the local charges over each fragment; ``fragment_batch`` [F]: its
+    ``predicted`` [F]: each fragment's charge under a structure-wide correction
+    (:func:`shared_fragment_charges`); ``fragment_batch`` [F]: its
     structure; ``sizes`` [F]: its number of atoms (ties go to the larger fragment). Each fragment takes
     the integer nearest its prediction; a structure's integer remainder goes one unit at a time to the
     fragments nearest to rounding the other way (positive remainders to the largest fractional parts).
@@ -97,17 +101,35 @@ def correct_fragment_charges(
     Within a fragment the excess is spread uniformly, or in proportion to positive ``weights`` [N].
     Differentiable in ``charges`` and ``weights`` (the integers are constants).
     """
+    return fragment_corrected(charges, graph, weights)[0]
+
+
+def fragment_corrected(
+    charges: torch.Tensor, graph: Graph, weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`correct_fragment_charges`, plus the fragment of each atom [N] and each fragment's charge
+    under one structure-wide correction [F] (differentiable: the quantity that training supervises)."""
     index, count = fragment_index(graph)
     weights = torch.ones_like(charges) if weights is None else weights
     fragment_batch = torch.zeros(count, dtype=graph.batch.dtype, device=charges.device)
     fragment_batch = fragment_batch.scatter(0, index, graph.batch)
     predicted = charges.new_zeros(count).index_add(0, index, charges)
     norm = weights.new_zeros(count).index_add(0, index, weights)
+    share = norm / weights.new_zeros(graph.num_graphs).index_add(0, graph.batch, weights)[fragment_batch]
     sizes = torch.bincount(index, minlength=count)
-    integers, remainders = integer_targets(predicted, fragment_batch, graph.total_charge, sizes)
+    shared = shared_fragment_charges(predicted, share, fragment_batch, graph.total_charge.to(charges.dtype))
+    integers, remainders = integer_targets(shared, fragment_batch, graph.total_charge, sizes)
     targets = integers.to(device=charges.device, dtype=charges.dtype)
     remainders = remainders.to(device=charges.device, dtype=charges.dtype)
     if bool((remainders != 0).any()):
-        structure_norm = weights.new_zeros(graph.num_graphs).index_add(0, graph.batch, weights)
-        targets = targets + remainders[fragment_batch] * norm / structure_norm[fragment_batch]
-    return charges + ((targets - predicted) / norm)[index] * weights
+        targets = targets + remainders[fragment_batch] * share
+    return charges + ((targets - predicted) / norm)[index] * weights, index, shared
+
+
+def shared_fragment_charges(
+    predicted: torch.Tensor, share: torch.Tensor, fragment_batch: torch.Tensor, total_charge: torch.Tensor
+) -> torch.Tensor:
+    """Each fragment's charge under one structure-wide correction [F]: its local sum ``predicted`` plus
+    its ``share`` (its fraction of the structure's weights) of the structure's excess charge."""
+    excess = total_charge - predicted.new_zeros(total_charge.numel()).index_add(0, fragment_batch, predicted)
+    return predicted + share * excess[fragment_batch]

@@ -157,6 +157,8 @@ class EmlipModel(torch.nn.Module):
             "iterations": head.iterations,
             "residuals": head.residuals,
         }
+        if head.fragment_charges is not None:
+            out["fragment_index"], out["fragment_charges"] = head.fragment_index, head.fragment_charges
         grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, wrt)]
         if compute_forces:
             out["forces"] = -grads[0]

@@ -137,7 +137,34 @@ def loss_terms(out: dict[str, Any], batch: Batch, weights: dict[str, float]) -> 
         if res is None or res[0].numel() == 0:
             continue
         terms[quantity] = (res[0] ** 2).mean()
+        if quantity == "charges":
+            fragments = fragment_residuals(out, batch)
+            if fragments is not None and fragments.numel():
+                terms[quantity] = terms[quantity] + (fragments**2).mean()
     return terms
+
+
+def fragment_residuals(out: dict[str, Any], batch: Batch) -> torch.Tensor | None:
+    """Structure-wide charge of each fragment minus its reference charge, for the structures that
+    fall apart into several fragments and carry reference charges.
+
+    Heads that give separated fragments integer charges decide each integer by the fragment's
+    charge under one structure-wide correction (``fragment_charges``); supervising that charge teaches
+    the decision, which is not differentiable itself (an ion alone in its fragment carries exactly its
+    integer, whatever its readout).
+    """
+    index, shared = out.get("fragment_index"), out.get("fragment_charges")
+    if index is None or shared is None or schema.CHARGES not in batch.labels:
+        return None
+    graph = batch.graph
+    count = shared.numel()
+    fragment_batch = torch.zeros(count, dtype=graph.batch.dtype, device=shared.device)
+    fragment_batch = fragment_batch.scatter(0, index, graph.batch)
+    per_structure = torch.bincount(fragment_batch, minlength=graph.num_graphs)
+    keep = _per_structure_mask(batch, schema.CHARGES)[fragment_batch] & (per_structure[fragment_batch] > 1)
+    reference = torch.nan_to_num(batch.labels[schema.CHARGES].to(shared.dtype))
+    reference = shared.new_zeros(count).index_add(0, index, reference)
+    return (shared - reference)[keep]
 
 
 def total_loss(terms: dict[str, torch.Tensor], weights: dict[str, float], like: torch.Tensor) -> torch.Tensor:

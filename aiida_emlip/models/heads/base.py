@@ -62,6 +62,11 @@ class HeadOutput:
     converged: torch.Tensor | None = None  # [B] bool for iterative heads
     iterations: torch.Tensor | None = None  # [B] steps taken
     residuals: list[torch.Tensor] = field(default_factory=list)  # convergence history, [B] per step
+    #: Heads that give fragments integer charges: the fragment of each atom [N] and the charge each
+    #: fragment would carry under one structure-wide correction [F] (what decides its integer; training
+    #: supervises it with the reference charges so that the assignment is learned).
+    fragment_index: torch.Tensor | None = None
+    fragment_charges: torch.Tensor | None = None
 
 
 @dataclass

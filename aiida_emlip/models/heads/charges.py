@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from aiida_emlip.models.fragments import FRAGMENTS, correct_fragment_charges
+from aiida_emlip.models.fragments import FRAGMENTS, fragment_corrected
 from aiida_emlip.models.heads.base import (
     Head,
     HeadInput,
@@ -70,12 +70,13 @@ class LocalChargesHead(Head):
     def forward(self, inp: HeadInput) -> HeadOutput:
         out = self.readout(inp.features.scalars)
         charges = out[:, 0]
+        index = shared = None
         if self.options.correction != "none":
             weights = None
             if self.options.correction == "weighted":
                 weights = torch.nn.functional.softplus(out[:, 1]) + 1e-3
             if self.options.fragments == "integer":
-                charges = correct_fragment_charges(charges, inp.graph, weights)
+                charges, index, shared = fragment_corrected(charges, inp.graph, weights)
             else:
                 charges = correct_total_charge(charges, inp, weights)
         dipoles = None
@@ -83,4 +84,11 @@ class LocalChargesHead(Head):
             dipoles = self.dipole_weights(inp.features.vectors.transpose(1, 2)).squeeze(-1)
         dipole = structure_dipoles(inp, charges, dipoles)
         energy = coulomb_energy(inp, charges, dipoles) + field_work(inp, dipole)
-        return HeadOutput(energy=energy, charges=charges, dipoles=dipoles, dipole=dipole)
+        return HeadOutput(
+            energy=energy,
+            charges=charges,
+            dipoles=dipoles,
+            dipole=dipole,
+            fragment_index=index,
+            fragment_charges=shared,
+        )

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from aiida_emlip.models.fragments import FRAGMENTS, fragment_index, integer_targets
+from aiida_emlip.models.fragments import FRAGMENTS, fragment_index, integer_targets, shared_fragment_charges
 from aiida_emlip.models.heads.base import (
     Head,
     HeadInput,
@@ -232,7 +232,7 @@ class SelfConsistentHead(Head):
         chi = torch.nn.functional.softplus(self.susceptibility(h))
         v_app = -(inp.external_field[graph.batch] * inp.positions).sum(-1)
         constant_q = self.options.ensemble == "constant_q"
-        groups = self._groups(inp, p_loc.detach(), constant_q)
+        groups, fragment_index_, fragment_charges = self._groups(inp, p_loc, chi, constant_q)
         targets = self._target_mu(inp)
         charges, mus, converged, iterations, history = [], [], [], [], []
         for b, atoms in graph.structures():
@@ -298,29 +298,42 @@ class SelfConsistentHead(Head):
             converged=torch.tensor(converged, device=device),
             iterations=torch.tensor(iterations, device=device),
             residuals=residuals,
+            fragment_index=fragment_index_,
+            fragment_charges=fragment_charges,
         )
 
     def _groups(
-        self, inp: HeadInput, p_loc: torch.Tensor, constant_q: bool
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        self, inp: HeadInput, p_loc: torch.Tensor, chi: torch.Tensor, constant_q: bool
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None, torch.Tensor | None]:
         """Per structure, the constraint group of each atom and each group's charge.
 
-        ``integer`` at constant Q: the fragments, at the integer charges nearest their local
-        charges (:func:`~aiida_emlip.models.fragments.integer_targets`); otherwise one group, Q.
+        ``integer`` at constant Q: the fragments, at the integer charges nearest the charges that one
+        structure-wide linear response would give them (their p_loc plus a share of the excess in
+        proportion to their softness Σ χ/s; :func:`~aiida_emlip.models.fragments.integer_targets`);
+        otherwise one group, Q. Also the fragment of each atom and those structure-wide fragment
+        charges (differentiable, for training to supervise), or ``None`` with one group.
         """
         graph = inp.graph
         totals = inp.total_charge.detach()
         if not constant_q or self.options.fragments == "shared":
-            return [
+            single = [
                 (torch.zeros(a.stop - a.start, dtype=torch.long, device=p_loc.device), totals[b].reshape(1))
                 for b, a in graph.structures()
             ]
+            return single, None, None
         index, count = fragment_index(graph)
         fragment_batch = torch.zeros(count, dtype=graph.batch.dtype, device=p_loc.device)
         fragment_batch = fragment_batch.scatter(0, index, graph.batch)
         predicted = p_loc.new_zeros(count).index_add(0, index, p_loc)
+        # each fragment's share of the structure's excess in linear response: its softness Σ χ/s
+        softness = (chi / self._scales(inp, chi)).sum(-1)
+        norm = softness.new_zeros(count).index_add(0, index, softness)
+        share = (
+            norm / softness.new_zeros(graph.num_graphs).index_add(0, graph.batch, softness)[fragment_batch]
+        )
         sizes = torch.bincount(index, minlength=count)
-        integers, remainders = integer_targets(predicted, fragment_batch, totals, sizes)
+        shared = shared_fragment_charges(predicted, share, fragment_batch, totals.to(p_loc.dtype))
+        integers, remainders = integer_targets(shared, fragment_batch, totals, sizes)
         integers = integers.to(device=p_loc.device, dtype=p_loc.dtype)
         remainders = remainders.to(device=p_loc.device, dtype=p_loc.dtype)
         out = []
@@ -328,11 +341,10 @@ class SelfConsistentHead(Head):
             local = index[atoms]
             first = int(local.min())
             group_targets = integers[first : int(local.max()) + 1].clone()
-            # a non-integer total charge: its fraction goes to the fragments by their size
-            group_sizes = sizes[first : first + group_targets.numel()].to(p_loc.dtype)
-            group_targets = group_targets + remainders[b] * group_sizes / group_sizes.sum()
-            out.append((local - first, group_targets))
-        return out
+            # a non-integer total charge: its fraction goes to the fragments by their softness
+            group_targets = group_targets + remainders[b] * share[first : first + group_targets.numel()]
+            out.append((local - first, group_targets.detach()))
+        return out, index, shared
 
     @staticmethod
     def _reported_mu(s: _Structure, mu: torch.Tensor) -> torch.Tensor:

@@ -100,7 +100,10 @@ def run_pwbase_alone(dataset_node) -> tuple[float, list[float]]:
     from aiida.common.links import LinkType
     from aiida.engine import run_get_node
 
-    children = dataset_node.base.links.get_outgoing(link_type=LinkType.CALL_WORK).all_nodes()
+    from aiida_emlip.workflows.label import called
+
+    labels = dataset_node.base.links.get_outgoing(link_type=LinkType.CALL_WORK).all_nodes()
+    children = [called(label, "pw") for label in labels]  # each label workchain's PwBaseWorkChain
     walls = []
     for child in sorted(children, key=lambda c: c.ctime):
         start = time.perf_counter()

@@ -183,12 +183,16 @@ def outcome(node) -> dict[str, object]:
     """What a dataset workchain did: exit status, report, energies by key, PwCalculations by key."""
     from aiida import orm
 
+    from aiida_emlip.workflows.dataset import LABEL_PREFIX
+    from aiida_emlip.workflows.label import called
+
     labels = call_labels(node)
     calcs: dict[str, list[dict[str, object]]] = {}
     base: dict[str, dict[str, object]] = {}
-    for child in node.called:
-        key = labels.get(child.pk, "").removeprefix("pw_")
-        if not labels.get(child.pk, "").startswith("pw_"):
+    for label in node.called:
+        key = labels.get(label.pk, "").removeprefix(LABEL_PREFIX)
+        child = called(label, "pw")  # the configuration's PwBaseWorkChain
+        if not labels.get(label.pk, "").startswith(LABEL_PREFIX) or child is None:
             continue
         base[key] = {"pk": child.pk, "exit_status": child.exit_status, "exit_message": child.exit_message}
         calcs[key] = [
@@ -263,7 +267,8 @@ def run_daemon_kill_pw(code, family, dataset, workers: int, timeout: float = 600
         killed_at = time.perf_counter() - start
         pw_age = time.time() - proc.create_time()
         os.kill(proc.pid, signal.SIGKILL)
-        killed_key = call_labels(node)[calc.caller.pk].removeprefix("pw_")
+        # PwCalculation -> PwBaseWorkChain -> the configuration's label workchain, called label_<key>
+        killed_key = call_labels(node)[calc.caller.caller.pk].removeprefix("label_")
         while not node.is_terminated and time.perf_counter() - start < timeout:
             time.sleep(0.5)
         wall = time.perf_counter() - start

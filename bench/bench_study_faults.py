@@ -116,7 +116,7 @@ def launch(spec_file: Path) -> int:
 
 
 def call_path(node: Any) -> str:
-    """The call link labels from the study down to ``node``: ``dft/pw_water_q0_000``, ..."""
+    """The call link labels from the study down to ``node``: ``dft/label_water_q0_000/pw``, ..."""
     from aiida.common.links import LinkType
 
     labels = []

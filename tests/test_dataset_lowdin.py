@@ -47,7 +47,7 @@ def test_lowdin_charges_of_water(pw_code, projwfc_code, pseudo_family):
     results, node = run_get_node(builder)
     assert node.is_finished_ok, node.exit_message
     assert not results["report"]["postprocess_failed"]
-    (projwfc,) = [c for c in node.called if c.process_label == "EmlipProjwfcCalculation"]
+    (projwfc,) = [c for c in node.called_descendants if c.process_label == "EmlipProjwfcCalculation"]
     pw_calc = next(n for n in node.called_descendants if n.process_label == "PwCalculation")
     assert projwfc.inputs.parent_folder.uuid == pw_calc.outputs.remote_folder.uuid
     assert projwfc.base.attributes.get("cache_version") == {"parser": PROJWFC_PARSER_REVISION}

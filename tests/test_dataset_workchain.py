@@ -106,6 +106,8 @@ def test_slab_dipole_correction(labelled):
 
 
 def test_dft_settings_and_provenance(labelled):
+    from aiida_emlip.workflows.dataset import pw_run
+
     results, node = labelled
     dataset = results["dataset"]
     settings = dataset.dft_settings
@@ -113,8 +115,13 @@ def test_dft_settings_and_provenance(labelled):
     assert dataset.base.attributes.get("dft_settings_digest") == settings["digest"] or settings["digest"]
     creator = dataset.creator
     assert creator.process_label == "assemble_dataset"
-    pw_children = [c for c in node.called if c.process_label == "PwBaseWorkChain"]
-    assert len(pw_children) == len(SYSTEMS)
+    # one label workchain per configuration, each with its own PwBaseWorkChain
+    labels = [c for c in node.called if c.process_label == "EmlipLabelWorkChain"]
+    assert len(labels) == len(SYSTEMS)
+    pw_runs = {key: pw_run(node, key) for key in SYSTEMS}
+    assert all(run.process_label == "PwBaseWorkChain" for run in pw_runs.values())
+    assert pw_runs["h2o"].inputs.pw.structure.get_formula() == "H2O"
+    assert len({run.pk for run in pw_runs.values()}) == len(SYSTEMS)
 
 
 def test_caching_reuses_pw_results(labelled, pw_code, pseudo_family):
@@ -165,7 +172,8 @@ def test_slab_fermi_level_relative_to_vacuum(labelled, pw_code, pp_code, pseudo_
     with enable_caching(identifier=PW_CACHE_IDENTIFIER):
         results, node = run_get_node(builder)
     assert node.is_finished_ok, node.exit_message
-    assert [c.process_label for c in node.called if c.process_label == "PpCalculation"] == ["PpCalculation"]
+    pp_runs = [c for c in node.called_descendants if c.process_label == "PpCalculation"]
+    assert len(pp_runs) == 1 and pp_runs[0].caller.caller.pk == node.pk  # the slab's label workchain
     pw_runs = [n for n in node.called_descendants if n.process_label == "PwCalculation"]
     assert len(pw_runs) == 2 and all(n.base.caching.is_created_from_cache for n in pw_runs)
     frames = {a.info["key"]: a for a in results["dataset"].to_ase()}

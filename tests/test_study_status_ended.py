@@ -1,7 +1,8 @@
 """``aiida-emlip status`` of a study that was killed or excepted: what it lost and kept, in words.
 
-The process tree is built by hand (no daemon): a study killed in the middle of its DFT, with two
-pw.x configurations done, two killed (the pw.x run of one still finished) and one never started.
+The process tree is built by hand (no daemon): a study killed in the middle of its DFT, with three
+pw.x configurations done (one killed in its post-processing), two killed (the pw.x run of one still
+finished) and one never started.
 """
 
 from __future__ import annotations
@@ -50,13 +51,20 @@ def _killed_in_dft():
     study = _study(ProcessState.KILLED)
     study.set_process_status("Killed through `verdi process kill`")
     dft = _process(ProcessState.KILLED, study, "dft")
-    # the extras as the dataset workchain left them at the start of its last batch
-    dft.base.extras.set("emlip_progress", {"done": 1, "running": 2, "failed": 0, "waiting": 1, "total": 5})
-    for label in ("pw_a", "pw_b"):  # pw_b finished before the kill reached it
-        _pw_calculation(_process(ProcessState.FINISHED, dft, label, exit_status=0), ProcessState.FINISHED, 0)
+    # the extras as the dataset workchain left them at its last step
+    dft.base.extras.set("emlip_progress", {"done": 2, "running": 2, "failed": 0, "waiting": 1, "total": 6})
+    # one label workchain per configuration, its PwBaseWorkChain called "pw"
+    for key in ("a", "b"):  # b finished before the kill reached it
+        label = _process(ProcessState.FINISHED, dft, f"label_{key}", exit_status=0)
+        _pw_calculation(_process(ProcessState.FINISHED, label, "pw", exit_status=0), ProcessState.FINISHED, 0)
+    # killed in its post-processing: the pw.x labels were done
+    label = _process(ProcessState.KILLED, dft, "label_e")
+    _pw_calculation(_process(ProcessState.FINISHED, label, "pw", exit_status=0), ProcessState.FINISHED, 0)
     # a killed configuration whose pw.x run still finished: the calculation is kept
-    _pw_calculation(_process(ProcessState.KILLED, dft, "pw_c"), ProcessState.FINISHED, 0)
-    _pw_calculation(_process(ProcessState.KILLED, dft, "pw_d"), ProcessState.KILLED)
+    label = _process(ProcessState.KILLED, dft, "label_c")
+    _pw_calculation(_process(ProcessState.KILLED, label, "pw"), ProcessState.FINISHED, 0)
+    label = _process(ProcessState.KILLED, dft, "label_d")
+    _pw_calculation(_process(ProcessState.KILLED, label, "pw"), ProcessState.KILLED)
     return study, dft
 
 
@@ -67,15 +75,15 @@ def test_killed_study_says_what_was_lost(aiida_profile):
     assert lines[0] == f"Study 'tiny' <{study.pk}>: killed (stage: dft)"
     assert lines[1] == "  Killed through `verdi process kill`"
     assert (
-        f"DFT <{dft.pk}> killed: 2 done, 2 killed, 0 failed, 1 never started of 5 pw.x configurations"
+        f"DFT <{dft.pk}> killed: 3 done, 2 killed, 0 failed, 1 never started of 6 pw.x configurations"
         in lines
     )
     assert "  sr           not run" in lines and "  response     not run" in lines
     assert (
-        "Lost (killed at stage dft): 3 of 5 pw.x configurations (2 killed, 1 never started); "
+        "Lost (killed at stage dft): 3 of 6 pw.x configurations (2 killed, 1 never started); "
         "training of sr, charges; validation response; held-out predictions; the report"
     ) in lines
-    assert "Kept: 3 finished pw.x calculations (stored in the profile)" in lines
+    assert "Kept: 4 finished pw.x calculations (stored in the profile)" in lines
     assert "None" not in text and "running" not in text and "waiting" not in text
 
 

@@ -149,10 +149,9 @@ class ProgressHandler(logging.Handler):
         if label == "EmlipDatasetWorkChain":
             if not message.startswith(("progress", "finished")):
                 return
-            done = message.split(" done", 1)[0]
-            if self.done.get(pk) == done:  # the batch's start line; its end line follows
+            if self.done.get(pk) == message:  # the same counts again: nothing new to say
                 return
-            self.done[pk] = done
+            self.done[pk] = message
         elapsed = time.perf_counter() - self.start
         short = label.replace("Emlip", "").replace("WorkChain", "")
         click.echo(f"[{elapsed:6.0f} s] {short}<{pk}>: {message}")

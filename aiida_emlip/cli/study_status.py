@@ -13,6 +13,8 @@ from aiida.common.links import LinkType
 from aiida_emlip.cli.study_common import STUDY_ENTRY_POINT
 
 PW_PROCESS = "aiida.calculations:quantumespresso.pw"
+#: Call link label prefix of the dataset workchain's label workchains (``dataset.LABEL_PREFIX``).
+LABEL_PREFIX = "label_"
 #: emlip-train's epoch line: ``epoch N (stage[, scf mode]) train L valid L ...`` (the mode for SCF heads)
 EPOCH_LINE = re.compile(r"epoch (\d+) \(([^,)]+)(?:, \w+)?\) train (\S+) valid (\S+)")
 
@@ -188,8 +190,9 @@ def dft_counts(dft: orm.ProcessNode) -> dict[str, Any]:
     """pw.x configurations of the study's dataset workchain by state.
 
     While it runs (or once it finished) these are the counts it keeps in its extras; once it was killed
-    or excepted they are counted from its ``pw_*`` children (the extras end at the last batch's start):
-    ``done``, ``killed``, ``failed`` and ``never started``.
+    or excepted they are counted from its ``label_*`` children (one ``EmlipLabelWorkChain`` per
+    configuration; the extras end at its last step): ``done`` (the child's ``PwBaseWorkChain`` finished),
+    ``killed``, ``failed`` and ``never started``.
     """
     counts = dict(dft.base.extras.get("emlip_progress", {}))
     if not _ended_early(dft):
@@ -197,9 +200,10 @@ def dft_counts(dft: orm.ProcessNode) -> dict[str, Any]:
             "total": counts.get("total")
         }
     links = dft.base.links.get_outgoing(link_type=LinkType.CALL_WORK).all()
-    runs = [link.node for link in links if link.link_label.startswith("pw_")]
-    done = sum(1 for n in runs if n.is_finished_ok)
-    killed = sum(1 for n in runs if n.is_killed)
+    runs = [link.node for link in links if link.link_label.startswith(LABEL_PREFIX)]
+    pw_done = [_finished(_child(n, "pw")) for n in runs]
+    done = sum(pw_done)
+    killed = sum(1 for n, ok in zip(runs, pw_done) if n.is_killed and not ok)
     total = counts.get("total")
     ended = {"done": done, "killed": killed, "failed": len(runs) - done - killed}
     if total is not None:

@@ -1,9 +1,10 @@
 """``emlip.dataset``: label configurations with pw.x and collect them in one dataset node.
 
-One ``PwBaseWorkChain`` per configuration, submitted in batches of ``max_concurrent``, and so are the
-post-processing calculations (pp.x, projwfc.x) on their folders. Every
-configuration is checked before the first pw.x run (elements, electrons, distances, volume, field),
-failures of single configurations end up in the ``report`` output and never drop finished labels.
+One ``EmlipLabelWorkChain`` (``emlip.label``: pw.x through ``PwBaseWorkChain``, then the post-processing
+asked for) per configuration, at most ``max_concurrent`` at once in a rolling window: when one ends, the
+next starts. Every configuration is checked before the first pw.x run (elements, electrons, distances,
+volume, field), failures of single configurations end up in the ``report`` output and never drop
+finished labels.
 """
 
 from __future__ import annotations
@@ -14,13 +15,11 @@ from typing import Any
 import numpy as np
 from aiida import orm
 from aiida.common import exceptions
-from aiida.engine import ToContext, WorkChain, if_, while_
+from aiida.engine import ToContext, if_, while_
 from aiida.manage.caching import get_use_cache
-from aiida.plugins import CalculationFactory, WorkflowFactory
 from ase import Atoms
 
 from aiida_emlip import schema
-from aiida_emlip.calculations.projwfc import EmlipProjwfcCalculation
 from aiida_emlip.data import EmlipDatasetData
 from aiida_emlip.data.dataset import dft_settings_digest
 
@@ -32,32 +31,32 @@ from .functions import (
     sample_configurations,
     split_configurations,
 )
-from .hirshfeld import PP_DENSITY_PARAMETERS, hirshfeld_multipoles
+from .label import PP_STEPS, STEP_OUTPUTS, EmlipLabelWorkChain, called, step_failure, step_name
+from .process_state import how_it_ended
 from .pw_inputs import ConfigurationError, build_pw_setup
 from .samplers import SAMPLERS
-from .vacuum_level import PP_PARAMETERS, planar_potentials, vacuum_level
-
-PwBaseWorkChain = WorkflowFactory("quantumespresso.pw.base")
-PpCalculation = CalculationFactory("quantumespresso.pp")
+from .window import WakeOnFirstChild
 
 #: Identifier for AiiDA caching of the DFT steps.
 PW_CACHE_IDENTIFIER = "aiida.calculations:quantumespresso.pw"
-#: Post-processing on the pw.x folders, by context prefix: (code input, calculation, parameters, options).
-POSTPROCESS = {
-    "pp": ("pp_code", PpCalculation, PP_PARAMETERS, {}),
-    "density": ("pp_code", PpCalculation, PP_DENSITY_PARAMETERS, {}),
-    "projwfc": (
-        "projwfc_code",
-        EmlipProjwfcCalculation,
-        None,
-        {"resources": {"num_machines": 1, "num_mpiprocs_per_machine": 1}},
-    ),
-}
 #: The pw.x parser: aiida-quantumespresso's, plus the dipole and band edges of the stdout.
 PW_PARSER = "emlip.pw"
+#: Call link label of a configuration's label workchain: ``label_<key>``.
+LABEL_PREFIX = "label_"
 
 #: ``atoms.info`` keys carried from the input configurations into the per-configuration metadata.
 CARRIED_INFO = ("sampler", "seed", "sampler_params", schema.CONFIG_TYPE)
+
+
+def labelled_by(dataset: orm.ProcessNode, key: str) -> orm.ProcessNode | None:
+    """The ``EmlipLabelWorkChain`` of configuration ``key`` that the dataset workchain ``dataset`` ran."""
+    return called(dataset, f"{LABEL_PREFIX}{key}")
+
+
+def pw_run(dataset: orm.ProcessNode, key: str) -> orm.ProcessNode | None:
+    """The ``PwBaseWorkChain`` of configuration ``key`` of the dataset workchain ``dataset``."""
+    label = labelled_by(dataset, key)
+    return called(label, "pw") if label is not None else None
 
 
 #: pw.x ``assume_isolated`` schemes that give the energy of the molecule in open space: the dataset
@@ -95,7 +94,7 @@ def pair_configurations(
     return out
 
 
-class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WorkChain):
+class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
     """Run pw.x on a list of configurations (or a sampler recipe) and return an ``emlip.dataset``."""
 
     @classmethod
@@ -137,8 +136,8 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WorkChain):
             "max_concurrent",
             valid_type=orm.Int,
             default=lambda: orm.Int(4),
-            help="Most PwBaseWorkChains (and then post-processing calculations) running at once: they are "
-            "submitted in batches of this size.",
+            help="Most configurations labelled at once (one EmlipLabelWorkChain each, running one "
+            "calculation at a time): when one ends, the next starts.",
         )
         spec.input(
             "pp_code",
@@ -156,16 +155,7 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WorkChain):
             cls.setup,
             if_(cls.has_sampler)(cls.run_sampler),
             cls.prepare,
-            while_(cls.has_pending)(cls.submit_batch, cls.inspect_batch),
-            if_(cls.should_run_potential)(
-                cls.run_potential, while_(cls.has_queued)(cls.submit_queued), cls.inspect_potential
-            ),
-            if_(cls.should_run_hirshfeld)(
-                cls.run_hirshfeld, while_(cls.has_queued)(cls.submit_queued), cls.inspect_hirshfeld
-            ),
-            if_(cls.should_run_lowdin)(
-                cls.run_lowdin, while_(cls.has_queued)(cls.submit_queued), cls.inspect_lowdin
-            ),
+            while_(cls.has_unfinished)(cls.run_window),
             cls.results,
         )
         spec.output(
@@ -289,7 +279,7 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WorkChain):
         self.ctx.finished = {}
         self.ctx.failures = {}
         self.ctx.postprocess_failures = {}
-        self.ctx.batch = []
+        self.ctx.running = {}
         self.report(
             f"protocol {self.ctx.inputs['protocol']}; caching of pw.x "
             f"{'enabled' if get_use_cache(identifier=PW_CACHE_IDENTIFIER) else 'disabled'}"
@@ -410,39 +400,75 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WorkChain):
             f"ecutwfc {cutoffs[0]:g} Ry, ecutrho {cutoffs[1]:g} Ry"
         )
 
-    def has_pending(self) -> bool:
-        """Whether configurations wait to be submitted."""
-        return bool(self.ctx.pending)
+    def has_unfinished(self) -> bool:
+        """Whether configurations wait to be labelled or are being labelled."""
+        return bool(self.ctx.pending or self.ctx.running)
 
     def _pseudos(self, structure: orm.StructureData) -> dict[str, orm.Data]:
         return self.ctx.family.get_pseudos(structure=structure)
 
-    def submit_batch(self):
-        """Submit up to ``max_concurrent`` PwBaseWorkChains."""
-        limit = max(1, self.inputs.max_concurrent.value)
-        batch, self.ctx.pending = self.ctx.pending[:limit], self.ctx.pending[limit:]
+    def _steps(self, key: str) -> dict[str, bool]:
+        """The post-processing steps of configuration ``key`` (the vacuum level only for slabs)."""
+        postprocess = self.ctx.inputs["postprocess"]
+        slab = bool(self.ctx.configs[key]["meta"].get("slab"))
+        return {
+            "vacuum_level": bool(postprocess.get("vacuum_level")) and slab,
+            "planar_potentials": bool(postprocess.get("planar_potentials")),
+            "hirshfeld": bool(postprocess.get("hirshfeld")),
+            "lowdin": bool(postprocess.get("lowdin")),
+        }
+
+    def _label_builder(self, key: str):
+        """The ``EmlipLabelWorkChain`` of configuration ``key``: its pw.x inputs and post-processing."""
         inputs = self.ctx.inputs
-        futures = {}
-        for key in batch:
-            config = self.ctx.configs[key]
-            structure = orm.load_node(config["structure"])
-            kpoints = orm.KpointsData()
-            kpoints.set_kpoints_mesh(config["mesh"])
-            builder = PwBaseWorkChain.get_builder()
-            builder.pw.code = self.inputs.code
-            builder.pw.structure = structure
-            builder.pw.parameters = orm.Dict(config["parameters"])
-            builder.pw.pseudos = self._pseudos(structure)
-            builder.pw.metadata.options = {**inputs["options"], "parser_name": PW_PARSER}
-            builder.kpoints = kpoints
-            builder.max_iterations = orm.Int(int(inputs["max_iterations"]))
-            # post-processing reads the pw.x folders: then they are cleaned in on_terminated instead
-            builder.clean_workdir = orm.Bool(bool(inputs["clean_workdir"]) and not self._reads_pw_folders())
-            builder.metadata.call_link_label = f"pw_{key}"
-            futures[f"pw_{key}"] = self.submit(builder)
-        self.ctx.batch = batch
-        self._progress(running=len(batch))
-        return ToContext(**futures)
+        config = self.ctx.configs[key]
+        structure = orm.load_node(config["structure"])
+        kpoints = orm.KpointsData()
+        kpoints.set_kpoints_mesh(config["mesh"])
+        builder = EmlipLabelWorkChain.get_builder()
+        builder.pw.pw.code = self.inputs.code
+        builder.pw.pw.structure = structure
+        builder.pw.pw.parameters = orm.Dict(config["parameters"])
+        builder.pw.pw.pseudos = self._pseudos(structure)
+        builder.pw.pw.metadata.options = {**inputs["options"], "parser_name": PW_PARSER}
+        builder.pw.kpoints = kpoints
+        builder.pw.max_iterations = orm.Int(int(inputs["max_iterations"]))
+        builder.clean_workdir = orm.Bool(bool(inputs["clean_workdir"]))
+        steps = self._steps(key)
+        builder.postprocess = orm.Dict(steps)
+        if any(steps[step] for step in PP_STEPS):
+            builder.pp_code = self.inputs.pp_code
+        if steps["lowdin"]:
+            builder.projwfc_code = self.inputs.projwfc_code
+        if steps["hirshfeld"]:
+            builder.n_electrons = orm.Float(config["meta"]["n_electrons"])
+        if any(steps.values()):
+            builder.postprocess_options = dict(inputs["options"])
+        builder.metadata.call_link_label = f"{LABEL_PREFIX}{key}"
+        return builder
+
+    def run_window(self):
+        """Record the label workchains that ended, then start configurations until ``max_concurrent`` run.
+
+        The workchain wakes as soon as one of the running label workchains terminates
+        (:class:`~.window.WakeOnFirstChild`): a rolling window, not batches.
+        """
+        for key, pk in list(self.ctx.running.items()):
+            node = orm.load_node(pk)
+            if node.is_terminated:
+                del self.ctx.running[key]
+                self.ctx.pop(f"{LABEL_PREFIX}{key}", None)
+                self._inspect_label(key, node)
+        limit = max(1, self.inputs.max_concurrent.value)
+        while self.ctx.pending and len(self.ctx.running) < limit:
+            key = self.ctx.pending.pop(0)
+            self.ctx.running[key] = self.submit(self._label_builder(key)).pk
+        self._progress(running=len(self.ctx.running))
+        if not self.ctx.running:
+            return None
+        return ToContext(
+            **{f"{LABEL_PREFIX}{key}": orm.load_node(pk) for key, pk in self.ctx.running.items()}
+        )
 
     def _progress(self, running: int) -> None:
         """Report the counts and keep them in the node's extras (``emlip_progress``) for monitoring."""
@@ -459,204 +485,75 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WorkChain):
             f"{counts['waiting']} waiting of {counts['total']}"
         )
 
-    def inspect_batch(self):
-        """Record finished labels and failures of the last batch."""
-        for key in self.ctx.batch:
-            node = self.ctx[f"pw_{key}"]
-            if node.is_finished_ok:
-                self.ctx.finished[key] = {
-                    "parameters": node.outputs.output_parameters.uuid,
-                    "trajectory": node.outputs.output_trajectory.uuid,
-                    "remote_folder": node.outputs.remote_folder.uuid,
-                }
-                continue
-            calcs = [c for c in node.called if isinstance(c, orm.CalcJobNode)]
-            last = max(calcs, key=lambda c: c.ctime) if calcs else None
-            self.ctx.failures[key] = {
-                "workchain_pk": node.pk,
-                "exit_status": node.exit_status,
-                "exit_message": node.exit_message,
-                "calcjob_pk": last.pk if last else None,
-                "calcjob_exit_status": last.exit_status if last else None,
-                "calcjob_exit_message": last.exit_message if last else None,
-            }
-            self.report(f"configuration {key} failed: exit status {node.exit_status} ({node.exit_message})")
-        self.ctx.batch = []
-        self._progress(running=0)
-
-    def _reads_pw_folders(self) -> bool:
-        """Whether a post-processing step needs the pw.x remote folders."""
-        steps = ("vacuum_level", "planar_potentials", "hirshfeld", "lowdin")
-        return any(self.ctx.inputs["postprocess"].get(k) for k in steps)
-
-    def on_terminated(self) -> None:
-        """Clean the remote folders of all calculations if clean_workdir was deferred for post-processing."""
-        super().on_terminated()
-        inputs = self.ctx.get("inputs")
-        if not inputs or not inputs["clean_workdir"] or not self._reads_pw_folders():
+    def _inspect_label(self, key: str, node: orm.ProcessNode) -> None:
+        """Record the labels of configuration ``key``, or why it has none, from its label workchain."""
+        if "pw" not in node.outputs or "output_parameters" not in node.outputs.pw:
+            self._record_failure(key, node)
             return
-        cleaned = []
-        for node in self.node.called_descendants:
-            if isinstance(node, orm.CalcJobNode) and "remote_folder" in node.outputs:
-                try:
-                    node.outputs.remote_folder._clean()
-                    cleaned.append(str(node.pk))
-                except (OSError, ValueError):
-                    pass
-        if cleaned:
-            self.report(f"cleaned remote folders of calculations {', '.join(cleaned)}")
+        self.ctx.finished[key] = {
+            "parameters": node.outputs.pw.output_parameters.uuid,
+            "trajectory": node.outputs.pw.output_trajectory.uuid,
+        }
+        outputs = {"vacuum_level": "vacuum", "hirshfeld": "hirshfeld", "lowdin": "lowdin"}
+        for output, name in outputs.items():
+            if output in node.outputs:
+                self.ctx.finished[key][name] = node.outputs[output].uuid
+        if "vacuum_level" in node.outputs:
+            self.out(f"potential_profiles.{key}", node.outputs.vacuum_level)
+        if "planar_potentials" in node.outputs:
+            self.out(f"planar_potentials.{key}", node.outputs.planar_potentials)
+        self._record_postprocess(key, node)
 
-    def _queue(self, prefix: str, keys) -> None:
-        """Queue post-processing step ``prefix`` (:data:`POSTPROCESS`) on the pw.x folders of ``keys``."""
-        self.ctx.queue = {"prefix": prefix, "keys": list(keys)}
+    def _record_failure(self, key: str, node: orm.ProcessNode) -> None:
+        """Record a configuration without labels: its ``PwBaseWorkChain`` and that one's last pw.x run."""
+        pw = called(node, "pw")
+        target = pw if pw is not None and not pw.is_finished_ok else node
+        calcs = [c for c in target.called if isinstance(c, orm.CalcJobNode)]
+        last = max(calcs, key=lambda c: c.ctime) if calcs else None
+        self.ctx.failures[key] = {
+            "workchain_pk": target.pk,
+            "exit_status": target.exit_status,
+            "exit_message": target.exit_message,
+            "calcjob_pk": last.pk if last else None,
+            "calcjob_exit_status": last.exit_status if last else None,
+            "calcjob_exit_message": last.exit_message if last else None,
+        }
+        self.report(f"configuration {key} failed: exit status {target.exit_status} ({target.exit_message})")
 
-    def has_queued(self) -> bool:
-        """Whether post-processing calculations wait to be submitted."""
-        return bool(self.ctx.queue["keys"])
+    def _record_postprocess(self, key: str, node: orm.ProcessNode) -> None:
+        """Record the post-processing steps of ``key`` that gave no label; the pw.x labels stay.
 
-    def submit_queued(self):
-        """Submit the next ``max_concurrent`` queued post-processing calculations."""
-        limit = max(1, self.inputs.max_concurrent.value)
-        prefix, keys = self.ctx.queue["prefix"], self.ctx.queue["keys"]
-        self.ctx.queue = {"prefix": prefix, "keys": keys[limit:]}
-        code_port, process, parameters, options = POSTPROCESS[prefix]
-        futures = self._run_on_pw_folders(
-            process, self.inputs[code_port], prefix, keys[:limit], parameters, **options
-        )
-        return ToContext(**futures)
+        A step whose calculation failed is recorded with that calculation; a wanted output missing for
+        another reason (the label workchain excepted or was killed) with the label workchain.
+        """
+        steps = self._steps(key)
+        for prefix, outputs in STEP_OUTPUTS.items():
+            wanted = [output for output in outputs if steps.get(output)]
+            if not wanted:
+                continue
+            step = step_name(prefix, steps)
+            calc = called(node, prefix)
+            message = step_failure(prefix, calc, steps) if calc is not None else None
+            if message is not None:
+                self._postprocess_failed(key, step, calc, message)
+            elif all(output in node.outputs for output in wanted):
+                if prefix == "projwfc" and calc is not None and not calc.is_finished_ok:
+                    self.report(
+                        f"configuration {key}: projwfc.x exit status {calc.exit_status} "
+                        f"({calc.exit_message}); its Löwdin charges are complete and kept"
+                    )
+            else:
+                self._postprocess_failed(key, step, node, f"{step} not labelled: {how_it_ended(node)}")
 
-    def _run_on_pw_folders(self, process, code, prefix: str, keys, parameters=None, **options):
-        """Submit ``process`` with ``code`` on the pw.x remote folder of each of ``keys``, all at once."""
-        futures = {}
-        options = {**self.ctx.inputs["options"], "withmpi": False, **options}
-        for key in keys:
-            builder = process.get_builder()
-            builder.code = code
-            builder.parent_folder = orm.load_node(self.ctx.finished[key]["remote_folder"])
-            if parameters is not None:
-                builder.parameters = orm.Dict(parameters)
-            builder.metadata.options = options
-            builder.metadata.call_link_label = f"{prefix}_{key}"
-            futures[f"{prefix}_{key}"] = self.submit(builder)
-        return futures
-
-    def _postprocess_failed(self, key: str, step: str, calc, message: str) -> None:
+    def _postprocess_failed(self, key: str, step: str, process: orm.ProcessNode, message: str) -> None:
         """Record a failed post-processing step in the report; the configuration's labels stay."""
         self.ctx.postprocess_failures[f"{key}:{step}"] = {
             "step": step,
-            "pk": calc.pk,
-            "exit_status": calc.exit_status,
-            "exit_message": calc.exit_message or message,
+            "pk": process.pk,
+            "exit_status": process.exit_status,
+            "exit_message": process.exit_message or message,
         }
         self.report(f"configuration {key}: {message}")
-
-    def _potential_keys(self) -> list[str]:
-        """Finished configurations whose electrostatic potential is wanted (slabs, or every one)."""
-        postprocess = self.ctx.inputs["postprocess"]
-        if postprocess.get("planar_potentials"):
-            return list(self.ctx.finished)
-        if postprocess.get("vacuum_level"):
-            return [key for key in self.ctx.finished if self.ctx.configs[key]["meta"].get("slab")]
-        return []
-
-    def should_run_potential(self) -> bool:
-        """Whether slab vacuum levels or planar-averaged potentials are wanted and something finished."""
-        return bool(self._potential_keys())
-
-    def run_potential(self):
-        """Queue pp.x: the electrostatic potential (V_bare + V_H, plot_num 11) of finished configurations."""
-        keys = self._potential_keys()
-        self._queue("pp", keys)
-        self.report(f"pp.x electrostatic potential for {len(keys)} configuration(s)")
-
-    def inspect_potential(self):
-        """Planar-average the potentials (calcfunctions): slab vacuum levels, per-axis planar averages."""
-        postprocess = self.ctx.inputs["postprocess"]
-        for key in self.ctx.finished:
-            if f"pp_{key}" not in self.ctx:
-                continue
-            calc = self.ctx[f"pp_{key}"]
-            slab = bool(self.ctx.configs[key]["meta"].get("slab"))
-            if not calc.is_finished_ok or "output_data" not in calc.outputs:
-                step = "vacuum_level" if slab and postprocess.get("vacuum_level") else "planar_potentials"
-                message = f"pp.x potential failed ({calc.exit_status})"
-                if step == "vacuum_level":
-                    message += "; Fermi level stays cell_average"
-                self._postprocess_failed(key, step, calc, message)
-                continue
-            if postprocess.get("planar_potentials"):
-                self.out(f"planar_potentials.{key}", planar_potentials(potential=calc.outputs.output_data))
-            if not (slab and postprocess.get("vacuum_level")):
-                continue
-            system = self.ctx.configs[key]["parameters"]["SYSTEM"]
-            settings = {
-                "edir": int(system["edir"]) - 1,
-                "emaxpos": system["emaxpos"],
-                "eopreg": system["eopreg"],
-            }
-            levels = vacuum_level(potential=calc.outputs.output_data, settings=orm.Dict(settings))
-            self.ctx.finished[key]["vacuum"] = levels.uuid
-            self.out(f"potential_profiles.{key}", levels)
-
-    def should_run_hirshfeld(self) -> bool:
-        """Whether Hirshfeld multipoles are wanted (and something finished)."""
-        return bool(self.ctx.inputs["postprocess"].get("hirshfeld")) and bool(self.ctx.finished)
-
-    def run_hirshfeld(self):
-        """Queue pp.x: the valence electron density (plot_num 0) of every finished configuration."""
-        self._queue("density", self.ctx.finished)
-        self.report(f"pp.x densities for {len(self.ctx.finished)} configuration(s)")
-
-    def inspect_hirshfeld(self):
-        """Partition each density (calcfunction) into Hirshfeld charges and atomic dipoles."""
-        for key in self.ctx.finished:
-            calc = self.ctx[f"density_{key}"]
-            if not calc.is_finished_ok or "output_data" not in calc.outputs:
-                message = f"pp.x density failed ({calc.exit_status}); no ref_charges"
-                self._postprocess_failed(key, "hirshfeld", calc, message)
-                continue
-            config = self.ctx.configs[key]
-            structure = orm.load_node(config["structure"])
-            pseudos = {
-                el: self.ctx.family.get_pseudo(element=el) for el in sorted(structure.get_symbols_set())
-            }
-            multipoles = hirshfeld_multipoles(
-                density=calc.outputs.output_data,
-                structure=structure,
-                settings=orm.Dict({"n_electrons": config["meta"]["n_electrons"]}),
-                **pseudos,
-            )
-            self.ctx.finished[key]["hirshfeld"] = multipoles.uuid
-
-    def should_run_lowdin(self) -> bool:
-        """Whether Löwdin charges are wanted (and something finished)."""
-        return bool(self.ctx.inputs["postprocess"].get("lowdin")) and bool(self.ctx.finished)
-
-    def run_lowdin(self):
-        """Queue projwfc.x on the pw.x output folder of every finished configuration."""
-        self._queue("projwfc", self.ctx.finished)
-        self.report(f"projwfc.x Löwdin populations for {len(self.ctx.finished)} configuration(s)")
-
-    def inspect_lowdin(self):
-        """Take the Löwdin charges of each projwfc.x run from its ``lowdin`` output (``emlip.projwfc``).
-
-        The parser attaches ``lowdin`` whenever the stdout's block is complete, also when
-        aiida-quantumespresso's part of the parsing fails on a run it cannot read (its exit status is
-        then reported and the charges are kept).
-        """
-        for key in self.ctx.finished:
-            calc = self.ctx[f"projwfc_{key}"]
-            lowdin = calc.outputs.lowdin if "lowdin" in calc.outputs else None
-            if lowdin is None or "charges" not in lowdin.get_arraynames():
-                message = f"projwfc.x failed ({calc.exit_status}, {calc.exit_message}); no lowdin"
-                self._postprocess_failed(key, "lowdin", calc, message)
-                continue
-            if not calc.is_finished_ok:
-                self.report(
-                    f"configuration {key}: projwfc.x exit status {calc.exit_status} "
-                    f"({calc.exit_message}); its Löwdin charges are complete and kept"
-                )
-            self.ctx.finished[key]["lowdin"] = lowdin.uuid
 
     def _dft_settings(self) -> dict[str, Any]:
         inputs = {k: v for k, v in self.ctx.inputs.items() if k not in ("options",)}

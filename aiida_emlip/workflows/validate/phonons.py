@@ -24,7 +24,7 @@ from aiida_emlip.data import EmlipDatasetData
 from aiida_emlip.data.model import EmlipModelData
 from aiida_emlip.models.backbone import BackboneConfig
 from aiida_emlip.workflows import protocol as protocols
-from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain
+from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain, pw_run
 from aiida_emlip.workflows.process_state import how_it_ended
 
 from . import evaluate as model_side
@@ -386,8 +386,7 @@ class EmlipPhononWorkChain(ValidationSteps, protocols.EmlipProtocolMixin, WorkCh
     def run_ph(self):
         """ph.x at Γ with ``epsil = .true., trans = .false.`` from the host's pw.x folder."""
         self.ctx.ph_error = None
-        links = self.ctx.dft.base.links.get_outgoing(link_label_filter=f"pw_{HOST}").all()
-        pw = links[0].node if links else None
+        pw = pw_run(self.ctx.dft, HOST)
         if pw is None or not pw.is_finished_ok or "remote_folder" not in pw.outputs:
             self.ctx.ph_error = "the host's pw.x run did not finish"
             self.report(f"ph.x skipped: {self.ctx.ph_error}")

@@ -28,6 +28,10 @@ class BackboneConfig:
     num_polynomial_cutoff: int = 5
     mlp_hidden: int = 16
     avg_num_neighbors: float = 8.0
+    #: Keep l = 1 features in the last layer (MACE's ``keep_last_layer_irreps``) for readouts of atomic
+    #: dipoles; without them the backbone is exactly MACE's default and costs the same. A model
+    #: resolves it from its head (:func:`~aiida_emlip.models.model.reads_last_layer_vectors`).
+    last_layer_vectors: bool = False
 
     def __post_init__(self) -> None:
         unknown = [e for e in self.elements if e not in ASE_NUMBERS]
@@ -37,6 +41,8 @@ class BackboneConfig:
             raise ValueError(f"unknown backbone kind {self.kind!r}; available: 'mace'")
         if self.max_L not in (0, 1):
             raise ValueError("max_L must be 0 or 1 (l ≤ 1 features)")
+        if not isinstance(self.last_layer_vectors, bool):
+            raise ValueError(f"last_layer_vectors must be true or false, got {self.last_layer_vectors!r}")
 
 
 @dataclass
@@ -52,11 +58,8 @@ class BackboneOutput:
 class MaceBackbone(torch.nn.Module):
     """A MACE model used as a feature extractor and short-range energy."""
 
-    def __init__(self, config: BackboneConfig, last_layer_vectors: bool = False) -> None:
-        """``last_layer_vectors`` keeps l = 1 features in the last layer too (for dipole readouts);
-        without it the backbone is exactly MACE's default and costs the same."""
+    def __init__(self, config: BackboneConfig) -> None:
         super().__init__()
-        self.last_layer_vectors = last_layer_vectors
         modules = mace_modules()
         MACE, interaction_classes = modules.MACE, modules.interaction_classes
 
@@ -80,7 +83,7 @@ class MaceBackbone(torch.nn.Module):
             atomic_numbers=numbers,
             correlation=config.correlation,
             gate=torch.nn.functional.silu,
-            keep_last_layer_irreps=last_layer_vectors,
+            keep_last_layer_irreps=config.last_layer_vectors,
         )
         lookup = torch.full((119,), -1, dtype=torch.long)
         lookup[torch.tensor(numbers)] = torch.arange(len(numbers))
@@ -124,7 +127,7 @@ class MaceBackbone(torch.nn.Module):
         c, n = self.config.num_channels, self.config.num_interactions
         if self.config.max_L == 0 or n == 1:
             return [c] * n
-        return [4 * c] * (n - 1) + [4 * c if self.last_layer_vectors else c]
+        return [4 * c] * (n - 1) + [4 * c if self.config.last_layer_vectors else c]
 
     def _split_features(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c, n_atoms = self.config.num_channels, feats.shape[0]

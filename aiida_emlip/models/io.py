@@ -21,7 +21,8 @@ from aiida_emlip.models.file_format import (
     parse_header,
     read_metadata,
 )
-from aiida_emlip.models.model import EmlipModel, ModelConfig
+from aiida_emlip.models.file_layout import model_for_weights, state_shapes
+from aiida_emlip.models.model import EmlipModel
 
 __all__ = (
     "FORMAT",
@@ -96,21 +97,32 @@ def save_model(model: EmlipModel, path: str | Path, extra: dict[str, Any] | None
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> EmlipModel:
     """Rebuild the model from its JSON config and load its weights (strict), once the file is verified.
 
+    A config without ``backbone.last_layer_vectors`` (a file written before the key existed) gets the
+    backbone layout its weights were written for (:mod:`~aiida_emlip.models.file_layout`).
+
     Every problem with the file (missing, pickled, truncated, corrupted, another format, weights that
     do not fit the config) is a :class:`ModelFileError` with a one-line message.
     """
     meta = read_metadata(path)
     try:
-        model = EmlipModel(ModelConfig.from_dict(meta["config"]))
+        state = safetensors.torch.load_file(str(path), device="cpu")
+    except (safetensors.SafetensorError, RuntimeError, ValueError) as exc:
+        raise ModelFileError(f"{path}: its weights cannot be loaded: {_first_line(exc)}") from None
+    try:
+        if not isinstance(meta["config"], dict):
+            raise ValueError("not a mapping")
+        model = model_for_weights(meta["config"], state_shapes(state))
     except (TypeError, ValueError, KeyError) as exc:
         raise ModelFileError(f"{path}: its model config is not valid: {exc}") from None
     try:
-        state = safetensors.torch.load_file(str(path), device="cpu")
         model.load_state_dict(state, strict=True)
-    except (safetensors.SafetensorError, RuntimeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelFileError(f"{path}: its weights cannot be loaded: {first}") from None
+    except (RuntimeError, ValueError) as exc:
+        raise ModelFileError(f"{path}: its weights cannot be loaded: {_first_line(exc)}") from None
     return model.to(resolve_device(device))
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

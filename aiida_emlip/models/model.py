@@ -25,9 +25,23 @@ def _strict(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
     return values
 
 
+def reads_last_layer_vectors(head: dict[str, Any]) -> bool:
+    """Whether a model with ``head`` (name and options) reads l = 1 features of the last backbone layer.
+
+    Only heads with atomic-dipole readouts do (:meth:`~aiida_emlip.models.heads.base.Head.needs_vectors`);
+    the induced-dipole term and the rest of the model read the invariant features alone.
+    """
+    cls, options = head_class(head)
+    return cls.needs_vectors(options)
+
+
 @dataclass
 class ModelConfig:
-    """Everything needed to rebuild a model; serialised as JSON next to the weights."""
+    """Everything needed to rebuild a model; serialised as JSON next to the weights.
+
+    ``backbone.last_layer_vectors`` is resolved here when left out: true exactly when the head reads
+    l = 1 features of the last layer. It is then always explicit in ``to_dict`` and in model files.
+    """
 
     elements: list[str]
     head: dict[str, Any] = field(default_factory=lambda: {"name": "sr"})
@@ -41,8 +55,21 @@ class ModelConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         _strict(BackboneConfig, {**self.backbone, "elements": self.elements}, "backbone")
+        self.backbone = self._resolve_last_layer_vectors(dict(self.backbone))
         _strict(ElectrostaticsConfig, self.electrostatics, "electrostatics")
         InductionConfig(**_strict(InductionConfig, self.induction, "induction"))
+
+    def _resolve_last_layer_vectors(self, backbone: dict[str, Any]) -> dict[str, Any]:
+        needed = reads_last_layer_vectors(self.head)
+        value = backbone.setdefault("last_layer_vectors", needed)
+        if not isinstance(value, bool):
+            raise ValueError(f"backbone.last_layer_vectors must be true or false, got {value!r}")
+        if needed and not value:
+            raise ValueError(
+                f"head {self.head.get('name')!r} reads l = 1 features of the backbone's last layer "
+                f"(atomic dipoles): backbone.last_layer_vectors must be true or left out"
+            )
+        return backbone
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
@@ -58,11 +85,7 @@ class EmlipModel(torch.nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        cls, options = head_class(config.head)
-        self.backbone = MaceBackbone(
-            BackboneConfig(elements=config.elements, **config.backbone),
-            last_layer_vectors=cls.needs_vectors(options),
-        )
+        self.backbone = MaceBackbone(BackboneConfig(elements=config.elements, **config.backbone))
         self.electrostatics = Electrostatics(ElectrostaticsConfig(**config.electrostatics))
         self.head = build_head(
             config.head, config.elements, self.backbone.num_scalars, self.backbone.num_vectors

@@ -3,7 +3,10 @@
 The model file is verified (its checksum) and its architecture compared with the configuration's
 ``model`` section, resolved with every default: elements, dtype, the head and its options, the backbone,
 the electrostatics and the induced-dipole settings must be the same, or
-:func:`architecture_differences` names each key that differs. The weights and every persistent
+:func:`architecture_differences` names each key that differs. The backbone's layout
+(``backbone.last_layer_vectors``) is among them: a file written before that key existed gets the value
+its weights were written for, so a model whose last layer keeps l = 1 features that the configuration's
+head does not read is refused with a message naming the key to set. The weights and every persistent
 buffer (the per-element reference energies included) are taken as they are; the optimiser, the
 scheduler and the EMA start fresh. Only what is read here is used: the file is never unpickled.
 """
@@ -20,6 +23,9 @@ import torch
 from aiida_emlip.models.file_format import CHECKSUM_KEY, ModelFileError, file_sha256, verify
 from aiida_emlip.training.errors import ConfigError, DataError
 
+#: The backbone key of the last layer's l = 1 features, explicit in the initial model's config once read
+#: (from its weights for a file written before the key existed).
+LAYOUT_KEY = "last_layer_vectors"
 #: The sections of the model configuration that make its architecture (compared key by key).
 ARCHITECTURE = ("elements", "dtype", "head", "backbone", "electrostatics", "induction")
 
@@ -57,6 +63,8 @@ def read_init_model(path: str | Path) -> InitModel:
     import safetensors
     import safetensors.torch
 
+    from aiida_emlip.models.file_layout import explicit_layout, state_shapes
+
     path = Path(path)
     try:
         metadata = verify(path)
@@ -75,7 +83,7 @@ def read_init_model(path: str | Path) -> InitModel:
         raise ConfigError(f"init_from: {exc}") from None
     return InitModel(
         path=path,
-        config=config,
+        config=explicit_layout(config, state_shapes(state)),
         state=state,
         sha256=file_sha256(path),
         weights_sha256=metadata.get(CHECKSUM_KEY),
@@ -149,11 +157,18 @@ def check_architecture(init: InitModel, config: dict[str, Any]) -> None:
     except (TypeError, ValueError, KeyError) as exc:
         raise ConfigError(f"init_from: {init.path}: its model config is not valid: {exc}") from None
     if differ:
+        layout = any(d.startswith(f"model.backbone.{LAYOUT_KEY} ") for d in differ)
+        hint = (
+            f" (model.backbone.{LAYOUT_KEY}: true keeps the l = 1 features of the last backbone layer "
+            f"that the initial model has)"
+            if layout and dict(init.config.get("backbone") or {}).get(LAYOUT_KEY)
+            else ""
+        )
         raise ConfigError(
             f"init_from: the model {init.path} differs from the configuration's model section in "
             f"{len(differ)} key(s): {'; '.join(differ)}. A warm start needs the same elements, dtype, "
             f"head, backbone, electrostatics and induction: make the model section match, or train from "
-            f"scratch without init_from"
+            f"scratch without init_from{hint}"
         )
 
 

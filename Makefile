@@ -9,9 +9,11 @@ SHELL := /bin/bash
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
-# `make test` (CI) leaves out the tests marked slow and runs on two workers, one test file each
-# (module fixtures stay shared); `make test-all` runs every test. PYTEST_ARGS= runs serially.
-PYTEST_ARGS ?= -m "not slow" -n 2 --dist loadfile --durations=25
+# `make test` (CI) leaves out the tests marked slow and runs on four workers, one test file each
+# (module fixtures stay shared): the tests wait on pw.x, AiiDA's polling and subprocesses for much of
+# their time, so four workers keep two cores busy. `make test-all` runs every test (two workers: the
+# slow daemon tests change broker-wide settings). PYTEST_ARGS= runs serially.
+PYTEST_ARGS ?= -m "not slow" -n 4 --dist loadfile --durations=25
 STAMPS := .stamps
 HASH := $(shell (cat pyproject.toml; echo "$(TORCH_SPEC)") | sha256sum | cut -c1-16)
 INSTALL_STAMP := $(STAMPS)/install-$(HASH)

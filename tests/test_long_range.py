@@ -199,3 +199,45 @@ def test_split_captures_the_interaction_on_the_committed_cells(tmp_path):
     # induced dipoles supply the ion's polarisation of the water beyond the cutoff, which split lacks
     # (measured: sr 24.0, split 6.09, split with induced dipoles 3.42 meV/atom)
     assert errors["split+ind"]["rms"] < 0.8 * errors["split"]["rms"], errors
+
+
+@pytest.mark.slow
+def test_integer_fragments_remove_the_charge_leak_on_the_committed_cells(tmp_path):
+    """``charges`` with induced dipoles trained on the committed cells, fragments at integer charges
+    against one structure-wide correction: that correction leaks part of the ion's charge onto the far
+    water and the induced dipoles respond to it, binding the pair too strongly; integer fragments leave
+    the dipoles the ion's field alone. Measured (every far cell, this backbone): 2.90 against 6.93
+    meV/atom, mean +1.5 against −4.2. (Without induced dipoles the leak's spurious attraction stands in
+    for the missing polarisation on the cells it was fitted to: 5.94 against 4.99.)"""
+    from pathlib import Path
+
+    from aiida_emlip.analysis.long_range import interaction_errors
+    from aiida_emlip.extxyz import text_to_frames
+    from aiida_emlip.models.io import load_model
+    from aiida_emlip.training.config import parse_config
+    from aiida_emlip.training.presets import preset_config
+    from aiida_emlip.training.trainer import Trainer
+
+    data = Path(__file__).resolve().parents[1] / "bench" / "data" / "long_range.xyz"
+    frames = text_to_frames(data.read_text())
+    labels = {k for a in frames for k in (*a.info, *a.arrays)}
+    backbone = {"num_channels": 8, "max_L": 1, "correlation": 2, "num_interactions": 2, "r_max": 4.0}
+    models = {}
+    for mode in ("integer", "shared"):
+        values = preset_config(
+            "charges",
+            labels=labels,
+            epochs=40,
+            elements=["H", "Li", "O"],
+            backbone=backbone,
+            batch_size=4,
+            induction=True,
+        )
+        values["model"]["head"]["fragments"] = mode
+        values["data"].update(train=str(data), valid_fraction=0.1, test_fraction=0.0)
+        values["output_dir"] = str(tmp_path / mode)
+        Trainer(parse_config(values)).run()
+        models[mode] = load_model(tmp_path / mode / "model.safetensors")
+    errors = interaction_errors(models, frames, cutoff=4.0)
+    assert errors["integer"]["rms"] < 0.8 * errors["shared"]["rms"], errors
+    assert abs(errors["integer"]["mean"]) < abs(errors["shared"]["mean"]), errors

@@ -15,9 +15,10 @@ One structure at a time, with ``h_i`` the backbone scalars and ``q`` the current
   ``f_i = (∂F_i/∂μ)/Σ_j ∂F_j/∂μ`` (autograd through the update) redistributes the charge error,
   ``F += f (Q − ΣF)``, and μ takes a Newton step ``Δμ = (Q − ΣF)/Σ ∂F/∂μ`` clamped to ±1.
   With ``fragments='integer'`` (the default) every fragment that no edge joins to another
-  (:mod:`~aiida_emlip.models.fragments`) has its own integer charge — the one nearest the sum of its
-  local charges — and its own μ, so no charge moves across vacuum between fragments; the reported
-  Fermi level is that of the largest fragment. ``shared``: one μ and one constraint per structure.
+  (:mod:`~aiida_emlip.models.fragments`) has its own integer charge — the one nearest the charge a
+  structure-wide linear response would give it — and its own μ, so no charge moves across vacuum
+  between fragments; the reported Fermi level is that of the largest fragment. ``shared``: one μ and
+  one constraint per structure.
   Constant μ: μ is the electrode's Fermi level and Σq floats.
 
 Energy on the final density: ``Σ_i [a_i δ_i + ½ b_i δ_i²] + E_H[q] − E·d`` with ``δ = q − p_loc`` and

@@ -19,6 +19,7 @@ correction of the total charge.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -93,6 +94,46 @@ def integer_targets(
     return targets, remainders
 
 
+@dataclass
+class FragmentCharges:
+    """The fragments of a batch and the charge each must carry (:func:`fragment_targets`)."""
+
+    index: torch.Tensor  # [N] the fragment of each atom
+    batch: torch.Tensor  # [F] the structure of each fragment
+    local: torch.Tensor  # [F] the sum of its local charges
+    weight: torch.Tensor  # [F] the sum of its atoms' weights
+    shared: torch.Tensor  # [F] its charge under one structure-wide correction (differentiable)
+    targets: torch.Tensor  # [F] the charge it carries: an integer, plus its share of a fractional Q
+
+
+def fragment_structures(index: torch.Tensor, count: int, graph: Graph) -> torch.Tensor:
+    """The structure of each of the ``count`` fragments [F] from the fragment of each atom [N]."""
+    batch = torch.zeros(count, dtype=graph.batch.dtype, device=index.device)
+    return batch.scatter(0, index, graph.batch)
+
+
+def fragment_targets(
+    charges: torch.Tensor, graph: Graph, weights: torch.Tensor | None = None
+) -> FragmentCharges:
+    """Each fragment's charge: the integer nearest the charge a structure-wide correction would give it,
+    the correction sharing each structure's excess over Σ ``charges`` in proportion to ``weights`` [N]
+    (uniformly without), and a non-integer remainder of Q shared in the same proportion."""
+    index, count = fragment_index(graph)
+    weights = torch.ones_like(charges) if weights is None else weights
+    batch = fragment_structures(index, count, graph)
+    local = charges.new_zeros(count).index_add(0, index, charges)
+    weight = weights.new_zeros(count).index_add(0, index, weights)
+    share = weight / weights.new_zeros(graph.num_graphs).index_add(0, graph.batch, weights)[batch]
+    sizes = torch.bincount(index, minlength=count)
+    shared = shared_fragment_charges(local, share, batch, graph.total_charge.to(charges.dtype))
+    integers, remainders = integer_targets(shared, batch, graph.total_charge, sizes)
+    targets = integers.to(device=charges.device, dtype=charges.dtype)
+    remainders = remainders.to(device=charges.device, dtype=charges.dtype)
+    if bool((remainders != 0).any()):
+        targets = targets + remainders[batch] * share
+    return FragmentCharges(index, batch, local, weight, shared, targets)
+
+
 def correct_fragment_charges(
     charges: torch.Tensor, graph: Graph, weights: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -109,21 +150,9 @@ def fragment_corrected(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`correct_fragment_charges`, plus the fragment of each atom [N] and each fragment's charge
     under one structure-wide correction [F] (differentiable: the quantity that training supervises)."""
-    index, count = fragment_index(graph)
     weights = torch.ones_like(charges) if weights is None else weights
-    fragment_batch = torch.zeros(count, dtype=graph.batch.dtype, device=charges.device)
-    fragment_batch = fragment_batch.scatter(0, index, graph.batch)
-    predicted = charges.new_zeros(count).index_add(0, index, charges)
-    norm = weights.new_zeros(count).index_add(0, index, weights)
-    share = norm / weights.new_zeros(graph.num_graphs).index_add(0, graph.batch, weights)[fragment_batch]
-    sizes = torch.bincount(index, minlength=count)
-    shared = shared_fragment_charges(predicted, share, fragment_batch, graph.total_charge.to(charges.dtype))
-    integers, remainders = integer_targets(shared, fragment_batch, graph.total_charge, sizes)
-    targets = integers.to(device=charges.device, dtype=charges.dtype)
-    remainders = remainders.to(device=charges.device, dtype=charges.dtype)
-    if bool((remainders != 0).any()):
-        targets = targets + remainders[fragment_batch] * share
-    return charges + ((targets - predicted) / norm)[index] * weights, index, shared
+    f = fragment_targets(charges, graph, weights)
+    return charges + ((f.targets - f.local) / f.weight)[f.index] * weights, f.index, f.shared
 
 
 def shared_fragment_charges(

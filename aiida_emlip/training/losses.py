@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from aiida_emlip import schema
+from aiida_emlip.models.fragments import fragment_structures
 from aiida_emlip.models.graph import Graph
 from aiida_emlip.models.heads.base import ChargeConstraintError
 from aiida_emlip.models.heads.solvers import SCFConvergenceError
@@ -158,8 +159,7 @@ def fragment_residuals(out: dict[str, Any], batch: Batch) -> torch.Tensor | None
         return None
     graph = batch.graph
     count = shared.numel()
-    fragment_batch = torch.zeros(count, dtype=graph.batch.dtype, device=shared.device)
-    fragment_batch = fragment_batch.scatter(0, index, graph.batch)
+    fragment_batch = fragment_structures(index, count, graph)
     per_structure = torch.bincount(fragment_batch, minlength=graph.num_graphs)
     keep = _per_structure_mask(batch, schema.CHARGES)[fragment_batch] & (per_structure[fragment_batch] > 1)
     reference = torch.nan_to_num(batch.labels[schema.CHARGES].to(shared.dtype))

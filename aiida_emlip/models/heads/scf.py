@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from aiida_emlip.models.fragments import FRAGMENTS, fragment_index, integer_targets, shared_fragment_charges
+from aiida_emlip.models.fragments import FRAGMENTS, fragment_targets
 from aiida_emlip.models.heads.base import (
     Head,
     HeadInput,
@@ -137,9 +137,8 @@ class _Structure:
     cell: torch.Tensor
     pbc: torch.Tensor
     v_app: torch.Tensor
-    total: torch.Tensor
     fragment: torch.Tensor  # [n] the constraint group (fragment) of each atom, 0..C-1
-    targets: torch.Tensor  # [C] the charge of each group (Σ = total)
+    targets: torch.Tensor  # [C] the charge of each group (Σ = the structure's total charge)
 
     @property
     def groups(self) -> int:
@@ -244,7 +243,6 @@ class SelfConsistentHead(Head):
                 inp.cell[b].detach(),
                 graph.pbc[b],
                 v_app[atoms].detach(),
-                inp.total_charge[b].detach(),
                 *groups[b],
             )
             start = p_loc[atoms]  # constant Q: p_loc shifted to each group's charge; the map keeps p_loc
@@ -310,7 +308,7 @@ class SelfConsistentHead(Head):
 
         ``integer`` at constant Q: the fragments, at the integer charges nearest the charges that one
         structure-wide linear response would give them (their p_loc plus a share of the excess in
-        proportion to their softness Σ χ/s; :func:`~aiida_emlip.models.fragments.integer_targets`);
+        proportion to their softness Σ χ/s; :func:`~aiida_emlip.models.fragments.fragment_targets`);
         otherwise one group, Q. Also the fragment of each atom and those structure-wide fragment
         charges (differentiable, for training to supervise), or ``None`` with one group.
         """
@@ -322,30 +320,15 @@ class SelfConsistentHead(Head):
                 for b, a in graph.structures()
             ]
             return single, None, None
-        index, count = fragment_index(graph)
-        fragment_batch = torch.zeros(count, dtype=graph.batch.dtype, device=p_loc.device)
-        fragment_batch = fragment_batch.scatter(0, index, graph.batch)
-        predicted = p_loc.new_zeros(count).index_add(0, index, p_loc)
         # each fragment's share of the structure's excess in linear response: its softness Σ χ/s
         softness = (chi / self._scales(inp, chi)).sum(-1)
-        norm = softness.new_zeros(count).index_add(0, index, softness)
-        share = (
-            norm / softness.new_zeros(graph.num_graphs).index_add(0, graph.batch, softness)[fragment_batch]
-        )
-        sizes = torch.bincount(index, minlength=count)
-        shared = shared_fragment_charges(predicted, share, fragment_batch, totals.to(p_loc.dtype))
-        integers, remainders = integer_targets(shared, fragment_batch, totals, sizes)
-        integers = integers.to(device=p_loc.device, dtype=p_loc.dtype)
-        remainders = remainders.to(device=p_loc.device, dtype=p_loc.dtype)
+        fragments = fragment_targets(p_loc, graph, softness)
         out = []
-        for b, atoms in graph.structures():
-            local = index[atoms]
+        for _, atoms in graph.structures():
+            local = fragments.index[atoms]
             first = int(local.min())
-            group_targets = integers[first : int(local.max()) + 1].clone()
-            # a non-integer total charge: its fraction goes to the fragments by their softness
-            group_targets = group_targets + remainders[b] * share[first : first + group_targets.numel()]
-            out.append((local - first, group_targets.detach()))
-        return out, index, shared
+            out.append((local - first, fragments.targets[first : int(local.max()) + 1].detach()))
+        return out, fragments.index, fragments.shared
 
     @staticmethod
     def _reported_mu(s: _Structure, mu: torch.Tensor) -> torch.Tensor:
@@ -527,7 +510,7 @@ class SelfConsistentHead(Head):
                         row = s.group_sum(a * fmu) if transpose else s.group_sum(a)
                         return torch.cat([op(a) - a + column, row])
 
-                    rhs = torch.cat([r, rhs_mu.reshape(-1).expand(s.groups)])
+                    rhs = torch.cat([r, rhs_mu.reshape(s.groups)])
                 else:
 
                     def full(z):

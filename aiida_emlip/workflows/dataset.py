@@ -524,7 +524,9 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
         """Record the post-processing steps of ``key`` that gave no label; the pw.x labels stay.
 
         A step whose calculation failed is recorded with that calculation; a wanted output missing for
-        another reason (the label workchain excepted or was killed) with the label workchain.
+        another reason (the label workchain excepted or was killed) with the label workchain. (A
+        projwfc.x run with a non-zero exit status but complete Löwdin charges is reported by the label
+        workchain, whose report is part of the dataset's.)
         """
         steps = self._steps(key)
         for prefix, outputs in STEP_OUTPUTS.items():
@@ -536,13 +538,7 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
             message = step_failure(prefix, calc, steps) if calc is not None else None
             if message is not None:
                 self._postprocess_failed(key, step, calc, message)
-            elif all(output in node.outputs for output in wanted):
-                if prefix == "projwfc" and calc is not None and not calc.is_finished_ok:
-                    self.report(
-                        f"configuration {key}: projwfc.x exit status {calc.exit_status} "
-                        f"({calc.exit_message}); its Löwdin charges are complete and kept"
-                    )
-            else:
+            elif not all(output in node.outputs for output in wanted):
                 self._postprocess_failed(key, step, node, f"{step} not labelled: {how_it_ended(node)}")
 
     def _postprocess_failed(self, key: str, step: str, process: orm.ProcessNode, message: str) -> None:

@@ -204,3 +204,22 @@ def train_code(pw_code):
 def eval_code(pw_code):
     """``emlip-eval`` of this venv as an installed code on the test profile's localhost."""
     return _emlip_code(pw_code, "emlip-eval")
+
+
+@pytest.fixture(autouse=True)
+def _aiida_logging_restored():
+    """Give the next test AiiDA's logging as the profile had it: a ``verdi`` command run in-process
+    (click's CliRunner) reconfigures logging for a terminal and drops the handler that stores process
+    reports in the database, so a later test reading a workchain's reports would find none."""
+    yield
+    log = sys.modules.get("aiida.common.log")
+    if log is None:
+        return
+    import logging
+
+    stored = any(type(h).__name__ == "DBLogHandler" for h in logging.getLogger("aiida").handlers)
+    if stored and not log.CLI_ACTIVE:
+        return
+    log.CLI_ACTIVE = None
+    log.CLI_LOG_LEVEL = None
+    log.configure_logging(with_orm=True)

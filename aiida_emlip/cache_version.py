@@ -24,14 +24,17 @@ import zlib
 
 from aiida_emlip import __version__
 
-#: The calculations a study reuses from the cache when caching is on (``launch``'s default; the profile
-#: made by ``aiida-emlip setup --services`` enables them for its daemon).
+#: The calculations (and the dataset workchain) a study reuses when caching is on (``launch``'s default;
+#: the profile made by ``aiida-emlip setup --services`` enables them for its daemon).
 CACHED_PROCESSES = (
     "aiida.calculations:quantumespresso.pw",
     "aiida.calculations:quantumespresso.pp",
     "aiida.calculations:emlip.projwfc",
     "aiida.calculations:emlip.train",
     "aiida.calculations:emlip.evaluate",
+    # not a calculation: a dataset workchain with the inputs of a finished one returns that one's
+    # outputs (aiida_emlip.workflows.reuse)
+    "aiida.workflows:emlip.dataset",
 )
 #: Raised when emlip-train's or emlip-eval's results change for the same inputs within one version.
 NUMERICS = 2

@@ -144,6 +144,8 @@ def test_export_and_reproduce_in_a_fresh_profile(study, emlip_cli, tmp_path):
     assert "The new results match the archived ones" in out, out
     cached, total = map(int, re.search(r"(\d+) of (\d+) calculations reused from the cache", out).groups())
     assert cached == total and total >= 8  # 6 pw.x, 2 trainings, 2 evaluations
+    # the study's DFT dataset is the archived one, reused whole: no process per configuration
+    assert "1 DFT dataset with the inputs of a finished one reused whole" in out, out
 
 
 def test_status_reads_epoch_lines_of_every_head():

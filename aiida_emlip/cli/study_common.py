@@ -199,12 +199,20 @@ def load_study(pk: str) -> ProcessNode:
     return node
 
 
-def cached_counts(node: ProcessNode) -> tuple[int, int]:
-    """(calculations taken from the cache, all calculations) below ``node``."""
+def cached_counts(node: ProcessNode) -> tuple[int, int, int]:
+    """(calculations reused, all calculations, datasets reused) of the study ``node``.
+
+    A calculation is reused when the cache made it, or when a dataset workchain of the study returned
+    the outputs of a finished twin (:mod:`aiida_emlip.workflows.reuse`): the twin's calculations count.
+    """
     from aiida.orm import CalcJobNode
 
+    from aiida_emlip.workflows.reuse import reused_counts
+
     calcs = [n for n in node.called_descendants if isinstance(n, CalcJobNode)]
-    return sum(1 for c in calcs if c.base.caching.is_created_from_cache), len(calcs)
+    twins, twin_calcs = reused_counts(node)
+    cached = sum(1 for c in calcs if c.base.caching.is_created_from_cache)
+    return cached + twin_calcs, len(calcs) + twin_calcs, twins
 
 
 def print_outcome(node: ProcessNode, target: ProfileTarget) -> None:
@@ -216,9 +224,13 @@ def print_outcome(node: ProcessNode, target: ProfileTarget) -> None:
     if "comparison" in node.outputs:
         for line in node.outputs.comparison.get_dict().get("verdict", []):
             click.echo(f"  - {line}")
-    cached, total = cached_counts(node)
+    cached, total, datasets = cached_counts(node)
     if cached:
-        click.echo(f"{cached} of {total} calculations reused from the cache")
+        plural = "s" if datasets != 1 else ""
+        through = ""
+        if datasets:
+            through = f" ({datasets} DFT dataset{plural} with the inputs of a finished one reused whole)"
+        click.echo(f"{cached} of {total} calculations reused from the cache{through}")
     click.echo(f"Status: aiida-emlip status {node.pk}; all processes: verdi -p {target.name} process list -a")
 
 

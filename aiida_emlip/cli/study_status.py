@@ -11,6 +11,7 @@ from aiida import orm
 from aiida.common.links import LinkType
 
 from aiida_emlip.cli.study_common import STUDY_ENTRY_POINT
+from aiida_emlip.workflows.reuse import REUSED_FROM_EXTRA
 
 PW_PROCESS = "aiida.calculations:quantumespresso.pw"
 #: Call link label prefix of the dataset workchain's label workchains (``dataset.LABEL_PREFIX``).
@@ -214,7 +215,11 @@ def dft_counts(dft: orm.ProcessNode) -> dict[str, Any]:
 def _dft_line(dft: orm.ProcessNode, counts: dict[str, Any]) -> str:
     text = ", ".join(f"{v} {k}" for k, v in counts.items() if k != "total")
     total = counts["total"] if counts.get("total") is not None else "?"
-    return f"DFT <{dft.pk}> {_state(dft)}: {text} of {total} pw.x configurations"
+    line = f"DFT <{dft.pk}> {_state(dft)}: {text} of {total} pw.x configurations"
+    source = dft.base.extras.get(REUSED_FROM_EXTRA, None)
+    if source:
+        line += f" (reused from <{orm.load_node(source).pk}>, the same inputs)"
+    return line
 
 
 def lost_lines(study: orm.WorkflowNode, spec: dict[str, Any]) -> list[str]:

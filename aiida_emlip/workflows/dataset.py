@@ -34,6 +34,7 @@ from .functions import (
 from .label import PP_STEPS, STEP_OUTPUTS, EmlipLabelWorkChain, called, step_failure, step_name
 from .process_state import how_it_ended
 from .pw_inputs import ConfigurationError, build_pw_setup
+from .reuse import DIGEST_EXTRA, REUSED_FROM_EXTRA, finished_twin, inputs_digest, origin, returned
 from .samplers import SAMPLERS
 from .window import WakeOnFirstChild
 
@@ -49,8 +50,9 @@ CARRIED_INFO = ("sampler", "seed", "sampler_params", schema.CONFIG_TYPE)
 
 
 def labelled_by(dataset: orm.ProcessNode, key: str) -> orm.ProcessNode | None:
-    """The ``EmlipLabelWorkChain`` of configuration ``key`` that the dataset workchain ``dataset`` ran."""
-    return called(dataset, f"{LABEL_PREFIX}{key}")
+    """The ``EmlipLabelWorkChain`` of configuration ``key`` that the dataset workchain ``dataset`` ran (or,
+    when it reused a finished twin's outputs, the one that twin ran)."""
+    return called(origin(dataset), f"{LABEL_PREFIX}{key}")
 
 
 def pw_run(dataset: orm.ProcessNode, key: str) -> orm.ProcessNode | None:
@@ -153,10 +155,12 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
         )
         spec.outline(
             cls.setup,
-            if_(cls.has_sampler)(cls.run_sampler),
-            cls.prepare,
-            while_(cls.has_unfinished)(cls.run_window),
-            cls.results,
+            if_(cls.has_twin)(cls.reuse_twin).else_(
+                if_(cls.has_sampler)(cls.run_sampler),
+                cls.prepare,
+                while_(cls.has_unfinished)(cls.run_window),
+                cls.results,
+            ),
         )
         spec.output(
             "dataset", valid_type=EmlipDatasetData, required=False, help="The labelled configurations."
@@ -283,6 +287,39 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
         self.report(
             f"protocol {self.ctx.inputs['protocol']}; caching of pw.x "
             f"{'enabled' if get_use_cache(identifier=PW_CACHE_IDENTIFIER) else 'disabled'}"
+        )
+        self.ctx.twin = self._finished_twin()
+
+    def _finished_twin(self) -> str | None:
+        """Record the digest of the inputs; the UUID of a finished twin to reuse when caching is enabled
+        for this workchain (:mod:`~.reuse`)."""
+        md5 = {pseudo.element: pseudo.md5 for pseudo in self.ctx.family.nodes if hasattr(pseudo, "md5")}
+        try:
+            digest = inputs_digest(self.inputs, md5)
+        except ValueError as error:
+            self.report(f"no reuse of a finished twin: {error}")
+            return None
+        self.node.base.extras.set(DIGEST_EXTRA, digest)
+        if not get_use_cache(identifier=self.node.process_type):
+            return None
+        twin = finished_twin(self.node.process_type, digest, exclude=self.node.pk)
+        return twin.uuid if twin is not None else None
+
+    def has_twin(self) -> bool:
+        """Whether a finished workchain with the same inputs is reused (caching enabled for it)."""
+        return self.ctx.twin is not None
+
+    def reuse_twin(self):
+        """Return the twin's outputs (the same nodes: the graph shows where they came from); no pw.x."""
+        twin = orm.load_node(self.ctx.twin)
+        source = origin(twin)
+        progress = source.base.extras.get("emlip_progress", {})
+        self.node.base.extras.set_many({REUSED_FROM_EXTRA: source.uuid, "emlip_progress": progress})
+        for port, node in returned(twin).items():
+            self.out(port, node)
+        self.report(
+            f"the same inputs as {source.process_label}<{source.pk}>, finished: its dataset and report "
+            f"reused ({progress.get('done', '?')} configurations labelled there), no pw.x run"
         )
 
     def has_sampler(self) -> bool:

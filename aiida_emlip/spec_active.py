@@ -12,6 +12,7 @@
       target_error: 5.0      # meV/atom on the held-out set: stop when reached
       warm_start: true       # retrain each design from its previous model (false: from scratch)
       retrain_epochs: 25     # epochs of the retrainings (default: each design's own)
+      retrain_lr: 0.002      # learning rate of the warm-started retrainings (default: each design's own)
 
 The keys and types are checked by the spec's block checker (:data:`ACTIVE_KEYS`, :data:`MD_KEYS`);
 :func:`check_active_learning` checks what the values mean against the rest of the spec and fills the
@@ -41,6 +42,7 @@ ACTIVE_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
     "target_error": ((float, int), None),
     "warm_start": ((bool,), True),
     "retrain_epochs": ((int,), None),
+    "retrain_lr": ((float, int), None),
 }
 MD_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
     "temperature": ((float, int), 300.0),
@@ -73,6 +75,11 @@ def check_active_learning(block: dict[str, Any], heads: dict[str, str]) -> Probl
             problems.append((("uncertainty",), f"choose from {', '.join(UNCERTAINTIES)}"))
     if block.get("retrain_epochs", 1) < 1:
         problems.append((("retrain_epochs",), "must be at least 1"))
+    if block.get("retrain_lr") is not None:
+        if block["retrain_lr"] <= 0:
+            problems.append((("retrain_lr",), "must be positive"))
+        elif not block.get("warm_start", True):
+            problems.append((("retrain_lr",), "applies to warm-started retrainings: warm_start is false"))
     target = block.get("target_error")
     if target is not None and target <= 0:
         problems.append((("target_error",), "must be positive (meV/atom)"))
@@ -131,6 +138,24 @@ def candidate_designs(block: dict[str, Any], heads: dict[str, str]) -> list[str]
     if block["selection"] == "scf_failures":
         return [label for label, head in heads.items() if head in ITERATIVE_HEADS]
     return list(heads)
+
+
+def warm_learning_rate(config: dict[str, Any], lr: float) -> dict[str, Any]:
+    """``config`` (an emlip-train config) retrained at learning rate ``lr``: the optimizer's, and every
+    stage's that resets it; a scheduler's floor (``min_lr``) above ``lr`` is lowered to ``lr``."""
+    out = dict(config)
+    out["optimizer"] = {**(config.get("optimizer") or {}), "lr": float(lr)}
+    scheduler = dict(config.get("scheduler") or {})
+    if scheduler.get("min_lr") is not None and float(scheduler["min_lr"]) > lr:
+        scheduler["min_lr"] = float(lr)
+    if scheduler:
+        out["scheduler"] = scheduler
+    if config.get("stages"):
+        out["stages"] = [
+            {**stage, "lr": float(lr)} if stage.get("lr") is not None else dict(stage)
+            for stage in config["stages"]
+        ]
+    return out
 
 
 def room_for_rounds(budget: int | None, planned: int) -> int | None:

@@ -150,6 +150,33 @@ def test_warm_start_keys_defaults_and_problems():
         "active_learning.warm_start": (12, "must be true or false, got a string"),
         "active_learning.retrain_epochs": (13, "must be at least 1"),
     }
+    assert parse_spec(BASE + "active_learning: {retrain_lr: 0.002}\n", "al.yaml")["active_learning"][
+        "retrain_lr"
+    ] == pytest.approx(0.002)
+    problems = _problems(BASE + "active_learning:\n  retrain_lr: -1\n")
+    assert problems == {"active_learning.retrain_lr": (12, "must be positive")}
+    problems = _problems(BASE + "active_learning:\n  warm_start: false\n  retrain_lr: 0.001\n")
+    assert problems == {
+        "active_learning.retrain_lr": (13, "applies to warm-started retrainings: warm_start is false")
+    }
+
+
+def test_warm_learning_rate_resets_every_rate():
+    """The optimizer's rate and every stage's reset take retrain_lr; a scheduler floor above it drops."""
+    from aiida_emlip.spec_active import warm_learning_rate
+
+    config = {
+        "optimizer": {"name": "adamw", "lr": 0.01, "weight_decay": 0.0},
+        "scheduler": {"name": "cosine", "min_lr": 0.005},
+        "stages": [{"epochs": 4}, {"epochs": 2, "lr": 0.003}],
+    }
+    warm = warm_learning_rate(config, 0.002)
+    assert warm["optimizer"] == {"name": "adamw", "lr": 0.002, "weight_decay": 0.0}
+    assert warm["scheduler"] == {"name": "cosine", "min_lr": 0.002}
+    assert warm["stages"] == [{"epochs": 4}, {"epochs": 2, "lr": 0.002}]
+    assert config["optimizer"]["lr"] == 0.01 and config["stages"][1]["lr"] == 0.003  # not changed
+    low = warm_learning_rate({"scheduler": {"name": "cosine", "min_lr": 1e-5}}, 0.002)
+    assert low["scheduler"]["min_lr"] == 1e-5 and low["optimizer"] == {"lr": 0.002}
 
 
 def test_retraining_configs_of_a_round():

@@ -6,7 +6,8 @@ its steps run between the first training and the held-out predictions, so that t
 comparison see the final models. A round:
 
 1. a committee: ``committee − 1`` more seeds of the active-learning design on the current training set
-   (``selection: committee``; the design's own model is the first member);
+   (``selection: committee``; the design's own model is the first member); from round 2 on, with
+   ``warm_start``, each seed starts from its own model of the round before, as the designs do (5.);
 2. MD (``emlip.evaluate``, mode ``md``) with that model from every training configuration;
 3. the committee's single points on the MD frames, the frames scored (energy spread or force
    disagreement, or SCF non-convergence of a self-consistent head) and the ``per_round`` most uncertain
@@ -15,7 +16,7 @@ comparison see the final models. A round:
    (calcfunction ``merge_active``; held-out configurations are refused);
 5. every design retrained on the union (``EmlipTrainingWorkChain``), then its held-out predictions;
    with ``warm_start`` (the default) each design starts from its model of the round before, for
-   ``retrain_epochs`` (default: the design's own epochs).
+   ``retrain_epochs`` (default: the design's own epochs) at ``retrain_lr`` (default: its own).
 
 Before each round the loop stops when the model's held-out energy error is at most ``target_error``,
 when ``rounds`` are done, or when another round would take the study over its DFT budget. A failure
@@ -31,7 +32,7 @@ from aiida.engine import ToContext
 
 from aiida_emlip.analysis import active_learning as al
 from aiida_emlip.spec import design_config, design_heads, dft_configuration_count
-from aiida_emlip.spec_active import candidate_designs, room_for_rounds, scaled_stages
+from aiida_emlip.spec_active import candidate_designs, room_for_rounds, scaled_stages, warm_learning_rate
 from aiida_emlip.workflows.process_state import how_it_ended
 from aiida_emlip.workflows.study_active_functions import (
     merge_active,
@@ -179,18 +180,41 @@ class ActiveLearningSteps:
             return None
         label = self.ctx.al_model
         base = design_config(self.ctx.spec["designs"][label], self.ctx.spec["training"]).get("seed", 0)
-        members = {}
+        previous = self.ctx.get("al_member_uuids") or {}
+        members, initial = {}, {}
         for i in range(1, int(options["committee"])):
-            config = {"config": self._design_config(label)}
-            config["config"]["seed"] = int(base) + i
-            members[f"{label}_seed{int(base) + i}"] = config
-        builder = self._training_builder(self.ctx.training_set, members)
+            name = f"{label}_seed{int(base) + i}"
+            model = orm.load_node(previous[name]) if name in previous else None
+            if model is not None and options.get("warm_start", True):
+                # from its own model of the round before, as the designs retrain
+                retrain = self._retrain_design(label, options.get("retrain_epochs"), self.ctx.training_set)
+                config = self._warm_config(retrain["config"])
+                differ = self._architecture_change(model, config)
+                if not differ:
+                    initial[name] = model
+                else:
+                    config = self._design_config(label)
+            else:
+                config = self._design_config(label)
+            config["seed"] = int(base) + i
+            members[name] = {"config": config}
+        self.ctx.al_entries[-1]["committee_warm_start"] = {
+            name: (initial[name].uuid if name in initial else None) for name in members
+        }
+        builder = self._training_builder(self.ctx.training_set, members, initial)
         builder.metadata.call_link_label = self._al_link("committee")
+        how = f", from their models of round {self.ctx.al_round - 1}" if initial else ""
         self._stage(
             "active_learning",
-            f"active learning, round {self.ctx.al_round}: committee of {options['committee']} {label} models",
+            f"active learning, round {self.ctx.al_round}: committee of {options['committee']} {label} models"
+            + how,
         )
         return ToContext(al_committee=self.submit(builder))
+
+    def _warm_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        """``config`` at the spec's ``retrain_lr`` (a warm-started retraining), else unchanged."""
+        lr = self.ctx.spec["active_learning"].get("retrain_lr")
+        return warm_learning_rate(config, lr) if lr is not None else config
 
     def _design_config(self, label: str) -> dict[str, Any]:
         training_set = self.ctx.training_set
@@ -207,6 +231,7 @@ class ActiveLearningSteps:
         node = self.ctx.al_committee
         models = dict(node.outputs.models) if "models" in node.outputs else {}
         self.ctx.al_members = [models[name] for name in sorted(models)]
+        self.ctx.al_member_uuids = {name: models[name].uuid for name in sorted(models)}
         self.ctx.al_entries[-1]["committee"] = [self.ctx.models[self.ctx.al_model].uuid] + [
             m.uuid for m in self.ctx.al_members
         ]
@@ -377,6 +402,7 @@ class ActiveLearningSteps:
                     )
                 else:
                     initial[label] = model
+                    design["config"] = self._warm_config(design["config"])
         self.ctx.al_entries[-1]["warm_start"] = {
             label: (initial[label].uuid if label in initial else None) for label in designs
         }
@@ -394,12 +420,13 @@ class ActiveLearningSteps:
         )
         return ToContext(al_training=self.submit(builder))
 
-    def _retrain_design(self, label: str, epochs: int | None) -> dict[str, Any]:
-        """Design ``label`` as an emlip-train config for the merged set (``epochs``: ``retrain_epochs``)."""
+    def _retrain_design(self, label: str, epochs: int | None, dataset: Any = None) -> dict[str, Any]:
+        """Design ``label`` as an emlip-train config for ``dataset`` (default: the merged set of this
+        round; ``epochs``: ``retrain_epochs``)."""
         design = dict(self.ctx.spec["designs"][label])
         if epochs is not None and "config" not in design:
             design["epochs"] = int(epochs)  # a preset shares them among its stages itself
-        merged = self.ctx.al_merged
+        merged = dataset if dataset is not None else self.ctx.al_merged
         elements = sorted(set(merged.elements) | set(self.ctx.held_out.elements))
         config = design_config(design, self.ctx.spec["training"], labels=merged.label_keys, elements=elements)
         if epochs is not None and "config" in design:

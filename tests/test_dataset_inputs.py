@@ -127,6 +127,7 @@ def test_preview_of_the_per_configuration_pw_inputs(pw_code, pseudo_family):
     from aiida import orm
     from aiida.orm import QueryBuilder, WorkflowNode
 
+    from aiida_emlip.data import EmlipDatasetData
     from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain
     from aiida_emlip.workflows.pw_inputs import ConfigurationError
 
@@ -152,6 +153,15 @@ def test_preview_of_the_per_configuration_pw_inputs(pw_code, pseudo_family):
     assert preview["oh"]["parameters"]["SYSTEM"]["tot_charge"] == -1.0 and preview["oh"]["n_electrons"] == 8.0
     assert preview["oh"]["nspin"] == 1 and preview["w"]["is_metal"] is False
     assert QueryBuilder().append(WorkflowNode).count() == before  # nothing ran
+    hydroxide = in_box(Atoms("OH", [[0, 0, 0], [0, 0, 0.97]]))
+    hydroxide.info["total_charge"] = -1.0
+    from_dataset = EmlipDatasetWorkChain.get_builder_from_protocol(
+        pw_code, EmlipDatasetData(frames=[water(), hydroxide]), pseudo_family.label, "fast", CHEAP
+    )
+    previewed = EmlipDatasetWorkChain.preview_pw_inputs(from_dataset)
+    assert list(previewed) == ["c0000", "c0001"]
+    assert previewed["c0000"]["parameters"] == preview["w"]["parameters"]
+    assert previewed["c0001"]["parameters"] == preview["oh"]["parameters"]
     builder.structure_settings = orm.Dict({"oh": {"total_charge": 8}})
     with pytest.raises(ConfigurationError, match="configuration oh") as error:
         EmlipDatasetWorkChain.preview_pw_inputs(builder)
@@ -257,3 +267,48 @@ def test_sampler_calcfunctions_record_seed(aiida_profile, recipe, expected):
     assert all(f.info["seed"] == recipe["kwargs"]["seed"] for f in frames)
     if recipe["name"] == "quartz_oxygen_vacancy":
         assert dataset.total_charges == [0.0, 1.0, 2.0]
+
+
+def test_study_dataset_builder_is_concrete(pw_code, pseudo_family):
+    """The study (and its active-learning rounds) builds its dataset workchains with
+    get_builder_from_protocol: the spec's dft protocol and overrides, resolved in the builder."""
+    from types import SimpleNamespace
+
+    from aiida import orm
+    from aiida.common import AttributeDict
+
+    from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain
+    from aiida_emlip.workflows.study import EmlipStudyWorkChain
+
+    spec = {
+        "pseudo_family": pseudo_family.label,
+        "dft": {"protocol": "fast", "overrides": {"ecutwfc": 20.0}, "max_concurrent": 2},
+    }
+    study = SimpleNamespace(ctx=AttributeDict({"spec": spec}), inputs=AttributeDict({"pw_code": pw_code}))
+    structures = {"w": orm.StructureData(ase=water())}
+    builder = EmlipStudyWorkChain._dataset_builder(study, structures, {"w": {"total_charge": 0.0}})
+    assert builder.protocol.value == "fast" and builder.overrides.get_dict() == {"ecutwfc": 20.0}
+    assert builder.protocol_inputs.get_dict() == EmlipDatasetWorkChain.get_protocol_inputs(
+        "fast", {"ecutwfc": 20.0}
+    )
+    assert EmlipDatasetWorkChain.preview_pw_inputs(builder)["w"]["parameters"]["SYSTEM"]["ecutwfc"] == 20.0
+
+
+def test_which_workchains_take_protocol_inputs(aiida_profile):
+    """The training workchain passes a dataset builder's inputs on, protocol_inputs included; the
+    validation workchains take dft.protocol and dft.overrides, which they read and extend themselves."""
+    from aiida_emlip.workflows.training import EmlipTrainingWorkChain
+    from aiida_emlip.workflows.validate.defect import EmlipChargedDefectWorkChain
+    from aiida_emlip.workflows.validate.interface import EmlipInterfaceWorkChain
+    from aiida_emlip.workflows.validate.phonons import EmlipPhononWorkChain
+    from aiida_emlip.workflows.validate.response import EmlipResponseWorkChain
+
+    assert "protocol_inputs" in EmlipTrainingWorkChain.spec().inputs["dataset"]
+    for workchain in (
+        EmlipChargedDefectWorkChain,
+        EmlipInterfaceWorkChain,
+        EmlipPhononWorkChain,
+        EmlipResponseWorkChain,
+    ):
+        dft = workchain.spec().inputs["dft"]
+        assert "protocol_inputs" not in dft and {"protocol", "overrides"} <= set(dft), workchain.__name__

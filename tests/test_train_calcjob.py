@@ -93,8 +93,9 @@ def _job_script(builder) -> str:
     return (Path(node.dry_run_info["folder"]) / "_aiidasubmit.sh").read_text()
 
 
-def test_nproc_per_node_reaches_the_command_line(train_code):
+def test_nproc_per_node_reaches_the_command_line(train_code, tmp_path, monkeypatch):
     """Absent or 1: the plain command; N > 1: emlip-train --nproc-per-node N (torchrun inside)."""
+    monkeypatch.chdir(tmp_path)  # a dry run writes its folder under ./submit_test
     plain = _job_script(_builder(train_code, CONFIG))
     assert "'config.yaml' '--resume' 'auto' '--exit-status-file' 'exit_status'" in plain
     assert "nproc" not in plain
@@ -214,5 +215,7 @@ def test_train_calculation_with_two_processes(train_code):
     assert isinstance(results["model"], EmlipModelData) and results["model"].head_name == "charges"
     assert results["metrics"]["world_size"] == 2
     assert node.get_option("nproc_per_node") == 2
+    # part of the hash: a one-process result is never reused for two processes, nor the other way
+    assert node.base.caching.get_objects_to_hash()["attributes"]["nproc_per_node"] == 2
     stderr = node.outputs.retrieved.base.repository.get_object_content("stderr")
     assert "emlip-train: 2 processes: torchrun --standalone --nproc_per_node 2" in stderr

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from aiida_emlip.spec_systems import check_structure, inline_structure, system_frames
 from aiida_emlip.spec_yaml import Lines, Problem, SpecSyntaxError, dotted, load_with_lines
+from aiida_emlip.training.launch import check_nproc_per_node
 from aiida_emlip.training.presets import PRESETS, preset_config
 
 DEFAULT_FAMILY = "emlip-ld1-pbe-v1"
@@ -291,6 +292,11 @@ def _training(training: dict[str, Any], c: _Checker) -> None:
         c.add(("training", "dtype"), f"choose from {', '.join(DTYPES)}")
     if training.get("device") not in DEVICES:
         c.add(("training", "device"), f"choose from {', '.join(DEVICES)}")
+    options = training.get("options")
+    if isinstance(options, dict) and "nproc_per_node" in options:
+        problem = check_nproc_per_node(options["nproc_per_node"])
+        if problem:
+            c.add(("training", "options", "nproc_per_node"), problem)
 
 
 def _systems(value: Any, c: _Checker, base_dir: Path | None) -> dict[str, Any]:

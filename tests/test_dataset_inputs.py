@@ -83,6 +83,132 @@ def test_builder_rejects_unknown_protocol_and_overrides(pw_code, pseudo_family):
         pw_code, {}, pseudo_family.label, protocol="precise"
     )
     assert builder.protocol.value == "stringent"
+    assert builder.protocol_inputs["protocol"] == "stringent"
+
+
+def test_builder_holds_the_concrete_settings(pw_code, pseudo_family):
+    """Every setting of the run is in the builder before submission: the merged protocol inputs."""
+    from aiida import orm
+
+    from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain
+
+    overrides = {**CHEAP, "parameters": {"SYSTEM": {"assume_isolated": "mt"}}}
+    builder = EmlipDatasetWorkChain.get_builder_from_protocol(
+        pw_code,
+        {"w": orm.StructureData(ase=water())},
+        pseudo_family.label,
+        protocol="fast",
+        overrides=overrides,
+    )
+    concrete = builder.protocol_inputs.get_dict()
+    assert concrete == EmlipDatasetWorkChain.get_protocol_inputs("fast", overrides)
+    assert builder.overrides.get_dict() == overrides  # the origin, kept
+    assert concrete["ecutwfc"] == 25.0 and concrete["ecutrho"] == 100.0
+    assert concrete["kpoints_distance"] == 1.0 and concrete["conv_thr_per_atom"] == 1.0e-7
+    assert concrete["cutoff_scale"] == 0.75  # the fast protocol's (unused: ecutwfc is set)
+    assert concrete["smearing"] == "cold" and concrete["degauss"] == 0.01 and concrete["mixing_beta"] == 0.4
+    assert concrete["max_iterations"] == 1 and concrete["electron_maxstep"] == 100
+    assert concrete["postprocess"] == {
+        "vacuum_level": False,
+        "planar_potentials": False,
+        "hirshfeld": True,
+        "lowdin": False,
+    }
+    assert concrete["options"]["max_wallclock_seconds"] == 600
+    assert concrete["options"]["resources"] == {"num_machines": 1, "num_mpiprocs_per_machine": 1}
+    assert concrete["parameters"] == {"SYSTEM": {"assume_isolated": "mt"}}
+    shown = str(builder)
+    for key in ("conv_thr_per_atom", "kpoints_distance", "mixing_beta", "degauss", "max_iterations"):
+        assert key in shown, key
+
+
+def test_preview_of_the_per_configuration_pw_inputs(pw_code, pseudo_family):
+    """What depends on each structure (charge, spin, mesh, conv_thr) is previewed without any run."""
+    from aiida import orm
+    from aiida.orm import QueryBuilder, WorkflowNode
+
+    from aiida_emlip.data import EmlipDatasetData
+    from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain
+    from aiida_emlip.workflows.pw_inputs import ConfigurationError
+
+    before = QueryBuilder().append(WorkflowNode).count()
+    builder = EmlipDatasetWorkChain.get_builder_from_protocol(
+        pw_code,
+        {
+            "w": orm.StructureData(ase=water()),
+            "oh": orm.StructureData(ase=in_box(Atoms("OH", [[0, 0, 0], [0, 0, 0.97]]))),
+        },
+        pseudo_family.label,
+        protocol="fast",
+        overrides=CHEAP,
+        structure_settings={"oh": {"total_charge": -1}},
+    )
+    preview = EmlipDatasetWorkChain.preview_pw_inputs(builder)
+    assert list(preview) == ["oh", "w"]  # the order the workchain runs them in
+    water_system = preview["w"]["parameters"]["SYSTEM"]
+    assert water_system["ecutwfc"] == 25.0 and water_system["ecutrho"] == 100.0
+    assert water_system["occupations"] == "fixed" and "tot_charge" not in water_system
+    assert preview["w"]["parameters"]["ELECTRONS"]["conv_thr"] == pytest.approx(3 * 1.0e-7)
+    assert preview["w"]["kpoints_mesh"] == [1, 1, 1]  # vacuum along every axis: Γ only
+    assert preview["oh"]["parameters"]["SYSTEM"]["tot_charge"] == -1.0 and preview["oh"]["n_electrons"] == 8.0
+    assert preview["oh"]["nspin"] == 1 and preview["w"]["is_metal"] is False
+    assert QueryBuilder().append(WorkflowNode).count() == before  # nothing ran
+    hydroxide = in_box(Atoms("OH", [[0, 0, 0], [0, 0, 0.97]]))
+    hydroxide.info["total_charge"] = -1.0
+    from_dataset = EmlipDatasetWorkChain.get_builder_from_protocol(
+        pw_code, EmlipDatasetData(frames=[water(), hydroxide]), pseudo_family.label, "fast", CHEAP
+    )
+    previewed = EmlipDatasetWorkChain.preview_pw_inputs(from_dataset)
+    assert list(previewed) == ["c0000", "c0001"]
+    assert previewed["c0000"]["parameters"] == preview["w"]["parameters"]
+    assert previewed["c0001"]["parameters"] == preview["oh"]["parameters"]
+    builder.structure_settings = orm.Dict({"oh": {"total_charge": 8}})
+    with pytest.raises(ConfigurationError, match="configuration oh") as error:
+        EmlipDatasetWorkChain.preview_pw_inputs(builder)
+    assert error.value.code == "ERROR_NO_ELECTRONS"
+    builder.sampler = orm.Dict({"name": "rattle", "kwargs": {"n": 2}})
+    with pytest.raises(ValueError, match="sampler"):
+        EmlipDatasetWorkChain.preview_pw_inputs(builder)
+
+
+def _run_builder(builder):
+    from aiida.engine import run_get_node
+
+    _, node = run_get_node(builder)
+    ran = {c.process_label for c in node.called_descendants}
+    assert not ran & {"EmlipLabelWorkChain", "PwBaseWorkChain", "PwCalculation"}, "pw.x must not run"
+    return node
+
+
+@pytest.mark.parametrize("change", ["protocol", "overrides", "incomplete", "unknown_key"])
+def test_protocol_inputs_that_disagree_are_refused(pw_code, pseudo_family, change):
+    """A builder whose protocol or overrides were changed after get_builder_from_protocol, or whose
+    protocol_inputs were cut or given an unknown key, ends with 202 before any pw.x run."""
+    from aiida import orm
+
+    from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain
+
+    builder = EmlipDatasetWorkChain.get_builder_from_protocol(
+        pw_code, {"w": orm.StructureData(ase=water())}, pseudo_family.label, protocol="fast", overrides=CHEAP
+    )
+    concrete = builder.protocol_inputs.get_dict()
+    expected = {
+        "protocol": "resolved for protocol 'fast' but the protocol is 'stringent'",
+        "overrides": "overrides that protocol_inputs do not hold: ecutwfc",
+        "incomplete": "protocol_inputs lack kpoints_distance",
+        "unknown_key": "unknown override key 'ecut'",
+    }[change]
+    if change == "protocol":
+        builder.protocol = orm.Str("stringent")
+    elif change == "overrides":
+        builder.overrides = orm.Dict({**CHEAP, "ecutwfc": 40.0})
+    elif change == "incomplete":
+        builder.protocol_inputs = orm.Dict({k: v for k, v in concrete.items() if k != "kpoints_distance"})
+    else:
+        builder.protocol_inputs = orm.Dict({**concrete, "ecut": 30})
+    node = _run_builder(builder)
+    assert node.exit_status == EmlipDatasetWorkChain.exit_codes.ERROR_INVALID_OVERRIDES.status
+    assert expected in node.exit_message
 
 
 def test_unknown_sampler(pw_code, pseudo_family):
@@ -141,3 +267,48 @@ def test_sampler_calcfunctions_record_seed(aiida_profile, recipe, expected):
     assert all(f.info["seed"] == recipe["kwargs"]["seed"] for f in frames)
     if recipe["name"] == "quartz_oxygen_vacancy":
         assert dataset.total_charges == [0.0, 1.0, 2.0]
+
+
+def test_study_dataset_builder_is_concrete(pw_code, pseudo_family):
+    """The study (and its active-learning rounds) builds its dataset workchains with
+    get_builder_from_protocol: the spec's dft protocol and overrides, resolved in the builder."""
+    from types import SimpleNamespace
+
+    from aiida import orm
+    from aiida.common import AttributeDict
+
+    from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain
+    from aiida_emlip.workflows.study import EmlipStudyWorkChain
+
+    spec = {
+        "pseudo_family": pseudo_family.label,
+        "dft": {"protocol": "fast", "overrides": {"ecutwfc": 20.0}, "max_concurrent": 2},
+    }
+    study = SimpleNamespace(ctx=AttributeDict({"spec": spec}), inputs=AttributeDict({"pw_code": pw_code}))
+    structures = {"w": orm.StructureData(ase=water())}
+    builder = EmlipStudyWorkChain._dataset_builder(study, structures, {"w": {"total_charge": 0.0}})
+    assert builder.protocol.value == "fast" and builder.overrides.get_dict() == {"ecutwfc": 20.0}
+    assert builder.protocol_inputs.get_dict() == EmlipDatasetWorkChain.get_protocol_inputs(
+        "fast", {"ecutwfc": 20.0}
+    )
+    assert EmlipDatasetWorkChain.preview_pw_inputs(builder)["w"]["parameters"]["SYSTEM"]["ecutwfc"] == 20.0
+
+
+def test_which_workchains_take_protocol_inputs(aiida_profile):
+    """The training workchain passes a dataset builder's inputs on, protocol_inputs included; the
+    validation workchains take dft.protocol and dft.overrides, which they read and extend themselves."""
+    from aiida_emlip.workflows.training import EmlipTrainingWorkChain
+    from aiida_emlip.workflows.validate.defect import EmlipChargedDefectWorkChain
+    from aiida_emlip.workflows.validate.interface import EmlipInterfaceWorkChain
+    from aiida_emlip.workflows.validate.phonons import EmlipPhononWorkChain
+    from aiida_emlip.workflows.validate.response import EmlipResponseWorkChain
+
+    assert "protocol_inputs" in EmlipTrainingWorkChain.spec().inputs["dataset"]
+    for workchain in (
+        EmlipChargedDefectWorkChain,
+        EmlipInterfaceWorkChain,
+        EmlipPhononWorkChain,
+        EmlipResponseWorkChain,
+    ):
+        dft = workchain.spec().inputs["dft"]
+        assert "protocol_inputs" not in dft and {"protocol", "overrides"} <= set(dft), workchain.__name__

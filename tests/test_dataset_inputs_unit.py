@@ -9,7 +9,13 @@ from ase.build import bulk, molecule
 from dataset_systems import al_slab_water, in_box
 
 from aiida_emlip import schema
-from aiida_emlip.workflows.protocol import OverrideError, ProtocolError, get_protocol_inputs, protocol_names
+from aiida_emlip.workflows.protocol import (
+    OverrideError,
+    ProtocolError,
+    check_protocol_inputs,
+    get_protocol_inputs,
+    protocol_names,
+)
 from aiida_emlip.workflows.pw_inputs import ConfigurationError, build_pw_setup, kpoints_mesh
 from aiida_emlip.workflows.vacuum_level import planar_average, vacuum_levels
 
@@ -36,6 +42,38 @@ def test_protocols_and_aliases():
         "fast", {"parameters": {"SYSTEM": {"nbnd": 8}}, "options": {"queue_name": "q"}}
     )
     assert merged["parameters"] == {"SYSTEM": {"nbnd": 8}} and merged["options"]["queue_name"] == "q"
+
+
+def test_complete_protocol_inputs_are_used_as_they_are():
+    """Merged inputs given back are checked, never merged again: complete, known keys, the same protocol,
+    every override held."""
+    overrides = {"ecutwfc": 30.0, "postprocess": {"lowdin": True}, "parameters": {"SYSTEM": {"nbnd": 8}}}
+    merged = get_protocol_inputs("precise", overrides)
+    assert check_protocol_inputs(merged, "stringent", overrides) == merged
+    assert check_protocol_inputs(merged, "precise") == merged  # aliases resolve
+    edited = {**merged, "degauss": 0.02, "options": {"resources": {"num_machines": 2}}}
+    assert check_protocol_inputs(edited, "stringent", overrides) == edited  # nothing merged back in
+    without_name = {k: v for k, v in merged.items() if k != "protocol"}
+    assert check_protocol_inputs(without_name, "stringent")["protocol"] == "stringent"
+    with pytest.raises(
+        OverrideError, match=r"lack mixing_beta, postprocess\.vacuum_level, .*hirshfeld: give"
+    ):
+        incomplete = {k: v for k, v in merged.items() if k != "mixing_beta"}
+        check_protocol_inputs({**incomplete, "postprocess": {"lowdin": True}}, "stringent")
+    with pytest.raises(OverrideError, match="unknown override key 'ecut'"):
+        check_protocol_inputs({**merged, "ecut": 30}, "stringent")
+    with pytest.raises(OverrideError, match="SYSTEMS"):
+        check_protocol_inputs({**merged, "parameters": {"SYSTEMS": {}}}, "stringent")
+    with pytest.raises(OverrideError, match="resolved for protocol 'stringent' but the protocol is 'fast'"):
+        check_protocol_inputs(merged, "fast")
+    with pytest.raises(ProtocolError):
+        check_protocol_inputs(merged, "ultra")
+    with pytest.raises(OverrideError, match=r"ecutwfc \(override 40\.0, protocol_inputs 30\.0\)"):
+        check_protocol_inputs(merged, "stringent", {"ecutwfc": 40.0})
+    with pytest.raises(OverrideError, match=r"parameters\.SYSTEM\.nbnd"):
+        check_protocol_inputs(merged, "stringent", {"parameters": {"SYSTEM": {"nbnd": 9}}})
+    with pytest.raises(OverrideError, match="unknown override key 'smear'"):
+        check_protocol_inputs(merged, "stringent", {"smear": "gaussian"})
 
 
 def test_molecule_neutral_charged_and_odd():

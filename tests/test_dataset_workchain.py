@@ -150,6 +150,54 @@ def test_caching_reuses_pw_results(labelled, pw_code, pseudo_family):
     assert frame.info[schema.ENERGY] == pytest.approx(first.info[schema.ENERGY])
 
 
+def test_protocol_and_overrides_alone_label_as_the_builder(labelled, pw_code, pseudo_family):
+    """The module's run came from get_builder_from_protocol (the concrete protocol_inputs); the same
+    configurations from protocol + overrides alone (the workchain merges them) run the very same pw.x
+    inputs, so every pw.x calculation comes from the cache of the first run, and label alike. The
+    builder's preview is what ran."""
+    from aiida import orm
+    from aiida.engine import run_get_node
+    from aiida.manage.caching import enable_caching
+
+    from aiida_emlip.workflows.dataset import PW_CACHE_IDENTIFIER, EmlipDatasetWorkChain, pw_run
+
+    keys = ("h2o", "oh_minus", "nacl_plus")
+    results_first, first = labelled
+    assert "protocol_inputs" in first.inputs and "overrides" in first.inputs
+    builder = EmlipDatasetWorkChain.get_builder()
+    builder.code = pw_code
+    builder.pseudo_family = orm.Str(pseudo_family.label)
+    builder.protocol = orm.Str("fast")
+    builder.overrides = orm.Dict(CHEAP)
+    builder.structures = {key: orm.StructureData(ase=SYSTEMS[key][0]()) for key in keys}
+    builder.structure_settings = orm.Dict({key: SYSTEMS[key][1] for key in keys if SYSTEMS[key][1]})
+    with enable_caching(identifier=PW_CACHE_IDENTIFIER):
+        results, node = run_get_node(builder)
+    assert node.is_finished_ok, node.exit_message
+    assert "protocol_inputs" not in node.inputs
+    calcs = [n for n in node.called_descendants if n.process_label == "PwCalculation"]
+    assert len(calcs) == len(keys) and all(n.base.caching.is_created_from_cache for n in calcs)
+    ran = {a.info["key"]: a for a in results["dataset"].to_ase()}
+    before = {a.info["key"]: a for a in results_first["dataset"].to_ase()}
+    for key in keys:
+        assert ran[key].info[schema.ENERGY] == before[key].info[schema.ENERGY], key
+        assert np.array_equal(ran[key].arrays[schema.FORCES], before[key].arrays[schema.FORCES]), key
+    settings, settings_first = results["dataset"].dft_settings, results_first["dataset"].dft_settings
+    assert settings["protocol_inputs"] == settings_first["protocol_inputs"]
+    # what ran is the builder's protocol_inputs, but for the default Hirshfeld step, skipped without pp_code
+    concrete = {k: v for k, v in first.inputs.protocol_inputs.get_dict().items() if k != "options"}
+    assert concrete["postprocess"]["hirshfeld"] is True
+    concrete["postprocess"]["hirshfeld"] = False
+    assert settings["protocol_inputs"] == concrete
+    assert results["report"]["postprocess_skipped"] == results_first["report"]["postprocess_skipped"]
+    preview = EmlipDatasetWorkChain.preview_pw_inputs(builder)
+    for key in keys:
+        ran_parameters = pw_run(node, key).called[0].inputs.parameters.get_dict()
+        ran_parameters["CONTROL"].pop("max_seconds")  # PwBaseWorkChain's, from the wallclock limit
+        assert preview[key]["parameters"] == ran_parameters, key
+        assert preview[key]["kpoints_mesh"] == list(pw_run(node, key).inputs.kpoints.get_kpoints_mesh()[0])
+
+
 def test_slab_fermi_level_relative_to_vacuum(labelled, pw_code, pp_code, pseudo_family):
     """pp.x potential → planar average → vacuum level; the slab's μ is then measured from the vacuum.
 

@@ -96,6 +96,23 @@ BAD = textwrap.dedent(
 )
 
 
+def test_training_processes_per_machine_are_checked():
+    """training.options reach every emlip.train calculation: nproc_per_node must be a whole number ≥ 1."""
+    good = GOOD.replace("training: {epochs: 2}", "training: {epochs: 2, options: {nproc_per_node: 2}}")
+    assert good != GOOD
+    assert parse_spec(good, "tiny.yaml", resources=FakeResources())["training"]["options"] == {
+        "nproc_per_node": 2
+    }
+    for value, message in ((0, "at least 1"), (1.5, "whole number")):
+        bad = GOOD.replace(
+            "training: {epochs: 2}", f"training: {{epochs: 2, options: {{nproc_per_node: {value}}}}}"
+        )
+        with pytest.raises(SpecError) as info:
+            parse_spec(bad, "tiny.yaml", resources=FakeResources())
+        assert [p.path for p in info.value.problems] == ["training.options.nproc_per_node"]
+        assert message in info.value.format()
+
+
 def test_bad_spec_reports_every_problem_with_its_line():
     with pytest.raises(SpecError) as info:
         parse_spec(BAD, "bad.yaml")

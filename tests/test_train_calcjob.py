@@ -81,3 +81,141 @@ def test_non_finite_training_ends_with_its_exit_code(train_code, tmp_path):
         pytest.skip("the dataset node already refuses NaN labels (checked in its own tests)")
     _, node = run_get_node(builder)
     assert node.exit_status == 320, node.exit_message
+
+
+def _job_script(builder) -> str:
+    """The job script of a dry run of ``builder`` (nothing submitted, nothing stored)."""
+    from aiida.engine import run_get_node
+
+    builder.metadata.dry_run = True
+    builder.metadata.store_provenance = False
+    _, node = run_get_node(builder)
+    return (Path(node.dry_run_info["folder"]) / "_aiidasubmit.sh").read_text()
+
+
+def test_nproc_per_node_reaches_the_command_line(train_code, tmp_path, monkeypatch):
+    """Absent or 1: the plain command; N > 1: emlip-train --nproc-per-node N (torchrun inside)."""
+    monkeypatch.chdir(tmp_path)  # a dry run writes its folder under ./submit_test
+    plain = _job_script(_builder(train_code, CONFIG))
+    assert "'config.yaml' '--resume' 'auto' '--exit-status-file' 'exit_status'" in plain
+    assert "nproc" not in plain
+    one = _builder(train_code, CONFIG)
+    one.metadata.options.nproc_per_node = 1
+    assert "nproc" not in _job_script(one)
+    two = _builder(train_code, CONFIG)
+    two.metadata.options.nproc_per_node = 2
+    two.lr_scale = 0.5
+    line = next(line for line in _job_script(two).splitlines() if "emlip-train" in line)
+    command = line.split(" > ")[0].split()
+    assert command[1:] == [
+        "'config.yaml'",
+        "'--resume'",
+        "'auto'",
+        "'--exit-status-file'",
+        "'exit_status'",
+        "'--lr-scale'",
+        "'0.5'",
+        "'--nproc-per-node'",
+        "'2'",
+    ], line
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (0, "nproc_per_node must be at least 1, got 0"),
+        (-2, "nproc_per_node must be at least 1, got -2"),
+        (2.5, "nproc_per_node must be a whole number of processes"),
+        ("2", "nproc_per_node must be a whole number of processes"),
+        (True, "nproc_per_node must be a whole number of processes"),
+    ],
+)
+def test_bad_nproc_per_node_is_refused_before_submission(train_code, value, message):
+    """Refused by the builder already, and by the process when the inputs come as a mapping."""
+    from aiida.engine import run_get_node
+
+    from aiida_emlip.calculations.train import EmlipTrainCalculation
+
+    builder = _builder(train_code, CONFIG)
+    with pytest.raises(ValueError, match=message):
+        builder.metadata.options.nproc_per_node = value
+    inputs = {key: builder[key] for key in ("code", "dataset", "config")}
+    options = {"max_wallclock_seconds": 600, "nproc_per_node": value}
+    with pytest.raises(ValueError, match=message):
+        run_get_node(EmlipTrainCalculation, **inputs, metadata={"options": options})
+
+
+def test_nproc_per_node_needs_one_machine(train_code):
+    from aiida.engine import run_get_node
+
+    builder = _builder(train_code, CONFIG)
+    builder.metadata.options.nproc_per_node = 2
+    builder.metadata.options.resources = {"num_machines": 2}
+    with pytest.raises(ValueError, match="ask for num_machines 1"):
+        run_get_node(builder)
+
+
+def test_emlip_train_starts_itself_under_torchrun(tmp_path, monkeypatch, capsys):
+    """--nproc-per-node N > 1 replaces emlip-train by torchrun with the same arguments; N < 1 is a usage
+    error (status 2, written to the status file); under torchrun or with --check it runs as it is."""
+    import os
+    import sys
+
+    from aiida_emlip.training import cli
+
+    def exec_instead(path, command):
+        raise SystemExit(("exec", path, command))
+
+    monkeypatch.setattr(os, "execv", exec_instead)
+    for name in ("LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    argv = [str(tmp_path / "config.yaml"), "--resume", "auto", "--nproc-per-node", "3"]
+    with pytest.raises(SystemExit) as launched:
+        cli.train_main(argv)
+    _, path, command = launched.value.code
+    assert path == sys.executable
+    assert command == [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "3",
+        "-m",
+        "aiida_emlip.training.cli",
+        "train",
+        *argv,
+    ]
+    status = tmp_path / "exit_status"
+    assert (
+        cli.train_main(
+            [str(tmp_path / "config.yaml"), "--nproc-per-node", "0", "--exit-status-file", str(status)]
+        )
+        == 2
+    )
+    assert "--nproc-per-node: nproc_per_node must be at least 1, got 0" in capsys.readouterr().err
+    assert status.read_text().strip() == "2"
+    # a rank of torchrun (or --check) does not launch again: it reads its config (missing here: status 2)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert cli.train_main([str(tmp_path / "config.yaml"), "--nproc-per-node", "3"]) == 2
+    monkeypatch.delenv("LOCAL_RANK")
+    assert cli.train_main([str(tmp_path / "config.yaml"), "--nproc-per-node", "3", "--check"]) == 2
+
+
+def test_train_calculation_with_two_processes(train_code):
+    """nproc_per_node 2: torchrun with two gloo ranks on the CPU; rank 0 writes the model and status."""
+    from aiida.engine import run_get_node
+
+    from aiida_emlip.data.model import EmlipModelData
+
+    builder = _builder(train_code, CONFIG)
+    builder.metadata.options.nproc_per_node = 2
+    results, node = run_get_node(builder)
+    assert node.is_finished_ok, node.exit_status
+    assert isinstance(results["model"], EmlipModelData) and results["model"].head_name == "charges"
+    assert results["metrics"]["world_size"] == 2
+    assert node.get_option("nproc_per_node") == 2
+    # part of the hash: a one-process result is never reused for two processes, nor the other way
+    assert node.base.caching.get_objects_to_hash()["attributes"]["nproc_per_node"] == 2
+    stderr = node.outputs.retrieved.base.repository.get_object_content("stderr")
+    assert "emlip-train: 2 processes: torchrun --standalone --nproc_per_node 2" in stderr

@@ -17,6 +17,24 @@ def test_demo_configurations_repeat_geometries_in_three_charge_states():
     assert all(charges == {-1.0, 0.0, 1.0} for charges in by_geometry.values())
 
 
+def test_builder_carries_the_concrete_dft_settings_and_checks_train_options(
+    pw_code, pseudo_family, train_code
+):
+    """The dataset namespace gets the dataset builder's protocol_inputs; nproc_per_node is checked when
+    train_options are set, before anything runs."""
+    from aiida import orm
+
+    from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain
+    from aiida_emlip.workflows.demo import DFT_OVERRIDES
+
+    builder = training_builder(pw_code, train_code, pseudo_family.label, epochs=3, n_geometries=1)
+    concrete = builder.dataset.protocol_inputs.get_dict()
+    assert concrete == EmlipDatasetWorkChain.get_protocol_inputs("fast", DFT_OVERRIDES)
+    builder.train_options = orm.Dict({"nproc_per_node": 2, "max_wallclock_seconds": 600})
+    with pytest.raises(ValueError, match="train_options: nproc_per_node must be at least 1, got 0"):
+        builder.train_options = orm.Dict({"nproc_per_node": 0})
+
+
 @pytest.mark.slow
 @pytest.mark.pw
 def test_dft_to_models(pw_code, pseudo_family, train_code):

@@ -13,6 +13,7 @@ from aiida import orm
 from aiida.common.datastructures import CalcInfo, CodeInfo
 from aiida.common.folders import Folder
 from aiida.engine import CalcJob, CalcJobProcessSpec
+from aiida.engine.processes.calcjobs.calcjob import validate_calc_job
 
 from aiida_emlip.cache_version import cache_version
 from aiida_emlip.data.dataset import EmlipDatasetData
@@ -69,6 +70,29 @@ def check_job(
         return check(parse_config(values), device="cpu")
 
 
+def validate_nproc_per_node(value: Any, _) -> str | None:
+    """A whole number of training processes, at least 1 (absent: one process)."""
+    from aiida_emlip.training.launch import check_nproc_per_node
+
+    return None if value is None else check_nproc_per_node(value)
+
+
+def validate_inputs(inputs: dict[str, Any], ctx) -> str | None:
+    """The checks of every CalcJob, then: several processes per machine run on one machine."""
+    problem = validate_calc_job(inputs, ctx)
+    if problem:
+        return problem
+    options = inputs.get("metadata", {}).get("options", {})
+    nproc = options.get("nproc_per_node")
+    machines = (options.get("resources") or {}).get("num_machines", 1)
+    if isinstance(nproc, int) and nproc > 1 and machines != 1:
+        return (
+            f"nproc_per_node {nproc} starts torchrun --standalone on one machine: ask for num_machines 1 "
+            f"(resources ask for {machines})"
+        )
+    return None
+
+
 def validate_lr_scale(value: orm.Float, _) -> str | None:
     if not (math.isfinite(value.value) and value.value > 0):
         return f"lr_scale must be a positive number, got {value.value}"
@@ -103,7 +127,9 @@ class EmlipTrainCalculation(CalcJob):
     ``checkpoint`` input the job continues that run (``--resume``); ``lr_scale`` scales its learning
     rates (``--lr-scale``); with an ``initial_model`` the run starts from that model's weights (a warm
     start: ``init_from``, which the calculation sets). emlip-train writes its exit status itself
-    (``--exit-status-file``).
+    (``--exit-status-file``). ``metadata.options.nproc_per_node`` N > 1 trains with N processes on the
+    machine (``--nproc-per-node N``: emlip-train runs itself under ``torchrun --standalone
+    --nproc_per_node N`` with the same arguments).
     """
 
     #: Part of the hash: a new release of the package never reuses older results (see cache_version).
@@ -135,6 +161,15 @@ class EmlipTrainCalculation(CalcJob):
             validator=validate_lr_scale,
             help="train at this factor times the configured learning rates (emlip-train --lr-scale)",
         )
+        spec.input(
+            "metadata.options.nproc_per_node",
+            required=False,
+            validator=validate_nproc_per_node,
+            help="training processes on the machine: N > 1 runs emlip-train under torchrun --standalone "
+            "--nproc_per_node N (one process per GPU; gloo on the CPU), with the same arguments. Absent "
+            "or 1: one process, no torchrun.",
+        )
+        spec.inputs.validator = validate_inputs
         spec.inputs["metadata"]["options"]["parser_name"].default = "emlip.train"
         spec.inputs["metadata"]["options"]["resources"].default = {"num_machines": 1}
         spec.output("model", valid_type=orm.Data, help="the trained model (emlip.model)")
@@ -175,6 +210,9 @@ class EmlipTrainCalculation(CalcJob):
         codeinfo.cmdline_params = [CONFIG_FILE, "--resume", resume, "--exit-status-file", STATUS_FILE]
         if "lr_scale" in self.inputs:
             codeinfo.cmdline_params += ["--lr-scale", repr(float(self.inputs.lr_scale.value))]
+        nproc = self.inputs.metadata.options.get("nproc_per_node")
+        if nproc is not None and int(nproc) > 1:
+            codeinfo.cmdline_params += ["--nproc-per-node", str(int(nproc))]
         codeinfo.stdout_name = "stdout"
         codeinfo.stderr_name = "stderr"
         calcinfo.codes_info = [codeinfo]

@@ -174,6 +174,14 @@ def train_parser() -> argparse.ArgumentParser:
         help="also write the exit status to FILE when emlip-train ends, whatever the outcome (a batch "
         "job or an AiiDA calculation reads it there)",
     )
+    parser.add_argument(
+        "--nproc-per-node",
+        type=int,
+        metavar="N",
+        help="train with N processes on this machine (one per GPU; gloo on the CPU): emlip-train starts "
+        "itself again as 'torchrun --standalone --nproc_per_node N -m aiida_emlip.training.cli train' "
+        "with the same arguments (default 1: no torchrun; ignored under torchrun and with --check)",
+    )
     return parser
 
 
@@ -228,13 +236,34 @@ def _with_status_file(
     return status
 
 
-def _train_body(args: argparse.Namespace) -> Callable[[], None]:
+def _relaunch_under_torchrun(nproc_per_node: int, argv: Sequence[str]) -> None:
+    """Replace this process by ``torchrun`` starting ``nproc_per_node`` ranks with the same arguments.
+
+    The ranks write the exit status (rank 0) and every file; this process writes nothing more.
+    """
+    from aiida_emlip.training.launch import torchrun_command
+
+    command = torchrun_command(nproc_per_node, argv)
+    print(f"emlip-train: {nproc_per_node} processes: torchrun {' '.join(command[3:])}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(command[0], command)
+
+
+def _train_body(args: argparse.Namespace, argv: Sequence[str] = ()) -> Callable[[], None]:
     def body() -> None:
         from aiida_emlip.training.errors import ConfigError
+        from aiida_emlip.training.launch import check_nproc_per_node, under_torchrun
         from aiida_emlip.training.session import run_training
 
         if args.lr_scale is not None and not (math.isfinite(args.lr_scale) and args.lr_scale > 0):
             raise ConfigError(f"--lr-scale must be a positive number, got {args.lr_scale}")
+        if args.nproc_per_node is not None:
+            problem = check_nproc_per_node(args.nproc_per_node)
+            if problem:
+                raise ConfigError(f"--nproc-per-node: {problem}")
+            if args.nproc_per_node > 1 and not args.check and not under_torchrun():
+                _relaunch_under_torchrun(args.nproc_per_node, argv)
         run_training(args)
 
     return body
@@ -242,7 +271,8 @@ def _train_body(args: argparse.Namespace) -> Callable[[], None]:
 
 def train_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``emlip-train``."""
-    return _with_status_file(argv, train_parser, _train_body)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return _with_status_file(argv, train_parser, lambda args: _train_body(args, argv))
 
 
 EVAL_EXIT_HELP = """exit status:

@@ -33,7 +33,7 @@ from .functions import (
 )
 from .label import PP_STEPS, STEP_OUTPUTS, EmlipLabelWorkChain, called, step_failure, step_name
 from .process_state import how_it_ended
-from .pw_inputs import ConfigurationError, build_pw_setup
+from .pw_inputs import ConfigurationError, PwSetup, build_pw_setup
 from .reuse import DIGEST_EXTRA, REUSED_FROM_EXTRA, finished_twin, inputs_digest, origin, returned
 from .samplers import SAMPLERS
 from .window import WakeOnFirstChild
@@ -96,6 +96,76 @@ def pair_configurations(
     return out
 
 
+def collect_configurations(
+    dataset: EmlipDatasetData | None,
+    structures: Mapping[str, orm.StructureData] | None = None,
+    settings: Mapping[str, dict[str, Any]] | None = None,
+) -> list[tuple[str, orm.StructureData, dict[str, Any]]]:
+    """(key, structure, per-configuration settings) of every configuration, in the order they run.
+
+    A ``dataset`` is split into structures keyed :func:`~.functions.configuration_key` of their index,
+    and each configuration is paired with the structure of its own key; otherwise ``structures`` are
+    paired with ``settings`` by name and taken in :func:`~.functions.natural_order`.
+    """
+    if dataset is not None:
+        return pair_configurations(dataset.to_ase(), split_configurations(dataset))
+    structures = dict(structures or {})
+    settings = dict(settings or {})
+    unknown = sorted(set(settings) - set(structures))
+    if unknown:
+        raise ConfigurationError("ERROR_INVALID_CONFIGURATIONS", f"settings for unknown structures {unknown}")
+    return [(key, structures[key], dict(settings.get(key, {}))) for key in natural_order(structures)]
+
+
+def dataset_cutoffs(family: orm.Group, elements: list[str], inputs: dict[str, Any]) -> tuple[float, float]:
+    """``(ecutwfc, ecutrho)`` in Ry of the whole dataset: the family's recommended cutoffs of
+    ``elements`` (the largest) times ``cutoff_scale``, unless ``ecutwfc``/``ecutrho`` are set."""
+    dual = 4.0
+    recommended = None
+    if hasattr(family, "get_recommended_cutoffs"):
+        recommended = family.get_recommended_cutoffs(elements=tuple(elements), unit="Ry")
+        dual = recommended[1] / recommended[0]
+    if inputs["ecutwfc"] is not None:
+        wfc = float(inputs["ecutwfc"])
+    elif recommended is not None:
+        wfc = recommended[0] * float(inputs["cutoff_scale"])
+    else:
+        raise ConfigurationError("ERROR_UNKNOWN_FAMILY", "family has no recommended cutoffs: set ecutwfc")
+    rho = float(inputs["ecutrho"]) if inputs["ecutrho"] is not None else wfc * dual
+    return wfc, rho
+
+
+def plan_configurations(
+    configs: list[tuple[str, orm.StructureData, dict[str, Any]]], family: orm.Group, inputs: dict[str, Any]
+) -> tuple[tuple[float, float], list[tuple[str, orm.StructureData, dict[str, Any], dict[str, Any], PwSetup]]]:
+    """Check every configuration and build its pw.x setup; nothing runs.
+
+    Returns the dataset's ``(ecutwfc, ecutrho)`` and, per configuration in order, ``(key, structure,
+    settings, carried metadata, setup)``. Raises :class:`~.pw_inputs.ConfigurationError` (the exit code
+    of the dataset workchain and the configuration's key in its message) for the first bad one.
+    """
+    elements = sorted({kind.symbol for _, s, _ in configs for kind in s.kinds})
+    available = set(family.elements)
+    missing = sorted(set(elements) - available)
+    if missing:
+        raise ConfigurationError(
+            "ERROR_ELEMENT_NOT_IN_FAMILY",
+            f"{missing} not in family {family.label} (has {', '.join(sorted(available))})",
+        )
+    cutoffs = dataset_cutoffs(family, elements, inputs)
+    z_valence = {el: float(family.get_pseudo(element=el).z_valence) for el in elements}
+    planned = []
+    for key, structure, given in configs:
+        settings = dict(given)
+        extra = settings.pop("_extra", {})
+        try:
+            setup = build_pw_setup(structure.get_ase(), settings, inputs, z_valence, cutoffs)
+        except ConfigurationError as error:
+            raise ConfigurationError(error.code, f"configuration {key}: {error}") from error
+        planned.append((key, structure, settings, extra, setup))
+    return cutoffs, planned
+
+
 class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
     """Run pw.x on a list of configurations (or a sampler recipe) and return an ``emlip.dataset``."""
 
@@ -105,8 +175,26 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
         super().define(spec)
         spec.input("code", valid_type=orm.AbstractCode, help="The pw.x code.")
         spec.input("pseudo_family", valid_type=orm.Str, help="Label of an aiida-pseudo family.")
-        spec.input("protocol", valid_type=orm.Str, default=lambda: orm.Str(protocols.default_protocol()))
-        spec.input("overrides", valid_type=orm.Dict, required=False, help="Overrides of the protocol inputs.")
+        spec.input(
+            "protocol",
+            valid_type=orm.Str,
+            default=lambda: orm.Str(protocols.default_protocol()),
+            help="Protocol name (protocols/dataset.yaml); with protocol_inputs, the protocol they come from.",
+        )
+        spec.input(
+            "overrides",
+            valid_type=orm.Dict,
+            required=False,
+            help="Overrides of the protocol inputs; with protocol_inputs, each must already hold there.",
+        )
+        spec.input(
+            "protocol_inputs",
+            valid_type=orm.Dict,
+            required=False,
+            help="The complete merged inputs (defaults <- protocol <- overrides) that the run uses as they "
+            "are: get_builder_from_protocol sets them, so the builder shows every setting before "
+            "submission. Without it the workchain merges protocol and overrides itself.",
+        )
         spec.input(
             "configurations",
             valid_type=EmlipDatasetData,
@@ -219,18 +307,29 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
         structure_settings: dict[str, dict[str, Any]] | None = None,
         max_concurrent: int = 4,
     ):
-        """Return a builder; raises ``ProtocolError``/``OverrideError`` at once for bad names or keys.
+        """Return a builder that holds the concrete settings of the run.
+
+        ``protocol_inputs`` is the merged ``default_inputs`` <- ``protocol`` <- ``overrides`` (cutoffs
+        or cutoff scale, k-point distance, smearing, SCF threshold per atom, mixing, restarts,
+        post-processing, CalcJob options, ...), which the run uses exactly; ``protocol`` and
+        ``overrides`` are kept beside them as their origin. What depends on each structure (k-point
+        mesh, ``nbnd``, charge, spin, dipole correction) is computed when the workchain runs:
+        :meth:`preview_pw_inputs` shows it for a builder without running anything.
 
         ``configurations`` is a dataset node or a mapping name -> ``StructureData`` (then
         ``structure_settings`` may give per-structure total_charge, total_spin, external_field, ...).
+
+        :raises ProtocolError: unknown protocol name.
+        :raises OverrideError: unknown or malformed override keys.
         """
-        cls.get_protocol_inputs(protocol, overrides)  # fail early
+        inputs = cls.get_protocol_inputs(protocol, overrides)  # fails early on bad names and keys
         builder = cls.get_builder()
         builder.code = code
         builder.pseudo_family = orm.Str(pseudo_family)
-        builder.protocol = orm.Str(protocols.resolve_name(protocol))
+        builder.protocol = orm.Str(inputs["protocol"])
         if overrides:
             builder.overrides = orm.Dict(overrides)
+        builder.protocol_inputs = orm.Dict(inputs)
         if isinstance(configurations, EmlipDatasetData):
             builder.configurations = configurations
         else:
@@ -240,12 +339,68 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
         builder.max_concurrent = orm.Int(max_concurrent)
         return builder
 
+    @classmethod
+    def resolve_protocol_inputs(
+        cls, protocol: str | None, overrides: dict[str, Any] | None, protocol_inputs: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """The merged inputs a run uses: ``protocol_inputs`` as they are when given (checked: complete,
+        no unknown key, the same protocol, every override held), else ``protocol`` <- ``overrides``.
+
+        :raises ProtocolError: unknown protocol name.
+        :raises OverrideError: bad keys, or protocol_inputs that disagree with protocol or overrides.
+        """
+        if protocol_inputs is None:
+            return cls.get_protocol_inputs(protocol, overrides)
+        return cls.check_protocol_inputs(protocol_inputs, protocol, overrides)
+
+    @classmethod
+    def preview_pw_inputs(cls, builder) -> dict[str, dict[str, Any]]:
+        """The pw.x inputs that each configuration of ``builder`` would run with; nothing is run.
+
+        Computed as the workchain computes them (the family's cutoffs, :func:`~.pw_inputs.build_pw_setup`),
+        so bad configurations raise :class:`~.pw_inputs.ConfigurationError` (``code`` names the exit code)
+        and bad protocol inputs ``ProtocolError``/``OverrideError``. Per configuration key:
+        ``parameters`` (the CONTROL/SYSTEM/ELECTRONS namelists), ``kpoints_mesh``, ``n_electrons``,
+        ``nspin``, ``is_metal``, ``slab`` and ``notes``. A ``sampler`` builder has no configurations
+        before it runs (``ValueError``). The family must exist in the loaded profile.
+        """
+
+        def value(port: str) -> dict[str, Any] | None:
+            node = builder.get(port)
+            return node.get_dict() if node is not None else None
+
+        if builder.get("sampler") is not None:
+            raise ValueError("a sampler recipe has no configurations before the workchain runs")
+        protocol = builder.get("protocol")
+        inputs = cls.resolve_protocol_inputs(
+            protocol.value if protocol is not None else None, value("overrides"), value("protocol_inputs")
+        )
+        family = orm.load_group(builder.pseudo_family.value)
+        configs = collect_configurations(
+            builder.get("configurations"), builder.get("structures"), value("structure_settings")
+        )
+        _, planned = plan_configurations(configs, family, inputs)
+        return {
+            key: {
+                "parameters": setup.parameters,
+                "kpoints_mesh": setup.kpoints_mesh,
+                "n_electrons": setup.n_electrons,
+                "nspin": setup.nspin,
+                "is_metal": setup.is_metal,
+                "slab": setup.slab,
+                "notes": list(setup.notes),
+            }
+            for key, _, _, _, setup in planned
+        }
+
     # ------------------------------------------------------------------ steps
     def setup(self):
-        """Merge the protocol and overrides; check the configuration sources and the family."""
+        """The protocol inputs (given, or protocol and overrides merged); the configuration sources and the
+        family checked."""
         overrides = self.inputs.overrides.get_dict() if "overrides" in self.inputs else {}
+        given = self.inputs.protocol_inputs.get_dict() if "protocol_inputs" in self.inputs else None
         try:
-            self.ctx.inputs = self.get_protocol_inputs(self.inputs.protocol.value, overrides)
+            self.ctx.inputs = self.resolve_protocol_inputs(self.inputs.protocol.value, overrides, given)
         except protocols.ProtocolError as error:
             return self.exit_codes.ERROR_UNKNOWN_PROTOCOL.format(message=str(error))
         except protocols.OverrideError as error:
@@ -348,88 +503,43 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
         self.out("configurations", self.ctx.configurations)
 
     def _collect(self) -> list[tuple[str, orm.StructureData, dict[str, Any]]]:
-        """Return (key, structure, per-configuration settings) for every configuration, in order.
-
-        A dataset input is split into structures keyed :func:`~.functions.configuration_key` of their
-        index, and each configuration is paired with the structure of its own key; ``structures`` are
-        paired with ``structure_settings`` by name and taken in :func:`~.functions.natural_order`.
-        """
+        """(key, structure, per-configuration settings) of every configuration, in order
+        (:func:`collect_configurations` of the sampled or given dataset, or of ``structures``)."""
         dataset = self.ctx.get("configurations") or self.inputs.get("configurations")
-        if dataset is not None:
-            return pair_configurations(dataset.to_ase(), split_configurations(dataset))
         settings = self.inputs.structure_settings.get_dict() if "structure_settings" in self.inputs else {}
-        unknown = sorted(set(settings) - set(self.inputs.structures))
-        if unknown:
-            raise ConfigurationError(
-                "ERROR_INVALID_CONFIGURATIONS", f"settings for unknown structures {unknown}"
-            )
-        return [
-            (key, self.inputs.structures[key], dict(settings.get(key, {})))
-            for key in natural_order(self.inputs.structures)
-        ]
-
-    def _cutoffs(self, elements: list[str]) -> tuple[float, float]:
-        inputs = self.ctx.inputs
-        family = self.ctx.family
-        dual = 4.0
-        recommended = None
-        if hasattr(family, "get_recommended_cutoffs"):
-            recommended = family.get_recommended_cutoffs(elements=tuple(elements), unit="Ry")
-            dual = recommended[1] / recommended[0]
-        if inputs["ecutwfc"] is not None:
-            wfc = float(inputs["ecutwfc"])
-        elif recommended is not None:
-            wfc = recommended[0] * float(inputs["cutoff_scale"])
-        else:
-            raise ConfigurationError("ERROR_UNKNOWN_FAMILY", "family has no recommended cutoffs: set ecutwfc")
-        rho = float(inputs["ecutrho"]) if inputs["ecutrho"] is not None else wfc * dual
-        return wfc, rho
+        return collect_configurations(dataset, self.inputs.get("structures"), settings)
 
     def prepare(self):
         """Check every configuration and build its pw.x inputs before any pw.x run."""
         try:
             configs = self._collect()
-            elements = sorted({kind.symbol for _, s, _ in configs for kind in s.kinds})
-            available = set(self.ctx.family.elements)
-            missing = sorted(set(elements) - available)
-            if missing:
-                raise ConfigurationError(
-                    "ERROR_ELEMENT_NOT_IN_FAMILY",
-                    f"{missing} not in family {self.ctx.family.label} (has {', '.join(sorted(available))})",
-                )
-            cutoffs = self._cutoffs(elements)
-            z_valence = {el: float(self.ctx.family.get_pseudo(element=el).z_valence) for el in elements}
-            self.ctx.configs = {}
-            # the order of the dataset, kept as a list: a checkpoint may store the dict in another order
-            self.ctx.order = [key for key, _, _ in configs]
-            for key, structure, settings in configs:
-                extra = settings.pop("_extra", {})
-                try:
-                    setup = build_pw_setup(structure.get_ase(), settings, self.ctx.inputs, z_valence, cutoffs)
-                except ConfigurationError as error:
-                    raise ConfigurationError(error.code, f"configuration {key}: {error}") from error
-                for note in setup.notes:
-                    self.report(f"{key}: {note}")
-                self.ctx.configs[key] = {
-                    "structure": structure.uuid,
-                    "parameters": setup.parameters,
-                    "mesh": setup.kpoints_mesh,
-                    "meta": {
-                        **extra,
-                        **{k: v for k, v in settings.items() if k != "parameters"},
-                        "periodic_bulk": setup.periodic_bulk,
-                        "edir": setup.edir,
-                        "dipfield": bool(setup.parameters["CONTROL"].get("dipfield", False)),
-                        "slab": setup.slab,
-                        "is_metal": setup.is_metal,
-                        "nspin": setup.nspin,
-                        "n_electrons": setup.n_electrons,
-                        "isolated": str(setup.parameters["SYSTEM"].get("assume_isolated", "")).lower()
-                        in OPEN_BOUNDARY_SCHEMES,
-                    },
-                }
+            cutoffs, planned = plan_configurations(configs, self.ctx.family, self.ctx.inputs)
         except ConfigurationError as error:
             return getattr(self.exit_codes, error.code).format(message=str(error))
+        self.ctx.configs = {}
+        # the order of the dataset, kept as a list: a checkpoint may store the dict in another order
+        self.ctx.order = [key for key, *_ in planned]
+        for key, structure, settings, extra, setup in planned:
+            for note in setup.notes:
+                self.report(f"{key}: {note}")
+            self.ctx.configs[key] = {
+                "structure": structure.uuid,
+                "parameters": setup.parameters,
+                "mesh": setup.kpoints_mesh,
+                "meta": {
+                    **extra,
+                    **{k: v for k, v in settings.items() if k != "parameters"},
+                    "periodic_bulk": setup.periodic_bulk,
+                    "edir": setup.edir,
+                    "dipfield": bool(setup.parameters["CONTROL"].get("dipfield", False)),
+                    "slab": setup.slab,
+                    "is_metal": setup.is_metal,
+                    "nspin": setup.nspin,
+                    "n_electrons": setup.n_electrons,
+                    "isolated": str(setup.parameters["SYSTEM"].get("assume_isolated", "")).lower()
+                    in OPEN_BOUNDARY_SCHEMES,
+                },
+            }
         self.ctx.cutoffs = cutoffs
         self.ctx.pending = list(self.ctx.order)
         self.report(

@@ -104,6 +104,73 @@ def get_protocol_inputs(
     return inputs
 
 
+def _missing(defaults: dict[str, Any], given: dict[str, Any], path: str) -> list[str]:
+    """Dotted keys of ``defaults`` that ``given`` lacks (the free maps only as a whole)."""
+    missing = []
+    for key, value in defaults.items():
+        where = f"{path}.{key}" if path else key
+        if key not in given:
+            missing.append(where)
+        elif isinstance(value, dict) and not (key in FREE_MAPS and not path) and isinstance(given[key], dict):
+            missing += _missing(value, given[key], where)
+    return missing
+
+
+def _differences(inputs: dict[str, Any], overrides: dict[str, Any], path: str) -> list[str]:
+    """Dotted keys whose value in ``overrides`` is not the one ``inputs`` holds."""
+    out = []
+    for key, value in overrides.items():
+        where = f"{path}.{key}" if path else key
+        have = inputs.get(key) if isinstance(inputs, dict) else None
+        if isinstance(value, dict) and isinstance(have, dict):
+            out += _differences(have, value, where)
+        elif value != have:
+            out.append(f"{where} (override {value!r}, protocol_inputs {have!r})")
+    return out
+
+
+def check_protocol_inputs(
+    protocol_inputs: dict[str, Any],
+    name: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    path: Path = PROTOCOL_FILE,
+) -> dict[str, Any]:
+    """Return complete merged inputs (what :func:`get_protocol_inputs` returns) after checking them.
+
+    ``protocol_inputs`` must hold every key of ``default_inputs`` and no other (the free maps
+    ``parameters`` and ``options`` as a whole); its ``protocol`` entry, when present, must be the
+    canonical name of protocol ``name``, and every override in ``overrides`` must already hold there.
+    The result is ``protocol_inputs`` itself (with ``protocol`` set): nothing is merged into it.
+
+    :raises ProtocolError: unknown protocol ``name``.
+    :raises OverrideError: unknown, missing or malformed keys, or protocol or overrides that disagree.
+    """
+    data = _load(path)
+    canonical = resolve_name(name, path)
+    body = {k: v for k, v in protocol_inputs.items() if k != "protocol"}
+    _merge(data["default_inputs"], body, "", strict=True)  # unknown keys, malformed free maps
+    missing = _missing(data["default_inputs"], body, "")
+    if missing:
+        raise OverrideError(f"protocol_inputs lack {', '.join(missing)}: give the complete merged inputs")
+    recorded = protocol_inputs.get("protocol", canonical)
+    if recorded != canonical:
+        raise OverrideError(
+            f"protocol_inputs were resolved for protocol {recorded!r} but the protocol is {canonical!r}: "
+            "build the inputs again (get_builder_from_protocol) or drop protocol_inputs"
+        )
+    if overrides:
+        _merge(data["default_inputs"], dict(overrides), "", strict=True)
+        differ = _differences(body, dict(overrides), "")
+        if differ:
+            raise OverrideError(
+                f"overrides that protocol_inputs do not hold: {'; '.join(differ)}; change one to match "
+                "the other (protocol_inputs is what runs)"
+            )
+    inputs = copy.deepcopy(body)
+    inputs["protocol"] = canonical
+    return inputs
+
+
 class EmlipProtocolMixin(ProtocolMixin):
     """aiida-quantumespresso's ``ProtocolMixin`` interface over a file in ``protocols/``.
 
@@ -131,3 +198,13 @@ class EmlipProtocolMixin(ProtocolMixin):
         cls, protocol: str | None = None, overrides: dict[str, Any] | None = None
     ) -> dict[str, Any]:
         return get_protocol_inputs(protocol, overrides, cls.get_protocol_filepath())
+
+    @classmethod
+    def check_protocol_inputs(
+        cls,
+        protocol_inputs: dict[str, Any],
+        protocol: str | None = None,
+        overrides: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """:func:`check_protocol_inputs` over this class's protocol file."""
+        return check_protocol_inputs(protocol_inputs, protocol, overrides, cls.get_protocol_filepath())

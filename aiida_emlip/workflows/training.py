@@ -9,9 +9,20 @@ from aiida.engine import ToContext, WorkChain, calcfunction, if_
 
 from aiida_emlip.data.dataset import EmlipDatasetData
 from aiida_emlip.data.model import EmlipModelData
+from aiida_emlip.training.launch import check_nproc_per_node
 from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain
 from aiida_emlip.workflows.process_state import how_it_ended
 from aiida_emlip.workflows.train_base import EmlipTrainBaseWorkChain
+
+
+def validate_train_options(value: orm.Dict, _) -> str | None:
+    """Options of every training calculation; ``nproc_per_node`` checked here, before any DFT."""
+    options = value.get_dict()
+    if "nproc_per_node" in options:
+        problem = check_nproc_per_node(options["nproc_per_node"])
+        if problem:
+            return f"train_options: {problem}"
+    return None
 
 
 def validate_designs(value: orm.Dict, _) -> str | None:
@@ -83,7 +94,9 @@ class EmlipTrainingWorkChain(WorkChain):
             "train_options",
             valid_type=orm.Dict,
             required=False,
-            help="metadata.options of each training calculation (resources, queue, ...)",
+            validator=validate_train_options,
+            help="metadata.options of each training calculation (resources, queue, nproc_per_node: "
+            "processes under torchrun, ...)",
         )
         spec.input(
             "train_max_iterations",

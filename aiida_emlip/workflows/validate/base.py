@@ -25,6 +25,9 @@ from .steps import ValidationSteps, merge_protocols
 
 #: Inputs of the dataset workchain that a validation sets itself.
 DATASET_SOURCES = ("configurations", "structures", "structure_settings", "sampler", "sampler_structure")
+#: The dataset inputs not exposed under ``dft``: the sources, and ``protocol_inputs`` (the DFT settings
+#: are ``dft.protocol`` and ``dft.overrides``, which the workchain reads and extends itself).
+DFT_EXCLUDED = (*DATASET_SOURCES, "protocol_inputs")
 
 
 class EmlipValidationWorkChain(ValidationSteps, protocols.EmlipProtocolMixin, WorkChain):
@@ -39,7 +42,7 @@ class EmlipValidationWorkChain(ValidationSteps, protocols.EmlipProtocolMixin, Wo
         spec.expose_inputs(
             EmlipDatasetWorkChain,
             namespace="dft",
-            exclude=DATASET_SOURCES,
+            exclude=DFT_EXCLUDED,
             namespace_options={"help": "Inputs of the dataset workchain that runs every pw.x calculation."},
         )
         spec.input_namespace(

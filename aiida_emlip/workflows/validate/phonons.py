@@ -41,6 +41,9 @@ from .steps import ValidationSteps, merge_protocols
 
 #: Inputs of the dataset workchain that this workchain sets itself.
 DATASET_SOURCES = ("configurations", "structures", "structure_settings", "sampler", "sampler_structure")
+#: The dataset inputs not exposed under ``dft``: the sources, and ``protocol_inputs`` (the DFT settings
+#: are ``dft.protocol`` and ``dft.overrides``, which the workchain reads and extends itself).
+DFT_EXCLUDED = (*DATASET_SOURCES, "protocol_inputs")
 #: Settings of the analysis taken from the protocol.
 ANALYSIS_KEYS = ("band_points", "dos_mesh", "nac_direction", "symmetrize_force_constants")
 
@@ -81,7 +84,7 @@ class EmlipPhononWorkChain(ValidationSteps, protocols.EmlipProtocolMixin, WorkCh
         spec.expose_inputs(
             EmlipDatasetWorkChain,
             namespace="dft",
-            exclude=DATASET_SOURCES,
+            exclude=DFT_EXCLUDED,
             namespace_options={"help": "Inputs of the dataset workchain that runs every pw.x calculation."},
         )
         spec.input(

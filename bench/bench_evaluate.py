@@ -19,6 +19,9 @@
     round, so that a burst of load on a shared machine does not land on one head only. The peak
     resident memory of the process is printed after each box. Targets (as bench_heads.py for one
     energy+force evaluation): charges ≥ 1/1.3, qeq ≥ 1/1.6, scf ≥ 1/2.5 of sr's steps per second.
+    The calculator starts each step's charge solve from the previous step's charges (its default);
+    ``--heads sr,qeq,qeq-cold,scf,scf-cold`` sets each iterative head beside itself without that warm
+    start (iteration counts and steps per second side by side).
 
 Usage::
 
@@ -56,6 +59,9 @@ MD_HEADS = {
     "scf": {"name": "scf", "on_failure": "flag"},
 }
 MD_TARGETS = {"charges": 1 / 1.3, "qeq": 1 / 1.6, "scf": 1 / 2.5}
+#: ``<head>-cold``: the same head with the calculator's warm start off (every step's charge solve from
+#: the local guess), to set beside the default, which starts from the previous step's charges.
+COLD = "-cold"
 #: Backbones of the MD table: bench_heads.py's tiny one and one of a production model's size.
 REALISTIC_BACKBONE = {
     "num_channels": 64,
@@ -218,7 +224,10 @@ class MDRun:
         from aiida_emlip.models.calculator import EmlipCalculator
         from aiida_emlip.training.dynamics import thermalize_momenta
 
-        self.calc = EmlipCalculator(make_model(MD_HEADS[head], backbone=backbone), device=device)
+        name = head.removesuffix(COLD)
+        self.calc = EmlipCalculator(
+            make_model(MD_HEADS[name], backbone=backbone), device=device, warm_start=not head.endswith(COLD)
+        )
         self.atoms = atoms.copy()
         thermalize_momenta(self.atoms, temperature_K=300, rng=np.random.default_rng(0))
         self.atoms.calc = self.calc
@@ -339,7 +348,7 @@ def main() -> None:
         if not args.skip_md:
             sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
             heads = [h for h in args.heads.split(",") if h.strip()]
-            unknown = sorted(set(heads) - set(MD_HEADS))
+            unknown = sorted({h.removesuffix(COLD) for h in heads} - set(MD_HEADS))
             if unknown:
                 raise SystemExit(f"unknown heads {unknown}; known: {list(MD_HEADS)}")
             names = [b for b in args.backbones.split(",") if b.strip()]

@@ -6,12 +6,14 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
+import torch
 from ase import Atoms
 from ase.calculators.calculator import CalculationFailed, Calculator, all_changes
 
 from aiida_emlip.models.graph import build_graph
 from aiida_emlip.models.io import load_model, resolve_device
 from aiida_emlip.models.model import EmlipModel
+from aiida_emlip.schema import EXTERNAL_FIELD, FERMI_LEVEL, TOTAL_CHARGE, TOTAL_SPIN
 
 #: Results that must be finite (the SCF flags and iteration counts are not numbers of the physics).
 CHECKED = ("energy", "forces", "stress", "charges", "dipole", "atomic_dipoles", "fermi_level")
@@ -30,12 +32,35 @@ def non_finite(results: dict, names: tuple[str, ...] = CHECKED) -> list[str]:
     return [name for name in names if name in results and not np.isfinite(results[name]).all()]
 
 
+#: The ``atoms.info`` keys the model reads (the graph's per-structure settings).
+INFO_SETTINGS = (TOTAL_CHARGE, TOTAL_SPIN, EXTERNAL_FIELD, FERMI_LEVEL)
+
+
+def _settings(atoms: Atoms) -> list[object]:
+    """The values of :data:`INFO_SETTINGS` in ``atoms.info`` (``None`` when absent), comparable; a
+    value that is not numeric as its ``repr`` (the graph builder refuses it with a message)."""
+    out: list[object] = []
+    for key in INFO_SETTINGS:
+        value = atoms.info.get(key)
+        try:
+            out.append(None if value is None else np.atleast_1d(np.asarray(value, float)).tolist())
+        except (TypeError, ValueError):
+            out.append(repr(value))
+    return out
+
+
 class EmlipCalculator(Calculator):
     """Evaluate an :class:`EmlipModel` on ASE ``Atoms``; total charge and field from ``atoms.info``.
 
     Extra results: ``charges`` (e), ``atomic_dipoles`` (e·Å), ``dipole`` (e·Å), ``fermi_level`` (eV,
     heads that determine μ), ``converged`` and ``iterations`` (iterative heads). A NaN or inf in any
     output raises :class:`NonFinitePredictionError` (an ASE ``CalculationFailed``); nothing is cached.
+
+    ``warm_start`` (default on): the ``scf`` head's iteration starts from the charges of the previous
+    calculation when the atoms (their number and elements) and the total charge are the same, as in
+    MD or a geometry optimisation — fewer iterations per step; the result equals a cold start's to
+    within the head's SCF tolerance. ``warm_start=False`` makes every call start from the local guess
+    (bit-for-bit repeatable single points whatever was computed before).
     """
 
     implemented_properties: ClassVar[list[str]] = [
@@ -47,17 +72,42 @@ class EmlipCalculator(Calculator):
         "dipole",
     ]
 
-    def __init__(self, model: EmlipModel | str | Path, device: str = "auto", **kwargs) -> None:
+    def __init__(
+        self, model: EmlipModel | str | Path, device: str = "auto", warm_start: bool = True, **kwargs
+    ) -> None:
         super().__init__(**kwargs)
         device = resolve_device(device)
         self.model = model.to(device) if isinstance(model, EmlipModel) else load_model(model, device)
         self.model.eval()
+        self.warm_start = warm_start
+        self._previous: tuple[np.ndarray, float, np.ndarray] | None = None  # numbers, Q, charges
+
+    def _initial_charges(self) -> torch.Tensor | None:
+        """The previous calculation's charges when they may start this one's SCF (see the class)."""
+        if not self.warm_start or self._previous is None:
+            return None
+        numbers, total, charges = self._previous
+        same_total = float(self.atoms.info.get(TOTAL_CHARGE, 0.0)) == total
+        if same_total and np.array_equal(numbers, self.atoms.numbers):
+            return torch.as_tensor(charges)
+        return None
+
+    def check_state(self, atoms: Atoms, tol: float = 1e-15) -> list[str]:
+        """ASE's changes (positions, cell, ...) plus ``info`` when a setting the model reads from
+        ``atoms.info`` (total charge and spin, applied field, Fermi level) differs from the last
+        calculation's: ASE alone would hand back the results of the other total charge."""
+        changes = super().check_state(atoms, tol)
+        if self.atoms is not None and _settings(atoms) != _settings(self.atoms):
+            changes.append("info")
+        return changes
 
     def calculate(self, atoms: Atoms | None = None, properties=None, system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
         periodic = bool(self.atoms.pbc.all())
         graph = build_graph([self.atoms], self.model.cutoff, self.model.dtype, self.model.device)
-        out = self.model(graph, compute_forces=True, compute_stress=periodic)
+        out = self.model(
+            graph, compute_forces=True, compute_stress=periodic, initial_charges=self._initial_charges()
+        )
 
         def numpy(key: str):
             value = out.get(key)
@@ -84,4 +134,8 @@ class EmlipCalculator(Calculator):
         if bad:
             formula = self.atoms.get_chemical_formula()
             self.reset()  # no NaN stays cached for the next property request
+            self._previous = None
             raise NonFinitePredictionError(bad, formula)
+        if charges is not None:
+            total = float(self.atoms.info.get(TOTAL_CHARGE, 0.0))
+            self._previous = (self.atoms.numbers.copy(), total, charges.copy())

@@ -117,12 +117,14 @@ class EmlipModel(torch.nn.Module):
         scf_mode: str = "converge",
         reference_charges: torch.Tensor | None = None,
         reference_dipoles: torch.Tensor | None = None,
+        initial_charges: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor | None]:
         """Evaluate a batch.
 
         ``create_graph`` (default: ``self.training``) keeps forces and stress differentiable for
-        training. ``scf_mode`` and the reference multipoles only matter for self-consistent heads
-        (see :class:`~aiida_emlip.models.heads.base.HeadInput`).
+        training. ``scf_mode``, the reference multipoles and ``initial_charges`` (a warm start: the
+        converged charges of a nearby geometry) only matter for self-consistent heads (see
+        :class:`~aiida_emlip.models.heads.base.HeadInput`).
         """
         create_graph = self.training if create_graph is None else create_graph
         graph = graph.to(self.device, self.dtype)
@@ -150,6 +152,9 @@ class EmlipModel(torch.nn.Module):
                 scf_mode=scf_mode,
                 reference_charges=reference_charges,
                 reference_dipoles=reference_dipoles,
+                initial_charges=None
+                if initial_charges is None
+                else initial_charges.to(self.device, self.dtype),
             )
             head = self.head(inp)
             long_range, dipoles, dipole, polarizabilities = head.energy, head.dipoles, head.dipole, None

@@ -40,6 +40,9 @@ class HeadInput:
     scf_mode: str = "converge"
     reference_charges: torch.Tensor | None = None  # [N] e, for ``direct`` training
     reference_dipoles: torch.Tensor | None = None  # [N, 3] e·Å, for ``direct`` training
+    #: [N] e: the converged charges of a nearby geometry (the previous MD or optimiser step), where
+    #: ``converge``/``implicit`` iterations of self-consistent heads start instead of the local guess
+    initial_charges: torch.Tensor | None = None
 
     @property
     def total_charge(self) -> torch.Tensor:

@@ -33,9 +33,11 @@ from aiida_emlip.models.heads.solvers import (
     ImplicitStep,
     QEqSolution,
     SCFConvergenceError,
+    SolveInfo,
     default_tolerance,
     kkt_inverse,
     qeq_solve,
+    qeq_solve_from,
 )
 from aiida_emlip.schema import COULOMB_CONSTANT
 
@@ -89,6 +91,9 @@ class EquilibrationHead(Head):
     """
 
     charge_control = "exact"
+    #: Whether inference with the iterative solver starts from ``HeadInput.initial_charges`` (a warm
+    #: start; :meth:`_warm_minimise` solves the quadratic problem, so only a quadratic local term).
+    warm_startable = False
 
     @classmethod
     def capabilities(cls, options: QEqOptions) -> frozenset[str]:
@@ -165,6 +170,42 @@ class EquilibrationHead(Head):
         )
         return sol, [sol.info.residual]
 
+    def _warm_minimise(
+        self,
+        inp: HeadInput,
+        b: int,
+        atoms: slice,
+        params: dict[str, torch.Tensor],
+        external: torch.Tensor,
+        start: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, SolveInfo]:
+        """Charges and μ of one structure by CG on Σq = Q from ``start`` (inference, iterative solver)."""
+        pos, cell, pbc = inp.positions[atoms].detach(), inp.cell[b].detach(), inp.graph.pbc[b]
+        es = inp.electrostatics
+        sigma = es.config.sigma
+        a_diag = COULOMB_CONSTANT / (sigma * math.sqrt(math.pi)) if sigma > 0 else 0.0
+        return qeq_solve_from(
+            lambda x: es.coulomb_matvec(x, pos, cell, pbc),
+            params["hardness"],
+            params["chi"] + external,
+            inp.total_charge[b].detach(),
+            start,
+            precond=params["hardness"] + a_diag,
+            tol=default_tolerance(self.options.tol, pos.dtype),
+            maxiter=self.options.max_iter,
+        )
+
+    def _warm_start(self, inp: HeadInput, atoms: slice, differentiable: bool) -> torch.Tensor | None:
+        """``inp.initial_charges`` of the structure when a warm start applies: inference (no implicit
+        derivatives), the iterative solver, finite charges of the right length; else ``None``."""
+        warm = inp.initial_charges
+        if differentiable or warm is None or warm.shape[0] != inp.graph.num_atoms:
+            return None
+        if self._use_dense(atoms.stop - atoms.start):
+            return None
+        warm = warm[atoms].detach()
+        return warm if bool(torch.isfinite(warm).all()) else None
+
     # ------------------------------------------------------------------ forward
     def forward(self, inp: HeadInput) -> HeadOutput:
         graph = inp.graph
@@ -175,21 +216,26 @@ class EquilibrationHead(Head):
         charges, mus, converged, iterations, history = [], [], [], [], []
         for b, atoms in graph.structures():
             local = {k: v[atoms].detach() for k, v in params.items()}
+            warm = self._warm_start(inp, atoms, differentiable) if self.warm_startable else None
             with torch.no_grad():
-                sol, residuals = self._minimise(inp, b, atoms, local, external[atoms].detach())
-            ok = sol.info.converged and bool(torch.isfinite(sol.charges).all())
+                if warm is not None:
+                    q, mu, info = self._warm_minimise(inp, b, atoms, local, external[atoms].detach(), warm)
+                    sol, residuals = None, [info.residual]
+                else:
+                    sol, residuals = self._minimise(inp, b, atoms, local, external[atoms].detach())
+                    q, mu, info = sol.charges, sol.mu, sol.info
+            ok = info.converged and bool(torch.isfinite(q).all())
             if not ok and self.options.on_failure == "raise":
                 raise SCFConvergenceError(
-                    f"{self.name}: structure {b} did not converge (residual {sol.info.residual:.3g} after "
-                    f"{sol.info.iterations} iterations); raise max_iter/tol or use on_failure='flag'"
+                    f"{self.name}: structure {b} did not converge (residual {info.residual:.3g} after "
+                    f"{info.iterations} iterations); raise max_iter/tol or use on_failure='flag'"
                 )
-            q, mu = sol.charges, sol.mu
             if differentiable:
                 q, mu = self._implicit(inp, b, atoms, params, external, sol)
             charges.append(q)
             mus.append(mu)
             converged.append(ok)
-            iterations.append(sol.info.iterations)
+            iterations.append(info.iterations)
             history.append(residuals)
         charges_all = torch.cat(charges)
         dipole = structure_dipoles(inp, charges_all)
@@ -243,3 +289,4 @@ class QEqHead(EquilibrationHead):
 
     name = "qeq"
     Options = QEqOptions
+    warm_startable = True

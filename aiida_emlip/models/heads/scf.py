@@ -245,7 +245,8 @@ class SelfConsistentHead(Head):
                 v_app[atoms].detach(),
                 *groups[b],
             )
-            start = p_loc[atoms]  # constant Q: p_loc shifted to each group's charge; the map keeps p_loc
+            # constant Q: p_loc (or a warm start) shifted to each group's charge; the map keeps p_loc
+            start = self._start(inp, p_loc, atoms, mode)
             if constant_q:
                 counts = s.group_sum(torch.ones_like(start))
                 start = start + ((s.targets - s.group_sum(start)) / counts)[s.fragment]
@@ -329,6 +330,17 @@ class SelfConsistentHead(Head):
             first = int(local.min())
             out.append((local - first, fragments.targets[first : int(local.max()) + 1].detach()))
         return out, fragments.index, fragments.shared
+
+    @staticmethod
+    def _start(inp: HeadInput, p_loc: torch.Tensor, atoms: slice, mode: str) -> torch.Tensor:
+        """Where the iteration starts: the local guess, or for ``converge``/``implicit`` the warm start
+        ``inp.initial_charges`` when it is given and finite (the iteration's result does not depend
+        on it beyond the tolerance; the backward pass linearises at the converged solution)."""
+        warm = inp.initial_charges
+        if warm is None or mode not in ("converge", "implicit") or warm.shape != p_loc.shape:
+            return p_loc[atoms]
+        warm = warm[atoms].detach()
+        return warm if bool(torch.isfinite(warm).all()) else p_loc[atoms]
 
     @staticmethod
     def _reported_mu(s: _Structure, mu: torch.Tensor) -> torch.Tensor:

@@ -16,9 +16,11 @@ resident memory sampled every 2 s (:mod:`daemon_memory`); the report gives per w
 the growth after the first 50 configurations (target: no growth beyond 20 %), and checks that every
 configuration was labelled by exactly one pw.x run.
 
-With ``--kill-pw`` only a fault is injected instead: the workchain is submitted to the daemon, the
-OS process of one running pw.x (found by its working directory, the CalcJob's remote workdir) is sent
-SIGKILL, and the outcome (exit status, report, labels, PwCalculations per configuration) is written out.
+With ``--kill-pw`` only a fault is injected instead: the workchain is submitted to the daemon (with
+``max_iterations: 2``, so that the protocol's ``on_unhandled_failure: restart_once`` can run the
+killed configuration again), the OS process of one running pw.x (found by its working directory, the
+CalcJob's remote workdir) is sent SIGKILL, and the outcome (exit status, report, labels,
+PwCalculations per configuration) is written out.
 
 Usage: ``python bench/bench_dataset.py [--n 20] [--workers 2] [--no-daemon] [--kill-pw | --load]
 [--json out.json]``.
@@ -86,11 +88,14 @@ def configurations(n: int):
     return EmlipDatasetData.from_ase(rattle(water, n, stdev=0.05, seed=2024)).store()
 
 
-def builder(code, family, dataset, max_concurrent: int):
+def builder(code, family, dataset, max_concurrent: int, max_iterations: int = 1):
+    """The dataset workchain at :data:`CHEAP`; ``max_iterations`` > 1 lets a killed pw.x run again (the
+    protocol's ``on_unhandled_failure: restart_once``)."""
     from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain
 
+    overrides = {**CHEAP, "max_iterations": max_iterations}
     return EmlipDatasetWorkChain.get_builder_from_protocol(
-        code, dataset, family.label, protocol="fast", overrides=CHEAP, max_concurrent=max_concurrent
+        code, dataset, family.label, protocol="fast", overrides=overrides, max_concurrent=max_concurrent
     )
 
 
@@ -255,7 +260,7 @@ def run_daemon_kill_pw(code, family, dataset, workers: int, timeout: float = 600
 
     with services_profile.daemon(PROFILE, workers):
         start = time.perf_counter()
-        node = submit(builder(code, family, dataset, len(dataset)))
+        node = submit(builder(code, family, dataset, len(dataset), max_iterations=2))
         found = None
         while found is None and not node.is_terminated and time.perf_counter() - start < timeout:
             found = running_pw(node)

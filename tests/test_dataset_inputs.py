@@ -211,6 +211,25 @@ def test_protocol_inputs_that_disagree_are_refused(pw_code, pseudo_family, chang
     assert expected in node.exit_message
 
 
+def test_unknown_failure_action_is_refused(pw_code, pseudo_family):
+    """on_unhandled_failure must be one of aiida-core's choices: 202 before any pw.x run."""
+    from aiida import orm
+
+    from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain
+
+    builder = EmlipDatasetWorkChain.get_builder_from_protocol(
+        pw_code,
+        {"w": orm.StructureData(ase=water())},
+        pseudo_family.label,
+        protocol="fast",
+        overrides={**CHEAP, "on_unhandled_failure": "retry"},
+    )
+    node = _run_builder(builder)
+    assert node.exit_status == EmlipDatasetWorkChain.exit_codes.ERROR_INVALID_OVERRIDES.status
+    assert "on_unhandled_failure 'retry': choose from abort, pause, restart_once" in node.exit_message
+    assert node.called == []
+
+
 def test_unknown_sampler(pw_code, pseudo_family):
     from aiida import orm
     from aiida.engine import run_get_node

@@ -42,6 +42,9 @@ from .window import WakeOnFirstChild
 PW_CACHE_IDENTIFIER = "aiida.calculations:quantumespresso.pw"
 #: The pw.x parser: aiida-quantumespresso's, plus the dipole and band edges of the stdout.
 PW_PARSER = "emlip.pw"
+#: What a configuration's ``PwBaseWorkChain`` does after a pw.x failure no handler claims (a killed
+#: pw.x, a lost node): aiida-core's ``BaseRestartWorkChain.on_unhandled_failure`` values.
+UNHANDLED_FAILURE_ACTIONS = ("abort", "pause", "restart_once", "restart_and_pause")
 #: Call link label of a configuration's label workchain: ``label_<key>``.
 LABEL_PREFIX = "label_"
 
@@ -405,6 +408,11 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
             return self.exit_codes.ERROR_UNKNOWN_PROTOCOL.format(message=str(error))
         except protocols.OverrideError as error:
             return self.exit_codes.ERROR_INVALID_OVERRIDES.format(message=str(error))
+        action = self.ctx.inputs.get("on_unhandled_failure")
+        if action not in UNHANDLED_FAILURE_ACTIONS:
+            return self.exit_codes.ERROR_INVALID_OVERRIDES.format(
+                message=f"on_unhandled_failure {action!r}: choose from {', '.join(UNHANDLED_FAILURE_ACTIONS)}"
+            )
         sources = [name for name in ("configurations", "structures", "sampler") if self.inputs.get(name)]
         if len(sources) != 1:
             return self.exit_codes.ERROR_INVALID_CONFIGURATIONS.format(
@@ -580,6 +588,7 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
         builder.pw.pw.metadata.options = {**inputs["options"], "parser_name": PW_PARSER}
         builder.pw.kpoints = kpoints
         builder.pw.max_iterations = orm.Int(int(inputs["max_iterations"]))
+        builder.pw.on_unhandled_failure = orm.Str(str(inputs["on_unhandled_failure"]))
         builder.clean_workdir = orm.Bool(bool(inputs["clean_workdir"]))
         steps = self._steps(key)
         builder.postprocess = orm.Dict(steps)

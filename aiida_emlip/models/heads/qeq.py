@@ -31,6 +31,7 @@ from aiida_emlip.models.heads.base import (
 )
 from aiida_emlip.models.heads.solvers import (
     ImplicitStep,
+    Matvec,
     QEqSolution,
     SCFConvergenceError,
     SolveInfo,
@@ -140,25 +141,26 @@ class EquilibrationHead(Head):
             return n <= self.options.dense_max_atoms
         return self.options.solver == "dense"
 
+    def _coulomb_operator(self, inp: HeadInput, b: int, atoms: slice) -> tuple[Matvec, float]:
+        """``x ↦ A x`` of structure ``b`` (Ewald or PME, no matrix) and the diagonal of ``A`` (the
+        Gaussian self-interaction), for the iterative solvers' Jacobi preconditioner."""
+        pos, cell, pbc = inp.positions[atoms].detach(), inp.cell[b].detach(), inp.graph.pbc[b]
+        es = inp.electrostatics
+        sigma = es.config.sigma
+        a_diag = COULOMB_CONSTANT / (sigma * math.sqrt(math.pi)) if sigma > 0 else 0.0
+        return (lambda x: es.coulomb_matvec(x, pos, cell, pbc)), a_diag
+
     def _quadratic_solve(
         self, inp: HeadInput, b: int, atoms: slice, diag: torch.Tensor, rhs: torch.Tensor, total
     ) -> QEqSolution:
-        pos, cell, pbc = inp.positions[atoms].detach(), inp.cell[b].detach(), inp.graph.pbc[b]
-        es = inp.electrostatics
-        tol = default_tolerance(self.options.tol, pos.dtype)
-        if self._use_dense(pos.shape[0]):
-            dense = es.coulomb_matrix(pos, cell, pbc)
+        tol = default_tolerance(self.options.tol, inp.positions.dtype)
+        if self._use_dense(atoms.stop - atoms.start):
+            pos, cell, pbc = inp.positions[atoms].detach(), inp.cell[b].detach(), inp.graph.pbc[b]
+            dense = inp.electrostatics.coulomb_matrix(pos, cell, pbc)
             return qeq_solve(None, diag, rhs, total, dense=dense)
-        sigma = es.config.sigma
-        a_diag = COULOMB_CONSTANT / (sigma * math.sqrt(math.pi)) if sigma > 0 else 0.0
+        matvec, a_diag = self._coulomb_operator(inp, b, atoms)
         return qeq_solve(
-            lambda x: es.coulomb_matvec(x, pos, cell, pbc),
-            diag,
-            rhs,
-            total,
-            precond=diag + a_diag,
-            tol=tol,
-            maxiter=self.options.max_iter,
+            matvec, diag, rhs, total, precond=diag + a_diag, tol=tol, maxiter=self.options.max_iter
         )
 
     def _minimise(
@@ -180,18 +182,15 @@ class EquilibrationHead(Head):
         start: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, SolveInfo]:
         """Charges and μ of one structure by CG on Σq = Q from ``start`` (inference, iterative solver)."""
-        pos, cell, pbc = inp.positions[atoms].detach(), inp.cell[b].detach(), inp.graph.pbc[b]
-        es = inp.electrostatics
-        sigma = es.config.sigma
-        a_diag = COULOMB_CONSTANT / (sigma * math.sqrt(math.pi)) if sigma > 0 else 0.0
+        matvec, a_diag = self._coulomb_operator(inp, b, atoms)
         return qeq_solve_from(
-            lambda x: es.coulomb_matvec(x, pos, cell, pbc),
+            matvec,
             params["hardness"],
             params["chi"] + external,
             inp.total_charge[b].detach(),
             start,
             precond=params["hardness"] + a_diag,
-            tol=default_tolerance(self.options.tol, pos.dtype),
+            tol=default_tolerance(self.options.tol, inp.positions.dtype),
             maxiter=self.options.max_iter,
         )
 

@@ -7,7 +7,11 @@ w_i(r) = ρ_i^0(r) / Σ_j ρ_j^0(r) and, with ρ the valence electron density (e
 
     q_i = Z_i − ∫ w_i ρ d³r,      p_i = −∫ w_i ρ (r − R_i) d³r    (e, e·Å; R_i the nearest image).
 
-Σ q_i equals the total charge Q because ρ integrates to the valence electron count.
+The free-atom densities are taken as zero beyond :data:`CUTOFF` (and a promolecular density below
+:data:`FLOOR` carries no weight); density there — the diffuse tail of an anion or an electron spread
+over a charged cell's vacuum — belongs wholly to the nearest atom (minimum image), the limit of the
+Hirshfeld weights far from every atom. Every grid point is thus assigned, and Σ q_i equals the total
+charge Q because ρ integrates to the valence electron count.
 """
 
 from __future__ import annotations
@@ -103,7 +107,33 @@ def hirshfeld(
         with np.errstate(divide="ignore", invalid="ignore"):
             mean_delta = np.where(weights[i][:, None] > 0, moments[i] / weights[i][:, None], 0.0)
         dipoles[i] = -(share[i] * rho)[None, :] @ mean_delta * dv
+    orphans = np.nonzero(~valid)[0]
+    if orphans.size:
+        electrons_far, dipoles_far = _nearest_atom(orphans, rho[orphans] * dv, shape, cell, fractional)
+        charges -= electrons_far
+        dipoles += dipoles_far
     return charges, dipoles
+
+
+def _nearest_atom(
+    points: np.ndarray, electrons: np.ndarray, shape: np.ndarray, cell: np.ndarray, fractional: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Electrons and dipoles (−Σ n (r − R_i)) of the grid ``points`` (flat indices, ``electrons`` on
+    each) given to the nearest atom, minimum image by wrapping fractional offsets; in chunks."""
+    n_atoms = len(fractional)
+    count, moment = np.zeros(n_atoms), np.zeros((n_atoms, 3))
+    for start in range(0, points.size, 20000):
+        chunk = slice(start, start + 20000)
+        grid = np.stack(np.unravel_index(points[chunk], tuple(shape)), axis=1) / shape
+        offset = grid[:, None, :] - fractional[None, :, :]
+        offset -= np.round(offset)
+        delta = offset @ cell  # Å, [points, atoms, 3]
+        nearest = np.linalg.norm(delta, axis=2).argmin(axis=1)
+        mine = delta[np.arange(nearest.size), nearest]
+        count += np.bincount(nearest, electrons[chunk], minlength=n_atoms)
+        for axis in range(3):
+            moment[:, axis] += np.bincount(nearest, electrons[chunk] * mine[:, axis], minlength=n_atoms)
+    return count, -moment
 
 
 @calcfunction

@@ -133,7 +133,9 @@ def _append(out: Path, text: str) -> None:
     from aiida_emlip.extxyz import frames_to_text, text_to_frames
 
     old, new = text_to_frames(out.read_text()), text_to_frames(text)
-    for i, atoms in enumerate(new, start=len(old)):
+    taken = [str(atoms.info.get("key", "")) for atoms in old]
+    start = 1 + max((int(key[1:]) for key in taken if key[:1] == "c" and key[1:].isdigit()), default=-1)
+    for i, atoms in enumerate(new, start=max(start, len(old))):
         atoms.info["key"] = f"c{i:04d}"
     out.write_text(frames_to_text(old + new))
 

@@ -3,10 +3,12 @@
 Systems in periodic cells (:func:`aiida_emlip.structures.fragments.long_range_set`): Li⁺ approaching
 a water molecule (total charge +1, so the cell is charged) and a neutral water pair (``--systems``
 default), at closest-atom separations from bonding to 9 Å, far beyond the 4 Å cutoff of the backbone;
-F⁻ + H₂O (total charge −1) on request (``--systems Li F H2O``). The anion's cell does not reach
-self-consistency with fixed occupations within the fast settings (the SCF accuracy stalls near 2 Ry), so
-a run that includes it labels every system with a small cold smearing and empty bands (the gaps are
-several eV: the energies equal fixed occupations'), at about three times the cost per cell.
+F⁻ + H₂O (total charge −1) on request (``--systems Li F H2O``, or ``--systems F`` into its own file).
+The anion's cell has no gap in PBE: F⁻'s 2p level lies 0.14–0.22 eV below the lowest delocalised state
+of the charged cell, so fixed occupations do not reach self-consistency (the SCF accuracy stalls near
+0.1–2 Ry). A run that includes it labels every system with a small cold smearing (0.01 Ry), empty bands
+and local Thomas–Fermi mixing (``ANION_DFT``); the delocalised state then holds 0.13–0.18 e (0.33 e at
+contact), and an F⁻ cell takes 22–67 SCF iterations, some a restart, several times a Li⁺ cell.
 
 1. ``label``: pw.x energies, forces and Hirshfeld charges through :class:`EmlipDatasetWorkChain` in the
    project profile (``aiida-emlip setup`` first); the dataset is exported to ``bench/data``.
@@ -30,6 +32,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -44,8 +47,14 @@ DFT = {
 }
 
 
-#: What an anion's charged cell needs to converge (see the module's docstring).
-ANION_DFT = {"electronic_type": "metal", "max_iterations": 3}
+#: What an anion's charged cell needs to converge (see the module's docstring): smearing, and local
+#: Thomas-Fermi mixing against the charge sloshing along the long cell.
+ANION_DFT = {
+    "electronic_type": "metal",
+    "max_iterations": 3,
+    "mixing_beta": 0.3,
+    "parameters": {"ELECTRONS": {"mixing_mode": "local-TF"}},
+}
 
 #: The systems labelled unless ``--systems`` says otherwise.
 DEFAULT_SYSTEMS = ("Li", "H2O")
@@ -57,8 +66,19 @@ def label(
     separations: int = 12,
     orientations: int = 3,
     systems: tuple[str, ...] = DEFAULT_SYSTEMS,
+    frames_slice: slice | list[int] | None = None,
+    append: bool = False,
+    max_concurrent: int = 2,
+    cache: bool = False,
 ) -> None:
-    """Run the dataset workchain on the long-range set and export it."""
+    """Run the dataset workchain on the long-range set and export it to ``out``.
+
+    ``frames_slice`` labels part of the set, a slice (``slice(0, None, 3)``: the first orientation of
+    every separation) or indices in the order to run them, so that a long labelling can be split into
+    runs; ``append`` adds the labelled cells to an existing ``out`` (keys renumbered after its last one)
+    instead of replacing it. ``cache`` reuses every pw.x run of identical inputs that finished before
+    (AiiDA caching): a labelling that was stopped can be exported for the cells it finished.
+    """
     from aiida_emlip.profile import load_or_create_profile, select_profile
 
     load_or_create_profile(select_profile(None), create=False)
@@ -73,6 +93,10 @@ def label(
     if quick:
         separations, orientations = 4, 1
     frames = long_range_set(n_separations=separations, orientations=orientations, systems=systems)
+    if isinstance(frames_slice, slice):
+        frames = frames[frames_slice]
+    elif frames_slice is not None:
+        frames = [frames[i] for i in frames_slice]
     overrides = {**DFT, **ANION_DFT} if "F" in systems else DFT
     builder = EmlipDatasetWorkChain.get_builder_from_protocol(
         orm.load_code("pw@localhost"),
@@ -80,17 +104,59 @@ def label(
         FAMILY_LABEL,
         protocol="fast",
         overrides=overrides,
-        max_concurrent=2,
+        max_concurrent=max_concurrent,
     )
     builder.pp_code = orm.load_code("pp@localhost")
     start = time.perf_counter()
-    results, node = run_get_node(builder)
+    if cache:
+        from aiida.manage.caching import enable_caching
+
+        from aiida_emlip.workflows.dataset import PW_CACHE_IDENTIFIER
+
+        with enable_caching(identifier=PW_CACHE_IDENTIFIER):
+            results, node = run_get_node(builder)
+    else:
+        results, node = run_get_node(builder)
     print(f"{node.process_label}<{node.pk}>: exit {node.exit_status} in {time.perf_counter() - start:.0f} s")
     if "dataset" not in results:
         sys.exit(f"labelling failed: {results['report'].get_dict()}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    results["dataset"].export(out)
+    if append and out.is_file():
+        _append(out, results["dataset"].get_text())
+    else:
+        results["dataset"].export(out)
     print(f"{len(results['dataset'])} configurations -> {out}")
+
+
+def _append(out: Path, text: str) -> None:
+    """Add the configurations of extxyz ``text`` to the file ``out``, their keys numbered after its own."""
+    from aiida_emlip.extxyz import frames_to_text, text_to_frames
+
+    old, new = text_to_frames(out.read_text()), text_to_frames(text)
+    taken = [str(atoms.info.get("key", "")) for atoms in old]
+    start = 1 + max((int(key[1:]) for key in taken if key[:1] == "c" and key[1:].isdigit()), default=-1)
+    for i, atoms in enumerate(new, start=max(start, len(old))):
+        atoms.info["key"] = f"c{i:04d}"
+    out.write_text(frames_to_text(old + new))
+
+
+def _slice(text: str) -> slice | list[int]:
+    """``START:STOP:STEP`` (any part may be empty) as a slice, ``I,J,K`` as a list of indices."""
+    if "," in text:
+        try:
+            return [int(part) for part in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a list of indices: {text!r}") from None
+    parts = text.split(":")
+    if not 1 <= len(parts) <= 3:
+        raise argparse.ArgumentTypeError(f"not a slice: {text!r}")
+    try:
+        values = [int(part) if part.strip() else None for part in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a slice: {text!r}") from None
+    if len(values) == 1:
+        return slice(values[0], values[0] + 1 if values[0] != -1 else None)
+    return slice(*values)
 
 
 #: The backbone every design shares in this benchmark.
@@ -105,12 +171,16 @@ BACKBONE = {
 }
 
 
-def split_data(data: Path, workdir: Path, seed: int, test_fraction: float = 0.2) -> tuple[Path, Path]:
-    """A random 80/20 split of ``data`` (the same for every design), written to ``workdir``."""
+def split_data(
+    data: Path | Sequence[Path], workdir: Path, seed: int, test_fraction: float = 0.2
+) -> tuple[Path, Path]:
+    """A random 80/20 split of ``data`` (one file, or several read one after the other; the same split
+    for every design), written to ``workdir``."""
     import ase.io
     import numpy as np
 
-    frames = ase.io.read(data, ":")
+    files = [data] if isinstance(data, (str, Path)) else list(data)
+    frames = [atoms for path in files for atoms in ase.io.read(path, ":")]
     order = np.random.default_rng(seed).permutation(len(frames))
     n_test = round(test_fraction * len(frames))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -172,8 +242,11 @@ def train_one(
     return time.perf_counter() - start, time.process_time() - cpu
 
 
-def train(data: Path, workdir: Path, designs: list[str], epochs: int, seed: int, jobs: int = 1) -> None:
-    """Train every design on the same split with the same backbone, epochs and seed.
+def train(
+    data: Path | Sequence[Path], workdir: Path, designs: list[str], epochs: int, seed: int, jobs: int = 1
+) -> None:
+    """Train every design on the same split of ``data`` (one or several files) with the same backbone,
+    epochs and seed.
 
     ``jobs`` > 1 trains that many designs at once, each in its own process on one thread.
     """
@@ -197,8 +270,13 @@ def train(data: Path, workdir: Path, designs: list[str], epochs: int, seed: int,
             print(f"{name}: trained in {wall:.0f} s ({cpu:.0f} CPU s; one of {jobs} at once)", flush=True)
 
 
-def report(workdir: Path, designs: list[str], cutoff: float) -> dict:
-    """The held-out table: far/neutral energy errors as ratios to sr, fragment charge errors."""
+def report(workdir: Path, designs: list[str], cutoff: float, cells: Path | None = None) -> dict:
+    """The held-out table: far/neutral energy errors as ratios to sr, fragment charge errors.
+
+    ``cells`` evaluates other labelled cells than the held-out ``workdir/test.xyz`` (training cells
+    included, e.g. the whole data file: no longer a held-out figure); the table and figure then go to
+    ``workdir/<cells' stem>-*`` instead.
+    """
     from aiida_emlip.analysis.long_range import (
         format_long_range_table,
         interaction_errors,
@@ -209,7 +287,8 @@ def report(workdir: Path, designs: list[str], cutoff: float) -> dict:
     from aiida_emlip.models.io import load_model
 
     # the labels in info/arrays (ASE's reader would move energy and forces into a calculator)
-    reference = text_to_frames((workdir / "test.xyz").read_text())
+    reference = text_to_frames((cells or workdir / "test.xyz").read_text())
+    prefix = f"{cells.stem}-" if cells else ""
     models = {
         name: load_model(workdir / name / "model.safetensors")
         for name in designs
@@ -218,6 +297,10 @@ def report(workdir: Path, designs: list[str], cutoff: float) -> dict:
     predictions = {name: predict_frames(model, reference) for name, model in models.items()}
     table = long_range_table(reference, predictions, cutoff)
     print(format_long_range_table(table))
+    by_system = _by_system(reference, predictions, cutoff)
+    if by_system:
+        (workdir / f"{prefix}table_by_system.json").write_text(json.dumps(by_system, indent=2))
+    _print_first_fragment_charges(reference, predictions)
     interaction = interaction_errors(models, reference, cutoff)
     if interaction:
         print(
@@ -231,7 +314,7 @@ def report(workdir: Path, designs: list[str], cutoff: float) -> dict:
             print(f"  {name:<12} RMS error {row['rms']:7.2f}   mean {row['mean']:+7.2f} meV/atom")
     from aiida_emlip.report.figures_long_range import fragment_charge_curves
 
-    figure = fragment_charge_curves(reference, predictions, workdir / "fragment_charges.png", cutoff)
+    figure = fragment_charge_curves(reference, predictions, workdir / f"{prefix}fragment_charges.png", cutoff)
     print(f"figure: {figure}")
     charged = [n for n in table if _preset(n) not in ("sr", "fixed", "latent")]
     scf = min(
@@ -267,8 +350,50 @@ def report(workdir: Path, designs: list[str], cutoff: float) -> dict:
         if name != "sr" and ratio is not None:
             verdict = "met" if ratio <= 1.1 else "missed"
             print(f"{name}: neutral error ratio {ratio:.3f} (goal <= 1.10) -> {verdict}")
-    (workdir / "table.json").write_text(json.dumps(table, indent=2))
+    (workdir / f"{prefix}table.json").write_text(json.dumps(table, indent=2))
     return table
+
+
+def _system(atoms) -> str:
+    from aiida_emlip import schema
+
+    return str(atoms.info.get(schema.CONFIG_TYPE, ""))
+
+
+def _by_system(reference: list, predictions: dict, cutoff: float) -> dict:
+    """The table of each system (``config_type``) alone, printed, when the test cells hold several."""
+    from aiida_emlip.analysis.long_range import format_long_range_table, long_range_table
+
+    systems = sorted({_system(a) for a in reference})
+    if len(systems) < 2:
+        return {}
+    out = {}
+    for system in systems:
+        idx = [i for i, atoms in enumerate(reference) if _system(atoms) == system]
+        part = {name: [frames[i] for i in idx] for name, frames in predictions.items()}
+        out[system] = long_range_table([reference[i] for i in idx], part, cutoff)
+        print(f"\n{system} alone ({len(idx)} test cells):")
+        print(format_long_range_table(out[system]))
+    return out
+
+
+def _print_first_fragment_charges(reference: list, predictions: dict) -> None:
+    """The charge of the first fragment (the ion) on every charged test cell: DFT and each design."""
+    from aiida_emlip import schema
+    from aiida_emlip.analysis.long_range import fragment_charges, separation
+
+    names = [n for n, frames in predictions.items() if frames and schema.CHARGES in frames[0].arrays]
+    rows = [i for i, atoms in enumerate(reference) if atoms.info.get(schema.TOTAL_CHARGE, 0)]
+    if not names or not rows:
+        return
+    print("\ncharge of the first fragment (e) on each charged test cell:")
+    print(f"{'system':<10}{'sep Å':>7}{'DFT':>8}" + "".join(f"{n:>12}" for n in names))
+    for i in sorted(rows, key=lambda i: (_system(reference[i]), separation(reference[i]))):
+        atoms = reference[i]
+        values = [fragment_charges(atoms, atoms.arrays[schema.CHARGES])[0]]
+        values += [fragment_charges(atoms, predictions[n][i].arrays[schema.CHARGES])[0] for n in names]
+        cells = f"{values[0]:>8.3f}" + "".join(f"{v:>12.3f}" for v in values[1:])
+        print(f"{_system(atoms):<10}{separation(atoms):>7.2f}" + cells)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -276,7 +401,13 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("stage", choices=["label", "train", "report", "all"])
-    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument(
+        "--data",
+        type=Path,
+        nargs="+",
+        default=[DATA],
+        help="labelled cells (extxyz); train and report take several files together, label writes one",
+    )
     parser.add_argument("--quick", action="store_true", help="a few configurations only (a smoke test)")
     parser.add_argument("--separations", type=int, default=12, help="separations per system (label)")
     parser.add_argument("--orientations", type=int, default=3, help="orientations per separation (label)")
@@ -287,7 +418,25 @@ def main(argv: list[str] | None = None) -> None:
         choices=["Li", "F", "H2O"],
         help="first fragment of each system to label (Li: Li+ + H2O, F: F- + H2O, H2O: water pair)",
     )
+    parser.add_argument(
+        "--frames",
+        type=_slice,
+        default=None,
+        help="label part of the set, START:STOP:STEP or I,J,K (run in that order) in the order "
+        "separations x orientations (label)",
+    )
+    parser.add_argument("--cache", action="store_true", help="reuse pw.x runs of identical inputs (label)")
+    parser.add_argument(
+        "--append", action="store_true", help="add the labelled cells to an existing --data file (label)"
+    )
+    parser.add_argument("--max-concurrent", type=int, default=2, help="pw.x runs at once (label)")
     parser.add_argument("--workdir", type=Path, default=Path("long-range-runs"))
+    parser.add_argument(
+        "--cells",
+        type=Path,
+        default=None,
+        help="report on these labelled cells instead of the held-out ones (training cells included)",
+    )
     parser.add_argument("--epochs", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=1, help="designs trained at once (train)")
@@ -302,11 +451,23 @@ def main(argv: list[str] | None = None) -> None:
 
     designs = args.designs or list(PRESETS)
     if args.stage in ("label", "all"):
-        label(args.data, args.quick, args.separations, args.orientations, tuple(args.systems))
+        if len(args.data) != 1:
+            parser.error("label writes one --data file")
+        label(
+            args.data[0],
+            args.quick,
+            args.separations,
+            args.orientations,
+            tuple(args.systems),
+            args.frames,
+            args.append,
+            args.max_concurrent,
+            args.cache,
+        )
     if args.stage in ("train", "all"):
         train(args.data, args.workdir, designs, args.epochs, args.seed, args.jobs)
     if args.stage in ("report", "all"):
-        report(args.workdir, designs, BACKBONE["r_max"])
+        report(args.workdir, designs, BACKBONE["r_max"], args.cells)
 
 
 if __name__ == "__main__":

@@ -241,3 +241,30 @@ def test_integer_fragments_remove_the_charge_leak_on_the_committed_cells(tmp_pat
     errors = interaction_errors(models, frames, cutoff=4.0)
     assert errors["integer"]["rms"] < 0.8 * errors["shared"]["rms"], errors
     assert abs(errors["integer"]["mean"]) < abs(errors["shared"]["mean"]), errors
+
+
+def test_committed_fluoride_cells():
+    """The benchmark's committed F⁻ + H₂O cells (pw.x, charged cell): total charge −1, F first,
+    separations at contact, in 4–6 Å and beyond 8.5 Å. Their Hirshfeld charges sum to −1 only where
+    every point of the cell lies within the partition's reach of an atom (the pair spread along the
+    cell): at contact the diffuse part of the excess electron density beyond it carries no weight."""
+    from pathlib import Path
+
+    from aiida_emlip.extxyz import text_to_frames
+    from aiida_emlip.workflows.hirshfeld import CUTOFF
+
+    data = Path(__file__).resolve().parents[1] / "bench" / "data" / "long_range_F.xyz"
+    frames = text_to_frames(data.read_text())
+    separations = sorted(separation(atoms) for atoms in frames)
+    assert separations[0] < 2.0 and separations[-1] > 8.5
+    assert any(4.0 < s < 6.0 for s in separations)
+    for atoms in frames:
+        assert atoms.get_chemical_symbols() == ["F", "O", "H", "H"]
+        assert atoms.info[schema.TOTAL_CHARGE] == -1.0
+        assert np.isfinite(atoms.info[schema.ENERGY]) and atoms.arrays[schema.FORCES].shape == (4, 3)
+        charges = atoms.arrays[schema.CHARGES]
+        fluorine, water = fragment_charges(atoms, charges)
+        assert -1.0 < fluorine < -0.45 and -0.25 < water < 0.0
+        assert -1.0 - 1e-3 < charges.sum() < -0.7
+        if separation(atoms) + 2 * CUTOFF > atoms.cell[2, 2] - 1.0:  # the cell's length within reach
+            assert charges.sum() == pytest.approx(-1.0, abs=5e-3)

@@ -245,13 +245,12 @@ def test_integer_fragments_remove_the_charge_leak_on_the_committed_cells(tmp_pat
 
 def test_committed_fluoride_cells():
     """The benchmark's committed F⁻ + H₂O cells (pw.x, charged cell): total charge −1, F first,
-    separations at contact, in 4–6 Å and beyond 8.5 Å. Their Hirshfeld charges sum to −1 only where
-    every point of the cell lies within the partition's reach of an atom (the pair spread along the
-    cell): at contact the diffuse part of the excess electron density beyond it carries no weight."""
+    separations at contact, in 4–6 Å and beyond 8.5 Å; their Hirshfeld charges sum to −1 (the diffuse
+    part of the excess electron far from every atom included), and beyond the cutoff the labels put
+    0.15–0.18 e on the water (the excess electron is not all on F⁻ in this DFT)."""
     from pathlib import Path
 
     from aiida_emlip.extxyz import text_to_frames
-    from aiida_emlip.workflows.hirshfeld import CUTOFF
 
     data = Path(__file__).resolve().parents[1] / "bench" / "data" / "long_range_F.xyz"
     frames = text_to_frames(data.read_text())
@@ -263,8 +262,8 @@ def test_committed_fluoride_cells():
         assert atoms.info[schema.TOTAL_CHARGE] == -1.0
         assert np.isfinite(atoms.info[schema.ENERGY]) and atoms.arrays[schema.FORCES].shape == (4, 3)
         charges = atoms.arrays[schema.CHARGES]
+        assert charges.sum() == pytest.approx(-1.0, abs=1e-3)
         fluorine, water = fragment_charges(atoms, charges)
-        assert -1.0 < fluorine < -0.45 and -0.25 < water < 0.0
-        assert -1.0 - 1e-3 < charges.sum() < -0.7
-        if separation(atoms) + 2 * CUTOFF > atoms.cell[2, 2] - 1.0:  # the cell's length within reach
-            assert charges.sum() == pytest.approx(-1.0, abs=5e-3)
+        assert -1.0 < fluorine < -0.55 and -0.4 < water < 0.0
+        if separation(atoms) > 4.0:
+            assert -0.19 < water < -0.14

@@ -28,8 +28,9 @@ from aiida.common.links import LinkType
 
 from aiida_emlip import __version__
 
-#: Raised when the dataset workchain's outputs change for the same inputs within one version.
-DATASET_REVISION = 1
+#: Raised when the dataset workchain's outputs change for the same inputs within one version (2: the
+#: Hirshfeld partition gives density far from every atom to the nearest atom).
+DATASET_REVISION = 2
 #: Extra of every dataset workchain: the digest of its inputs.
 DIGEST_EXTRA = "emlip_inputs_digest"
 #: Extra of a dataset workchain that reused another: that one's UUID.

@@ -226,8 +226,8 @@ def test_presets_are_valid_configs(name):
     assert ("charges" in values["loss"]) == supervised
     assert ("atomic_dipoles" in values["loss"]) == (name in ("charges", "split"))
     # induced dipoles: on by default where the long-range benchmark measured a gain in both the far
-    # energy and the interaction (split), on request elsewhere, off on request
-    assert values["model"].get("induction", {}).get("enabled", False) == (name == "split")
+    # energy and the interaction (charges, split, scf), on request elsewhere, off on request
+    assert values["model"].get("induction", {}).get("enabled", False) == (name in ("charges", "split", "scf"))
     assert preset_config(name, induction=True)["model"]["induction"] == {"enabled": True}
     assert "induction" not in preset_config(name, induction=False)["model"]
     if name == "scf":

@@ -9,7 +9,8 @@ atomic dipoles (``ref_dipoles``) for heads that predict them; heads without atom
 in two stages as its authors do: ``direct`` (one update at the DFT charges, which needs
 ``ref_charges``) for a third of the epochs, then ``implicit`` (converged from the local guess, exact
 gradients) for the rest; without reference charges it trains ``unrolled`` then ``implicit``. The
-``split`` preset adds induced atomic dipoles (:data:`INDUCTION`); every preset takes them on request.
+``charges``, ``split`` and ``scf`` presets add induced atomic dipoles (:data:`INDUCTION`); every preset
+takes them on request, and drops them with ``induction=False``.
 """
 
 from __future__ import annotations
@@ -60,10 +61,10 @@ LOSS = {"energy": 10.0, "forces": 1.0}
 CHARGE_ONLY = ("qeq", "scf", "functional")
 
 #: Presets whose model has induced atomic dipoles (``model.induction``) unless told otherwise: on the
-#: long-range benchmark they lowered ``split``'s far-field energy error and its interaction error on
-#: both splits measured. ``charges`` and ``scf`` gain from them as well since their fragments keep
-#: integer charges; they opt in until the demo's designs are re-measured with them.
-INDUCTION = ("split",)
+#: long-range benchmark they lowered the far-field energy error and the interaction error of ``split``,
+#: ``charges`` and ``scf`` on both splits measured (the latter two since their fragments keep integer
+#: charges, so there is no leaked charge for the dipoles to respond to).
+INDUCTION = ("charges", "split", "scf")
 
 #: Fraction of the epochs that ``scf`` spends in ``direct`` mode when reference charges exist.
 SCF_DIRECT_FRACTION = 1.0 / 3.0

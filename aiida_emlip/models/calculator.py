@@ -56,11 +56,12 @@ class EmlipCalculator(Calculator):
     heads that determine μ), ``converged`` and ``iterations`` (iterative heads). A NaN or inf in any
     output raises :class:`NonFinitePredictionError` (an ASE ``CalculationFailed``); nothing is cached.
 
-    ``warm_start`` (default on): the ``scf`` head's iteration starts from the charges of the previous
-    calculation when the atoms (their number and elements) and the total charge are the same, as in
-    MD or a geometry optimisation — fewer iterations per step; the result equals a cold start's to
-    within the head's SCF tolerance. ``warm_start=False`` makes every call start from the local guess
-    (bit-for-bit repeatable single points whatever was computed before).
+    ``warm_start`` (default on): the charge solve of the iterative heads (``qeq``'s CG, ``scf``'s
+    fixed-point iteration) starts from the charges of the previous calculation when the atoms (their
+    number and elements) and the total charge are the same, as in MD or a geometry optimisation —
+    fewer iterations per step; the result equals a cold start's to within the solver's tolerance.
+    ``warm_start=False`` makes every call start from the local guess (bit-for-bit repeatable single
+    points whatever was computed before).
     """
 
     implemented_properties: ClassVar[list[str]] = [
@@ -82,13 +83,13 @@ class EmlipCalculator(Calculator):
         self.warm_start = warm_start
         self._previous: tuple[np.ndarray, float, np.ndarray] | None = None  # numbers, Q, charges
 
-    def _initial_charges(self) -> torch.Tensor | None:
-        """The previous calculation's charges when they may start this one's SCF (see the class)."""
+    def _initial_charges(self, total: float) -> torch.Tensor | None:
+        """The previous calculation's charges when they may start this one's (total charge ``total``)
+        charge solve (see the class)."""
         if not self.warm_start or self._previous is None:
             return None
-        numbers, total, charges = self._previous
-        same_total = float(self.atoms.info.get(TOTAL_CHARGE, 0.0)) == total
-        if same_total and np.array_equal(numbers, self.atoms.numbers):
+        numbers, previous_total, charges = self._previous
+        if previous_total == total and np.array_equal(numbers, self.atoms.numbers):
             return torch.as_tensor(charges)
         return None
 
@@ -105,8 +106,9 @@ class EmlipCalculator(Calculator):
         super().calculate(atoms, properties, system_changes)
         periodic = bool(self.atoms.pbc.all())
         graph = build_graph([self.atoms], self.model.cutoff, self.model.dtype, self.model.device)
+        total = float(self.atoms.info.get(TOTAL_CHARGE, 0.0))
         out = self.model(
-            graph, compute_forces=True, compute_stress=periodic, initial_charges=self._initial_charges()
+            graph, compute_forces=True, compute_stress=periodic, initial_charges=self._initial_charges(total)
         )
 
         def numpy(key: str):
@@ -137,5 +139,4 @@ class EmlipCalculator(Calculator):
             self._previous = None
             raise NonFinitePredictionError(bad, formula)
         if charges is not None:
-            total = float(self.atoms.info.get(TOTAL_CHARGE, 0.0))
             self._previous = (self.atoms.numbers.copy(), total, charges.copy())

@@ -44,6 +44,15 @@ class HeadInput:
     #: ``converge``/``implicit`` iterations of self-consistent heads start instead of the local guess
     initial_charges: torch.Tensor | None = None
 
+    def warm_charges(self, atoms: slice) -> torch.Tensor | None:
+        """``initial_charges`` of the atoms ``atoms`` (one structure), detached, when they are given for
+        every atom of the batch and finite there; else ``None`` (the solver starts cold)."""
+        warm = self.initial_charges
+        if warm is None or warm.shape != (self.graph.num_atoms,):
+            return None
+        warm = warm[atoms].detach()
+        return warm if bool(torch.isfinite(warm).all()) else None
+
     @property
     def total_charge(self) -> torch.Tensor:
         return self.graph.total_charge

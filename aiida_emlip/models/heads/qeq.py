@@ -197,13 +197,9 @@ class EquilibrationHead(Head):
     def _warm_start(self, inp: HeadInput, atoms: slice, differentiable: bool) -> torch.Tensor | None:
         """``inp.initial_charges`` of the structure when a warm start applies: inference (no implicit
         derivatives), the iterative solver, finite charges of the right length; else ``None``."""
-        warm = inp.initial_charges
-        if differentiable or warm is None or warm.shape[0] != inp.graph.num_atoms:
+        if differentiable or self._use_dense(atoms.stop - atoms.start):
             return None
-        if self._use_dense(atoms.stop - atoms.start):
-            return None
-        warm = warm[atoms].detach()
-        return warm if bool(torch.isfinite(warm).all()) else None
+        return inp.warm_charges(atoms)
 
     # ------------------------------------------------------------------ forward
     def forward(self, inp: HeadInput) -> HeadOutput:

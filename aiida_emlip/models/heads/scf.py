@@ -336,11 +336,8 @@ class SelfConsistentHead(Head):
         """Where the iteration starts: the local guess, or for ``converge``/``implicit`` the warm start
         ``inp.initial_charges`` when it is given and finite (the iteration's result does not depend
         on it beyond the tolerance; the backward pass linearises at the converged solution)."""
-        warm = inp.initial_charges
-        if warm is None or mode not in ("converge", "implicit") or warm.shape != p_loc.shape:
-            return p_loc[atoms]
-        warm = warm[atoms].detach()
-        return warm if bool(torch.isfinite(warm).all()) else p_loc[atoms]
+        warm = inp.warm_charges(atoms) if mode in ("converge", "implicit") else None
+        return p_loc[atoms] if warm is None else warm
 
     @staticmethod
     def _reported_mu(s: _Structure, mu: torch.Tensor) -> torch.Tensor:

@@ -209,8 +209,9 @@ def cached_counts(node: ProcessNode) -> tuple[int, int, int]:
 
     from aiida_emlip.workflows.reuse import reused_counts
 
-    calcs = [n for n in node.called_descendants if isinstance(n, CalcJobNode)]
-    twins, twin_calcs = reused_counts(node)
+    descendants = node.called_descendants
+    calcs = [n for n in descendants if isinstance(n, CalcJobNode)]
+    twins, twin_calcs = reused_counts(node, descendants)
     cached = sum(1 for c in calcs if c.base.caching.is_created_from_cache)
     return cached + twin_calcs, len(calcs) + twin_calcs, twins
 

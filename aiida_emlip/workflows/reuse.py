@@ -115,9 +115,12 @@ def returned(node: orm.ProcessNode) -> dict[str, orm.Data]:
     return {link.link_label.replace("__", "."): link.node for link in links}
 
 
-def reused_counts(node: orm.ProcessNode) -> tuple[int, int]:
-    """(workchains that reused a finished twin — ``node`` or below it —, calculations those twins ran)."""
-    nodes = [node, *node.called_descendants]
+def reused_counts(node: orm.ProcessNode, descendants: list[orm.ProcessNode] | None = None) -> tuple[int, int]:
+    """(workchains that reused a finished twin — ``node`` or below it —, calculations those twins ran).
+
+    ``descendants``: ``node.called_descendants`` when the caller has them already.
+    """
+    nodes = [node, *(node.called_descendants if descendants is None else descendants)]
     twins = [n for n in nodes if n.base.extras.get(REUSED_FROM_EXTRA, None)]
     calcs = sum(sum(1 for _ in _calculations(origin(n))) for n in twins)
     return len(twins), calcs

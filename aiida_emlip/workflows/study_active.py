@@ -188,9 +188,8 @@ class ActiveLearningSteps:
             if model is not None and options.get("warm_start", True):
                 # from its own model of the round before, as the designs retrain
                 retrain = self._retrain_design(label, options.get("retrain_epochs"), self.ctx.training_set)
-                config = self._warm_config(retrain["config"])
-                differ = self._architecture_change(model, config)
-                if not differ:
+                config, warm = self._warm_start_from(name, model, retrain["config"])
+                if warm:
                     initial[name] = model
                 else:
                     config = self._design_config(label)
@@ -211,10 +210,19 @@ class ActiveLearningSteps:
         )
         return ToContext(al_committee=self.submit(builder))
 
-    def _warm_config(self, config: dict[str, Any]) -> dict[str, Any]:
-        """``config`` at the spec's ``retrain_lr`` (a warm-started retraining), else unchanged."""
+    def _warm_start_from(self, name: str, model: Any, config: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """``(config, True)``: ``config`` warm-started from ``model``, at the spec's ``retrain_lr`` when
+        it has one; ``(config, False)`` unchanged, with a report line, when the architecture of
+        ``config`` differs from ``model``'s (a warm start is refused then)."""
+        differ = self._architecture_change(model, config)
+        if differ:
+            self.report(
+                f"active learning, round {self.ctx.al_round}: {name} retrains from scratch: its "
+                f"architecture changed ({differ})"
+            )
+            return config, False
         lr = self.ctx.spec["active_learning"].get("retrain_lr")
-        return warm_learning_rate(config, lr) if lr is not None else config
+        return (warm_learning_rate(config, lr) if lr is not None else config), True
 
     def _design_config(self, label: str) -> dict[str, Any]:
         training_set = self.ctx.training_set
@@ -394,15 +402,9 @@ class ActiveLearningSteps:
         if options.get("warm_start", True):
             for label, design in designs.items():
                 model = self.ctx.models[label]
-                differ = self._architecture_change(model, design["config"])
-                if differ:
-                    self.report(
-                        f"active learning, round {self.ctx.al_round}: {label} retrains from scratch: its "
-                        f"architecture changed ({differ})"
-                    )
-                else:
+                design["config"], warm = self._warm_start_from(label, model, design["config"])
+                if warm:
                     initial[label] = model
-                    design["config"] = self._warm_config(design["config"])
         self.ctx.al_entries[-1]["warm_start"] = {
             label: (initial[label].uuid if label in initial else None) for label in designs
         }

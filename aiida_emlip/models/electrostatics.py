@@ -36,6 +36,7 @@ from aiida_emlip.models.accuracy import (
     realspace_cutoff,
 )
 from aiida_emlip.models.kernels import GaussianCoulombPotential, HalfSpaceCoulombPotential
+from aiida_emlip.models.neighbours import neighbour_list
 from aiida_emlip.models.pme import MeshPMECalculator
 from aiida_emlip.schema import COULOMB_CONSTANT
 
@@ -430,19 +431,7 @@ class Electrostatics(torch.nn.Module):
 def _neighbour_pairs(
     positions: torch.Tensor, cell: torch.Tensor, cutoff: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Half neighbour list (vesin, all three directions periodic) and differentiable distances."""
-    from vesin import NeighborList
-
-    nl = NeighborList(cutoff=cutoff, full_list=False)
-    i, j, shifts = nl.compute(
-        points=positions.detach().cpu().double().numpy(),
-        box=cell.detach().cpu().double().numpy(),
-        periodic=True,
-        quantities="ijS",
-    )
-    device = positions.device
-    i = torch.as_tensor(i, dtype=torch.long, device=device)
-    j = torch.as_tensor(j, dtype=torch.long, device=device)
-    shifts = torch.as_tensor(shifts, dtype=positions.dtype, device=device)
-    vec = positions[j] - positions[i] + shifts @ cell
+    """Half neighbour list (all three directions periodic, on the positions' device), distances."""
+    i, j, shifts = neighbour_list(positions, cell, (True, True, True), cutoff, full_list=False)
+    vec = positions[j] - positions[i] + shifts.to(positions.dtype) @ cell
     return torch.stack([i, j], dim=1), torch.linalg.norm(vec, dim=1)

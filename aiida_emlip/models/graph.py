@@ -1,4 +1,4 @@
-"""Batched atomic graphs built from ASE ``Atoms`` with vesin neighbour lists (no AiiDA)."""
+"""Batched atomic graphs built from ASE ``Atoms``, neighbour lists on the graph's device (no AiiDA)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
-import vesin
 from ase import Atoms
 
 from aiida_emlip import schema
+from aiida_emlip.models.neighbours import neighbour_list
 
 
 @dataclass
@@ -98,16 +98,11 @@ def _info_float(atoms: Atoms, key: str, default: float) -> float:
     return float(default if value is None else value)
 
 
-def _neighbours(atoms: Atoms, cutoff: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    pbc = np.asarray(atoms.pbc, dtype=bool)
-    cell = np.asarray(atoms.cell.array, dtype=np.float64)
-    if pbc.any() and abs(np.linalg.det(cell)) < 1e-9:
-        raise ValueError("a periodic structure needs a cell of non-zero volume")
-    points = np.asarray(atoms.positions, dtype=np.float64)
-    i, j, shifts = vesin.NeighborList(cutoff=cutoff, full_list=True).compute(
-        points, cell, pbc.tolist(), quantities="ijS"
-    )
-    return i.astype(np.int64), j.astype(np.int64), shifts.astype(np.float64)
+def _neighbours(atoms: Atoms, cutoff: float, device: torch.device | str) -> tuple[torch.Tensor, ...]:
+    """Senders, receivers and lattice shifts of ``atoms`` within ``cutoff``, built on ``device``."""
+    positions = torch.as_tensor(np.asarray(atoms.positions, dtype=np.float64), device=device)
+    cell = torch.as_tensor(np.asarray(atoms.cell.array, dtype=np.float64), device=device)
+    return neighbour_list(positions, cell, np.asarray(atoms.pbc, dtype=bool).tolist(), cutoff)
 
 
 def external_field_of(atoms: Atoms) -> np.ndarray:
@@ -136,7 +131,7 @@ def build_graph(
     for atoms in atoms_list:
         if len(atoms) == 0:
             raise ValueError("cannot build a graph for a structure with no atoms")
-        i, j, s = _neighbours(atoms, cutoff)
+        i, j, s = _neighbours(atoms, cutoff, device)
         senders.append(i + ptr[-1])
         receivers.append(j + ptr[-1])
         shifts.append(s)
@@ -153,8 +148,8 @@ def build_graph(
         pbc=tensor(np.stack([a.pbc for a in atoms_list]), torch.bool),
         batch=tensor(np.repeat(np.arange(len(atoms_list)), n_atoms), torch.long),
         ptr=tensor(ptr, torch.long),
-        edge_index=tensor(np.stack([np.concatenate(senders), np.concatenate(receivers)]), torch.long),
-        unit_shifts=tensor(np.concatenate(shifts)),
+        edge_index=torch.stack([torch.cat(senders), torch.cat(receivers)]),
+        unit_shifts=torch.cat(shifts).to(dtype),
         total_charge=tensor([_info_float(a, schema.TOTAL_CHARGE, 0.0) for a in atoms_list]),
         total_spin=tensor([_info_float(a, schema.TOTAL_SPIN, 0.0) for a in atoms_list]),
         fermi_level=tensor([_info_float(a, schema.FERMI_LEVEL, float("nan")) for a in atoms_list]),

@@ -398,29 +398,38 @@ class SelfConsistentHead(Head):
                 value, error, dqdmu = self._constrain(s, value, slopes, scales)
                 # Newton on μ; the first step (from an arbitrary μ = 0) is not clamped
                 mu = mu + (error / dqdmu if step == 0 else torch.clamp(error / dqdmu, -1.0, 1.0))
-                err = float(error.detach().abs().max())
+                err_t = error.detach().abs().max()
             else:
-                err = 0.0
+                err_t = q.new_zeros(())
             change = value - q
-            largest = float(change.abs().max())
-            res = max(largest, err) if step else largest
-            history.append(res)
             q_old = q
             if o.mixer == "anderson" and not differentiable:
                 q = anderson.step(q, change)
             else:
                 q = q + o.mixing * change
-            largest = float((q - q_old).abs().max())  # the charge change actually applied
-            if not (math.isfinite(res) and bool(torch.isfinite(mu).all())):
+            # every stopping test of this step in one transfer from the device
+            stats = torch.stack(
+                [
+                    change.detach().abs().max(),
+                    err_t,
+                    (q - q_old).detach().abs().max(),  # the charge change actually applied
+                    torch.isfinite(mu.detach()).all().to(q.dtype),
+                    q.detach().sum(),
+                ]
+            ).tolist()
+            largest, err, applied, mu_finite, total = stats
+            res = max(largest, err) if step else largest
+            history.append(res)
+            if not (math.isfinite(res) and mu_finite == 1.0):
                 self._reason = "non-finite charges or μ"
                 return q, mu, False, history
-            growing = step > 0 and largest > previous
-            previous = largest
-            if growing and largest > o.max_step_change:
-                self._reason = f"a step changed a charge by {largest:.3g} e > {o.max_step_change:g}"
+            growing = step > 0 and applied > previous
+            previous = applied
+            if growing and applied > o.max_step_change:
+                self._reason = f"a step changed a charge by {applied:.3g} e > {o.max_step_change:g}"
                 return q, mu, False, history
-            if abs(float(q.sum())) > o.max_total_charge:
-                self._reason = f"|Σq| = {abs(float(q.sum())):.3g} e > {o.max_total_charge:g}"
+            if abs(total) > o.max_total_charge:
+                self._reason = f"|Σq| = {abs(total):.3g} e > {o.max_total_charge:g}"
                 return q, mu, False, history
             if res < tol:
                 ok = True

@@ -39,6 +39,11 @@ vector): measured on random charges over ``ℓ/β`` = 0.7 … 5.6, cubic and tri
 ``ΔF/F_s = A_p (ℓ/β)^{γ_p} (H/β)^{p−1}`` and ``Δφ/φ_s = C_p (H/β)^p`` (constants below, each the
 largest measured ×1.5). The mesh is the cheapest (cost ``N p³ + 0.7 M`` for ``M`` mesh points,
 measured) FFT-friendly mesh meeting both for ``p`` = 3, 5 or 7.
+
+Dipole mesh (:mod:`aiida_emlip.models.dipole_mesh`, B-splines of order ``p``): measured in the same
+way with dipoles as strong as the charges (``|p| ~ ℓ``), ``Δ/scale = D (ℓ/β)^γ (H/β)^o`` with
+``o = p − 1`` for forces and dipole fields and ``o = p`` for energy and potentials
+(:data:`DIPOLE_MESH`); its Nyquist sphere ``π/H`` must also reach the dipoles' ``k_c``.
 """
 
 from __future__ import annotations
@@ -257,6 +262,63 @@ def pme_parameters(
     best: tuple[float, PMEParameters] | None = None
     for p in [nodes] if nodes is not None else sorted(PME_FORCE):
         step = pme_max_step(beta, ell, p, accuracy)
+        mesh = tuple(smooth_size(max(math.ceil(length / step), p)) for length in lengths)
+        cost = n_atoms * p**3 + PME_MESH_COST * mesh[0] * mesh[1] * mesh[2]
+        if best is None or cost < best[0]:
+            best = (cost, PMEParameters(mesh=mesh, nodes=p))
+    return best[1]
+
+
+# --------------------------------------------------------------------------------------------------
+# dipole mesh (aiida_emlip.models.dipole_mesh)
+
+#: smooth-PME dipole mesh (B-splines of order p), measured on random charges and dipoles
+#: (``ℓ/β`` = 0.7 … 5.6, cubic and triclinic, ``|p| ~ ℓ``), each constant the largest measured ×1.5:
+#: ``Δ/scale = D (ℓ/β)^γ (H/β)^order``, ``(D, γ)`` per quantity; forces and dipole fields have
+#: ``order = p − 1``, energy and potentials ``order = p``
+DIPOLE_MESH = {
+    5: {"forces": (0.031, 2.5), "fields": (0.006, 1.75), "energy": (0.0021, 2.0), "potential": (0.004, 0.75)},
+    7: {
+        "forces": (0.0036, 2.75),
+        "fields": (0.00076, 1.75),
+        "energy": (0.00022, 2.25),
+        "potential": (0.00047, 0.75),
+    },
+    9: {
+        "forces": (0.00046, 3.0),
+        "fields": (0.00024, 2.25),
+        "energy": (6.2e-5, 2.75),
+        "potential": (6.2e-5, 1.25),
+    },
+}
+
+
+def dipole_mesh_max_step(cell: torch.Tensor, beta: float, n_atoms: int, nodes: int, accuracy: float) -> float:
+    """Largest step ``H`` (Å) of the dipole mesh meeting every estimate with B-splines of order ``nodes``.
+
+    The mesh must also hold the kernel: its Nyquist sphere ``π/H`` reaches the k-space cutoff that the
+    dipole terms need at this accuracy (:func:`kspace_cutoff`).
+    """
+    volume = abs(float(torch.linalg.det(cell.detach().cpu().double())))
+    ratio = coulomb_length(n_atoms, volume) / beta
+    steps = []
+    for quantity, (d, gamma) in DIPOLE_MESH[nodes].items():
+        order = nodes - 1 if quantity in ("forces", "fields") else nodes
+        steps.append(beta * (accuracy / (d * ratio**gamma)) ** (1.0 / order))
+    steps.append(math.pi / kspace_cutoff(cell, beta, n_atoms, accuracy, dipoles=True))
+    return min(steps)
+
+
+def dipole_mesh_parameters(cell: torch.Tensor, beta: float, n_atoms: int, accuracy: float) -> PMEParameters:
+    """Cheapest mesh and B-spline order meeting ``accuracy`` for the charge–dipole and dipole–dipole terms.
+
+    ``beta``: width of the kernel ``e^{−β²k²}/k²`` (σ for the energy, ``√((σ² + w²)/2)`` for potentials
+    projected on width ``w``). Cost model as for the charges' PME (``N p³ + 0.7 M``).
+    """
+    lengths = [float(x) for x in torch.linalg.norm(cell.detach().cpu().double(), dim=1)]
+    best: tuple[float, PMEParameters] | None = None
+    for p in sorted(DIPOLE_MESH):
+        step = dipole_mesh_max_step(cell, beta, n_atoms, p, accuracy)
         mesh = tuple(smooth_size(max(math.ceil(length / step), p)) for length in lengths)
         cost = n_atoms * p**3 + PME_MESH_COST * mesh[0] * mesh[1] * mesh[2]
         if best is None or cost < best[0]:

@@ -12,6 +12,10 @@ dipole ``p_i`` of width σ; two Gaussian charges interact through ``k_e erf(r/2�
   model density along the slab normal (Yeh–Berkowitz for Q = 0, Ballenegger–Arnold–Cerdà for Q ≠ 0).
 * **open**: direct all-pairs sum.
 
+The charge–dipole and dipole–dipole terms follow the charges' method: the k-space sum of
+:mod:`~aiida_emlip.models.gaussian_dipoles` with Ewald, the smooth-PME mesh of
+:mod:`~aiida_emlip.models.dipole_mesh` with PME, the direct sum for open boundaries.
+
 ``potential`` is ``∂E/∂q`` (V, i.e. eV/e); ``coulomb_matrix`` the Hessian ``∂²E/∂q∂q``.
 """
 
@@ -26,10 +30,12 @@ import torch
 from ase.geometry.minkowski_reduction import minkowski_reduce
 from torchpme import Calculator, CoulombPotential, EwaldCalculator
 
+from aiida_emlip.models import dipole_mesh as dm
 from aiida_emlip.models import gaussian_dipoles as gd
 from aiida_emlip.models.accuracy import (
     PME_FORCE,
     coulomb_length,
+    dipole_mesh_parameters,
     ewald_alpha,
     kspace_cutoff,
     pme_parameters,
@@ -313,24 +319,37 @@ class Electrostatics(torch.nn.Module):
     ) -> torch.Tensor:
         sigma = self._require_dipole_width()
         self_energy = gd.dipole_self_energy(dipoles, sigma)
-        if sum(periodic_dims(pbc)) == 0:
+        method = self.select_method(positions.shape[0], pbc)
+        if method == "direct":
             e = gd.dipole_direct_energy(charges, dipoles, positions, sigma)
             return e + self_energy if self.config.include_self else e
         cell = reduced_cell(cell)
-        k_cut = kspace_cutoff(cell, sigma, positions.shape[0], self.config.accuracy, dipoles=True)
-        e = gd.dipole_kspace_energy(charges, dipoles, positions, cell, sigma, k_cut)
+        n_atoms, accuracy = positions.shape[0], self.config.accuracy
+        if method == "pme":
+            params = dipole_mesh_parameters(cell, sigma, n_atoms, accuracy)
+            e = dm.dipole_mesh_energy(charges, dipoles, positions, cell, sigma, params.mesh, params.nodes)
+        else:
+            k_cut = kspace_cutoff(cell, sigma, n_atoms, accuracy, dipoles=True)
+            e = gd.dipole_kspace_energy(charges, dipoles, positions, cell, sigma, k_cut)
         return e if self.config.include_self else e - self_energy
 
     def _dipole_phi(
         self, dipoles: torch.Tensor, positions: torch.Tensor, cell: torch.Tensor, pbc, widths: torch.Tensor
     ) -> torch.Tensor:
         sigma = self._require_dipole_width()
-        if sum(periodic_dims(pbc)) == 0:
+        method = self.select_method(positions.shape[0], pbc)
+        if method == "direct":
             return gd.dipole_direct_potential(dipoles, positions, sigma, widths)
-        # the projected kernel is e^{−(σ²+w²)k²/2}: the narrowest width sets the cutoff
+        # the projected kernel is e^{−(σ²+w²)k²/2}: the narrowest width sets the cutoff or mesh
         beta = min(sigma, math.sqrt(0.5 * (sigma**2 + float(widths.min()) ** 2)))
         cell = reduced_cell(cell)
-        k_cut = kspace_cutoff(cell, beta, positions.shape[0], self.config.accuracy, dipoles=True)
+        n_atoms, accuracy = positions.shape[0], self.config.accuracy
+        if method == "pme":
+            params = dipole_mesh_parameters(cell, beta, n_atoms, accuracy)
+            return dm.dipole_mesh_potential(
+                dipoles, positions, cell, sigma, widths, params.mesh, params.nodes
+            )
+        k_cut = kspace_cutoff(cell, beta, n_atoms, accuracy, dipoles=True)
         return gd.dipole_kspace_potential(dipoles, positions, cell, sigma, widths, k_cut)
 
     # ---------------------------------------------------------------- public API

@@ -15,6 +15,8 @@ parts. With ``C_q = Σ q cos(k·r)``, ``S_q = Σ q sin(k·r)``, ``C_p = Σ (k·p
 
 The sum runs over chunks of k-vectors with activation checkpointing when there are several, so memory
 stays O(N · chunk).
+Cost O(N · K) ∝ N² at fixed density: the PME path evaluates the same terms on a mesh instead
+(:mod:`aiida_emlip.models.dipole_mesh`).
 The periodic sum includes each dipole's self-energy ``k_e p² / (12 √π σ³)``.
 
 Open boundaries: the same density interacts through derivatives of ``v(r) = k_e erf(a r)/r``,

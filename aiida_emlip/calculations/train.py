@@ -172,21 +172,28 @@ class EmlipTrainCalculation(CalcJob):
         spec.inputs.validator = validate_inputs
         spec.inputs["metadata"]["options"]["parser_name"].default = "emlip.train"
         spec.inputs["metadata"]["options"]["resources"].default = {"num_machines": 1}
-        spec.output("model", valid_type=orm.Data, help="the trained model (emlip.model)")
+        spec.output("model", valid_type=EmlipModelData, help="the trained model (emlip.model)")
         spec.output("metrics", valid_type=orm.Dict, help="final errors and training summary")
         spec.output("checkpoint", valid_type=orm.SinglefileData, required=False, help="last checkpoint")
         spec.exit_code(300, "ERROR_NO_EXIT_STATUS", message="emlip-train did not finish (no exit status).")
         spec.exit_code(301, "ERROR_MISSING_OUTPUT", message="emlip-train finished but {files} are missing.")
+        spec.exit_code(302, "ERROR_INVALID_OUTPUT", message="the outputs could not be stored: {error}")
         spec.exit_code(
-            310, "ERROR_BAD_INPUT", message="emlip-train refused the config, data, checkpoint or job folder."
+            310,
+            "ERROR_BAD_INPUT",
+            message="emlip-train refused the config, data, checkpoint or job folder: {error}",
         )
-        spec.exit_code(320, "ERROR_NON_FINITE", message="training stopped on a NaN/inf loss or gradient.")
+        spec.exit_code(
+            320, "ERROR_NON_FINITE", message="training stopped on a NaN/inf loss or gradient: {error}"
+        )
         spec.exit_code(
             330, "ERROR_INTERRUPTED", message="training was interrupted; the checkpoint is attached."
         )
-        spec.exit_code(340, "ERROR_SCF_FAILED", message="a self-consistent head did not converge.")
+        spec.exit_code(340, "ERROR_SCF_FAILED", message="a self-consistent head did not converge: {error}")
         spec.exit_code(350, "ERROR_TRAINER", message="emlip-train failed with exit status {status}.")
-        spec.exit_code(360, "ERROR_OUT_OF_MEMORY", message="emlip-train ran out of memory (host or GPU).")
+        spec.exit_code(
+            360, "ERROR_OUT_OF_MEMORY", message="emlip-train ran out of memory (host or GPU): {error}"
+        )
 
     def prepare_for_submission(self, folder: Folder) -> CalcInfo:
         with folder.open(TRAIN_FILE, "w") as handle:

@@ -69,7 +69,7 @@ class DataConfig:
     #: ``fit`` (least squares on the training split) or a mapping element -> eV.
     reference_energies: Any = "fit"
     #: Largest plausible ``|force|`` (eV/Å) and ``|charge|`` (e); larger values are reported as wrong units.
-    max_force: float = 100.0
+    max_force: float = schema.MAX_FORCE
     max_charge: float = 10.0
     #: Move the reference atomic dipoles onto the reference charges (each atom's dipole onto charges of
     #: it and its neighbours within 1.6 Å, fragment charges unchanged): for heads without atomic dipoles,

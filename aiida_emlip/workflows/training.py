@@ -111,7 +111,7 @@ class EmlipTrainingWorkChain(WorkChain):
             cls.results,
         )
         spec.output("training_set", valid_type=EmlipDatasetData)
-        spec.output_namespace("models", valid_type=orm.Data, dynamic=True)
+        spec.output_namespace("models", valid_type=EmlipModelData, dynamic=True)
         spec.output_namespace("metrics", valid_type=orm.Dict, dynamic=True)
         spec.output("comparison", valid_type=orm.Dict, required=False)
         spec.exit_code(201, "ERROR_INVALID_INPUTS", message="{message}")

@@ -237,6 +237,50 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def check_model_section(model: dict[str, Any]) -> None:
+    """Build the model of ``model`` as the trainer does (elements: the section's, or a placeholder when
+    they come from the data): unknown heads, head options and backbone values are a :class:`ConfigError`
+    naming them, before any data is read. Imports torch."""
+    from aiida_emlip.models.model import EmlipModel, ModelConfig
+
+    values = dict(model)
+    values.setdefault("elements", _elements_named(model) or ["H"])
+    try:
+        EmlipModel(ModelConfig.from_dict(values))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(f"model: {exc}") from None
+
+
+def _elements_named(values: Any) -> list[str]:
+    """Chemical symbols used as keys anywhere in ``values`` (per-element options such as a head's
+    ``formal_charges``), ordered by atomic number: the elements a model check without data assumes."""
+    from ase.data import atomic_numbers
+
+    found: set[str] = set()
+
+    def walk(item: Any) -> None:
+        if isinstance(item, dict):
+            found.update(k for k in item if isinstance(k, str) and k in atomic_numbers and k != "X")
+            for value in item.values():
+                walk(value)
+        elif isinstance(item, list):
+            for value in item:
+                walk(value)
+
+    walk(values)
+    return sorted(found, key=atomic_numbers.get)
+
+
+def required_labels(config: TrainConfig) -> list[str]:
+    """Schema keys of the labels the loss weights (``loss`` and every stage; the Fermi level, which may
+    come from a head option, left out), in :data:`LOSS_QUANTITIES` order."""
+    weights = {
+        q: max(config.loss.get(q, 0.0), *(s.weights.get(q, 0.0) for s in config.stages))
+        for q in LOSS_QUANTITIES
+    }
+    return [LABEL_OF[q] for q, w in weights.items() if w > 0 and q != "fermi_level"]
+
+
 def _check_induction(values: Any) -> None:
     """The model's ``induction`` section: a mapping of :class:`InductionConfig` options."""
     from aiida_emlip.models.induction import InductionConfig

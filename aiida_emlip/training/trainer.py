@@ -21,7 +21,13 @@ from aiida_emlip.models.io import ModelFileError, resolve_device, serialize_mode
 from aiida_emlip.models.model import DTYPES, EmlipModel, ModelConfig, model_capabilities
 from aiida_emlip.training import distributed
 from aiida_emlip.training.atomic import write_bytes_atomic, write_text_atomic
-from aiida_emlip.training.config import AUTO_MULTIPOLE_WEIGHTS, LABEL_OF, LOSS_QUANTITIES, TrainConfig
+from aiida_emlip.training.config import (
+    AUTO_MULTIPOLE_WEIGHTS,
+    LABEL_OF,
+    LOSS_QUANTITIES,
+    TrainConfig,
+    required_labels,
+)
 from aiida_emlip.training.data import (
     Sample,
     attach_graphs,
@@ -109,11 +115,7 @@ class Trainer:
     def _load_data(self) -> None:
         cfg = self.config
         data = cfg.data
-        weights = {
-            q: max(cfg.loss.get(q, 0.0), *(s.weights.get(q, 0.0) for s in cfg.stages))
-            for q in LOSS_QUANTITIES
-        }
-        required = [LABEL_OF[q] for q, w in weights.items() if w > 0 and q != "fermi_level"]
+        required = required_labels(cfg)
         samples = load_samples(data.train, data)
         valid = load_samples(data.valid, data) if data.valid else []
         test = load_samples(data.test, data) if data.test else []
@@ -178,6 +180,7 @@ class Trainer:
         self.model.to(self.device)
         self._resolve_multipoles()
         self._check_stage_labels()
+        self._check_formal_charges()
 
     def _resolve_multipoles(self) -> None:
         """``multipoles: auto``: supervise the head's charges/dipoles on the data's DFT multipoles."""
@@ -193,6 +196,23 @@ class Trainer:
                 continue
             if any(LABEL_OF[quantity] in s.labels for s in self.train):
                 self.auto_weights[quantity] = weight
+
+    def _check_formal_charges(self) -> None:
+        """A formal-charge head (``fixed``) must sum to the total charge of every structure of every
+        split: checked before the first epoch, so that ``--check`` refuses what the run would."""
+        head = self.model.head
+        if head.charge_control != "formal":
+            return
+        table = dict(zip(self.model.config.elements, head.formal.double().tolist()))
+        for part, samples in (("train", self.train), ("valid", self.valid), ("test", self.test)):
+            for sample in samples:
+                total = sum(table[symbol] for symbol in sample.atoms.get_chemical_symbols())
+                if abs(total - sample.total_charge) > 1e-6 * max(1, len(sample.atoms)):
+                    raise DataError(
+                        f"structure {sample.index} (in the {part} split): formal charges sum to {total:+g} e "
+                        f"but its total charge is {sample.total_charge:+g} e; the '{head.name}' head cannot "
+                        "represent it"
+                    )
 
     def _check_stage_labels(self) -> None:
         """Labels that a stage's SCF training mode needs, checked before the first epoch (and --check)."""

@@ -7,6 +7,8 @@ import io
 import json
 import signal
 import time
+import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +40,14 @@ from aiida_emlip.training.data import (
     load_samples,
     split,
 )
-from aiida_emlip.training.errors import CheckpointError, ConfigError, DataError, Interrupted, NonFiniteError
+from aiida_emlip.training.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    DataWarning,
+    Interrupted,
+    NonFiniteError,
+)
 from aiida_emlip.training.identity import data_digests, run_identity
 from aiida_emlip.training.losses import ErrorTable, format_table, loss_terms, predict, total_loss
 from aiida_emlip.training.progress import Progress
@@ -127,6 +136,7 @@ class Trainer:
         self.test = test or split_test
         if not self.train:
             raise DataError(f"{data.train}: no structures left for training after the validation/test split")
+        self._check_fermi_references()
         for key in required:
             if not any(key in s.labels for s in self.train):
                 raise DataError(
@@ -134,6 +144,40 @@ class Trainer:
                     f"(file key {data.keys.get(key, key)!r}); add the label, map it with data.keys, "
                     f"or set its weight to 0"
                 )
+
+    def _check_fermi_references(self) -> None:
+        """A run that uses the Fermi level (a weighted ``fermi_level`` loss, a constant-μ head, ``direct``
+        SCF training) must not mix Fermi levels measured from different references."""
+        cfg = self.config
+        head = cfg.model.get("head") or {}
+        uses = (
+            any(weights.get("fermi_level", 0) > 0 for weights in (cfg.loss, *(s.weights for s in cfg.stages)))
+            or head.get("ensemble") == "constant_mu"
+            or any(s.scf_mode == "direct" and s.epochs > 0 for s in cfg.stages)
+        )
+        counts = Counter(s.fermi_reference for s in self.train + self.valid + self.test if s.fermi_reference)
+        if uses and len(counts) > 1:
+            found = ", ".join(f"{ref} ({n} structure(s))" for ref, n in sorted(counts.items()))
+            raise DataError(
+                f"the data mix Fermi levels measured from different references: {found}; a run that uses "
+                "the Fermi level must train on one reference (see fermi_reference in the dataset "
+                "documentation): select the structures of one, or set the loss weight of fermi_level to 0"
+            )
+
+    def _check_total_charges(self) -> None:
+        """A head that uses the total charge, on data none of which gives one: every structure is taken
+        as neutral, which is rarely meant (a warning, not an error: neutral data need not say so)."""
+        head = self.model.head
+        everything = self.train + self.valid + self.test
+        if head.charge_control == "none" or any(schema.TOTAL_CHARGE in s.atoms.info for s in everything):
+            return
+        key = self.config.data.keys.get(schema.TOTAL_CHARGE, schema.TOTAL_CHARGE)
+        warnings.warn(
+            f"no structure of the data has a total charge (looked for {key!r} in atoms.info; map it with "
+            f"data.keys): the '{head.name}' head takes every structure as neutral",
+            DataWarning,
+            stacklevel=2,
+        )
 
     def _build_model(self) -> None:
         cfg = self.config
@@ -181,6 +225,7 @@ class Trainer:
         self._resolve_multipoles()
         self._check_stage_labels()
         self._check_formal_charges()
+        self._check_total_charges()
 
     def _resolve_multipoles(self) -> None:
         """``multipoles: auto``: supervise the head's charges/dipoles on the data's DFT multipoles."""

@@ -64,6 +64,10 @@ LABELS: dict[str, Label] = {
     )
 }
 
+#: Largest plausible ``|force|`` in eV/Å: larger forces are taken for wrong units (meV/Å, eV/bohr ×
+#: 1000, ...). The ``emlip.dataset`` node refuses them; ``emlip-train``'s default ``data.max_force``.
+MAX_FORCE = 100.0
+
 #: Allowed values of :data:`FERMI_REFERENCE`; ``model`` marks a model's μ, on the scale of its training data.
 FERMI_REFERENCES = ("cell_average", "vacuum", "vbm_aligned", "model")
 

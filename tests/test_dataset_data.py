@@ -82,6 +82,40 @@ def test_strict_keys_and_shapes(aiida_profile):
         EmlipDatasetData.from_ase(frames)
 
 
+@pytest.mark.parametrize(
+    ("where", "key", "value", "message"),
+    [
+        ("info", schema.ENERGY, float("nan"), "configuration 1: energy contains NaN or inf"),
+        ("info", schema.STRESS, np.full((3, 3), np.inf), "stress contains NaN or inf"),
+        ("info", schema.TOTAL_CHARGE, "plus_one", "total_charge must be numeric, got 'plus_one'"),
+        ("arrays", schema.FORCES, np.full((3, 3), np.nan), "forces contains NaN or inf"),
+        # forces in meV/Å: eV/Å × 1000
+        ("arrays", schema.FORCES, np.arange(9.0).reshape(3, 3) * 100.0, "wrong units"),
+        ("arrays", schema.CHARGES, np.array([np.nan, 0.4, 0.4]), "ref_charges contains NaN"),
+    ],
+)
+def test_non_finite_non_numeric_and_implausible_labels_are_refused(aiida_profile, where, key, value, message):
+    """The node refuses labels the trainer would refuse anyway: nothing is stored."""
+    from aiida_emlip.data import EmlipDatasetData
+
+    frames = _frames()
+    getattr(frames[1], where)[key] = value
+    for strict in (True, False):
+        with pytest.raises(ValueError, match=message):
+            EmlipDatasetData.from_ase(frames, strict=strict)
+
+
+def test_a_models_non_finite_prediction_is_stored_as_it_is(aiida_profile):
+    """emlip-eval's output (marked with model_sha256) keeps a NaN: emlip.evaluate flags it with 320."""
+    from aiida_emlip.data import EmlipDatasetData
+
+    frames = _frames()
+    frames[1].info.update({schema.ENERGY: float("nan"), "model_sha256": "0" * 64})
+    frames[1].arrays[schema.FORCES] = np.full((3, 3), 500.0)
+    (_, predicted) = EmlipDatasetData.from_ase(frames).to_ase()
+    assert np.isnan(predicted.info[schema.ENERGY]) and predicted.arrays[schema.FORCES].max() == 500.0
+
+
 def test_calculator_labels_are_moved_to_schema_keys(aiida_profile):
     from ase.calculators.singlepoint import SinglePointCalculator
 
@@ -111,3 +145,27 @@ def test_verdi_data_commands(aiida_profile, tmp_path):
         verdi_data, ["emlip.dataset", "export", str(node.pk), str(out)], catch_exceptions=False
     )
     assert result.exit_code == 0 and out.read_text() == node.get_text()
+
+
+def test_verdi_data_export_never_replaces_a_file_silently(aiida_profile, tmp_path):
+    """An existing PATH is refused without --overwrite; a folder that does not exist is one line, exit 1."""
+    from aiida.cmdline.commands.cmd_data import verdi_data
+    from click.testing import CliRunner
+
+    from aiida_emlip.data import EmlipDatasetData
+
+    node = EmlipDatasetData.from_ase(_frames()).store()
+    runner = CliRunner()
+    labels = tmp_path / "reference.xyz"
+    labels.write_text("the user's reference labels")
+    result = runner.invoke(verdi_data, ["emlip.dataset", "export", str(node.pk), str(labels)])
+    assert result.exit_code == 1 and "already exists; use --overwrite" in result.output
+    assert labels.read_text() == "the user's reference labels"
+    result = runner.invoke(verdi_data, ["emlip.dataset", "export", str(node.pk), str(labels), "--overwrite"])
+    assert result.exit_code == 0 and labels.read_text() == node.get_text()
+    missing = tmp_path / "no" / "such" / "folder.xyz"
+    result = runner.invoke(verdi_data, ["emlip.dataset", "export", str(node.pk), str(missing)])
+    assert result.exit_code == 1 and result.exception is not None
+    assert isinstance(result.exception, SystemExit), result.exception  # no traceback
+    assert f"cannot write {missing}: No such file or directory" in result.output
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -49,6 +49,10 @@ BAD = {
         {"bulk": Atoms("Al", cell=np.eye(3) * 2.9, pbc=True)},
         {"settings": {"bulk": {"external_field": [0.1, 0, 0]}}},
     ),
+    "ERROR_IMPOSSIBLE_CHARGE_OR_SPIN": (
+        {"h2": in_box(Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]]))},
+        {"settings": {"h2": {"total_charge": -50}}},
+    ),
 }
 
 
@@ -60,6 +64,18 @@ def test_bad_input_exit_codes(pw_code, pseudo_family, exit_code):
     node = _run(pw_code, pseudo_family, structures, **kwargs)
     expected = getattr(EmlipDatasetWorkChain.exit_codes, exit_code).status
     assert node.exit_status == expected, node.exit_message
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"total_charge": "plus_one"}, {"external_field": [0.0, 0.1]}, {"total_spin": [1, 2]}],
+    ids=["non-numeric-charge", "two-component-field", "list-spin"],
+)
+def test_settings_of_the_wrong_type_exit_203(pw_code, pseudo_family, settings):
+    """A non-numeric or misshapen per-structure setting is exit 203 naming it, not an exception."""
+    node = _run(pw_code, pseudo_family, {"w": water()}, settings={"w": settings})
+    assert node.exit_status == 203, (node.exit_status, node.exit_message)
+    assert "configuration w" in node.exit_message and next(iter(settings)) in node.exit_message
 
 
 def test_exit_codes_are_distinct():

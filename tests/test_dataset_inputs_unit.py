@@ -145,6 +145,42 @@ def test_bad_configurations(atoms, settings, code):
     assert error.value.code == code
 
 
+H2 = in_box(Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]]))
+
+
+@pytest.mark.parametrize(
+    ("atoms", "settings", "code", "message"),
+    [
+        (H2, {"total_charge": "plus_one"}, "ERROR_INVALID_CONFIGURATIONS", "total_charge must be a finite"),
+        (H2, {"total_charge": float("nan")}, "ERROR_INVALID_CONFIGURATIONS", "total_charge must be a finite"),
+        (H2, {"total_charge": True}, "ERROR_INVALID_CONFIGURATIONS", "total_charge must be a finite"),
+        (H2, {"total_spin": [1]}, "ERROR_INVALID_CONFIGURATIONS", "total_spin must be a finite"),
+        (H2, {"external_field": [0.0, 0.1]}, "ERROR_INVALID_CONFIGURATIONS", "three finite numbers"),
+        (H2, {"external_field": "z"}, "ERROR_INVALID_CONFIGURATIONS", "three finite numbers"),
+        (H2, {"dipole_correction": "yes"}, "ERROR_INVALID_CONFIGURATIONS", "true or false"),
+        (H2, {"parameters": {"SYSTEM": 3}}, "ERROR_INVALID_CONFIGURATIONS", "namelists"),
+        # H2 at -50: 52 electrons where the neutral molecule has 2
+        (H2, {"total_charge": -50}, "ERROR_IMPOSSIBLE_CHARGE_OR_SPIN", "more than doubles"),
+        # water has 8 valence electrons: a spin of 1 (or 9) cannot be made of whole N_up, N_down
+        (in_box(molecule("H2O")), {"total_spin": 1}, "ERROR_IMPOSSIBLE_CHARGE_OR_SPIN", "parity"),
+        (in_box(molecule("H2O")), {"total_spin": 10}, "ERROR_IMPOSSIBLE_CHARGE_OR_SPIN", "exceeds"),
+    ],
+)
+def test_settings_of_the_wrong_type_and_impossible_charge_or_spin(atoms, settings, code, message):
+    """Refused with the workchain's exit code before any pw.x input is built (never an exception)."""
+    with pytest.raises(ConfigurationError, match=message) as error:
+        _setup(atoms, settings)
+    assert error.value.code == code
+
+
+def test_possible_charges_and_spins_are_kept():
+    """The bounds leave real cases alone: H2 at -2, a triplet O2, a metal's fractional spin."""
+    assert _setup(H2, {"total_charge": -2}).n_electrons == 4
+    assert _setup(in_box(molecule("O2")), {"total_spin": 2}).nspin == 2
+    al = _setup(bulk("Al", "fcc", a=4.05, cubic=True), {"total_spin": 0.5})
+    assert al.is_metal and al.parameters["SYSTEM"]["tot_magnetization"] == 0.5
+
+
 def test_kpoints_mesh_spacing():
     al = bulk("Al", "fcc", a=4.05, cubic=True)
     assert kpoints_mesh(al, 0.25, []) == [7, 7, 7]

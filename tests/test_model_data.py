@@ -75,3 +75,24 @@ def test_verdi_data_emlip_refuses_a_node_of_another_type(aiida_profile, tmp_path
             assert result.exit_code == 2, result.output
             assert "Success" not in result.output and not out.exists()
             assert f"{wrong.pk}" in result.output and "Invalid value for 'DATUM'" in result.output
+
+
+def test_verdi_data_emlip_model_export_keeps_an_existing_file(aiida_profile, tmp_path):
+    """``emlip.model export`` onto an existing file: refused without --overwrite, the file unchanged."""
+    from aiida.cmdline.commands.cmd_data import verdi_data
+    from click.testing import CliRunner
+
+    from aiida_emlip.data.model import EmlipModelData
+
+    model = EmlipModelData(save_model(tiny_model(HEAD_CONFIGS["sr"]), tmp_path / "m.safetensors")).store()
+    runner = CliRunner()
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(b"another model")
+    result = runner.invoke(verdi_data, ["emlip.model", "export", str(model.pk), str(other)])
+    assert result.exit_code == 1 and "already exists; use --overwrite" in result.output
+    assert "Success" not in result.output and other.read_bytes() == b"another model"
+    result = runner.invoke(verdi_data, ["emlip.model", "export", str(model.pk), str(other), "-o"])
+    assert result.exit_code == 0 and other.read_bytes() == (tmp_path / "m.safetensors").read_bytes()
+    result = runner.invoke(verdi_data, ["emlip.model", "export", str(model.pk), str(tmp_path / "x" / "m")])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert "cannot write" in result.output

@@ -95,6 +95,57 @@ def test_train_non_numeric_total_charge(tmp_path):
     assert not (tmp_path / "run" / "config.yaml").exists()
 
 
+def _with_fermi_levels(path: Path, references: list[str]) -> Path:
+    """The tiny data with a Fermi level on every structure, measured from ``references`` in turn."""
+    import ase.io
+
+    frames = ase.io.read(DATA, ":")
+    for i, atoms in enumerate(frames):
+        atoms.info["fermi_level"] = -4.0 - 0.1 * i
+        atoms.info["fermi_reference"] = references[i % len(references)]
+    ase.io.write(path, frames, format="extxyz")
+    return path
+
+
+def test_train_refuses_fermi_levels_of_different_references(tmp_path):
+    """A run that trains on μ refuses data whose Fermi levels have different references; a run that
+    does not use them (no fermi_level weight) trains on the same data."""
+    mixed = _with_fermi_levels(tmp_path / "mixed.xyz", ["cell_average", "vacuum"])
+    values = config_dict(tmp_path, "qeq", epochs=1)
+    values["data"]["train"] = str(mixed)
+    values["loss"] = {"energy": 1.0, "forces": 10.0, "fermi_level": 1.0}
+    line = _one_error_line(_cli("train", write_config(tmp_path, values), "--check"))
+    assert "mix Fermi levels measured from different references: cell_average (11 structure(s)), " in line
+    assert "vacuum (11 structure(s))" in line
+    one = _with_fermi_levels(tmp_path / "one.xyz", ["vacuum"])
+    values["data"]["train"] = str(one)
+    assert _cli("train", write_config(tmp_path, values), "--check").returncode == 0
+    values["data"]["train"] = str(mixed)
+    values["loss"] = {"energy": 1.0, "forces": 10.0}
+    assert _cli("train", write_config(tmp_path, values), "--check").returncode == 0
+
+
+def test_train_warns_when_no_structure_has_a_total_charge(tmp_path):
+    """A charge-aware head on data without any total_charge: a one-line warning, then it trains on
+    neutral structures (silent before); an sr head is not warned."""
+    bare = tmp_path / "bare.xyz"
+    lines = DATA.read_text().splitlines()
+    bare.write_text(
+        "\n".join(" ".join(w for w in ln.split(" ") if not w.startswith("total_charge=")) for ln in lines)
+    )
+    for head, warned in (("charges", True), ("sr", False)):
+        values = config_dict(tmp_path, head, epochs=1)
+        values["data"]["train"] = str(bare)
+        result = _cli("train", write_config(tmp_path, values), "--check")
+        assert result.returncode == 0, result.stderr
+        warning = (
+            "warning: no structure of the data has a total charge (looked for 'total_charge' in atoms.info"
+        )
+        assert (warning in result.stderr) is warned, result.stderr
+        if warned:
+            assert f"the '{head}' head takes every structure as neutral" in result.stderr
+
+
 # --------------------------------------------------------------------- pickle payloads
 
 

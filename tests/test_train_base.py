@@ -212,21 +212,26 @@ def test_interrupted_run_resumes_from_its_checkpoint(interrupting_code):
 
 
 def test_bad_config_exits_before_submission(train_code):
-    """A config that parses but that emlip-train --check refuses (a head option): exit 201, no job."""
+    """A config that emlip-train --check refuses on the data (a formal-charge head on charged
+    molecules): exit 201, no job. What the ports see alone (a head option, a loss on a label the
+    dataset lacks, a schema error) is refused when the process is launched."""
     from aiida.engine import run_get_node
 
     from aiida_emlip.workflows.train_base import EmlipTrainBaseWorkChain
 
-    config = _config(model={**CONFIG["model"], "head": {"name": "charges", "colour": "red"}})
+    fixed = {"name": "fixed", "formal_charges": {"H": 1.0, "O": -2.0, "Na": 1.0, "Cl": -1.0}}
+    config = _config(model={**CONFIG["model"], "head": fixed})
     _, node = run_get_node(EmlipTrainBaseWorkChain, **_inputs(train_code, config))
     assert node.exit_status == 201 and not node.called
-    assert "colour" in node.exit_message and "nothing was submitted" in node.exit_message
-    unlabelled = _config(loss={"energy": 1.0, "polarizability": 1.0})
-    _, node = run_get_node(EmlipTrainBaseWorkChain, **_inputs(train_code, unlabelled))
-    assert node.exit_status == 201 and "polarizability" in node.exit_message and not node.called
-    # a schema error is refused by the port itself, when the process is launched
-    with pytest.raises(ValueError, match="colour"):
-        run_get_node(EmlipTrainBaseWorkChain, **_inputs(train_code, _config(colour="red")))
+    assert "cannot represent" in node.exit_message and "nothing was submitted" in node.exit_message
+    refused_at_launch = [
+        (_config(model={**CONFIG["model"], "head": {"name": "charges", "colour": "red"}}), "colour"),
+        (_config(loss={"energy": 1.0, "polarizability": 1.0}), "polarizability"),
+        (_config(colour="red"), "colour"),
+    ]
+    for bad, message in refused_at_launch:
+        with pytest.raises(ValueError, match=message):
+            run_get_node(EmlipTrainBaseWorkChain, **_inputs(train_code, bad))
 
 
 def test_training_workchain_runs_each_design_through_the_restart_workchain(train_code):

@@ -63,24 +63,40 @@ def test_bad_config_is_refused_before_submission(train_code):
         run_get_node(_builder(train_code, reserved))
 
 
-def test_non_finite_training_ends_with_its_exit_code(train_code, tmp_path):
-    """A NaN label stops emlip-train with status 3, which becomes exit code 320."""
+def test_unknown_head_and_unusable_dataset_are_refused_before_submission(train_code):
+    """An unknown head or head option, an empty dataset, a loss on a label the dataset lacks: a
+    ValueError naming it when the builder is filled or the calculation launched; nothing submitted."""
     from aiida.engine import run_get_node
-    from ase.io import read, write
+    from ase import Atoms
 
     from aiida_emlip.data.dataset import EmlipDatasetData
 
-    frames = read(DATA, index=":")
-    frames[0].calc.results["energy"] = float("nan")
-    path = tmp_path / "nan.xyz"
-    write(path, frames, format="extxyz")
-    builder = _builder(train_code, CONFIG)
-    try:
-        builder.dataset = EmlipDatasetData.from_extxyz(path)
-    except ValueError:
-        pytest.skip("the dataset node already refuses NaN labels (checked in its own tests)")
-    _, node = run_get_node(builder)
+    for head, message in (({"name": "nohead"}, "unknown head 'nohead'"), ({"name": "sr", "q": 1}, "'q'")):
+        with pytest.raises(ValueError, match=message):
+            _builder(train_code, {**CONFIG, "model": {**CONFIG["model"], "head": head}})
+    empty = _builder(train_code, CONFIG)
+    empty.dataset = EmlipDatasetData.from_ase([])
+    with pytest.raises(ValueError, match="holds no configurations"):
+        run_get_node(empty)
+    unlabelled = _builder(train_code, CONFIG)  # structures without energies or forces
+    unlabelled.dataset = EmlipDatasetData.from_ase([Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]])])
+    with pytest.raises(ValueError, match=r"the loss weights \['energy', 'forces'\] but no configuration"):
+        run_get_node(unlabelled)
+    polarizability = _builder(train_code, {**CONFIG, "loss": {"energy": 1.0, "polarizability": 1.0}})
+    with pytest.raises(ValueError, match=r"the loss weights \['polarizability'\]"):
+        run_get_node(polarizability)
+
+
+def test_non_finite_training_ends_with_its_exit_code(train_code):
+    """A training that diverges (learning rate 1e30) stops emlip-train with status 3: exit code 320,
+    whose message quotes emlip-train's reason (NaN labels never get this far: the dataset node refuses
+    them)."""
+    from aiida.engine import run_get_node
+
+    config = {**CONFIG, "optimizer": {"lr": 1.0e30}}
+    _, node = run_get_node(_builder(train_code, config))
     assert node.exit_status == 320, node.exit_message
+    assert "non-finite loss at epoch" in node.exit_message
 
 
 def _job_script(builder) -> str:

@@ -358,10 +358,15 @@ def test_self_consistent_modes_teacher_student(tmp_path, head):
 
 
 def test_formal_charge_head_on_charged_data_is_bad_input(tmp_path, capsys):
+    """Refused by --check as by the run (--check once passed and the run stopped at its first batch)."""
     values = config_dict(tmp_path, "fixed")
     values["data"]["train"] = str(DATA)  # holds charged molecules the formal charges cannot sum to
-    assert train_main([str(write_config(tmp_path, values))]) == ExitCode.BAD_INPUT
+    config = str(write_config(tmp_path, values))
+    assert train_main([config, "--check"]) == ExitCode.BAD_INPUT
     assert "cannot represent" in capsys.readouterr().err
+    assert train_main([config]) == ExitCode.BAD_INPUT
+    assert "cannot represent" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in EXAMPLES.glob("*.yaml")))

@@ -61,3 +61,40 @@ def test_dft_to_models(pw_code, pseudo_family, train_code):
     table = results["comparison"].get_dict()["test"]
     assert set(table) == {"sr", "charges"}
     assert table["sr"]["energy"]["all"]["rmse"] >= 0.0
+
+
+def test_designs_are_checked_before_any_dft_or_training(train_code):
+    """A design with an unknown head option is refused by the designs port (so before the dataset's
+    pw.x runs); with a given training set every design is checked on it (as emlip-train --check) and a
+    refused one stops the workchain with 201 before any design is submitted."""
+    from pathlib import Path
+
+    from aiida.engine import run_get_node
+    from aiida.orm import Dict
+
+    from aiida_emlip.data.dataset import EmlipDatasetData
+    from aiida_emlip.workflows.training import EmlipTrainingWorkChain
+
+    good = {
+        "seed": 0,
+        "device": "cpu",
+        "data": {"batch_size": 4},
+        "model": {
+            "backbone": {"num_channels": 4, "num_interactions": 1, "r_max": 4.0},
+            "head": {"name": "sr"},
+        },
+        "stages": [{"name": "main", "epochs": 1}],
+    }
+    builder = EmlipTrainingWorkChain.get_builder()
+    with pytest.raises(ValueError, match=r"designs.bad: config: model: unknown option\(s\) \['colour'\]"):
+        builder.designs = Dict(
+            {"sr": good, "bad": {**good, "model": {**good["model"], "head": {"name": "sr", "colour": 1}}}}
+        )
+    builder.training_set = EmlipDatasetData.from_extxyz(Path(__file__).parent / "data" / "tiny.xyz")
+    builder.train_code = train_code
+    fixed = {"name": "fixed", "formal_charges": {"H": 1.0, "O": -2.0, "Na": 1.0, "Cl": -1.0}}
+    builder.designs = Dict({"sr": good, "fixed": {**good, "model": {**good["model"], "head": fixed}}})
+    _, node = run_get_node(builder)
+    assert node.exit_status == 201, (node.exit_status, node.exit_message)
+    assert "fixed:" in node.exit_message and "cannot represent" in node.exit_message
+    assert "sr:" not in node.exit_message and not node.called

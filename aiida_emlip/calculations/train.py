@@ -77,11 +77,42 @@ def validate_nproc_per_node(value: Any, _) -> str | None:
     return None if value is None else check_nproc_per_node(value)
 
 
+def dataset_problem(config: dict[str, Any], dataset: EmlipDatasetData) -> str | None:
+    """What the node's attributes already say against training on ``dataset`` (no file is read): no
+    configurations, or a label the loss weights that no configuration has."""
+    from aiida_emlip.training.config import parse_config, required_labels
+    from aiida_emlip.training.errors import ConfigError
+
+    if dataset.n_configurations == 0:
+        return f"dataset: emlip.dataset<{dataset.pk}> holds no configurations"
+    try:
+        parsed = parse_config(job_config(config))
+    except ConfigError:
+        return None  # the config port reports it
+    attributes = dataset.base.attributes
+    present = set(attributes.get("label_keys", [])) | set(attributes.get("partial_label_keys", []))
+    mapped = parsed.data.keys
+    missing = [key for key in required_labels(parsed) if mapped.get(key, key) == key and key not in present]
+    if missing:
+        return (
+            f"dataset: the loss weights {missing} but no configuration of emlip.dataset<{dataset.pk}> has "
+            f"{'that label' if len(missing) == 1 else 'these labels'} (it has {sorted(present)}); set "
+            f"{'its weight' if len(missing) == 1 else 'their weights'} to 0 or label the data"
+        )
+    return None
+
+
 def validate_inputs(inputs: dict[str, Any], ctx) -> str | None:
-    """The checks of every CalcJob, then: several processes per machine run on one machine."""
+    """The checks of every CalcJob, then: the dataset has what the config trains on, and several
+    processes per machine run on one machine."""
     problem = validate_calc_job(inputs, ctx)
     if problem:
         return problem
+    config, dataset = inputs.get("config"), inputs.get("dataset")
+    if isinstance(config, orm.Dict) and isinstance(dataset, EmlipDatasetData):
+        problem = dataset_problem(config.get_dict(), dataset)
+        if problem:
+            return problem
     options = inputs.get("metadata", {}).get("options", {})
     nproc = options.get("nproc_per_node")
     machines = (options.get("resources") or {}).get("num_machines", 1)
@@ -99,12 +130,12 @@ def validate_lr_scale(value: orm.Float, _) -> str | None:
     return None
 
 
-def validate_config(value: orm.Dict, _) -> str | None:
-    """Parse the config exactly as ``emlip-train`` will, so that a bad one fails before submission."""
-    from aiida_emlip.training.config import parse_config
+def config_problem(values: dict[str, Any]) -> str | None:
+    """What is wrong with the config of a job (``None``: nothing): parsed exactly as ``emlip-train``
+    will, and its model section built (unknown heads and head options), before any submission."""
+    from aiida_emlip.training.config import check_model_section, parse_config
     from aiida_emlip.training.errors import ConfigError
 
-    values = value.get_dict()
     for path in RESERVED:
         node = values
         for key in path[:-1]:
@@ -113,9 +144,16 @@ def validate_config(value: orm.Dict, _) -> str | None:
             return f"config: '{'.'.join(path)}' is set by the calculation and must not be given"
     try:
         parse_config(job_config(values))
+        model = values.get("model") or {}
+        check_model_section(model if isinstance(model, dict) else {})
     except ConfigError as exc:
         return f"config: {exc}"
     return None
+
+
+def validate_config(value: orm.Dict, _) -> str | None:
+    """:func:`config_problem` of the config port."""
+    return config_problem(value.get_dict())
 
 
 class EmlipTrainCalculation(CalcJob):
@@ -172,21 +210,28 @@ class EmlipTrainCalculation(CalcJob):
         spec.inputs.validator = validate_inputs
         spec.inputs["metadata"]["options"]["parser_name"].default = "emlip.train"
         spec.inputs["metadata"]["options"]["resources"].default = {"num_machines": 1}
-        spec.output("model", valid_type=orm.Data, help="the trained model (emlip.model)")
+        spec.output("model", valid_type=EmlipModelData, help="the trained model (emlip.model)")
         spec.output("metrics", valid_type=orm.Dict, help="final errors and training summary")
         spec.output("checkpoint", valid_type=orm.SinglefileData, required=False, help="last checkpoint")
         spec.exit_code(300, "ERROR_NO_EXIT_STATUS", message="emlip-train did not finish (no exit status).")
         spec.exit_code(301, "ERROR_MISSING_OUTPUT", message="emlip-train finished but {files} are missing.")
+        spec.exit_code(302, "ERROR_INVALID_OUTPUT", message="the outputs could not be stored: {error}")
         spec.exit_code(
-            310, "ERROR_BAD_INPUT", message="emlip-train refused the config, data, checkpoint or job folder."
+            310,
+            "ERROR_BAD_INPUT",
+            message="emlip-train refused the config, data, checkpoint or job folder: {error}",
         )
-        spec.exit_code(320, "ERROR_NON_FINITE", message="training stopped on a NaN/inf loss or gradient.")
+        spec.exit_code(
+            320, "ERROR_NON_FINITE", message="training stopped on a NaN/inf loss or gradient: {error}"
+        )
         spec.exit_code(
             330, "ERROR_INTERRUPTED", message="training was interrupted; the checkpoint is attached."
         )
-        spec.exit_code(340, "ERROR_SCF_FAILED", message="a self-consistent head did not converge.")
+        spec.exit_code(340, "ERROR_SCF_FAILED", message="a self-consistent head did not converge: {error}")
         spec.exit_code(350, "ERROR_TRAINER", message="emlip-train failed with exit status {status}.")
-        spec.exit_code(360, "ERROR_OUT_OF_MEMORY", message="emlip-train ran out of memory (host or GPU).")
+        spec.exit_code(
+            360, "ERROR_OUT_OF_MEMORY", message="emlip-train ran out of memory (host or GPU): {error}"
+        )
 
     def prepare_for_submission(self, folder: Folder) -> CalcInfo:
         with folder.open(TRAIN_FILE, "w") as handle:

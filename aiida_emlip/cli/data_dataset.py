@@ -9,6 +9,8 @@ from aiida.cmdline.groups import VerdiCommandGroup
 from aiida.cmdline.params import arguments, types
 from aiida.cmdline.utils import decorators, echo
 
+from aiida_emlip.cli.export import OVERWRITE_OPTION, export_atomic
+
 
 @click.group("emlip.dataset", cls=VerdiCommandGroup)
 def dataset() -> None:
@@ -48,8 +50,9 @@ def dataset_show(datum) -> None:
 @dataset.command("export")
 @arguments.DATUM(type=types.DataParamType(sub_classes=("aiida.data:emlip.dataset",)))
 @click.argument("path", type=click.Path(dir_okay=False, writable=True))
+@OVERWRITE_OPTION
 @decorators.with_dbenv()
-def dataset_export(datum, path: str) -> None:
-    """Write DATUM's extxyz file to PATH."""
-    out = datum.export(path)
+def dataset_export(datum, path: str, overwrite: bool) -> None:
+    """Write DATUM's extxyz file to PATH (an existing PATH only with --overwrite)."""
+    out = export_atomic(datum, path, overwrite)
     echo.echo_success(f"wrote {datum.n_configurations} configurations to {out}")

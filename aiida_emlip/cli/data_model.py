@@ -9,6 +9,8 @@ from aiida.cmdline.groups import VerdiCommandGroup
 from aiida.cmdline.params import arguments, types
 from aiida.cmdline.utils import decorators, echo
 
+from aiida_emlip.cli.export import OVERWRITE_OPTION, export_atomic
+
 
 @click.group("emlip.model", cls=VerdiCommandGroup)
 def model_cli() -> None:
@@ -47,7 +49,8 @@ def model_show(datum) -> None:
 @model_cli.command("export")
 @arguments.DATUM(type=types.DataParamType(sub_classes=("aiida.data:emlip.model",)))
 @click.argument("path", type=click.Path(dir_okay=False, writable=True))
-def model_export(datum, path: str) -> None:
-    """Write the model file (safetensors) to PATH."""
-    datum.export(path)
+@OVERWRITE_OPTION
+def model_export(datum, path: str, overwrite: bool) -> None:
+    """Write the model file (safetensors) to PATH (an existing PATH only with --overwrite)."""
+    export_atomic(datum, path, overwrite)
     echo.echo_success(f"model {datum.pk} written to {path}")

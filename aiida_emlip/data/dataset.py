@@ -63,7 +63,27 @@ def dft_settings_digest(settings: Mapping[str, Any] | None) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _check_values(index: int, key: str, value: Any) -> None:
+    """A numeric label must be numbers, all finite; forces at most :data:`~aiida_emlip.schema.MAX_FORCE`."""
+    if key in (schema.FERMI_REFERENCE, schema.CONFIG_TYPE):
+        return
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"configuration {index}: {key} must be numeric, got {value!r}") from None
+    if not np.isfinite(array).all():
+        raise ValueError(f"configuration {index}: {key} contains NaN or inf")
+    if key == schema.FORCES and array.size and np.abs(array).max() > schema.MAX_FORCE:
+        raise ValueError(
+            f"configuration {index}: |force| up to {np.abs(array).max():.3g} eV/Å exceeds "
+            f"{schema.MAX_FORCE:g} eV/Å; wrong units? Forces must be in eV/Å"
+        )
+
+
 def _check_frame(index: int, atoms: Atoms, strict: bool) -> None:
+    # a model's predictions (emlip-eval marks them with model_sha256) are kept as they are, a NaN of a
+    # failed prediction included (the calculation reports it); labels must be finite and plausible
+    labels = "model_sha256" not in atoms.info
     for key, value in atoms.info.items():
         label = schema.LABELS.get(key)
         if label is None:
@@ -85,6 +105,8 @@ def _check_frame(index: int, atoms: Atoms, strict: bool) -> None:
             raise ValueError(
                 f"configuration {index}: {key} has shape {np.shape(value)}, expected {label.shape}"
             )
+        if labels:
+            _check_values(index, key, value)
     for key, value in atoms.arrays.items():
         if key in ("numbers", "positions"):
             continue
@@ -97,6 +119,8 @@ def _check_frame(index: int, atoms: Atoms, strict: bool) -> None:
             raise ValueError(
                 f"configuration {index}: {key} has shape {np.shape(value)}, expected per-atom {label.shape}"
             )
+        if labels:
+            _check_values(index, key, value)
     if schema.FERMI_LEVEL in atoms.info and schema.FERMI_REFERENCE not in atoms.info:
         raise ValueError(f"configuration {index}: fermi_level without fermi_reference")
 
@@ -109,7 +133,9 @@ class EmlipDatasetData(orm.Data):
     present in every configuration), ``partial_label_keys`` (present in some), ``units``,
     ``config_types`` (counts), ``fermi_references``, ``dft_settings`` and ``dft_settings_digest``, and
     the file's ``sha256``. ``strict`` rejects info/array keys outside the schema and
-    :data:`METADATA_KEYS`.
+    :data:`METADATA_KEYS`. Labels must be numbers, all finite, and forces at most
+    :data:`~aiida_emlip.schema.MAX_FORCE` eV/Å (larger ones are taken for wrong units): otherwise a
+    ``ValueError``. A model's predictions (frames with ``model_sha256``) are stored as they are.
     """
 
     def __init__(

@@ -23,6 +23,9 @@ STATUS_LABELS = {
     5: "ERROR_SCF_FAILED",
     7: "ERROR_OUT_OF_MEMORY",
 }
+#: Exit codes whose message quotes emlip-train's own one-line reason (``{error}``).
+QUOTES_ERROR = ("ERROR_BAD_INPUT", "ERROR_NON_FINITE", "ERROR_SCF_FAILED", "ERROR_OUT_OF_MEMORY")
+STDERR_FILE = "stderr"
 
 
 def finite_or_none(value: Any) -> Any:
@@ -51,16 +54,33 @@ class EmlipTrainParser(Parser):
         status = int(text) if text.lstrip("-").isdigit() else -1
         if status != 0:
             label = STATUS_LABELS.get(status)
+            if label in QUOTES_ERROR:
+                return getattr(self.exit_codes, label).format(error=self._error_line(files))
             if label:
                 return getattr(self.exit_codes, label)
             return self.exit_codes.ERROR_TRAINER.format(status=status)
         missing = sorted({"model.safetensors", "metrics.json"} - files)
         if missing:
             return self.exit_codes.ERROR_MISSING_OUTPUT.format(files=", ".join(missing))
-        self._attach_file("model", "model.safetensors", EmlipModelData)
-        metrics = json.loads(self.retrieved.get_object_content("metrics.json"))
+        try:
+            metrics = json.loads(self.retrieved.get_object_content("metrics.json"))
+        except json.JSONDecodeError as exc:
+            return self.exit_codes.ERROR_INVALID_OUTPUT.format(error=f"metrics.json: {exc}")
+        try:  # the model file is verified (format and checksum) before it becomes a node
+            self._attach_file("model", "model.safetensors", EmlipModelData)
+        except ValueError as exc:
+            return self.exit_codes.ERROR_INVALID_OUTPUT.format(error=str(exc))
         self.out("metrics", orm.Dict(finite_or_none(metrics)))
         return None
+
+    def _error_line(self, files: set[str]) -> str:
+        """The last ``error: ...`` line emlip-train wrote to stderr (its one-line reason)."""
+        if STDERR_FILE in files:
+            lines = self.retrieved.get_object_content(STDERR_FILE).splitlines()
+            for line in reversed(lines):
+                if line.startswith("error: "):
+                    return line[len("error: ") :].strip()
+        return "see the stderr of the calculation"
 
     def _attach_file(self, port: str, name: str, cls: type) -> None:
         with tempfile.TemporaryDirectory() as tmp:

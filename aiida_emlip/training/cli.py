@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TextIO
 
 from aiida_emlip.models.file_format import ModelFileError, ModelFileWarning
-from aiida_emlip.training.errors import ExitCode, ReferenceEnergyWarning, TrainingError
+from aiida_emlip.training.errors import DataWarning, ExitCode, ReferenceEnergyWarning, TrainingError
 
 _TRAIN_OK = "  0  success (or, resuming a finished run, nothing left to train)\n"
 _TRAIN_BAD_INPUT = (
@@ -65,7 +65,7 @@ def _show_warning(
     line: str | None = None,
 ) -> None:
     """Our own warnings on one line (``warning: ...``); the others as Python prints them."""
-    if issubclass(category, (ModelFileWarning, ReferenceEnergyWarning)):
+    if issubclass(category, (ModelFileWarning, ReferenceEnergyWarning, DataWarning)):
         print(f"warning: {message}", file=sys.stderr)
     else:
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))

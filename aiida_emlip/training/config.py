@@ -69,7 +69,7 @@ class DataConfig:
     #: ``fit`` (least squares on the training split) or a mapping element -> eV.
     reference_energies: Any = "fit"
     #: Largest plausible ``|force|`` (eV/Å) and ``|charge|`` (e); larger values are reported as wrong units.
-    max_force: float = 100.0
+    max_force: float = schema.MAX_FORCE
     max_charge: float = 10.0
     #: Move the reference atomic dipoles onto the reference charges (each atom's dipole onto charges of
     #: it and its neighbours within 1.6 Å, fragment charges unchanged): for heads without atomic dipoles,
@@ -235,6 +235,50 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def check_model_section(model: dict[str, Any]) -> None:
+    """Build the model of ``model`` as the trainer does (elements: the section's, or a placeholder when
+    they come from the data): unknown heads, head options and backbone values are a :class:`ConfigError`
+    naming them, before any data is read. Imports torch."""
+    from aiida_emlip.models.model import EmlipModel, ModelConfig
+
+    values = dict(model)
+    values.setdefault("elements", _elements_named(model) or ["H"])
+    try:
+        EmlipModel(ModelConfig.from_dict(values))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(f"model: {exc}") from None
+
+
+def _elements_named(values: Any) -> list[str]:
+    """Chemical symbols used as keys anywhere in ``values`` (per-element options such as a head's
+    ``formal_charges``), ordered by atomic number: the elements a model check without data assumes."""
+    from ase.data import atomic_numbers
+
+    found: set[str] = set()
+
+    def walk(item: Any) -> None:
+        if isinstance(item, dict):
+            found.update(k for k in item if isinstance(k, str) and k in atomic_numbers and k != "X")
+            for value in item.values():
+                walk(value)
+        elif isinstance(item, list):
+            for value in item:
+                walk(value)
+
+    walk(values)
+    return sorted(found, key=atomic_numbers.get)
+
+
+def required_labels(config: TrainConfig) -> list[str]:
+    """Schema keys of the labels the loss weights (``loss`` and every stage; the Fermi level, which may
+    come from a head option, left out), in :data:`LOSS_QUANTITIES` order."""
+    weights = {
+        q: max(config.loss.get(q, 0.0), *(s.weights.get(q, 0.0) for s in config.stages))
+        for q in LOSS_QUANTITIES
+    }
+    return [LABEL_OF[q] for q, w in weights.items() if w > 0 and q != "fermi_level"]
 
 
 def _check_induction(values: Any) -> None:

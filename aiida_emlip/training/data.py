@@ -40,6 +40,8 @@ class Sample:
     total_charge: float
     index: int
     graph: Graph | None = None
+    #: What the structure's Fermi level is measured from (``fermi_reference``), where it has one.
+    fermi_reference: str | None = None
 
 
 def _raw_value(atoms: Atoms, key: str) -> np.ndarray | None:
@@ -153,7 +155,11 @@ def to_sample(atoms: Atoms, index: int, config: DataConfig, where: str) -> Sampl
     clean.info.update(info)
     charge = float(info.get(schema.TOTAL_CHARGE, 0.0))
     _check_plausible(labels, config, name)
-    return Sample(clean, labels, config_type, charge, index)
+    reference = None
+    if schema.FERMI_LEVEL in info or schema.FERMI_LEVEL in labels:
+        given = atoms.info.get(config.keys.get(schema.FERMI_REFERENCE, schema.FERMI_REFERENCE))
+        reference = None if given is None else str(given)
+    return Sample(clean, labels, config_type, charge, index, fermi_reference=reference)
 
 
 def check_no_overlap(atoms: Atoms, name: str, min_distance: float = MIN_DISTANCE) -> None:

@@ -22,6 +22,10 @@ class ReferenceEnergyWarning(UserWarning):
     """``reference_energies: fit`` could not determine every element's E0 and fell back (see the message)."""
 
 
+class DataWarning(UserWarning):
+    """The data are usable but probably not what was meant (e.g. no total charge for a head that uses it)."""
+
+
 class TrainingError(Exception):
     """Base class; ``exit_code`` says how the command line tools exit."""
 

@@ -7,6 +7,8 @@ import io
 import json
 import signal
 import time
+import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +23,13 @@ from aiida_emlip.models.io import ModelFileError, resolve_device, serialize_mode
 from aiida_emlip.models.model import DTYPES, EmlipModel, ModelConfig, model_capabilities
 from aiida_emlip.training import distributed
 from aiida_emlip.training.atomic import write_bytes_atomic, write_text_atomic
-from aiida_emlip.training.config import AUTO_MULTIPOLE_WEIGHTS, LABEL_OF, LOSS_QUANTITIES, TrainConfig
+from aiida_emlip.training.config import (
+    AUTO_MULTIPOLE_WEIGHTS,
+    LABEL_OF,
+    LOSS_QUANTITIES,
+    TrainConfig,
+    required_labels,
+)
 from aiida_emlip.training.data import (
     Sample,
     attach_graphs,
@@ -32,7 +40,14 @@ from aiida_emlip.training.data import (
     load_samples,
     split,
 )
-from aiida_emlip.training.errors import CheckpointError, ConfigError, DataError, Interrupted, NonFiniteError
+from aiida_emlip.training.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    DataWarning,
+    Interrupted,
+    NonFiniteError,
+)
 from aiida_emlip.training.identity import data_digests, run_identity
 from aiida_emlip.training.losses import ErrorTable, format_table, loss_terms, predict, total_loss
 from aiida_emlip.training.progress import Progress
@@ -109,11 +124,7 @@ class Trainer:
     def _load_data(self) -> None:
         cfg = self.config
         data = cfg.data
-        weights = {
-            q: max(cfg.loss.get(q, 0.0), *(s.weights.get(q, 0.0) for s in cfg.stages))
-            for q in LOSS_QUANTITIES
-        }
-        required = [LABEL_OF[q] for q, w in weights.items() if w > 0 and q != "fermi_level"]
+        required = required_labels(cfg)
         samples = load_samples(data.train, data)
         valid = load_samples(data.valid, data) if data.valid else []
         test = load_samples(data.test, data) if data.test else []
@@ -125,6 +136,7 @@ class Trainer:
         self.test = test or split_test
         if not self.train:
             raise DataError(f"{data.train}: no structures left for training after the validation/test split")
+        self._check_fermi_references()
         for key in required:
             if not any(key in s.labels for s in self.train):
                 raise DataError(
@@ -132,6 +144,40 @@ class Trainer:
                     f"(file key {data.keys.get(key, key)!r}); add the label, map it with data.keys, "
                     f"or set its weight to 0"
                 )
+
+    def _check_fermi_references(self) -> None:
+        """A run that uses the Fermi level (a weighted ``fermi_level`` loss, a constant-μ head, ``direct``
+        SCF training) must not mix Fermi levels measured from different references."""
+        cfg = self.config
+        head = cfg.model.get("head") or {}
+        uses = (
+            any(weights.get("fermi_level", 0) > 0 for weights in (cfg.loss, *(s.weights for s in cfg.stages)))
+            or head.get("ensemble") == "constant_mu"
+            or any(s.scf_mode == "direct" and s.epochs > 0 for s in cfg.stages)
+        )
+        counts = Counter(s.fermi_reference for s in self.train + self.valid + self.test if s.fermi_reference)
+        if uses and len(counts) > 1:
+            found = ", ".join(f"{ref} ({n} structure(s))" for ref, n in sorted(counts.items()))
+            raise DataError(
+                f"the data mix Fermi levels measured from different references: {found}; a run that uses "
+                "the Fermi level must train on one reference (see fermi_reference in the dataset "
+                "documentation): select the structures of one, or set the loss weight of fermi_level to 0"
+            )
+
+    def _check_total_charges(self) -> None:
+        """A head that uses the total charge, on data none of which gives one: every structure is taken
+        as neutral, which is rarely meant (a warning, not an error: neutral data need not say so)."""
+        head = self.model.head
+        everything = self.train + self.valid + self.test
+        if head.charge_control == "none" or any(schema.TOTAL_CHARGE in s.atoms.info for s in everything):
+            return
+        key = self.config.data.keys.get(schema.TOTAL_CHARGE, schema.TOTAL_CHARGE)
+        warnings.warn(
+            f"no structure of the data has a total charge (looked for {key!r} in atoms.info; map it with "
+            f"data.keys): the '{head.name}' head takes every structure as neutral",
+            DataWarning,
+            stacklevel=2,
+        )
 
     def _build_model(self) -> None:
         cfg = self.config
@@ -178,6 +224,8 @@ class Trainer:
         self.model.to(self.device)
         self._resolve_multipoles()
         self._check_stage_labels()
+        self._check_formal_charges()
+        self._check_total_charges()
 
     def _resolve_multipoles(self) -> None:
         """``multipoles: auto``: supervise the head's charges/dipoles on the data's DFT multipoles."""
@@ -193,6 +241,23 @@ class Trainer:
                 continue
             if any(LABEL_OF[quantity] in s.labels for s in self.train):
                 self.auto_weights[quantity] = weight
+
+    def _check_formal_charges(self) -> None:
+        """A formal-charge head (``fixed``) must sum to the total charge of every structure of every
+        split: checked before the first epoch, so that ``--check`` refuses what the run would."""
+        head = self.model.head
+        if head.charge_control != "formal":
+            return
+        table = dict(zip(self.model.config.elements, head.formal.double().tolist()))
+        for part, samples in (("train", self.train), ("valid", self.valid), ("test", self.test)):
+            for sample in samples:
+                total = sum(table[symbol] for symbol in sample.atoms.get_chemical_symbols())
+                if abs(total - sample.total_charge) > 1e-6 * max(1, len(sample.atoms)):
+                    raise DataError(
+                        f"structure {sample.index} (in the {part} split): formal charges sum to {total:+g} e "
+                        f"but its total charge is {sample.total_charge:+g} e; the '{head.name}' head cannot "
+                        "represent it"
+                    )
 
     def _check_stage_labels(self) -> None:
         """Labels that a stage's SCF training mode needs, checked before the first epoch (and --check)."""

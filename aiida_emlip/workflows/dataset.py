@@ -295,6 +295,9 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
         spec.exit_code(213, "ERROR_ZERO_VOLUME", message="Zero cell volume: {message}")
         spec.exit_code(214, "ERROR_INVALID_FIELD", message="External field not applicable: {message}")
         spec.exit_code(
+            215, "ERROR_IMPOSSIBLE_CHARGE_OR_SPIN", message="Charge or spin not possible: {message}"
+        )
+        spec.exit_code(
             401, "ERROR_ALL_CONFIGURATIONS_FAILED", message="Every configuration failed; see report."
         )
 

@@ -66,13 +66,75 @@ class PwSetup:
     notes: list[str] = field(default_factory=list)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
 def check_settings(settings: dict[str, Any]) -> None:
-    """Raise :class:`ConfigurationError` for unknown per-configuration keys."""
+    """Raise :class:`ConfigurationError` for unknown per-configuration keys and for values of the wrong
+    type or shape (a total charge or spin that is not a finite number, a field that is not three)."""
     bad = sorted(set(settings) - CONFIG_KEYS)
     if bad:
         raise ConfigurationError(
             "ERROR_INVALID_CONFIGURATIONS",
             f"unknown configuration setting(s) {bad}; allowed: {sorted(CONFIG_KEYS)}",
+        )
+    for key in (schema.TOTAL_CHARGE, schema.TOTAL_SPIN):
+        value = settings.get(key)
+        if value is not None and not (_is_number(value) and math.isfinite(value)):
+            raise ConfigurationError(
+                "ERROR_INVALID_CONFIGURATIONS", f"{key} must be a finite number, got {value!r}"
+            )
+    if schema.EXTERNAL_FIELD in settings:
+        value = settings[schema.EXTERNAL_FIELD]
+        items = list(value) if isinstance(value, (list, tuple, np.ndarray)) else None
+        if items is None or len(items) != 3 or not all(_is_number(v) and math.isfinite(v) for v in items):
+            raise ConfigurationError(
+                "ERROR_INVALID_CONFIGURATIONS",
+                f"{schema.EXTERNAL_FIELD} must be three finite numbers (V/Å), got {value!r}",
+            )
+    if "dipole_correction" in settings and not isinstance(settings["dipole_correction"], bool):
+        raise ConfigurationError(
+            "ERROR_INVALID_CONFIGURATIONS",
+            f"dipole_correction must be true or false, got {settings['dipole_correction']!r}",
+        )
+    parameters = settings.get("parameters")
+    if parameters is not None and not (
+        isinstance(parameters, dict) and all(isinstance(v, dict) for v in parameters.values())
+    ):
+        raise ConfigurationError(
+            "ERROR_INVALID_CONFIGURATIONS",
+            f"parameters must map pw.x namelists to their entries, got {parameters!r}",
+        )
+
+
+def check_charge_and_spin(
+    neutral: float, n_electrons: float, total_charge: float, spin: float | None, fixed: bool
+) -> None:
+    """Raise :class:`ConfigurationError` (``ERROR_IMPOSSIBLE_CHARGE_OR_SPIN``) for a total charge that
+    more than doubles the valence electrons of the neutral structure (``neutral``), a total spin
+    larger than the electron count, or, with fixed occupations, a spin whose parity differs from the
+    electron count's (N_up and N_down must be whole numbers)."""
+    if -total_charge > neutral:
+        raise ConfigurationError(
+            "ERROR_IMPOSSIBLE_CHARGE_OR_SPIN",
+            f"total charge {total_charge:+g} adds {-total_charge:g} electrons to the {neutral:g} valence "
+            "electrons of the neutral structure (more than doubles them); wrong sign or units?",
+        )
+    if spin is None:
+        return
+    if abs(spin) > n_electrons:
+        raise ConfigurationError(
+            "ERROR_IMPOSSIBLE_CHARGE_OR_SPIN",
+            f"total spin {spin:g} exceeds the {n_electrons:g} valence electrons",
+        )
+    whole = abs(n_electrons - round(n_electrons)) < 1e-6 and abs(spin - round(spin)) < 1e-6
+    if fixed and (not whole or (round(n_electrons) - round(spin)) % 2):
+        raise ConfigurationError(
+            "ERROR_IMPOSSIBLE_CHARGE_OR_SPIN",
+            f"total spin {spin:g} (N_up - N_down) with {n_electrons:g} valence electrons and fixed "
+            "occupations: N_up and N_down would not be whole numbers (the spin must have the parity of "
+            "the electron count)",
         )
 
 
@@ -184,6 +246,8 @@ def build_pw_setup(
     else:
         system["occupations"] = "fixed"
     spin = settings.get(schema.TOTAL_SPIN)
+    neutral = n_electrons + charge
+    check_charge_and_spin(neutral, n_electrons, charge, None if spin is None else float(spin), not is_metal)
     odd = abs(round(n_electrons) % 2) == 1 or abs(n_electrons - round(n_electrons)) > 1e-6
     nspin = 2 if (spin is not None or odd) else 1
     kinds = sorted(set(atoms.get_chemical_symbols()))

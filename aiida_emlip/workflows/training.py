@@ -7,6 +7,7 @@ from typing import Any
 from aiida import orm
 from aiida.engine import ToContext, WorkChain, calcfunction, if_
 
+from aiida_emlip.calculations.train import check_job, config_problem
 from aiida_emlip.data.dataset import EmlipDatasetData
 from aiida_emlip.data.model import EmlipModelData
 from aiida_emlip.training.launch import check_nproc_per_node
@@ -35,6 +36,9 @@ def validate_designs(value: orm.Dict, _) -> str | None:
             return f"designs: label {label!r} must be a Python identifier (letters, digits, _)"
         if not isinstance(config, dict) or "model" not in config:
             return f"designs.{label}: an emlip-train config with a 'model' section is required"
+        problem = config_problem(config)  # parsed as the training calculation will, before any DFT
+        if problem:
+            return f"designs.{label}: {problem}"
     return None
 
 
@@ -111,7 +115,7 @@ class EmlipTrainingWorkChain(WorkChain):
             cls.results,
         )
         spec.output("training_set", valid_type=EmlipDatasetData)
-        spec.output_namespace("models", valid_type=orm.Data, dynamic=True)
+        spec.output_namespace("models", valid_type=EmlipModelData, dynamic=True)
         spec.output_namespace("metrics", valid_type=orm.Dict, dynamic=True)
         spec.output("comparison", valid_type=orm.Dict, required=False)
         spec.exit_code(201, "ERROR_INVALID_INPUTS", message="{message}")
@@ -132,6 +136,24 @@ class EmlipTrainingWorkChain(WorkChain):
             )
         if "training_set" in self.inputs:
             self.ctx.training_set = self.inputs.training_set
+            refused = self._check_designs(self.inputs.training_set)
+            if refused:
+                return self.exit_codes.ERROR_INVALID_INPUTS.format(message=refused)
+        return None
+
+    def _check_designs(self, dataset: EmlipDatasetData) -> str | None:
+        """Every design checked on ``dataset`` as ``emlip-train --check`` does, before any is submitted."""
+        from aiida_emlip.training.errors import TrainingError
+
+        initial = self.inputs.get("initial_models", {})
+        refused = []
+        for label, config in self.inputs.designs.get_dict().items():
+            try:
+                check_job(config, dataset, initial.get(label))
+            except TrainingError as exc:
+                refused.append(f"{label}: {exc}")
+        if refused:
+            return "emlip-train --check refused design(s), nothing was submitted: " + "; ".join(refused)
         return None
 
     def needs_labels(self) -> bool:

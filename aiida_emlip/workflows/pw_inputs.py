@@ -66,6 +66,17 @@ class PwSetup:
     notes: list[str] = field(default_factory=list)
 
 
+def mpi_option(code_with_mpi: bool | None, default: bool) -> bool:
+    """``metadata.options.withmpi`` of a calculation on a code: what the code says when it says it
+    (``verdi code create --with-mpi`` / ``--no-with-mpi``, ``aiida-emlip setup --mpi``), else ``default``.
+
+    AiiDA refuses to submit a calculation whose ``withmpi`` option and code disagree (``Inconsistent
+    requirements as to whether code ... should be run with or without MPI``), so an MPI code would
+    otherwise fail every configuration under the protocol's ``withmpi: false``.
+    """
+    return default if code_with_mpi is None else bool(code_with_mpi)
+
+
 def check_settings(settings: dict[str, Any]) -> None:
     """Raise :class:`ConfigurationError` for unknown per-configuration keys."""
     bad = sorted(set(settings) - CONFIG_KEYS)

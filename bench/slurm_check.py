@@ -84,7 +84,6 @@ dft:
     options:
       queue_name: cpu
       resources: {{num_machines: 1, num_mpiprocs_per_machine: 2}}
-      withmpi: true
       max_wallclock_seconds: 1800
 systems:
   water:
@@ -204,7 +203,7 @@ def dataset_overrides(mpiprocs: int, npool: int, queue: str | None) -> dict[str,
     """Protocol ``fast`` overrides: cheap cutoffs, pw.x under mpirun with ``npool`` pools on ``queue``."""
     options: dict[str, Any] = {
         "resources": {"num_machines": 1, "num_mpiprocs_per_machine": mpiprocs},
-        "withmpi": True,
+        # no withmpi: the pw codes are MPI codes (--with-mpi), which the dataset workchain follows
         "max_wallclock_seconds": 900,
         "environment_variables": {"OMP_NUM_THREADS": "1", "PW_NPOOL": str(npool)},
     }

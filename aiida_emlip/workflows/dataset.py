@@ -33,7 +33,7 @@ from .functions import (
 )
 from .label import PP_STEPS, STEP_OUTPUTS, EmlipLabelWorkChain, called, step_failure, step_name
 from .process_state import how_it_ended
-from .pw_inputs import ConfigurationError, PwSetup, build_pw_setup
+from .pw_inputs import ConfigurationError, PwSetup, build_pw_setup, mpi_option
 from .reuse import DIGEST_EXTRA, REUSED_FROM_EXTRA, finished_twin, inputs_digest, origin, returned
 from .samplers import SAMPLERS
 from .window import WakeOnFirstChild
@@ -588,7 +588,10 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
         builder.pw.pw.structure = structure
         builder.pw.pw.parameters = orm.Dict(config["parameters"])
         builder.pw.pw.pseudos = self._pseudos(structure)
-        builder.pw.pw.metadata.options = {**inputs["options"], "parser_name": PW_PARSER}
+        options = {**inputs["options"], "parser_name": PW_PARSER}
+        # an MPI code runs under mpirun (and a serial one without) whatever the protocol's withmpi says
+        options["withmpi"] = mpi_option(self.inputs.code.with_mpi, bool(options.get("withmpi", False)))
+        builder.pw.pw.metadata.options = options
         builder.pw.kpoints = kpoints
         builder.pw.max_iterations = orm.Int(int(inputs["max_iterations"]))
         builder.pw.on_unhandled_failure = orm.Str(str(inputs["on_unhandled_failure"]))

@@ -28,6 +28,7 @@ from aiida_emlip.calculations.projwfc import EmlipProjwfcCalculation
 
 from .hirshfeld import PP_DENSITY_PARAMETERS, hirshfeld_multipoles
 from .process_state import how_it_ended
+from .pw_inputs import mpi_option
 from .vacuum_level import PP_PARAMETERS, planar_potentials, vacuum_level
 
 PwBaseWorkChain = WorkflowFactory("quantumespresso.pw.base")
@@ -152,7 +153,8 @@ class EmlipLabelWorkChain(WorkChain):
             valid_type=dict,
             non_db=True,
             required=False,
-            help="CalcJob options of the pp.x and projwfc.x calculations (they run without MPI).",
+            help="CalcJob options of the pp.x and projwfc.x calculations (without MPI, unless their code "
+            "is an MPI code).",
         )
         spec.inputs.validator = validate_inputs
         spec.outline(
@@ -205,11 +207,17 @@ class EmlipLabelWorkChain(WorkChain):
         """Submit the post-processing calculation ``prefix`` (:data:`POSTPROCESS`) on the pw.x folder."""
         code_port, process, parameters, options = POSTPROCESS[prefix]
         builder = process.get_builder()
-        builder.code = self.inputs[code_port]
+        code = self.inputs[code_port]
+        builder.code = code
         builder.parent_folder = self.ctx.pw.outputs.remote_folder
         if parameters is not None:
             builder.parameters = orm.Dict(parameters)
-        builder.metadata.options = {**self.inputs.get("postprocess_options", {}), "withmpi": False, **options}
+        withmpi = mpi_option(code.with_mpi, False)  # serial unless the code is an MPI code
+        builder.metadata.options = {
+            **self.inputs.get("postprocess_options", {}),
+            "withmpi": withmpi,
+            **options,
+        }
         builder.metadata.call_link_label = prefix
         return ToContext(**{prefix: self.submit(builder)})
 

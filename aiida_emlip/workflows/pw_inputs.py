@@ -70,6 +70,17 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
+def mpi_option(code_with_mpi: bool | None, default: bool) -> bool:
+    """``metadata.options.withmpi`` of a calculation on a code: what the code says when it says it
+    (``verdi code create --with-mpi`` / ``--no-with-mpi``, ``aiida-emlip setup --mpi``), else ``default``.
+
+    AiiDA refuses to submit a calculation whose ``withmpi`` option and code disagree (``Inconsistent
+    requirements as to whether code ... should be run with or without MPI``), so an MPI code would
+    otherwise fail every configuration under the protocol's ``withmpi: false``.
+    """
+    return default if code_with_mpi is None else bool(code_with_mpi)
+
+
 def check_settings(settings: dict[str, Any]) -> None:
     """Raise :class:`ConfigurationError` for unknown per-configuration keys and for values of the wrong
     type or shape (a total charge or spin that is not a finite number, a field that is not three)."""

@@ -26,6 +26,7 @@ from aiida_emlip.models.backbone import BackboneConfig
 from aiida_emlip.workflows import protocol as protocols
 from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain, pw_run
 from aiida_emlip.workflows.process_state import how_it_ended
+from aiida_emlip.workflows.pw_inputs import mpi_option
 
 from . import evaluate as model_side
 from .phonon_functions import (
@@ -405,7 +406,10 @@ class EmlipPhononWorkChain(ValidationSteps, protocols.EmlipProtocolMixin, WorkCh
         builder.parameters = orm.Dict(
             {"INPUTPH": {"epsil": True, "trans": False, "tr2_ph": float(self.ctx.inputs["ph_tr2"])}}
         )
-        builder.metadata.options = {**self.ctx.dft_inputs["options"], "withmpi": False}
+        builder.metadata.options = {
+            **self.ctx.dft_inputs["options"],
+            "withmpi": mpi_option(builder.code.with_mpi, False),
+        }
         builder.metadata.call_link_label = "ph"
         return ToContext(ph=self.submit(builder))
 

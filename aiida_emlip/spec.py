@@ -46,6 +46,7 @@ TOP_KEYS = (
     "training",
     "designs",
     "validations",
+    "evaluation",
     "active_learning",
     "report",
 )
@@ -68,7 +69,15 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any]]] = {
         "backbone": ((dict,), None),
         "options": ((dict,), {}),
     },
+    "evaluation": {"options": ((dict,), {})},
     "report": {"title": ((str,), None)},
+}
+#: CalcJob options of every ``emlip.evaluate`` of a study (held-out set, validations, active learning);
+#: ``evaluation.options`` in the spec are laid over them (a partition, an account, a walltime).
+EVALUATION_OPTIONS: dict[str, Any] = {
+    "resources": {"num_machines": 1},
+    "max_wallclock_seconds": 3600,
+    "withmpi": False,
 }
 SYSTEM_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
     "structure": ((dict,), None),
@@ -237,6 +246,9 @@ def _check(data: Any, c: _Checker, base_dir: Path | None) -> dict[str, Any]:
     spec["systems"] = _systems(data.get("systems"), c, base_dir)
     spec["designs"] = _designs(data.get("designs"), spec["training"], c)
     spec["validations"] = _validations(data.get("validations"), spec, c, base_dir)
+    if "evaluation" in data:  # absent: no key, so that specs without it stay as they were
+        spec["evaluation"] = c.block(("evaluation",), data["evaluation"], SCHEMA["evaluation"])
+        _evaluation(spec["evaluation"], c)
     if "active_learning" in data:  # absent: no key, so that specs without it stay as they were
         spec["active_learning"] = _active_learning(data["active_learning"], spec, c)
     if not c.problems:
@@ -379,6 +391,27 @@ def _system_details(system: dict[str, Any], path: tuple[Any, ...], c: _Checker) 
                 parameters[namelist], dict
             ):
                 c.add((*path, "parameters", namelist), "pw.x namelists CONTROL, SYSTEM, ELECTRONS (mappings)")
+
+
+def _evaluation(evaluation: dict[str, Any], c: _Checker) -> None:
+    options = evaluation.get("options") or {}
+    where = ("evaluation", "options")
+    resources = options.get("resources")
+    if resources is not None and not isinstance(resources, dict):
+        c.add((*where, "resources"), "must be a map, e.g. {num_machines: 1, num_mpiprocs_per_machine: 1}")
+    wall = options.get("max_wallclock_seconds")
+    if wall is not None and (isinstance(wall, bool) or not isinstance(wall, int) or wall < 1):
+        c.add((*where, "max_wallclock_seconds"), "must be a whole number of seconds, at least 1")
+    if "withmpi" in options and not isinstance(options["withmpi"], bool):
+        c.add((*where, "withmpi"), "must be true or false")
+    for key in ("queue_name", "account", "qos", "custom_scheduler_commands", "prepend_text"):
+        if key in options and not isinstance(options[key], str):
+            c.add((*where, key), "must be a string")
+
+
+def evaluation_options(spec: dict[str, Any]) -> dict[str, Any]:
+    """CalcJob options of the study's ``emlip.evaluate`` calculations: the defaults and the spec's."""
+    return {**EVALUATION_OPTIONS, **(spec.get("evaluation") or {}).get("options", {})}
 
 
 def _designs(value: Any, training: dict[str, Any], c: _Checker) -> dict[str, Any]:

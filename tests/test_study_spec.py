@@ -285,3 +285,30 @@ def test_design_with_induced_dipoles():
         parse_spec(bad, "b.yaml", resources=FakeResources())
     (problem,) = info.value.problems
     assert problem.path == "designs.soft" and "initial_polarizability" in problem.message
+
+
+def test_evaluation_options_reach_every_evaluate_job(pw_code, pp_code, eval_code, pseudo_family):
+    """evaluation.options (a partition, a walltime) are laid over the defaults of every emlip.evaluate:
+    the study's own and each validation's; bad values are reported with their path, absent means as before."""
+    from aiida_emlip.spec import EVALUATION_OPTIONS, evaluation_options
+    from aiida_emlip.workflows.study_registry import VALIDATIONS, Context
+
+    block = "evaluation: {options: {queue_name: short, max_wallclock_seconds: 600}}\n"
+    text = GOOD + block + "validations:\n  interface: {}\n  response: {}\n"
+    spec = parse_spec(text, "e.yaml")
+    wanted = {**EVALUATION_OPTIONS, "queue_name": "short", "max_wallclock_seconds": 600}
+    assert evaluation_options(spec) == wanted
+    plain = parse_spec(GOOD, "e.yaml", resources=FakeResources())
+    assert "evaluation" not in plain and evaluation_options(plain) == EVALUATION_OPTIONS
+    context = Context(spec=spec, models={}, codes={"pw": pw_code, "pp": pp_code, "eval": eval_code})
+    for name in ("interface", "response"):
+        builder = VALIDATIONS[name].build(spec["validations"][name], context)
+        assert builder.overrides.get_dict()["options"] == wanted, name
+    bad = GOOD + "evaluation: {options: {max_wallclock_seconds: -5, resources: 4, withmpi: maybe}}\n"
+    with pytest.raises(SpecError) as info:
+        parse_spec(bad, "e.yaml", resources=FakeResources())
+    assert {p.path for p in info.value.problems} == {
+        "evaluation.options.max_wallclock_seconds",
+        "evaluation.options.resources",
+        "evaluation.options.withmpi",
+    }

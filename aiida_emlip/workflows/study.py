@@ -29,7 +29,7 @@ from aiida.plugins import CalculationFactory
 
 from aiida_emlip.data import EmlipDatasetData
 from aiida_emlip.data.model import EmlipModelData
-from aiida_emlip.spec import design_config, dft_configuration_count, held_out_geometries
+from aiida_emlip.spec import design_config, dft_configuration_count, evaluation_options, held_out_geometries
 from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain
 from aiida_emlip.workflows.process_state import how_it_ended
 from aiida_emlip.workflows.study_active import HELD_OUT_PARAMETERS, ActiveLearningSteps
@@ -264,11 +264,7 @@ class EmlipStudyWorkChain(ActiveLearningSteps, WorkChain):
         builder.model = model
         builder.dataset = dataset
         builder.parameters = orm.Dict(parameters)
-        builder.metadata.options = {
-            "resources": {"num_machines": 1},
-            "max_wallclock_seconds": 3600,
-            "withmpi": False,
-        }
+        builder.metadata.options = evaluation_options(self.ctx.spec)
         return builder
 
     def run_training(self):

@@ -89,6 +89,13 @@ def _defect_cost(options: dict[str, Any]) -> int:
     return len(charges) + 2  # pristine, one vacancy cell per charge state, the band-edge run
 
 
+def _evaluation_overrides(context: Context) -> dict[str, Any]:
+    """The spec's ``evaluation.options`` as protocol overrides of a validation's ``emlip.evaluate`` jobs."""
+    from aiida_emlip.spec import evaluation_options
+
+    return {"options": evaluation_options(context.spec)} if "evaluation" in context.spec else {}
+
+
 def _defect_build(options: dict[str, Any], context: Context) -> Any:
     from aiida import orm
 
@@ -103,6 +110,7 @@ def _defect_build(options: dict[str, Any], context: Context) -> Any:
         [int(q) for q in options["charge_states"]],
         context.spec["pseudo_family"],
         protocol=options["protocol"],
+        overrides=_evaluation_overrides(context) or None,
         dft_overrides=dft.get("overrides") if overrides is None else overrides,
         models=dict(context.models),
         eval_code=context.codes["eval"],
@@ -221,6 +229,7 @@ def _interface_build(options: dict[str, Any], context: Context) -> Any:
     dft = context.spec["dft"]
     overrides = {"fields": list(options["fields"]), "charges": list(options["charges"])}
     overrides["interface"] = {k: options[k] for k in INTERFACE_KEYWORDS if k in options}
+    overrides.update(_evaluation_overrides(context))
     dft_overrides = options.get("dft_overrides")
     return EmlipInterfaceWorkChain.get_builder_from_protocol(
         context.codes["pw"],
@@ -353,7 +362,8 @@ def _response_build(options: dict[str, Any], context: Context) -> Any:
         context.codes["pw"],
         context.spec["pseudo_family"],
         protocol=options["protocol"],
-        overrides={"probes": list(options["probes"])},  # from the protocol: μ-less heads are skipped
+        # probes from the protocol: μ-less heads are skipped
+        overrides={"probes": list(options["probes"]), **_evaluation_overrides(context)},
         dft_overrides=dft.get("overrides") if dft_overrides is None else dft_overrides,
         models=dict(context.models),
         eval_code=context.codes["eval"],

@@ -157,13 +157,18 @@ class EmlipLabelWorkChain(WorkChain):
             "is an MPI code).",
         )
         spec.inputs.validator = validate_inputs
+        # Without post-processing, inspect_pw is the last step and runs in the same step as the test
+        # that chose it: every step is a state change (a checkpoint and several database writes), and a
+        # step that only finds a condition false costs as much as one that does something.
         spec.outline(
             cls.run_pw,
-            cls.inspect_pw,
-            if_(cls.should_run_potential)(cls.run_potential, cls.inspect_potential),
-            if_(cls.should_run_hirshfeld)(cls.run_density, cls.inspect_density),
-            if_(cls.should_run_lowdin)(cls.run_projwfc, cls.inspect_projwfc),
-            cls.results,
+            if_(cls.should_postprocess)(
+                cls.inspect_pw,
+                if_(cls.should_run_potential)(cls.run_potential, cls.inspect_potential),
+                if_(cls.should_run_hirshfeld)(cls.run_density, cls.inspect_density),
+                if_(cls.should_run_lowdin)(cls.run_projwfc, cls.inspect_projwfc),
+                cls.results,
+            ).else_(cls.inspect_pw),
         )
         spec.expose_outputs(PwBaseWorkChain, namespace="pw", namespace_options={"required": False})
         spec.output(
@@ -226,7 +231,9 @@ class EmlipLabelWorkChain(WorkChain):
         """Submit the ``PwBaseWorkChain``; it cleans its folder itself unless post-processing reads it."""
         self.ctx.failed = []
         inputs = AttributeDict(self.exposed_inputs(PwBaseWorkChain, namespace="pw"))
-        inputs.clean_workdir = orm.Bool(self.inputs.clean_workdir.value and not self._reads_pw_folder())
+        clean = self.inputs.clean_workdir
+        # the same node when its value holds for pw.x's folder too (no post-processing reads it)
+        inputs.clean_workdir = orm.Bool(False) if clean.value and self._reads_pw_folder() else clean
         inputs.metadata.call_link_label = "pw"
         return ToContext(pw=self.submit(PwBaseWorkChain, **inputs))
 
@@ -237,6 +244,10 @@ class EmlipLabelWorkChain(WorkChain):
             return self.exit_codes.ERROR_PW_FAILED.format(message=how_it_ended(node))
         self.out_many(self.exposed_outputs(node, PwBaseWorkChain, namespace="pw"))
         return None
+
+    def should_postprocess(self) -> bool:
+        """Whether any post-processing step is asked for."""
+        return self._reads_pw_folder()
 
     def should_run_potential(self) -> bool:
         """Whether the electrostatic potential is wanted (slab vacuum level, planar potentials)."""

@@ -11,7 +11,9 @@ and local Thomas–Fermi mixing (``ANION_DFT``); the delocalised state then hold
 contact), and an F⁻ cell takes 22–67 SCF iterations, some a restart, several times a Li⁺ cell.
 
 1. ``label``: pw.x energies, forces and Hirshfeld charges through :class:`EmlipDatasetWorkChain` in the
-   project profile (``aiida-emlip setup`` first); the dataset is exported to ``bench/data``.
+   project profile (``aiida-emlip setup`` first); the dataset is exported to ``bench/data``
+   (committed: ``long_range.xyz``, two orientations per separation, and ``long_range_more.xyz``, a
+   third; ``train`` and ``report`` read both unless ``--data`` names others).
 2. ``train``: every design (the named presets, same backbone, epochs and seed) on the same random 80 %
    (a tenth of it for validation); each run lands in ``--workdir/<design>``.
 3. ``report``: on the held-out 20 %: energy RMSE of configurations beyond the cutoff as a ratio to
@@ -37,6 +39,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data" / "long_range.xyz"
+#: A third random orientation of every separation of both default systems (labelled the same way).
+MORE = HERE / "data" / "long_range_more.xyz"
 DFT = {
     "ecutwfc": 25.0,
     "ecutrho": 200.0,
@@ -405,7 +409,7 @@ def main(argv: list[str] | None = None) -> None:
         "--data",
         type=Path,
         nargs="+",
-        default=[DATA],
+        default=[DATA, MORE],
         help="labelled cells (extxyz); train and report take several files together, label writes one",
     )
     parser.add_argument("--quick", action="store_true", help="a few configurations only (a smoke test)")
@@ -451,6 +455,8 @@ def main(argv: list[str] | None = None) -> None:
 
     designs = args.designs or list(PRESETS)
     if args.stage in ("label", "all"):
+        if args.data == [DATA, MORE]:
+            args.data = [DATA]  # a new labelling replaces the first file (--append adds to it)
         if len(args.data) != 1:
             parser.error("label writes one --data file")
         label(

@@ -267,3 +267,36 @@ def test_committed_fluoride_cells():
         assert -1.0 < fluorine < -0.55 and -0.4 < water < 0.0
         if separation(atoms) > 4.0:
             assert -0.19 < water < -0.14
+
+
+def test_committed_third_orientation_cells():
+    """The benchmark's second file (a third random orientation of every separation of Li⁺ + H₂O and
+    the water pair): 12 separations per system from contact to 9 Å, keys after the first file's,
+    Hirshfeld charges that sum to the total charge, Li⁺ whole beyond 6 Å and below +0.8 e at contact
+    (charge transfer into the water), the water pair neutral fragment by fragment beyond 4 Å."""
+    from pathlib import Path
+
+    from aiida_emlip.extxyz import text_to_frames
+
+    folder = Path(__file__).resolve().parents[1] / "bench" / "data"
+    first = text_to_frames((folder / "long_range.xyz").read_text())
+    frames = text_to_frames((folder / "long_range_more.xyz").read_text())
+    assert len(frames) == 24
+    keys = [atoms.info["key"] for atoms in first + frames]
+    assert len(set(keys)) == len(keys)
+    for system, charge in (("Li", 1.0), ("H2O", 0.0)):
+        cells = [a for a in frames if a.info[schema.TOTAL_CHARGE] == charge]
+        assert len(cells) == 12, system
+        separations = sorted(separation(atoms) for atoms in cells)
+        assert separations[0] < 2.0 and separations[-1] > 8.5 and sum(4.0 < s < 6.0 for s in separations) >= 3
+        for atoms in cells:
+            assert np.isfinite(atoms.info[schema.ENERGY]) and np.isfinite(atoms.arrays[schema.FORCES]).all()
+            charges = atoms.arrays[schema.CHARGES]
+            assert charges.sum() == pytest.approx(charge, abs=1e-3)
+            head, _ = fragment_charges(atoms, charges)
+            if system == "Li" and separation(atoms) > 6.0:
+                assert head == pytest.approx(1.0, abs=0.005)
+            if system == "Li" and separation(atoms) < 2.0:
+                assert head < 0.8
+            if system == "H2O" and separation(atoms) > 4.0:
+                assert abs(head) < 0.005

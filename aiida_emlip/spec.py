@@ -647,9 +647,13 @@ def design_capabilities(design: dict[str, Any], training: dict[str, Any]) -> fro
 
 
 def _parse_train_config(config: dict[str, Any]) -> None:
+    from aiida_emlip.calculations.train import split_path_problem
     from aiida_emlip.models.model import model_capabilities
     from aiida_emlip.training.config import parse_config
 
+    problem = split_path_problem(config)  # the study holds out its own structures; no remote paths
+    if problem:
+        raise ValueError(problem.removeprefix("config: "))
     values = copy.deepcopy(config)
     values.setdefault("data", {})["train"] = "train.xyz"
     values["output_dir"] = "."

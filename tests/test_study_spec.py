@@ -312,3 +312,23 @@ def test_evaluation_options_reach_every_evaluate_job(pw_code, pp_code, eval_code
         "evaluation.options.resources",
         "evaluation.options.withmpi",
     }
+
+
+def test_design_config_with_a_valid_or_test_path_is_refused():
+    """A design's full config may not name data.valid / data.test files (read on the remote computer,
+    outside the provenance; the study holds out its own structures)."""
+    import json
+
+    from aiida_emlip.training.presets import preset_config
+
+    config = preset_config("sr", labels=(), epochs=2)
+    for role in ("valid", "test"):
+        config["data"] = {role: "/scratch/mine.xyz"}
+        bad = GOOD.replace(
+            "designs: [sr, charges]\n", f"designs:\n  mine:\n    config: {json.dumps(config)}\n"
+        )
+        with pytest.raises(SpecError) as info:
+            parse_spec(bad, "tiny.yaml", resources=FakeResources())
+        assert [p.path for p in info.value.problems] == ["designs.mine.config"]
+        assert f"'data.{role}' ('/scratch/mine.xyz') is a path" in info.value.format()
+        assert f"{role}_set" in info.value.format()

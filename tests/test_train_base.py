@@ -241,8 +241,15 @@ def test_training_workchain_runs_each_design_through_the_restart_workchain(train
     from aiida_emlip.data.dataset import EmlipDatasetData
     from aiida_emlip.workflows.training import EmlipTrainingWorkChain
 
+    """Each design is one EmlipTrainBaseWorkChain; the valid_set and test_set given to the training
+    workchain reach each design's calculation (its metrics count their structures)."""
+    from ase.io import read
+
+    frames = read(DATA, index=":")
     builder = EmlipTrainingWorkChain.get_builder()
-    builder.training_set = EmlipDatasetData.from_extxyz(DATA)
+    builder.training_set = EmlipDatasetData.from_ase(frames[:14])
+    builder.valid_set = EmlipDatasetData.from_ase(frames[14:17])
+    builder.test_set = EmlipDatasetData.from_ase(frames[17:])
     builder.train_code = train_code
     builder.designs = Dict({"charges": _config()})
     results, node = run_get_node(builder)
@@ -252,6 +259,24 @@ def test_training_workchain_runs_each_design_through_the_restart_workchain(train
     (child,) = [n for n in node.called if n.process_label == "EmlipTrainBaseWorkChain"]
     assert [c.process_label for c in child.called] == ["EmlipTrainCalculation"]
     assert results["models"]["charges"].uuid == child.outputs.model.uuid
+    (calc,) = child.called
+    assert calc.inputs.valid_set.uuid == builder.valid_set.uuid
+    assert calc.inputs.test_set.uuid == builder.test_set.uuid
+    assert results["metrics"]["charges"]["sizes"] == {"train": 14, "valid": 3, "test": 5}
+
+
+def test_training_workchain_refuses_valid_and_test_paths(train_code):
+    """A design whose data.valid or data.test is a path: refused by the designs port (before any DFT
+    or training), naming the input to use instead."""
+    from aiida.orm import Dict
+
+    from aiida_emlip.workflows.training import EmlipTrainingWorkChain
+
+    builder = EmlipTrainingWorkChain.get_builder()
+    for role in ("valid", "test"):
+        config = _config(data={**CONFIG["data"], role: "/scratch/held_out.xyz"})
+        with pytest.raises(ValueError, match=rf"designs.charges: config: 'data.{role}' .* {role}_set"):
+            builder.designs = Dict({"charges": config})
 
 
 # ------------------------------------------------------------------ handlers by fault injection

@@ -235,3 +235,101 @@ def test_train_calculation_with_two_processes(train_code):
     assert node.base.caching.get_objects_to_hash()["attributes"]["nproc_per_node"] == 2
     stderr = node.outputs.retrieved.base.repository.get_object_content("stderr")
     assert "emlip-train: 2 processes: torchrun --standalone --nproc_per_node 2" in stderr
+
+
+def _subset(indices):
+    """An ``emlip.dataset`` of the configurations ``indices`` of tiny.xyz (a new node each time)."""
+    from ase.io import read
+
+    from aiida_emlip.data.dataset import EmlipDatasetData
+
+    frames = read(DATA, index=":")
+    return EmlipDatasetData.from_ase([frames[i] for i in indices])
+
+
+#: tiny.xyz split by hand: one structure of each kind in validation and in test, the rest to train on.
+VALID, TEST = [5, 9, 13, 18], [4, 8, 12, 20]
+TRAIN = [i for i in range(22) if i not in VALID + TEST]
+
+
+def _energy_rmse_per_atom(model, dataset) -> float:
+    """The RMSE (eV/atom) of ``model``'s energies on the structures of ``dataset``."""
+    import numpy as np
+
+    from aiida_emlip.analysis.long_range import predict_frames
+
+    frames = dataset.to_ase()
+    predicted = predict_frames(model, frames)
+    errors = [(p.info["energy"] - f.info["energy"]) / len(f) for p, f in zip(predicted, frames, strict=True)]
+    return float(np.sqrt(np.mean(np.square(errors))))
+
+
+def test_valid_and_test_sets_are_input_nodes(train_code):
+    """valid_set and test_set (emlip.dataset nodes) are written into the job folder like the training
+    data: the metrics count their structures and the test errors are those of the model on the test
+    set's structures. They are part of the hash: another test set is a new run, the same one is reused.
+    The model file and the checkpoint are retrieved into the temporary folder only: stored once, as the
+    model and checkpoint nodes, not also in retrieved."""
+    from aiida.engine import run_get_node
+    from aiida.manage.caching import enable_caching
+
+    from aiida_emlip.data.model import EmlipModelData
+
+    config = {**CONFIG, "checkpoint": {"every": 1}}
+    builder = _builder(train_code, config)
+    builder.dataset = _subset(TRAIN)
+    builder.valid_set = _subset(VALID)
+    builder.test_set = _subset(TEST)
+    results, node = run_get_node(builder)
+    assert node.is_finished_ok, node.exit_message
+    metrics = results["metrics"].get_dict()
+    assert metrics["sizes"] == {"train": len(TRAIN), "valid": len(VALID), "test": len(TEST)}
+    assert metrics["test"]["energy"]["all"]["count"] == len(TEST)
+    expected = _energy_rmse_per_atom(results["model"].load(), builder.test_set)
+    assert metrics["test"]["energy"]["all"]["rmse"] == pytest.approx(expected, rel=1e-4)
+    # not the errors on the training or validation structures
+    for other in (builder.dataset, builder.valid_set):
+        assert _energy_rmse_per_atom(results["model"].load(), other) != pytest.approx(expected, rel=1e-2)
+    job_config = node.outputs.retrieved.get_object_content("train.log")
+    assert "14 train, 4 valid, 4 test structures" in job_config
+    # the model and the checkpoint are nodes, not also files of retrieved
+    assert isinstance(results["model"], EmlipModelData) and "checkpoint" in results
+    kept = set(node.outputs.retrieved.list_object_names())
+    assert {"model.safetensors", "checkpoint.pt"}.isdisjoint(kept), kept
+    assert {"metrics.json", "train.log", "exit_status", "stderr"} <= kept
+
+    with enable_caching(identifier="aiida.calculations:emlip.train"):
+        same = _builder(train_code, config)
+        same.dataset, same.valid_set, same.test_set = _subset(TRAIN), _subset(VALID), _subset(TEST)
+        _, reused = run_get_node(same)
+        assert reused.base.caching.get_cache_source() == node.uuid
+        other = _builder(train_code, config)
+        other.dataset, other.valid_set, other.test_set = _subset(TRAIN), _subset(VALID), _subset(TEST[:3])
+        results, fresh = run_get_node(other)
+        assert fresh.is_finished_ok and fresh.base.caching.get_cache_source() is None
+        assert results["metrics"]["sizes"]["test"] == 3
+
+
+@pytest.mark.parametrize("role", ["valid", "test"])
+def test_valid_and_test_paths_are_refused(train_code, role):
+    """data.valid / data.test given as a path (read on the remote, outside the provenance): refused when
+    the builder is filled, with the input to use instead; the fractions stay accepted."""
+    config = {**CONFIG, "data": {**CONFIG["data"], role: "/data/split.xyz"}}
+    with pytest.raises(ValueError, match=rf"'data.{role}' \('/data/split.xyz'\) is a path .* {role}_set"):
+        _builder(train_code, config)
+    _builder(train_code, {**CONFIG, "data": {**CONFIG["data"], f"{role}_fraction": 0.3}})
+
+
+def test_empty_valid_or_test_set_is_refused_before_submission(train_code):
+    from aiida.engine import run_get_node
+
+    from aiida_emlip.data.dataset import EmlipDatasetData
+
+    for port in ("valid_set", "test_set"):
+        builder = _builder(train_code, CONFIG)
+        builder[port] = EmlipDatasetData.from_ase([])
+        with pytest.raises(ValueError, match=rf"{port}: an unstored emlip.dataset holds no configurations"):
+            run_get_node(builder)
+        builder[port].store()
+        with pytest.raises(ValueError, match=rf"{port}: emlip.dataset<\d+> holds no configurations"):
+            run_get_node(builder)

@@ -2,8 +2,10 @@
 
 Each folder holds what a job retrieves (``exit_status``, ``stderr``, the results, a checkpoint): the
 exit code, the message (emlip-train's own reason where it gave one) and the outputs attached are
-checked without running a job. (A job killed before emlip-train wrote its status keeps the scheduler's
-verdict: ``test_train_base.py::test_parser_keeps_the_scheduler_verdict_without_an_exit_status``.)
+checked without running a job. The model file and the checkpoint come as a job leaves them: in the
+temporary retrieved folder (``retrieve_temporary_list``), not in ``retrieved``. (A job killed before
+emlip-train wrote its status keeps the scheduler's verdict:
+``test_train_base.py::test_parser_keeps_the_scheduler_verdict_without_an_exit_status``.)
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ def model_bytes(tmp_path_factory) -> bytes:
     return save_model(tiny_model(HEAD_CONFIGS["sr"]), path).read_bytes()
 
 
-def _parse(files: dict[str, bytes | str]):
-    """Run the parser on a calculation node whose retrieved folder holds ``files``."""
+def _parse(files: dict[str, bytes | str], temporary=None):
+    """Run the parser on a calculation node whose retrieved folder holds ``files``, and with the folder
+    ``temporary`` (if given) as the temporary retrieved folder."""
     from aiida import orm
     from aiida.common.links import LinkType
 
@@ -43,8 +46,25 @@ def _parse(files: dict[str, bytes | str]):
         retrieved.base.repository.put_object_from_bytes(data, name)
     retrieved.base.links.add_incoming(node, LinkType.CREATE, "retrieved")
     retrieved.store()
-    results, calcfunction = EmlipTrainParser.parse_from_node(node, store_provenance=False)
+    results, calcfunction = EmlipTrainParser.parse_from_node(
+        node, store_provenance=False, retrieved_temporary_folder=None if temporary is None else str(temporary)
+    )
     return results, calcfunction.exit_status, calcfunction.exit_message
+
+
+def _job_folders(files: dict[str, bytes | str], temporary):
+    """``files`` split as a job retrieves them: the model and checkpoint into the folder ``temporary``
+    (``retrieve_temporary_list``), the rest as the ``retrieved`` folder's files (returned)."""
+    from aiida_emlip.calculations.train import NODE_FILES
+
+    temporary.mkdir(exist_ok=True)
+    kept = {}
+    for name, content in files.items():
+        if name in NODE_FILES:
+            (temporary / name).write_bytes(content.encode() if isinstance(content, str) else content)
+        else:
+            kept[name] = content
+    return kept
 
 
 def _stderr(line: str) -> str:
@@ -107,7 +127,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_every_exit_code_from_an_output_folder(train_code, model_bytes, case):  # train_code: localhost
+def test_every_exit_code_from_an_output_folder(train_code, model_bytes, case, tmp_path):  # localhost
     status, error, present, exit_code, message, attached = CASES[case]
     flipped = bytearray(model_bytes)
     flipped[-100] ^= 1
@@ -124,7 +144,8 @@ def test_every_exit_code_from_an_output_folder(train_code, model_bytes, case):  
         files["exit_status"] = f"{status}\n"
     if error is not None:
         files["stderr"] = _stderr(error)
-    results, exit_status, exit_message = _parse(files)
+    temporary = tmp_path / "temporary"
+    results, exit_status, exit_message = _parse(_job_folders(files, temporary), temporary)
     assert exit_status == exit_code, exit_message
     if message is not None:
         assert message in exit_message
@@ -136,3 +157,28 @@ def test_every_exit_code_from_an_output_folder(train_code, model_bytes, case):  
         assert results["metrics"]["test"]["energy"]["all"]["rmse"] is None  # NaN stored as None
     if "checkpoint" in results:
         assert results["checkpoint"].get_content(mode="rb") == CHECKPOINT
+
+
+def test_model_and_checkpoint_of_an_older_node_are_read_from_retrieved(train_code, model_bytes):
+    """A node of an older version kept the model file and the checkpoint in ``retrieved`` (and parsing it
+    again has no temporary folder): they are read from there."""
+    files = {
+        "model.safetensors": model_bytes,
+        "checkpoint.pt": CHECKPOINT,
+        "metrics.json": METRICS,
+        "exit_status": "0\n",
+        "stdout": "",
+    }
+    results, exit_status, exit_message = _parse(files)
+    assert exit_status == 0, exit_message
+    assert set(results) == {"model", "metrics", "checkpoint"}
+    assert results["model"].head_name == "sr" and results["checkpoint"].get_content(mode="rb") == CHECKPOINT
+
+
+def test_temporary_folder_comes_first(train_code, model_bytes, tmp_path):
+    """With both (a file left in ``retrieved`` as well), the file of the temporary folder is stored."""
+    (tmp_path / "checkpoint.pt").write_bytes(b"the job's checkpoint")
+    files = {"checkpoint.pt": b"stale", "exit_status": "4\n", "stdout": ""}
+    results, exit_status, _ = _parse(files, tmp_path)
+    assert exit_status == 330
+    assert results["checkpoint"].get_content(mode="rb") == b"the job's checkpoint"

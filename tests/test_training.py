@@ -327,27 +327,51 @@ def test_eval_rejects_pickle(tmp_path, capsys):
 # ------------------------------------------------------------------- self-consistent heads
 
 
+#: Teacher–student: test-split RMSE of the trained student against the teacher, as a fraction of the
+#: untrained student's (same seed, no epoch), after direct 10 → unrolled 5 → implicit 3 epochs on a
+#: teacher whose head parameters carry noise of width 0.5. Measured (charges, energy): scf 0.22, 0.13;
+#: functional 0.47, 0.19; qeq 0.96, 0.14 (qeq's charges are not recovered in 18 epochs: no charge
+#: bound for it). A recipe whose gradients do not reach the head, or that trains on other labels,
+#: stays near 1.
+TEACHER_STUDENT_BOUNDS = {"scf": (0.4, 0.3), "functional": (0.7, 0.35), "qeq": (None, 0.35)}
+
+
 @pytest.mark.parametrize(
     "head", [pytest.param(h, marks=pytest.mark.slow) if h != "scf" else h for h in SELF_CONSISTENT]
 )
 def test_self_consistent_modes_teacher_student(tmp_path, head):
-    """direct → unrolled → implicit on labels of a known teacher; drift from the trained density reported."""
+    """direct → unrolled → implicit on labels of a known teacher: the student recovers the teacher's
+    charges and energies (errors against the teacher well below the untrained student's); drift from
+    the trained density reported."""
     _needs_head(head)
     from training_helpers import teacher_dataset
 
-    data = teacher_dataset(tmp_path, head)
+    data = teacher_dataset(tmp_path, head, perturb=0.5)
     stages = [
-        {"name": "direct", "epochs": 2, "scf_mode": "direct"},
-        {"name": "unrolled", "epochs": 2, "scf_mode": "unrolled"},
-        {"name": "implicit", "epochs": 1, "scf_mode": "implicit"},
+        {"name": "direct", "epochs": 10, "scf_mode": "direct"},
+        {"name": "unrolled", "epochs": 5, "scf_mode": "unrolled"},
+        {"name": "implicit", "epochs": 3, "scf_mode": "implicit"},
     ]
-    values = config_dict(tmp_path, head, stages=stages)
-    values["data"]["train"] = str(data)
-    values["loss"] = {"energy": 10.0, "forces": 1.0, "charges": 10.0}
-    metrics = Trainer(parse_config(values)).run()
+
+    def run(stages, name):
+        values = config_dict(tmp_path, head, stages=stages, output_dir=str(tmp_path / name))
+        values["data"].update(train=str(data), valid_fraction=0.2, test_fraction=0.2)
+        values["loss"] = {"energy": 10.0, "forces": 1.0, "charges": 10.0}
+        return Trainer(parse_config(values)).run()
+
+    untrained = run([{"name": "none", "epochs": 0, "scf_mode": "direct"}], "untrained")
+    metrics = run(stages, "run")
     rows = metrics["history"]
-    assert [r["scf_mode"] for r in rows] == ["direct"] * 2 + ["unrolled"] * 2 + ["implicit"]
-    assert rows[1]["valid_loss"] < rows[0]["valid_loss"]
+    assert [r["scf_mode"] for r in rows] == ["direct"] * 10 + ["unrolled"] * 5 + ["implicit"] * 3
+    assert rows[-1]["valid_loss"] < rows[0]["valid_loss"]
+    assert metrics["sizes"]["test"] == untrained["sizes"]["test"] == 4  # the same split (seed 0)
+    charge_bound, energy_bound = TEACHER_STUDENT_BOUNDS[head]
+    before, after = untrained["test"], metrics["test"]  # errors against the teacher's labels
+    energy = after["energy"]["all"]["rmse"] / before["energy"]["all"]["rmse"]
+    assert energy < energy_bound, (after["energy"]["all"], before["energy"]["all"])
+    if charge_bound is not None:
+        charges = after["charges"]["all"]["rmse"] / before["charges"]["all"]["rmse"]
+        assert charges < charge_bound, (after["charges"]["all"], before["charges"]["all"])
     drift = metrics["scf"]["drift"]
     assert drift is not None and drift["trained_mode"] == "implicit"
     assert 0.0 <= drift["converged_fraction"] <= 1.0 and "charges_rms_drift" in drift

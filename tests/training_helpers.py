@@ -83,11 +83,14 @@ def write_config(tmp_path: Path, values: dict[str, Any], name: str = "config.yam
     return path
 
 
-def teacher_dataset(tmp_path: Path, head: str, seed: int = 1) -> Path:
+def teacher_dataset(tmp_path: Path, head: str, seed: int = 1, perturb: float = 0.0) -> Path:
     """Label the tiny structures with a random tiny model of ``head`` (teacher–student, decision 11).
 
     The teacher converges from the local guess; its charges and Fermi level become the reference
-    multipoles (``ref_charges``, ``fermi_level``) that ``direct`` training needs.
+    multipoles (``ref_charges``, ``fermi_level``) that ``direct`` training needs. ``perturb`` adds
+    Gaussian noise of that width to every parameter of the teacher's head: a freshly initialised
+    student then starts far from the teacher's charges (without it, the two heads' charges agree to a
+    few 0.01 e before any training, so matching them proves nothing).
     """
     import ase.io
     import torch
@@ -100,6 +103,11 @@ def teacher_dataset(tmp_path: Path, head: str, seed: int = 1) -> Path:
     teacher = EmlipModel(
         ModelConfig(elements=["H", "O", "Na", "Cl"], head=dict(HEADS[head]), backbone=BACKBONE)
     )
+    if perturb:
+        with torch.no_grad():
+            for name, parameter in teacher.named_parameters():
+                if name.startswith("head."):
+                    parameter.add_(perturb * torch.randn_like(parameter))
     frames = ase.io.read(DATA, ":")
     labelled = []
     for atoms in frames:

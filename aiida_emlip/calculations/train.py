@@ -20,53 +20,89 @@ from aiida_emlip.data.dataset import EmlipDatasetData
 from aiida_emlip.data.model import EmlipModelData
 
 TRAIN_FILE = "train.xyz"
+#: Where the inputs ``valid_set`` and ``test_set`` lie in the job folder (``data.valid``, ``data.test``).
+SPLIT_FILES = {"valid": "valid.xyz", "test": "test.xyz"}
+#: Input port of the dataset node of each split given as a node.
+SPLIT_PORTS = {"valid": "valid_set", "test": "test_set"}
 CONFIG_FILE = "config.yaml"
 STATUS_FILE = "exit_status"
 CHECKPOINT_FILE = "checkpoint.pt"
 #: Where the initial model of a warm start (input ``initial_model``) lies in the job folder.
 INIT_FILE = "initial_model.safetensors"
-OUTPUT_FILES = ("model.safetensors", "metrics.json", "learning_curve.csv", "test_errors.txt", "train.log")
+MODEL_FILE = "model.safetensors"
+OUTPUT_FILES = ("metrics.json", "learning_curve.csv", "test_errors.txt", "train.log")
+#: Files that become nodes (``model``, ``checkpoint``): retrieved into a temporary folder only, which the
+#: parser reads and AiiDA deletes after parsing, so their bytes are stored once (in the output node),
+#: not again in the ``retrieved`` folder.
+NODE_FILES = (MODEL_FILE, CHECKPOINT_FILE)
 #: Keys the calculation sets itself; a user's config may not set them.
 RESERVED = {("data", "train"), ("output_dir",), ("checkpoint", "file"), ("init_from",)}
 
 
-def job_config(config: dict[str, Any], initial_model: bool = False) -> dict[str, Any]:
+def job_config(
+    config: dict[str, Any], initial_model: bool = False, splits: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """The YAML the job runs: the user's config with the data path and output folder filled in (and
-    ``init_from`` when the job starts from an initial model)."""
+    ``init_from`` when the job starts from an initial model, ``data.valid`` / ``data.test`` for the
+    ``splits`` given as dataset nodes)."""
     values = copy.deepcopy(config)
     values.setdefault("data", {})["train"] = TRAIN_FILE
+    for role in splits:
+        values["data"][role] = SPLIT_FILES[role]
     values["output_dir"] = "."
     if initial_model:
         values["init_from"] = INIT_FILE
     return values
 
 
+def split_path_problem(values: dict[str, Any]) -> str | None:
+    """``data.valid`` or ``data.test`` given as a path: refused (``None``: neither is). A path would be
+    read on the computer that runs the job, outside the provenance graph; the structures come as the
+    inputs ``valid_set`` / ``test_set`` (``emlip.dataset`` nodes) instead. ``valid_fraction`` and
+    ``test_fraction`` stay as they are."""
+    data = values.get("data")
+    if not isinstance(data, dict):
+        return None
+    for role, port in SPLIT_PORTS.items():
+        if data.get(role) is not None:
+            return (
+                f"config: 'data.{role}' ({data[role]!r}) is a path that would be read on the remote "
+                f"computer, outside the provenance: pass the structures as the input {port} (an "
+                f"emlip.dataset node) instead, or split them from the training data with data.{role}_fraction"
+            )
+    return None
+
+
 def check_job(
-    config: dict[str, Any], dataset: EmlipDatasetData, initial_model: EmlipModelData | None = None
+    config: dict[str, Any],
+    dataset: EmlipDatasetData,
+    initial_model: EmlipModelData | None = None,
+    valid_set: EmlipDatasetData | None = None,
+    test_set: EmlipDatasetData | None = None,
 ) -> str:
     """What ``emlip-train --check`` says of this job: the trainer is built on the CPU, nothing trained.
 
     Raises the :class:`~aiida_emlip.training.errors.TrainingError` that the job would stop with
-    before its first step (bad configuration, head or backbone options, labels, elements; with
-    ``initial_model``, an architecture or elements that differ from the model's). A ``data.valid`` or
-    ``data.test`` file that is not readable here (a path on the remote computer) is left out of the
-    check.
+    before its first step (bad configuration, head or backbone options, labels, elements, of the
+    training data and of ``valid_set`` / ``test_set`` when given; with ``initial_model``, an
+    architecture or elements that differ from the model's).
     """
     from aiida_emlip.training.config import parse_config
     from aiida_emlip.training.session import check
 
+    splits = {role: node for role, node in (("valid", valid_set), ("test", test_set)) if node is not None}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / TRAIN_FILE
         path.write_text(dataset.get_text())
-        values = job_config(config, initial_model is not None)
+        values = job_config(config, initial_model is not None, tuple(splits))
         values["data"]["train"] = str(path)
+        for role, node in splits.items():
+            split_path = Path(tmp) / SPLIT_FILES[role]
+            split_path.write_text(node.get_text())
+            values["data"][role] = str(split_path)
         values["output_dir"] = tmp
         if initial_model is not None:
             values["init_from"] = str(initial_model.export(Path(tmp) / INIT_FILE))
-        for role in ("valid", "test"):
-            given = values["data"].get(role)
-            if isinstance(given, str) and given and not Path(given).is_file():
-                del values["data"][role]
         return check(parse_config(values), device="cpu")
 
 
@@ -77,6 +113,11 @@ def validate_nproc_per_node(value: Any, _) -> str | None:
     return None if value is None else check_nproc_per_node(value)
 
 
+def dataset_name(dataset: EmlipDatasetData) -> str:
+    """``emlip.dataset<PK>``, or ``an unstored emlip.dataset`` before the node is stored."""
+    return f"emlip.dataset<{dataset.pk}>" if dataset.is_stored else "an unstored emlip.dataset"
+
+
 def dataset_problem(config: dict[str, Any], dataset: EmlipDatasetData) -> str | None:
     """What the node's attributes already say against training on ``dataset`` (no file is read): no
     configurations, or a label the loss weights that no configuration has."""
@@ -84,7 +125,7 @@ def dataset_problem(config: dict[str, Any], dataset: EmlipDatasetData) -> str | 
     from aiida_emlip.training.errors import ConfigError
 
     if dataset.n_configurations == 0:
-        return f"dataset: emlip.dataset<{dataset.pk}> holds no configurations"
+        return f"dataset: {dataset_name(dataset)} holds no configurations"
     try:
         parsed = parse_config(job_config(config))
     except ConfigError:
@@ -95,7 +136,7 @@ def dataset_problem(config: dict[str, Any], dataset: EmlipDatasetData) -> str | 
     missing = [key for key in required_labels(parsed) if mapped.get(key, key) == key and key not in present]
     if missing:
         return (
-            f"dataset: the loss weights {missing} but no configuration of emlip.dataset<{dataset.pk}> has "
+            f"dataset: the loss weights {missing} but no configuration of {dataset_name(dataset)} has "
             f"{'that label' if len(missing) == 1 else 'these labels'} (it has {sorted(present)}); set "
             f"{'its weight' if len(missing) == 1 else 'their weights'} to 0 or label the data"
         )
@@ -113,6 +154,10 @@ def validate_inputs(inputs: dict[str, Any], ctx) -> str | None:
         problem = dataset_problem(config.get_dict(), dataset)
         if problem:
             return problem
+    for port in SPLIT_PORTS.values():
+        node = inputs.get(port)
+        if isinstance(node, EmlipDatasetData) and node.n_configurations == 0:
+            return f"{port}: {dataset_name(node)} holds no configurations"
     options = inputs.get("metadata", {}).get("options", {})
     nproc = options.get("nproc_per_node")
     machines = (options.get("resources") or {}).get("num_machines", 1)
@@ -142,6 +187,9 @@ def config_problem(values: dict[str, Any]) -> str | None:
             node = node.get(key, {}) if isinstance(node, dict) else {}
         if isinstance(node, dict) and path[-1] in node:
             return f"config: '{'.'.join(path)}' is set by the calculation and must not be given"
+    problem = split_path_problem(values)
+    if problem:
+        return problem
     try:
         parse_config(job_config(values))
         model = values.get("model") or {}
@@ -160,8 +208,12 @@ class EmlipTrainCalculation(CalcJob):
     """Train one model with ``emlip-train`` from an ``emlip.dataset`` node and a config ``Dict``.
 
     The config is the YAML schema of ``emlip-train`` (docs/training.md) without ``data.train``,
-    ``output_dir`` and ``checkpoint.file``, which the calculation sets. Outputs: ``model``
-    (``emlip.model``), ``metrics`` and, whenever one was written, ``checkpoint``. With a
+    ``output_dir`` and ``checkpoint.file``, which the calculation sets, and without paths in
+    ``data.valid`` / ``data.test``: separate validation and test structures come as the inputs
+    ``valid_set`` / ``test_set`` (``emlip.dataset`` nodes, written into the job folder like the
+    training data). Outputs: ``model`` (``emlip.model``), ``metrics`` and, whenever one was written,
+    ``checkpoint``; the model file and the checkpoint are retrieved into a temporary folder only (they
+    are stored once, as these nodes, not again in ``retrieved``). With a
     ``checkpoint`` input the job continues that run (``--resume``); ``lr_scale`` scales its learning
     rates (``--lr-scale``); with an ``initial_model`` the run starts from that model's weights (a warm
     start: ``init_from``, which the calculation sets). emlip-train writes its exit status itself
@@ -184,6 +236,20 @@ class EmlipTrainCalculation(CalcJob):
             required=False,
             help="a checkpoint of this config and dataset (e.g. the checkpoint output of an interrupted "
             "run): emlip-train continues from it (--resume)",
+        )
+        spec.input(
+            "valid_set",
+            valid_type=EmlipDatasetData,
+            required=False,
+            help="structures to validate on (data.valid, which the calculation sets); absent: "
+            "data.valid_fraction of the dataset",
+        )
+        spec.input(
+            "test_set",
+            valid_type=EmlipDatasetData,
+            required=False,
+            help="structures to test on (data.test, which the calculation sets); absent: "
+            "data.test_fraction of the dataset",
         )
         spec.input(
             "initial_model",
@@ -236,8 +302,12 @@ class EmlipTrainCalculation(CalcJob):
     def prepare_for_submission(self, folder: Folder) -> CalcInfo:
         with folder.open(TRAIN_FILE, "w") as handle:
             handle.write(self.inputs.dataset.get_text())
+        splits = tuple(role for role, port in SPLIT_PORTS.items() if port in self.inputs)
+        for role in splits:
+            with folder.open(SPLIT_FILES[role], "w") as handle:
+                handle.write(self.inputs[SPLIT_PORTS[role]].get_text())
         with folder.open(CONFIG_FILE, "w") as handle:
-            values = job_config(self.inputs.config.get_dict(), "initial_model" in self.inputs)
+            values = job_config(self.inputs.config.get_dict(), "initial_model" in self.inputs, splits)
             yaml.safe_dump(values, handle, sort_keys=False)
         calcinfo = CalcInfo()
         calcinfo.local_copy_list = []
@@ -261,5 +331,6 @@ class EmlipTrainCalculation(CalcJob):
         codeinfo.stdout_name = "stdout"
         codeinfo.stderr_name = "stderr"
         calcinfo.codes_info = [codeinfo]
-        calcinfo.retrieve_list = [*OUTPUT_FILES, CHECKPOINT_FILE, STATUS_FILE, "stdout", "stderr"]
+        calcinfo.retrieve_list = [*OUTPUT_FILES, STATUS_FILE, "stdout", "stderr"]
+        calcinfo.retrieve_temporary_list = list(NODE_FILES)
         return calcinfo

@@ -55,10 +55,18 @@ METADATA_KEYS = frozenset(
 )
 
 
+#: Keys of the DFT settings that name a node of one profile (the UUID of the pw.x code): recorded, but
+#: left out of :func:`dft_settings_digest`, so the same settings in another profile (a code set up
+#: again, under a new UUID) have the same digest.
+PROFILE_KEYS = frozenset({"code_uuid"})
+
+
 def dft_settings_digest(settings: Mapping[str, Any] | None) -> str:
-    """Return the sha256 of the canonical JSON of ``settings`` ('' for none)."""
+    """Return the sha256 of the canonical JSON of ``settings`` ('' for none), :data:`PROFILE_KEYS`
+    left out."""
     if not settings:
         return ""
+    settings = {key: value for key, value in settings.items() if key not in PROFILE_KEYS}
     text = json.dumps(settings, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 

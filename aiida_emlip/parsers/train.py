@@ -1,4 +1,11 @@
-"""Parser of ``emlip.train``: the model file becomes an ``emlip.model`` node, metrics a ``Dict``."""
+"""Parser of ``emlip.train``: the model file becomes an ``emlip.model`` node, metrics a ``Dict``.
+
+The model file and the checkpoint are in the calculation's ``retrieve_temporary_list``: the parser reads
+them from the temporary folder AiiDA passes as ``retrieved_temporary_folder`` (deleted after parsing)
+and stores them as the ``model`` and ``checkpoint`` nodes. Without that folder (a node of an older
+version, which kept them in ``retrieved``, or ``Parser.parse_from_node`` without the folder) they are
+read from ``retrieved``.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +19,7 @@ from aiida import orm
 from aiida.engine import ExitCode
 from aiida.parsers import Parser
 
-from aiida_emlip.calculations.train import CHECKPOINT_FILE, STATUS_FILE
+from aiida_emlip.calculations.train import CHECKPOINT_FILE, MODEL_FILE, NODE_FILES, STATUS_FILE
 from aiida_emlip.data.model import EmlipModelData
 
 #: emlip-train exit status → exit code label of the calculation.
@@ -43,7 +50,8 @@ class EmlipTrainParser(Parser):
     """Attach whatever emlip-train finished: the model and metrics, or at least the checkpoint."""
 
     def parse(self, **kwargs) -> ExitCode | None:
-        files = set(self.retrieved.list_object_names())
+        self._temporary = self._temporary_files(kwargs.get("retrieved_temporary_folder"))
+        files = set(self.retrieved.list_object_names()) | set(self._temporary)
         if CHECKPOINT_FILE in files:
             self._attach_file("checkpoint", CHECKPOINT_FILE, orm.SinglefileData)
         if STATUS_FILE not in files:
@@ -59,7 +67,7 @@ class EmlipTrainParser(Parser):
             if label:
                 return getattr(self.exit_codes, label)
             return self.exit_codes.ERROR_TRAINER.format(status=status)
-        missing = sorted({"model.safetensors", "metrics.json"} - files)
+        missing = sorted({MODEL_FILE, "metrics.json"} - files)
         if missing:
             return self.exit_codes.ERROR_MISSING_OUTPUT.format(files=", ".join(missing))
         try:
@@ -67,7 +75,7 @@ class EmlipTrainParser(Parser):
         except json.JSONDecodeError as exc:
             return self.exit_codes.ERROR_INVALID_OUTPUT.format(error=f"metrics.json: {exc}")
         try:  # the model file is verified (format and checksum) before it becomes a node
-            self._attach_file("model", "model.safetensors", EmlipModelData)
+            self._attach_file("model", MODEL_FILE, EmlipModelData)
         except ValueError as exc:
             return self.exit_codes.ERROR_INVALID_OUTPUT.format(error=str(exc))
         self.out("metrics", orm.Dict(finite_or_none(metrics)))
@@ -82,7 +90,18 @@ class EmlipTrainParser(Parser):
                     return line[len("error: ") :].strip()
         return "see the stderr of the calculation"
 
+    @staticmethod
+    def _temporary_files(folder: str | None) -> dict[str, Path]:
+        """The files of :data:`NODE_FILES` in the temporary retrieved folder (none without a folder)."""
+        if not folder:
+            return {}
+        return {name: Path(folder) / name for name in NODE_FILES if (Path(folder) / name).is_file()}
+
     def _attach_file(self, port: str, name: str, cls: type) -> None:
+        """Store ``name`` as the output ``port``: from the temporary folder, or else from ``retrieved``."""
+        if name in self._temporary:
+            self.out(port, cls(self._temporary[name]))
+            return
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / name
             path.write_bytes(self.retrieved.get_object_content(name, mode="rb"))

@@ -721,6 +721,7 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
         )
         return {
             "code": self.inputs.code.full_label,
+            "code_uuid": self.inputs.code.uuid,  # which code of the profile (not in the digest)
             "pseudo_family": family.label,
             "pseudos_md5": {el: family.get_pseudo(element=el).md5 for el in elements},
             "ecutwfc": self.ctx.cutoffs[0],

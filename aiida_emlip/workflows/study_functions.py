@@ -14,13 +14,14 @@ from aiida.engine import calcfunction
 
 from aiida_emlip.analysis import study as analysis
 from aiida_emlip.data import EmlipDatasetData
-from aiida_emlip.data.dataset import dft_settings_digest
+from aiida_emlip.data.dataset import PROFILE_KEYS, dft_settings_digest
 from aiida_emlip.spec_systems import system_frames
 
 #: Per-configuration metadata that names a particular run (the pw.x calculation's UUID, its wall time):
 #: left out of the training and held-out sets, so that identical labels make identical training inputs
 #: and a rerun finds its trainings in the cache (also in another profile, where an imported computer is
-#: relabelled: the split sets name the DFT code without its computer). The ``dataset`` output keeps them.
+#: relabelled: the split sets name the DFT code without its computer, and without its UUID, which a
+#: code set up again in another profile does not share). The ``dataset`` output keeps them.
 RUN_SPECIFIC = ("source_uuid", "pw_wall_time")
 #: pw.x setting of an ``isolated: true`` system (a molecule in open space).
 ISOLATED = {"SYSTEM": {"assume_isolated": "mt"}}
@@ -81,7 +82,7 @@ def split_study(dataset: EmlipDatasetData, settings: orm.Dict) -> dict[str, orm.
         "rule": "whole geometries (every charge state of one geometry) are held out; "
         "they are never in any design's training or validation set",
     }
-    dft = dataset.dft_settings
+    dft = {key: value for key, value in dataset.dft_settings.items() if key not in PROFILE_KEYS}
     if "code" in dft:  # the program, not the computer's label (an imported computer is renamed)
         dft["code"] = str(dft["code"]).split("@", 1)[0]
         if "digest" in dft:

@@ -15,8 +15,10 @@ failed calculation, the process handlers below (highest priority first) decide h
 
 A checkpoint records the configuration it was written for, so a handler that changes the
 configuration (batch size, head options) starts again from scratch; the learning-rate factor is not
-part of it, so the NaN handler resumes. A warm start (input ``train.initial_model``) keeps its initial
-model through every restart: "from scratch" then means from that model again.
+part of it, so the NaN handler resumes. The validation and test structures (inputs
+``train.valid_set`` and ``train.test_set``) go unchanged to every calculation. A warm start (input
+``train.initial_model``) keeps its initial model through every restart: "from scratch" then means
+from that model again.
 """
 
 from __future__ import annotations
@@ -112,7 +114,11 @@ class EmlipTrainBaseWorkChain(BaseRestartWorkChain):
 
         try:
             summary = check_job(
-                self.ctx.inputs.config, self.ctx.inputs.dataset, self.ctx.inputs.get("initial_model")
+                self.ctx.inputs.config,
+                self.ctx.inputs.dataset,
+                self.ctx.inputs.get("initial_model"),
+                self.ctx.inputs.get("valid_set"),
+                self.ctx.inputs.get("test_set"),
             )
         except TrainingError as exc:
             self.report(f"emlip-train --check: {exc}")

@@ -71,7 +71,8 @@ class EmlipTrainingWorkChain(WorkChain):
     Give either ``dataset`` (the inputs of :class:`EmlipDatasetWorkChain`) or ``training_set`` (an
     existing ``emlip.dataset``). Every design is one :class:`EmlipTrainBaseWorkChain` (``emlip.train``
     with restarts after interruptions, NaN/inf, SCF failures and running out of memory) on the same
-    data, so the designs differ only in their configs. A design named in ``initial_models`` starts from
+    data (and the same ``valid_set`` / ``test_set`` when given), so the designs differ only in their
+    configs. A design named in ``initial_models`` starts from
     that model (a warm start). A failed design is reported; the others are kept.
     """
 
@@ -84,6 +85,21 @@ class EmlipTrainingWorkChain(WorkChain):
             namespace_options={"required": False, "populate_defaults": False},
         )
         spec.input("training_set", valid_type=EmlipDatasetData, required=False)
+        spec.input(
+            "valid_set",
+            valid_type=EmlipDatasetData,
+            required=False,
+            help="structures every design validates on (the training calculation's valid_set); absent: "
+            "each config's data.valid_fraction of the training set",
+        )
+        spec.input(
+            "test_set",
+            valid_type=EmlipDatasetData,
+            required=False,
+            help="structures every design is tested on (the training calculation's test_set; the "
+            "comparison is then on the same structures for every design); absent: each config's "
+            "data.test_fraction of the training set",
+        )
         spec.input("train_code", valid_type=orm.AbstractCode, help="the emlip-train code")
         spec.input("designs", valid_type=orm.Dict, validator=validate_designs)
         spec.input_namespace(
@@ -149,7 +165,13 @@ class EmlipTrainingWorkChain(WorkChain):
         refused = []
         for label, config in self.inputs.designs.get_dict().items():
             try:
-                check_job(config, dataset, initial.get(label))
+                check_job(
+                    config,
+                    dataset,
+                    initial.get(label),
+                    self.inputs.get("valid_set"),
+                    self.inputs.get("test_set"),
+                )
             except TrainingError as exc:
                 refused.append(f"{label}: {exc}")
         if refused:
@@ -185,6 +207,9 @@ class EmlipTrainingWorkChain(WorkChain):
             builder.train.config = orm.Dict(config)
             if label in initial:
                 builder.train.initial_model = initial[label]
+            for port in ("valid_set", "test_set"):
+                if port in self.inputs:
+                    builder.train[port] = self.inputs[port]
             builder.train.metadata.options = {
                 "resources": {"num_machines": 1},
                 "max_wallclock_seconds": 3600,

@@ -11,7 +11,7 @@ from aiida.parsers import Parser
 from aiida_emlip.calculations.evaluate import PREDICTIONS_FILE, STATUS_FILE, SUMMARY_FILE, TRAJECTORY_FILE
 from aiida_emlip.data.dataset import EmlipDatasetData
 from aiida_emlip.extxyz import text_to_frames
-from aiida_emlip.parsers.train import finite_or_none
+from aiida_emlip.parsers.train import finite_or_none, last_error_line
 
 #: emlip-eval exit statuses whose outputs are complete and attached (0 ok; 3, 5, 6 flagged structures).
 ATTACHED = (0, 3, 5, 6)
@@ -72,13 +72,7 @@ class EmlipEvaluateParser(Parser):
         return self._judge(status, summary, files)
 
     def _error_line(self, files: set[str]) -> str:
-        """The last ``error: ...`` line emlip-eval wrote to stderr (its one-line reason)."""
-        if STDERR_FILE in files:
-            lines = self.retrieved.get_object_content(STDERR_FILE).splitlines()
-            for line in reversed(lines):
-                if line.startswith("error: "):
-                    return line[len("error: ") :].strip()
-        return "see the stderr of the calculation"
+        return last_error_line(self.retrieved, files)
 
     def _dataset(self, name: str, summary: dict) -> EmlipDatasetData:
         frames = text_to_frames(self.retrieved.get_object_content(name))

@@ -35,6 +35,15 @@ QUOTES_ERROR = ("ERROR_BAD_INPUT", "ERROR_NON_FINITE", "ERROR_SCF_FAILED", "ERRO
 STDERR_FILE = "stderr"
 
 
+def last_error_line(retrieved: orm.FolderData, files: set[str]) -> str:
+    """The last ``error: ...`` line emlip-train or emlip-eval wrote to stderr (its one-line reason)."""
+    if STDERR_FILE in files:
+        for line in reversed(retrieved.get_object_content(STDERR_FILE).splitlines()):
+            if line.startswith("error: "):
+                return line[len("error: ") :].strip()
+    return "see the stderr of the calculation"
+
+
 def finite_or_none(value: Any) -> Any:
     """``value`` with every NaN or infinite float replaced by ``None`` (the database refuses them)."""
     if isinstance(value, dict):
@@ -82,13 +91,7 @@ class EmlipTrainParser(Parser):
         return None
 
     def _error_line(self, files: set[str]) -> str:
-        """The last ``error: ...`` line emlip-train wrote to stderr (its one-line reason)."""
-        if STDERR_FILE in files:
-            lines = self.retrieved.get_object_content(STDERR_FILE).splitlines()
-            for line in reversed(lines):
-                if line.startswith("error: "):
-                    return line[len("error: ") :].strip()
-        return "see the stderr of the calculation"
+        return last_error_line(self.retrieved, files)
 
     @staticmethod
     def _temporary_files(folder: str | None) -> dict[str, Path]:

@@ -41,6 +41,7 @@ from aiida_emlip.models.accuracy import (
     pme_parameters,
     realspace_cutoff,
 )
+from aiida_emlip.models.coulomb_operator import CoulombOperator
 from aiida_emlip.models.kernels import GaussianCoulombPotential, HalfSpaceCoulombPotential
 from aiida_emlip.models.neighbours import neighbour_list
 from aiida_emlip.models.pme import MeshPMECalculator
@@ -431,6 +432,20 @@ class Electrostatics(torch.nn.Module):
         if self._slab_active(pbc):
             out = out + self._slab_phi(xs, positions, cell, pbc, self.config.sigma**2)
         return out[:, 0] if vector else out
+
+    def coulomb_operator(
+        self, positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor
+    ) -> CoulombOperator:
+        """``x ↦ A x`` (:meth:`coulomb_matvec`) of one geometry, set up once for many products (no
+        autograd through the geometry): for the iterative solvers."""
+        return CoulombOperator(self, positions, cell, pbc, [self.config.sigma])
+
+    def projected_operator(
+        self, positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, widths
+    ) -> CoulombOperator:
+        """:meth:`projected_potentials` (charges only) of one geometry, set up once: its
+        ``potentials(q)`` is ``[N, W]``, ``potential(x, k)`` the ``k``-th width of ``x`` ``[N, C]``."""
+        return CoulombOperator(self, positions, cell, pbc, [float(w) for w in widths])
 
     def coulomb_matrix(self, positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor) -> torch.Tensor:
         """Dense ``A = ∂²E/∂q_i∂q_j`` ``[N, N]``; diagonal includes ``k_e/(σ√π)`` when ``include_self``.

@@ -61,19 +61,17 @@ class FunctionalHead(EquilibrationHead):
     def _minimise(self, inp, b, atoms, params, external) -> tuple[QEqSolution, list[float]]:
         """Constrained Newton from the uniform density Q/N; quadratic functionals need one step."""
         n = atoms.stop - atoms.start
-        pos, cell, pbc = inp.positions[atoms].detach(), inp.cell[b].detach(), inp.graph.pbc[b]
+        pos = inp.positions[atoms].detach()
         q = torch.full((n,), float(inp.total_charge[b]) / n, dtype=pos.dtype, device=pos.device)
         tol = default_tolerance(self.options.newton_tol, pos.dtype)
         history: list[float] = []
         sol = None
         converged = False
+        # the Coulomb operator (and the mesh preconditioner) of this geometry, for every Newton step
+        ops = self._coulomb_operator(inp, b, atoms)
         for step in range(self.options.max_newton):
-            grad = (
-                inp.electrostatics.coulomb_matvec(q, pos, cell, pbc)
-                + self.local_gradient(params, q)
-                + external
-            )
-            sol = self._quadratic_solve(inp, b, atoms, self.local_curvature(params, q), grad, 0.0)
+            grad = ops.matvec(q) + self.local_gradient(params, q) + external
+            sol = self._quadratic_solve(inp, b, atoms, self.local_curvature(params, q), grad, 0.0, ops)
             q = q + sol.charges
             change = float(sol.charges.abs().max())
             history.append(change)

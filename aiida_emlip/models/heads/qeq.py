@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from aiida_emlip.models.coulomb_operator import CoulombOperator, MeshPreconditioner
+from aiida_emlip.models.electrostatics import periodic_dims
 from aiida_emlip.models.heads.base import (
     Head,
     HeadInput,
@@ -31,7 +33,6 @@ from aiida_emlip.models.heads.base import (
 )
 from aiida_emlip.models.heads.solvers import (
     ImplicitStep,
-    Matvec,
     QEqSolution,
     SCFConvergenceError,
     SolveInfo,
@@ -43,6 +44,7 @@ from aiida_emlip.models.heads.solvers import (
 from aiida_emlip.schema import COULOMB_CONSTANT
 
 SOLVERS = ("auto", "dense", "cg")
+PRECONDITIONERS = ("jacobi", "mesh")
 FAILURE_MODES = ("raise", "flag")
 PARAMETRIZATIONS = ("electronegativity", "softness")
 
@@ -61,10 +63,16 @@ class QEqOptions(HeadOptions):
     #: s → 0 the atom keeps its local charge (insulator), where s is large charge flows (metal).
     parametrization: str = "electronegativity"
     max_hardness: float = 1.0e4  # eV/e², caps 1/s of the softness parametrization (conditioning)
+    #: CG preconditioner: ``jacobi``, or ``mesh`` (long-wavelength Coulomb modes inverted on a coarse
+    #: mesh, Jacobi on the rest; fully periodic cells, Jacobi elsewhere; falls back to Jacobi where
+    #: it is not positive, e.g. unevenly filled cells)
+    preconditioner: str = "jacobi"
 
     def __post_init__(self) -> None:
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+        if self.preconditioner not in PRECONDITIONERS:
+            raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, got {self.preconditioner!r}")
         if self.on_failure not in FAILURE_MODES:
             raise ValueError(f"on_failure must be one of {FAILURE_MODES}, got {self.on_failure!r}")
         if self.parametrization not in PARAMETRIZATIONS:
@@ -79,6 +87,26 @@ def self_interaction(inp: HeadInput) -> float:
     if config.include_self or config.sigma <= 0.0:
         return 0.0
     return COULOMB_CONSTANT / (config.sigma * math.sqrt(math.pi))
+
+
+@dataclass
+class _Operators:
+    """What the iterative solvers of one structure reuse: ``A`` as an operator, its diagonal and the
+    mesh preconditioner (or ``None``: Jacobi)."""
+
+    matvec: CoulombOperator
+    a_diag: float
+    mesh_width: float | None  # s = √2 σ of the mesh preconditioner, None: Jacobi
+    mesh: MeshPreconditioner | None = None
+
+    def precond(self, diag: torch.Tensor):
+        """The preconditioner of ``H = A + diag(diag)``: mesh (built on first use), or Jacobi."""
+        jacobi = diag + self.a_diag
+        if self.mesh_width is None:
+            return jacobi
+        if self.mesh is None:
+            self.mesh = MeshPreconditioner(self.matvec.positions, self.matvec.cell, self.mesh_width)
+        return self.mesh.with_diagonal(jacobi)
 
 
 class EquilibrationHead(Head):
@@ -141,26 +169,37 @@ class EquilibrationHead(Head):
             return n <= self.options.dense_max_atoms
         return self.options.solver == "dense"
 
-    def _coulomb_operator(self, inp: HeadInput, b: int, atoms: slice) -> tuple[Matvec, float]:
-        """``x ↦ A x`` of structure ``b`` (Ewald or PME, no matrix) and the diagonal of ``A`` (the
-        Gaussian self-interaction), for the iterative solvers' Jacobi preconditioner."""
+    def _coulomb_operator(self, inp: HeadInput, b: int, atoms: slice) -> _Operators:
+        """``x ↦ A x`` of structure ``b`` (Ewald or PME, no matrix; its geometry-dependent set-up done
+        once), the diagonal of ``A`` (the Gaussian self-interaction) and the mesh preconditioner
+        where it applies (``preconditioner='mesh'``, fully periodic cell, Gaussian charges)."""
         pos, cell, pbc = inp.positions[atoms].detach(), inp.cell[b].detach(), inp.graph.pbc[b]
         es = inp.electrostatics
         sigma = es.config.sigma
         a_diag = COULOMB_CONSTANT / (sigma * math.sqrt(math.pi)) if sigma > 0 else 0.0
-        return (lambda x: es.coulomb_matvec(x, pos, cell, pbc)), a_diag
+        mesh = None
+        if self.options.preconditioner == "mesh" and sigma > 0 and all(periodic_dims(pbc)):
+            mesh = math.sqrt(2.0) * sigma
+        return _Operators(es.coulomb_operator(pos, cell, pbc), a_diag, mesh)
 
     def _quadratic_solve(
-        self, inp: HeadInput, b: int, atoms: slice, diag: torch.Tensor, rhs: torch.Tensor, total
+        self,
+        inp: HeadInput,
+        b: int,
+        atoms: slice,
+        diag: torch.Tensor,
+        rhs: torch.Tensor,
+        total,
+        ops: _Operators | None = None,
     ) -> QEqSolution:
         tol = default_tolerance(self.options.tol, inp.positions.dtype)
         if self._use_dense(atoms.stop - atoms.start):
             pos, cell, pbc = inp.positions[atoms].detach(), inp.cell[b].detach(), inp.graph.pbc[b]
             dense = inp.electrostatics.coulomb_matrix(pos, cell, pbc)
             return qeq_solve(None, diag, rhs, total, dense=dense)
-        matvec, a_diag = self._coulomb_operator(inp, b, atoms)
+        ops = self._coulomb_operator(inp, b, atoms) if ops is None else ops
         return qeq_solve(
-            matvec, diag, rhs, total, precond=diag + a_diag, tol=tol, maxiter=self.options.max_iter
+            ops.matvec, diag, rhs, total, precond=ops.precond(diag), tol=tol, maxiter=self.options.max_iter
         )
 
     def _minimise(
@@ -182,14 +221,14 @@ class EquilibrationHead(Head):
         start: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, SolveInfo]:
         """Charges and μ of one structure by CG on Σq = Q from ``start`` (inference, iterative solver)."""
-        matvec, a_diag = self._coulomb_operator(inp, b, atoms)
+        ops = self._coulomb_operator(inp, b, atoms)
         return qeq_solve_from(
-            matvec,
+            ops.matvec,
             params["hardness"],
             params["chi"] + external,
             inp.total_charge[b].detach(),
             start,
-            precond=params["hardness"] + a_diag,
+            precond=ops.precond(params["hardness"]),
             tol=default_tolerance(self.options.tol, inp.positions.dtype),
             maxiter=self.options.max_iter,
         )

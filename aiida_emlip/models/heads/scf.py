@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from aiida_emlip.models.coulomb_operator import CoulombOperator
 from aiida_emlip.models.fragments import FRAGMENTS, fragment_targets
 from aiida_emlip.models.heads.base import (
     Head,
@@ -139,6 +140,8 @@ class _Structure:
     v_app: torch.Tensor
     fragment: torch.Tensor  # [n] the constraint group (fragment) of each atom, 0..C-1
     targets: torch.Tensor  # [C] the charge of each group (Σ = the structure's total charge)
+    #: the projected potentials of this (detached) geometry, set up once for the whole iteration
+    operator: CoulombOperator | None = None
 
     @property
     def groups(self) -> int:
@@ -181,7 +184,17 @@ class SelfConsistentHead(Head):
         w = torch.tensor(self.options.widths, dtype=like.dtype, device=like.device)
         return COULOMB_CONSTANT * math.sqrt(2.0 / math.pi) / torch.sqrt(sigma**2 + w * w)
 
+    def _operator(self, inp: HeadInput, s: _Structure) -> CoulombOperator:
+        """The projected-potential operator of the structure's detached geometry (built on first use)."""
+        if s.operator is None:
+            s.operator = inp.electrostatics.projected_operator(
+                s.positions, s.cell, s.pbc, self.options.widths
+            )
+        return s.operator
+
     def _projected(self, inp: HeadInput, s: _Structure, q: torch.Tensor, positions, cell) -> torch.Tensor:
+        if positions is s.positions and cell is s.cell and not q.requires_grad:
+            return self._operator(inp, s).potentials(q)  # detached iteration: reuse the set-up
         return inp.electrostatics.projected_potentials(q, positions, cell, s.pbc, self.options.widths)
 
     def _update(self, h: torch.Tensor, chi: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -505,17 +518,16 @@ class SelfConsistentHead(Head):
         coef = slopes / scales  # ∂F_i/∂φ_w,i
         fmu = coef.sum(-1)
         n = coef.shape[0]
-        widths = self.options.widths
-        es = inp.electrostatics
+        op = self._operator(inp, s)
         constant_q = self.options.ensemble == "constant_q"
 
         def jac(x: torch.Tensor) -> torch.Tensor:
-            return (coef * es.projected_potentials(x, s.positions, s.cell, s.pbc, widths)).sum(-1)
+            return (coef * op.potentials(x)).sum(-1)
 
         def jac_t(x: torch.Tensor) -> torch.Tensor:
             out = torch.zeros_like(x)
-            for w, width in enumerate(widths):
-                out = out + es.projected_potentials(coef[:, w] * x, s.positions, s.cell, s.pbc, [width])[:, 0]
+            for w in range(coef.shape[1]):
+                out = out + op.potential(coef[:, w] * x, w)
             return out
 
         def make(op, transpose: bool):

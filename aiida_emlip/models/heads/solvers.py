@@ -38,47 +38,82 @@ class SolveInfo:
     iterations: int
     residual: float
     converged: bool
+    #: the preconditioner operator was not positive at some step and Jacobi took over
+    fallback: bool = False
+
+
+def _preconditioner(precond) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor | None, bool]:
+    """``(apply, fallback diagonal, checked)`` of a preconditioner given as ``None``, a Jacobi diagonal
+    ``[N]`` or an operator ``r ↦ M⁻¹ r`` with a ``diag`` attribute (its Jacobi fallback)."""
+    if precond is None:
+        return (lambda r: r), None, False
+    if isinstance(precond, torch.Tensor):
+        inv = 1.0 / precond
+
+        def jacobi(r: torch.Tensor) -> torch.Tensor:
+            return (inv[:, None] if r.dim() == 2 else inv) * r
+
+        return jacobi, precond, False
+    return precond, precond.diag, True
 
 
 def conjugate_gradient(
     matvec: Matvec,
     b: torch.Tensor,
-    precond: torch.Tensor | None = None,
+    precond=None,
     tol: float = 1e-10,
     maxiter: int = 1000,
     x0: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, SolveInfo]:
     """Solve ``H X = B`` for SPD ``H`` column by column in lock-step; ``b`` is ``[N]`` or ``[N, C]``.
 
-    ``precond`` is the diagonal of a Jacobi preconditioner (``[N]``); convergence when every
-    column's residual norm is below ``tol · ‖b_c‖``.
+    ``precond`` is the diagonal of a Jacobi preconditioner (``[N]``) or an operator ``r ↦ M⁻¹ r`` with
+    the Jacobi diagonal as its ``diag`` attribute (e.g. the mesh preconditioner of
+    :class:`~aiida_emlip.models.coulomb_operator.MeshPreconditioner`); an operator whose ``rᵀM⁻¹r``
+    is not positive at some step is replaced by Jacobi from the current iterate. Convergence when
+    every column's residual norm is below ``tol · ‖b_c‖``.
     """
     vector = b.dim() == 1
     b2 = b[:, None] if vector else b
-    inv = None if precond is None else (1.0 / precond)[:, None]
+    apply, fallback, checked = _preconditioner(precond)
     x = torch.zeros_like(b2) if x0 is None else (x0[:, None] if vector else x0).clone()
     r = b2 - matvec(x) if x0 is not None else b2.clone()
-    z = r if inv is None else inv * r
+    z = apply(r)
     p = z.clone()
     rz = (r * z).sum(0)
     target = tol * torch.linalg.vector_norm(b2, dim=0).clamp(min=torch.finfo(b.dtype).tiny)
     res = torch.linalg.vector_norm(r, dim=0)
-    it = 0
-    while it < maxiter and bool((res > target).any()):
+    it, fell_back = 0, False
+    while it < maxiter:
+        active = res > target
+        if checked:
+            # one host transfer for both tests: anything left to do, and is M⁻¹ still positive there
+            bad = (active & ~(rz > 0)).any()
+            go, bad = (bool(v) for v in torch.stack([active.any(), bad]).tolist())
+            if go and bad:
+                apply, checked, fell_back = _preconditioner(fallback)[0], False, True
+                z = apply(r)
+                p = z.clone()
+                rz = (r * z).sum(0)
+        else:
+            go = bool(active.any())
+        if not go:
+            break
         hp = matvec(p)
         php = (p * hp).sum(0)
-        active = res > target
         alpha = torch.where(active, rz / php, torch.zeros_like(rz))
         x = x + alpha * p
         r = r - alpha * hp
-        z = r if inv is None else inv * r
+        z = apply(r)
         rz_new = (r * z).sum(0)
         beta = torch.where(active, rz_new / rz, torch.zeros_like(rz))
         p = z + beta * p
         rz = rz_new
         res = torch.linalg.vector_norm(r, dim=0)
         it += 1
-    info = SolveInfo(it, float((res / target.clamp(min=1e-300) * tol).max()), bool((res <= target).all()))
+    info = SolveInfo(
+        it, float((res / target.clamp(min=1e-300) * tol).max()), bool((res <= target).all()), fell_back
+    )
     return (x[:, 0] if vector else x), info
 
 
@@ -143,7 +178,7 @@ def qeq_solve(
     b: torch.Tensor,
     total: float | torch.Tensor,
     dense: torch.Tensor | None = None,
-    precond: torch.Tensor | None = None,
+    precond=None,
     tol: float = 1e-10,
     maxiter: int = 1000,
 ) -> QEqSolution:
@@ -194,7 +229,7 @@ def qeq_solve_from(
     b: torch.Tensor,
     total: float | torch.Tensor,
     start: torch.Tensor,
-    precond: torch.Tensor | None = None,
+    precond=None,
     tol: float = 1e-10,
     maxiter: int = 1000,
 ) -> tuple[torch.Tensor, torch.Tensor, SolveInfo]:
@@ -202,7 +237,8 @@ def qeq_solve_from(
     start: the solution of a nearby geometry); returns ``q``, ``μ`` and the solve's record.
 
     ``start`` is shifted uniformly onto ``Σq = Q``; every step stays there (search directions with
-    Σ = 0, the Jacobi preconditioner projected onto that plane in its own metric), so the iteration
+    Σ = 0, the preconditioner ``M⁻¹`` — Jacobi, or an operator as in :func:`conjugate_gradient` —
+    projected onto that plane in its own metric, ``z − M⁻¹1 (1ᵀz)/(1ᵀM⁻¹1)``), so the iteration
     is CG on the plane, where ``H`` is positive definite also for slab Coulomb matrices. The residual
     ``r = −(H q + b)`` tends to ``μ 1``; its uniform part, which the projection ignores, is moved into
     μ at every step so that the small part along the plane is not lost to cancellation against it.
@@ -212,11 +248,22 @@ def qeq_solve_from(
     """
     n = b.shape[0]
     q = start + (torch.as_tensor(total, dtype=b.dtype, device=b.device) - start.sum()) / n
-    inv = torch.ones_like(b) if precond is None else 1.0 / precond
+    apply, fallback, checked = _preconditioner(torch.ones_like(b) if precond is None else precond)
 
-    def project(r: torch.Tensor) -> torch.Tensor:
-        z = inv * r
-        return z - inv * (z.sum() / inv.sum())
+    def projector(apply):
+        m1 = apply(torch.ones_like(b))  # M⁻¹ 1: the projection onto Σ = 0 in the metric of M
+
+        def project(r: torch.Tensor) -> torch.Tensor:
+            z = apply(r)
+            return z - m1 * (z.sum() / m1.sum())
+
+        return project, m1.sum()
+
+    project, m1_sum = projector(apply)
+    fell_back = checked and not float(m1_sum) > 0.0
+    if fell_back:
+        apply, _, checked = _preconditioner(fallback)
+        project = projector(apply)[0]
 
     r = -(matvec(q) + diag * q + b)
     mu = r.mean()
@@ -225,9 +272,15 @@ def qeq_solve_from(
     p = z.clone()
     rz = (r * z).sum()
     target = tol * float(torch.linalg.vector_norm(b).clamp(min=torch.finfo(b.dtype).tiny))
-    res = float(torch.linalg.vector_norm(r))
+    res, rz_host = torch.stack([torch.linalg.vector_norm(r), rz]).tolist()
     it = 0
     while it < maxiter and res > target:
+        if checked and not rz_host > 0.0:  # M⁻¹ not positive here: Jacobi from the current charges
+            apply, _, checked = _preconditioner(fallback)
+            project, fell_back = projector(apply)[0], True
+            z = project(r)
+            p = z.clone()
+            rz = (r * z).sum()
         hp = matvec(p) + diag * p
         alpha = rz / (p * hp).sum()
         q = q + alpha * p
@@ -239,9 +292,9 @@ def qeq_solve_from(
         rz_new = (r * z).sum()
         p = z + (rz_new / rz) * p
         rz = rz_new
-        res = float(torch.linalg.vector_norm(r))
+        res, rz_host = torch.stack([torch.linalg.vector_norm(r), rz]).tolist()
         it += 1
-    return q, mu, SolveInfo(it, res / max(target, 1e-300) * tol, res <= target)
+    return q, mu, SolveInfo(it, res / max(target, 1e-300) * tol, res <= target, fell_back)
 
 
 def kkt_inverse(

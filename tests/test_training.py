@@ -128,13 +128,14 @@ def _state(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
 
-def test_resume_reproduces_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("head", ["charges", "scf"])
+def test_resume_reproduces_uninterrupted_run(tmp_path, head):
     """SIGUSR1 mid-epoch → checkpoint, exit status 4; resuming gives bit-identical weights and curve."""
     sections = {"scheduler": {"name": "cosine"}, "checkpoint": {"every": 1}}
-    full = Trainer(make_config(tmp_path / "a", "charges", epochs=3, **sections))
+    full = Trainer(make_config(tmp_path / "a", head, epochs=3, **sections))
     full_metrics = full.run()
 
-    first = Trainer(make_config(tmp_path / "b", "charges", epochs=3, **sections))
+    first = Trainer(make_config(tmp_path / "b", head, epochs=3, **sections))
     steps = {"n": 0}
 
     def interrupt(trainer: Trainer) -> None:
@@ -149,7 +150,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     checkpoint = first.checkpoint_path
     assert checkpoint.is_file()
 
-    resumed = Trainer(make_config(tmp_path / "b", "charges", epochs=3, **sections))
+    resumed = Trainer(make_config(tmp_path / "b", head, epochs=3, **sections))
     resumed_metrics = resumed.run(resume=checkpoint)
     a, b = _state(full), _state(resumed)
     assert a.keys() == b.keys()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from aiida_emlip.workflows.demo import demo_configurations, training_builder
@@ -60,7 +62,14 @@ def test_dft_to_models(pw_code, pseudo_family, train_code):
         )
     table = results["comparison"].get_dict()["test"]
     assert set(table) == {"sr", "charges"}
-    assert table["sr"]["energy"]["all"]["rmse"] >= 0.0
+    for label in ("sr", "charges"):
+        # the comparison carries each design's own test errors, overall and per charge state
+        reported = results["metrics"][label].get_dict()["test"]["energy"]
+        row = table[label]["energy"]
+        assert row["all"]["rmse"] == reported["all"]["rmse"]
+        assert math.isfinite(row["all"]["rmse"]) and row["all"]["rmse"] > 0.0
+        charge_rows = {group for group in row if group.startswith("total_charge=")}
+        assert charge_rows and charge_rows == {g for g in reported if g.startswith("total_charge=")}
 
 
 def test_designs_are_checked_before_any_dft_or_training(train_code):

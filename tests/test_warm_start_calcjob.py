@@ -88,8 +88,9 @@ def test_calculation_with_an_initial_model_runs_and_caching_follows_the_model(tr
 def test_initial_models_reach_the_calculation_and_a_mismatch_is_refused_before_submission(
     train_code, initial_models
 ):
-    """emlip.training hands each design's initial model to its emlip.train.base, which checks it as
-    emlip-train --check does: another architecture ends it with 201 before any job."""
+    """emlip.training checks each design's initial model as emlip-train --check does before it submits
+    any design, and emlip.train.base does the same when run alone: another architecture ends either
+    with 201 before any job."""
     from aiida.engine import run_get_node
     from aiida.orm import Dict
 
@@ -104,18 +105,22 @@ def test_initial_models_reach_the_calculation_and_a_mismatch_is_refused_before_s
     builder.designs = Dict({"charges": CONFIG})
     builder.initial_models = {"charges": initial_models["wide"]}
     _, node = run_get_node(builder)
-    assert node.exit_status == 302
-    (base,) = node.called
+    assert node.exit_status == 201 and not node.called
+    assert "model.backbone.num_channels (init model 8, config 4)" in node.exit_message
+    inputs = {
+        "code": train_code,
+        "dataset": dataset,
+        "config": Dict(CONFIG),
+        "initial_model": initial_models["wide"],
+        "metadata": {"options": {"max_wallclock_seconds": 600}},
+    }
+    _, base = run_get_node(EmlipTrainBaseWorkChain, train=inputs)
     assert base.inputs.train.initial_model.uuid == initial_models["wide"].uuid
     assert base.exit_status == 201 and not base.called
     assert "model.backbone.num_channels (init model 8, config 4)" in base.exit_message
     # init_from is the calculation's to set
-    inputs = {
-        "code": train_code,
-        "dataset": dataset,
-        "config": Dict({**CONFIG, "init_from": "x"}),
-        "metadata": {"options": {"max_wallclock_seconds": 600}},
-    }
+    inputs = {**inputs, "config": Dict({**CONFIG, "init_from": "x"})}
+    inputs.pop("initial_model")
     with pytest.raises(ValueError, match="'init_from' is set by the calculation"):
         run_get_node(EmlipTrainBaseWorkChain, train=inputs)
     # an initial model for a design that is not there

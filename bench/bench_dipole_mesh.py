@@ -17,14 +17,13 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_electrostatics import loglog_slope, water
+from bench_electrostatics import child_result, loglog_slope, water
 
 WATER_MOLECULES = (167, 667, 2667)
 ACCURACY = 1e-6
@@ -88,12 +87,7 @@ def run_one(n_mol: int, method: str, repeats: int) -> dict:
 
 
 def spawn(n_mol: int, method: str, repeats: int) -> dict | None:
-    cmd = [sys.executable, __file__, "--one", str(n_mol), method, str(repeats)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-    if out.returncode != 0:
-        print(out.stderr[-2000:], file=sys.stderr)
-        return None
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return child_result(__file__, [str(n_mol), method, str(repeats)], timeout=1800)
 
 
 def main() -> None:

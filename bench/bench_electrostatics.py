@@ -83,13 +83,19 @@ def ewald_elements(system: str, size: int) -> float:
     return side**3 * k_cut**3 / (12 * math.pi**2) * n
 
 
-def spawn(system: str, size: int, method: str, repeats: int) -> dict | None:
-    cmd = [sys.executable, __file__, "--one", system, str(size), method, str(repeats)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+def child_result(script: str, args: list[str], timeout: float) -> dict | None:
+    """Run ``script --one ARGS`` in a fresh process (its own peak memory) and return the JSON object on
+    its last output line; None, with the end of its stderr printed, when it fails."""
+    cmd = [sys.executable, script, "--one", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if out.returncode != 0:
         print(out.stderr[-2000:], file=sys.stderr)
         return None
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def spawn(system: str, size: int, method: str, repeats: int) -> dict | None:
+    return child_result(__file__, [system, str(size), method, str(repeats)], timeout=300)
 
 
 def main() -> None:

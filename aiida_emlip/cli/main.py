@@ -15,13 +15,9 @@ from aiida_emlip.cli.demo import demo
 from aiida_emlip.cli.doctor import doctor
 from aiida_emlip.cli.setup import setup
 from aiida_emlip.cli.study import export, launch, list_, report, reproduce, status
-from aiida_emlip.training.cli import QUIET_WARNINGS
 
 # The isolated configuration directory is created on purpose: aiida's notice about it is noise here.
 warnings.filterwarnings("ignore", message="Creating AiiDA configuration folder", category=UserWarning)
-# e3nn's and TorchScript's remarks while a spec's designs are checked say nothing about the user's study
-for _text in QUIET_WARNINGS:
-    warnings.filterwarnings("ignore", message=_text)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

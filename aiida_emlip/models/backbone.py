@@ -9,7 +9,11 @@ import torch
 from ase.data import atomic_numbers as ASE_NUMBERS
 
 from aiida_emlip.models.graph import Graph
-from aiida_emlip.models.mace_import import mace_modules, o3  # mace before e3nn, without side effects
+from aiida_emlip.models.mace_import import (  # mace before e3nn, without side effects
+    mace_modules,
+    o3,
+    quiet_third_party,
+)
 
 
 @dataclass
@@ -67,24 +71,25 @@ class MaceBackbone(torch.nn.Module):
         numbers = [ASE_NUMBERS[e] for e in config.elements]
         c = config.num_channels
         hidden = o3.Irreps(f"{c}x0e" if config.max_L == 0 else f"{c}x0e + {c}x1o")
-        self.mace = MACE(
-            r_max=config.r_max,
-            num_bessel=config.num_bessel,
-            num_polynomial_cutoff=config.num_polynomial_cutoff,
-            max_ell=config.max_ell,
-            interaction_cls=interaction_classes["RealAgnosticResidualInteractionBlock"],
-            interaction_cls_first=interaction_classes["RealAgnosticResidualInteractionBlock"],
-            num_interactions=config.num_interactions,
-            num_elements=len(numbers),
-            hidden_irreps=hidden,
-            MLP_irreps=o3.Irreps(f"{config.mlp_hidden}x0e"),
-            atomic_energies=np.zeros(len(numbers)),
-            avg_num_neighbors=config.avg_num_neighbors,
-            atomic_numbers=numbers,
-            correlation=config.correlation,
-            gate=torch.nn.functional.silu,
-            keep_last_layer_irreps=config.last_layer_vectors,
-        )
+        with quiet_third_party():
+            self.mace = MACE(
+                r_max=config.r_max,
+                num_bessel=config.num_bessel,
+                num_polynomial_cutoff=config.num_polynomial_cutoff,
+                max_ell=config.max_ell,
+                interaction_cls=interaction_classes["RealAgnosticResidualInteractionBlock"],
+                interaction_cls_first=interaction_classes["RealAgnosticResidualInteractionBlock"],
+                num_interactions=config.num_interactions,
+                num_elements=len(numbers),
+                hidden_irreps=hidden,
+                MLP_irreps=o3.Irreps(f"{config.mlp_hidden}x0e"),
+                atomic_energies=np.zeros(len(numbers)),
+                avg_num_neighbors=config.avg_num_neighbors,
+                atomic_numbers=numbers,
+                correlation=config.correlation,
+                gate=torch.nn.functional.silu,
+                keep_last_layer_irreps=config.last_layer_vectors,
+            )
         lookup = torch.full((119,), -1, dtype=torch.long)
         lookup[torch.tensor(numbers)] = torch.arange(len(numbers))
         self.register_buffer("species_of_number", lookup, persistent=False)

@@ -44,18 +44,6 @@ EXIT_HELP = (
 )
 
 
-#: Third-party warnings that say nothing about the user's run: e3nn loading its own constants while
-#: mace-torch's TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set (aiida-emlip never unpickles a file), and
-#: TorchScript's remarks on mace-torch's modules (which newer torch versions also call deprecated).
-#: (torch's remark on the pickle protocol of a file that is no checkpoint is silenced where checkpoints
-#: are loaded, :func:`aiida_emlip.training.state.load_checkpoint`.)
-QUIET_WARNINGS = (
-    "Environment variable TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD",
-    "The TorchScript type system doesn't support instance-level annotations",
-    "`torch.jit.script` is deprecated",
-)
-
-
 def _show_warning(
     message: Warning | str,
     category: type[Warning],
@@ -74,8 +62,6 @@ def _show_warning(
 def _guard(body: Callable[[], None]) -> int:
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
-        for text in QUIET_WARNINGS:
-            warnings.filterwarnings("ignore", message=text)
         return _run(body)
 
 

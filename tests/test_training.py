@@ -303,6 +303,45 @@ def test_direct_mode_needs_reference_charges(tmp_path, capsys):
     assert "ref_charges" in capsys.readouterr().err
 
 
+def test_label_needs_are_what_the_checks_refuse(tmp_path):
+    """One account of the labels a config cannot train without (the trainer's checks and the training
+    workchain's check of the labels to come use it): loss weights under data.keys, the reference
+    charges of direct training, μ of a constant-μ head trained directly, charges_from_dipoles."""
+    from aiida_emlip.training.config import fermi_level_uses, label_needs
+
+    def needs(values: dict) -> list[tuple[str, str, bool]]:
+        return [(n.key, n.file_key, n.every) for n in label_needs(parse_config(values))]
+
+    values = config_dict(tmp_path, "charges")
+    values["loss"] = {"energy": 1.0, "forces": 0.0, "charges": 5.0}
+    values["stages"] = [{"name": "main", "epochs": 1, "weights": {"stress": 1.0, "fermi_level": 1.0}}]
+    values["data"]["keys"] = {"ref_charges": "lowdin_charges"}
+    assert needs(values) == [
+        ("energy", "energy", False),
+        ("stress", "stress", False),
+        ("ref_charges", "lowdin_charges", False),
+    ]  # the Fermi level may come from a head option: not a need of the loss weight
+    assert fermi_level_uses(parse_config(values)) == ["the loss weight of fermi_level"]
+
+    values = config_dict(tmp_path, "scf", stages=[{"name": "d", "epochs": 1, "scf_mode": "direct"}])
+    values["model"]["head"] = {"name": "scf", "ensemble": "constant_mu"}
+    values["data"]["charges_from_dipoles"] = True
+    assert needs(values)[2:] == [
+        ("ref_charges", "ref_charges", True),
+        ("fermi_level", "fermi_level", True),
+        ("ref_charges", "ref_charges", True),
+        ("ref_dipoles", "ref_dipoles", True),
+    ]
+    assert fermi_level_uses(parse_config(values)) == [
+        "the constant-μ head",
+        "'direct' training (stage(s) ['d'])",
+    ]
+    values["model"]["head"]["fermi_level"] = -4.5  # μ from the head option: no Fermi level needed
+    assert ("fermi_level", "fermi_level", True) not in needs(values)
+    values["stages"][0]["epochs"] = 0  # a direct stage without epochs trains nothing
+    assert needs(values)[2:] == [("ref_charges", "ref_charges", True), ("ref_dipoles", "ref_dipoles", True)]
+
+
 # ------------------------------------------------------------------------------------ CLI
 
 

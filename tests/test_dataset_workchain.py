@@ -35,9 +35,14 @@ def labelled(pw_code, pseudo_family):
     """One workchain run over all systems (module scope: pw.x runs once)."""
     from aiida.engine import run_get_node
 
+    results, node = run_get_node(_builder(pw_code, pseudo_family))
+    return results, node
+
+
+def _builder(pw_code, pseudo_family):
     from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain
 
-    builder = EmlipDatasetWorkChain.get_builder_from_protocol(
+    return EmlipDatasetWorkChain.get_builder_from_protocol(
         pw_code,
         _structures(),
         pseudo_family.label,
@@ -46,8 +51,6 @@ def labelled(pw_code, pseudo_family):
         structure_settings={key: settings for key, (_, settings) in SYSTEMS.items() if settings},
         max_concurrent=4,
     )
-    results, node = run_get_node(builder)
-    return results, node
 
 
 def test_failure_report_keeps_finished_labels(labelled):
@@ -103,6 +106,40 @@ def test_slab_dipole_correction(labelled):
     assert dipole[0] == 0.0 and dipole[1] == 0.0 and abs(dipole[2]) > 1e-3
     assert corrected.info[schema.ENERGY] != pytest.approx(plain.info[schema.ENERGY], abs=1e-5)
     assert abs(corrected.info[schema.ENERGY] - plain.info[schema.ENERGY]) < 0.5
+
+
+def test_planned_labels_are_the_labels_stored(labelled, pw_code, pseudo_family):
+    """What plan_labels works out from the inputs alone (nothing run) is what the run stored: energy,
+    forces and Fermi level for every configuration, the dipole of the slab with the dipole correction
+    only, no stress (vacuum everywhere), no Hirshfeld charges (skipped without pp_code)."""
+    from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain
+
+    results, node = labelled
+    assert node.is_finished_ok, node.exit_message
+    plan = EmlipDatasetWorkChain.plan_labels(_builder(pw_code, pseudo_family))
+    frames = results["dataset"].to_ase()
+    assert plan.n_configurations == len(SYSTEMS) == len(frames) + 1  # "broken" fails
+    for key in (schema.ENERGY, schema.FORCES, schema.FERMI_LEVEL):
+        assert plan.counts[key] == len(SYSTEMS)
+        assert all(key in atoms.info or key in atoms.arrays for atoms in frames), key
+    stored = {
+        key: sum(key in atoms.info or key in atoms.arrays for atoms in frames)
+        for key in (
+            schema.STRESS,
+            schema.DIPOLE,
+            schema.CHARGES,
+            schema.ATOMIC_DIPOLES,
+            schema.LOWDIN_CHARGES,
+        )
+    }
+    assert (
+        stored
+        == {key: plan.counts.get(key, 0) for key in stored}
+        == {**dict.fromkeys(stored, 0), schema.DIPOLE: 1}
+    )
+    assert plan.skipped == results["report"]["postprocess_skipped"]
+    assert plan.fermi_references == {"cell_average": len(SYSTEMS)}
+    assert results["report"]["fermi_references"] == ["cell_average"]
 
 
 def test_dft_settings_and_provenance(labelled):

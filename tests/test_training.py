@@ -128,29 +128,44 @@ def _state(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
 
-@pytest.mark.parametrize("head", ["charges", "scf"])
+#: Per head, a batch size that gives every epoch at least three steps, so that the interrupt (second
+#: epoch, second step) lands inside an epoch: the formal charges of `split` leave it the 6 neutral
+#: structures of the tiny set (4 to train on), one batch of 4 per epoch at the default size.
+RESUME_BATCH_SIZE = {"charges": 4, "scf": 4, "split": 1}
+
+
+@pytest.mark.parametrize("head", list(RESUME_BATCH_SIZE))
 def test_resume_reproduces_uninterrupted_run(tmp_path, head):
     """SIGUSR1 mid-epoch → checkpoint, exit status 4; resuming gives bit-identical weights and curve."""
     sections = {"scheduler": {"name": "cosine"}, "checkpoint": {"every": 1}}
-    full = Trainer(make_config(tmp_path / "a", head, epochs=3, **sections))
-    full_metrics = full.run()
 
-    first = Trainer(make_config(tmp_path / "b", head, epochs=3, **sections))
+    def config(path: Path):
+        values = config_dict(path, head, epochs=3, **sections)
+        values["data"]["batch_size"] = RESUME_BATCH_SIZE[head]
+        return parse_config(values)
+
+    full = Trainer(config(tmp_path / "a"))
+    full_metrics = full.run()
+    steps_per_epoch = full_metrics["steps_per_epoch"]
+    assert steps_per_epoch >= 3, steps_per_epoch
+
+    first = Trainer(config(tmp_path / "b"))
     steps = {"n": 0}
 
     def interrupt(trainer: Trainer) -> None:
         steps["n"] += 1
-        if steps["n"] == 6:  # second epoch, second step
+        if steps["n"] == steps_per_epoch + 2:  # second epoch, second step
             os.kill(os.getpid(), signal.SIGUSR1)
 
     first.after_step = interrupt
     with pytest.raises(Interrupted) as info:
         first.run()
     assert info.value.exit_code == ExitCode.INTERRUPTED
+    assert (first.pos.epoch, first.pos.step) == (1, 2)  # inside the second epoch
     checkpoint = first.checkpoint_path
     assert checkpoint.is_file()
 
-    resumed = Trainer(make_config(tmp_path / "b", head, epochs=3, **sections))
+    resumed = Trainer(config(tmp_path / "b"))
     resumed_metrics = resumed.run(resume=checkpoint)
     a, b = _state(full), _state(resumed)
     assert a.keys() == b.keys()
@@ -160,6 +175,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, head):
     def curve(metrics: dict) -> str:
         return json.dumps([{k: v for k, v in row.items() if k != "elapsed_s"} for row in metrics["history"]])
 
+    assert len(resumed_metrics["history"]) == 3
     assert curve(full_metrics) == curve(resumed_metrics)
 
 
@@ -285,6 +301,45 @@ def test_direct_mode_needs_reference_charges(tmp_path, capsys):
     values["stages"] = [{"epochs": 1, "scf_mode": "direct"}]
     assert train_main([str(write_config(tmp_path, values))]) == ExitCode.BAD_INPUT
     assert "ref_charges" in capsys.readouterr().err
+
+
+def test_label_needs_are_what_the_checks_refuse(tmp_path):
+    """One account of the labels a config cannot train without (the trainer's checks and the training
+    workchain's check of the labels to come use it): loss weights under data.keys, the reference
+    charges of direct training, μ of a constant-μ head trained directly, charges_from_dipoles."""
+    from aiida_emlip.training.config import fermi_level_uses, label_needs
+
+    def needs(values: dict) -> list[tuple[str, str, bool]]:
+        return [(n.key, n.file_key, n.every) for n in label_needs(parse_config(values))]
+
+    values = config_dict(tmp_path, "charges")
+    values["loss"] = {"energy": 1.0, "forces": 0.0, "charges": 5.0}
+    values["stages"] = [{"name": "main", "epochs": 1, "weights": {"stress": 1.0, "fermi_level": 1.0}}]
+    values["data"]["keys"] = {"ref_charges": "lowdin_charges"}
+    assert needs(values) == [
+        ("energy", "energy", False),
+        ("stress", "stress", False),
+        ("ref_charges", "lowdin_charges", False),
+    ]  # the Fermi level may come from a head option: not a need of the loss weight
+    assert fermi_level_uses(parse_config(values)) == ["the loss weight of fermi_level"]
+
+    values = config_dict(tmp_path, "scf", stages=[{"name": "d", "epochs": 1, "scf_mode": "direct"}])
+    values["model"]["head"] = {"name": "scf", "ensemble": "constant_mu"}
+    values["data"]["charges_from_dipoles"] = True
+    assert needs(values)[2:] == [
+        ("ref_charges", "ref_charges", True),
+        ("fermi_level", "fermi_level", True),
+        ("ref_charges", "ref_charges", True),
+        ("ref_dipoles", "ref_dipoles", True),
+    ]
+    assert fermi_level_uses(parse_config(values)) == [
+        "the constant-μ head",
+        "'direct' training (stage(s) ['d'])",
+    ]
+    values["model"]["head"]["fermi_level"] = -4.5  # μ from the head option: no Fermi level needed
+    assert ("fermi_level", "fermi_level", True) not in needs(values)
+    values["stages"][0]["epochs"] = 0  # a direct stage without epochs trains nothing
+    assert needs(values)[2:] == [("ref_charges", "ref_charges", True), ("ref_dipoles", "ref_dipoles", True)]
 
 
 # ------------------------------------------------------------------------------------ CLI

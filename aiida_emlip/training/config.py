@@ -271,14 +271,89 @@ def _elements_named(values: Any) -> list[str]:
     return sorted(found, key=atomic_numbers.get)
 
 
+def _weighted(config: TrainConfig) -> list[str]:
+    """Loss quantities with a positive weight in ``loss`` or any stage, in :data:`LOSS_QUANTITIES` order."""
+    return [
+        q
+        for q in LOSS_QUANTITIES
+        if max(config.loss.get(q, 0.0), *(s.weights.get(q, 0.0) for s in config.stages)) > 0
+    ]
+
+
 def required_labels(config: TrainConfig) -> list[str]:
     """Schema keys of the labels the loss weights (``loss`` and every stage; the Fermi level, which may
     come from a head option, left out), in :data:`LOSS_QUANTITIES` order."""
-    weights = {
-        q: max(config.loss.get(q, 0.0), *(s.weights.get(q, 0.0) for s in config.stages))
-        for q in LOSS_QUANTITIES
-    }
-    return [LABEL_OF[q] for q, w in weights.items() if w > 0 and q != "fermi_level"]
+    return [LABEL_OF[q] for q in _weighted(config) if q != "fermi_level"]
+
+
+def direct_stages(config: TrainConfig) -> list[str]:
+    """Names of the stages that train in ``direct`` SCF mode (and have epochs to train)."""
+    return [s.name for s in config.stages if s.scf_mode == "direct" and s.epochs > 0]
+
+
+def _head(config: TrainConfig) -> dict[str, Any]:
+    head = config.model.get("head") or {}
+    return head if isinstance(head, dict) else {}
+
+
+def constant_mu_without_level(config: TrainConfig) -> bool:
+    """A constant-μ head without the option ``fermi_level``: its μ is each structure's Fermi level."""
+    head = _head(config)
+    return head.get("ensemble") == "constant_mu" and head.get("fermi_level") is None
+
+
+def fermi_level_uses(config: TrainConfig) -> list[str]:
+    """What in ``config`` uses the Fermi level of the data (empty: nothing): a ``fermi_level`` loss
+    weight, a constant-μ head, ``direct`` SCF training. Such a run must not mix Fermi levels measured
+    from different references."""
+    uses = []
+    if "fermi_level" in _weighted(config):
+        uses.append("the loss weight of fermi_level")
+    if _head(config).get("ensemble") == "constant_mu":
+        uses.append("the constant-μ head")
+    direct = direct_stages(config)
+    if direct:
+        uses.append(f"'direct' training (stage(s) {direct})")
+    return uses
+
+
+@dataclass(frozen=True)
+class LabelNeed:
+    """A label without which a run stops before its first step (``emlip-train --check`` refuses it)."""
+
+    #: Schema key of the label.
+    key: str
+    #: The key the data file holds it under (``data.keys``; the array of a column mapping).
+    file_key: str
+    #: What in the configuration needs it.
+    reason: str
+    #: Every training structure must carry it (else: at least one).
+    every: bool = False
+
+
+def label_needs(config: TrainConfig) -> list[LabelNeed]:
+    """Every label ``config`` cannot train without, the single account of what the trainer's checks
+    refuse data for: each label the loss weights (:func:`required_labels`: at least one training
+    structure), and in every training structure the reference charges of ``direct`` SCF training, the
+    Fermi level of ``direct`` training of a constant-μ head without the option ``fermi_level``, and the
+    reference charges and atomic dipoles that ``data.charges_from_dipoles`` moves."""
+
+    def need(key: str, reason: str, every: bool = False) -> LabelNeed:
+        spec = config.data.keys.get(key, key)
+        return LabelNeed(key, spec if isinstance(spec, str) else str(spec["key"]), reason, every)
+
+    needs = [need(LABEL_OF[q], f"the loss weight of {q}") for q in _weighted(config) if q != "fermi_level"]
+    direct = direct_stages(config)
+    if direct:
+        needs.append(need(schema.CHARGES, f"'direct' training (stage(s) {direct})", every=True))
+        if constant_mu_without_level(config):
+            needs.append(
+                need(schema.FERMI_LEVEL, f"'direct' training of a constant-μ head (stage(s) {direct})", True)
+            )
+    if config.data.charges_from_dipoles:
+        for key in (schema.CHARGES, schema.ATOMIC_DIPOLES):
+            needs.append(need(key, "data.charges_from_dipoles", every=True))
+    return needs
 
 
 def _check_induction(values: Any) -> None:

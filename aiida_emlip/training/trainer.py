@@ -28,6 +28,9 @@ from aiida_emlip.training.config import (
     LABEL_OF,
     LOSS_QUANTITIES,
     TrainConfig,
+    constant_mu_without_level,
+    direct_stages,
+    fermi_level_uses,
     required_labels,
 )
 from aiida_emlip.training.data import (
@@ -148,13 +151,7 @@ class Trainer:
     def _check_fermi_references(self) -> None:
         """A run that uses the Fermi level (a weighted ``fermi_level`` loss, a constant-μ head, ``direct``
         SCF training) must not mix Fermi levels measured from different references."""
-        cfg = self.config
-        head = cfg.model.get("head") or {}
-        uses = (
-            any(weights.get("fermi_level", 0) > 0 for weights in (cfg.loss, *(s.weights for s in cfg.stages)))
-            or head.get("ensemble") == "constant_mu"
-            or any(s.scf_mode == "direct" and s.epochs > 0 for s in cfg.stages)
-        )
+        uses = fermi_level_uses(self.config)
         counts = Counter(s.fermi_reference for s in self.train + self.valid + self.test if s.fermi_reference)
         if uses and len(counts) > 1:
             found = ", ".join(f"{ref} ({n} structure(s))" for ref, n in sorted(counts.items()))
@@ -261,7 +258,7 @@ class Trainer:
 
     def _check_stage_labels(self) -> None:
         """Labels that a stage's SCF training mode needs, checked before the first epoch (and --check)."""
-        direct = [s.name for s in self.config.stages if s.scf_mode == "direct" and s.epochs > 0]
+        direct = direct_stages(self.config)
         if not direct:
             return
         missing = [s.index for s in self.train if schema.CHARGES not in s.labels]
@@ -271,8 +268,7 @@ class Trainer:
                 f"({schema.CHARGES!r}) in every training structure; {len(missing)} lack them "
                 f"(first: structure {missing[0]})"
             )
-        head = self.model.config.head
-        if head.get("ensemble") == "constant_mu" and head.get("fermi_level") is None:
+        if constant_mu_without_level(self.config):
             without = [s.index for s in self.train if schema.FERMI_LEVEL not in s.atoms.info]
             if without:
                 raise DataError(

@@ -9,7 +9,9 @@ finished labels.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,6 +29,8 @@ from . import protocol as protocols
 from .functions import (
     assemble_dataset,
     configuration_key,
+    expected_fermi_reference,
+    expected_labels,
     natural_order,
     sample_configurations,
     split_configurations,
@@ -167,6 +171,135 @@ def plan_configurations(
             raise ConfigurationError(error.code, f"configuration {key}: {error}") from error
         planned.append((key, structure, settings, extra, setup))
     return cutoffs, planned
+
+
+def configuration_meta(settings: dict[str, Any], extra: dict[str, Any], setup: PwSetup) -> dict[str, Any]:
+    """The metadata of a configuration that its labels are assembled with (``assemble_dataset``)."""
+    return {
+        **extra,
+        **{k: v for k, v in settings.items() if k != "parameters"},
+        "periodic_bulk": setup.periodic_bulk,
+        "edir": setup.edir,
+        "dipfield": bool(setup.parameters["CONTROL"].get("dipfield", False)),
+        "slab": setup.slab,
+        "is_metal": setup.is_metal,
+        "nspin": setup.nspin,
+        "n_electrons": setup.n_electrons,
+        "isolated": str(setup.parameters["SYSTEM"].get("assume_isolated", "")).lower()
+        in OPEN_BOUNDARY_SCHEMES,
+    }
+
+
+def effective_postprocess(
+    inputs: dict[str, Any], overrides: dict[str, Any], pp_code: bool
+) -> tuple[dict[str, bool], dict[str, str]]:
+    """The post-processing a run does, and the steps it skips with the reason: ``inputs['postprocess']``,
+    except the Hirshfeld step, on by default, which is skipped without a ``pp_code`` unless the
+    overrides ask for it (the run then stops with exit 206, before any pw.x)."""
+    postprocess = dict(inputs["postprocess"])
+    asked = overrides.get("postprocess") or {}
+    if postprocess.get("hirshfeld") and not pp_code and "hirshfeld" not in asked:
+        postprocess["hirshfeld"] = False
+        return postprocess, {"hirshfeld": "on by default; no pp_code given"}
+    return postprocess, {}
+
+
+def configuration_steps(postprocess: dict[str, bool], slab: bool) -> dict[str, bool]:
+    """The post-processing steps of a configuration (the vacuum level only for slabs: ``slab`` is
+    :attr:`PwSetup.slab`, whether the configuration is one)."""
+    return {
+        "vacuum_level": bool(postprocess.get("vacuum_level")) and bool(slab),
+        "planar_potentials": bool(postprocess.get("planar_potentials")),
+        "hirshfeld": bool(postprocess.get("hirshfeld")),
+        "lowdin": bool(postprocess.get("lowdin")),
+    }
+
+
+#: Labels a run stores for every configuration, and those each post-processing step adds.
+ALWAYS_LABELS = frozenset(expected_labels({}, {}))
+STEP_LABELS = {
+    step: frozenset(expected_labels({}, {step: True}) - ALWAYS_LABELS) for step in ("hirshfeld", "lowdin")
+}
+#: Labels only some configurations get, by their pw.x setup.
+SETUP_LABELS = frozenset(expected_labels({"periodic_bulk": True, "dipfield": True}, {}) - ALWAYS_LABELS)
+#: Schema keys that are inputs of pw.x or tags (carried from the configurations), not labels.
+CARRIED_KEYS = frozenset(
+    {
+        schema.TOTAL_CHARGE,
+        schema.TOTAL_SPIN,
+        schema.EXTERNAL_FIELD,
+        schema.CONFIG_TYPE,
+        schema.FERMI_REFERENCE,
+    }
+)
+#: The input code each post-processing step needs.
+STEP_CODES = {"hirshfeld": "pp_code", "lowdin": "projwfc_code"}
+
+
+@dataclass(frozen=True)
+class LabelPlan:
+    """What the labelling of an ``emlip.dataset`` run will store when every step succeeds, worked out
+    from its inputs before anything runs (:meth:`EmlipDatasetWorkChain.plan_labels`)."""
+
+    #: The merged protocol inputs and the post-processing the run does (and skips, with the reason).
+    inputs: dict[str, Any]
+    postprocess: dict[str, bool]
+    skipped: dict[str, str]
+    #: Label -> configurations that will carry it; ``None`` where they are not known before the run
+    #: (a sampler recipe).
+    counts: dict[str, int] | None
+    #: ``fermi_reference`` -> configurations measured from it (``None``: not known before the run).
+    fermi_references: dict[str, int] | None
+
+    @property
+    def n_configurations(self) -> int | None:
+        return None if self.counts is None else self.counts.get(schema.ENERGY, 0)
+
+    def produces(self, key: str) -> bool | None:
+        """Whether some configuration will carry the label ``key`` (``None``: not known before the run,
+        or not a label the run decides, such as a key of the user's own)."""
+        if key in ALWAYS_LABELS:
+            return True
+        for step, labels in STEP_LABELS.items():
+            if key in labels:
+                return bool(self.postprocess.get(step))
+        if key in SETUP_LABELS:
+            return None if self.counts is None else self.counts.get(key, 0) > 0
+        if key in schema.LABELS and key not in CARRIED_KEYS:
+            return False
+        return None
+
+    def source(self, key: str) -> str:
+        """The setting that decides whether the run stores ``key``, as it stands."""
+        for step, labels in STEP_LABELS.items():
+            if key in labels:
+                if step in self.skipped:
+                    return (
+                        f"postprocess.{step} is skipped ({self.skipped[step]}): give the dataset a "
+                        f"{STEP_CODES[step]}"
+                    )
+                state = "on" if self.postprocess.get(step) else "off"
+                return (
+                    f"postprocess.{step} is {state} (it stores {key!r}: set the dataset overrides "
+                    f"{{postprocess: {{{step}: true}}}} and give a {STEP_CODES[step]})"
+                )
+        n = self.n_configurations
+        if key == schema.STRESS:
+            return (
+                "pw.x computes the stress of periodic bulk configurations only (tstress), those without a "
+                f"vacuum gap of vacuum_gap = {self.inputs['vacuum_gap']} Å or more, and none of the {n} "
+                "configurations is one"
+            )
+        if key == schema.DIPOLE:
+            return (
+                "pw.x reports the dipole of configurations run with its dipole correction only (dipfield: "
+                f"slabs with dipole_correction: true, now {self.inputs['dipole_correction']}, and "
+                f"configurations in an external_field), and none of the {n} configurations is one"
+            )
+        return (
+            f"emlip.dataset does not compute {key!r}: label the structures otherwise and give them as a "
+            "training set"
+        )
 
 
 class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
@@ -399,6 +532,59 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
             for key, _, _, _, setup in planned
         }
 
+    @classmethod
+    def plan_labels(cls, inputs: Mapping[str, Any]) -> LabelPlan | None:
+        """What a run with ``inputs`` (this workchain's inputs, e.g. a builder) will store, worked out as
+        the run will (merged protocol inputs, post-processing, every configuration's pw.x setup) before
+        anything runs; ``None`` when the protocol inputs are bad (the run stops with 201/202).
+
+        What depends on the configurations (:attr:`LabelPlan.counts`, :attr:`LabelPlan.fermi_references`)
+        is ``None`` when they are not known before the run (a sampler recipe) or cannot be planned (a
+        family or configuration the run refuses with its own exit code, before any pw.x).
+        """
+
+        def value(port: str) -> dict[str, Any] | None:
+            node = inputs.get(port)
+            return node.get_dict() if node is not None else None
+
+        overrides = value("overrides") or {}
+        protocol = inputs.get("protocol")
+        try:
+            merged = cls.resolve_protocol_inputs(
+                protocol.value if protocol is not None else None, overrides, value("protocol_inputs")
+            )
+        except (protocols.ProtocolError, protocols.OverrideError):
+            return None
+        postprocess, skipped = effective_postprocess(merged, overrides, inputs.get("pp_code") is not None)
+        plan = {"inputs": merged, "postprocess": postprocess, "skipped": skipped}
+        unknown = LabelPlan(**plan, counts=None, fermi_references=None)
+        sources = [name for name in ("configurations", "structures", "sampler") if inputs.get(name)]
+        if len(sources) != 1 or sources == ["sampler"]:
+            return unknown
+        try:
+            family = orm.load_group(inputs["pseudo_family"].value)
+            if not hasattr(family, "get_pseudo"):
+                return unknown
+            dataset = inputs.get("configurations")
+            if dataset is not None:  # as the run splits it, without storing anything
+                frames = dataset.to_ase()
+                structures = {
+                    configuration_key(i): orm.StructureData(ase=atoms) for i, atoms in enumerate(frames)
+                }
+                configs = pair_configurations(frames, structures)
+            else:
+                configs = collect_configurations(None, inputs.get("structures"), value("structure_settings"))
+            _, planned = plan_configurations(configs, family, merged)
+        except (exceptions.NotExistent, exceptions.MultipleObjectsError, ConfigurationError):
+            return unknown
+        counts: Counter[str] = Counter()
+        references: Counter[str] = Counter()
+        for _, _, settings, extra, setup in planned:
+            steps = configuration_steps(postprocess, setup.slab)
+            counts.update(expected_labels(configuration_meta(settings, extra, setup), steps))
+            references[expected_fermi_reference(steps)] += 1
+        return LabelPlan(**plan, counts=dict(counts), fermi_references=dict(references))
+
     # ------------------------------------------------------------------ steps
     def setup(self):
         """The protocol inputs (given, or protocol and overrides merged); the configuration sources and the
@@ -429,14 +615,13 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
             return self.exit_codes.ERROR_UNKNOWN_FAMILY.format(
                 message="group is not a pseudopotential family"
             )
-        postprocess = self.ctx.inputs["postprocess"]
-        self.ctx.postprocess_skipped = {}
-        if postprocess["hirshfeld"] and "pp_code" not in self.inputs:
-            if "hirshfeld" not in overrides.get("postprocess", {}):
-                # on by default (the reference multipoles that training supervises): skipped, with a word
-                postprocess["hirshfeld"] = False
-                self.ctx.postprocess_skipped = {"hirshfeld": "on by default; no pp_code given"}
-                self.report("Hirshfeld charges (on by default) skipped: no pp_code given")
+        # Hirshfeld is on by default (the reference multipoles that training supervises): without a
+        # pp_code it is skipped, with a word
+        postprocess, skipped = effective_postprocess(self.ctx.inputs, overrides, "pp_code" in self.inputs)
+        self.ctx.inputs["postprocess"] = postprocess
+        self.ctx.postprocess_skipped = skipped
+        if skipped:
+            self.report("Hirshfeld charges (on by default) skipped: no pp_code given")
         wanted = [k for k in ("vacuum_level", "planar_potentials", "hirshfeld") if postprocess.get(k)]
         if wanted and "pp_code" not in self.inputs:
             return self.exit_codes.ERROR_MISSING_POSTPROCESS_CODE.format(
@@ -537,19 +722,7 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
                 "structure": structure.uuid,
                 "parameters": setup.parameters,
                 "mesh": setup.kpoints_mesh,
-                "meta": {
-                    **extra,
-                    **{k: v for k, v in settings.items() if k != "parameters"},
-                    "periodic_bulk": setup.periodic_bulk,
-                    "edir": setup.edir,
-                    "dipfield": bool(setup.parameters["CONTROL"].get("dipfield", False)),
-                    "slab": setup.slab,
-                    "is_metal": setup.is_metal,
-                    "nspin": setup.nspin,
-                    "n_electrons": setup.n_electrons,
-                    "isolated": str(setup.parameters["SYSTEM"].get("assume_isolated", "")).lower()
-                    in OPEN_BOUNDARY_SCHEMES,
-                },
+                "meta": configuration_meta(settings, extra, setup),
             }
         self.ctx.cutoffs = cutoffs
         self.ctx.pending = list(self.ctx.order)
@@ -567,14 +740,7 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
 
     def _steps(self, key: str) -> dict[str, bool]:
         """The post-processing steps of configuration ``key`` (the vacuum level only for slabs)."""
-        postprocess = self.ctx.inputs["postprocess"]
-        slab = bool(self.ctx.configs[key]["meta"].get("slab"))
-        return {
-            "vacuum_level": bool(postprocess.get("vacuum_level")) and slab,
-            "planar_potentials": bool(postprocess.get("planar_potentials")),
-            "hirshfeld": bool(postprocess.get("hirshfeld")),
-            "lowdin": bool(postprocess.get("lowdin")),
-        }
+        return configuration_steps(self.ctx.inputs["postprocess"], self.ctx.configs[key]["meta"].get("slab"))
 
     def _label_builder(self, key: str):
         """The ``EmlipLabelWorkChain`` of configuration ``key``: its pw.x inputs and post-processing."""

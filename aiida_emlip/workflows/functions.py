@@ -64,6 +64,32 @@ def split_configurations(configurations: EmlipDatasetData) -> dict[str, orm.Stru
     }
 
 
+def expected_labels(meta: dict[str, Any], steps: dict[str, bool]) -> set[str]:
+    """The labels :func:`assemble_dataset` stores for a configuration when its pw.x run and every
+    post-processing step succeed, known before anything runs (what :func:`_labels` and the
+    post-processing outputs give): ``meta`` is the configuration's metadata in the dataset workchain,
+    ``steps`` its post-processing steps. The Fermi level is always there (pw.x's Fermi energy, or its
+    highest occupied level with fixed occupations), the stress of periodic bulk only, the dipole with
+    ``dipfield`` only."""
+    labels = {schema.ENERGY, schema.FORCES, schema.FERMI_LEVEL}
+    if meta.get("periodic_bulk"):
+        labels.add(schema.STRESS)
+    if meta.get("dipfield"):
+        labels.add(schema.DIPOLE)
+    if steps.get("hirshfeld"):
+        labels |= {schema.CHARGES, schema.ATOMIC_DIPOLES}
+    if steps.get("lowdin"):
+        labels.add(schema.LOWDIN_CHARGES)
+    return labels
+
+
+def expected_fermi_reference(steps: dict[str, bool]) -> str:
+    """What a configuration's ``fermi_level`` will be measured from when its steps succeed (see
+    :func:`assemble_dataset`): the vacuum where the vacuum level is computed (slabs), else the cell
+    average of the electrostatic potential."""
+    return "vacuum" if steps.get("vacuum_level") else "cell_average"
+
+
 def _labels(meta: dict[str, Any], parameters: orm.Dict, trajectory: orm.TrajectoryData, atoms: Atoms) -> None:
     """Write the pw.x labels of one configuration into ``atoms.info`` / ``atoms.arrays`` (schema keys).
 

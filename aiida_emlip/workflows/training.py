@@ -7,11 +7,11 @@ from typing import Any
 from aiida import orm
 from aiida.engine import ToContext, WorkChain, calcfunction, if_
 
-from aiida_emlip.calculations.train import check_job, config_problem
+from aiida_emlip.calculations.train import check_job, config_problem, job_config
 from aiida_emlip.data.dataset import EmlipDatasetData
 from aiida_emlip.data.model import EmlipModelData
 from aiida_emlip.training.launch import check_nproc_per_node
-from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain
+from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain, LabelPlan
 from aiida_emlip.workflows.process_state import how_it_ended
 from aiida_emlip.workflows.train_base import EmlipTrainBaseWorkChain
 
@@ -57,6 +57,44 @@ def comparison_table(metrics: dict[str, dict[str, Any]], split: str = "test") ->
             }
         table[label] = row
     return table
+
+
+def labelling_problems(designs: dict[str, dict[str, Any]], plan: LabelPlan) -> list[str]:
+    """What each design needs of the training data that the labelling of ``plan`` will not produce,
+    one line per design and label (empty: nothing). The needs are those ``emlip-train --check`` refuses
+    data without (:func:`~aiida_emlip.training.config.label_needs`, under the design's ``data.keys``),
+    and one Fermi reference for a design that uses the Fermi level."""
+    from aiida_emlip.training.config import fermi_level_uses, label_needs, parse_config
+    from aiida_emlip.training.errors import ConfigError
+
+    problems = []
+    for label, config in designs.items():
+        try:
+            parsed = parse_config(job_config(config))
+        except ConfigError:
+            continue  # the designs port reports it
+        reasons: dict[str, list[str]] = {}
+        for need in label_needs(parsed):
+            if plan.produces(need.file_key) is False:
+                reasons.setdefault(need.file_key, []).append(need.reason)
+        for key, why in reasons.items():
+            what = " and ".join(dict.fromkeys(why))
+            verb = "needs" if len(set(why)) == 1 else "need"
+            problems.append(
+                f"design {label}: {what} {verb} the label {key!r}, which the labelling will not produce: "
+                f"{plan.source(key)}"
+            )
+        uses = fermi_level_uses(parsed)
+        references = plan.fermi_references or {}
+        if uses and len(references) > 1:
+            found = ", ".join(f"{ref} ({n} configuration(s))" for ref, n in sorted(references.items()))
+            problems.append(
+                f"design {label}: {' and '.join(uses)} use(s) the Fermi level, which the labelling will "
+                f"measure from different references: {found}; postprocess.vacuum_level measures it from "
+                "the vacuum on slabs only: label the slabs and the other configurations apart, or set the "
+                "dataset overrides {postprocess: {vacuum_level: false}}"
+            )
+    return problems
 
 
 @calcfunction
@@ -153,8 +191,26 @@ class EmlipTrainingWorkChain(WorkChain):
         if "training_set" in self.inputs:
             self.ctx.training_set = self.inputs.training_set
             refused = self._check_designs(self.inputs.training_set)
-            if refused:
-                return self.exit_codes.ERROR_INVALID_INPUTS.format(message=refused)
+        else:
+            refused = self._check_labels_to_come()
+        if refused:
+            return self.exit_codes.ERROR_INVALID_INPUTS.format(message=refused)
+        return None
+
+    def _check_labels_to_come(self) -> str | None:
+        """Every design's labels against what the dataset workchain will produce (its protocol inputs,
+        post-processing and configurations), before any pw.x is submitted."""
+        plan = EmlipDatasetWorkChain.plan_labels(
+            self.exposed_inputs(EmlipDatasetWorkChain, namespace="dataset")
+        )
+        if plan is None:
+            return None  # bad protocol inputs: the dataset workchain stops with 201/202, before any pw.x
+        problems = labelling_problems(self.inputs.designs.get_dict(), plan)
+        if problems:
+            return (
+                "design(s) need labels the labelling will not produce, nothing was submitted: "
+                + "; ".join(problems)
+            )
         return None
 
     def _check_designs(self, dataset: EmlipDatasetData) -> str | None:

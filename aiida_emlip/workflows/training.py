@@ -11,7 +11,8 @@ from aiida_emlip.calculations.train import check_job, config_problem, job_config
 from aiida_emlip.data.dataset import EmlipDatasetData
 from aiida_emlip.data.model import EmlipModelData
 from aiida_emlip.training.launch import check_nproc_per_node
-from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain, LabelPlan
+from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain
+from aiida_emlip.workflows.label_plan import LabelPlan
 from aiida_emlip.workflows.process_state import how_it_ended
 from aiida_emlip.workflows.train_base import EmlipTrainBaseWorkChain
 

@@ -12,7 +12,9 @@ The full format is in ``docs/study.md``; ``aiida_emlip/studies/demo.yaml`` is a 
 from __future__ import annotations
 
 import copy
+import difflib
 from dataclasses import dataclass
+from functools import cache
 from importlib import resources as importlib_resources
 from pathlib import Path
 from typing import Any, Protocol
@@ -282,6 +284,9 @@ def _dft(dft: dict[str, Any], c: _Checker) -> None:
         c.add(("dft", "protocol"), str(exc))
     except protocols.OverrideError as exc:
         c.add(("dft", "overrides"), str(exc))
+    overrides = dft.get("overrides") or {}
+    if isinstance(overrides, dict):  # pw.x's calculations (and pp.x's, projwfc.x's with the same options)
+        _calcjob_options(overrides.get("options"), ("dft", "overrides", "options"), CODE_ROLES["pw"][1], c)
     if dft.get("max_concurrent", 1) < 1:
         c.add(("dft", "max_concurrent"), "must be at least 1")
 
@@ -305,6 +310,7 @@ def _training(training: dict[str, Any], c: _Checker) -> None:
     if training.get("device") not in DEVICES:
         c.add(("training", "device"), f"choose from {', '.join(DEVICES)}")
     options = training.get("options")
+    _calcjob_options(options, ("training", "options"), CODE_ROLES["train"][1], c)
     if isinstance(options, dict) and "nproc_per_node" in options:
         problem = check_nproc_per_node(options["nproc_per_node"])
         if problem:
@@ -393,9 +399,50 @@ def _system_details(system: dict[str, Any], path: tuple[Any, ...], c: _Checker) 
                 c.add((*path, "parameters", namelist), "pw.x namelists CONTROL, SYSTEM, ELECTRONS (mappings)")
 
 
-def _evaluation(evaluation: dict[str, Any], c: _Checker) -> None:
-    options = evaluation.get("options") or {}
-    where = ("evaluation", "options")
+#: Scheduler words that are no CalcJob option → the option that says it (a hint only: the names checked
+#: are those of the calculation's spec).
+SCHEDULER_WORDS = {
+    "partition": "queue_name",
+    "queue": "queue_name",
+    "time": "max_wallclock_seconds",
+    "walltime": "max_wallclock_seconds",
+    "nodes": "resources",
+    "ntasks": "resources",
+    "mem": "max_memory_kb",
+    "memory": "max_memory_kb",
+    "gres": "custom_scheduler_commands",
+}
+
+
+@cache
+def calcjob_option_names(plugin: str) -> tuple[str, ...]:
+    """The ``metadata.options`` of the calculation plugin ``plugin`` (``emlip.train``, ...), read from
+    its spec: AiiDA's CalcJob options and what the plugin adds (``nproc_per_node`` of ``emlip.train``)."""
+    from aiida.plugins import CalculationFactory
+
+    return tuple(sorted(CalculationFactory(plugin).spec().inputs["metadata"]["options"]))
+
+
+def option_name_problem(name: Any, plugin: str) -> str | None:
+    """Why ``name`` is no option of the calculation plugin ``plugin`` (the closest option suggested);
+    ``None`` when it is one."""
+    names = calcjob_option_names(plugin)
+    if name in names:
+        return None
+    word = SCHEDULER_WORDS.get(str(name).lower())
+    close = [word] if word in names else difflib.get_close_matches(str(name), names, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"the options: {', '.join(names)}"
+    return f"not an option of the {plugin} calculations; {hint}"
+
+
+def _calcjob_options(options: Any, where: tuple[Any, ...], plugin: str, c: _Checker) -> None:
+    """Every name of ``options`` an option of ``plugin``'s calculations; the known ones of the right type."""
+    if not isinstance(options, dict):
+        return
+    for name in options:
+        problem = option_name_problem(name, plugin)
+        if problem:
+            c.add((*where, name), problem)
     resources = options.get("resources")
     if resources is not None and not isinstance(resources, dict):
         c.add((*where, "resources"), "must be a map, e.g. {num_machines: 1, num_mpiprocs_per_machine: 1}")
@@ -407,6 +454,10 @@ def _evaluation(evaluation: dict[str, Any], c: _Checker) -> None:
     for key in ("queue_name", "account", "qos", "custom_scheduler_commands", "prepend_text"):
         if key in options and not isinstance(options[key], str):
             c.add((*where, key), "must be a string")
+
+
+def _evaluation(evaluation: dict[str, Any], c: _Checker) -> None:
+    _calcjob_options(evaluation.get("options") or {}, ("evaluation", "options"), CODE_ROLES["eval"][1], c)
 
 
 def evaluation_options(spec: dict[str, Any]) -> dict[str, Any]:

@@ -197,3 +197,91 @@ def test_planar_average_and_vacuum_levels():
     assert top == pytest.approx(1.0) and bottom == pytest.approx(1.0)
     top, bottom = vacuum_levels(profile, emaxpos=0.45, eopreg=0.1)
     assert top == pytest.approx(0.0) and bottom == pytest.approx(1.0)
+
+
+def test_parallelization_is_a_checked_protocol_key():
+    """``parallelization`` takes aiida-quantumespresso's flag names and positive whole numbers only."""
+    assert get_protocol_inputs("fast")["parallelization"] == {}
+    merged = get_protocol_inputs("fast", {"parallelization": {"npool": 4, "ndiag": 1}})
+    assert merged["parallelization"] == {"npool": 4, "ndiag": 1}
+    assert check_protocol_inputs(merged, "fast")["parallelization"] == {"npool": 4, "ndiag": 1}
+    refused = [
+        ({"nk": 2}, r"unknown flag 'nk' \(pw.x's -nk is -npool: write npool\)"),
+        ({"nimage": 2}, "unknown flag 'nimage'; allowed: npool, nband, ntg, ndiag"),
+        ({"npool": 0}, "npool must be a positive whole number, got 0"),
+        ({"npool": -2}, "positive whole number"),
+        ({"npool": 1.5}, "positive whole number"),
+        ({"npool": "2"}, "positive whole number"),
+        ({"npool": True}, "positive whole number"),
+        (4, "must be a mapping"),
+    ]
+    for value, message in refused:
+        with pytest.raises(OverrideError, match=message):
+            get_protocol_inputs("fast", {"parallelization": value})
+        if isinstance(value, dict):  # complete inputs given back are checked the same way
+            with pytest.raises(OverrideError, match=message):
+                check_protocol_inputs({**merged, "parallelization": value}, "fast")
+
+
+@pytest.mark.parametrize(
+    ("flags", "withmpi", "processes", "message"),
+    [
+        ({"npool": 2}, False, 2, "needs pw.x under MPI"),
+        ({"ntg": 2}, False, None, "needs pw.x under MPI"),
+        ({"npool": 3}, True, 2, "npool x nband = 3 does not divide the 2 MPI processes"),
+        ({"npool": 3}, True, 4, "npool x nband = 3 does not divide the 4 MPI processes"),
+        ({"npool": 2}, True, 1, "does not divide the 1 MPI process of"),
+        ({"npool": 2, "nband": 2}, True, 2, "npool x nband = 4 does not divide"),
+        ({"ntg": 3}, True, 4, "ntg 3 does not divide the 4 processes of one band group"),
+        ({"npool": 2, "ntg": 2}, True, 2, "ntg 2 does not divide the 1 processes of one band group"),
+    ],
+)
+def test_parallelization_pw_x_stops_on_is_refused(flags, withmpi, processes, message):
+    """What pw.x 6.7 stops on at once (measured with mpirun: ``invalid number of pools``, ``invalid
+    number of band groups``, ``nyfft value incompatible with nproc_bgrp``), refused before it runs."""
+    from aiida_emlip.workflows.pw_inputs import check_parallelization
+
+    with pytest.raises(ConfigurationError, match=message) as error:
+        check_parallelization(flags, withmpi, processes)
+    assert error.value.code == "ERROR_INVALID_PARALLELIZATION"
+
+
+@pytest.mark.parametrize(
+    ("flags", "withmpi", "processes"),
+    [
+        ({"npool": 2}, True, 2),  # pw.x 6.7: "K-points division: npool = 2"
+        ({"npool": 2}, True, None),  # processes not known: pw.x decides
+        ({"npool": 1, "ntg": 1}, False, 1),  # nothing parallel: serial is fine
+        ({"npool": 2, "nband": 2}, True, 4),
+        ({"npool": 2, "ntg": 2}, True, 4),  # pw.x 6.7 ran it
+        ({"ndiag": 4}, True, 2),  # pw.x lowers ndiag to what it can use (ran)
+        ({"ndiag": 4}, False, 1),
+    ],
+)
+def test_parallelization_pw_x_runs_is_kept(flags, withmpi, processes):
+    from aiida_emlip.workflows.pw_inputs import check_parallelization
+
+    check_parallelization(flags, withmpi, processes)
+
+
+def test_pw_cmdline_follows_aiida_quantumespresso_order():
+    from aiida_emlip.workflows.protocol import parallelization_flags
+    from aiida_emlip.workflows.pw_inputs import pw_cmdline
+
+    flags = parallelization_flags()
+    assert flags == ("npool", "nband", "ntg", "ndiag")
+    assert pw_cmdline({"ndiag": 4, "npool": 2}, flags) == ["-npool", "2", "-ndiag", "4"]
+    assert pw_cmdline({}, flags) == []
+
+
+def test_parallelization_is_recorded_but_not_in_the_digest():
+    """The same DFT settings with and without k-point pools have one digest (as with and without the
+    profile's code UUID); any DFT setting still changes it."""
+    from aiida_emlip.data.dataset import dft_settings_digest
+
+    settings = {"code": "pw@cluster", "ecutwfc": 30.0, "protocol_inputs": get_protocol_inputs("fast")}
+    settings["protocol_inputs"].pop("parallelization")
+    settings["protocol_inputs"].pop("options")
+    pooled = {**settings, "parallelization": {"npool": 4}, "code_uuid": "0000"}
+    assert dft_settings_digest(pooled) == dft_settings_digest(settings) != ""
+    assert dft_settings_digest({**pooled, "ecutwfc": 31.0}) != dft_settings_digest(settings)

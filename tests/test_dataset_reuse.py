@@ -123,9 +123,9 @@ def test_invalidated_source_is_not_reused(first):
 
 def test_recorded_dft_settings_name_the_code_by_label_and_uuid(first, pw_code):
     """The dataset records the pw.x code's label and UUID; the digest of the settings, and the settings
-    that the study's split sets carry (training inputs, compared across profiles), leave the UUID out:
-    the same settings with a code set up again elsewhere (another UUID, another computer name) give
-    the same digest and the same split sets."""
+    that the study's split sets carry (training inputs, compared across profiles), leave the UUID and
+    the pw.x parallelisation out: the same settings with a code set up again elsewhere (another UUID,
+    another computer name, k-point pools there) give the same digest and the same split sets."""
     import uuid
 
     from aiida import orm
@@ -137,7 +137,8 @@ def test_recorded_dft_settings_name_the_code_by_label_and_uuid(first, pw_code):
     settings = dataset.dft_settings
     assert settings["code"] == pw_code.full_label and settings["code_uuid"] == pw_code.uuid
     recorded = {key: value for key, value in settings.items() if key != "digest"}
-    elsewhere = {**recorded, "code_uuid": str(uuid.uuid4())}
+    assert "parallelization" not in settings  # none asked for: none recorded
+    elsewhere = {**recorded, "code_uuid": str(uuid.uuid4()), "parallelization": {"npool": 4}}
     assert settings["digest"] == dft_settings_digest(recorded) == dft_settings_digest(elsewhere)
     assert dft_settings_digest({**recorded, "ecutwfc": 99.0}) != settings["digest"]
     # another profile: the same labels from a code with another UUID on a computer of another name
@@ -150,7 +151,7 @@ def test_recorded_dft_settings_name_the_code_by_label_and_uuid(first, pw_code):
     here, there = split_study(dataset, split), split_study(other, split)
     for name in ("training_set", "held_out_set"):
         kept = here[name].dft_settings
-        assert "code_uuid" not in kept and kept["code"] == "pw", kept
+        assert "code_uuid" not in kept and "parallelization" not in kept and kept["code"] == "pw", kept
         assert kept == there[name].dft_settings
         assert here[name].base.attributes.get("dft_settings_digest") == dft_settings_digest(kept)
     assert (

@@ -113,6 +113,109 @@ def test_training_processes_per_machine_are_checked():
         assert message in info.value.format()
 
 
+MISSPELT = textwrap.dedent(
+    """\
+    name: cluster
+    dft:
+      protocol: fast
+      overrides:
+        options: {queue: cpu, max_wallclock_seconds: 1800}
+    systems:
+      water:
+        structure: {molecule: H2O, box: 8.0}
+        rattle: {n: 3, stdev: 0.05}
+    designs: [sr]
+    training:
+      epochs: 2
+      options:
+        resource: {num_machines: 1}
+        nproc_per_node: 2
+        custom_scheduler_command: "#SBATCH --gres=gpu:1"
+    evaluation:
+      options:
+        max_wallclock_second: 600
+        partition: short
+        nproc_per_node: 2
+        account: my-project
+    """
+)
+
+
+def test_misspelt_scheduler_options_are_reported_with_the_closest_name():
+    """Every option name is checked against the options of the calculations that get it (read from
+    their specs), with its line and the closest valid name; a misspelt one never reaches a job."""
+    with pytest.raises(SpecError) as info:
+        parse_spec(MISSPELT, "cluster.yaml", resources=FakeResources())
+    found = {(p.line, p.path): p.message for p in info.value.problems}
+    assert set(found) == {
+        (5, "dft.overrides.options.queue"),
+        (14, "training.options.resource"),
+        (16, "training.options.custom_scheduler_command"),
+        (19, "evaluation.options.max_wallclock_second"),
+        (20, "evaluation.options.partition"),
+        (21, "evaluation.options.nproc_per_node"),
+    }, info.value.format()
+    assert found[(5, "dft.overrides.options.queue")].endswith("did you mean 'queue_name'?")
+    assert "emlip.train calculations; did you mean 'resources'?" in found[(14, "training.options.resource")]
+    assert found[(16, "training.options.custom_scheduler_command")].endswith("'custom_scheduler_commands'?")
+    assert found[(19, "evaluation.options.max_wallclock_second")].endswith("'max_wallclock_seconds'?")
+    assert found[(20, "evaluation.options.partition")].endswith("did you mean 'queue_name'?")
+    # emlip.train's own option, not one of emlip.evaluate's: each block is checked against its plugin
+    assert (
+        "not an option of the emlip.evaluate calculations" in found[(21, "evaluation.options.nproc_per_node")]
+    )
+    assert "cluster.yaml:14: training.options.resource: not an option" in info.value.format()
+    fixed = (
+        MISSPELT.replace("{queue: cpu,", "{queue_name: cpu,")
+        .replace("resource:", "resources:")
+        .replace("custom_scheduler_command:", "custom_scheduler_commands:")
+        .replace("max_wallclock_second:", "max_wallclock_seconds:")
+        .replace("partition:", "queue_name:")
+        .replace("    nproc_per_node: 2\n    account", "    account")
+    )
+    spec = parse_spec(fixed, "cluster.yaml", resources=FakeResources())
+    assert spec["training"]["options"]["resources"] == {"num_machines": 1}
+    assert spec["evaluation"]["options"] == {
+        "max_wallclock_seconds": 600,
+        "queue_name": "short",
+        "account": "my-project",
+    }
+
+
+def test_option_names_come_from_the_calculation_specs():
+    from aiida.engine import CalcJob
+    from aiida.plugins import CalculationFactory
+
+    from aiida_emlip.spec import calcjob_option_names, option_name_problem
+
+    base = set(CalcJob.spec().inputs["metadata"]["options"])
+    train, evaluate = set(calcjob_option_names("emlip.train")), set(calcjob_option_names("emlip.evaluate"))
+    assert {"max_wallclock_seconds", "resources", "queue_name", "account", "qos", "withmpi"} <= base
+    assert train == set(CalculationFactory("emlip.train").spec().inputs["metadata"]["options"])
+    assert train - base == {"nproc_per_node"} and evaluate == base
+    assert "without_xml" in calcjob_option_names("quantumespresso.pw")
+    assert option_name_problem("max_wallclock_seconds", "emlip.evaluate") is None
+    listed = option_name_problem("zzz", "emlip.evaluate")
+    assert listed.startswith("not an option of the emlip.evaluate calculations; the options: account, ")
+
+
+def test_training_workchain_refuses_a_misspelt_train_option(aiida_profile):
+    """The Python path (``train_options`` of ``emlip.training``) is checked the same way."""
+    from aiida import orm
+
+    from aiida_emlip.workflows.training import EmlipTrainingWorkChain, validate_train_options
+
+    problem = validate_train_options(orm.Dict({"max_wallclock_second": 60}), None)
+    assert problem == (
+        "train_options.max_wallclock_second: not an option of the emlip.train calculations; "
+        "did you mean 'max_wallclock_seconds'?"
+    )
+    assert validate_train_options(orm.Dict({"max_wallclock_seconds": 60, "nproc_per_node": 2}), None) is None
+    builder = EmlipTrainingWorkChain.get_builder()
+    with pytest.raises(ValueError, match=r"train_options\.resource: .*did you mean 'resources'\?"):
+        builder.train_options = orm.Dict({"resource": {"num_machines": 1}})
+
+
 def test_bad_spec_reports_every_problem_with_its_line():
     with pytest.raises(SpecError) as info:
         parse_spec(BAD, "bad.yaml")

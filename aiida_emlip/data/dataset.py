@@ -59,14 +59,18 @@ METADATA_KEYS = frozenset(
 #: left out of :func:`dft_settings_digest`, so the same settings in another profile (a code set up
 #: again, under a new UUID) have the same digest.
 PROFILE_KEYS = frozenset({"code_uuid"})
+#: Keys of the DFT settings that say how pw.x ran in parallel (k-point pools, ...): recorded, but left
+#: out of :func:`dft_settings_digest` (and of a study's training sets), as the labels do not depend on
+#: them: the same settings with and without pools have the same digest.
+EXECUTION_KEYS = frozenset({"parallelization"})
 
 
 def dft_settings_digest(settings: Mapping[str, Any] | None) -> str:
-    """Return the sha256 of the canonical JSON of ``settings`` ('' for none), :data:`PROFILE_KEYS`
-    left out."""
+    """Return the sha256 of the canonical JSON of ``settings`` ('' for none), :data:`PROFILE_KEYS` and
+    :data:`EXECUTION_KEYS` left out."""
     if not settings:
         return ""
-    settings = {key: value for key, value in settings.items() if key not in PROFILE_KEYS}
+    settings = {key: value for key, value in settings.items() if key not in PROFILE_KEYS | EXECUTION_KEYS}
     text = json.dumps(settings, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 

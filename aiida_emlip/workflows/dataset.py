@@ -37,7 +37,14 @@ from .functions import (
 from .label import PP_STEPS, STEP_OUTPUTS, EmlipLabelWorkChain, called, step_failure, step_name
 from .label_plan import LabelPlan
 from .process_state import how_it_ended
-from .pw_inputs import ConfigurationError, PwSetup, build_pw_setup, mpi_option
+from .pw_inputs import (
+    ConfigurationError,
+    PwSetup,
+    build_pw_setup,
+    check_parallelization,
+    mpi_option,
+    pw_cmdline,
+)
 from .reuse import DIGEST_EXTRA, REUSED_FROM_EXTRA, finished_twin, inputs_digest, origin, returned
 from .samplers import SAMPLERS
 from .window import WakeOnFirstChild
@@ -122,6 +129,35 @@ def collect_configurations(
     if unknown:
         raise ConfigurationError("ERROR_INVALID_CONFIGURATIONS", f"settings for unknown structures {unknown}")
     return [(key, structures[key], dict(settings.get(key, {}))) for key in natural_order(structures)]
+
+
+def mpi_processes(code: orm.AbstractCode, resources: Any) -> int | None:
+    """The MPI processes of a calculation on ``code`` with ``resources`` as AiiDA counts them for the job
+    (the computer's scheduler, its default processes per machine); ``None`` where that is not known (a
+    code without a computer, resources the scheduler refuses: the calculation itself reports those)."""
+    try:
+        computer = code.computer
+        scheduler = computer.get_scheduler()
+        given = dict(resources)
+        scheduler.preprocess_resources(given, computer.get_default_mpiprocs_per_machine())
+        return int(scheduler.create_job_resource(**given).get_tot_num_mpiprocs())
+    except Exception:  # any failure means: not known here
+        return None
+
+
+def check_pw_parallelization(code: orm.AbstractCode, inputs: dict[str, Any]) -> None:
+    """Raise :class:`~.pw_inputs.ConfigurationError` (``ERROR_INVALID_PARALLELIZATION``) when pw.x on
+    ``code`` cannot run with the ``parallelization`` of the merged protocol ``inputs``: flags above 1
+    on a calculation without MPI, or pools and band groups that do not divide the MPI processes of
+    ``options.resources`` (:func:`~.pw_inputs.check_parallelization`)."""
+    parallelization = inputs.get("parallelization") or {}
+    if not parallelization:
+        return
+    options = inputs.get("options") or {}
+    withmpi = mpi_option(code.with_mpi, bool(options.get("withmpi", False)))
+    check_parallelization(
+        parallelization, withmpi, mpi_processes(code, options.get("resources") or {}), code.full_label
+    )
 
 
 def dataset_cutoffs(family: orm.Group, elements: list[str], inputs: dict[str, Any]) -> tuple[float, float]:
@@ -334,6 +370,11 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
             206, "ERROR_MISSING_POSTPROCESS_CODE", message="Post-processing code missing: {message}"
         )
         spec.exit_code(
+            207,
+            "ERROR_INVALID_PARALLELIZATION",
+            message="pw.x cannot run with this parallelization: {message}",
+        )
+        spec.exit_code(
             210, "ERROR_ELEMENT_NOT_IN_FAMILY", message="Element missing from the family: {message}"
         )
         spec.exit_code(211, "ERROR_NO_ELECTRONS", message="No electrons left: {message}")
@@ -413,8 +454,11 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
         so bad configurations raise :class:`~.pw_inputs.ConfigurationError` (``code`` names the exit code)
         and bad protocol inputs ``ProtocolError``/``OverrideError``. Per configuration key:
         ``parameters`` (the CONTROL/SYSTEM/ELECTRONS namelists), ``kpoints_mesh``, ``n_electrons``,
-        ``nspin``, ``is_metal``, ``slab`` and ``notes``. A ``sampler`` builder has no configurations
-        before it runs (``ValueError``). The family must exist in the loaded profile.
+        ``nspin``, ``is_metal``, ``slab``, ``notes``, ``parallelization`` (the ``PwCalculation`` input,
+        ``{}`` for none) and ``cmdline`` (the flags it puts on pw.x's command line, ``["-npool", "2"]``).
+        A parallelization the code cannot run raises ``ConfigurationError``
+        (``ERROR_INVALID_PARALLELIZATION``). A ``sampler`` builder has no configurations before it runs
+        (``ValueError``). The family must exist in the loaded profile.
         """
 
         def value(port: str) -> dict[str, Any] | None:
@@ -427,6 +471,10 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
         inputs = cls.resolve_protocol_inputs(
             protocol.value if protocol is not None else None, value("overrides"), value("protocol_inputs")
         )
+        if builder.get("code") is not None:
+            check_pw_parallelization(builder.code, inputs)
+        parallelization = dict(inputs.get("parallelization") or {})
+        cmdline = pw_cmdline(parallelization, protocols.parallelization_flags())
         family = orm.load_group(builder.pseudo_family.value)
         configs = collect_configurations(
             builder.get("configurations"), builder.get("structures"), value("structure_settings")
@@ -441,6 +489,8 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
                 "is_metal": setup.is_metal,
                 "slab": setup.slab,
                 "notes": list(setup.notes),
+                "parallelization": dict(parallelization),
+                "cmdline": list(cmdline),
             }
             for key, _, _, _, setup in planned
         }
@@ -515,6 +565,10 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
             return self.exit_codes.ERROR_INVALID_OVERRIDES.format(
                 message=f"on_unhandled_failure {action!r}: choose from {', '.join(UNHANDLED_FAILURE_ACTIONS)}"
             )
+        try:
+            check_pw_parallelization(self.inputs.code, self.ctx.inputs)
+        except ConfigurationError as error:
+            return self.exit_codes.ERROR_INVALID_PARALLELIZATION.format(message=str(error))
         sources = [name for name in ("configurations", "structures", "sampler") if self.inputs.get(name)]
         if len(sources) != 1:
             return self.exit_codes.ERROR_INVALID_CONFIGURATIONS.format(
@@ -671,6 +725,8 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
         # an MPI code runs under mpirun (and a serial one without) whatever the protocol's withmpi says
         options["withmpi"] = mpi_option(self.inputs.code.with_mpi, bool(options.get("withmpi", False)))
         builder.pw.pw.metadata.options = options
+        if inputs.get("parallelization"):  # -npool N ... on pw.x's command line (aiida-quantumespresso)
+            builder.pw.pw.parallelization = orm.Dict(dict(inputs["parallelization"]))
         builder.pw.kpoints = kpoints
         builder.pw.max_iterations = orm.Int(int(inputs["max_iterations"]))
         builder.pw.on_unhandled_failure = orm.Str(str(inputs["on_unhandled_failure"]))
@@ -793,12 +849,13 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
         self.report(f"configuration {key}: {message}")
 
     def _dft_settings(self) -> dict[str, Any]:
-        inputs = {k: v for k, v in self.ctx.inputs.items() if k not in ("options",)}
+        # how the calculations ran (CalcJob options, pw.x parallelisation) is not a DFT setting
+        inputs = {k: v for k, v in self.ctx.inputs.items() if k not in ("options", "parallelization")}
         family = self.ctx.family
         elements = sorted(
             {el for c in self.ctx.configs.values() for el in orm.load_node(c["structure"]).get_symbols_set()}
         )
-        return {
+        settings = {
             "code": self.inputs.code.full_label,
             "code_uuid": self.inputs.code.uuid,  # which code of the profile (not in the digest)
             "pseudo_family": family.label,
@@ -808,6 +865,9 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
             "protocol_inputs": inputs,
             "fermi_reference": "cell_average",
         }
+        if self.ctx.inputs.get("parallelization"):  # recorded, but not in the digest (EXECUTION_KEYS)
+            settings["parallelization"] = dict(self.ctx.inputs["parallelization"])
+        return settings
 
     def results(self):
         """Assemble the dataset and the failure report (a calcfunction, so both are in the provenance)."""

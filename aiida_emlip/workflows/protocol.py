@@ -18,10 +18,44 @@ from aiida_quantumespresso.workflows.protocols.utils import ProtocolMixin
 PROTOCOL_DIR = Path(__file__).resolve().parent / "protocols"
 PROTOCOL_FILE = PROTOCOL_DIR / "dataset.yaml"
 
-#: Maps whose keys are free (pw.x namelists, CalcJob options); every other key must exist in the defaults.
-FREE_MAPS = frozenset({"parameters", "options"})
+#: Maps whose keys are free (pw.x namelists, CalcJob options, pw.x parallelisation flags); every other
+#: key must exist in the defaults.
+FREE_MAPS = frozenset({"parameters", "options", "parallelization"})
 #: pw.x namelists an override may touch.
 NAMELISTS = frozenset({"CONTROL", "SYSTEM", "ELECTRONS"})
+
+
+def parallelization_flags() -> tuple[str, ...]:
+    """pw.x's command-line parallelisation flags that aiida-quantumespresso's ``PwCalculation`` takes in its
+    ``parallelization`` input (``npool``, ``nband``, ``ntg``, ``ndiag``), read from the installed plugin."""
+    from aiida_quantumespresso.calculations.pw import PwCalculation
+
+    return tuple(PwCalculation._ENABLED_PARALLELIZATION_FLAGS)
+
+
+def parallelization_problem(value: Any) -> str | None:
+    """Why ``value`` is not a ``parallelization`` map (flag -> positive whole number), ``None`` if it is.
+
+    The flags are aiida-quantumespresso's names (``npool``, not pw.x's alias ``nk``): what its
+    ``PwCalculation`` takes and turns into ``-npool N`` on pw.x's command line.
+    """
+    from aiida_quantumespresso.calculations.pw import PwCalculation
+
+    if not isinstance(value, dict):
+        return f"must map pw.x parallelisation flags to numbers, e.g. {{npool: 2}}, got {value!r}"
+    flags = parallelization_flags()
+    for flag, number in value.items():
+        if flag not in flags:
+            canonical = [
+                name
+                for name, aliases in PwCalculation._PARALLELIZATION_FLAG_ALIASES.items()
+                if flag in aliases and name in flags
+            ]
+            hint = f" (pw.x's -{flag} is -{canonical[0]}: write {canonical[0]})" if canonical else ""
+            return f"unknown flag {flag!r}{hint}; allowed: {', '.join(flags)}"
+        if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+            return f"{flag} must be a positive whole number, got {number!r}"
+    return None
 
 
 class ProtocolError(ValueError):
@@ -78,6 +112,11 @@ def _merge(base: dict[str, Any], update: dict[str, Any], path: str, strict: bool
                 for namelist, entries in value.items():
                     merged.setdefault(namelist, {}).update(entries)
                 out[key] = merged
+            elif key == "parallelization":
+                problem = parallelization_problem(value)
+                if problem:
+                    raise OverrideError(f"override {where!r}: {problem}")
+                out[key] = {**(out.get(key) or {}), **copy.deepcopy(value)}
             else:
                 out[key] = _merge(out.get(key) or {}, value, where, strict=False)
         elif isinstance(base.get(key), dict) and isinstance(value, dict):

@@ -81,6 +81,56 @@ def mpi_option(code_with_mpi: bool | None, default: bool) -> bool:
     return default if code_with_mpi is None else bool(code_with_mpi)
 
 
+def check_parallelization(
+    parallelization: dict[str, int], withmpi: bool, mpiprocs: int | None, code: str = "the pw.x code"
+) -> None:
+    """Raise :class:`ConfigurationError` (``ERROR_INVALID_PARALLELIZATION``) for pw.x parallelisation
+    flags (``{"npool": N, ...}``, already known to be positive whole numbers) that pw.x stops on.
+
+    Pools (``npool``), band groups (``nband``) and task groups (``ntg``) above 1 need MPI (``withmpi``:
+    what the calculations run with). With ``mpiprocs``, the MPI processes of the calculations'
+    ``resources`` (``None``: not known, not checked), ``npool`` x ``nband`` must divide them and ``ntg``
+    the processes of one band group, as pw.x 6.7 demands (``invalid number of pools``, ``nyfft value
+    incompatible with nproc_bgrp``). ``ndiag`` is not checked: pw.x lowers it to what it can use.
+    """
+    parallel = {flag: n for flag, n in parallelization.items() if n > 1 and flag != "ndiag"}
+    if not parallel:
+        return
+    given = ", ".join(f"{flag} {n}" for flag, n in parallel.items())
+    if not withmpi:
+        raise ConfigurationError(
+            "ERROR_INVALID_PARALLELIZATION",
+            f"parallelization {given} needs pw.x under MPI, but {code} runs without MPI (a code made "
+            "with --with-mpi runs under mpirun; for a code that says neither, set options.withmpi: true)",
+        )
+    if mpiprocs is None:
+        return
+    processes = f"{mpiprocs} MPI process{'es' * (mpiprocs != 1)} of options.resources"
+    groups = parallelization.get("npool", 1) * parallelization.get("nband", 1)
+    if mpiprocs % groups:
+        raise ConfigurationError(
+            "ERROR_INVALID_PARALLELIZATION",
+            f"parallelization {given}: npool x nband = {groups} does not divide the {processes}",
+        )
+    ntg = parallelization.get("ntg", 1)
+    if (mpiprocs // groups) % ntg:
+        raise ConfigurationError(
+            "ERROR_INVALID_PARALLELIZATION",
+            f"parallelization {given}: ntg {ntg} does not divide the {mpiprocs // groups} processes of "
+            f"one band group (the {processes} / npool x nband = {groups})",
+        )
+
+
+def pw_cmdline(parallelization: dict[str, int], flags: tuple[str, ...]) -> list[str]:
+    """pw.x's command-line flags of ``parallelization`` as aiida-quantumespresso's ``PwCalculation``
+    writes them: ``-<flag> N`` in the order of ``flags`` (its enabled flags), e.g. ``["-npool", "2"]``."""
+    cmdline: list[str] = []
+    for flag in flags:
+        if flag in parallelization:
+            cmdline += [f"-{flag}", str(parallelization[flag])]
+    return cmdline
+
+
 def check_settings(settings: dict[str, Any]) -> None:
     """Raise :class:`ConfigurationError` for unknown per-configuration keys and for values of the wrong
     type or shape (a total charge or spin that is not a finite number, a field that is not three)."""

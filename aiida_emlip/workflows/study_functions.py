@@ -14,7 +14,7 @@ from aiida.engine import calcfunction
 
 from aiida_emlip.analysis import study as analysis
 from aiida_emlip.data import EmlipDatasetData
-from aiida_emlip.data.dataset import PROFILE_KEYS, dft_settings_digest
+from aiida_emlip.data.dataset import EXECUTION_KEYS, PROFILE_KEYS, dft_settings_digest
 from aiida_emlip.spec_systems import system_frames
 
 #: Per-configuration metadata that names a particular run (the pw.x calculation's UUID, its wall time):
@@ -82,7 +82,9 @@ def split_study(dataset: EmlipDatasetData, settings: orm.Dict) -> dict[str, orm.
         "rule": "whole geometries (every charge state of one geometry) are held out; "
         "they are never in any design's training or validation set",
     }
-    dft = {key: value for key, value in dataset.dft_settings.items() if key not in PROFILE_KEYS}
+    # the same training inputs in every profile, however pw.x ran in parallel
+    omitted = PROFILE_KEYS | EXECUTION_KEYS
+    dft = {key: value for key, value in dataset.dft_settings.items() if key not in omitted}
     if "code" in dft:  # the program, not the computer's label (an imported computer is renamed)
         dft["code"] = str(dft["code"]).split("@", 1)[0]
         if "digest" in dft:

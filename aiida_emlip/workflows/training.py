@@ -18,8 +18,15 @@ from aiida_emlip.workflows.train_base import EmlipTrainBaseWorkChain
 
 
 def validate_train_options(value: orm.Dict, _) -> str | None:
-    """Options of every training calculation; ``nproc_per_node`` checked here, before any DFT."""
+    """Options of every training calculation: every name one of ``emlip.train``'s options (a misspelt
+    one would otherwise stop the first training job, after the DFT), ``nproc_per_node`` checked."""
+    from aiida_emlip.spec import option_name_problem
+
     options = value.get_dict()
+    for name in options:
+        problem = option_name_problem(name, "emlip.train")
+        if problem:
+            return f"train_options.{name}: {problem}"
     if "nproc_per_node" in options:
         problem = check_nproc_per_node(options["nproc_per_node"])
         if problem:

@@ -55,6 +55,9 @@ def test_complete_protocol_inputs_are_used_as_they_are():
     assert check_protocol_inputs(edited, "stringent", overrides) == edited  # nothing merged back in
     without_name = {k: v for k, v in merged.items() if k != "protocol"}
     assert check_protocol_inputs(without_name, "stringent")["protocol"] == "stringent"
+    # inputs resolved before k-point pools existed mean no pools; they are not refused
+    older = {k: v for k, v in merged.items() if k != "parallelization"}
+    assert check_protocol_inputs(older, "stringent", overrides) == {**merged, "parallelization": {}}
     with pytest.raises(
         OverrideError, match=r"lack mixing_beta, postprocess\.vacuum_level, .*hirshfeld: give"
     ):

@@ -168,6 +168,11 @@ def _differences(inputs: dict[str, Any], overrides: dict[str, Any], path: str) -
     return out
 
 
+#: Keys of the merged inputs that protocol inputs resolved before the key existed may lack, with the value
+#: they then mean (no k-point pools or other pw.x parallelisation flags).
+OPTIONAL_INPUTS: dict[str, Any] = {"parallelization": {}}
+
+
 def check_protocol_inputs(
     protocol_inputs: dict[str, Any],
     name: str | None = None,
@@ -187,6 +192,8 @@ def check_protocol_inputs(
     data = _load(path)
     canonical = resolve_name(name, path)
     body = {k: v for k, v in protocol_inputs.items() if k != "protocol"}
+    for key, value in OPTIONAL_INPUTS.items():  # inputs resolved before the key existed
+        body.setdefault(key, copy.deepcopy(value))
     _merge(data["default_inputs"], body, "", strict=True)  # unknown keys, malformed free maps
     missing = _missing(data["default_inputs"], body, "")
     if missing:

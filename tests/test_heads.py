@@ -20,20 +20,24 @@ def _structure(kind: str):
 @pytest.mark.parametrize("head", HEADS)
 @pytest.mark.parametrize("kind", ["periodic", "finite"])
 def test_forces_are_minus_energy_gradient(head, kind):
-    """Directional central finite difference of E along a random displacement equals -F·u."""
+    """Directional central finite difference of E along a random displacement (Richardson-extrapolated
+    from steps h and h/2, error O(h⁴)) equals -F·u."""
     model = tiny_model(HEAD_CONFIGS[head])
     atoms = _structure(kind)
     out = evaluate(model, atoms, compute_stress=False)
     u = np.random.default_rng(1).normal(size=atoms.positions.shape)
-    h = 1e-4
-    energies = []
-    for sign in (1, -1):
-        moved = atoms.copy()
-        moved.positions += sign * h * u
-        energies.append(
-            float(evaluate(model, moved, compute_forces=False, compute_stress=False)["energy"][0])
-        )
-    fd = (energies[0] - energies[1]) / (2 * h)
+
+    def central(h: float) -> float:
+        energies = []
+        for sign in (1, -1):
+            moved = atoms.copy()
+            moved.positions += sign * h * u
+            energies.append(
+                float(evaluate(model, moved, compute_forces=False, compute_stress=False)["energy"][0])
+            )
+        return (energies[0] - energies[1]) / (2 * h)
+
+    fd = (4 * central(0.5e-4) - central(1e-4)) / 3
     analytic = -float((out["forces"].numpy() * u).sum())
     assert fd == pytest.approx(analytic, rel=1e-6, abs=1e-8)
 
@@ -107,6 +111,56 @@ def test_split_conserves_charge_for_any_weights():
         out = evaluate(model, nacl_cell(seed))
         assert float(out["charges"].sum()) == pytest.approx(0.0, abs=1e-10)
         assert float(out["charges"].abs().max()) > 1e-3
+
+
+def _pair_charge(model, distance: float) -> tuple[float, float]:
+    """Na's charge and the energy of an NaCl pair ``distance`` Å apart in vacuum."""
+    from ase import Atoms
+
+    atoms = Atoms("NaCl", positions=[[0.0, 0.0, 0.0], [distance, 0.0, 0.0]])
+    atoms.info["total_charge"] = 0.0
+    out = evaluate(model, atoms)
+    return float(out["charges"][0]), float(out["energy"])
+
+
+def test_split_transfers_vanish_at_the_graphs_cutoff():
+    """Transfers ride on the graph's edges, which end at r_max: with the cutoff left out it is r_max, and
+    the cosine envelope takes the charge moved between two atoms to zero as their bond reaches r_max, so
+    charges and energy are continuous there. Transfers kept whole up to a 5 Å cutoff (older model files)
+    jump to zero as the bond crosses the graph's r_max."""
+    model = tiny_model(HEAD_CONFIGS["split"], seed=1)
+    assert model.config.head["cutoff"] == model.cutoff == 4.0  # resolved, explicit in the model's config
+    assert model.config.head["envelope"] == "cosine"
+    inside, outside = _pair_charge(model, 4.0 - 1e-9), _pair_charge(model, 4.0 + 1e-9)
+    assert abs(inside[0] - outside[0]) < 1e-9 and abs(inside[1] - outside[1]) < 1e-7
+    assert abs(_pair_charge(model, 3.0)[0] - 1.0) > 1e-3  # charge does move along the bond
+    former = tiny_model({**HEAD_CONFIGS["split"], "cutoff": 5.0, "envelope": "step"}, seed=1)
+    inside, outside = _pair_charge(former, 4.0 - 1e-9), _pair_charge(former, 4.0 + 1e-9)
+    assert abs(inside[0] - outside[0]) > 1e-4 and abs(inside[1] - outside[1]) > 1e-4
+
+
+def test_split_cutoff_beyond_the_backbone_is_refused_for_training_and_read_from_older_files():
+    from aiida_emlip.models.file_layout import FORMER_SPLIT, explicit_head, model_for_weights
+    from aiida_emlip.training.config import ConfigError, parse_config
+
+    head = {"name": "split", "formal_charges": {"Na": 1.0, "Cl": -1.0}}
+    values = {
+        "data": {"train": "x.xyz"},
+        "model": {"head": {**head, "cutoff": 4.5}, "backbone": {"r_max": 4.0}},
+    }
+    with pytest.raises(ConfigError, match=r"model\.head\.cutoff 4\.5 Å exceeds the backbone's r_max 4\.0 Å"):
+        parse_config(values)
+    assert parse_config({**values, "model": {"head": head, "backbone": {"r_max": 4.0}}}).model["head"] == head
+    # a model file written before the envelope existed lacks it: read as it was trained, transfers whole
+    # up to 5 Å unless the file names another cutoff
+    config = {"elements": ["Na", "Cl"], "head": head, "backbone": {"r_max": 4.0, "num_channels": 4}}
+    assert FORMER_SPLIT == {"cutoff": 5.0, "envelope": "step"}
+    model = model_for_weights(config, {})
+    assert model.head.options.cutoff == 5.0 and model.config.head["envelope"] == "step"
+    assert explicit_head({**config, "head": {**head, "cutoff": 3.0}})["head"]["cutoff"] == 3.0
+    current = {**config, "head": {**head, "envelope": "cosine"}}
+    assert explicit_head(current) == current
+    assert model_for_weights(current, {}).head.options.cutoff == 4.0
 
 
 def _small_cells():

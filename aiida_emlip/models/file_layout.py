@@ -1,4 +1,9 @@
-"""The backbone layout of a model file whose config predates ``backbone.last_layer_vectors``.
+"""Model files whose config predates a key: the backbone layout (``backbone.last_layer_vectors``) and the
+``split`` head's transfer cutoff.
+
+Files written before the ``split`` head's transfers had a smooth envelope lack its ``envelope`` key; they
+were trained with transfers kept whole up to a cutoff of 5 Å unless the file names another, and are read
+so (:func:`explicit_head`): they predict what they did.
 
 Model files record ``backbone.last_layer_vectors``: whether the last MACE layer keeps l = 1 features.
 Files written before the key existed lack it, and two generations of them differ. The first kept l = 1
@@ -17,6 +22,18 @@ import torch
 from aiida_emlip.models.model import EmlipModel, ModelConfig
 
 KEY = "last_layer_vectors"
+#: The ``split`` head's transfer cutoff (Å) and envelope in files written before the envelope existed.
+FORMER_SPLIT = {"cutoff": 5.0, "envelope": "step"}
+
+
+def explicit_head(config: dict[str, Any]) -> dict[str, Any]:
+    """A file's model ``config`` with the ``split`` head's transfer envelope explicit: a file without it
+    was written with transfers whole up to the cutoff, 5 Å unless it names another; ``config`` unchanged
+    otherwise."""
+    head = config.get("head")
+    if not isinstance(head, dict) or head.get("name") != "split" or "envelope" in head:
+        return config
+    return {**config, "head": {**FORMER_SPLIT, **head}}
 
 
 def state_shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
@@ -36,6 +53,7 @@ def model_for_weights(config: dict[str, Any], shapes: Mapping[str, Sequence[int]
     else the resolved one (loading the weights then reports the mismatch). The first model is built as
     any model is; a second one leaves torch's random state as it found it.
     """
+    config = explicit_head(config)
     model = EmlipModel(ModelConfig.from_dict(config))
     backbone = dict(config.get("backbone") or {})
     if KEY in backbone or _fits(model, shapes):
@@ -55,6 +73,7 @@ def explicit_layout(config: dict[str, Any], shapes: Mapping[str, Sequence[int]])
     ``config`` unchanged when it has the key or is not a valid model config (its users report that);
     torch's random state is left as it was.
     """
+    config = explicit_head(config)
     if KEY in dict(config.get("backbone") or {}):
         return config
     with torch.random.fork_rng(devices=[]):

@@ -35,6 +35,22 @@ def reads_last_layer_vectors(head: dict[str, Any]) -> bool:
     return cls.needs_vectors(options)
 
 
+def resolve_transfer_cutoff(head: dict[str, Any], backbone: dict[str, Any]) -> dict[str, Any]:
+    """``head`` with the ``split`` head's transfer cutoff and envelope explicit: the backbone's r_max and
+    the cosine envelope when left out.
+
+    Transfers ride on the graph's edges, which end at r_max; a cutoff beyond it would leave a transfer
+    that jumps to zero as a bond crosses r_max. Model files written before the envelope existed keep
+    theirs (:func:`~aiida_emlip.models.file_layout.explicit_head`); training refuses a cutoff beyond
+    r_max (:class:`~aiida_emlip.training.config.TrainConfig`).
+    """
+    if head.get("name") == "split":
+        if head.get("cutoff") is None:
+            head["cutoff"] = float(backbone.get("r_max", BackboneConfig.r_max))
+        head.setdefault("envelope", "cosine")
+    return head
+
+
 @dataclass
 class ModelConfig:
     """Everything needed to rebuild a model; serialised as JSON next to the weights.
@@ -56,6 +72,7 @@ class ModelConfig:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         _strict(BackboneConfig, {**self.backbone, "elements": self.elements}, "backbone")
         self.backbone = self._resolve_last_layer_vectors(dict(self.backbone))
+        self.head = resolve_transfer_cutoff(dict(self.head), self.backbone)
         _strict(ElectrostaticsConfig, self.electrostatics, "electrostatics")
         InductionConfig(**_strict(InductionConfig, self.induction, "induction"))
 

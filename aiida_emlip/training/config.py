@@ -171,6 +171,7 @@ class TrainConfig:
             )
         for key, value in self.data.keys.items():
             check_key_mapping(key, value)
+        _check_transfer_cutoff(self.model)
         if self.init_from is not None and not self.init_from.strip():
             raise ConfigError("init_from must be the path of a model file (or null)")
         if self.multipoles not in ("auto", "off"):
@@ -235,6 +236,21 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _check_transfer_cutoff(model: dict[str, Any]) -> None:
+    """The ``split`` head's transfers ride on the graph's edges: a cutoff beyond the backbone's r_max
+    would make each transfer jump to zero as its bond crosses r_max (charges and energy discontinuous)."""
+    head, backbone = model.get("head") or {}, model.get("backbone") or {}
+    if not isinstance(head, dict) or head.get("name") != "split" or not isinstance(backbone, dict):
+        return
+    cutoff, r_max = head.get("cutoff"), backbone.get("r_max", 5.0)
+    if isinstance(cutoff, (int, float)) and isinstance(r_max, (int, float)) and cutoff > r_max:
+        raise ConfigError(
+            f"model.head.cutoff {cutoff} Å exceeds the backbone's r_max {r_max} Å: the split head's "
+            "transfers ride on the graph's edges, which end at r_max, so each would jump to zero there; "
+            "leave the cutoff out (it is then r_max) or set it to r_max or less"
+        )
 
 
 def check_model_section(model: dict[str, Any]) -> None:

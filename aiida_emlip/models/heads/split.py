@@ -21,10 +21,19 @@ from aiida_emlip.models.heads.base import (
     scatter_sum,
 )
 
+#: How transfers vanish at the cutoff (:attr:`SplitOptions.envelope`).
+ENVELOPES = ("cosine", "step")
+
 
 @dataclass
 class SplitOptions(HeadOptions):
-    cutoff: float = 5.0  # Å; transfers vanish smoothly at this bond length
+    #: Å; transfers vanish smoothly at this bond length. None: the backbone's r_max (resolved by the
+    #: model's config), the length of the longest edge the graph has, so that no transfer jumps to zero.
+    cutoff: float | None = None
+    #: How each transfer goes to zero at the cutoff: ``cosine`` multiplies it by ½(cos(πr/r_c) + 1), so
+    #: charges, energy and forces are continuous as a bond crosses the cutoff; ``step`` (model files
+    #: written before the envelope existed) keeps it whole up to the cutoff.
+    envelope: str = "cosine"
     formal_charges: dict[str, float] = field(default_factory=dict)  # base charges q⁰ per element
     dipoles: bool = True
     hidden: int = 16
@@ -32,6 +41,10 @@ class SplitOptions(HeadOptions):
     fragments: str = "integer"  # integer | shared: how Σq⁰ = Q is met across separate fragments
 
     def __post_init__(self) -> None:
+        if self.cutoff is not None and not self.cutoff > 0:
+            raise ValueError(f"cutoff must be positive (Å), got {self.cutoff!r}")
+        if self.envelope not in ENVELOPES:
+            raise ValueError(f"envelope must be one of {ENVELOPES}, got {self.envelope!r}")
         if self.fragments not in FRAGMENTS:
             raise ValueError(f"fragments must be one of {FRAGMENTS}, got {self.fragments!r}")
 
@@ -53,6 +66,10 @@ class SplitChargesHead(Head):
 
     def __init__(self, options: SplitOptions, elements, num_scalars, num_vectors) -> None:
         super().__init__(options, elements, num_scalars, num_vectors)
+        if options.cutoff is None:
+            raise ValueError(
+                "split: the transfer cutoff is not resolved (build the head through its ModelConfig)"
+            )
         self.register_buffer("formal", element_table(options.formal_charges, elements, "formal charges"))
         self.transfer = mlp(2 * num_scalars + options.num_radial, 1, options.hidden)
         if options.dipoles:
@@ -60,20 +77,25 @@ class SplitChargesHead(Head):
                 raise ValueError("dipoles need l = 1 backbone features (backbone max_L = 1)")
             self.dipole_weights = torch.nn.Linear(num_vectors, 1, bias=False)
 
+    def _envelope(self, lengths: torch.Tensor) -> torch.Tensor:
+        """½(cos(πr/r_c) + 1) below the cutoff r_c, zero beyond: smooth to first order at r_c."""
+        rc = self.options.cutoff
+        smooth = 0.5 * (torch.cos(math.pi * lengths / rc) + 1.0)
+        return torch.where(lengths < rc, smooth, torch.zeros_like(lengths))
+
     def _radial(self, lengths: torch.Tensor) -> torch.Tensor:
-        """Bessel basis times a cosine cutoff, [E, num_radial]; zero beyond the cutoff."""
+        """Bessel basis times the cosine envelope, [E, num_radial]; zero beyond the cutoff."""
         rc = self.options.cutoff
         n = torch.arange(1, self.options.num_radial + 1, dtype=lengths.dtype, device=lengths.device)
         x = lengths.clamp(min=1e-9)[:, None]
-        bessel = torch.sin(n * math.pi * x / rc) / x
-        envelope = torch.where(x < rc, 0.5 * (torch.cos(math.pi * x / rc) + 1.0), torch.zeros_like(x))
-        return bessel * envelope
+        return torch.sin(n * math.pi * x / rc) / x * self._envelope(lengths)[:, None]
 
     def transfers(self, inp: HeadInput) -> tuple[torch.Tensor, torch.Tensor]:
         """Charge moved along each edge (sender → receiver) and the edge vectors."""
         sender, receiver = inp.graph.edge_index
         vectors = inp.features.edge_vectors
-        radial = self._radial(torch.linalg.vector_norm(vectors, dim=-1))
+        lengths = torch.linalg.vector_norm(vectors, dim=-1)
+        radial = self._radial(lengths)
         h = inp.features.scalars
         forward = self.transfer(torch.cat([h[sender], h[receiver], radial], dim=-1))[:, 0]
         reverse = inp.graph.reverse_edges()
@@ -82,8 +104,11 @@ class SplitChargesHead(Head):
             backward = forward[reverse]
         else:
             backward = self.transfer(torch.cat([h[receiver], h[sender], radial], dim=-1))[:, 0]
-        cutoff = (radial.abs().sum(-1) > 0).to(h.dtype)
-        return (forward - backward) * cutoff, vectors
+        if self.options.envelope == "cosine":
+            weight = self._envelope(lengths)
+        else:  # whole up to the cutoff
+            weight = (radial.abs().sum(-1) > 0).to(h.dtype)
+        return (forward - backward) * weight, vectors
 
     @classmethod
     def needs_vectors(cls, options: SplitOptions) -> bool:

@@ -53,15 +53,22 @@ CASES = {
 @pytest.mark.parametrize("method", ["ewald", "pme"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_operator_equals_matvec_and_projected_potentials(case, method):
+    """The operator of one geometry, set up once from detached tensors, gives ``coulomb_matvec`` and
+    ``projected_potentials`` (the differentiable path) of that geometry, also after the same module has
+    evaluated another geometry in between."""
     pos, cell = water(40)
     pbc = CASES[case]
     es = Electrostatics(ElectrostaticsConfig(method=method if case != "open" else "auto"))
     x = torch.randn(pos.shape[0], 2, dtype=DT, generator=torch.Generator().manual_seed(3))
     ref = es.coulomb_matvec(x, pos, cell, pbc)
     op = es.coulomb_operator(pos, cell, pbc)
+    # another geometry evaluated in between (shared torch-pme calculators): the operator keeps its own
+    other = es.coulomb_matvec(x, 0.9 * pos, 0.9 * cell, pbc)
+    assert float((other - ref).abs().max()) > 1e-3 * float(ref.abs().max())
     scale = float(ref.abs().max())
     assert float((op(x) - ref).abs().max()) < 1e-12 * scale
     assert float((op(x[:, 0]) - ref[:, 0]).abs().max()) < 1e-12 * scale
+    assert not es.coulomb_operator(pos.clone().requires_grad_(True), cell, pbc)(x).requires_grad
     widths = [1.5, 3.0]
     proj = es.projected_operator(pos, cell, pbc, widths)
     ref_p = es.projected_potentials(x[:, 0], pos, cell, pbc, widths)

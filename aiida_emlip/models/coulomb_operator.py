@@ -1,32 +1,113 @@
-r"""Coulomb operators built once per geometry, for the iterative solvers of the self-consistent heads.
+r"""The charge part of the electrostatics for one geometry: one kernel for every caller.
 
-A QEq conjugate-gradient solve or an SCF iteration applies the Coulomb operator of one fixed
-geometry tens of times. :meth:`Electrostatics.coulomb_matvec` recomputes for every call what depends
-on the geometry only — the reduced cell, the PME mesh and its influence function, the interpolation
-weights, the k-vectors, the host synchronisations of the parameter choice. The operators here do that
-once (no autograd: inference solves and the detached iterations), and per call only spread the
-charges on the mesh, Fourier-filter and interpolate back. The values are those of
-:meth:`Electrostatics.coulomb_matvec` / :meth:`Electrostatics.projected_potentials` (without
-dipoles) to round-off.
+:class:`ChargeKernel` is the potential of Gaussian (or point) charge channels through
+``k_e erf(r/√2 s)/r`` — all pairs for open boundaries, the k = 0-excluded periodic sum by Ewald or
+PME otherwise; :class:`SlabTerm` the correction of a slab to the 2D-periodic limit;
+:class:`CoulombOperator` combines them into the projected potentials of one or more widths. Each
+computes at construction what depends on the geometry alone (the reduced cell, k-vectors, the PME
+mesh, interpolation weights and influence function, real-space neighbour pairs, slab heights) and per
+call only what depends on the charges. Autograd through ``positions`` and ``cell`` is kept, so that
+:class:`~aiida_emlip.models.electrostatics.Electrostatics` builds one for each differentiable
+evaluation (energy, forces, stress, double backward) and the iterative solvers of the
+self-consistent heads build one per detached geometry and apply it tens of times
+(:meth:`Electrostatics.coulomb_operator`, :meth:`Electrostatics.projected_operator`).
+
+torch-pme provides the Ewald sum (:class:`torchpme.EwaldCalculator`), the real-space pair sums, the
+Lagrange interpolation weights (``MeshInterpolator``), the mesh k-vectors and the Coulomb kernel with
+its self and background terms; the PME spreading, filtering and interpolation of several channels at
+once on a mesh chosen from the accuracy (:func:`~aiida_emlip.models.accuracy.pme_parameters`, any
+2·3·5-smooth size) are done here, with the weights computed once per geometry. Conventions follow
+torch-pme's (``V_i = ½ Σ_j q_j v(r_ij)``, self term and neutralising background subtracted), doubled
+to ``∂E/∂q``.
 """
 
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
+import numpy as np
 import torch
+from ase.geometry.minkowski_reduction import minkowski_reduce
+from torchpme.lib import generate_kvectors_for_mesh
 from torchpme.lib.mesh_interpolator import MeshInterpolator
 
 from aiida_emlip.models import gaussian_dipoles as gd
-from aiida_emlip.models.accuracy import kspace_cutoff, pme_parameters
+from aiida_emlip.models.accuracy import (
+    coulomb_length,
+    ewald_alpha,
+    kspace_cutoff,
+    pme_parameters,
+    realspace_cutoff,
+    smooth_size,
+)
+from aiida_emlip.models.neighbours import neighbour_list
 from aiida_emlip.schema import COULOMB_CONSTANT
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+#: charge channels per PME mesh application (each channel needs its own mesh)
+PME_CHANNEL_CHUNK = 8
+
+
+# --------------------------------------------------------------------------------------------------
+# geometry
+
+
+def reduced_cell(cell: torch.Tensor) -> torch.Tensor:
+    """The same lattice in Minkowski-reduced form (ASE), ``U @ cell`` with integer ``U``, det U = +1.
+
+    A 3D periodic sum does not depend on which basis describes the lattice, but a PME mesh along
+    strongly skewed vectors is larger and less accurate than one along the reduced vectors.
+    Differentiable in ``cell``.
+    """
+    op = _reduction(tuple(float(x) for x in cell.detach().cpu().double().reshape(-1).tolist()))
+    if op is None:
+        return cell
+    return torch.tensor(op, dtype=cell.dtype, device=cell.device) @ cell
+
+
+@lru_cache(maxsize=256)
+def _reduction(cell_key: tuple) -> tuple | None:
+    op = minkowski_reduce(np.array(cell_key).reshape(3, 3))[1]
+    if np.linalg.det(op) < 0:
+        op = -op
+    return None if (op == np.eye(3, dtype=op.dtype)).all() else tuple(map(tuple, op.tolist()))
+
+
+def periodic_dims(pbc: torch.Tensor) -> list[bool]:
+    """``pbc`` as a list of three bools."""
+    flags = [bool(b) for b in torch.as_tensor(pbc).reshape(-1).tolist()]
+    if len(flags) != 3:
+        raise ValueError("pbc must have three entries")
+    return flags
+
+
+def slab_geometry(positions: torch.Tensor, cell: torch.Tensor, flags: list[bool]) -> tuple[torch.Tensor, ...]:
+    """Heights ``z_i = r_i·n`` along the unit slab normal ``n``, the period ``h = V/A`` and ``V``."""
+    a, b = [cell[k] for k in range(3) if flags[k]]
+    normal = torch.linalg.cross(a, b)
+    area = torch.linalg.norm(normal)
+    volume = torch.abs(torch.linalg.det(cell))
+    return positions @ (normal / area), volume / area, volume, normal / area
+
+
+def _neighbour_pairs(
+    positions: torch.Tensor, cell: torch.Tensor, cutoff: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Half neighbour list (all three directions periodic, on the positions' device), distances."""
+    i, j, shifts = neighbour_list(positions, cell, (True, True, True), cutoff, full_list=False)
+    vec = positions[j] - positions[i] + shifts.to(positions.dtype) @ cell
+    return torch.stack([i, j], dim=1), torch.linalg.norm(vec, dim=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# kernels
 
 
 class MeshSpreader:
     """Interpolation of per-atom values onto a periodic mesh and back (torch-pme's Lagrange weights),
-    with the weights of a fixed geometry computed once; several channels per call."""
+    with the weights of a fixed geometry computed once; several channels per call. Differentiable in
+    the positions and the cell."""
 
     def __init__(self, positions: torch.Tensor, cell: torch.Tensor, mesh: tuple[int, int, int], nodes: int):
         ns = torch.tensor(mesh, dtype=torch.long, device=positions.device)
@@ -53,117 +134,161 @@ class MeshSpreader:
         return (values * self.weights[:, :, None]).sum(0)
 
 
-class _PeriodicKernel:
-    """``x ↦`` the k = 0-excluded periodic potential of Gaussian charges of width ``s`` (PME or Ewald),
-    as :meth:`Electrostatics._phi_periodic` with ``s > 0`` (no self term, no slab term)."""
+class ChargeKernel:
+    """``x ↦`` the potential ``[N, C]`` of charge channels ``x`` ``[N, C]`` through
+    ``k_e erf(r/√2 s)/r`` (``k_e/r`` for ``s = 0``) in one geometry.
+
+    ``method``: ``direct`` (all pairs, open boundaries) or ``ewald`` / ``pme`` (3D periodic, k = 0
+    excluded, no slab term; for ``s = 0`` split with a real-space neighbour list). The on-site term
+    ``x k_e√(2/π)/s`` is included when ``include_self`` and ``s > 0``. ``es`` is the
+    :class:`~aiida_emlip.models.electrostatics.Electrostatics` (settings, torch-pme calculators).
+    """
 
     def __init__(self, es, positions: torch.Tensor, cell: torch.Tensor, method: str, s_phys: float):
         n_atoms, accuracy = positions.shape[0], es.config.accuracy
-        self.method = method
+        self.method, self.positions, self.cell = method, positions, cell
+        self.onsite = 0.0
+        if es.config.include_self and s_phys > 0.0:
+            self.onsite = COULOMB_CONSTANT * SQRT_2_OVER_PI / s_phys
+        if method == "direct":
+            i, j = torch.triu_indices(n_atoms, n_atoms, 1, device=positions.device)
+            self.pairs = torch.stack([i, j], dim=1)
+            self.dist = torch.linalg.norm(positions[j] - positions[i], dim=1)
+            self.calc = es._calculator("direct", s_phys, positions)
+            return
         self.volume = torch.abs(torch.linalg.det(cell))
-        beta = s_phys / math.sqrt(2.0)
-        self.background = (2.0 * math.pi * COULOMB_CONSTANT * s_phys**2) / self.volume
-        self.positions, self.cell = positions, cell
-        if method == "ewald":
-            self.calc = es._calculator(method, s_phys, positions)
-            self.kvectors = gd.half_space_kvectors(cell, kspace_cutoff(cell, beta, n_atoms, accuracy))
+        if self.volume.detach().item() < 1e-8:
+            raise ValueError("periodic electrostatics needs a cell with nonzero volume")
+        # torch-pme's background term gives −2πs²Q/V; the k = 0-excluded density gives −2π(s²−s_phys²)Q/V
+        self.background = 2.0 * math.pi * COULOMB_CONSTANT * s_phys**2
+        self.cell = cell = reduced_cell(cell)
+        if s_phys > 0.0:
+            # Gaussian density: the torch-pme long-range kernel at s = s_phys is the whole interaction
+            smearing = s_phys
             self.pairs = torch.zeros((0, 2), dtype=torch.long, device=positions.device)
             self.dist = positions.new_zeros(0)
+        else:
+            volume = self.volume.detach().item()
+            alpha = ewald_alpha(n_atoms, volume)
+            smearing = 1.0 / (math.sqrt(2.0) * alpha)
+            r_cut = realspace_cutoff(alpha, coulomb_length(n_atoms, volume), accuracy)
+            self.pairs, self.dist = _neighbour_pairs(positions, cell, r_cut)
+        beta = smearing / math.sqrt(2.0)  # the k-space kernel is e^{−β²k²}/k²
+        self.calc = es._calculator(method, smearing, positions)
+        if method == "ewald":
+            self.kvectors = gd.half_space_kvectors(cell, kspace_cutoff(cell, beta, n_atoms, accuracy))
             return
         params = pme_parameters(cell, beta, n_atoms, accuracy, es.config.pme_interpolation_nodes)
-        calc = es._calculator(method, s_phys, positions, params.nodes)
         self.spreader = MeshSpreader(positions, cell, params.mesh, params.nodes)
-        kfilter = calc.kspace_filter
-        kfilter.update(cell, torch.tensor(params.mesh, dtype=torch.long, device=positions.device))
-        self.kfilter = kfilter._kfilter.clone()
-        pot = calc.potential
+        ns = torch.tensor(params.mesh, dtype=torch.long, device=positions.device)
+        pot = self.calc.potential
+        # as torch-pme's KSpaceFilter: the kernel on the |k|² of the mesh's k-vectors
+        k_sq = torch.linalg.norm(generate_kvectors_for_mesh(cell, ns), dim=3) ** 2
+        self.kfilter = pot.kernel_from_k_sq(k_sq)
+        self.mesh_volume = torch.abs(torch.linalg.det(cell))
         self.self_term = pot.self_contribution()
-        self.pme_background = 2.0 * pot.background_correction() / self.volume
+        self.mesh_background = 2.0 * pot.background_correction()
+
+    def _mesh(self, x: torch.Tensor) -> torch.Tensor:
+        """The PME k-space part, ``2 V_i`` in torch-pme's conventions: no self interaction, uniform
+        background for ``Σq ≠ 0``."""
+        mesh = self.spreader.to_mesh(x)
+        hat = torch.fft.rfftn(mesh, norm="backward", dim=(1, 2, 3)) * self.kfilter
+        filtered = torch.fft.irfftn(hat, norm="forward", dim=(1, 2, 3), s=mesh.shape[-3:])
+        phi = self.spreader.to_points(filtered) / self.mesh_volume
+        phi = phi - x * self.self_term
+        return phi - self.mesh_background * x.sum(0) / self.mesh_volume
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.method == "ewald":
-            phi = 2.0 * self.calc(x, self.cell, self.positions, self.pairs, self.dist, kvectors=self.kvectors)
+        if self.method == "pme":
+            # one mesh per channel: bound the memory by splitting the channels
+            chunks = torch.split(x, PME_CHANNEL_CHUNK, dim=1)
+            phi = self._mesh(x) if len(chunks) == 1 else torch.cat([self._mesh(c) for c in chunks], 1)
+            if self.pairs.shape[0]:
+                phi = phi + 2.0 * self.calc._compute_rspace(x, self.pairs, self.dist)
         else:
-            mesh = self.spreader.to_mesh(x)
-            hat = torch.fft.rfftn(mesh, norm="backward", dim=(1, 2, 3)) * self.kfilter
-            filtered = torch.fft.irfftn(hat, norm="forward", dim=(1, 2, 3), s=mesh.shape[-3:])
-            phi = self.spreader.to_points(filtered) / self.volume
-            # torch-pme's conventions (self interaction and background removed), as MeshPMECalculator
-            phi = phi - x * self.self_term - self.pme_background * x.sum(0)
-        return phi + self.background * x.sum(0, keepdim=True)
+            kvectors = self.kvectors if self.method == "ewald" else None
+            phi = 2.0 * self.calc(x, self.cell, self.positions, self.pairs, self.dist, kvectors=kvectors)
+        if self.method != "direct":
+            phi = phi + self.background * x.sum(0, keepdim=True) / self.volume
+        if self.onsite:
+            phi = phi + x * self.onsite
+        return phi
+
+
+class SlabTerm:
+    """The correction of a slab (exactly two periodic directions, vacuum along the third cell vector)
+    to the 2D-periodic limit, ``(2πk_e/V)(M_z² − Q M₂ − Q² h²/12)`` with moments of the model density
+    (Gaussian charges and dipoles of width ``sigma``) along the slab normal, in one geometry."""
+
+    def __init__(self, positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, sigma: float):
+        self.z, self.h, self.volume, self.normal = slab_geometry(positions, cell, periodic_dims(pbc))
+        self.sigma2 = sigma**2
+
+    def moments(
+        self, q: torch.Tensor, dipoles: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Total charge, first and second moment along the normal of the model density, per channel."""
+        z = self.z
+        total = q.sum(0)
+        first = (q * z[:, None]).sum(0)
+        second = (q * (z * z + self.sigma2)[:, None]).sum(0)
+        if dipoles is not None:
+            pz = dipoles @ self.normal
+            first = first + pz.sum()
+            second = second + 2.0 * (pz * z).sum()
+        return total, first, second
+
+    def potential(self, q: torch.Tensor, width2: float, dipoles: torch.Tensor | None = None) -> torch.Tensor:
+        """∂E_slab/∂q of the density (charges ``q`` ``[N, C]``), projected on a Gaussian of variance
+        ``width2`` at each atom."""
+        total, first, second = self.moments(q, dipoles)
+        z, h = self.z, self.h
+        zz = (z * z + width2)[:, None]
+        pref = 4.0 * math.pi * COULOMB_CONSTANT / self.volume
+        return pref * (first * z[:, None] - 0.5 * second - 0.5 * total * zz - total * h * h / 12.0)
+
+    def energy(self, charges: torch.Tensor, dipoles: torch.Tensor | None) -> torch.Tensor:
+        total, first, second = self.moments(charges[:, None], dipoles)
+        pref = 2.0 * math.pi * COULOMB_CONSTANT / self.volume
+        return (pref * (first * first - total * second - total * total * self.h * self.h / 12.0)).sum()
 
 
 class CoulombOperator:
-    """``x ↦ A_w x`` for a fixed geometry: the potential of Gaussian charges ``x`` (``[N]`` or ``[N, C]``)
-    projected on normalised Gaussians of each width ``w`` (``σ`` gives ``A = ∂²E/∂q∂q``).
+    """``x ↦ A_w x`` in one geometry: the potential of Gaussian charges ``x`` (``[N]`` or ``[N, C]``)
+    projected on normalised Gaussians of each width ``w`` (``σ`` gives ``A = ∂²E/∂q∂q``), slab term
+    included; one :class:`ChargeKernel` of ``s = √(σ² + w²)`` per width.
 
-    Built by :meth:`Electrostatics.coulomb_operator` / :meth:`Electrostatics.projected_operator`;
-    no autograd through the geometry (the positions and cell are detached).
+    Built by :class:`~aiida_emlip.models.electrostatics.Electrostatics` for each differentiable
+    evaluation, and from detached tensors once per geometry for the solvers
+    (:meth:`Electrostatics.coulomb_operator`, :meth:`Electrostatics.projected_operator`).
     """
 
-    def __init__(self, es, positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, widths):
-        from aiida_emlip.models.electrostatics import periodic_dims, reduced_cell
-
-        positions, cell = positions.detach(), cell.detach()
-        self.es, self.positions, self.cell, self.pbc = es, positions, cell, pbc
+    def __init__(
+        self, es, positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, widths, method=None
+    ):
+        self.positions, self.cell, self.pbc = positions, cell, pbc
         self.widths = [float(w) for w in widths]
-        self.method = es.select_method(positions.shape[0], pbc)
-        self.slab = es._slab_active(pbc)
+        self.method = method or es.select_method(positions.shape[0], pbc)
         sigma = es.config.sigma
-        self.s_phys = [math.sqrt(sigma**2 + w * w) for w in self.widths]
-        self.kernels: list = []
-        if self.method in ("ewald", "pme") and min(self.s_phys) > 0.0:
-            if float(torch.abs(torch.linalg.det(cell))) < 1e-8:
-                raise ValueError("periodic electrostatics needs a cell with nonzero volume")
-            reduced = reduced_cell(cell)
-            self.kernels = [_PeriodicKernel(es, positions, reduced, self.method, s) for s in self.s_phys]
-        elif self.method == "direct":
-            n = positions.shape[0]
-            i, j = torch.triu_indices(n, n, 1, device=positions.device)
-            self.pairs = torch.stack([i, j], dim=1)
-            self.dist = torch.linalg.norm(positions[j] - positions[i], dim=1)
-        if self.slab:
-            from aiida_emlip.models.electrostatics import slab_geometry
+        self.kernels = [
+            ChargeKernel(es, positions, cell, self.method, math.sqrt(sigma**2 + w * w)) for w in self.widths
+        ]
+        self.slab = SlabTerm(positions, cell, pbc, sigma) if es._slab_active(pbc) else None
 
-            self.z, h, volume, _ = slab_geometry(positions, cell, periodic_dims(pbc))
-            self.slab_pref = 4.0 * math.pi * COULOMB_CONSTANT / volume
-            self.slab_h2 = h * h / 12.0
-            self.slab_sigma2 = sigma**2
-
-    def _charges(self, x: torch.Tensor, k: int) -> torch.Tensor:
-        s = self.s_phys[k]
-        if self.kernels:
-            phi = self.kernels[k](x)
-        elif self.method == "direct":
-            calc = self.es._calculator("direct", s, self.positions)
-            phi = 2.0 * calc(x, self.cell, self.positions, self.pairs, self.dist)
-        else:  # point charges (σ = 0, w = 0): the split Ewald/PME sum of the module
-            return self.es._phi_charges(x, self.positions, self.cell, self.pbc, s, self.method)
-        if self.es.config.include_self and s > 0.0:
-            phi = phi + x * (COULOMB_CONSTANT * SQRT_2_OVER_PI / s)
-        return phi
-
-    def _slab_phi(self, x: torch.Tensor, width2: float) -> torch.Tensor:
-        z = self.z[:, None]
-        total = x.sum(0)
-        first = (x * z).sum(0)
-        second = (x * (z * z + self.slab_sigma2)).sum(0)
-        zz = z * z + width2
-        return self.slab_pref * (first * z - 0.5 * second - 0.5 * total * zz - total * self.slab_h2)
-
-    def potential(self, x: torch.Tensor, k: int = 0) -> torch.Tensor:
-        """The projected potential of width ``widths[k]`` of the charges ``x`` (``[N]`` or ``[N, C]``)."""
+    def potential(self, x: torch.Tensor, k: int = 0, dipoles: torch.Tensor | None = None) -> torch.Tensor:
+        """The projected potential of width ``widths[k]`` of the charges ``x`` (``[N]`` or ``[N, C]``);
+        ``dipoles`` enter the slab term only (their field is the caller's)."""
         vector = x.dim() == 1
         xs = x[:, None] if vector else x
-        out = self._charges(xs, k)
-        if self.slab:
-            out = out + self._slab_phi(xs, self.widths[k] ** 2)
+        out = self.kernels[k](xs)
+        if self.slab is not None:
+            out = out + self.slab.potential(xs, self.widths[k] ** 2, dipoles)
         return out[:, 0] if vector else out
 
-    def potentials(self, charges: torch.Tensor) -> torch.Tensor:
-        """``[N, W]``: every width's projected potential of the charges ``[N]`` (as
-        :meth:`Electrostatics.projected_potentials` without dipoles)."""
-        return torch.stack([self.potential(charges, k) for k in range(len(self.widths))], dim=1)
+    def potentials(self, charges: torch.Tensor, dipoles: torch.Tensor | None = None) -> torch.Tensor:
+        """``[N, W]``: every width's projected potential of the charges ``[N]``."""
+        return torch.stack([self.potential(charges, k, dipoles) for k in range(len(self.widths))], dim=1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The first width's potential (for :meth:`Electrostatics.coulomb_operator`: ``A x``)."""
@@ -203,11 +328,6 @@ class MeshPreconditioner:
         nodes: int = 3,
         smoothing: float = 3.0,
     ):
-        from torchpme.lib import generate_kvectors_for_mesh
-
-        from aiida_emlip.models.accuracy import smooth_size
-        from aiida_emlip.models.electrostatics import reduced_cell
-
         positions, cell = positions.detach(), reduced_cell(cell.detach())
         s_tot = math.sqrt(s_phys**2 + smoothing**2)
         spacing = 0.8 * s_tot if spacing is None else spacing

@@ -21,8 +21,6 @@ if [[ $(id -u) -ne 0 ]]; then
 fi
 HOST=$(hostname -s)
 CPUS=$(nproc)
-# memory Slurm may hand out: what slurmd sees, less 1 GiB for the system (MiB)
-MEM=$(($(slurmd -C 2>/dev/null | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' | head -1) - 1024))
 CLUSTER=${SLURM_CLUSTER_NAME:-emlip}
 ACCOUNTING=${SLURM_ACCOUNTING:-1}
 
@@ -38,6 +36,10 @@ if ((${#need[@]})); then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
 fi
+
+# memory Slurm may hand out: what slurmd sees, less 1 GiB for the system (MiB); asked once slurmd
+# is installed (with set -e, a missing slurmd here would end the script without a word)
+MEM=$(($(slurmd -C | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' | head -1) - 1024))
 
 echo "== munge"
 if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then

@@ -4,12 +4,12 @@ What ``docs/cluster.md`` walks through, as one script (checked on a single-node 
 made by ``.ci/slurm_setup.sh``; ``tests/test_slurm_cluster.py`` runs it):
 
 * ``--setup`` creates (or reuses) the computer (``core.ssh`` + ``core.slurm``) and its codes as the
-  documentation does with ``verdi``: ``pw`` (``--with-mpi``), ``pw-npool`` (a three-line wrapper
-  ``exec pw.x -nk "${PW_NPOOL:-1}" "$@"`` for k-point pools), ``pp`` (serial), ``emlip-train`` and
+  documentation does with ``verdi``: ``pw`` (``--with-mpi``), ``pp`` (serial), ``emlip-train`` and
   ``emlip-eval`` of a virtual environment on the cluster;
 * ``dataset``: an ``EmlipDatasetWorkChain`` of two bulk Si cells (several k-points each) with pw.x
-  under ``mpirun`` on the ``cpu`` partition (``--mpiprocs`` processes, ``--npool`` k-point pools) and
-  the Hirshfeld charges from pp.x;
+  under ``mpirun`` on the ``cpu`` partition (``--mpiprocs`` processes) and ``--npool`` k-point pools
+  (the protocol key ``parallelization: {npool: N}``, so ``pw.x -npool N``), and the Hirshfeld
+  charges from pp.x;
 * ``train``: an ``emlip.train`` calculation (tiny model, two epochs, ``device: cpu``) on the ``gpu``
   partition with ``custom_scheduler_commands: "#SBATCH --gres=gpu:1"``.
 
@@ -21,6 +21,8 @@ wall and CPU seconds and the load average.
 Usage (a profile that has the pseudopotential family; as root on the Slurm host)::
 
     AIIDA_PATH=$PWD/.aiida python bench/slurm_check.py --profile emlip --setup --json out.json
+
+``--only dataset`` or ``--only train`` runs one of the two stages alone.
 """
 
 from __future__ import annotations
@@ -38,14 +40,6 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "tests" / "data" / "tiny.xyz"
-
-#: A wrapper that starts pw.x with ``-nk $PW_NPOOL`` (k-point pools): neither aiida-quantumespresso's
-#: ``parallelization`` input nor ``settings.CMDLINE`` is an input of the dataset workchain, but the
-#: CalcJob options (and so their ``environment_variables``) are.
-NPOOL_WRAPPER = """#!/bin/sh
-# pw.x with k-point pools: PW_NPOOL pools (default 1), set in the job's environment_variables
-exec pw.x -nk "${PW_NPOOL:-1}" "$@"
-"""
 
 #: Stand-in for ``module load`` on a real cluster: OpenMPI's mpirun refuses root unless told.
 MPI_ROOT_PREPEND = "export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1"
@@ -115,13 +109,11 @@ def setup_cluster(
     key_filename: str | None = None,
     workdir: str = "/var/tmp/emlip-cluster/{username}/aiida",
     venv: str | None = None,
-    wrapper_dir: str = "/var/tmp/emlip-cluster/bin",
     poll_interval: float = 10.0,
 ) -> dict[str, Any]:
     """The computer and its codes, created as docs/cluster.md does with ``verdi`` (reused when present).
 
-    Returns ``{"computer": Computer, "pw": code, "pw-npool": code, "pp": code, "emlip-train": code,
-    "emlip-eval": code}``. The npool wrapper is written on the cluster through the transport.
+    Returns ``{"computer": Computer, "pw": code, "pp": code, "emlip-train": code, "emlip-eval": code}``.
     """
     from aiida import orm
     from aiida.common.exceptions import NotExistent
@@ -153,19 +145,10 @@ def setup_cluster(
             key_policy="RejectPolicy",
             safe_interval=1.0,
         )
-    wrapper = f"{wrapper_dir}/pw-npool"
-    with computer.get_transport() as transport:
-        transport.makedirs(wrapper_dir, ignore_existing=True)
-        local = Path(os.environ.get("TMPDIR", "/tmp")) / f"pw-npool-{os.getpid()}"
-        local.write_text(NPOOL_WRAPPER)
-        transport.put(str(local), wrapper)
-        local.unlink()
-        transport.chmod(wrapper, 0o755)
     root = username == "root"
     venv_prepend = f"source {venv}/bin/activate; export OMP_NUM_THREADS=1"
     specs = {
         "pw": ("/usr/bin/pw.x", "quantumespresso.pw", True, MPI_ROOT_PREPEND if root else ""),
-        "pw-npool": (wrapper, "quantumespresso.pw", True, MPI_ROOT_PREPEND if root else ""),
         "pp": ("/usr/bin/pp.x", "quantumespresso.pp", False, ""),
         "emlip-train": (f"{venv}/bin/emlip-train", "emlip.train", None, venv_prepend),
         "emlip-eval": (f"{venv}/bin/emlip-eval", "emlip.evaluate", None, venv_prepend),
@@ -200,16 +183,19 @@ def si_structures() -> dict[str, Any]:
 
 
 def dataset_overrides(mpiprocs: int, npool: int, queue: str | None) -> dict[str, Any]:
-    """Protocol ``fast`` overrides: cheap cutoffs, pw.x under mpirun with ``npool`` pools on ``queue``."""
+    """Protocol ``fast`` overrides: cheap cutoffs, pw.x under mpirun with ``npool`` pools on ``queue``.
+
+    The pools are the protocol key ``parallelization`` (``pw.x -npool N``), set when ``npool > 1``.
+    """
     options: dict[str, Any] = {
         "resources": {"num_machines": 1, "num_mpiprocs_per_machine": mpiprocs},
         # no withmpi: the pw codes are MPI codes (--with-mpi), which the dataset workchain follows
         "max_wallclock_seconds": 900,
-        "environment_variables": {"OMP_NUM_THREADS": "1", "PW_NPOOL": str(npool)},
+        "environment_variables": {"OMP_NUM_THREADS": "1"},
     }
     if queue:
         options["queue_name"] = queue
-    return {
+    overrides: dict[str, Any] = {
         "ecutwfc": 20.0,
         "ecutrho": 80.0,
         "conv_thr_per_atom": 1.0e-7,
@@ -217,6 +203,9 @@ def dataset_overrides(mpiprocs: int, npool: int, queue: str | None) -> dict[str,
         "max_iterations": 1,
         "options": options,
     }
+    if npool > 1:
+        overrides["parallelization"] = {"npool": npool}
+    return overrides
 
 
 def sacct(computer, job_id: str | None) -> str | None:
@@ -280,9 +269,8 @@ def run_dataset(
 
     from aiida_emlip.workflows.dataset import EmlipDatasetWorkChain
 
-    pw = codes["pw-npool"] if npool > 1 else codes["pw"]
     builder = EmlipDatasetWorkChain.get_builder_from_protocol(
-        pw,
+        codes["pw"],
         si_structures(),
         family,
         protocol="fast",
@@ -336,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-queue", default="cpu")
     parser.add_argument("--gpu-queue", default="gpu")
     parser.add_argument("--gres", default="gpu:1")
-    parser.add_argument("--only", choices=["dataset", "train"], default=None)
+    parser.add_argument("--only", choices=["dataset", "train"], default=None, help="run one stage alone")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -348,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         codes = {
             label: orm.load_code(f"{label}@{args.computer}")
-            for label in ("pw", "pw-npool", "pp", "emlip-train", "emlip-eval")
+            for label in ("pw", "pp", "emlip-train", "emlip-eval")
         }
     result: dict[str, Any] = {"computer": args.computer, "load_before": os.getloadavg()}
     ok = True

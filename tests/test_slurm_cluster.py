@@ -78,7 +78,6 @@ def cluster_codes(aiida_profile, tmp_path_factory):
         username=getpass.getuser(),
         key_filename=str(KEY),
         workdir=str(workdir),
-        wrapper_dir=str(workdir / "bin"),
         poll_interval=2.0,
     )
 
@@ -98,7 +97,7 @@ def test_dataset_pw_mpi_and_pools_on_the_cpu_partition(cluster_codes, pseudo_fam
         assert "#SBATCH --partition=cpu" in script and "#SBATCH --ntasks-per-node=2" in script, script
     for record in pw:
         script = record["submit_script"]
-        assert "'mpirun' '-np' '2'" in script and "export PW_NPOOL='2'" in script, script
+        assert "'mpirun' '-np' '2'" in script and "pw.x' '-npool' '2'" in script, script
         assert record["pw"]["mpi_processes"] == "2" and record["pw"]["npool"] == "2", record["pw"]
         assert int(record["pw"]["k_points"]) >= 2
     for record in pp:  # serial: the pp code is not an MPI code

@@ -146,6 +146,13 @@ def test_direct_label_checks_before_training(tmp_path, capsys):
     values["model"]["head"] = {"name": "scf", "ensemble": "constant_mu"}
     with pytest.raises(DataError, match="constant-μ"):
         Trainer(parse_config(values))
+    # in any mode: the head's μ is each structure's Fermi level, whether it trains direct or implicit
+    values["stages"] = [{"name": "implicit", "epochs": 2, "scf_mode": "implicit"}]
+    with pytest.raises(DataError, match=r"constant-μ head without the option fermi_level .* train split"):
+        Trainer(parse_config(values))
+    assert train_main([str(write_config(tmp_path, values)), "--check"]) == ExitCode.BAD_INPUT
+    values["model"]["head"]["fermi_level"] = -4.0  # a fixed μ needs no label
+    Trainer(parse_config(values))
 
 
 def _multipole_fixture(path) -> list:

@@ -351,7 +351,7 @@ def label_needs(config: TrainConfig) -> list[LabelNeed]:
     """Every label ``config`` cannot train without, the single account of what the trainer's checks
     refuse data for: each label the loss weights (:func:`required_labels`: at least one training
     structure), and in every training structure the reference charges of ``direct`` SCF training, the
-    Fermi level of ``direct`` training of a constant-μ head without the option ``fermi_level``, and the
+    Fermi level of a constant-μ head without the option ``fermi_level`` (its μ in every mode), and the
     reference charges and atomic dipoles that ``data.charges_from_dipoles`` moves."""
 
     def need(key: str, reason: str, every: bool = False) -> LabelNeed:
@@ -362,10 +362,8 @@ def label_needs(config: TrainConfig) -> list[LabelNeed]:
     direct = direct_stages(config)
     if direct:
         needs.append(need(schema.CHARGES, f"'direct' training (stage(s) {direct})", every=True))
-        if constant_mu_without_level(config):
-            needs.append(
-                need(schema.FERMI_LEVEL, f"'direct' training of a constant-μ head (stage(s) {direct})", True)
-            )
+    if constant_mu_without_level(config):
+        needs.append(need(schema.FERMI_LEVEL, "a constant-μ head without the option fermi_level", True))
     if config.data.charges_from_dipoles:
         for key in (schema.CHARGES, schema.ATOMIC_DIPOLES):
             needs.append(need(key, "data.charges_from_dipoles", every=True))

@@ -257,24 +257,27 @@ class Trainer:
                     )
 
     def _check_stage_labels(self) -> None:
-        """Labels that a stage's SCF training mode needs, checked before the first epoch (and --check)."""
+        """Labels that a stage's SCF training mode or the head needs, checked before the first epoch (and
+        --check): the reference charges of ``direct`` training, and the Fermi level of every structure of
+        every split for a constant-μ head without the option ``fermi_level`` (its μ in any mode)."""
         direct = direct_stages(self.config)
-        if not direct:
-            return
-        missing = [s.index for s in self.train if schema.CHARGES not in s.labels]
+        missing = [s.index for s in self.train if schema.CHARGES not in s.labels] if direct else []
         if missing:
             raise DataError(
                 f"stage(s) {direct} train in 'direct' mode, which needs per-atom reference charges "
                 f"({schema.CHARGES!r}) in every training structure; {len(missing)} lack them "
                 f"(first: structure {missing[0]})"
             )
-        if constant_mu_without_level(self.config):
-            without = [s.index for s in self.train if schema.FERMI_LEVEL not in s.atoms.info]
+        if not constant_mu_without_level(self.config):
+            return
+        for part, samples in (("train", self.train), ("valid", self.valid), ("test", self.test)):
+            without = [s.index for s in samples if schema.FERMI_LEVEL not in s.atoms.info]
             if without:
                 raise DataError(
-                    f"stage(s) {direct}: 'direct' training of a constant-μ head needs the Fermi level of "
-                    f"every training structure; {len(without)} lack '{schema.FERMI_LEVEL}' "
-                    f"(first: structure {without[0]}); or set the head option fermi_level"
+                    "a constant-μ head without the option fermi_level takes each structure's chemical "
+                    f"potential from its Fermi level; {len(without)} structure(s) of the {part} split lack "
+                    f"'{schema.FERMI_LEVEL}' (first: structure {without[0]}); label them or set the head "
+                    "option fermi_level"
                 )
 
     def weights(self, stage: int) -> dict[str, float]:

@@ -146,6 +146,19 @@ def test_train_warns_when_no_structure_has_a_total_charge(tmp_path):
             assert f"the '{head}' head takes every structure as neutral" in result.stderr
 
 
+def test_train_warns_when_a_weighted_fermi_level_is_in_no_structure(tmp_path):
+    """A fermi_level loss weight on data without Fermi levels: that term is zero, and a one-line warning
+    says so (silent before); with Fermi levels in the data, no warning."""
+    values = config_dict(tmp_path, "qeq", epochs=1)
+    values["loss"] = {"energy": 1.0, "forces": 10.0, "fermi_level": 1.0}
+    warning = "warning: the loss weights fermi_level but no training structure has a Fermi level"
+    result = _cli("train", write_config(tmp_path, values), "--check")
+    assert result.returncode == 0 and warning in result.stderr, result.stderr
+    values["data"]["train"] = str(_with_fermi_levels(tmp_path / "one.xyz", ["vacuum"]))
+    result = _cli("train", write_config(tmp_path, values), "--check")
+    assert result.returncode == 0 and warning not in result.stderr, result.stderr
+
+
 # --------------------------------------------------------------------- pickle payloads
 
 

@@ -140,6 +140,7 @@ class Trainer:
         if not self.train:
             raise DataError(f"{data.train}: no structures left for training after the validation/test split")
         self._check_fermi_references()
+        self._check_fermi_level_weight()
         for key in required:
             if not any(key in s.labels for s in self.train):
                 raise DataError(
@@ -160,6 +161,21 @@ class Trainer:
                 "the Fermi level must train on one reference (see fermi_reference in the dataset "
                 "documentation): select the structures of one, or set the loss weight of fermi_level to 0"
             )
+
+    def _check_fermi_level_weight(self) -> None:
+        """A ``fermi_level`` loss weight on data none of whose training structures has a Fermi level: the
+        term is zero throughout, which is said (a warning: the Fermi level is not required of data)."""
+        if "the loss weight of fermi_level" not in fermi_level_uses(self.config):
+            return
+        if any(schema.FERMI_LEVEL in s.atoms.info for s in self.train):
+            return
+        key = self.config.data.keys.get(schema.FERMI_LEVEL, schema.FERMI_LEVEL)
+        warnings.warn(
+            f"the loss weights fermi_level but no training structure has a Fermi level (looked for {key!r} "
+            "in atoms.info; map it with data.keys): that term of the loss is zero",
+            DataWarning,
+            stacklevel=2,
+        )
 
     def _check_total_charges(self) -> None:
         """A head that uses the total charge, on data none of which gives one: every structure is taken

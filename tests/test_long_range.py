@@ -8,7 +8,12 @@ import pytest
 from ase import Atoms
 
 from aiida_emlip import schema
-from aiida_emlip.analysis.long_range import fragment_charges, long_range_table, separation
+from aiida_emlip.analysis.long_range import (
+    fragment_charges,
+    long_range_table,
+    over_initialisations,
+    separation,
+)
 from aiida_emlip.structures.fragments import closest_distance, fragment_pair_scan
 
 
@@ -29,6 +34,35 @@ def test_fragment_pair_scan_geometry():
     assert water == pytest.approx(molecule_distances(frames[-1].positions[1:]))  # rigid rotations only
     with pytest.raises(ValueError, match="longer cell"):
         fragment_pair_scan("Li", "H2O", [15.0])
+
+
+def test_figures_over_initialisations():
+    """Mean, smallest and largest figure of each design over initialisations, each table against its own
+    sr; the ratio of the mean neutral errors differs from the mean of the ratios when one baseline is
+    lucky (here sr's 5 against 10 and 10), and decides the goal."""
+
+    def table(sr_neutral: float, split_neutral: float, far_ratio: float) -> dict:
+        return {
+            "sr": {"neutral_energy_rmse": sr_neutral, "neutral_energy_ratio": 1.0, "far_energy_ratio": 1.0},
+            "split": {
+                "neutral_energy_rmse": split_neutral,
+                "neutral_energy_ratio": split_neutral / sr_neutral,
+                "far_energy_ratio": far_ratio,
+                "fragment_charge_max_error": None,
+            },
+        }
+
+    summary = over_initialisations([table(10.0, 10.0, 0.2), table(5.0, 10.0, 0.3), table(10.0, 13.0, 0.4)])
+    split = summary["split"]
+    assert split["n_initialisations"] == 3
+    assert split["neutral_energy_ratio"] == pytest.approx((1.0 + 2.0 + 1.3) / 3)
+    assert (split["neutral_energy_ratio_min"], split["neutral_energy_ratio_max"]) == (1.0, 2.0)
+    assert split["far_energy_ratio"] == pytest.approx(0.3) and split["far_energy_ratio_max"] == 0.4
+    assert split["mean_neutral_ratio"] == pytest.approx(11.0 / (25.0 / 3))  # 1.32, not 1.43
+    assert split["fragment_charge_max_error"] is None  # no figure in any table: left out
+    assert summary["sr"]["mean_neutral_ratio"] == pytest.approx(1.0)
+    partial = over_initialisations([table(10.0, 10.0, 0.2), {"sr": table(4.0, 4.0, 1.0)["sr"]}])
+    assert partial["split"]["n_initialisations"] == 1 and partial["split"]["far_energy_ratio"] == 0.2
 
 
 def molecule_distances(positions: np.ndarray) -> list[float]:

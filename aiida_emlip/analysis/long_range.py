@@ -96,6 +96,44 @@ def long_range_table(
     return table
 
 
+#: Figures of :func:`long_range_table` averaged over initialisations by :func:`over_initialisations`.
+AVERAGED = (
+    "far_energy_rmse",
+    "neutral_energy_rmse",
+    "near_energy_rmse",
+    "far_energy_ratio",
+    "neutral_energy_ratio",
+    "fragment_charge_max_error",
+    "far_fragment_charge_max_error",
+)
+
+
+def over_initialisations(
+    tables: Sequence[Mapping[str, Mapping[str, float | None]]],
+) -> dict[str, dict[str, float | None]]:
+    """Each design's figures over several :func:`long_range_table` s of the same held-out cells, one per
+    model initialisation (each with its own ``sr`` baseline): the mean, the smallest and the largest of
+    every figure of :data:`AVERAGED` (``<figure>``, ``<figure>_min``, ``<figure>_max``), and
+    ``mean_neutral_ratio``, the ratio of the mean neutral errors (design over ``sr``), which one lucky or
+    unlucky baseline cannot decide. A design missing from a table, or a figure that is None there, is
+    left out of that figure's statistics."""
+    designs = list(dict.fromkeys(name for table in tables for name in table))
+    out: dict[str, dict[str, float | None]] = {}
+    for name in designs:
+        row: dict[str, float | None] = {"n_initialisations": sum(name in t for t in tables)}
+        for key in AVERAGED:
+            values = [t[name][key] for t in tables if name in t and t[name].get(key) is not None]
+            row[key] = float(np.mean(values)) if values else None
+            row[f"{key}_min"] = float(np.min(values)) if values else None
+            row[f"{key}_max"] = float(np.max(values)) if values else None
+        out[name] = row
+    base = out.get("sr")
+    for row in out.values():
+        ok = base is not None and base["neutral_energy_rmse"] and row["neutral_energy_rmse"] is not None
+        row["mean_neutral_ratio"] = row["neutral_energy_rmse"] / base["neutral_energy_rmse"] if ok else None
+    return out
+
+
 def format_long_range_table(table: Mapping[str, Mapping[str, float | None]]) -> str:
     """A plain-text table of :func:`long_range_table`."""
     columns = [

@@ -71,6 +71,10 @@ MAX_FORCE = 100.0
 #: Allowed values of :data:`FERMI_REFERENCE`; ``model`` marks a model's μ, on the scale of its training data.
 FERMI_REFERENCES = ("cell_average", "vacuum", "vbm_aligned", "model")
 
+#: A head's ``formal_charges`` in a training config that the trainer replaces by each element's mean
+#: reference charge (:data:`CHARGES`) over the training structures, as it fits reference energies.
+MEAN_CHARGES = "mean"
+
 #: Coulomb constant e^2/(4 π ε0) in eV·Å/e^2: ASE's value (CODATA 2014, Hartree × Bohr) to all digits, so
 #: that energies agree with ASE's calculators beyond the 1e-8 relative floor a rounded constant sets.
 COULOMB_CONSTANT = 14.399645351950548

@@ -261,10 +261,22 @@ def check_model_section(model: dict[str, Any]) -> None:
 
     values = dict(model)
     values.setdefault("elements", _elements_named(model) or ["H"])
+    if mean_charges_wanted(values):
+        values["head"] = {**values["head"], "formal_charges": {}}  # measured on the data by the trainer
     try:
         EmlipModel(ModelConfig.from_dict(values))
     except (ValueError, TypeError, KeyError) as exc:
         raise ConfigError(f"model: {exc}") from None
+
+
+def mean_charges_wanted(model: dict[str, Any]) -> bool:
+    """Whether a model section's ``split`` head takes its base charges from the data (``mean``)."""
+    head = model.get("head")
+    return (
+        isinstance(head, dict)
+        and head.get("name") == "split"
+        and head.get("formal_charges") == schema.MEAN_CHARGES
+    )
 
 
 def _elements_named(values: Any) -> list[str]:
@@ -367,6 +379,8 @@ def label_needs(config: TrainConfig) -> list[LabelNeed]:
     if config.data.charges_from_dipoles:
         for key in (schema.CHARGES, schema.ATOMIC_DIPOLES):
             needs.append(need(key, "data.charges_from_dipoles", every=True))
+    if mean_charges_wanted(config.model):
+        needs.append(need(schema.CHARGES, f"model.head.formal_charges {schema.MEAN_CHARGES!r}"))
     return needs
 
 

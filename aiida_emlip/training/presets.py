@@ -10,7 +10,9 @@ in two stages as its authors do: ``direct`` (one update at the DFT charges, whic
 ``ref_charges``) for a third of the epochs, then ``implicit`` (converged from the local guess, exact
 gradients) for the rest; without reference charges it trains ``unrolled`` then ``implicit``. The
 ``charges``, ``split`` and ``scf`` presets add induced atomic dipoles (:data:`INDUCTION`); every preset
-takes them on request, and drops them with ``induction=False``.
+takes them on request, and drops them with ``induction=False``. On data with reference charges
+``split``'s base charges are each element's mean DFT charge over the training structures
+(``formal_charges: mean``), so that its transfers are small departures from them.
 """
 
 from __future__ import annotations
@@ -70,7 +72,11 @@ INDUCTION = ("charges", "split", "scf")
 SCF_DIRECT_FRACTION = 1.0 / 3.0
 
 
-def _head(name: str, labels: set[str], formal_charges: dict[str, float]) -> dict[str, Any]:
+def _copy_charges(formal_charges: dict[str, float] | str | None) -> dict[str, float] | str:
+    return formal_charges if isinstance(formal_charges, str) else dict(formal_charges or {})
+
+
+def _head(name: str, labels: set[str], formal_charges: dict[str, float] | str) -> dict[str, Any]:
     dipoles = schema.ATOMIC_DIPOLES in labels
     heads: dict[str, dict[str, Any]] = {
         "sr": {"name": "sr"},
@@ -113,7 +119,9 @@ def preset_config(
 
     ``induction`` adds induced atomic dipoles in the field of the head's density
     (:mod:`~aiida_emlip.models.induction`); None takes the preset's default (:data:`INDUCTION`).
-    ``formal_charges`` default to :data:`FORMAL_CHARGES` for the elements present (``fixed``, ``split``).
+    ``formal_charges`` default to :data:`FORMAL_CHARGES` for the elements present (``fixed``, and
+    ``split`` on data without reference charges); ``split`` on data with reference charges takes each
+    element's mean DFT charge over the training structures (``"mean"``, measured by the trainer).
     Raises ``ValueError`` for an unknown name or an element without a formal charge where one is needed.
     """
     if name not in PRESETS:
@@ -121,7 +129,9 @@ def preset_config(
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     labels = set(labels)
-    if formal_charges is None and name in ("fixed", "split"):
+    if formal_charges is None and name == "split" and schema.CHARGES in labels:
+        formal_charges = schema.MEAN_CHARGES  # measured on the training split by the trainer
+    elif formal_charges is None and name in ("fixed", "split"):
         missing = sorted(set(elements or []) - set(FORMAL_CHARGES))
         if missing:
             raise ValueError(f"preset {name!r}: no formal charge known for {missing}; give formal_charges")
@@ -129,7 +139,7 @@ def preset_config(
     model: dict[str, Any] = {
         "dtype": dtype,
         "backbone": copy.deepcopy(backbone if backbone is not None else BACKBONE),
-        "head": _head(name, labels, dict(formal_charges or {})),
+        "head": _head(name, labels, _copy_charges(formal_charges)),
     }
     if elements:
         model["elements"] = list(elements)

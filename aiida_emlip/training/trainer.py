@@ -23,6 +23,7 @@ from aiida_emlip.models.io import ModelFileError, resolve_device, serialize_mode
 from aiida_emlip.models.model import DTYPES, EmlipModel, ModelConfig, model_capabilities
 from aiida_emlip.training import distributed
 from aiida_emlip.training.atomic import write_bytes_atomic, write_text_atomic
+from aiida_emlip.training.base_charges import resolve_mean_charges
 from aiida_emlip.training.config import (
     AUTO_MULTIPOLE_WEIGHTS,
     LABEL_OF,
@@ -201,6 +202,8 @@ class Trainer:
         if init is not None:
             check_new_elements(init, present)
         values.setdefault("elements", init.elements if init is not None else present)
+        init_charges = init.config.get("head", {}).get("formal_charges") if init is not None else None
+        values = resolve_mean_charges(values, self.train, present, init_charges)
         try:
             model_config = ModelConfig.from_dict(values)
             self.model = EmlipModel(model_config)

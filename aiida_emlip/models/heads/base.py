@@ -169,6 +169,8 @@ def mlp(n_in: int, n_out: int, hidden: int) -> torch.nn.Module:
 
 def element_table(values: dict[str, float], elements: list[str], what: str) -> torch.Tensor:
     """A per-element tensor from ``{symbol: value}`` (missing ones 0); unknown symbols are an error."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{what} must map elements to numbers, got {values!r}")
     unknown = sorted(set(values) - set(elements))
     if unknown:
         raise ValueError(f"{what} given for elements {unknown} not in the model {elements}")

@@ -20,6 +20,7 @@ from aiida_emlip.models.heads.base import (
     mlp,
     scatter_sum,
 )
+from aiida_emlip.schema import MEAN_CHARGES
 
 #: How transfers vanish at the cutoff (:attr:`SplitOptions.envelope`).
 ENVELOPES = ("cosine", "step")
@@ -34,7 +35,13 @@ class SplitOptions(HeadOptions):
     #: charges, energy and forces are continuous as a bond crosses the cutoff; ``step`` (model files
     #: written before the envelope existed) keeps it whole up to the cutoff.
     envelope: str = "cosine"
-    formal_charges: dict[str, float] = field(default_factory=dict)  # base charges q⁰ per element
+    #: Base charges q⁰ per element (e; missing ones 0), or ``"mean"`` in a training config: each
+    #: element's mean DFT charge over the training structures, measured by the trainer and written
+    #: into the model as numbers. Transfers then describe each atom's departure from its element's
+    #: usual charge, small and local; from formal oxidation states (H +1, O −2) they must carry the
+    #: whole ionicity of every covalent bond and fall from it to nearly nothing between a bond and a
+    #: hydrogen bond, which the few contact structures of a training set do not pin down.
+    formal_charges: dict[str, float] | str = field(default_factory=dict)
     dipoles: bool = True
     hidden: int = 16
     num_radial: int = 8
@@ -47,6 +54,11 @@ class SplitOptions(HeadOptions):
             raise ValueError(f"envelope must be one of {ENVELOPES}, got {self.envelope!r}")
         if self.fragments not in FRAGMENTS:
             raise ValueError(f"fragments must be one of {FRAGMENTS}, got {self.fragments!r}")
+        if isinstance(self.formal_charges, str) and self.formal_charges != MEAN_CHARGES:
+            raise ValueError(
+                f"formal_charges must map elements to charges (e) or be {MEAN_CHARGES!r}, "
+                f"got {self.formal_charges!r}"
+            )
 
 
 class SplitChargesHead(Head):
@@ -69,6 +81,11 @@ class SplitChargesHead(Head):
         if options.cutoff is None:
             raise ValueError(
                 "split: the transfer cutoff is not resolved (build the head through its ModelConfig)"
+            )
+        if options.formal_charges == MEAN_CHARGES:
+            raise ValueError(
+                f"split: formal_charges {MEAN_CHARGES!r} is measured on the training data by emlip-train; "
+                "a model built outside training needs the charges per element"
             )
         self.register_buffer("formal", element_table(options.formal_charges, elements, "formal charges"))
         self.transfer = mlp(2 * num_scalars + options.num_radial, 1, options.hidden)

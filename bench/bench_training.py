@@ -4,7 +4,10 @@ Both trainers see the same extxyz data (the shipped pw.x set, rattled copies to 
 same MACE size (channels, L, correlation, interactions, cutoff, radial basis, MLP), batch size,
 dtype, device and thread count, and both validate every epoch. Throughput is training structures
 per second over epochs 2..E (epoch 1 carries one-off costs), from each trainer's own epoch
-timestamps. Beside it, the same rate per second of CPU time (user + system of the trainer's process,
+timestamps, counting the structures each trainer actually trains on per epoch: ``mace_run_train``
+splits off its own validation set and drops the last incomplete batch of each epoch, so it sees
+``floor(n_train / batch) * batch`` structures an epoch (read from its log), emlip every training
+structure. Beside it, the same rate per second of CPU time (user + system of the trainer's process,
 read from ``/proc`` when each epoch's line appears), which other load on a shared machine disturbs
 less than wall time. On a CUDA machine the same table is measured on the GPU, with emlip's peak GPU
 memory.
@@ -123,6 +126,11 @@ def run_mace(data: Path, work: Path, epochs: int, batch: int, device: str, dtype
     log = "\n".join(p.read_text() for p in (work / "logs").glob("*.log")) if (work / "logs").is_dir() else ""
     if proc["returncode"] != 0:
         raise RuntimeError(f"mace_run_train failed:\n{proc['output'][-3000:]}")
+    split = re.search(r"Total number of configurations: train=(\d+)", log)
+    if split is None:
+        raise RuntimeError("mace_run_train's log does not give the size of its training set")
+    # the training loader drops the last incomplete batch: these structures are trained per epoch
+    n_trained = int(split.group(1)) // batch * batch
     stamps: dict[int, float] = {}  # mace writes the same lines to two log files
     for line in log.splitlines():
         match = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+) INFO: Epoch (\d+):", line)
@@ -134,6 +142,7 @@ def run_mace(data: Path, work: Path, epochs: int, batch: int, device: str, dtype
         "epoch_stamps": [stamps[k] for k in sorted(stamps)],
         "cpu_stamps": proc["cpu_stamps"],
         "wall_s": proc["wall_s"],
+        "n_train": n_trained,
     }
 
 
@@ -230,8 +239,8 @@ def main(argv: list[str] | None = None) -> None:
         for r in range(args.repeat):
             (tmp / f"mace{r}").mkdir()
             res = run_mace(data, tmp / f"mace{r}", args.epochs, args.batch_size, args.device, args.dtype)
-            res["rate"] = throughput(res["epoch_stamps"], n_train)
-            res["cpu_rate"] = throughput(res["cpu_stamps"], n_train)
+            res["rate"] = throughput(res["epoch_stamps"], res["n_train"])
+            res["cpu_rate"] = throughput(res["cpu_stamps"], res["n_train"])
             runs["mace"].append(res)
             if "sr" in args.heads.split(","):
                 runs["sr"].append(_emlip(tmp / f"sr{r}", data, "sr", args))
@@ -248,6 +257,8 @@ def main(argv: list[str] | None = None) -> None:
             except RuntimeError as exc:
                 print(f"{name}: failed: {str(exc).splitlines()[-1]}")
     sr, nan = rows.get("sr", {}), float("nan")
+    print(f"structures trained per epoch: mace_run_train {mace['n_train']} (drops the last incomplete "
+          f"batch), emlip {sr.get('n_train', n_train)}")  # fmt: skip
     header = f"{'trainer':<22}{'structures/s':>14}{'vs mace':>9}{'vs sr':>7}"
     header += f"{'per CPU s':>11}{'vs mace':>9}{'vs sr':>7}{'wall s':>8}{'GPU MB':>8}{'params':>8}"
     print(f"\n{header}")

@@ -212,6 +212,32 @@ def test_nan_during_training_stops_cleanly(tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)  # no NaN step was applied
 
 
+def _one_gradient(trainer: Trainer, value: float) -> None:
+    """Make the first parameter's gradient ``value`` everywhere (the loss stays finite)."""
+    first = next(trainer.model.parameters())
+    first.register_hook(lambda grad: torch.full_like(grad, value))
+
+
+def test_nan_gradient_stops_cleanly(tmp_path):
+    """A non-finite gradient behind a finite loss stops training before the optimizer steps."""
+    trainer = Trainer(make_config(tmp_path, "sr", epochs=1, data={"train": str(DATA), "batch_size": 100}))
+    _one_gradient(trainer, float("nan"))
+    before = _state(trainer)
+    with pytest.raises(NonFiniteError, match="non-finite gradient"):
+        trainer.run()
+    after = _state(trainer)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_finite_gradient_whose_norm_overflows_is_clipped(tmp_path):
+    """Finite gradients whose total norm overflows are not refused as non-finite: they are clipped."""
+    values = {"train": str(DATA), "batch_size": 100}
+    trainer = Trainer(make_config(tmp_path, "sr", epochs=1, data=values))
+    _one_gradient(trainer, 1e300)  # finite in float64, its square is not
+    trainer.run()
+    assert trainer.pos.epoch == 1
+
+
 # --------------------------------------------------------------------------- bad input
 
 

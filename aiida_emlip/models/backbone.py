@@ -56,7 +56,6 @@ class BackboneOutput:
     node_energy: torch.Tensor  # [N] short-range energy per atom, eV
     scalars: torch.Tensor  # [N, S] invariant features of all layers
     vectors: torch.Tensor  # [N, V, 3] l = 1 features, Cartesian (x, y, z) (tested); V may be 0
-    edge_vectors: torch.Tensor  # [E, 3]
 
 
 class MaceBackbone(torch.nn.Module):
@@ -107,12 +106,20 @@ class MaceBackbone(torch.nn.Module):
             )
         return species
 
-    def forward(self, graph: Graph, positions: torch.Tensor, cell: torch.Tensor) -> BackboneOutput:
-        species = self.species(graph.numbers)
+    def forward(
+        self,
+        graph: Graph,
+        positions: torch.Tensor,
+        cell: torch.Tensor,
+        species: torch.Tensor | None = None,
+    ) -> BackboneOutput:
+        """Evaluate MACE on ``positions`` and ``cell``; ``species``: :meth:`species` of the graph's
+        numbers where the caller has them already."""
+        if species is None:
+            species = self.species(graph.numbers)
         node_attrs = torch.nn.functional.one_hot(species, len(self.config.elements)).to(positions.dtype)
-        edge_vectors = graph.edge_vectors(positions, cell)
-        sender = graph.edge_index[0]
-        shifts = edge_vectors - (positions[graph.edge_index[1]] - positions[sender])
+        # MACE forms the edge vectors itself from the positions and these Cartesian lattice shifts
+        shifts = graph.edge_shifts(cell)
         data = {
             "positions": positions,
             "node_attrs": node_attrs,
@@ -125,7 +132,7 @@ class MaceBackbone(torch.nn.Module):
         }
         out = self.mace(data, training=self.training, compute_force=False)
         scalars, vectors = self._split_features(out["node_feats"])
-        return BackboneOutput(out["node_energy"], scalars, vectors, edge_vectors)
+        return BackboneOutput(out["node_energy"], scalars, vectors)
 
     def _layer_widths(self) -> list[int]:
         """Feature width of each layer: the last one is scalar unless asked for (never with one layer)."""

@@ -21,6 +21,7 @@ The charge–dipole and dipole–dipole terms follow the charges' method: the k-
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ from aiida_emlip.models import dipole_mesh as dm
 from aiida_emlip.models import gaussian_dipoles as gd
 from aiida_emlip.models.accuracy import PME_FORCE, dipole_mesh_parameters, kspace_cutoff
 from aiida_emlip.models.coulomb_operator import (
+    SQRT_2_OVER_PI,
     ChargeKernel,
     CoulombOperator,
     SlabTerm,
@@ -221,6 +223,32 @@ class Electrostatics(torch.nn.Module):
         if self._slab_active(pbc):
             e = e + SlabTerm(positions, cell, pbc, self.config.sigma).energy(charges, dipoles)
         return e
+
+    def open_energies(
+        self, charges: torch.Tensor, positions: torch.Tensor, ptr: torch.Tensor
+    ) -> torch.Tensor:
+        """Electrostatic energies (eV, ``[B]``) of a batch of open-boundary structures with charges only.
+
+        :meth:`energy`'s ``direct`` method for every structure at once: one pair sum over the pairs
+        within each structure (atoms ``ptr[b]:ptr[b + 1]``), each structure's energy summed from its
+        atoms. The same numbers as one call per structure up to the order of the last sum.
+        """
+        bounds = ptr.tolist()
+        pairs = [
+            torch.triu_indices(stop - start, stop - start, 1, device=positions.device) + start
+            for start, stop in itertools.pairwise(bounds)
+        ]
+        i, j = torch.cat(pairs, dim=1)
+        s_phys = math.sqrt(2.0) * self.config.sigma
+        calc = self._calculator("direct", s_phys, positions)
+        dist = torch.linalg.norm(positions[j] - positions[i], dim=1)
+        q = charges[:, None]
+        cell = positions.new_zeros(3, 3)  # unused by the pair sum
+        phi = 2.0 * calc(q, cell, positions, torch.stack([i, j], dim=1), dist)
+        if self.config.include_self and s_phys > 0.0:
+            phi = phi + q * (COULOMB_CONSTANT * SQRT_2_OVER_PI / s_phys)
+        batch = torch.repeat_interleave(torch.diff(ptr))
+        return 0.5 * q.new_zeros(len(bounds) - 1).index_add(0, batch, (q * phi)[:, 0])
 
     def potential(
         self,

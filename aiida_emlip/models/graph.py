@@ -86,11 +86,14 @@ class Graph:
             return None
         return reverse
 
+    def edge_shifts(self, cell: torch.Tensor) -> torch.Tensor:
+        """Cartesian lattice shift ``S·cell`` of each edge [E, 3] for (possibly strained) cells."""
+        return torch.einsum("ei,eij->ej", self.unit_shifts, cell[self.batch[self.edge_index[0]]])
+
     def edge_vectors(self, positions: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
         """Edge vectors ``r_r - r_s + S·cell`` for (possibly strained) positions and cells."""
         sender, receiver = self.edge_index
-        shifts = torch.einsum("ei,eij->ej", self.unit_shifts, cell[self.batch[sender]])
-        return positions[receiver] - positions[sender] + shifts
+        return positions[receiver] - positions[sender] + self.edge_shifts(cell)
 
 
 def _info_float(atoms: Atoms, key: str, default: float) -> float:

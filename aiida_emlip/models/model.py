@@ -153,12 +153,15 @@ class EmlipModel(torch.nn.Module):
                 else graph.positions.detach().requires_grad_(compute_forces)
             )
             strain = torch.zeros_like(graph.cell).requires_grad_(compute_stress)
-            sym = 0.5 * (strain + strain.transpose(1, 2))
-            eye = torch.eye(3, dtype=self.dtype, device=self.device)
-            strained_pos = positions + torch.einsum("ni,nij->nj", positions, sym[graph.batch])
-            cell = torch.einsum("bij,bjk->bik", graph.cell, eye + sym)
-            feats = self.backbone(graph, strained_pos, cell)
+            if compute_stress:
+                sym = 0.5 * (strain + strain.transpose(1, 2))
+                eye = torch.eye(3, dtype=self.dtype, device=self.device)
+                strained_pos = positions + torch.einsum("ni,nij->nj", positions, sym[graph.batch])
+                cell = torch.einsum("bij,bjk->bik", graph.cell, eye + sym)
+            else:  # a zero strain that nothing differentiates: the same numbers without its work
+                strained_pos, cell = positions, graph.cell
             species = self.backbone.species(graph.numbers)
+            feats = self.backbone(graph, strained_pos, cell, species)
             inp = HeadInput(
                 graph,
                 strained_pos,

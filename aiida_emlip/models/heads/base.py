@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import torch
 
 from aiida_emlip.models.backbone import BackboneOutput
-from aiida_emlip.models.electrostatics import Electrostatics, total_dipole
+from aiida_emlip.models.electrostatics import Electrostatics
 from aiida_emlip.models.graph import Graph
 
 HEADS: dict[str, type[Head]] = {}
@@ -207,6 +207,8 @@ def coulomb_energy(
 ) -> torch.Tensor:
     """Hartree energy of the Gaussian multipoles of each structure, [B] eV."""
     solver = electrostatics or inp.electrostatics
+    if dipoles is None and not bool(inp.graph.pbc.any()):  # open boundaries, charges: all at once
+        return solver.open_energies(charges, inp.positions, inp.graph.ptr)
     energies = []
     for b, atoms in inp.graph.structures():
         energies.append(
@@ -225,11 +227,10 @@ def structure_dipoles(
     inp: HeadInput, charges: torch.Tensor | None, dipoles: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Total dipole Σ q_i r_i + Σ p_i of each structure, [B, 3] e·Å."""
-    out = []
-    for _, atoms in inp.graph.structures():
-        q = charges[atoms] if charges is not None else inp.positions.new_zeros(atoms.stop - atoms.start)
-        out.append(total_dipole(q, inp.positions[atoms], None if dipoles is None else dipoles[atoms]))
-    return torch.stack(out)
+    graph = inp.graph
+    q = charges if charges is not None else inp.positions.new_zeros(graph.num_atoms)
+    dipole = scatter_sum(q[:, None] * inp.positions, graph.batch, graph.num_graphs)
+    return dipole if dipoles is None else dipole + scatter_sum(dipoles, graph.batch, graph.num_graphs)
 
 
 def field_work(inp: HeadInput, dipole: torch.Tensor) -> torch.Tensor:

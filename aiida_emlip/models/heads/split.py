@@ -110,7 +110,7 @@ class SplitChargesHead(Head):
     def transfers(self, inp: HeadInput) -> tuple[torch.Tensor, torch.Tensor]:
         """Charge moved along each edge (sender → receiver) and the edge vectors."""
         sender, receiver = inp.graph.edge_index
-        vectors = inp.features.edge_vectors
+        vectors = inp.graph.edge_vectors(inp.positions, inp.cell)
         lengths = torch.linalg.vector_norm(vectors, dim=-1)
         radial = self._radial(lengths)
         h = inp.features.scalars

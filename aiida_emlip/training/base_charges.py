@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from aiida_emlip import schema
-from aiida_emlip.training.config import mean_charges_wanted
+from aiida_emlip.training.config import mean_charges_wanted, without_measured_charges
 from aiida_emlip.training.data import Sample
 from aiida_emlip.training.errors import DataError
 
@@ -42,7 +42,7 @@ def mean_reference_charges(
     """
     import torch
 
-    from aiida_emlip.models.fragments import fragment_index
+    from aiida_emlip.models.fragments import correct_fragment_charges, fragment_index
     from aiida_emlip.training.data import attach_graphs
 
     apart: dict[str, list[float]] = {e: [] for e in elements}
@@ -51,18 +51,16 @@ def mean_reference_charges(
     attach_graphs(labelled, cutoff)
     for sample in labelled:
         charges = np.asarray(sample.labels[schema.CHARGES], dtype=float)
+        symbols = sample.atoms.get_chemical_symbols()
+        for symbol, charge in zip(symbols, charges):
+            every[symbol].append(float(charge))
         with torch.no_grad():
-            index, count = fragment_index(sample.graph)
-        index = index.numpy()
-        if count > 1:
-            # each fragment at the integer nearest its charge, shifted uniformly (the head's own rule)
-            totals = np.bincount(index, weights=charges, minlength=count)
-            sizes = np.bincount(index, minlength=count)
-            separated = charges + ((np.rint(totals) - totals) / sizes)[index]
-        for i, (symbol, charge) in enumerate(zip(sample.atoms.get_chemical_symbols(), charges)):
-            every.setdefault(symbol, []).append(float(charge))
-            if count > 1:
-                apart.setdefault(symbol, []).append(float(separated[i]))
+            if fragment_index(sample.graph)[1] < 2:
+                continue
+            # each fragment at its integer charge, shifted uniformly: the head's own rule
+            separated = correct_fragment_charges(torch.as_tensor(charges), sample.graph).numpy()
+        for symbol, charge in zip(symbols, separated):
+            apart[symbol].append(float(charge))
     missing = [e for e in elements if not every.get(e)]
     if missing:
         raise DataError(
@@ -98,5 +96,5 @@ def _cutoff(model: dict[str, Any]) -> float:
     from aiida_emlip.models.backbone import BackboneConfig
     from aiida_emlip.models.model import ModelConfig
 
-    config = ModelConfig.from_dict({**model, "head": {**model["head"], "formal_charges": {}}})
+    config = ModelConfig.from_dict(without_measured_charges(model))
     return float(BackboneConfig(elements=config.elements, **config.backbone).r_max)

@@ -261,10 +261,8 @@ def check_model_section(model: dict[str, Any]) -> None:
 
     values = dict(model)
     values.setdefault("elements", _elements_named(model) or ["H"])
-    if mean_charges_wanted(values):
-        values["head"] = {**values["head"], "formal_charges": {}}  # measured on the data by the trainer
     try:
-        EmlipModel(ModelConfig.from_dict(values))
+        EmlipModel(ModelConfig.from_dict(without_measured_charges(values)))
     except (ValueError, TypeError, KeyError) as exc:
         raise ConfigError(f"model: {exc}") from None
 
@@ -277,6 +275,14 @@ def mean_charges_wanted(model: dict[str, Any]) -> bool:
         and head.get("name") == "split"
         and head.get("formal_charges") == schema.MEAN_CHARGES
     )
+
+
+def without_measured_charges(model: dict[str, Any]) -> dict[str, Any]:
+    """``model`` with base charges that the trainer measures on the data (``mean``) left empty, so that
+    the rest of the section builds and checks before any data is read; unchanged otherwise."""
+    if not mean_charges_wanted(model):
+        return model
+    return {**model, "head": {**model["head"], "formal_charges": {}}}
 
 
 def _elements_named(values: Any) -> list[str]:

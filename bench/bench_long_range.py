@@ -13,7 +13,9 @@ contact), and an F⁻ cell takes 22–67 SCF iterations, some a restart, several
 1. ``label``: pw.x energies, forces and Hirshfeld charges through :class:`EmlipDatasetWorkChain` in the
    project profile (``aiida-emlip setup`` first); the dataset is exported to ``bench/data``
    (committed: ``long_range.xyz``, two orientations per separation, and ``long_range_more.xyz``, a
-   third; ``train`` and ``report`` read both unless ``--data`` names others).
+   third; ``long_range_contact.xyz``, water pairs at contact, 1.8–3.8 Å, labelled with ``--systems H2O
+   --separations 6 --max-separation 3.8 --sample-seed 7``; ``train`` and ``report`` read all three
+   unless ``--data`` names others).
 2. ``train``: every design (the named presets, same backbone, epochs and seed) on the same random 80 %
    (a tenth of it for validation); each run lands in ``--workdir/<design>``.
 3. ``report``: on the held-out 20 %: energy RMSE of configurations beyond the cutoff as a ratio to
@@ -47,6 +49,11 @@ HERE = Path(__file__).resolve().parent
 DATA = HERE / "data" / "long_range.xyz"
 #: A third random orientation of every separation of both default systems (labelled the same way).
 MORE = HERE / "data" / "long_range_more.xyz"
+#: Water pairs at contact only (1.8-3.8 Å, three orientations each, other random orientations): where
+#: the neutral goal is decided, sampled more densely than the scan's 0.65 Å steps.
+CONTACT = HERE / "data" / "long_range_contact.xyz"
+#: What ``train`` and ``report`` read unless ``--data`` names other files.
+DEFAULT_DATA = [DATA, MORE, CONTACT]
 DFT = {
     "ecutwfc": 25.0,
     "ecutrho": 200.0,
@@ -80,6 +87,8 @@ def label(
     append: bool = False,
     max_concurrent: int = 2,
     cache: bool = False,
+    max_separation: float = 9.0,
+    sample_seed: int = 0,
 ) -> None:
     """Run the dataset workchain on the long-range set and export it to ``out``.
 
@@ -88,6 +97,8 @@ def label(
     runs; ``append`` adds the labelled cells to an existing ``out`` (keys renumbered after its last one)
     instead of replacing it. ``cache`` reuses every pw.x run of identical inputs that finished before
     (AiiDA caching): a labelling that was stopped can be exported for the cells it finished.
+    ``max_separation`` ends each scan (Å) and ``sample_seed`` draws the orientations: another seed
+    gives other orientations of the same separations.
     """
     from aiida_emlip.profile import load_or_create_profile, select_profile
 
@@ -102,7 +113,13 @@ def label(
 
     if quick:
         separations, orientations = 4, 1
-    frames = long_range_set(n_separations=separations, orientations=orientations, systems=systems)
+    frames = long_range_set(
+        n_separations=separations,
+        orientations=orientations,
+        max_separation=max_separation,
+        systems=systems,
+        seed=sample_seed,
+    )
     if isinstance(frames_slice, slice):
         frames = frames[frames_slice]
     elif frames_slice is not None:
@@ -485,12 +502,18 @@ def main(argv: list[str] | None = None) -> None:
         "--data",
         type=Path,
         nargs="+",
-        default=[DATA, MORE],
+        default=DEFAULT_DATA,
         help="labelled cells (extxyz); train and report take several files together, label writes one",
     )
     parser.add_argument("--quick", action="store_true", help="a few configurations only (a smoke test)")
     parser.add_argument("--separations", type=int, default=12, help="separations per system (label)")
     parser.add_argument("--orientations", type=int, default=3, help="orientations per separation (label)")
+    parser.add_argument(
+        "--max-separation", type=float, default=9.0, help="largest closest-atom separation, Å (label)"
+    )
+    parser.add_argument(
+        "--sample-seed", type=int, default=0, help="seed of the random orientations and rattling (label)"
+    )
     parser.add_argument(
         "--systems",
         nargs="+",
@@ -539,7 +562,7 @@ def main(argv: list[str] | None = None) -> None:
 
     designs = args.designs or list(PRESETS)
     if args.stage in ("label", "all"):
-        if args.data == [DATA, MORE]:
+        if args.data == DEFAULT_DATA:
             args.data = [DATA]  # a new labelling replaces the first file (--append adds to it)
         if len(args.data) != 1:
             parser.error("label writes one --data file")
@@ -553,6 +576,8 @@ def main(argv: list[str] | None = None) -> None:
             args.append,
             args.max_concurrent,
             args.cache,
+            args.max_separation,
+            args.sample_seed,
         )
     if args.stage in ("train", "all"):
         train(args.data, args.workdir, designs, args.epochs, args.seed, args.jobs, args.inits)

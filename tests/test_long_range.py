@@ -334,3 +334,40 @@ def test_committed_third_orientation_cells():
                 assert head < 0.8
             if system == "H2O" and separation(atoms) > 4.0:
                 assert abs(head) < 0.005
+
+
+def test_committed_contact_cells():
+    """The benchmark's third file: 18 water pairs at contact (1.8–3.8 Å, six separations, three new
+    orientations each), keys after the other two files', neutral cells whose Hirshfeld charges sum to
+    zero, each water keeping its neutrality within the 0.1 e that a hydrogen bond moves, and the
+    energies spread by the pair's orientation (repulsive and bound contacts both sampled)."""
+    from pathlib import Path
+
+    from aiida_emlip.extxyz import text_to_frames
+
+    folder = Path(__file__).resolve().parents[1] / "bench" / "data"
+    earlier = [
+        a
+        for name in ("long_range.xyz", "long_range_more.xyz")
+        for a in text_to_frames((folder / name).read_text())
+    ]
+    frames = text_to_frames((folder / "long_range_contact.xyz").read_text())
+    assert len(frames) == 18
+    keys = [atoms.info["key"] for atoms in earlier + frames]
+    assert len(set(keys)) == len(keys)
+    separations = [separation(atoms) for atoms in frames]
+    assert sorted({round(s, 1) for s in separations}) == [1.8, 2.2, 2.6, 3.0, 3.4, 3.8]
+    energies = []
+    for atoms in frames:
+        assert atoms.get_chemical_symbols() == ["O", "H", "H", "O", "H", "H"]
+        assert atoms.info[schema.TOTAL_CHARGE] == 0.0
+        assert np.isfinite(atoms.arrays[schema.FORCES]).all()
+        charges = atoms.arrays[schema.CHARGES]
+        assert charges.sum() == pytest.approx(0.0, abs=1e-3)
+        first, second = fragment_charges(atoms, charges)
+        assert abs(first) < 0.1 and first == pytest.approx(-second, abs=1e-3)
+        energies.append(atoms.info[schema.ENERGY])
+    assert 0.1 < max(energies) - min(energies) < 1.0
+    # none of them repeats a cell of the scan: other orientations, not copies
+    scan = {round(a.info[schema.ENERGY], 4) for a in earlier if a.info[schema.TOTAL_CHARGE] == 0.0}
+    assert not scan & {round(e, 4) for e in energies}

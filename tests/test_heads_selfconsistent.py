@@ -448,3 +448,80 @@ def test_float32(head):
     np.testing.assert_allclose(out["charges"].numpy(), ref["charges"].numpy(), atol=1e-4)
     np.testing.assert_allclose(out["forces"].numpy(), ref["forces"].numpy(), atol=1e-3)
     assert bool(out["converged"][0])
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        {"name": "scf"},
+        {"name": "scf", "update": "mlp", "unroll_steps": 6},
+        {"name": "scf", "fragments": "shared"},
+        {"name": "scf", "ensemble": "constant_mu", "fermi_level": -1.0},
+    ],
+)
+def test_scf_unrolled_batch_equals_per_structure(head, monkeypatch):
+    """The unrolled iteration of a batch of open structures at once gives the charges, μ, residuals,
+    forces and the parameter gradient of the force loss of one iteration per structure."""
+    model = tiny_model(head, seed=23)
+    molecules = []
+    for k, charge in enumerate((0.0, 1.0, -1.0)):
+        atoms = water_cluster(charge)
+        atoms.positions += np.random.default_rng(k).normal(scale=0.1, size=atoms.positions.shape)
+        molecules.append(atoms)
+    molecules.insert(1, Atoms("H2O", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]]))
+    molecules[1].info["total_charge"] = 0.0
+    graph = build_graph(molecules, model.cutoff, model.dtype)
+    params = list(model.head.parameters())
+    original = type(model.head)._unrolled_batch
+    used = []
+
+    def spy(*args):
+        result = original(*args)
+        used.append(result is not None)
+        return result
+
+    monkeypatch.setattr(type(model.head), "_unrolled_batch", spy)
+    results = []
+    for batched in (True, False):
+        if not batched:
+            assert used == [True]
+            monkeypatch.setattr(type(model.head), "_unrolled_batch", lambda *args: None)
+        out = model(graph, scf_mode="unrolled", compute_stress=False, create_graph=True)
+        loss = out["energy"].sum() + (out["forces"] ** 2).sum() + (out["charges"] ** 2).sum()
+        grads = torch.autograd.grad(loss, params)
+        results.append((out, torch.cat([g.reshape(-1) for g in grads])))
+    (new, g_new), (old, g_old) = results
+    for key in ("energy", "charges", "forces", "fermi_level"):
+        np.testing.assert_allclose(
+            new[key].detach().numpy(), old[key].detach().numpy(), rtol=1e-12, atol=1e-12
+        )
+    for a, b in zip(new["residuals"], old["residuals"]):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-9, atol=1e-14)
+    assert new["converged"].tolist() == old["converged"].tolist()
+    assert new["iterations"].tolist() == old["iterations"].tolist()
+    np.testing.assert_allclose(g_new.numpy(), g_old.numpy(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "head", [{"name": "scf", "tol": 1e-11}, {"name": "scf", "update": "mlp", "tol": 1e-11}]
+)
+def test_scf_dense_implicit_solve_equals_gmres(head, monkeypatch):
+    """The dense LU solve of the implicit step (small structures) gives GMRES's charges, forces and
+    parameter gradient of the force loss."""
+    import aiida_emlip.models.heads.scf as scf_module
+
+    model = tiny_model(head, seed=24)
+    graph = build_graph([water_cluster(1.0), water_cluster(0.0)], model.cutoff, model.dtype)
+    params = list(model.head.parameters())
+    results = []
+    for dense in (64, 0):
+        monkeypatch.setattr(scf_module, "DENSE_SOLVE_ATOMS", dense)
+        out = model(graph, scf_mode="implicit", compute_stress=False, create_graph=True)
+        loss = out["energy"].sum() + (out["forces"] ** 2).sum() + (out["charges"] ** 2).sum()
+        grads = torch.autograd.grad(loss, params)
+        results.append((out, torch.cat([g.reshape(-1) for g in grads])))
+    (new, g_new), (old, g_old) = results
+    for key in ("energy", "charges", "forces", "fermi_level"):
+        a, b = new[key].detach().numpy(), old[key].detach().numpy()
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(g_new.numpy(), g_old.numpy(), rtol=1e-8, atol=1e-9)

@@ -24,8 +24,11 @@ One structure at a time, with ``h_i`` the backbone scalars and ``q`` the current
 Energy on the final density: ``Σ_i [a_i δ_i + ½ b_i δ_i²] + E_H[q] − E·d`` with ``δ = q − p_loc`` and
 ``a, b`` read out from ``h``. The map F is not the gradient of this energy, so forces come from the
 implicit function theorem: the converged solution ``z* = (q*, μ*)`` is detached and corrected by
-``z = z* − K⁻¹ g(z*)`` with ``g = (F − q, Σq − Q)`` and ``K = ∂g/∂z`` applied by GMRES in the backward
-pass (:class:`~aiida_emlip.models.heads.solvers.ImplicitStep`); dz/dR and dz/dθ are then exact.
+``z = z* − K⁻¹ g(z*)`` with ``g = (F − q, Σq − Q)`` and ``K = ∂g/∂z`` applied by GMRES (a dense LU
+factorisation up to :data:`DENSE_SOLVE_ATOMS` atoms) in the backward pass
+(:class:`~aiida_emlip.models.heads.solvers.ImplicitStep`); dz/dR and dz/dθ are then exact.
+
+``unrolled`` iterates a batch of open-boundary structures as one (:meth:`SelfConsistentHead._unrolled_batch`).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from aiida_emlip.models.coulomb_operator import CoulombOperator
+from aiida_emlip.models.coulomb_operator import CoulombOperator, OpenBatchOperator
 from aiida_emlip.models.fragments import FRAGMENTS, fragment_targets
 from aiida_emlip.models.heads.base import (
     Head,
@@ -61,6 +64,9 @@ ENSEMBLES = ("constant_q", "constant_mu")
 MODES = ("converge", "direct", "unrolled", "implicit")
 FAILURE_MODES = ("raise", "flag")
 MIXERS = ("anderson", "linear", "newton")
+#: Structures up to this many atoms solve the implicit (linearised) systems by a dense LU
+#: factorisation instead of GMRES.
+DENSE_SOLVE_ATOMS = 64
 
 
 @dataclass
@@ -248,7 +254,13 @@ class SelfConsistentHead(Head):
         groups, fragment_index_, fragment_charges = self._groups(inp, p_loc, chi, constant_q)
         targets = self._target_mu(inp)
         charges, mus, converged, iterations, history = [], [], [], [], []
-        for b, atoms in graph.structures():
+        batched = None
+        if mode == "unrolled" and not bool(graph.pbc.any()):
+            batched = self._unrolled_batch(inp, groups, local, chi, v_app, targets)
+        if batched is not None:
+            charges, mus, converged, history = batched
+            iterations = [len(res) for res in history]
+        for b, atoms in graph.structures() if batched is None else ():
             s = _Structure(
                 b,
                 atoms,
@@ -450,6 +462,101 @@ class SelfConsistentHead(Head):
                     break
         return q, mu, ok if not differentiable else history[-1] < tol, history
 
+    def _unrolled_batch(self, inp, groups, local, chi, v_app, targets):
+        """:meth:`_iterate` (differentiable) of every structure of an open-boundary batch at once.
+
+        The same steps as one :meth:`_iterate` per structure, on the whole batch: one projected-
+        potential operator (:class:`~aiida_emlip.models.coulomb_operator.OpenBatchOperator`, its
+        pair kernels evaluated once), the constraint groups of all structures numbered through, and
+        one transfer of every structure's stopping figures per step. Returns the charges, each
+        structure's reported μ, converged flags and residual histories, or ``None`` when a structure
+        stops early (divergence), for the per-structure iteration to redo the batch.
+        """
+        o = self.options
+        graph = inp.graph
+        constant_q = o.ensemble == "constant_q"
+        h = inp.features.scalars
+        p_loc = local[:, 0]
+        n_struct = graph.num_graphs
+        sizes = [int(t.numel()) for _, t in groups]
+        offsets = [0]
+        for size in sizes[:-1]:
+            offsets.append(offsets[-1] + size)
+        fragment = torch.cat([f + off for (f, _), off in zip(groups, offsets)])
+        group_targets = torch.cat([t for _, t in groups])
+        n_groups = int(group_targets.numel())
+        owner = torch.repeat_interleave(
+            torch.arange(n_struct, device=p_loc.device), torch.tensor(sizes, device=p_loc.device)
+        )
+
+        def group_sum(values: torch.Tensor) -> torch.Tensor:
+            return values.new_zeros(n_groups).index_add(0, fragment, values)
+
+        def per_structure(values: torch.Tensor, index: torch.Tensor, reduce: str) -> torch.Tensor:
+            out = values.new_zeros(n_struct)
+            return out.scatter_reduce(0, index, values, reduce, include_self=False)
+
+        op = OpenBatchOperator(inp.electrostatics, inp.positions, graph.ptr, o.widths)
+        q = p_loc
+        if constant_q:
+            counts = group_sum(torch.ones_like(q))
+            q = q + ((group_targets - group_sum(q)) / counts)[fragment]
+            mu = q.new_zeros(n_groups)
+        else:
+            mu = torch.stack([self._require_mu(targets, b, "constant-μ SCF") for b in range(n_struct)])
+        scales = self._scales(inp, q)
+        tol = default_tolerance(o.tol, q.dtype)
+        batch = graph.batch
+        history: list[list[float]] = [[] for _ in range(n_struct)]
+        previous = [math.inf] * n_struct
+        for step in range(o.unroll_steps):
+            u = (op.potentials(q) + v_app[:, None] + mu[fragment, None]) / scales
+            value = p_loc + self._update(h, chi, u)
+            slopes = self._slopes(h, chi, u, True)
+            if constant_q:
+                dfdmu = (slopes / scales).sum(-1)
+                dqdmu = group_sum(dfdmu)
+                error = group_targets - group_sum(value)
+                value = value + dfdmu * (error / dqdmu)[fragment]
+                mu = mu + (error / dqdmu if step == 0 else torch.clamp(error / dqdmu, -1.0, 1.0))
+                err_t = per_structure(error.detach().abs(), owner, "amax")
+                mu_bad = per_structure((~torch.isfinite(mu.detach())).to(q.dtype), owner, "sum")
+            else:
+                err_t = q.new_zeros(n_struct)
+                mu_bad = (~torch.isfinite(mu.detach())).to(q.dtype)
+            change = value - q
+            q_old = q
+            q = q + o.mixing * change
+            stats = torch.stack(
+                [
+                    per_structure(change.detach().abs(), batch, "amax"),
+                    err_t,
+                    per_structure((q - q_old).detach().abs(), batch, "amax"),
+                    mu_bad,
+                    per_structure(q.detach(), batch, "sum"),
+                ]
+            ).tolist()
+            for b, (largest, err, applied, bad, total) in enumerate(zip(*stats)):
+                res = max(largest, err) if step else largest
+                history[b].append(res)
+                growing = step > 0 and applied > previous[b]
+                previous[b] = applied
+                if (
+                    not (math.isfinite(res) and bad == 0.0)
+                    or (growing and applied > o.max_step_change)
+                    or abs(total) > o.max_total_charge
+                ):
+                    return None  # this structure stops here: the per-structure iteration knows how
+        mus = []
+        for b, (f, t) in enumerate(groups):
+            mu_b = mu[offsets[b] : offsets[b] + sizes[b]]
+            if mu_b.numel() == 1:
+                mus.append(mu_b.reshape(()))
+            else:
+                mus.append(mu_b[int(torch.bincount(f, minlength=int(t.numel())).argmax())])
+        converged = [res[-1] < tol for res in history]
+        return [q], mus, converged, history
+
     def _direct(self, inp, s: _Structure, loc, v_app, targets, b):
         """One differentiable update at the reference charges and Fermi level (training mode).
 
@@ -520,6 +627,8 @@ class SelfConsistentHead(Head):
         n = coef.shape[0]
         op = self._operator(inp, s)
         constant_q = self.options.ensemble == "constant_q"
+        if strict and n <= DENSE_SOLVE_ATOMS:
+            return self._dense_solvers(s, op, coef, fmu)
 
         def jac(x: torch.Tensor) -> torch.Tensor:
             return (coef * op.potentials(x)).sum(-1)
@@ -559,6 +668,37 @@ class SelfConsistentHead(Head):
             return solve
 
         return make(jac, False), make(jac_t, True)
+
+    def _dense_solvers(self, s: _Structure, op: CoulombOperator, coef, fmu):
+        """``K⁻¹`` and ``K⁻ᵀ`` of :meth:`_linear_solvers` by one LU factorisation of ``K`` formed densely
+        (small structures: the projected Coulomb matrices from ``n`` unit charges, no GMRES)."""
+        n = coef.shape[0]
+        eye = torch.eye(n, dtype=coef.dtype, device=coef.device)
+        jac = sum(coef[:, w, None] * op.potential(eye, w) for w in range(coef.shape[1]))
+        k = jac - eye
+        constant_q = self.options.ensemble == "constant_q"
+        if constant_q:
+            groups = torch.arange(s.groups, device=coef.device)
+            member = (s.fragment[:, None] == groups).to(coef.dtype)  # [n, C]
+            corner = coef.new_zeros(s.groups, s.groups)
+            k = torch.cat([torch.cat([k, fmu[:, None] * member], 1), torch.cat([member.T, corner], 1)])
+        factors = torch.linalg.lu_factor(k)
+
+        def make(transpose: bool):
+            def solve(r: torch.Tensor, rhs_mu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                rhs = torch.cat([r, rhs_mu.reshape(s.groups)]) if constant_q else r
+                z = torch.linalg.lu_solve(*factors, rhs[:, None], adjoint=transpose)[:, 0]
+                self.linear_iterations += 1
+                if not bool(torch.isfinite(z).all()):
+                    raise SCFConvergenceError(
+                        f"scf: the linearised system of structure {s.b} is singular; the fixed point may "
+                        "be unstable"
+                    )
+                return (z[:n], z[n:]) if constant_q else (z, rhs_mu * 0)
+
+            return solve
+
+        return make(False), make(True)
 
     def _newton(self, inp, s: _Structure, loc, targets, b):
         """Newton–Krylov solution of the fixed point (no autograd): robust where mixing sloshes."""

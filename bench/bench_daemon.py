@@ -14,7 +14,12 @@ with caching off so that every calculation runs (checked: no calculation comes f
 The profile is made the way ``aiida-emlip setup --services`` makes one (a fresh PostgreSQL database and
 user, RabbitMQ broker) under a temporary ``AIIDA_PATH``, and deleted with its database at the end.
 
-Usage: ``nice -n 10 python bench/bench_daemon.py [--n 40] [--max-concurrent 4] [--json out.json]``.
+``--serial-only`` stops after the serial run and ``PwBaseWorkChain`` alone (the overhead ratio). The CPU
+time of the benchmark's own Python process is recorded beside the wall time of both (``cpu_s``: the
+figure that still compares on a loaded machine, where the wall time follows the load).
+
+Usage: ``nice -n 10 python bench/bench_daemon.py [--n 40] [--max-concurrent 4] [--serial-only]
+[--json out.json]``.
 """
 
 from __future__ import annotations
@@ -87,6 +92,12 @@ def check_ran(node, n: int) -> int:
     return len(calcs)
 
 
+def process_cpu() -> float:
+    """CPU seconds (user + system) of this Python process so far (not of pw.x)."""
+    times = os.times()
+    return times.user + times.system
+
+
 def run_foreground(code, family, structures, max_concurrent: int) -> tuple[float, Any]:
     from aiida.engine import run_get_node
 
@@ -148,6 +159,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=40, help="configurations (default 40)")
     parser.add_argument("--max-concurrent", type=int, default=4, help="of the concurrent runs (default 4)")
     parser.add_argument("--poll-interval", type=float, default=1.0, help="runner.poll.interval (s)")
+    parser.add_argument("--serial-only", action="store_true", help="only the overhead ratio (no daemon)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     n, m = args.n, args.max_concurrent
@@ -166,11 +178,33 @@ def main() -> None:
         result["caching_default_enabled"] = get_config_option("caching.default_enabled")
         structures = configurations(n)
         with disable_caching():
+            cpu_start = process_cpu()
             serial, node = run_foreground(code, family, structures, 1)
+            cpu_serial = process_cpu() - cpu_start
             result["pw_runs_serial"] = check_ran(node, n)
             print(f"foreground, max_concurrent=1: {serial:.1f} s, {per_minute(n, serial):.1f} DFT/min")
+            cpu_start = process_cpu()
             alone, walls = run_pwbase_alone(node)
+            cpu_alone = process_cpu() - cpu_start
             print(f"PwBaseWorkChain alone x {n}: {alone:.1f} s; workchain / alone = {serial / alone:.3f}")
+            print(
+                f"CPU of this process: workchain {cpu_serial:.1f} s, alone {cpu_alone:.1f} s; "
+                f"workchain / alone = {cpu_serial / cpu_alone:.3f}"
+            )
+            result.update(
+                {
+                    "foreground_serial_cpu_s": cpu_serial,
+                    "pwbase_alone_cpu_s": cpu_alone,
+                    "overhead_ratio_cpu": cpu_serial / cpu_alone,
+                    "overhead_ratio": serial / alone,
+                }
+            )
+            if args.serial_only:
+                result["load_average_end"] = os.getloadavg()
+                if args.json:
+                    args.json.write_text(json.dumps(result, indent=2))
+                print(json.dumps(result, indent=2))
+                return
             concurrent, node_m = run_foreground(code, family, structures, m)
             check_ran(node_m, n)
             print(

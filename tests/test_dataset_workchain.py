@@ -159,6 +159,18 @@ def test_dft_settings_and_provenance(labelled):
     assert all(run.process_label == "PwBaseWorkChain" for run in pw_runs.values())
     assert pw_runs["h2o"].inputs.pw.structure.get_formula() == "H2O"
     assert len({run.pk for run in pw_runs.values()}) == len(SYSTEMS)
+    # inputs of the same value are one node shared by the configurations, each with its own structure
+    for port in ("max_iterations", "on_unhandled_failure", "clean_workdir"):
+        assert len({run.inputs[port].pk for run in pw_runs.values()}) == 1, port
+    steps = {tuple(sorted(label.inputs.postprocess.get_dict().items())) for label in labels}
+    assert len({label.inputs.postprocess.pk for label in labels}) == len(steps)
+    meshes = {tuple(run.inputs.kpoints.get_kpoints_mesh()[0]) for run in pw_runs.values()}
+    assert len({run.inputs.kpoints.pk for run in pw_runs.values()}) == len(meshes)
+    assert len({run.inputs.pw.structure.pk for run in pw_runs.values()}) == len(SYSTEMS)
+    # the assembly reads the source calculation of every configuration's labels
+    sources = {str(atoms.info["key"]): atoms.info["source_uuid"] for atoms in dataset.to_ase()}
+    assert "broken" not in sources and len(sources) == len(SYSTEMS) - 1
+    assert sources == {key: pw_runs[key].outputs.output_parameters.creator.uuid for key in sources}
 
 
 def test_caching_reuses_pw_results(labelled, pw_code, pseudo_family):

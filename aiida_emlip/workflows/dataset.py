@@ -9,6 +9,7 @@ finished labels.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
@@ -59,6 +60,24 @@ UNHANDLED_FAILURE_ACTIONS = ("abort", "pause", "restart_once", "restart_and_paus
 #: Call link label of a configuration's label workchain: ``label_<key>``.
 LABEL_PREFIX = "label_"
 
+
+def _kpoints_mesh(mesh: list[int]) -> orm.KpointsData:
+    kpoints = orm.KpointsData()
+    kpoints.set_kpoints_mesh(mesh)
+    return kpoints
+
+
+#: Inputs of the label workchains that configurations with the same value share (one node per value and
+#: run): port -> the node of a value.
+SHARED_INPUTS = {
+    "parameters": orm.Dict,
+    "kpoints": _kpoints_mesh,
+    "max_iterations": orm.Int,
+    "on_unhandled_failure": orm.Str,
+    "clean_workdir": orm.Bool,
+    "postprocess": orm.Dict,
+}
+
 #: ``atoms.info`` keys carried from the input configurations into the per-configuration metadata.
 CARRIED_INFO = ("sampler", "seed", "sampler_params", schema.CONFIG_TYPE)
 
@@ -78,6 +97,20 @@ def pw_run(dataset: orm.ProcessNode, key: str) -> orm.ProcessNode | None:
 #: pw.x ``assume_isolated`` schemes that give the energy of the molecule in open space: the dataset
 #: stores such configurations as non-periodic (``pbc = False``), as the models must then treat them.
 OPEN_BOUNDARY_SCHEMES = ("mt", "m-t", "martyna-tuckerman")
+
+
+def load_nodes(uuids: list[str]) -> dict[str, orm.Node]:
+    """``{uuid: node}`` of the nodes ``uuids``, loaded with one query (``orm.load_node`` is one each).
+
+    :raises NotExistent: a UUID of no node.
+    """
+    wanted = set(uuids)
+    query = orm.QueryBuilder().append(orm.Node, filters={"uuid": {"in": sorted(wanted)}}, project="*")
+    nodes = {node.uuid: node for (node,) in query.iterall()} if wanted else {}
+    missing = wanted - set(nodes)
+    if missing:
+        raise exceptions.NotExistent(f"no node with UUID {', '.join(sorted(missing))}")
+    return nodes
 
 
 def configuration_settings(atoms: Atoms) -> dict[str, Any]:
@@ -709,17 +742,40 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
         """The post-processing steps of configuration ``key`` (the vacuum level only for slabs)."""
         return configuration_steps(self.ctx.inputs["postprocess"], self.ctx.configs[key]["meta"].get("slab"))
 
+    def _shared_input(self, port: str, value: Any) -> orm.Data:
+        """The stored input node of the label workchains' ``port`` (:data:`SHARED_INPUTS`) holding ``value``:
+        one node per distinct value in the whole run, given to every label workchain that runs with it.
+
+        A label workchain would otherwise store a node of its own for each of these inputs (parameters,
+        k-point mesh, restart settings, post-processing steps): nodes the configurations mostly have in
+        common, whose storing and hashing are much of the cost of a configuration when pw.x is quick. The
+        UUIDs are kept in the context (``shared_inputs``), so a run resumed from a checkpoint goes on with
+        the same nodes.
+        """
+        digest = f"{port}:{json.dumps(value, sort_keys=True, default=str)}"
+        if not hasattr(self, "_shared_nodes"):  # not checkpointed: the nodes of this worker
+            self._shared_nodes: dict[str, orm.Data] = {}
+        cached = self._shared_nodes
+        node = cached.get(digest)
+        if node is None:
+            shared = self.ctx.setdefault("shared_inputs", {})
+            if digest in shared:
+                node = orm.load_node(shared[digest])
+            else:
+                node = SHARED_INPUTS[port](value).store()
+                shared[digest] = node.uuid
+            cached[digest] = node
+        return node
+
     def _label_builder(self, key: str):
         """The ``EmlipLabelWorkChain`` of configuration ``key``: its pw.x inputs and post-processing."""
         inputs = self.ctx.inputs
         config = self.ctx.configs[key]
         structure = orm.load_node(config["structure"])
-        kpoints = orm.KpointsData()
-        kpoints.set_kpoints_mesh(config["mesh"])
         builder = EmlipLabelWorkChain.get_builder()
         builder.pw.pw.code = self.inputs.code
         builder.pw.pw.structure = structure
-        builder.pw.pw.parameters = orm.Dict(config["parameters"])
+        builder.pw.pw.parameters = self._shared_input("parameters", config["parameters"])
         builder.pw.pw.pseudos = self._pseudos(structure)
         options = {**inputs["options"], "parser_name": PW_PARSER}
         # an MPI code runs under mpirun (and a serial one without) whatever the protocol's withmpi says
@@ -727,12 +783,14 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
         builder.pw.pw.metadata.options = options
         if inputs.get("parallelization"):  # -npool N ... on pw.x's command line (aiida-quantumespresso)
             builder.pw.pw.parallelization = orm.Dict(dict(inputs["parallelization"]))
-        builder.pw.kpoints = kpoints
-        builder.pw.max_iterations = orm.Int(int(inputs["max_iterations"]))
-        builder.pw.on_unhandled_failure = orm.Str(str(inputs["on_unhandled_failure"]))
-        builder.clean_workdir = orm.Bool(bool(inputs["clean_workdir"]))
+        builder.pw.kpoints = self._shared_input("kpoints", list(config["mesh"]))
+        builder.pw.max_iterations = self._shared_input("max_iterations", int(inputs["max_iterations"]))
+        builder.pw.on_unhandled_failure = self._shared_input(
+            "on_unhandled_failure", str(inputs["on_unhandled_failure"])
+        )
+        builder.clean_workdir = self._shared_input("clean_workdir", bool(inputs["clean_workdir"]))
         steps = self._steps(key)
-        builder.postprocess = orm.Dict(steps)
+        builder.postprocess = self._shared_input("postprocess", steps)
         if any(steps[step] for step in PP_STEPS):
             builder.pp_code = self.inputs.pp_code
         if steps["lowdin"]:
@@ -784,22 +842,23 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
 
     def _inspect_label(self, key: str, node: orm.ProcessNode) -> None:
         """Record the labels of configuration ``key``, or why it has none, from its label workchain."""
-        if "pw" not in node.outputs or "output_parameters" not in node.outputs.pw:
+        outputs = returned(node)  # one query for all of them ({"pw.output_parameters": node, ...})
+        if "pw.output_parameters" not in outputs:
             self._record_failure(key, node)
             return
         self.ctx.finished[key] = {
-            "parameters": node.outputs.pw.output_parameters.uuid,
-            "trajectory": node.outputs.pw.output_trajectory.uuid,
+            "parameters": outputs["pw.output_parameters"].uuid,
+            "trajectory": outputs["pw.output_trajectory"].uuid,
         }
-        outputs = {"vacuum_level": "vacuum", "hirshfeld": "hirshfeld", "lowdin": "lowdin"}
-        for output, name in outputs.items():
-            if output in node.outputs:
-                self.ctx.finished[key][name] = node.outputs[output].uuid
-        if "vacuum_level" in node.outputs:
-            self.out(f"potential_profiles.{key}", node.outputs.vacuum_level)
-        if "planar_potentials" in node.outputs:
-            self.out(f"planar_potentials.{key}", node.outputs.planar_potentials)
-        self._record_postprocess(key, node)
+        names = {"vacuum_level": "vacuum", "hirshfeld": "hirshfeld", "lowdin": "lowdin"}
+        for output, name in names.items():
+            if output in outputs:
+                self.ctx.finished[key][name] = outputs[output].uuid
+        if "vacuum_level" in outputs:
+            self.out(f"potential_profiles.{key}", outputs["vacuum_level"])
+        if "planar_potentials" in outputs:
+            self.out(f"planar_potentials.{key}", outputs["planar_potentials"])
+        self._record_postprocess(key, node, set(outputs))
 
     def _record_failure(self, key: str, node: orm.ProcessNode) -> None:
         """Record a configuration without labels: its ``PwBaseWorkChain`` and that one's last pw.x run."""
@@ -817,8 +876,10 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
         }
         self.report(f"configuration {key} failed: exit status {target.exit_status} ({target.exit_message})")
 
-    def _record_postprocess(self, key: str, node: orm.ProcessNode) -> None:
+    def _record_postprocess(self, key: str, node: orm.ProcessNode, returned_ports: set[str]) -> None:
         """Record the post-processing steps of ``key`` that gave no label; the pw.x labels stay.
+
+        ``returned_ports``: the outputs of the label workchain ``node`` (dotted port names).
 
         A step whose calculation failed is recorded with that calculation; a wanted output missing for
         another reason (the label workchain excepted or was killed) with the label workchain. (A
@@ -835,7 +896,7 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
             message = step_failure(prefix, calc, steps) if calc is not None else None
             if message is not None:
                 self._postprocess_failed(key, step, calc, message)
-            elif not all(output in node.outputs for output in wanted):
+            elif not all(output in returned_ports for output in wanted):
                 self._postprocess_failed(key, step, node, f"{step} not labelled: {how_it_ended(node)}")
 
     def _postprocess_failed(self, key: str, step: str, process: orm.ProcessNode, message: str) -> None:
@@ -848,13 +909,12 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
         }
         self.report(f"configuration {key}: {message}")
 
-    def _dft_settings(self) -> dict[str, Any]:
+    def _dft_settings(self, structures: Mapping[str, orm.StructureData]) -> dict[str, Any]:
+        """The DFT settings of the dataset; ``structures``: the structure of every configuration, by key."""
         # how the calculations ran (CalcJob options, pw.x parallelisation) is not a DFT setting
         inputs = {k: v for k, v in self.ctx.inputs.items() if k not in ("options", "parallelization")}
         family = self.ctx.family
-        elements = sorted(
-            {el for c in self.ctx.configs.values() for el in orm.load_node(c["structure"]).get_symbols_set()}
-        )
+        elements = sorted({el for structure in structures.values() for el in structure.get_symbols_set()})
         settings = {
             "code": self.inputs.code.full_label,
             "code_uuid": self.inputs.code.uuid,  # which code of the profile (not in the digest)
@@ -871,18 +931,18 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
 
     def results(self):
         """Assemble the dataset and the failure report (a calcfunction, so both are in the provenance)."""
+        # every node the assembly reads, and every structure (for the elements), in one query
+        wanted = [config["structure"] for config in self.ctx.configs.values()]
+        wanted += [uuid for uuids in self.ctx.finished.values() for uuid in uuids.values()]
+        loaded = load_nodes(wanted)
+        structures = {key: loaded[config["structure"]] for key, config in self.ctx.configs.items()}
         nodes: dict[str, orm.Data] = {}
         for key, uuids in self.ctx.finished.items():
-            nodes[f"structure_{key}"] = orm.load_node(self.ctx.configs[key]["structure"])
-            nodes[f"parameters_{key}"] = orm.load_node(uuids["parameters"])
-            nodes[f"trajectory_{key}"] = orm.load_node(uuids["trajectory"])
-            if "vacuum" in uuids:
-                nodes[f"vacuum_{key}"] = orm.load_node(uuids["vacuum"])
-            if "hirshfeld" in uuids:
-                nodes[f"hirshfeld_{key}"] = orm.load_node(uuids["hirshfeld"])
-            if "lowdin" in uuids:
-                nodes[f"lowdin_{key}"] = orm.load_node(uuids["lowdin"])
-        dft = self._dft_settings()
+            nodes[f"structure_{key}"] = structures[key]
+            for name in ("parameters", "trajectory", "vacuum", "hirshfeld", "lowdin"):
+                if name in uuids:
+                    nodes[f"{name}_{key}"] = loaded[uuids[name]]
+        dft = self._dft_settings(structures)
         dft["digest"] = dft_settings_digest(dft)
         order = self.ctx.get("order") or list(self.ctx.configs)  # a run checkpointed before ``order``
         settings = {

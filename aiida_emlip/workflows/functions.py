@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 from aiida import orm
+from aiida.common.links import LinkType
 from aiida.engine import calcfunction
 from ase import Atoms
 
@@ -123,6 +124,19 @@ def _labels(meta: dict[str, Any], parameters: orm.Dict, trajectory: orm.Trajecto
         atoms.info["pw_wall_time"] = float(params["wall_time_seconds"])
 
 
+def creator_uuids(nodes: list[orm.Data]) -> dict[int, str]:
+    """``{pk: UUID of its creator}`` of the stored data ``nodes`` (one query; ``node.creator`` is one
+    each); a node without a creator is left out."""
+    if not nodes:
+        return {}
+    query = orm.QueryBuilder().append(
+        orm.Data, filters={"id": {"in": [node.pk for node in nodes]}}, project="id", tag="data"
+    )
+    created = {"type": LinkType.CREATE.value}
+    query.append(orm.CalculationNode, with_outgoing="data", edge_filters=created, project="uuid")
+    return dict(query.all())
+
+
 @calcfunction
 def assemble_dataset(settings: orm.Dict, **nodes: orm.Data) -> dict[str, orm.Data]:
     """Collect the labels of the finished configurations into a dataset and write the failure report.
@@ -135,6 +149,7 @@ def assemble_dataset(settings: orm.Dict, **nodes: orm.Data) -> dict[str, orm.Dat
     """
     data = settings.get_dict()
     frames = []
+    sources = creator_uuids([node for name, node in nodes.items() if name.startswith("parameters_")])
     for key in data.get("order") or list(data["configurations"]):
         meta = data["configurations"][key]
         if f"parameters_{key}" not in nodes:
@@ -149,7 +164,7 @@ def assemble_dataset(settings: orm.Dict, **nodes: orm.Data) -> dict[str, orm.Dat
             if meta.get(extra) is not None:
                 atoms.info[extra] = meta[extra]
         atoms.info["key"] = key
-        atoms.info["source_uuid"] = nodes[f"parameters_{key}"].creator.uuid
+        atoms.info["source_uuid"] = sources[nodes[f"parameters_{key}"].pk]
         _labels(meta, nodes[f"parameters_{key}"], nodes[f"trajectory_{key}"], atoms)
         multipoles = nodes.get(f"hirshfeld_{key}")
         if multipoles is not None:

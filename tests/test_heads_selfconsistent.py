@@ -450,6 +450,15 @@ def test_float32(head):
     assert bool(out["converged"][0])
 
 
+def _outputs_and_force_loss_gradient(model, graph, mode: str):
+    """The model's outputs in ``mode`` and the head's parameter gradient of a force-training loss
+    (energy, forces and charges), flattened."""
+    out = model(graph, scf_mode=mode, compute_stress=False, create_graph=True)
+    loss = out["energy"].sum() + (out["forces"] ** 2).sum() + (out["charges"] ** 2).sum()
+    grads = torch.autograd.grad(loss, list(model.head.parameters()))
+    return out, torch.cat([g.reshape(-1) for g in grads])
+
+
 @pytest.mark.parametrize(
     "head",
     [
@@ -471,7 +480,6 @@ def test_scf_unrolled_batch_equals_per_structure(head, monkeypatch):
     molecules.insert(1, Atoms("H2O", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]]))
     molecules[1].info["total_charge"] = 0.0
     graph = build_graph(molecules, model.cutoff, model.dtype)
-    params = list(model.head.parameters())
     original = type(model.head)._unrolled_batch
     used = []
 
@@ -486,10 +494,7 @@ def test_scf_unrolled_batch_equals_per_structure(head, monkeypatch):
         if not batched:
             assert used == [True]
             monkeypatch.setattr(type(model.head), "_unrolled_batch", lambda *args: None)
-        out = model(graph, scf_mode="unrolled", compute_stress=False, create_graph=True)
-        loss = out["energy"].sum() + (out["forces"] ** 2).sum() + (out["charges"] ** 2).sum()
-        grads = torch.autograd.grad(loss, params)
-        results.append((out, torch.cat([g.reshape(-1) for g in grads])))
+        results.append(_outputs_and_force_loss_gradient(model, graph, "unrolled"))
     (new, g_new), (old, g_old) = results
     for key in ("energy", "charges", "forces", "fermi_level"):
         np.testing.assert_allclose(
@@ -512,14 +517,10 @@ def test_scf_dense_implicit_solve_equals_gmres(head, monkeypatch):
 
     model = tiny_model(head, seed=24)
     graph = build_graph([water_cluster(1.0), water_cluster(0.0)], model.cutoff, model.dtype)
-    params = list(model.head.parameters())
     results = []
     for dense in (64, 0):
         monkeypatch.setattr(scf_module, "DENSE_SOLVE_ATOMS", dense)
-        out = model(graph, scf_mode="implicit", compute_stress=False, create_graph=True)
-        loss = out["energy"].sum() + (out["forces"] ** 2).sum() + (out["charges"] ** 2).sum()
-        grads = torch.autograd.grad(loss, params)
-        results.append((out, torch.cat([g.reshape(-1) for g in grads])))
+        results.append(_outputs_and_force_loss_gradient(model, graph, "implicit"))
     (new, g_new), (old, g_old) = results
     for key in ("energy", "charges", "forces", "fermi_level"):
         a, b = new[key].detach().numpy(), old[key].detach().numpy()

@@ -445,22 +445,33 @@ class SelfConsistentHead(Head):
             largest, err, applied, mu_finite, total = stats
             res = max(largest, err) if step else largest
             history.append(res)
-            if not (math.isfinite(res) and mu_finite == 1.0):
-                self._reason = "non-finite charges or μ"
-                return q, mu, False, history
-            growing = step > 0 and applied > previous
+            reason = self._stop_reason(step, res, mu_finite == 1.0, applied, previous, total)
             previous = applied
-            if growing and applied > o.max_step_change:
-                self._reason = f"a step changed a charge by {applied:.3g} e > {o.max_step_change:g}"
-                return q, mu, False, history
-            if abs(total) > o.max_total_charge:
-                self._reason = f"|Σq| = {abs(total):.3g} e > {o.max_total_charge:g}"
+            if reason is not None:
+                self._reason = reason
                 return q, mu, False, history
             if res < tol:
                 ok = True
                 if not differentiable:
                     break
         return q, mu, ok if not differentiable else history[-1] < tol, history
+
+    def _stop_reason(
+        self, step: int, res: float, mu_finite: bool, applied: float, previous: float, total: float
+    ) -> str | None:
+        """Why a fixed-point iteration stops unconverged after this step, or ``None`` to go on.
+
+        ``res``: the step's residual; ``applied``/``previous``: the largest charge change this step and
+        the step before actually applied; ``total``: the sum of the charges.
+        """
+        o = self.options
+        if not (math.isfinite(res) and mu_finite):
+            return "non-finite charges or μ"
+        if step > 0 and applied > previous and applied > o.max_step_change:
+            return f"a step changed a charge by {applied:.3g} e > {o.max_step_change:g}"
+        if abs(total) > o.max_total_charge:
+            return f"|Σq| = {abs(total):.3g} e > {o.max_total_charge:g}"
+        return None
 
     def _unrolled_batch(self, inp, groups, local, chi, v_app, targets):
         """:meth:`_iterate` (differentiable) of every structure of an open-boundary batch at once.
@@ -539,13 +550,9 @@ class SelfConsistentHead(Head):
             for b, (largest, err, applied, bad, total) in enumerate(zip(*stats)):
                 res = max(largest, err) if step else largest
                 history[b].append(res)
-                growing = step > 0 and applied > previous[b]
+                reason = self._stop_reason(step, res, bad == 0.0, applied, previous[b], total)
                 previous[b] = applied
-                if (
-                    not (math.isfinite(res) and bad == 0.0)
-                    or (growing and applied > o.max_step_change)
-                    or abs(total) > o.max_total_charge
-                ):
+                if reason is not None:
                     return None  # this structure stops here: the per-structure iteration knows how
         mus = []
         for b, (f, t) in enumerate(groups):

@@ -69,6 +69,8 @@ def pw_code(aiida_profile):
     from aiida.common.exceptions import NotExistent
     from aiida.orm import Computer, InstalledCode, load_code, load_computer
 
+    from aiida_emlip.cli.setup import singleton_prepend
+
     try:
         computer = load_computer("localhost")
     except NotExistent:
@@ -92,6 +94,7 @@ def pw_code(aiida_profile):
             label="pw",
             default_calc_job_plugin="quantumespresso.pw",
             with_mpi=False,
+            prepend_text=singleton_prepend("quantumespresso.pw", mpi=False),
         ).store()
 
 
@@ -150,6 +153,8 @@ def _installed_code(computer, label: str, executable: str, plugin: str):
     from aiida.common.exceptions import NotExistent
     from aiida.orm import InstalledCode, load_code
 
+    from aiida_emlip.cli.setup import singleton_prepend
+
     try:
         return load_code(f"{label}@{computer.label}")
     except NotExistent:
@@ -159,6 +164,7 @@ def _installed_code(computer, label: str, executable: str, plugin: str):
             label=label,
             default_calc_job_plugin=plugin,
             with_mpi=False,
+            prepend_text=singleton_prepend(plugin, mpi=False),
         ).store()
 
 

@@ -109,6 +109,21 @@ def test_failing_ld1_is_detected(tmp_path: Path) -> None:
     assert not (tmp_path / "out" / upf_filename("H")).exists()
 
 
+@needs_ld1
+def test_ld1_runs_without_the_mpi_daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An Open MPI ``ld1.x`` started alone needs ``orted`` on the ``PATH`` to start unless it runs
+    isolated: with a ``PATH`` that holds no ``orted`` the family is still generated."""
+    ld1 = shutil.which("ld1.x")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("OMPI_MCA_ess_singleton_isolated", raising=False)
+    generate_family(tmp_path / "out", ["H"], ld1=str(ld1))
+    assert _header(tmp_path / "out" / upf_filename("H"))["z_valence"].startswith("1")
+    # the daemon is what fails without the setting (the failure seen on busy machines)
+    monkeypatch.setenv("OMPI_MCA_ess_singleton_isolated", "0")
+    with pytest.raises(Ld1Error, match="Unable to start a daemon"):
+        generate_family(tmp_path / "again", ["H"], ld1=str(ld1))
+
+
 def test_unknown_element_lists_available(tmp_path: Path) -> None:
     with pytest.raises(UnknownElementError) as excinfo:
         generate_family(tmp_path, ["H", "Xe"])

@@ -123,8 +123,20 @@ def ensure_code(
         description=description,
         default_calc_job_plugin=plugin,
         with_mpi=mpi,
+        prepend_text=singleton_prepend(plugin, mpi),
     ).store()
     return code, status
+
+
+def singleton_prepend(plugin: str, mpi: bool) -> str:
+    """The code's ``prepend_text``: a Quantum ESPRESSO program run without ``mpirun`` gets the
+    environment of :data:`~aiida_emlip.pseudos.generate.MPI_SINGLETON_ENV` (a value set by the user
+    wins); every other code gets none."""
+    from aiida_emlip.pseudos.generate import MPI_SINGLETON_ENV
+
+    if mpi or not plugin.startswith("quantumespresso."):
+        return ""
+    return "\n".join(f'export {key}="${{{key}:-{value}}}"' for key, value in MPI_SINGLETON_ENV.items())
 
 
 def emlip_executable(name: str) -> Path:

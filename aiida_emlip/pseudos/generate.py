@@ -22,6 +22,7 @@ import yaml
 __all__ = (
     "ELEMENTS",
     "INPUTS_DIR",
+    "MPI_SINGLETON_ENV",
     "Ld1Error",
     "Ld1NotFoundError",
     "UnknownElementError",
@@ -44,6 +45,13 @@ UPF_SUFFIX = ".pbe-emlip.UPF"
 _HASH_SUFFIX = ".sha256"
 _FILE_PSEUDO_RE = re.compile(r"file_pseudopw\s*=\s*['\"]([^'\"]+)['\"]", re.IGNORECASE)
 _ERROR_MARKERS = ("%%%%%%%%", "Error in routine")
+
+#: Environment of a Quantum ESPRESSO program started without ``mpirun`` (``ld1.x`` here, and the
+#: serial codes of ``aiida-emlip setup``). An Open MPI build run that way is a singleton that first
+#: launches a supporting daemon (``orted``); when that launch fails ("Unable to start a daemon on the
+#: local node": ``orted`` not on the ``PATH``, or a busy machine) the program dies before any work.
+#: These programs never spawn processes, so they run without the daemon. A value the user sets wins.
+MPI_SINGLETON_ENV = {"OMPI_MCA_ess_singleton_isolated": "1"}
 
 
 class UnknownElementError(ValueError):
@@ -106,7 +114,14 @@ def _run_ld1(exe: str, element: str, text: str, target: Path) -> None:
     produced_name = match.group(1)
     with tempfile.TemporaryDirectory(prefix=f"ld1_{element}_") as tmp:
         proc = subprocess.run(
-            [exe], input=text, capture_output=True, text=True, cwd=tmp, timeout=300, check=False
+            [exe],
+            input=text,
+            capture_output=True,
+            text=True,
+            cwd=tmp,
+            timeout=300,
+            check=False,
+            env={**MPI_SINGLETON_ENV, **os.environ},
         )
         output = proc.stdout + proc.stderr
         produced = Path(tmp) / produced_name

@@ -2,9 +2,10 @@
 
 A configuration with post-processing is labelled by an ``EmlipLabelWorkChain`` (``emlip.label``), which
 calls its ``PwBaseWorkChain`` ``pw``; a configuration without is labelled by its ``PwBaseWorkChain``
-alone, called by the dataset workchain itself: one process less per configuration, whose creation,
-steps and checkpoints cost aiida-core about as much as a small configuration's pw.x run. The dataset
-workchain calls either ``label_<key>``; :func:`pw_of` and :func:`label_outputs` read both alike.
+alone, called by the dataset workchain itself: one process less per configuration (its creation, steps,
+checkpoints and returned outputs, and one more parent waiting for its child to end: about a second of
+wall time per configuration). The dataset workchain calls either ``label_<key>``; :func:`pw_of` and
+:func:`label_outputs` read both alike.
 """
 
 from __future__ import annotations

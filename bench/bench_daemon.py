@@ -111,10 +111,11 @@ def run_pwbase_alone(dataset_node) -> tuple[float, list[float]]:
     from aiida.common.links import LinkType
     from aiida.engine import run_get_node
 
-    from aiida_emlip.workflows.label import called
+    from aiida_emlip.workflows.dataset import LABEL_PREFIX, pw_run
 
-    labels = dataset_node.base.links.get_outgoing(link_type=LinkType.CALL_WORK).all_nodes()
-    children = [called(label, "pw") for label in labels]  # each label workchain's PwBaseWorkChain
+    links = dataset_node.base.links.get_outgoing(link_type=LinkType.CALL_WORK).all()
+    keys = [link.link_label.removeprefix(LABEL_PREFIX) for link in links]
+    children = [pw_run(dataset_node, key) for key in keys]  # each configuration's PwBaseWorkChain
     walls = []
     for child in sorted(children, key=lambda c: c.ctime):
         start = time.perf_counter()

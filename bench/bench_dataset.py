@@ -184,20 +184,31 @@ def call_labels(node) -> dict[int, str]:
     return {link.node.pk: link.link_label for link in links}
 
 
+def configuration_of(node, calc) -> str:
+    """The key of the configuration of the dataset workchain ``node`` that the pw.x calculation ``calc``
+    labels: its ``PwBaseWorkChain`` is called ``label_<key>``, or the label workchain around it."""
+    from aiida_emlip.workflows.label_runs import LABEL_PREFIX
+
+    labels = call_labels(node)
+    run = calc.caller if calc.caller.pk in labels else calc.caller.caller
+    return labels[run.pk].removeprefix(LABEL_PREFIX)
+
+
 def outcome(node) -> dict[str, object]:
     """What a dataset workchain did: exit status, report, energies by key, PwCalculations by key."""
     from aiida import orm
 
-    from aiida_emlip.workflows.dataset import LABEL_PREFIX
-    from aiida_emlip.workflows.label import called
+    from aiida_emlip.workflows.label_runs import LABEL_PREFIX, pw_of
 
     labels = call_labels(node)
     calcs: dict[str, list[dict[str, object]]] = {}
     base: dict[str, dict[str, object]] = {}
     for label in node.called:
         key = labels.get(label.pk, "").removeprefix(LABEL_PREFIX)
-        child = called(label, "pw")  # the configuration's PwBaseWorkChain
-        if not labels.get(label.pk, "").startswith(LABEL_PREFIX) or child is None:
+        if not labels.get(label.pk, "").startswith(LABEL_PREFIX):
+            continue
+        child = pw_of(label)  # the configuration's PwBaseWorkChain
+        if child is None:
             continue
         base[key] = {"pk": child.pk, "exit_status": child.exit_status, "exit_message": child.exit_message}
         calcs[key] = [
@@ -272,8 +283,7 @@ def run_daemon_kill_pw(code, family, dataset, workers: int, timeout: float = 600
         killed_at = time.perf_counter() - start
         pw_age = time.time() - proc.create_time()
         os.kill(proc.pid, signal.SIGKILL)
-        # PwCalculation -> PwBaseWorkChain -> the configuration's label workchain, called label_<key>
-        killed_key = call_labels(node)[calc.caller.caller.pk].removeprefix("label_")
+        killed_key = configuration_of(node, calc)
         while not node.is_terminated and time.perf_counter() - start < timeout:
             time.sleep(0.5)
         wall = time.perf_counter() - start

@@ -116,7 +116,8 @@ def launch(spec_file: Path) -> int:
 
 
 def call_path(node: Any) -> str:
-    """The call link labels from the study down to ``node``: ``dft/label_water_q0_000/pw``, ..."""
+    """The call link labels from the study down to ``node``: ``dft/label_water_q0_000`` (a configuration's
+    ``PwBaseWorkChain``), ``dft/label_water_q0_000/pw`` (one inside its label workchain), ..."""
     from aiida.common.links import LinkType
 
     labels = []

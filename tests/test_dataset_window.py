@@ -83,6 +83,7 @@ def test_rolling_window(windowed):
     assert len(labels) == N_FAST + 1
     assert all(label.is_finished_ok for label in labels.values())
     assert all(label.process_label == "EmlipLabelWorkChain" for label in labels.values())
+    assert len({label.inputs.postprocess.pk for label in labels.values()}) == 1  # one node, the same steps
     assert most_at_once([(n.ctime, n.mtime) for n in labels.values()]) == LIMIT
     # the configurations start in the order of the dataset, the first two at once
     starts = sorted(labels, key=lambda key: labels[key].ctime)

@@ -143,7 +143,7 @@ def test_planned_labels_are_the_labels_stored(labelled, pw_code, pseudo_family):
 
 
 def test_dft_settings_and_provenance(labelled):
-    from aiida_emlip.workflows.dataset import pw_run
+    from aiida_emlip.workflows.dataset import labelled_by, pw_run
 
     results, node = labelled
     dataset = results["dataset"]
@@ -152,18 +152,17 @@ def test_dft_settings_and_provenance(labelled):
     assert dataset.base.attributes.get("dft_settings_digest") == settings["digest"] or settings["digest"]
     creator = dataset.creator
     assert creator.process_label == "assemble_dataset"
-    # one label workchain per configuration, each with its own PwBaseWorkChain
-    labels = [c for c in node.called if c.process_label == "EmlipLabelWorkChain"]
-    assert len(labels) == len(SYSTEMS)
+    # no post-processing (Hirshfeld skipped without pp_code): one PwBaseWorkChain per configuration,
+    # called by the dataset workchain itself, no label workchain
+    assert not [c for c in node.called_descendants if c.process_label == "EmlipLabelWorkChain"]
     pw_runs = {key: pw_run(node, key) for key in SYSTEMS}
+    assert all(run.pk == labelled_by(node, key).pk for key, run in pw_runs.items())
     assert all(run.process_label == "PwBaseWorkChain" for run in pw_runs.values())
     assert pw_runs["h2o"].inputs.pw.structure.get_formula() == "H2O"
     assert len({run.pk for run in pw_runs.values()}) == len(SYSTEMS)
     # inputs of the same value are one node shared by the configurations, each with its own structure
     for port in ("max_iterations", "on_unhandled_failure", "clean_workdir"):
         assert len({run.inputs[port].pk for run in pw_runs.values()}) == 1, port
-    steps = {tuple(sorted(label.inputs.postprocess.get_dict().items())) for label in labels}
-    assert len({label.inputs.postprocess.pk for label in labels}) == len(steps)
     meshes = {tuple(run.inputs.kpoints.get_kpoints_mesh()[0]) for run in pw_runs.values()}
     assert len({run.inputs.kpoints.pk for run in pw_runs.values()}) == len(meshes)
     assert len({run.inputs.pw.structure.pk for run in pw_runs.values()}) == len(SYSTEMS)

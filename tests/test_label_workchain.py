@@ -78,7 +78,7 @@ def test_label_workchain_on_h2(pw_code, pp_code, pseudo_family):
     """pw.x, then pp.x's density and the Hirshfeld partition: energy, forces and multipoles of H₂."""
     from aiida.engine import run_get_node
 
-    from aiida_emlip.workflows.label import called
+    from aiida_emlip.workflows.label_runs import called
 
     results, node = run_get_node(_label_builder(pw_code, pseudo_family, pp_code))
     assert node.is_finished_ok, node.exit_message
@@ -107,7 +107,8 @@ def test_failed_postprocessing_keeps_pw_labels(pw_code, false_code, pseudo_famil
     """pp.x fails: exit status 402, the pw.x outputs are there, no Hirshfeld output."""
     from aiida.engine import run_get_node
 
-    from aiida_emlip.workflows.label import EmlipLabelWorkChain, called
+    from aiida_emlip.workflows.label import EmlipLabelWorkChain
+    from aiida_emlip.workflows.label_runs import called
 
     results, node = run_get_node(_label_builder(pw_code, pseudo_family, false_code))
     assert node.exit_status == EmlipLabelWorkChain.exit_codes.ERROR_POSTPROCESS_FAILED.status

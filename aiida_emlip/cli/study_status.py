@@ -11,11 +11,10 @@ from aiida import orm
 from aiida.common.links import LinkType
 
 from aiida_emlip.cli.study_common import STUDY_ENTRY_POINT
+from aiida_emlip.workflows.label_runs import LABEL_PREFIX, pw_of
 from aiida_emlip.workflows.reuse import REUSED_FROM_EXTRA
 
 PW_PROCESS = "aiida.calculations:quantumespresso.pw"
-#: Call link label prefix of the dataset workchain's label workchains (``dataset.LABEL_PREFIX``).
-LABEL_PREFIX = "label_"
 #: emlip-train's epoch line: ``epoch N (stage[, scf mode]) train L valid L ...`` (the mode for SCF heads)
 EPOCH_LINE = re.compile(r"epoch (\d+) \(([^,)]+)(?:, \w+)?\) train (\S+) valid (\S+)")
 
@@ -191,9 +190,10 @@ def dft_counts(dft: orm.ProcessNode) -> dict[str, Any]:
     """pw.x configurations of the study's dataset workchain by state.
 
     While it runs (or once it finished) these are the counts it keeps in its extras; once it was killed
-    or excepted they are counted from its ``label_*`` children (one ``EmlipLabelWorkChain`` per
-    configuration; the extras end at its last step): ``done`` (the child's ``PwBaseWorkChain`` finished),
-    ``killed``, ``failed`` and ``never started``.
+    or excepted they are counted from its ``label_*`` children (one per configuration: its
+    ``PwBaseWorkChain``, or the ``EmlipLabelWorkChain`` around it; the extras end at its last step):
+    ``done`` (the configuration's ``PwBaseWorkChain`` finished), ``killed``, ``failed`` and ``never
+    started``.
     """
     counts = dict(dft.base.extras.get("emlip_progress", {}))
     if not _ended_early(dft):
@@ -202,7 +202,7 @@ def dft_counts(dft: orm.ProcessNode) -> dict[str, Any]:
         }
     links = dft.base.links.get_outgoing(link_type=LinkType.CALL_WORK).all()
     runs = [link.node for link in links if link.link_label.startswith(LABEL_PREFIX)]
-    pw_done = [_finished(_child(n, "pw")) for n in runs]
+    pw_done = [_finished(pw_of(n)) for n in runs]
     done = sum(pw_done)
     killed = sum(1 for n, ok in zip(runs, pw_done) if n.is_killed and not ok)
     total = counts.get("total")

@@ -1,10 +1,10 @@
 """``emlip.dataset``: label configurations with pw.x and collect them in one dataset node.
 
-One ``EmlipLabelWorkChain`` (``emlip.label``: pw.x through ``PwBaseWorkChain``, then the post-processing
-asked for) per configuration, at most ``max_concurrent`` at once in a rolling window: when one ends, the
-next starts. Every configuration is checked before the first pw.x run (elements, electrons, distances,
-volume, field), failures of single configurations end up in the ``report`` output and never drop
-finished labels.
+One ``PwBaseWorkChain`` per configuration, inside an ``EmlipLabelWorkChain`` (``emlip.label``) where the
+configuration has post-processing steps and alone where it has none (:mod:`~.label_runs`), at most
+``max_concurrent`` at once in a rolling window: when one ends, the next starts. Every configuration is
+checked before the first pw.x run (elements, electrons, distances, volume, field), failures of single
+configurations end up in the ``report`` output and never drop finished labels.
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ from .functions import (
     sample_configurations,
     split_configurations,
 )
-from .label import PP_STEPS, STEP_OUTPUTS, EmlipLabelWorkChain, called, step_failure, step_name
+from .label import PP_STEPS, STEP_OUTPUTS, EmlipLabelWorkChain, PwBaseWorkChain, step_failure, step_name
 from .label_plan import LabelPlan
+from .label_runs import LABEL_PREFIX, called, label_outputs, pw_of
 from .process_state import how_it_ended
 from .pw_inputs import (
     ConfigurationError,
@@ -57,8 +58,6 @@ PW_PARSER = "emlip.pw"
 #: What a configuration's ``PwBaseWorkChain`` does after a pw.x failure no handler claims (a killed
 #: pw.x, a lost node): aiida-core's ``BaseRestartWorkChain.on_unhandled_failure`` values.
 UNHANDLED_FAILURE_ACTIONS = ("abort", "pause", "restart_once", "restart_and_pause")
-#: Call link label of a configuration's label workchain: ``label_<key>``.
-LABEL_PREFIX = "label_"
 
 
 def _kpoints_mesh(mesh: list[int]) -> orm.KpointsData:
@@ -67,8 +66,8 @@ def _kpoints_mesh(mesh: list[int]) -> orm.KpointsData:
     return kpoints
 
 
-#: Inputs of the label workchains that configurations with the same value share (one node per value and
-#: run): port -> the node of a value.
+#: Inputs of the configurations' ``PwBaseWorkChain`` and label workchains that configurations with the same
+#: value share (one node per value and run): port -> the node of a value.
 SHARED_INPUTS = {
     "parameters": orm.Dict,
     "kpoints": _kpoints_mesh,
@@ -83,15 +82,16 @@ CARRIED_INFO = ("sampler", "seed", "sampler_params", schema.CONFIG_TYPE)
 
 
 def labelled_by(dataset: orm.ProcessNode, key: str) -> orm.ProcessNode | None:
-    """The ``EmlipLabelWorkChain`` of configuration ``key`` that the dataset workchain ``dataset`` ran (or,
-    when it reused a finished twin's outputs, the one that twin ran)."""
+    """The process that labelled configuration ``key`` of the dataset workchain ``dataset`` (or, when it
+    reused a finished twin's outputs, of that twin): its ``EmlipLabelWorkChain`` where the configuration
+    had post-processing, else its ``PwBaseWorkChain``."""
     return called(origin(dataset), f"{LABEL_PREFIX}{key}")
 
 
 def pw_run(dataset: orm.ProcessNode, key: str) -> orm.ProcessNode | None:
     """The ``PwBaseWorkChain`` of configuration ``key`` of the dataset workchain ``dataset``."""
     label = labelled_by(dataset, key)
-    return called(label, "pw") if label is not None else None
+    return pw_of(label) if label is not None else None
 
 
 #: pw.x ``assume_isolated`` schemes that give the energy of the molecule in open space: the dataset
@@ -344,8 +344,9 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
             "max_concurrent",
             valid_type=orm.Int,
             default=lambda: orm.Int(4),
-            help="Most configurations labelled at once (one EmlipLabelWorkChain each, running one "
-            "calculation at a time): when one ends, the next starts.",
+            help="Most configurations labelled at once (one PwBaseWorkChain each, inside an "
+            "EmlipLabelWorkChain with post-processing, running one calculation at a time): when one ends, "
+            "the next starts.",
         )
         spec.input(
             "pp_code",
@@ -743,10 +744,10 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
         return configuration_steps(self.ctx.inputs["postprocess"], self.ctx.configs[key]["meta"].get("slab"))
 
     def _shared_input(self, port: str, value: Any) -> orm.Data:
-        """The stored input node of the label workchains' ``port`` (:data:`SHARED_INPUTS`) holding ``value``:
-        one node per distinct value in the whole run, given to every label workchain that runs with it.
+        """The stored input node of the configurations' ``port`` (:data:`SHARED_INPUTS`) holding ``value``:
+        one node per distinct value in the whole run, given to every configuration that runs with it.
 
-        A label workchain would otherwise store a node of its own for each of these inputs (parameters,
+        A configuration would otherwise store a node of its own for each of these inputs (parameters,
         k-point mesh, restart settings, post-processing steps): nodes the configurations mostly have in
         common, whose storing and hashing are much of the cost of a configuration when pw.x is quick. The
         UUIDs are kept in the context (``shared_inputs``), so a run resumed from a checkpoint goes on with
@@ -767,45 +768,58 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
             cached[digest] = node
         return node
 
-    def _label_builder(self, key: str):
-        """The ``EmlipLabelWorkChain`` of configuration ``key``: its pw.x inputs and post-processing."""
+    def _set_pw_inputs(self, target: Any, key: str) -> None:
+        """Set the ``PwBaseWorkChain`` inputs of configuration ``key`` on ``target``: a ``PwBaseWorkChain``
+        builder, or the ``pw`` namespace of an ``EmlipLabelWorkChain`` builder (the same ports)."""
         inputs = self.ctx.inputs
         config = self.ctx.configs[key]
         structure = orm.load_node(config["structure"])
-        builder = EmlipLabelWorkChain.get_builder()
-        builder.pw.pw.code = self.inputs.code
-        builder.pw.pw.structure = structure
-        builder.pw.pw.parameters = self._shared_input("parameters", config["parameters"])
-        builder.pw.pw.pseudos = self._pseudos(structure)
+        target.pw.code = self.inputs.code
+        target.pw.structure = structure
+        target.pw.parameters = self._shared_input("parameters", config["parameters"])
+        target.pw.pseudos = self._pseudos(structure)
         options = {**inputs["options"], "parser_name": PW_PARSER}
         # an MPI code runs under mpirun (and a serial one without) whatever the protocol's withmpi says
         options["withmpi"] = mpi_option(self.inputs.code.with_mpi, bool(options.get("withmpi", False)))
-        builder.pw.pw.metadata.options = options
+        target.pw.metadata.options = options
         if inputs.get("parallelization"):  # -npool N ... on pw.x's command line (aiida-quantumespresso)
-            builder.pw.pw.parallelization = orm.Dict(dict(inputs["parallelization"]))
-        builder.pw.kpoints = self._shared_input("kpoints", list(config["mesh"]))
-        builder.pw.max_iterations = self._shared_input("max_iterations", int(inputs["max_iterations"]))
-        builder.pw.on_unhandled_failure = self._shared_input(
+            target.pw.parallelization = orm.Dict(dict(inputs["parallelization"]))
+        target.kpoints = self._shared_input("kpoints", list(config["mesh"]))
+        target.max_iterations = self._shared_input("max_iterations", int(inputs["max_iterations"]))
+        target.on_unhandled_failure = self._shared_input(
             "on_unhandled_failure", str(inputs["on_unhandled_failure"])
         )
-        builder.clean_workdir = self._shared_input("clean_workdir", bool(inputs["clean_workdir"]))
-        steps = self._steps(key)
+
+    def _set_postprocess_inputs(self, builder: Any, key: str, steps: dict[str, bool]) -> None:
+        """Set the post-processing inputs of configuration ``key`` on its ``EmlipLabelWorkChain`` builder."""
         builder.postprocess = self._shared_input("postprocess", steps)
         if any(steps[step] for step in PP_STEPS):
             builder.pp_code = self.inputs.pp_code
         if steps["lowdin"]:
             builder.projwfc_code = self.inputs.projwfc_code
         if steps["hirshfeld"]:
-            builder.n_electrons = orm.Float(config["meta"]["n_electrons"])
+            builder.n_electrons = orm.Float(self.ctx.configs[key]["meta"]["n_electrons"])
+        builder.postprocess_options = dict(self.ctx.inputs["options"])
+
+    def _label_builder(self, key: str):
+        """The process that labels configuration ``key``, called ``label_<key>``: its ``PwBaseWorkChain``
+        alone when it has no post-processing step, else an ``EmlipLabelWorkChain`` around it."""
+        steps = self._steps(key)
         if any(steps.values()):
-            builder.postprocess_options = dict(inputs["options"])
+            builder = EmlipLabelWorkChain.get_builder()
+            self._set_pw_inputs(builder.pw, key)
+            self._set_postprocess_inputs(builder, key, steps)
+        else:
+            builder = PwBaseWorkChain.get_builder()
+            self._set_pw_inputs(builder, key)
+        builder.clean_workdir = self._shared_input("clean_workdir", bool(self.ctx.inputs["clean_workdir"]))
         builder.metadata.call_link_label = f"{LABEL_PREFIX}{key}"
         return builder
 
     def run_window(self):
-        """Record the label workchains that ended, then start configurations until ``max_concurrent`` run.
+        """Record the configurations whose labelling ended, then start more until ``max_concurrent`` run.
 
-        The workchain wakes as soon as one of the running label workchains terminates
+        The workchain wakes as soon as one of the running labelling processes terminates
         (:class:`~.window.WakeOnFirstChild`): a rolling window, not batches.
         """
         for key, pk in list(self.ctx.running.items()):
@@ -841,8 +855,8 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
         )
 
     def _inspect_label(self, key: str, node: orm.ProcessNode) -> None:
-        """Record the labels of configuration ``key``, or why it has none, from its label workchain."""
-        outputs = returned(node)  # one query for all of them ({"pw.output_parameters": node, ...})
+        """Record the labels of configuration ``key``, or why it has none, from its labelling process."""
+        outputs = label_outputs(node)  # one query for all of them ({"pw.output_parameters": node, ...})
         if "pw.output_parameters" not in outputs:
             self._record_failure(key, node)
             return
@@ -861,8 +875,9 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
         self._record_postprocess(key, node, set(outputs))
 
     def _record_failure(self, key: str, node: orm.ProcessNode) -> None:
-        """Record a configuration without labels: its ``PwBaseWorkChain`` and that one's last pw.x run."""
-        pw = called(node, "pw")
+        """Record a configuration without labels: its ``PwBaseWorkChain`` and that one's last pw.x run (the
+        label workchain ``node`` itself where no ``PwBaseWorkChain`` of it failed)."""
+        pw = pw_of(node)
         target = pw if pw is not None and not pw.is_finished_ok else node
         calcs = [c for c in target.called if isinstance(c, orm.CalcJobNode)]
         last = max(calcs, key=lambda c: c.ctime) if calcs else None

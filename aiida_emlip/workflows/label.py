@@ -11,7 +11,8 @@ other, the post-processing steps asked for in ``postprocess``:
 
 The pw.x outputs are attached as soon as pw.x finished (``pw.*``), so a post-processing step that fails
 never loses them: the work chain then ends with ``ERROR_POSTPROCESS_FAILED`` and the labels it has.
-:class:`~aiida_emlip.workflows.dataset.EmlipDatasetWorkChain` runs one of these per configuration.
+:class:`~aiida_emlip.workflows.dataset.EmlipDatasetWorkChain` runs one of these per configuration with
+post-processing (a configuration without runs its ``PwBaseWorkChain`` alone: :mod:`~.label_runs`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from typing import Any
 
 from aiida import orm
 from aiida.common import AttributeDict
-from aiida.common.links import LinkType
 from aiida.engine import ToContext, WorkChain, if_
 from aiida.plugins import CalculationFactory, WorkflowFactory
 
@@ -56,14 +56,6 @@ STEP_OUTPUTS = {
     "density": ("hirshfeld",),
     "projwfc": ("lowdin",),
 }
-
-
-def called(node: orm.ProcessNode, link_label: str) -> orm.ProcessNode | None:
-    """The process that ``node`` called with ``link_label`` (``None`` if it called none)."""
-    links = node.base.links.get_outgoing(
-        link_type=(LinkType.CALL_WORK, LinkType.CALL_CALC), link_label_filter=link_label
-    ).all()
-    return links[0].node if links else None
 
 
 def step_name(prefix: str, steps: dict[str, Any]) -> str:

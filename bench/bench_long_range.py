@@ -220,13 +220,20 @@ def split_data(
 #: Design-name suffixes: with or without induced dipoles; no suffix takes the preset's default.
 VARIANTS = {"+ind": True, "-ind": False}
 
+#: Design-name suffix of the multipole loss weights, one per equal share of the epochs (the preset's
+#: ``multipole_weights``), after any induction suffix: ``split~mp1``, ``split+ind~mp10,1``.
+MULTIPOLE_SUFFIX = "~mp"
 
-def _variant(name: str) -> tuple[str, bool | None]:
-    """Preset and induction of a design name (``split``, ``split+ind``, ``split-ind``)."""
+
+def _variant(name: str) -> tuple[str, bool | None, tuple[float, ...] | None]:
+    """Preset, induction and multipole weights of a design name (``split``, ``split+ind``,
+    ``split-ind~mp1``, ``split~mp10,1``); None where the name takes the preset's default."""
+    name, marked, text = name.partition(MULTIPOLE_SUFFIX)
+    weights = tuple(float(w) for w in text.split(",")) if marked else None
     for suffix, induction in VARIANTS.items():
         if name.endswith(suffix):
-            return name.removesuffix(suffix), induction
-    return name, None
+            return name.removesuffix(suffix), induction, weights
+    return name, None, weights
 
 
 def _preset(name: str) -> str:
@@ -257,7 +264,8 @@ def train_one(
     """Train design ``name`` into ``workdir/<run_name>``; return its wall and CPU time in seconds.
 
     ``<preset>+ind`` is the preset with induced atomic dipoles (``model.induction``), ``<preset>-ind``
-    the preset without them; the plain name takes the preset's default. ``model_seed`` (default
+    the preset without them; the plain name takes the preset's default. A ``~mp<w>[,<w>...]`` suffix
+    sets the multipole loss weights (:data:`MULTIPOLE_SUFFIX`). ``model_seed`` (default
     ``seed``) seeds the model and the training; the data split is ``seed``'s.
     """
     model_seed = seed if model_seed is None else model_seed
@@ -270,7 +278,7 @@ def train_one(
     frames = ase.io.read(train_file, ":")
     labels = {k for a in frames for k in (*a.info, *a.arrays)}
     elements = sorted({s for a in frames for s in a.get_chemical_symbols()})
-    preset, induction = _variant(name)
+    preset, induction, multipole_weights = _variant(name)
     values = preset_config(
         preset,
         labels=labels,
@@ -280,6 +288,7 @@ def train_one(
         seed=model_seed,
         batch_size=4,
         induction=induction,
+        multipole_weights=multipole_weights,
     )
     values["data"].update(train=str(train_file), test=str(test_file), valid_fraction=0.1)
     values["output_dir"] = str(workdir / run_name(name, seed, model_seed))
@@ -553,7 +562,8 @@ def main(argv: list[str] | None = None) -> None:
         "--designs",
         nargs="+",
         default=None,
-        help="presets to train (default: all); <preset>+ind with, <preset>-ind without induced dipoles",
+        help="presets to train (default: all); <preset>+ind with, <preset>-ind without induced dipoles; "
+        "a ~mp<w>[,<w>...] suffix sets the multipole loss weights, one per equal share of the epochs",
     )
     args = parser.parse_args(argv)
     if args.inits < 1:

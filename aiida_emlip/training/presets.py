@@ -18,7 +18,7 @@ takes them on request, and drops them with ``induction=False``. On data with ref
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from aiida_emlip import schema
@@ -71,6 +71,10 @@ INDUCTION = ("charges", "split", "scf")
 #: Fraction of the epochs that ``scf`` spends in ``direct`` mode when reference charges exist.
 SCF_DIRECT_FRACTION = 1.0 / 3.0
 
+#: Presets whose multipole loss weights differ from :data:`AUTO_MULTIPOLE_WEIGHTS` (see
+#: :func:`preset_config`'s ``multipole_weights``); every other preset keeps those.
+MULTIPOLE_WEIGHTS: dict[str, tuple[float, ...]] = {}
+
 
 def _copy_charges(formal_charges: dict[str, float] | str | None) -> dict[str, float] | str:
     return formal_charges if isinstance(formal_charges, str) else dict(formal_charges or {})
@@ -90,6 +94,20 @@ def _head(name: str, labels: set[str], formal_charges: dict[str, float] | str) -
         "functional": {"name": "functional", "parametrization": "softness"},
     }
     return heads[name]
+
+
+def _shares(epochs: int, parts: int) -> list[int]:
+    """``epochs`` cut into ``parts`` consecutive shares as equal as they can be (the last ones longer)."""
+    return [(epochs * (k + 1)) // parts - (epochs * k) // parts for k in range(parts)]
+
+
+def _multipole_stages(epochs: int, weights: tuple[float, ...], quantities: list[str]) -> list[dict[str, Any]]:
+    """One stage per multipole weight, each over an equal share of the epochs, weighting ``quantities``."""
+    return [
+        {"name": "main" if k == 0 else f"multipoles{k}", "epochs": n, "weights": dict.fromkeys(quantities, w)}
+        for k, (n, w) in enumerate(zip(_shares(epochs, len(weights)), weights, strict=True))
+        if n > 0
+    ]
 
 
 def _stages(name: str, labels: set[str], epochs: int) -> list[dict[str, Any]]:
@@ -114,6 +132,7 @@ def preset_config(
     lr: float = 0.01,
     batch_size: int = 4,
     induction: bool | None = None,
+    multipole_weights: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """The ``emlip-train`` configuration of design ``name`` for data carrying ``labels`` (schema keys).
 
@@ -122,7 +141,12 @@ def preset_config(
     ``formal_charges`` default to :data:`FORMAL_CHARGES` for the elements present (``fixed``, and
     ``split`` on data without reference charges); ``split`` on data with reference charges takes each
     element's mean DFT charge over the training structures (``"mean"``, measured by the trainer).
-    Raises ``ValueError`` for an unknown name or an element without a formal charge where one is needed.
+    ``multipole_weights`` weight the reference charges and atomic dipoles alike, one weight over each
+    equal share of the epochs (``(10, 1)``: 10 for the first half, 1 for the second; one stage each);
+    None takes the preset's (:data:`MULTIPOLE_WEIGHTS`, else :data:`AUTO_MULTIPOLE_WEIGHTS`). ``scf``,
+    which has stages of its own, takes one weight only.
+    Raises ``ValueError`` for an unknown name, an element without a formal charge where one is needed,
+    or multipole weights that are empty, negative or several for ``scf``.
     """
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
@@ -147,12 +171,14 @@ def preset_config(
         induction = name in INDUCTION
     if induction:
         model["induction"] = {"enabled": True}
+    weights = _check_multipole_weights(name, multipole_weights)
     loss = dict(LOSS)
-    if name not in ("sr", "fixed", "latent"):
-        for quantity, weight in AUTO_MULTIPOLE_WEIGHTS.items():
-            has = schema.CHARGES if quantity == "charges" else schema.ATOMIC_DIPOLES
-            if has in labels and (quantity == "charges" or model["head"].get("dipoles")):
-                loss[quantity] = weight
+    supervised = _supervised(name, labels, model["head"])
+    for quantity in supervised:
+        loss[quantity] = weights[0] if weights else AUTO_MULTIPOLE_WEIGHTS[quantity]
+    stages = _stages(name, labels, epochs)
+    if weights and len(weights) > 1 and supervised:
+        stages = _multipole_stages(epochs, weights, supervised)
     data: dict[str, Any] = {"valid_fraction": 0.1, "test_fraction": 0.1, "batch_size": batch_size}
     if name in CHARGE_ONLY and schema.CHARGES in labels and schema.ATOMIC_DIPOLES in labels:
         data["charges_from_dipoles"] = True
@@ -165,6 +191,28 @@ def preset_config(
         "scheduler": {"name": "cosine", "min_lr": lr / 100},
         "loss": loss,
         "multipoles": "off",
-        "stages": _stages(name, labels, epochs),
+        "stages": stages,
         "checkpoint": {"every": 0},
     }
+
+
+def _supervised(name: str, labels: set[str], head: dict[str, Any]) -> list[str]:
+    """The multipole loss quantities that preset ``name`` trains on, given the data's ``labels``."""
+    if name in ("sr", "fixed", "latent"):
+        return []
+    out = ["charges"] if schema.CHARGES in labels else []
+    if schema.ATOMIC_DIPOLES in labels and head.get("dipoles"):
+        out.append("atomic_dipoles")
+    return out
+
+
+def _check_multipole_weights(name: str, weights: Sequence[float] | None) -> tuple[float, ...]:
+    """The multipole weights of preset ``name``: the given ones, else the preset's (empty: the defaults)."""
+    out = tuple(float(w) for w in weights) if weights is not None else MULTIPOLE_WEIGHTS.get(name, ())
+    if weights is not None and not out:
+        raise ValueError("multipole_weights: give at least one weight")
+    if any(w < 0 for w in out):
+        raise ValueError(f"multipole_weights must be >= 0, got {list(out)}")
+    if name == "scf" and len(out) > 1:
+        raise ValueError("preset 'scf' has stages of its own: give it one multipole weight")
+    return out

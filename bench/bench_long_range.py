@@ -44,6 +44,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data" / "long_range.xyz"
@@ -220,17 +221,41 @@ def split_data(
 #: Design-name suffixes: with or without induced dipoles; no suffix takes the preset's default.
 VARIANTS = {"+ind": True, "-ind": False}
 
+#: Design-name suffixes after any induction suffix, each ``~<key><value>``: the multipole loss weights,
+#: one per equal share of the epochs (``~mp1``, ``~mp10,1``: the preset's ``multipole_weights``), and the
+#: width σ of the Gaussian charges in Å (``~w2``: ``charge_width``); e.g. ``split+ind~mp1~w2``.
+OPTION_SUFFIXES = ("mp", "w")
 
-def _variant(name: str) -> tuple[str, bool | None]:
-    """Preset and induction of a design name (``split``, ``split+ind``, ``split-ind``)."""
+
+class Design(NamedTuple):
+    """What a design name asks of its preset; None takes the preset's default."""
+
+    preset: str
+    induction: bool | None = None
+    multipole_weights: tuple[float, ...] | None = None
+    charge_width: float | None = None
+
+
+def _variant(name: str) -> Design:
+    """The preset and options of a design name (``split``, ``split+ind``, ``split-ind~mp1``,
+    ``split~mp10,1~w2``)."""
+    name, *options = name.split("~")
+    values: dict[str, str] = {}
+    for option in options:
+        key = next((k for k in OPTION_SUFFIXES if option.startswith(k)), None)
+        if key is None or key in values:
+            raise ValueError(f"design option ~{option}: expected one each of {OPTION_SUFFIXES}")
+        values[key] = option.removeprefix(key)
+    weights = tuple(float(w) for w in values["mp"].split(",")) if "mp" in values else None
+    width = float(values["w"]) if "w" in values else None
     for suffix, induction in VARIANTS.items():
         if name.endswith(suffix):
-            return name.removesuffix(suffix), induction
-    return name, None
+            return Design(name.removesuffix(suffix), induction, weights, width)
+    return Design(name, None, weights, width)
 
 
 def _preset(name: str) -> str:
-    return _variant(name)[0]
+    return _variant(name).preset
 
 
 def initialisation_seeds(seed: int, inits: int) -> list[int]:
@@ -257,7 +282,9 @@ def train_one(
     """Train design ``name`` into ``workdir/<run_name>``; return its wall and CPU time in seconds.
 
     ``<preset>+ind`` is the preset with induced atomic dipoles (``model.induction``), ``<preset>-ind``
-    the preset without them; the plain name takes the preset's default. ``model_seed`` (default
+    the preset without them; the plain name takes the preset's default. ``~mp<w>[,<w>...]`` sets the
+    multipole loss weights and ``~w<σ>`` the width of the Gaussian charges (:data:`OPTION_SUFFIXES`).
+    ``model_seed`` (default
     ``seed``) seeds the model and the training; the data split is ``seed``'s.
     """
     model_seed = seed if model_seed is None else model_seed
@@ -270,16 +297,18 @@ def train_one(
     frames = ase.io.read(train_file, ":")
     labels = {k for a in frames for k in (*a.info, *a.arrays)}
     elements = sorted({s for a in frames for s in a.get_chemical_symbols()})
-    preset, induction = _variant(name)
+    design = _variant(name)
     values = preset_config(
-        preset,
+        design.preset,
         labels=labels,
         epochs=epochs,
         elements=elements,
         backbone=BACKBONE,
         seed=model_seed,
         batch_size=4,
-        induction=induction,
+        induction=design.induction,
+        multipole_weights=design.multipole_weights,
+        charge_width=design.charge_width,
     )
     values["data"].update(train=str(train_file), test=str(test_file), valid_fraction=0.1)
     values["output_dir"] = str(workdir / run_name(name, seed, model_seed))
@@ -553,7 +582,9 @@ def main(argv: list[str] | None = None) -> None:
         "--designs",
         nargs="+",
         default=None,
-        help="presets to train (default: all); <preset>+ind with, <preset>-ind without induced dipoles",
+        help="presets to train (default: all); <preset>+ind with, <preset>-ind without induced dipoles; "
+        "~mp<w>[,<w>...] sets the multipole loss weights, one per equal share of the epochs, ~w<sigma> "
+        "the width (Å) of the Gaussian charges",
     )
     args = parser.parse_args(argv)
     if args.inits < 1:

@@ -18,7 +18,7 @@ from aiida_emlip.structures.fragments import long_range_set
 from aiida_emlip.training.cli import train_main
 from aiida_emlip.training.config import AUTO_MULTIPOLE_WEIGHTS, parse_config
 from aiida_emlip.training.errors import ConfigError, DataError, ExitCode
-from aiida_emlip.training.presets import PRESETS, preset_config
+from aiida_emlip.training.presets import CHARGE_WIDTHS, MULTIPOLE_WEIGHTS, PRESETS, preset_config
 from aiida_emlip.training.trainer import Trainer
 
 #: Charges of the teacher that labels the fragment data (sum to the fragment's charge).
@@ -242,3 +242,41 @@ def test_presets_are_valid_configs(name):
         assert [s["scf_mode"] for s in preset_config("scf", epochs=9)["stages"]] == ["unrolled", "implicit"]
     with pytest.raises(ValueError, match="unknown preset"):
         preset_config("nonsense")
+
+
+def test_preset_multipole_weights():
+    """Each preset's multipole loss weights and charge width: the preset's own or the defaults, one
+    weight throughout on request, or one weight per equal share of the epochs (a stage each)."""
+    labels = {schema.CHARGES, schema.ATOMIC_DIPOLES}
+    for name in PRESETS:
+        values = preset_config(name, labels=labels, epochs=9)
+        default = MULTIPOLE_WEIGHTS.get(name, (AUTO_MULTIPOLE_WEIGHTS["charges"],))[0]
+        assert values["loss"].get("charges", default) == default
+        assert values["loss"]["energy"] == 10.0 and values["loss"]["forces"] == 1.0
+        width = values["model"].get("electrostatics", {}).get("sigma")
+        assert width == CHARGE_WIDTHS.get(name)
+    # split: multipole weight 1 and 2 Å Gaussians, measured on the long-range benchmark; the rest as before
+    split = preset_config("split", labels=labels, epochs=9)
+    assert (split["loss"]["charges"], split["loss"]["atomic_dipoles"]) == (1.0, 1.0)
+    assert split["model"]["electrostatics"] == {"sigma": 2.0}
+    assert preset_config("charges", labels=labels)["loss"]["charges"] == AUTO_MULTIPOLE_WEIGHTS["charges"]
+    old = preset_config("split", labels=labels, multipole_weights=[10.0], charge_width=1.5)
+    assert old["loss"]["charges"] == 10.0 and old["model"]["electrostatics"] == {"sigma": 1.5}
+    one = preset_config("charges", labels=labels, epochs=9, multipole_weights=[1.0])
+    assert (one["loss"]["charges"], one["loss"]["atomic_dipoles"]) == (1.0, 1.0)
+    assert [s["epochs"] for s in one["stages"]] == [9]
+    assert "charges" not in preset_config("sr", labels=labels, multipole_weights=[1.0])["loss"]
+    values = preset_config("split", labels=labels, epochs=9, multipole_weights=(10, 1))
+    stages = values["stages"]
+    assert [s["epochs"] for s in stages] == [4, 5]
+    assert [s["weights"] for s in stages] == [{"charges": w, "atomic_dipoles": w} for w in (10.0, 1.0)]
+    config = parse_config({**copy.deepcopy(values), "data": {**values["data"], "train": "x.xyz"}})
+    assert [config.weights_at_stage(i)["atomic_dipoles"] for i in range(2)] == [10.0, 1.0]
+    # charge-only heads weight the charges alone
+    qeq = preset_config("qeq", labels=labels, epochs=9, multipole_weights=(10, 1))["stages"]
+    assert [s["weights"] for s in qeq] == [{"charges": 10.0}, {"charges": 1.0}]
+    for bad, message in (([], "at least one"), ([-1.0], ">= 0")):
+        with pytest.raises(ValueError, match=message):
+            preset_config("split", labels=labels, multipole_weights=bad)
+    with pytest.raises(ValueError, match="stages of its own"):
+        preset_config("scf", labels=labels, multipole_weights=(10, 1))

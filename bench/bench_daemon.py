@@ -3,10 +3,13 @@
 On N tiny configurations (H₂ of N bond lengths in a 5 Å box, 25 Ry, Γ: about a second of pw.x each),
 with caching off so that every calculation runs (checked: no calculation comes from the cache):
 
-1. foreground (``run()``): the dataset workchain with ``max_concurrent = 1`` (serial) and with
-   ``max_concurrent = M``; then ``PwBaseWorkChain`` alone, one after the other, on the very same inputs
-   (``get_builder_restart`` of each child of the serial run). Target: serial workchain / Σ
-   PwBaseWorkChain ≤ 1.10.
+1. foreground: the dataset workchain with ``max_concurrent = 1`` (serial) and with
+   ``max_concurrent = M``, run as ``aiida-emlip`` runs it (:mod:`aiida_emlip.workflows.foreground`: a
+   parent resumes when its child ends); then ``PwBaseWorkChain`` alone, one after the other, on the very
+   same inputs (``get_builder_restart`` of each child of the serial run) with ``aiida.engine.run``, as a
+   user without this plugin runs it. Target: serial workchain / Σ PwBaseWorkChain ≤ 1.10. Side by side,
+   the serial workchain with ``aiida.engine.run`` too, and ``PwBaseWorkChain`` alone with the foreground
+   runner (the same runner on both sides: what the workchain itself costs).
 2. daemon with 1 worker, then 2 workers: the dataset workchain submitted with ``max_concurrent = M``;
    the resident memory (RSS) of every daemon worker is sampled every 0.5 s with psutil. Target: wall
    with 2 workers / serial foreground wall ≤ 0.6.
@@ -14,7 +17,9 @@ with caching off so that every calculation runs (checked: no calculation comes f
 The profile is made the way ``aiida-emlip setup --services`` makes one (a fresh PostgreSQL database and
 user, RabbitMQ broker) under a temporary ``AIIDA_PATH``, and deleted with its database at the end.
 
-``--serial-only`` stops after the serial run and ``PwBaseWorkChain`` alone (the overhead ratio). The CPU
+``--serial-only`` stops after the serial run and ``PwBaseWorkChain`` alone (the overhead ratio);
+``--sqlite`` measures that on the SQLite profile without a broker that ``aiida-emlip setup`` makes (a
+parent there learns that a child ended only by polling, unless the foreground runner tells it). The CPU
 time of the benchmark's own Python process is recorded beside the wall time of both (``cpu_s``: the
 figure that still compares on a loaded machine, where the wall time follows the load).
 
@@ -48,8 +53,10 @@ CHEAP = {
 SAMPLE_S = 0.5
 
 
-def make_profile(poll_interval: float) -> tuple[Any, Any]:
-    """The services profile, ``pw@localhost`` and an H-only pseudo family."""
+def make_profile(poll_interval: float, sqlite: bool = False) -> tuple[Any, Any]:
+    """The services profile (or the SQLite one), ``pw@localhost`` and an H-only pseudo family."""
+    if sqlite:
+        return services_profile.make_sqlite_profile(WORK, PW, ["H"], poll_interval)
     return services_profile.make_profile(PROFILE, PW, WORK / "pseudos", ["H"], poll_interval)
 
 
@@ -98,20 +105,30 @@ def process_cpu() -> float:
     return times.user + times.system
 
 
-def run_foreground(code, family, structures, max_concurrent: int) -> tuple[float, Any]:
-    from aiida.engine import run_get_node
+def runner_of(name: str):
+    """``run_get_node`` of the plugin's foreground runner (``foreground``) or of aiida-core (``stock``)."""
+    if name == "foreground":
+        from aiida_emlip.workflows.foreground import run_get_node
+    else:
+        from aiida.engine import run_get_node
+    return run_get_node
 
+
+def run_foreground(
+    code, family, structures, max_concurrent: int, runner: str = "foreground"
+) -> tuple[float, Any]:
     start = time.perf_counter()
-    _, node = run_get_node(builder(code, family, structures, max_concurrent))
+    _, node = runner_of(runner)(builder(code, family, structures, max_concurrent))
     return time.perf_counter() - start, node
 
 
-def run_pwbase_alone(dataset_node) -> tuple[float, list[float]]:
+def run_pwbase_alone(dataset_node, runner: str = "stock") -> tuple[float, list[float]]:
     """Each PwBaseWorkChain of ``dataset_node`` again, alone and one after the other, on the same inputs."""
     from aiida.common.links import LinkType
-    from aiida.engine import run_get_node
 
     from aiida_emlip.workflows.dataset import LABEL_PREFIX, pw_run
+
+    run_get_node = runner_of(runner)
 
     links = dataset_node.base.links.get_outgoing(link_type=LinkType.CALL_WORK).all()
     keys = [link.link_label.removeprefix(LABEL_PREFIX) for link in links]
@@ -161,9 +178,16 @@ def main() -> None:
     parser.add_argument("--max-concurrent", type=int, default=4, help="of the concurrent runs (default 4)")
     parser.add_argument("--poll-interval", type=float, default=1.0, help="runner.poll.interval (s)")
     parser.add_argument("--serial-only", action="store_true", help="only the overhead ratio (no daemon)")
+    parser.add_argument(
+        "--sqlite",
+        action="store_true",
+        help="the overhead ratio on the SQLite profile without a broker that `aiida-emlip setup` makes "
+        "(implies --serial-only)",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     n, m = args.n, args.max_concurrent
+    args.serial_only = args.serial_only or args.sqlite
     result: dict[str, Any] = {
         "n_configurations": n,
         "max_concurrent": m,
@@ -175,7 +199,8 @@ def main() -> None:
         from aiida.manage.caching import disable_caching
         from aiida.manage.configuration import get_config_option
 
-        code, family = make_profile(args.poll_interval)
+        code, family = make_profile(args.poll_interval, sqlite=args.sqlite)
+        result["profile"] = "core.sqlite_dos, no broker" if args.sqlite else "core.psql_dos + core.rabbitmq"
         result["caching_default_enabled"] = get_config_option("caching.default_enabled")
         structures = configurations(n)
         with disable_caching():
@@ -192,12 +217,28 @@ def main() -> None:
                 f"CPU of this process: workchain {cpu_serial:.1f} s, alone {cpu_alone:.1f} s; "
                 f"workchain / alone = {cpu_serial / cpu_alone:.3f}"
             )
+            serial_stock, node_stock = run_foreground(code, family, structures, 1, runner="stock")
+            check_ran(node_stock, n)
+            alone_fg, _ = run_pwbase_alone(node, runner="foreground")
+            print(
+                f"side by side: workchain with aiida.engine.run {serial_stock:.1f} s "
+                f"({serial_stock / alone:.3f} of PwBaseWorkChain alone); PwBaseWorkChain alone with the "
+                f"foreground runner {alone_fg:.1f} s "
+                f"(workchain / alone, same runner: {serial / alone_fg:.3f})"
+            )
             result.update(
                 {
                     "foreground_serial_cpu_s": cpu_serial,
                     "pwbase_alone_cpu_s": cpu_alone,
                     "overhead_ratio_cpu": cpu_serial / cpu_alone,
                     "overhead_ratio": serial / alone,
+                    "foreground_serial_stock_runner_s": serial_stock,
+                    "overhead_ratio_stock_runner": serial_stock / alone,
+                    "pwbase_alone_foreground_runner_s": alone_fg,
+                    "overhead_ratio_same_runner": serial / alone_fg,
+                    "foreground_serial_s": serial,
+                    "pwbase_alone_sum_s": alone,
+                    "overhead_per_configuration_s": (serial - alone) / n,
                 }
             )
             if args.serial_only:
@@ -213,11 +254,7 @@ def main() -> None:
             )
         result.update(
             {
-                "foreground_serial_s": serial,
-                "pwbase_alone_sum_s": alone,
                 "pwbase_alone_mean_s": alone / len(walls),
-                "overhead_ratio": serial / alone,
-                "overhead_per_configuration_s": (serial - alone) / n,
                 f"foreground_max_concurrent_{m}_s": concurrent,
             }
         )
@@ -250,6 +287,9 @@ def main() -> None:
 
 def cleanup() -> None:
     """Stop the daemon; delete the profile, its database and user, and the temporary folder."""
+    if (WORK / "storage").is_dir():  # the SQLite profile: its folder holds everything
+        shutil.rmtree(WORK, ignore_errors=True)
+        return
     services_profile.delete_profile(PROFILE, WORK)
 
 

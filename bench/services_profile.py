@@ -2,7 +2,9 @@
 
 The caller points ``AIIDA_PATH`` at a temporary folder before importing :mod:`aiida`;
 :func:`make_profile` creates the database (locale fallback included), its user and the profile, a
-``localhost`` computer, the ``pw`` code and a pseudo family of the given elements; :func:`delete_profile`
+``localhost`` computer, the ``pw`` code and a pseudo family of the given elements
+(:func:`make_sqlite_profile`: the SQLite profile without a broker that ``aiida-emlip setup`` makes);
+:func:`delete_profile`
 stops the daemon and drops everything again. :func:`add_emlip_codes` adds the ``emlip-train`` and
 ``emlip-eval`` codes a study needs.
 """
@@ -84,6 +86,30 @@ def make_profile(
     code, _ = ensure_code(computer, Path(pw))
     family = install_family(pseudo_dir, label=FAMILY_LABEL, elements=elements)
     print(f"profile {name}: core.psql_dos (database locale {locale}) + core.rabbitmq in {target.config_dir}")
+    return code, family
+
+
+def make_sqlite_profile(
+    work: Path, pw: str, elements: list[str], poll_interval: float = 1.0
+) -> tuple[Any, Any]:
+    """The profile ``aiida-emlip setup`` makes (SQLite, no broker) in ``work``, loaded, with its
+    ``pw@localhost`` code and a pseudo family of ``elements``."""
+    from aiida.manage.configuration import get_config
+
+    from aiida_emlip.cli.setup import ensure_code, ensure_computer
+    from aiida_emlip.profile import PROFILE_NAME, ProfileTarget, load_or_create_profile
+    from aiida_emlip.pseudos.family import FAMILY_LABEL, install_family
+
+    target = ProfileTarget(PROFILE_NAME, work, isolated=True)
+    profile, _ = load_or_create_profile(target)
+    config = get_config()
+    config.set_option("runner.poll.interval", poll_interval, scope=profile.name)
+    config.store()
+    profile.set_option("runner.poll.interval", poll_interval)
+    computer, _ = ensure_computer(target)
+    code, _ = ensure_code(computer, Path(pw))
+    family = install_family(work / "pseudos", label=FAMILY_LABEL, elements=elements)
+    print(f"profile {profile.name}: core.sqlite_dos, no broker, in {work}")
     return code, family
 
 

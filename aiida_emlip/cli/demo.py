@@ -120,7 +120,7 @@ def run_demo(
     ecutwfc: float | None = None,
 ) -> DemoResult:
     """Run the demo job in the loaded profile and return its result (no broker needed)."""
-    from aiida.engine import run_get_node
+    from aiida_emlip.workflows.foreground import run_get_node
 
     structure = molecule_structure(molecule, box)
     builder = demo_builder(code, structure, family_label, ecutwfc=ecutwfc)

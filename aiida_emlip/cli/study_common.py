@@ -177,7 +177,7 @@ def printed_progress() -> Iterator[None]:
 
 def run_in_shell(builder: Any, cache: bool) -> ProcessNode:
     """Run the study in this shell with progress lines; return its node."""
-    from aiida.engine import run_get_node
+    from aiida_emlip.workflows.foreground import run_get_node
 
     with caching(cache), printed_progress():
         _, node = run_get_node(builder)

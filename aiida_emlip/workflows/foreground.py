@@ -46,9 +46,14 @@ class ForegroundRunner(Runner):
         instance = self._started.get(pk)
         if instance is not None:
             node = instance.node
-            # The future is resolved inside the state change, before the node records all of it: check
-            # the node once the loop is free again, and fall back to polling if it still runs.
-            instance.future().add_done_callback(lambda _: self._poll_process(node, once))
+
+            def ended(_: Any) -> None:
+                # Called from the loop once the state change that resolved the future is over; should the
+                # node not say so yet, the runner's own polling below still notices the end.
+                if node.is_terminated:
+                    once()
+
+            instance.future().add_done_callback(ended)
         super().call_on_process_finish(pk, once)
 
 

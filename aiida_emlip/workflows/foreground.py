@@ -3,11 +3,10 @@
 A workchain run in the foreground (``aiida.engine.run``) learns that a child it waits for has ended from
 a broker broadcast where one arrives (measured here: none woke a parent run in the shell) and otherwise
 by polling the database every ``runner.poll.interval`` seconds (the default SQLite profile has no
-broker): each level of nesting then waits up to that interval
-after its child ended, at every step. Children of a foreground run live in the same event loop as
-their parent, so :class:`ForegroundRunner` attaches the wait to the child's own completion future
-instead and polls only as a fall-back. The processes, their inputs, outputs and provenance are the
-same as with ``aiida.engine.run``.
+broker): each level of nesting then waits up to that interval after its child ended, at every step.
+Children of a foreground run live in the same event loop as their parent, so :class:`ForegroundRunner`
+attaches the wait to the child's own completion future instead and polls only as a fall-back. The
+processes, their inputs, outputs and provenance are the same as with ``aiida.engine.run``.
 """
 
 from __future__ import annotations

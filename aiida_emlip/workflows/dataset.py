@@ -77,6 +77,10 @@ SHARED_INPUTS = {
     "postprocess": orm.Dict,
 }
 
+#: Entries of a configuration's context record that only its labelling process needs: dropped once that
+#: process is submitted, so that checkpoints do not carry them for the rest of the run.
+SUBMITTED_ONLY = ("parameters", "mesh")
+
 #: ``atoms.info`` keys carried from the input configurations into the per-configuration metadata.
 CARRIED_INFO = ("sampler", "seed", "sampler_params", schema.CONFIG_TYPE)
 
@@ -832,12 +836,20 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
         while self.ctx.pending and len(self.ctx.running) < limit:
             key = self.ctx.pending.pop(0)
             self.ctx.running[key] = self.submit(self._label_builder(key)).pk
+            self._drop_submitted_inputs(key)
         self._progress(running=len(self.ctx.running))
         if not self.ctx.running:
             return None
         return ToContext(
             **{f"{LABEL_PREFIX}{key}": orm.load_node(pk) for key, pk in self.ctx.running.items()}
         )
+
+    def _drop_submitted_inputs(self, key: str) -> None:
+        """Forget the pw.x parameters and k-point mesh of configuration ``key`` once its labelling runs:
+        they are the inputs of that process now, and every checkpoint of this workchain would otherwise
+        serialise them again for every configuration (checkpoints growing with the dataset)."""
+        config = self.ctx.configs[key]
+        self.ctx.configs[key] = {name: value for name, value in config.items() if name not in SUBMITTED_ONLY}
 
     def _progress(self, running: int) -> None:
         """Report the counts and keep them in the node's extras (``emlip_progress``) for monitoring."""

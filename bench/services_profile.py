@@ -4,9 +4,8 @@ The caller points ``AIIDA_PATH`` at a temporary folder before importing :mod:`ai
 :func:`make_profile` creates the database (locale fallback included), its user and the profile, a
 ``localhost`` computer, the ``pw`` code and a pseudo family of the given elements
 (:func:`make_sqlite_profile`: the SQLite profile without a broker that ``aiida-emlip setup`` makes);
-:func:`delete_profile`
-stops the daemon and drops everything again. :func:`add_emlip_codes` adds the ``emlip-train`` and
-``emlip-eval`` codes a study needs.
+:func:`delete_profile` stops the daemon and drops everything again. :func:`add_emlip_codes` adds the
+``emlip-train`` and ``emlip-eval`` codes a study needs.
 """
 
 from __future__ import annotations

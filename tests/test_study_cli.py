@@ -161,3 +161,23 @@ def test_status_reads_epoch_lines_of_every_head():
     assert _epoch_text(plain) == "epoch 3 (main), validation loss 0.52"
     assert _epoch_text(scf) == "epoch 7 (implicit), validation loss 0.3"
     assert _epoch_text("stage 0 'main': 3 epochs\n") is None
+
+
+def test_an_interrupted_study_stops_with_a_message(aiida_profile, monkeypatch, capsys):
+    """Ctrl-C makes AiiDA's runner kill the study; the shell gets one line and exit 130, no traceback."""
+    from plumpy.exceptions import KilledError
+
+    import aiida_emlip.workflows.foreground as foreground
+    from aiida_emlip.cli.study_common import INTERRUPTED_EXIT, run_in_shell
+
+    def interrupted(builder):
+        raise KilledError("Process was killed because the runner received an interrupt")
+
+    monkeypatch.setattr(foreground, "run_get_node", interrupted)
+    for cache, kept in ((True, "launching the same spec again reuses them"), (False, "stay in the profile")):
+        with pytest.raises(SystemExit) as stopped:
+            run_in_shell(None, cache)
+        assert stopped.value.code == INTERRUPTED_EXIT
+        err = capsys.readouterr().err
+        assert "stopped: Process was killed because the runner received an interrupt" in err
+        assert kept in err and "Traceback" not in err

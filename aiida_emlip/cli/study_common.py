@@ -175,12 +175,30 @@ def printed_progress() -> Iterator[None]:
             h.setLevel(level)
 
 
+#: Exit status of a study stopped with Ctrl-C in the shell: 128 + SIGINT, as shells report it.
+INTERRUPTED_EXIT = 130
+
+
 def run_in_shell(builder: Any, cache: bool) -> ProcessNode:
-    """Run the study in this shell with progress lines; return its node."""
+    """Run the study in this shell with progress lines; return its node.
+
+    Ctrl-C kills the study (AiiDA's runner does that on SIGINT): one message and exit
+    :data:`INTERRUPTED_EXIT` instead of the runner's traceback."""
+    from plumpy.exceptions import KilledError
+
     from aiida_emlip.workflows.foreground import run_get_node
 
     with caching(cache), printed_progress():
-        _, node = run_get_node(builder)
+        try:
+            _, node = run_get_node(builder)
+        except KilledError as error:
+            kept = "launching the same spec again reuses them" if cache else "they stay in the profile"
+            click.echo(
+                f"stopped: {error}. The calculations that finished are kept ({kept}); "
+                "`aiida-emlip list` shows the study.",
+                err=True,
+            )
+            raise SystemExit(INTERRUPTED_EXIT) from None
     return node
 
 

@@ -526,3 +526,85 @@ def test_scf_dense_implicit_solve_equals_gmres(head, monkeypatch):
         a, b = new[key].detach().numpy(), old[key].detach().numpy()
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10)
     np.testing.assert_allclose(g_new.numpy(), g_old.numpy(), rtol=1e-8, atol=1e-9)
+
+
+def _periodic_batch(model):
+    """Two rattled NaCl cells (neutral, +1) and a cation cluster without periodicity, one batch."""
+    charged = nacl_cell(1)
+    charged.info["total_charge"] = 1.0
+    structures = [nacl_cell(0), water_cluster(1.0), charged]
+    return build_graph(structures, model.cutoff, model.dtype)
+
+
+@pytest.mark.parametrize("head", [{"name": "scf"}, {"name": "scf", "update": "mlp", "unroll_steps": 6}])
+def test_scf_unrolled_periodic_batch_equals_per_structure(head, monkeypatch):
+    """A batch with periodic structures iterates as one (one dense block per structure) and gives the
+    charges, μ, residuals, forces and the parameter gradient of the force loss of one iteration per
+    structure."""
+    model = tiny_model(head, seed=25)
+    graph = _periodic_batch(model)
+    original = type(model.head)._unrolled_batch
+    used = []
+
+    def spy(*args):
+        result = original(*args)
+        used.append(result is not None)
+        return result
+
+    monkeypatch.setattr(type(model.head), "_unrolled_batch", spy)
+    new, g_new = _outputs_and_force_loss_gradient(model, graph, "unrolled")
+    assert used == [True]
+    monkeypatch.setattr(type(model.head), "_unrolled_batch", lambda *args: None)
+    old, g_old = _outputs_and_force_loss_gradient(model, graph, "unrolled")
+    for key in ("energy", "charges", "forces", "fermi_level"):
+        np.testing.assert_allclose(
+            new[key].detach().numpy(), old[key].detach().numpy(), rtol=1e-10, atol=1e-11
+        )
+    for a, b in zip(new["residuals"], old["residuals"]):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-8, atol=1e-13)
+    assert new["iterations"].tolist() == old["iterations"].tolist()
+    np.testing.assert_allclose(g_new.numpy(), g_old.numpy(), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["unrolled", "implicit", "converge"])
+def test_scf_dense_operator_equals_ewald(mode, monkeypatch):
+    """Iterating on dense projected Coulomb matrices formed once per geometry (small structures)
+    gives the charges, forces and parameter gradient of the Ewald operator applied at every step."""
+    import aiida_emlip.models.heads.scf as scf_module
+
+    model = tiny_model({"name": "scf", "tol": 1e-11}, seed=26)
+    graph = _periodic_batch(model)
+    results = []
+    for dense in (64, 0):
+        monkeypatch.setattr(scf_module, "DENSE_SOLVE_ATOMS", dense)
+        results.append(_outputs_and_force_loss_gradient(model, graph, mode))
+    (new, g_new), (old, g_old) = results
+    assert new["iterations"].tolist() == old["iterations"].tolist()
+    for key in ("energy", "charges", "forces", "fermi_level"):
+        np.testing.assert_allclose(
+            new[key].detach().numpy(), old[key].detach().numpy(), rtol=1e-9, atol=1e-10
+        )
+    np.testing.assert_allclose(g_new.numpy(), g_old.numpy(), rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "head", [{"name": "scf"}, {"name": "scf", "update": "mlp"}, {"name": "scf", "fragments": "shared"}]
+)
+@pytest.mark.parametrize("mode", ["implicit", "converge"])
+def test_scf_batched_implicit_step_equals_per_structure(head, mode, monkeypatch):
+    """The implicit steps of a batch of small structures taken together (one block-diagonal dense
+    factorisation) give the charges, μ, forces and parameter gradient of one step per structure."""
+    import aiida_emlip.models.heads.scf as scf_module
+
+    model = tiny_model({**head, "tol": 1e-11}, seed=27)
+    graph = _periodic_batch(model)
+    results = []
+    for atoms in (scf_module.DENSE_BATCH_ATOMS, 0):
+        monkeypatch.setattr(scf_module, "DENSE_BATCH_ATOMS", atoms)
+        results.append(_outputs_and_force_loss_gradient(model, graph, mode))
+    (new, g_new), (old, g_old) = results
+    for key in ("energy", "charges", "forces", "fermi_level"):
+        np.testing.assert_allclose(
+            new[key].detach().numpy(), old[key].detach().numpy(), rtol=1e-10, atol=1e-11
+        )
+    np.testing.assert_allclose(g_new.numpy(), g_old.numpy(), rtol=1e-9, atol=1e-10)

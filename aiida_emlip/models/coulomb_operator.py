@@ -296,6 +296,62 @@ class CoulombOperator:
         return self.potential(x, 0)
 
 
+class DenseOperator:
+    """A :class:`CoulombOperator` of a small structure as dense matrices: ``A_w`` ``[W, N, N]`` formed
+    once from ``N`` unit charges (one application of each width with ``N`` channels), then every
+    product is a matrix product. The operator is linear in the charges (slab and background terms
+    included), so the numbers are the operator's up to rounding. Autograd through the geometry is
+    kept when the operator's positions carry it: one construction then serves every step of an
+    unrolled iteration. Charges only (no dipoles).
+    """
+
+    def __init__(self, op: CoulombOperator) -> None:
+        self.positions, self.cell, self.pbc, self.widths = op.positions, op.cell, op.pbc, op.widths
+        n = op.positions.shape[0]
+        eye = torch.eye(n, dtype=op.positions.dtype, device=op.positions.device)
+        self.matrices = torch.stack([op.potential(eye, k) for k in range(len(op.widths))])  # [W, N, N]
+
+    def potential(self, x: torch.Tensor, k: int = 0, dipoles: torch.Tensor | None = None) -> torch.Tensor:
+        """The projected potential of width ``widths[k]`` of the charges ``x`` (``[N]`` or ``[N, C]``)."""
+        if dipoles is not None:
+            raise ValueError("DenseOperator: charges only")
+        return self.matrices[k] @ x
+
+    def potentials(self, charges: torch.Tensor, dipoles: torch.Tensor | None = None) -> torch.Tensor:
+        """``[N, W]``: every width's projected potential of the charges ``[N]``."""
+        if dipoles is not None:
+            raise ValueError("DenseOperator: charges only")
+        return (self.matrices @ charges).T
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.potential(x, 0)
+
+
+class BlockDenseOperator:
+    """:class:`DenseOperator` of every structure of a batch as one block-diagonal matrix per width.
+
+    The atoms of structure ``b`` are ``ptr[b]:ptr[b + 1]``, its geometry ``cell[b]`` and ``pbc[b]``
+    (periodic or open); each block is formed once from that structure's :class:`CoulombOperator`
+    (autograd through the geometry kept), so that every step of a batched unrolled iteration is one
+    matrix product for the whole batch. For small structures only (a dense block each).
+    """
+
+    def __init__(self, es, positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, ptr, widths):
+        blocks = [
+            DenseOperator(
+                CoulombOperator(es, positions[start:stop], cell[b], pbc[b], [float(w) for w in widths])
+            ).matrices
+            for b, (start, stop) in enumerate(itertools.pairwise(ptr.tolist()))
+        ]
+        self.matrices = torch.stack(
+            [torch.block_diag(*[m[k] for m in blocks]) for k in range(len(widths))]
+        )  # [W, N, N]
+
+    def potentials(self, charges: torch.Tensor) -> torch.Tensor:
+        """``[N, W]``: every width's projected potential of the charges ``[N]``."""
+        return (self.matrices @ charges).T
+
+
 class OpenBatchOperator:
     """:meth:`CoulombOperator.potentials` of a whole batch of open-boundary structures at once.
 

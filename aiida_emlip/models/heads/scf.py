@@ -28,7 +28,8 @@ implicit function theorem: the converged solution ``z* = (q*, μ*)`` is detached
 factorisation up to :data:`DENSE_SOLVE_ATOMS` atoms) in the backward pass
 (:class:`~aiida_emlip.models.heads.solvers.ImplicitStep`); dz/dR and dz/dθ are then exact.
 
-``unrolled`` iterates a batch of open-boundary structures as one (:meth:`SelfConsistentHead._unrolled_batch`).
+``unrolled`` iterates a batch of open-boundary structures, or of small structures of any periodicity,
+as one (:meth:`SelfConsistentHead._unrolled_batch`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from aiida_emlip.models.coulomb_operator import CoulombOperator, OpenBatchOperator
+from aiida_emlip.models.coulomb_operator import (
+    BlockDenseOperator,
+    CoulombOperator,
+    DenseOperator,
+    OpenBatchOperator,
+)
 from aiida_emlip.models.fragments import FRAGMENTS, fragment_targets
 from aiida_emlip.models.heads.base import (
     Head,
@@ -65,8 +71,14 @@ MODES = ("converge", "direct", "unrolled", "implicit")
 FAILURE_MODES = ("raise", "flag")
 MIXERS = ("anderson", "linear", "newton")
 #: Structures up to this many atoms solve the implicit (linearised) systems by a dense LU
-#: factorisation instead of GMRES.
+#: factorisation instead of GMRES, and iterate on dense projected Coulomb matrices formed once per
+#: geometry (:class:`~aiida_emlip.models.coulomb_operator.DenseOperator`) instead of applying the
+#: Ewald/PME operator at every step.
 DENSE_SOLVE_ATOMS = 64
+#: Batches of such structures with up to this many atoms in all iterate ``unrolled`` as one (one
+#: block-diagonal matrix per width) and take their implicit steps together (one factorisation of the
+#: block-diagonal linearised system); larger batches do each structure on its own.
+DENSE_BATCH_ATOMS = 256
 
 
 @dataclass
@@ -147,7 +159,10 @@ class _Structure:
     fragment: torch.Tensor  # [n] the constraint group (fragment) of each atom, 0..C-1
     targets: torch.Tensor  # [C] the charge of each group (Σ = the structure's total charge)
     #: the projected potentials of this (detached) geometry, set up once for the whole iteration
-    operator: CoulombOperator | None = None
+    operator: CoulombOperator | DenseOperator | None = None
+    #: (positions, cell, operator) of a differentiable iteration: the operator built once from these
+    #: very tensors (autograd through the geometry kept) and applied at every unrolled step
+    live: tuple | None = None
 
     @property
     def groups(self) -> int:
@@ -190,17 +205,25 @@ class SelfConsistentHead(Head):
         w = torch.tensor(self.options.widths, dtype=like.dtype, device=like.device)
         return COULOMB_CONSTANT * math.sqrt(2.0 / math.pi) / torch.sqrt(sigma**2 + w * w)
 
-    def _operator(self, inp: HeadInput, s: _Structure) -> CoulombOperator:
-        """The projected-potential operator of the structure's detached geometry (built on first use)."""
+    def _operator(self, inp: HeadInput, s: _Structure) -> CoulombOperator | DenseOperator:
+        """The projected-potential operator of the structure's detached geometry (built on first use;
+        dense matrices up to :data:`DENSE_SOLVE_ATOMS` atoms)."""
         if s.operator is None:
-            s.operator = inp.electrostatics.projected_operator(
-                s.positions, s.cell, s.pbc, self.options.widths
-            )
+            op = inp.electrostatics.projected_operator(s.positions, s.cell, s.pbc, self.options.widths)
+            s.operator = DenseOperator(op) if s.positions.shape[0] <= DENSE_SOLVE_ATOMS else op
         return s.operator
+
+    def _live_operator(self, inp: HeadInput, s: _Structure, positions, cell) -> None:
+        """Set up the operator of a differentiable iteration on ``positions`` and ``cell`` (autograd
+        kept) once, for :meth:`_projected` to apply at every step."""
+        op = CoulombOperator(inp.electrostatics, positions, cell, s.pbc, self.options.widths)
+        s.live = (positions, cell, DenseOperator(op) if positions.shape[0] <= DENSE_SOLVE_ATOMS else op)
 
     def _projected(self, inp: HeadInput, s: _Structure, q: torch.Tensor, positions, cell) -> torch.Tensor:
         if positions is s.positions and cell is s.cell and not q.requires_grad:
             return self._operator(inp, s).potentials(q)  # detached iteration: reuse the set-up
+        if s.live is not None and positions is s.live[0] and cell is s.live[1]:
+            return s.live[2].potentials(q)  # differentiable iteration: the same set-up every step
         return inp.electrostatics.projected_potentials(q, positions, cell, s.pbc, self.options.widths)
 
     def _update(self, h: torch.Tensor, chi: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -255,11 +278,15 @@ class SelfConsistentHead(Head):
         targets = self._target_mu(inp)
         charges, mus, converged, iterations, history = [], [], [], [], []
         batched = None
-        if mode == "unrolled" and not bool(graph.pbc.any()):
+        if mode == "unrolled" and (not bool(graph.pbc.any()) or self._dense_batch(graph)):
             batched = self._unrolled_batch(inp, groups, local, chi, v_app, targets)
         if batched is not None:
             charges, mus, converged, history = batched
             iterations = [len(res) for res in history]
+        # the implicit steps of a batch of small structures as one (one dense factorisation)
+        pending: list[tuple[_Structure, torch.Tensor, torch.Tensor]] | None = (
+            [] if batched is None and mode != "unrolled" and self._dense_batch(graph) else None
+        )
         for b, atoms in graph.structures() if batched is None else ():
             s = _Structure(
                 b,
@@ -293,13 +320,17 @@ class SelfConsistentHead(Head):
                         )
                 steps = len(res)
                 self._check(ok, b, res)
-                if torch.is_grad_enabled():
+                if torch.is_grad_enabled() and pending is not None:
+                    pending.append((s, q, mu))
+                elif torch.is_grad_enabled():
                     q, mu = self._implicit(inp, s, loc, v_app[atoms], q, mu, value=(mode == "implicit"))
             charges.append(q)
             mus.append(self._reported_mu(s, mu))
             converged.append(ok)
             iterations.append(steps)
             history.append(res)
+        if pending:
+            charges, mus = self._implicit_batch(inp, pending, local, chi, v_app, value=(mode == "implicit"))
         q_all = torch.cat(charges)
         delta = q_all - p_loc
         e_loc = scatter_sum(
@@ -410,6 +441,8 @@ class SelfConsistentHead(Head):
         mu = self._initial_mu(s, q, targets, b, constant_q)
         positions = inp.positions[s.atoms] if differentiable else s.positions
         cell = inp.cell[s.b] if differentiable else s.cell
+        if differentiable:
+            self._live_operator(inp, s, positions, cell)
         tol = default_tolerance(o.tol, q.dtype)
         steps = o.unroll_steps if differentiable else o.max_steps
         history: list[float] = []
@@ -473,15 +506,25 @@ class SelfConsistentHead(Head):
             return f"|Σq| = {abs(total):.3g} e > {o.max_total_charge:g}"
         return None
 
+    @staticmethod
+    def _dense_batch(graph) -> bool:
+        """Whether the batch is one block-diagonal dense system: every structure up to
+        :data:`DENSE_SOLVE_ATOMS` atoms, the batch up to :data:`DENSE_BATCH_ATOMS`."""
+        sizes = graph.ptr[1:] - graph.ptr[:-1]
+        return graph.num_atoms <= DENSE_BATCH_ATOMS and int(sizes.max()) <= DENSE_SOLVE_ATOMS
+
     def _unrolled_batch(self, inp, groups, local, chi, v_app, targets):
-        """:meth:`_iterate` (differentiable) of every structure of an open-boundary batch at once.
+        """:meth:`_iterate` (differentiable) of every structure of a batch at once.
 
         The same steps as one :meth:`_iterate` per structure, on the whole batch: one projected-
-        potential operator (:class:`~aiida_emlip.models.coulomb_operator.OpenBatchOperator`, its
-        pair kernels evaluated once), the constraint groups of all structures numbered through, and
-        one transfer of every structure's stopping figures per step. Returns the charges, each
-        structure's reported μ, converged flags and residual histories, or ``None`` when a structure
-        stops early (divergence), for the per-structure iteration to redo the batch.
+        potential operator (open boundaries:
+        :class:`~aiida_emlip.models.coulomb_operator.OpenBatchOperator`, its pair kernels evaluated
+        once; a batch with periodic structures, each of at most :data:`DENSE_SOLVE_ATOMS` atoms:
+        :class:`~aiida_emlip.models.coulomb_operator.BlockDenseOperator`, one dense block per structure
+        formed once), the constraint groups of all structures numbered through, and one transfer of
+        every structure's stopping figures per step. Returns the charges, each structure's reported
+        μ, converged flags and residual histories, or ``None`` when a structure stops early
+        (divergence), for the per-structure iteration to redo the batch.
         """
         o = self.options
         graph = inp.graph
@@ -507,7 +550,12 @@ class SelfConsistentHead(Head):
             out = values.new_zeros(n_struct)
             return out.scatter_reduce(0, index, values, reduce, include_self=False)
 
-        op = OpenBatchOperator(inp.electrostatics, inp.positions, graph.ptr, o.widths)
+        if bool(graph.pbc.any()):
+            op = BlockDenseOperator(
+                inp.electrostatics, inp.positions, inp.cell, graph.pbc, graph.ptr, o.widths
+            )
+        else:
+            op = OpenBatchOperator(inp.electrostatics, inp.positions, graph.ptr, o.widths)
         q = p_loc
         if constant_q:
             counts = group_sum(torch.ones_like(q))
@@ -622,6 +670,71 @@ class SelfConsistentHead(Head):
         constant_q = self.options.ensemble == "constant_q"
         return q_star - dq, (mu_star - dmu) if constant_q else mu_star
 
+    def _implicit_batch(self, inp, items, local, chi, v_app, value: bool):
+        """:meth:`_implicit` of every structure of a batch of small structures at once.
+
+        ``items``: each structure's detached solution ``(s, q*, μ*)``, in batch order. The residual
+        is differentiable as in :meth:`_implicit` (each structure's projected potentials at its
+        geometry), and ``K`` of the whole batch is block diagonal: one dense factorisation and one
+        :class:`~aiida_emlip.models.heads.solvers.ImplicitStep` serve every structure. Returns the
+        charges of each structure and the reported μ of each.
+        """
+        o = self.options
+        constant_q = o.ensemble == "constant_q"
+        widths = o.widths
+        q_star = torch.cat([q.detach() for _, q, _ in items])
+        mu_star = torch.cat([mu.detach().reshape(-1) for _, _, mu in items])
+        offsets, fragments, n_groups = [], [], 0
+        for s, _, mu in items:
+            offsets.append(n_groups)
+            fragments.append(s.fragment + n_groups)
+            n_groups += int(mu.numel())
+        fragment = torch.cat(fragments)
+        phi = torch.cat(
+            [
+                inp.electrostatics.projected_potentials(
+                    q.detach(), inp.positions[s.atoms], inp.cell[s.b], s.pbc, widths
+                )
+                for s, q, _ in items
+            ]
+        )
+        scales = self._scales(inp, q_star)
+        h = inp.features.scalars
+        u = (phi + v_app[:, None] + mu_star[fragment, None]) / scales
+        residual = local[:, 0] + self._update(h, chi, u) - q_star
+        with torch.no_grad():
+            coef = self._slopes(h.detach(), chi.detach(), u.detach(), False) / scales
+            jac = torch.block_diag(
+                *[
+                    sum(
+                        coef[s.atoms, w, None] * self._operator(inp, s).potential(eye, w)
+                        for w in range(len(widths))
+                    )
+                    for s, _, _ in items
+                    for eye in [torch.eye(s.atoms.stop - s.atoms.start, dtype=coef.dtype, device=coef.device)]
+                ]
+            )
+        whole = _Structure(
+            -1,
+            slice(0, q_star.numel()),
+            inp.positions.detach(),
+            inp.cell.detach(),
+            inp.graph.pbc,
+            v_app.detach(),
+            fragment,
+            torch.cat([s.targets for s, _, _ in items]),
+        )
+        solve, solve_t = self._dense_solvers(whole, None, coef, coef.sum(-1), jac=jac)
+        dq, dmu = ImplicitStep.apply(residual, solve, solve_t, value, mu_star)
+        q = q_star - dq
+        mu = (mu_star - dmu) if constant_q else mu_star
+        charges = [q[s.atoms] for s, _, _ in items]
+        mus = [
+            self._reported_mu(s, mu[off : off + int(m.numel())])
+            for (s, _, m), off in zip(items, offsets, strict=True)
+        ]
+        return charges, mus
+
     def _linear_solvers(self, inp, s: _Structure, slopes, scales, tol: float, strict: bool = True):
         """``K⁻¹`` and ``K⁻ᵀ`` (GMRES) of the linearised fixed point at the given slopes.
 
@@ -676,12 +789,14 @@ class SelfConsistentHead(Head):
 
         return make(jac, False), make(jac_t, True)
 
-    def _dense_solvers(self, s: _Structure, op: CoulombOperator, coef, fmu):
+    def _dense_solvers(self, s: _Structure, op, coef, fmu, jac: torch.Tensor | None = None):
         """``K⁻¹`` and ``K⁻ᵀ`` of :meth:`_linear_solvers` by one LU factorisation of ``K`` formed densely
-        (small structures: the projected Coulomb matrices from ``n`` unit charges, no GMRES)."""
+        (small structures: the projected Coulomb matrices from ``n`` unit charges, no GMRES), or
+        from ``jac`` = ``∂F/∂q`` when given (``s`` then stands for a whole batch, ``s.b`` = −1)."""
         n = coef.shape[0]
         eye = torch.eye(n, dtype=coef.dtype, device=coef.device)
-        jac = sum(coef[:, w, None] * op.potential(eye, w) for w in range(coef.shape[1]))
+        if jac is None:
+            jac = sum(coef[:, w, None] * op.potential(eye, w) for w in range(coef.shape[1]))
         k = jac - eye
         constant_q = self.options.ensemble == "constant_q"
         if constant_q:
@@ -697,9 +812,9 @@ class SelfConsistentHead(Head):
                 z = torch.linalg.lu_solve(*factors, rhs[:, None], adjoint=transpose)[:, 0]
                 self.linear_iterations += 1
                 if not bool(torch.isfinite(z).all()):
+                    where = f"structure {s.b}" if s.b >= 0 else "a structure of the batch"
                     raise SCFConvergenceError(
-                        f"scf: the linearised system of structure {s.b} is singular; the fixed point may "
-                        "be unstable"
+                        f"scf: the linearised system of {where} is singular; the fixed point may be unstable"
                     )
                 return (z[:n], z[n:]) if constant_q else (z, rhs_mu * 0)
 

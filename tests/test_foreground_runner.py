@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 from aiida import orm
 from aiida.common.links import LinkType
 from aiida.engine import ToContext, WorkChain, calcfunction
@@ -115,3 +116,103 @@ def test_one_runner_per_profile_and_run_get_node(aiida_profile):
     assert foreground_runner() is foreground_runner()
     outputs, node = run_get_node(_Parent, x=orm.Int(5), depth=orm.Int(2))
     assert node.is_finished_ok and outputs["y"].value == 5
+
+
+class _Job(WorkChain):
+    """Runs one ``core.arithmetic.add`` job (a calculation with the scheduler) and waits for it."""
+
+    @classmethod
+    def define(cls, spec):
+        super().define(spec)
+        spec.input("code", valid_type=orm.AbstractCode)
+        spec.outline(cls.launch, cls.collect)
+
+    def launch(self):
+        from aiida.plugins import CalculationFactory
+
+        add = CalculationFactory("core.arithmetic.add")
+        metadata = {"options": {"resources": {"num_machines": 1}}}
+        inputs = {"code": self.inputs.code, "x": orm.Int(1), "y": orm.Int(2), "metadata": metadata}
+        return ToContext(job=self.submit(add, **inputs))
+
+    def collect(self):
+        pass
+
+
+class _JobParent(WorkChain):
+    @classmethod
+    def define(cls, spec):
+        super().define(spec)
+        spec.input("code", valid_type=orm.AbstractCode)
+        spec.outline(cls.launch, cls.collect)
+
+    def launch(self):
+        return ToContext(child=self.submit(_Job, code=self.inputs.code))
+
+    def collect(self):
+        pass
+
+
+def _slow_add_code(pw_code, folder) -> orm.InstalledCode:
+    """``bash`` behind a 30 s sleep that writes its PID first: a job still running when interrupted."""
+    script = folder / "slow_bash"
+    script.write_text(f'#!/bin/bash\necho $$ > {folder / "started"}\nsleep 30\nexec /bin/bash "$@"\n')
+    script.chmod(0o755)
+    return orm.InstalledCode(
+        computer=pw_code.computer, filepath_executable=str(script), label=f"slow-add-{folder.name}"
+    ).store()
+
+
+def test_an_interrupt_kills_every_process_of_the_run(aiida_profile, pw_code, tmp_path):
+    """Ctrl-C while a job runs two levels down: the job, its workchain and the root all end killed, at once
+    (the job would take 30 s), the job's processes end, and the shell's signal handler is restored.
+    AiiDA's own runner, without a broker, kills the root only and leaves the others waiting (checked by
+    running this test with it: the child and the job stay ``waiting``)."""
+    import os
+    import signal
+    import threading
+
+    from plumpy.exceptions import KilledError
+
+    code = _slow_add_code(pw_code, tmp_path)
+    handler = signal.getsignal(signal.SIGINT)
+
+    def interrupt_once_the_job_runs() -> None:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    runner = _runner(0.5)
+    threading.Thread(target=interrupt_once_the_job_runs, daemon=True).start()
+    start = time.perf_counter()
+    with pytest.raises(KilledError, match=r"received an interrupt \(SIGINT\)"):
+        runner.run_get_node(_JobParent, code=code)
+    elapsed = time.perf_counter() - start
+    assert (tmp_path / "started").exists()
+    assert elapsed < 25, f"{elapsed:.1f} s: the run waited for the job"
+    assert signal.getsignal(signal.SIGINT) is handler
+    root = orm.QueryBuilder().append(orm.WorkflowNode, filters={"attributes.process_label": "_JobParent"})
+    root = max((n for (n,) in root.all()), key=lambda n: n.pk)
+    child = root.called[0]
+    job = child.called[0]
+    assert job.process_type == "aiida.calculations:core.arithmetic.add"
+    assert [n.is_killed for n in (root, child, job)] == [True, True, True], [
+        n.process_state for n in (root, child, job)
+    ]
+    assert _ends(int((tmp_path / "started").read_text())), "the job itself is still running"
+
+
+def _ends(pid: int, within: float = 5.0) -> bool:
+    """Whether process ``pid`` is gone (or a zombie) within ``within`` seconds."""
+    import psutil
+
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.1)
+    return False

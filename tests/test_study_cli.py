@@ -181,3 +181,13 @@ def test_an_interrupted_study_stops_with_a_message(aiida_profile, monkeypatch, c
         err = capsys.readouterr().err
         assert "stopped: Process was killed because the runner received an interrupt" in err
         assert kept in err and "Traceback" not in err
+
+    def twice(builder):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(foreground, "run_get_node", twice)
+    with pytest.raises(SystemExit) as stopped:
+        run_in_shell(None, True)
+    assert stopped.value.code == INTERRUPTED_EXIT
+    err = capsys.readouterr().err
+    assert "stopped at once by a second interrupt" in err and "verdi process list" in err

@@ -182,8 +182,9 @@ INTERRUPTED_EXIT = 130
 def run_in_shell(builder: Any, cache: bool) -> ProcessNode:
     """Run the study in this shell with progress lines; return its node.
 
-    Ctrl-C kills the study (AiiDA's runner does that on SIGINT): one message and exit
-    :data:`INTERRUPTED_EXIT` instead of the runner's traceback."""
+    Ctrl-C kills the study, every process under it and their jobs (see
+    :mod:`aiida_emlip.workflows.foreground`): one message and exit :data:`INTERRUPTED_EXIT` instead of a
+    traceback. A second Ctrl-C stops at once, with the same exit status."""
     from plumpy.exceptions import KilledError
 
     from aiida_emlip.workflows.foreground import run_get_node
@@ -196,6 +197,13 @@ def run_in_shell(builder: Any, cache: bool) -> ProcessNode:
             click.echo(
                 f"stopped: {error}. The calculations that finished are kept ({kept}); "
                 "`aiida-emlip list` shows the study.",
+                err=True,
+            )
+            raise SystemExit(INTERRUPTED_EXIT) from None
+        except KeyboardInterrupt:
+            click.echo(
+                "stopped at once by a second interrupt: processes of the study may be left unfinished in the "
+                "profile (`verdi process list`; `verdi process kill PK` ends them).",
                 err=True,
             )
             raise SystemExit(INTERRUPTED_EXIT) from None

@@ -22,15 +22,17 @@ def _interface(**kwargs: Any) -> list[Atoms]:
     return [structures.metal_water_interface(**kwargs)]
 
 
-#: name -> (function, needs a base structure)
-SAMPLERS: dict[str, tuple[Callable[..., list[Atoms]], bool]] = {
-    "rattle": (structures.rattle, True),
-    "strain": (structures.strain, True),
-    "vacancy": (structures.vacancy_supercells, True),
-    "quartz_oxygen_vacancy": (structures.quartz_oxygen_vacancy, False),
+#: name -> (function, or the name of one in :mod:`aiida_emlip.structures`; needs a base structure).
+#: Names are resolved on use, so that importing the workchains does not load pymatgen (a second of
+#: start-up for every process and daemon worker), which only the defect samplers need.
+SAMPLERS: dict[str, tuple[Callable[..., list[Atoms]] | str, bool]] = {
+    "rattle": ("rattle", True),
+    "strain": ("strain", True),
+    "vacancy": ("vacancy_supercells", True),
+    "quartz_oxygen_vacancy": ("quartz_oxygen_vacancy", False),
     "metal_water_interface": (_interface, False),
-    "ion_slab_scan": (structures.ion_slab_scan, True),
-    "fragment_pair_scan": (structures.fragment_pair_scan, False),
+    "ion_slab_scan": ("ion_slab_scan", True),
+    "fragment_pair_scan": ("fragment_pair_scan", False),
     "md": (_md, True),
 }
 
@@ -44,6 +46,8 @@ def run_recipe(recipe: dict[str, Any], atoms: Atoms | None = None) -> list[Atoms
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(sorted(SAMPLERS))}")
     function, needs_structure = SAMPLERS[name]
+    if isinstance(function, str):
+        function = getattr(structures, function)
     kwargs = dict(recipe.get("kwargs") or {})
     if needs_structure:
         if atoms is None:

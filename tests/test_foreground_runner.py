@@ -165,9 +165,9 @@ def _slow_add_code(pw_code, folder) -> orm.InstalledCode:
 
 def test_an_interrupt_kills_every_process_of_the_run(aiida_profile, pw_code, tmp_path):
     """Ctrl-C while a job runs two levels down: the job, its workchain and the root all end killed, at once
-    (the job would take 30 s), the job's processes end, and the shell's signal handler is restored.
-    AiiDA's own runner, without a broker, kills the root only and leaves the others waiting (checked by
-    running this test with it: the child and the job stay ``waiting``)."""
+    (the job would take 30 s), the job's processes end, and the shell's signal handler is restored. The
+    same runner then runs the next process normally. (AiiDA's own runner, without a broker, kills the root
+    only and leaves the others waiting.)"""
     import os
     import signal
     import threading
@@ -176,21 +176,28 @@ def test_an_interrupt_kills_every_process_of_the_run(aiida_profile, pw_code, tmp
 
     code = _slow_add_code(pw_code, tmp_path)
     handler = signal.getsignal(signal.SIGINT)
+    started, done = tmp_path / "started", threading.Event()
+    sent: list[float] = []
 
     def interrupt_once_the_job_runs() -> None:
-        deadline = time.monotonic() + 60
-        while not (tmp_path / "started").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        while not started.exists():
+            if done.wait(0.05):
+                return  # the run ended without the job: send nothing
+        sent.append(time.perf_counter())
         os.kill(os.getpid(), signal.SIGINT)
 
     runner = _runner(0.5)
-    threading.Thread(target=interrupt_once_the_job_runs, daemon=True).start()
-    start = time.perf_counter()
-    with pytest.raises(KilledError, match=r"received an interrupt \(SIGINT\)"):
-        runner.run_get_node(_JobParent, code=code)
-    elapsed = time.perf_counter() - start
-    assert (tmp_path / "started").exists()
-    assert elapsed < 25, f"{elapsed:.1f} s: the run waited for the job"
+    thread = threading.Thread(target=interrupt_once_the_job_runs, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(KilledError, match=r"received an interrupt \(SIGINT\)"):
+            runner.run_get_node(_JobParent, code=code)
+    finally:
+        done.set()
+        thread.join()
+    assert sent, "the job never started"
+    elapsed = time.perf_counter() - sent[0]
+    assert elapsed < 15, f"{elapsed:.1f} s after the interrupt: the run waited for the job"
     assert signal.getsignal(signal.SIGINT) is handler
     root = orm.QueryBuilder().append(orm.WorkflowNode, filters={"attributes.process_label": "_JobParent"})
     root = max((n for (n,) in root.all()), key=lambda n: n.pk)
@@ -200,7 +207,31 @@ def test_an_interrupt_kills_every_process_of_the_run(aiida_profile, pw_code, tmp
     assert [n.is_killed for n in (root, child, job)] == [True, True, True], [
         n.process_state for n in (root, child, job)
     ]
-    assert _ends(int((tmp_path / "started").read_text())), "the job itself is still running"
+    assert "received an interrupt (SIGINT) (killed with Process" in child.process_status
+    assert _ends(int(started.read_text())), "the job itself is still running"
+    outputs, node = runner.run_get_node(_Parent, x=orm.Int(5))
+    assert node.is_finished_ok and outputs["y"].value == 5
+
+
+def test_a_second_interrupt_stops_at_once_and_a_late_one_does_nothing(aiida_profile):
+    """The first interrupt only schedules the kill; a second raises ``KeyboardInterrupt`` at once. Once
+    the run is over, a kill still queued on the loop does nothing (it must not reach the next run)."""
+    import signal
+
+    from aiida_emlip.workflows.interrupt import RunInterrupt
+
+    runner = _runner(SLOW_POLL)
+    _, node = runner.run_get_node(_Parent, x=orm.Int(1), depth=orm.Int(1))
+    interrupt = RunInterrupt(runner, root=None)  # the root is only read by a kill that starts
+    interrupt.handler(signal.SIGINT, None)
+    with pytest.raises(KeyboardInterrupt):
+        interrupt.handler(signal.SIGINT, None)
+    interrupt.finish(stopping=True)
+    interrupt.start("an interrupt (SIGINT)")  # what the queued callback would do now
+    assert interrupt.task is None
+    runner.loop.run_until_complete(asyncio.sleep(0.05))  # run the queued callback too
+    assert interrupt.task is None
+    assert node.is_finished_ok
 
 
 def _ends(pid: int, within: float = 5.0) -> bool:

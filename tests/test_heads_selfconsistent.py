@@ -574,10 +574,23 @@ def test_scf_dense_operator_equals_ewald(mode, monkeypatch):
 
     model = tiny_model({"name": "scf", "tol": 1e-11}, seed=26)
     graph = _periodic_batch(model)
-    results = []
+    from aiida_emlip.models.coulomb_operator import DenseOperator
+
+    built = []
+    original = DenseOperator.__init__
+
+    def counted(self, *args):
+        built.append(1)
+        original(self, *args)
+
+    monkeypatch.setattr(DenseOperator, "__init__", counted)
+    results, counts = [], []
     for dense in (64, 0):
         monkeypatch.setattr(scf_module, "DENSE_SOLVE_ATOMS", dense)
+        built.clear()
         results.append(_outputs_and_force_loss_gradient(model, graph, mode))
+        counts.append(len(built))
+    assert counts[0] > 0 and counts[1] == 0, counts  # the dense path ran, then the Ewald one
     (new, g_new), (old, g_old) = results
     assert new["iterations"].tolist() == old["iterations"].tolist()
     for key in ("energy", "charges", "forces", "fermi_level"):
@@ -598,10 +611,21 @@ def test_scf_batched_implicit_step_equals_per_structure(head, mode, monkeypatch)
 
     model = tiny_model({**head, "tol": 1e-11}, seed=27)
     graph = _periodic_batch(model)
-    results = []
+    calls = []
+    original = type(model.head)._implicit_batch
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(type(model.head), "_implicit_batch", spy)
+    results, counts = [], []
     for atoms in (scf_module.DENSE_BATCH_ATOMS, 0):
         monkeypatch.setattr(scf_module, "DENSE_BATCH_ATOMS", atoms)
+        calls.clear()
         results.append(_outputs_and_force_loss_gradient(model, graph, mode))
+        counts.append(len(calls))
+    assert counts[0] > 0 and counts[1] == 0, counts  # the batched step ran, then one per structure
     (new, g_new), (old, g_old) = results
     for key in ("energy", "charges", "forces", "fermi_level"):
         np.testing.assert_allclose(

@@ -8,33 +8,24 @@ Children of a foreground run live in the same event loop as their parent, so :cl
 attaches the wait to the child's own completion future instead and polls only as a fall-back. The
 processes, their inputs, outputs and provenance are the same as with ``aiida.engine.run``.
 
-An interrupt (Ctrl-C, SIGTERM) differs too. AiiDA's runner kills the process from inside the signal
-handler, which can land in the middle of a database transaction, and without a broker it cannot reach the
-children, which stay ``Waiting`` in the profile with their jobs running. Here the first interrupt only
-schedules the kill on the event loop, between two steps: every process this runner started is killed,
-the workchains first (so that none launches another calculation), then the calculations through their
-scheduler (so that their jobs end). A second interrupt stops the shell at once (``KeyboardInterrupt``).
+An interrupt (Ctrl-C, SIGTERM) kills every process the run started, in an order that holds
+(:mod:`aiida_emlip.workflows.interrupt`); a second one stops the shell at once.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import signal
 import weakref
 from collections.abc import Callable
 from typing import Any
 
-import plumpy
-from aiida.common.datastructures import CalcJobState
 from aiida.common.exceptions import ConfigurationError
 from aiida.engine import utils
 from aiida.engine.runners import Runner
 from aiida.manage import get_manager
-from aiida.orm import CalcJobNode, ProcessNode
-from plumpy import run_with_portal, sync_await
+from aiida.orm import ProcessNode
 
-LOGGER = logging.getLogger(__name__)
+from .interrupt import RunInterrupt
 
 
 class ForegroundRunner(Runner):
@@ -42,7 +33,6 @@ class ForegroundRunner(Runner):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._killing: asyncio.Task | None = None
         self._started: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 
     def instantiate_process(self, process: Any, **inputs: Any) -> Any:
@@ -73,128 +63,36 @@ class ForegroundRunner(Runner):
             instance.future().add_done_callback(ended)
         super().call_on_process_finish(pk, once)
 
+    def started_processes(self) -> list[Any]:
+        """The processes this runner started that are still in memory, newest first."""
+        found = (self._started.get(pk) for pk in sorted(self._started.keys(), reverse=True))
+        return [process for process in found if process is not None]
+
     def _run(
         self, process: Any, inputs: dict[str, Any] | None = None, **kwargs: Any
     ) -> tuple[Any, ProcessNode]:
+        assert not self._closed
         inputs = utils.prepare_inputs(inputs, **kwargs)
         if utils.is_process_function(process):
             return process.run_get_node(**inputs)
         with utils.loop_scope(self.loop):
             root = self.instantiate_process(process, **inputs)
-            interrupts = 0
-
-            def interrupted(signum: int, _frame: Any) -> None:
-                nonlocal interrupts
-                interrupts += 1
-                if interrupts > 1:
-                    raise KeyboardInterrupt
-                # a signal handler may run inside any statement, a database transaction included: the
-                # kill itself waits for the loop
-                reason = f"an interrupt ({signal.Signals(signum).name})"
-                self.loop.call_soon_threadsafe(self._schedule_kill, root, reason)
-
+            interrupt = RunInterrupt(self, root)
             previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
             try:
                 for sig in previous:
-                    signal.signal(sig, interrupted)
-                root.execute()
+                    signal.signal(sig, interrupt.handler)
+                try:
+                    root.execute()
+                except KeyboardInterrupt:  # a second interrupt: stop at once
+                    interrupt.finish(stopping=True)
+                    raise
+                finally:
+                    interrupt.finish()  # a kill under way: its calculations are still being stopped
             finally:
-                if self._killing is not None:  # the root ended killed: its calculations are still going
-                    self.loop.run_until_complete(self._killing)
-                    self._killing = None
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
             return root.outputs, root.node
-
-    def _schedule_kill(self, root: Any, reason: str) -> None:
-        self._silence_interrupted_tasks(f"the runner received {reason}")
-        # a task with a portal: killing a calculation awaits its scheduler from synchronous code
-        self._killing = self.loop.create_task(run_with_portal(self.kill_started, root, reason))
-
-    def _silence_interrupted_tasks(self, text: str) -> None:
-        """Drop the tracebacks of the transport tasks that this kill interrupts (messages holding ``text``).
-
-        AiiDA logs each one, and asyncio again when the task is collected: dozens of lines for a kill that
-        went as asked. Anything else still reaches the log and the loop's handler.
-        """
-        previous = self.loop.get_exception_handler()
-
-        def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-            if text in str(context.get("exception", "")):
-                return
-            if previous is not None:
-                previous(loop, context)
-            else:
-                loop.default_exception_handler(context)
-
-        self.loop.set_exception_handler(handler)
-        logging.getLogger("aiida.engine.transports").addFilter(lambda record: text not in record.getMessage())
-
-    def kill_started(self, root: Any, reason: str = "an interrupt") -> None:
-        """Kill ``root`` and every live process this runner started.
-
-        The workchains go first, all at once, so that none takes another step (such as launching the next
-        calculation) when a child it waits for ends. The calculations' jobs are then cancelled through
-        their scheduler, once each, and the calculations killed.
-        """
-        message = f"Process was killed because the runner received {reason}"
-        others = [self._started.get(pk) for pk in sorted(self._started.keys(), reverse=True)]
-        live = [root, *(p for p in others if p is not None and p is not root)]
-        live = [p for p in live if not p.has_terminated()]
-        jobs = [p for p in live if isinstance(p.node, CalcJobNode)]
-        workflows = [p for p in live if p not in jobs]
-        pending = [_kill(p, message, root) for p in workflows]
-        sync_await(asyncio.gather(*(self._cancel_job(p.node) for p in jobs)))
-        pending += [_kill(p, message, root) for p in jobs]
-        for future in pending:
-            if not isinstance(future, asyncio.Future):
-                continue
-            try:  # it was taking a step: killed once the step stops
-                sync_await(asyncio.wait_for(asyncio.shield(future), KILL_WAIT_S))
-            except Exception as error:  # the others are killed all the same
-                LOGGER.warning("a process did not confirm its kill in %.0f s: %s", KILL_WAIT_S, error)
-
-    async def _cancel_job(self, node: CalcJobNode) -> None:
-        """Cancel the scheduler job of ``node`` if it has one that may still run; once, never retried.
-
-        AiiDA's own kill retries a failed cancel with a growing back-off (20 s, then 40 s, ...), and
-        cancelling a job that has just ended fails (the direct scheduler cannot find its process): a
-        killed run then seemed to hang for minutes.
-        """
-        job_id = node.get_job_id()
-        if job_id is None or node.get_state() != CalcJobState.WITHSCHEDULER:
-            return
-        try:
-            async with self.transport.request_transport(node.get_authinfo()) as request:
-                transport = await asyncio.wait_for(request, KILL_WAIT_S)
-                scheduler = node.computer.get_scheduler()
-                scheduler.set_transport(transport)
-                scheduler.kill_job(job_id)
-        except Exception as error:  # it ended meanwhile, or its machine cannot be reached now
-            LOGGER.info("job %s of Process<%s> not cancelled: %s", job_id, node.pk, error)
-
-
-#: Attempts to kill a process whose current step is just ending (a kill then meets a finished task), and
-#: the seconds to wait for a process that was taking a step to confirm its kill (or for a transport).
-KILL_ATTEMPTS = 40
-KILL_WAIT_S = 30.0
-
-
-def _kill(process: Any, message: str, root: Any) -> Any:
-    """Kill ``process`` (the state change only: its job, if any, is cancelled apart) once the loop lets it.
-
-    A process whose waiting task ended a moment ago refuses the kill (``InvalidStateError``) until the
-    loop has moved it on, which takes a few iterations."""
-    text = message if process is root else f"{message} (killed with Process<{root.node.pk}>)"
-    for _ in range(KILL_ATTEMPTS):
-        if process.has_terminated():
-            return True
-        try:
-            return plumpy.Process.kill(process, msg_text=text)
-        except asyncio.InvalidStateError:
-            sync_await(asyncio.sleep(0.05))
-    LOGGER.warning("Process<%s> could not be killed: %s", process.node.pk, text)
-    return False
 
 
 #: One runner per profile, kept like the profile's own runner: it shares the thread's event loop, which

@@ -25,33 +25,12 @@ import time
 from pathlib import Path
 
 import psutil
+from tiny_study import tiny_spec
 
 WORK = Path(tempfile.mkdtemp(prefix="emlip-bench-interrupt-"))
 os.environ["AIIDA_PATH"] = str(WORK / ".aiida")
 HUNG_S = 60.0
-SPEC = """\
-name: tiny
-description: water in two charge states, two designs
-dft:
-  protocol: fast
-  max_concurrent: 3
-  overrides: {ecutwfc: 20.0, ecutrho: 160.0, conv_thr_per_atom: 1.0e-8, max_iterations: 1}
-budget: {max_dft_configurations: 10}
-systems:
-  water:
-    structure: {molecule: H2O, box: 8.0}
-    rattle: {n: 3, stdev: 0.05}
-    charges: [0, 1]
-    isolated: true
-split: {held_out_fraction: 0.3, seed: 0}
-training:
-  epochs: 3
-  backbone: {num_channels: 4, max_L: 0, max_ell: 1, correlation: 1, num_interactions: 1, r_max: 3.5,
-             mlp_hidden: 4}
-  options: {environment_variables: {OMP_NUM_THREADS: "1"}}
-designs: [sr, charges]
-report: {title: Tiny study}
-"""
+SPEC = tiny_spec()
 
 
 def cli(*args: str) -> list[str]:

@@ -42,37 +42,21 @@ from typing import Any
 import psutil
 import services_profile
 from daemon_memory import Sampler, daemon_processes
+from tiny_study import tiny_spec
 
 WORK, PROFILE = services_profile.scratch_environment("emlip-faults")
 PW = shutil.which("pw.x") or "/usr/bin/pw.x"
 EMLIP = str(Path(sys.executable).with_name("aiida-emlip"))
 PW_PROCESS = "aiida.calculations:quantumespresso.pw"
 #: The tiny study of the tests with one validation (6 + 6 pw.x runs, at most 2 at once).
-SPEC = """\
-name: faults
-description: water in two charge states, two designs, one validation (a fault-injection run)
-dft:
-  protocol: fast
-  max_concurrent: 2
-  overrides: {ecutwfc: 20.0, ecutrho: 160.0, conv_thr_per_atom: 1.0e-8, max_iterations: 1}
-budget: {max_dft_configurations: 12}
-systems:
-  water:
-    structure: {molecule: H2O, box: 8.0}
-    rattle: {n: 3, stdev: 0.05}
-    charges: [0, 1]
-    isolated: true
-split: {held_out_fraction: 0.3, seed: 0}
-training:
-  epochs: 3
-  backbone: {num_channels: 4, max_L: 0, max_ell: 1, correlation: 1, num_interactions: 1, r_max: 3.5,
-             mlp_hidden: 4}
-  options: {environment_variables: {OMP_NUM_THREADS: "1"}}
-designs: [sr, charges]
-validations:
-  response: {probes: [polarizability]}
-report: {title: Fault-injection study}
-"""
+SPEC = tiny_spec(
+    name="faults",
+    description="water in two charge states, two designs, one validation (a fault-injection run)",
+    max_concurrent=2,
+    budget=12,
+    extra="validations:\n  response: {probes: [polarizability]}\n",
+    title="Fault-injection study",
+)
 
 
 def verdi(*args: str) -> subprocess.CompletedProcess[str]:

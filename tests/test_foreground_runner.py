@@ -119,35 +119,24 @@ def test_one_runner_per_profile_and_run_get_node(aiida_profile):
 
 
 class _Job(WorkChain):
-    """Runs one ``core.arithmetic.add`` job (a calculation with the scheduler) and waits for it."""
+    """``levels`` workchains down, one ``core.arithmetic.add`` job (a calculation with the scheduler)."""
 
     @classmethod
     def define(cls, spec):
         super().define(spec)
         spec.input("code", valid_type=orm.AbstractCode)
+        spec.input("levels", valid_type=orm.Int, default=lambda: orm.Int(0))
         spec.outline(cls.launch, cls.collect)
 
     def launch(self):
         from aiida.plugins import CalculationFactory
 
-        add = CalculationFactory("core.arithmetic.add")
+        levels = self.inputs.levels.value
+        if levels > 0:
+            return ToContext(child=self.submit(_Job, code=self.inputs.code, levels=orm.Int(levels - 1)))
         metadata = {"options": {"resources": {"num_machines": 1}}}
         inputs = {"code": self.inputs.code, "x": orm.Int(1), "y": orm.Int(2), "metadata": metadata}
-        return ToContext(job=self.submit(add, **inputs))
-
-    def collect(self):
-        pass
-
-
-class _JobParent(WorkChain):
-    @classmethod
-    def define(cls, spec):
-        super().define(spec)
-        spec.input("code", valid_type=orm.AbstractCode)
-        spec.outline(cls.launch, cls.collect)
-
-    def launch(self):
-        return ToContext(child=self.submit(_Job, code=self.inputs.code))
+        return ToContext(child=self.submit(CalculationFactory("core.arithmetic.add"), **inputs))
 
     def collect(self):
         pass
@@ -191,7 +180,7 @@ def test_an_interrupt_kills_every_process_of_the_run(aiida_profile, pw_code, tmp
     thread.start()
     try:
         with pytest.raises(KilledError, match=r"received an interrupt \(SIGINT\)"):
-            runner.run_get_node(_JobParent, code=code)
+            runner.run_get_node(_Job, code=code, levels=orm.Int(1))
     finally:
         done.set()
         thread.join()
@@ -199,8 +188,8 @@ def test_an_interrupt_kills_every_process_of_the_run(aiida_profile, pw_code, tmp
     elapsed = time.perf_counter() - sent[0]
     assert elapsed < 15, f"{elapsed:.1f} s after the interrupt: the run waited for the job"
     assert signal.getsignal(signal.SIGINT) is handler
-    root = orm.QueryBuilder().append(orm.WorkflowNode, filters={"attributes.process_label": "_JobParent"})
-    root = max((n for (n,) in root.all()), key=lambda n: n.pk)
+    root = orm.QueryBuilder().append(orm.WorkflowNode, filters={"attributes.process_label": "_Job"})
+    root = max((n for (n,) in root.all() if n.caller is None), key=lambda n: n.pk)
     child = root.called[0]
     job = child.called[0]
     assert job.process_type == "aiida.calculations:core.arithmetic.add"

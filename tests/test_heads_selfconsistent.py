@@ -459,6 +459,20 @@ def _outputs_and_force_loss_gradient(model, graph, mode: str):
     return out, torch.cat([g.reshape(-1) for g in grads])
 
 
+def _spy_unrolled_batch(monkeypatch, model) -> list[bool]:
+    """Record, per call of the head's batched unrolled iteration, whether it returned a result."""
+    original = type(model.head)._unrolled_batch
+    used: list[bool] = []
+
+    def spy(*args):
+        result = original(*args)
+        used.append(result is not None)
+        return result
+
+    monkeypatch.setattr(type(model.head), "_unrolled_batch", spy)
+    return used
+
+
 @pytest.mark.parametrize(
     "head",
     [
@@ -480,15 +494,7 @@ def test_scf_unrolled_batch_equals_per_structure(head, monkeypatch):
     molecules.insert(1, Atoms("H2O", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]]))
     molecules[1].info["total_charge"] = 0.0
     graph = build_graph(molecules, model.cutoff, model.dtype)
-    original = type(model.head)._unrolled_batch
-    used = []
-
-    def spy(*args):
-        result = original(*args)
-        used.append(result is not None)
-        return result
-
-    monkeypatch.setattr(type(model.head), "_unrolled_batch", spy)
+    used = _spy_unrolled_batch(monkeypatch, model)
     results = []
     for batched in (True, False):
         if not batched:
@@ -543,15 +549,7 @@ def test_scf_unrolled_periodic_batch_equals_per_structure(head, monkeypatch):
     structure."""
     model = tiny_model(head, seed=25)
     graph = _periodic_batch(model)
-    original = type(model.head)._unrolled_batch
-    used = []
-
-    def spy(*args):
-        result = original(*args)
-        used.append(result is not None)
-        return result
-
-    monkeypatch.setattr(type(model.head), "_unrolled_batch", spy)
+    used = _spy_unrolled_batch(monkeypatch, model)
     new, g_new = _outputs_and_force_loss_gradient(model, graph, "unrolled")
     assert used == [True]
     monkeypatch.setattr(type(model.head), "_unrolled_batch", lambda *args: None)

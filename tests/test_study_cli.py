@@ -191,3 +191,4 @@ def test_an_interrupted_study_stops_with_a_message(aiida_profile, monkeypatch, c
     assert stopped.value.code == INTERRUPTED_EXIT
     err = capsys.readouterr().err
     assert "stopped at once by a second interrupt" in err and "verdi process list" in err
+    assert "Traceback" not in err

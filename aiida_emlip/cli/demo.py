@@ -246,8 +246,11 @@ def demo(
     if not pw_only:
         run_study_demo(epochs, output, cache, target)
         return
+    from aiida_emlip.cli.study_common import interrupt_exits
+
     try:
-        result = run_demo(code, FAMILY_LABEL, molecule=molecule, box=box, ecutwfc=ecutwfc)
+        with interrupt_exits("`verdi process list -a` shows the run."):
+            result = run_demo(code, FAMILY_LABEL, molecule=molecule, box=box, ecutwfc=ecutwfc)
     except (UnknownElementError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
 

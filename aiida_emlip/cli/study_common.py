@@ -179,34 +179,38 @@ def printed_progress() -> Iterator[None]:
 INTERRUPTED_EXIT = 130
 
 
+@contextlib.contextmanager
+def interrupt_exits(kept: str) -> Iterator[None]:
+    """Ctrl-C during a foreground run (see :mod:`aiida_emlip.workflows.interrupt`) ends the command with
+    one line, ``stopped: <why>. <kept>``, and exit :data:`INTERRUPTED_EXIT` instead of a traceback; a
+    second Ctrl-C, which stops at once, with a line saying what may be left."""
+    from plumpy.exceptions import KilledError
+
+    try:
+        yield
+    except KilledError as error:
+        click.echo(f"stopped: {error}. {kept}", err=True)
+        raise SystemExit(INTERRUPTED_EXIT) from None
+    except KeyboardInterrupt:
+        click.echo(
+            "stopped at once by a second interrupt: processes may be left unfinished in the profile "
+            "(`verdi process list`; `verdi process kill PK` ends them).",
+            err=True,
+        )
+        raise SystemExit(INTERRUPTED_EXIT) from None
+
+
 def run_in_shell(builder: Any, cache: bool) -> ProcessNode:
     """Run the study in this shell with progress lines; return its node.
 
-    Ctrl-C kills the study, every process under it and their jobs (see
-    :mod:`aiida_emlip.workflows.foreground`): one message and exit :data:`INTERRUPTED_EXIT` instead of a
-    traceback. A second Ctrl-C stops at once, with the same exit status."""
-    from plumpy.exceptions import KilledError
-
+    Ctrl-C kills the study, every process under it and their jobs: one message and exit
+    :data:`INTERRUPTED_EXIT` (:func:`interrupt_exits`). A second Ctrl-C stops at once."""
     from aiida_emlip.workflows.foreground import run_get_node
 
-    with caching(cache), printed_progress():
-        try:
-            _, node = run_get_node(builder)
-        except KilledError as error:
-            kept = "launching the same spec again reuses them" if cache else "they stay in the profile"
-            click.echo(
-                f"stopped: {error}. The calculations that finished are kept ({kept}); "
-                "`aiida-emlip list` shows the study.",
-                err=True,
-            )
-            raise SystemExit(INTERRUPTED_EXIT) from None
-        except KeyboardInterrupt:
-            click.echo(
-                "stopped at once by a second interrupt: processes of the study may be left unfinished in the "
-                "profile (`verdi process list`; `verdi process kill PK` ends them).",
-                err=True,
-            )
-            raise SystemExit(INTERRUPTED_EXIT) from None
+    kept = "launching the same spec again reuses them" if cache else "they stay in the profile"
+    kept = f"The calculations that finished are kept ({kept}); `aiida-emlip list` shows the study."
+    with caching(cache), printed_progress(), interrupt_exits(kept):
+        _, node = run_get_node(builder)
     return node
 
 

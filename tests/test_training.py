@@ -179,6 +179,28 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, head):
     assert curve(full_metrics) == curve(resumed_metrics)
 
 
+def test_foreach_optimizer_and_clipping_match_one_parameter_at_a_time(tmp_path, monkeypatch):
+    """On the CPU the optimizer and the clipping act on all parameters at once (``foreach``): the same
+    weights, bit for bit, as torch's default there; a checkpoint without it resumes with it."""
+    values = config_dict(tmp_path, "sr", epochs=2, clip_grad_norm=1e-3)  # small: every step is clipped
+    fast = Trainer(parse_config(values))
+    assert fast.foreach is True
+    assert all(group["foreach"] for group in fast.optimizer.param_groups)
+    fast.run()
+    monkeypatch.setattr(Trainer, "foreach", property(lambda self: None))
+    values["output_dir"] = str(tmp_path / "default")
+    slow = Trainer(parse_config(values))
+    assert slow.optimizer.param_groups[0]["foreach"] is None
+    slow.run()
+    a, b = _state(fast), _state(slow)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    monkeypatch.undo()
+    resumed = Trainer(parse_config({**values, "stages": [{"name": "main", "epochs": 3}]}))
+    resumed.load(slow.checkpoint_path)
+    assert all(group["foreach"] for group in resumed.optimizer.param_groups)
+
+
 def test_resume_refuses_other_model(tmp_path):
     trainer = Trainer(make_config(tmp_path, "sr", epochs=1))
     trainer.run()

@@ -49,6 +49,8 @@ def restore(trainer: Trainer, path: Path) -> None:
     try:
         trainer.model.load_state_dict(state["model"])
         trainer.optimizer.load_state_dict(state["optimizer"])
+        for group in trainer.optimizer.param_groups:  # this device's choice, not the checkpoint's
+            group["foreach"] = trainer.foreach
         if trainer.scheduler is not None and state["scheduler"] is not None:
             trainer.scheduler.load_state_dict(state["scheduler"])
         if trainer.ema is not None and state["ema"] is not None:

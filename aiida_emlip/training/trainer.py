@@ -307,8 +307,14 @@ class Trainer:
         cfg = self.config
         opt = cfg.optimizer
         cls = torch.optim.AdamW if opt.name == "adamw" else torch.optim.Adam
+        #: The model's parameters, listed once (walking the module tree every step costs time).
+        self._params = list(self.model.parameters())
         self.optimizer = cls(
-            self.model.parameters(), lr=opt.lr, weight_decay=opt.weight_decay, amsgrad=opt.amsgrad
+            self._params,
+            lr=opt.lr,
+            weight_decay=opt.weight_decay,
+            amsgrad=opt.amsgrad,
+            foreach=self.foreach,
         )
         sch = cfg.scheduler
         if sch.name == "cosine":
@@ -326,6 +332,13 @@ class Trainer:
         else:
             self.scheduler = None
         self.ema = Ema(self.model, cfg.ema.decay) if cfg.ema.enabled else None
+
+    @property
+    def foreach(self) -> bool | None:
+        """The optimizer and gradient clipping on all parameters at once (``foreach``) on the CPU too,
+        where torch's default is one parameter at a time: the same numbers, fewer calls. ``None``
+        elsewhere: torch's default (``foreach`` on CUDA; not every device has the kernels)."""
+        return True if self.device.type == "cpu" else None
 
     # ------------------------------------------------------------------------------ checkpoints
     @property
@@ -515,7 +528,7 @@ class Trainer:
         only a non-finite norm calls for a look at each gradient (an overflow is let through, clipped as
         before). Without the helpers of torch ≥ 2.6 each gradient is checked, then clipped.
         """
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        params = [p for p in self._params if p.grad is not None]
         grads = [p.grad for p in params]
         max_norm = self.config.clip_grad_norm
         get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
@@ -523,13 +536,13 @@ class Trainer:
             if not all(bool(torch.isfinite(g).all()) for g in grads):
                 raise NonFiniteError(self._nan_message("gradient", {}))
             if max_norm:
-                torch.nn.utils.clip_grad_norm_(params, max_norm)
+                torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=self.foreach)
             return
-        total = get_total_norm(grads)
+        total = get_total_norm(grads, foreach=self.foreach)
         if not bool(torch.isfinite(total)) and not all(bool(torch.isfinite(g).all()) for g in grads):
             raise NonFiniteError(self._nan_message("gradient", {}))
         if max_norm:
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=self.foreach)
 
     def _nan_message(self, what: str, terms: dict[str, float]) -> str:
         return (

@@ -459,6 +459,13 @@ def _outputs_and_force_loss_gradient(model, graph, mode: str):
     return out, torch.cat([g.reshape(-1) for g in grads])
 
 
+def _assert_outputs_close(new, old, rtol: float, atol: float) -> None:
+    """Energy, charges, forces and Fermi level of two evaluations agree within ``rtol`` / ``atol``."""
+    for key in ("energy", "charges", "forces", "fermi_level"):
+        a, b = new[key].detach().numpy(), old[key].detach().numpy()
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, err_msg=key)
+
+
 def _spy_unrolled_batch(monkeypatch, model) -> list[bool]:
     """Record, per call of the head's batched unrolled iteration, whether it returned a result."""
     original = type(model.head)._unrolled_batch
@@ -502,10 +509,7 @@ def test_scf_unrolled_batch_equals_per_structure(head, monkeypatch):
             monkeypatch.setattr(type(model.head), "_unrolled_batch", lambda *args: None)
         results.append(_outputs_and_force_loss_gradient(model, graph, "unrolled"))
     (new, g_new), (old, g_old) = results
-    for key in ("energy", "charges", "forces", "fermi_level"):
-        np.testing.assert_allclose(
-            new[key].detach().numpy(), old[key].detach().numpy(), rtol=1e-12, atol=1e-12
-        )
+    _assert_outputs_close(new, old, rtol=1e-12, atol=1e-12)
     for a, b in zip(new["residuals"], old["residuals"]):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-9, atol=1e-14)
     assert new["converged"].tolist() == old["converged"].tolist()
@@ -528,9 +532,7 @@ def test_scf_dense_implicit_solve_equals_gmres(head, monkeypatch):
         monkeypatch.setattr(scf_module, "DENSE_SOLVE_ATOMS", dense)
         results.append(_outputs_and_force_loss_gradient(model, graph, "implicit"))
     (new, g_new), (old, g_old) = results
-    for key in ("energy", "charges", "forces", "fermi_level"):
-        a, b = new[key].detach().numpy(), old[key].detach().numpy()
-        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10)
+    _assert_outputs_close(new, old, rtol=1e-9, atol=1e-10)
     np.testing.assert_allclose(g_new.numpy(), g_old.numpy(), rtol=1e-8, atol=1e-9)
 
 
@@ -554,10 +556,7 @@ def test_scf_unrolled_periodic_batch_equals_per_structure(head, monkeypatch):
     assert used == [True]
     monkeypatch.setattr(type(model.head), "_unrolled_batch", lambda *args: None)
     old, g_old = _outputs_and_force_loss_gradient(model, graph, "unrolled")
-    for key in ("energy", "charges", "forces", "fermi_level"):
-        np.testing.assert_allclose(
-            new[key].detach().numpy(), old[key].detach().numpy(), rtol=1e-10, atol=1e-11
-        )
+    _assert_outputs_close(new, old, rtol=1e-10, atol=1e-11)
     for a, b in zip(new["residuals"], old["residuals"]):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-8, atol=1e-13)
     assert new["iterations"].tolist() == old["iterations"].tolist()
@@ -591,10 +590,7 @@ def test_scf_dense_operator_equals_ewald(mode, monkeypatch):
     assert counts[0] > 0 and counts[1] == 0, counts  # the dense path ran, then the Ewald one
     (new, g_new), (old, g_old) = results
     assert new["iterations"].tolist() == old["iterations"].tolist()
-    for key in ("energy", "charges", "forces", "fermi_level"):
-        np.testing.assert_allclose(
-            new[key].detach().numpy(), old[key].detach().numpy(), rtol=1e-9, atol=1e-10
-        )
+    _assert_outputs_close(new, old, rtol=1e-9, atol=1e-10)
     np.testing.assert_allclose(g_new.numpy(), g_old.numpy(), rtol=1e-8, atol=1e-9)
 
 
@@ -625,8 +621,5 @@ def test_scf_batched_implicit_step_equals_per_structure(head, mode, monkeypatch)
         counts.append(len(calls))
     assert counts[0] > 0 and counts[1] == 0, counts  # the batched step ran, then one per structure
     (new, g_new), (old, g_old) = results
-    for key in ("energy", "charges", "forces", "fermi_level"):
-        np.testing.assert_allclose(
-            new[key].detach().numpy(), old[key].detach().numpy(), rtol=1e-10, atol=1e-11
-        )
+    _assert_outputs_close(new, old, rtol=1e-10, atol=1e-11)
     np.testing.assert_allclose(g_new.numpy(), g_old.numpy(), rtol=1e-9, atol=1e-10)

@@ -278,14 +278,15 @@ class SelfConsistentHead(Head):
         targets = self._target_mu(inp)
         charges, mus, converged, iterations, history = [], [], [], [], []
         batched = None
-        if mode == "unrolled" and (not bool(graph.pbc.any()) or self._dense_batch(graph)):
+        dense_batch = self._dense_batch(graph)
+        if mode == "unrolled" and (not bool(graph.pbc.any()) or dense_batch):
             batched = self._unrolled_batch(inp, groups, local, chi, v_app, targets)
         if batched is not None:
             charges, mus, converged, history = batched
             iterations = [len(res) for res in history]
         # the implicit steps of a batch of small structures as one (one dense factorisation)
         pending: list[tuple[_Structure, torch.Tensor, torch.Tensor]] | None = (
-            [] if batched is None and mode != "unrolled" and self._dense_batch(graph) else None
+            [] if batched is None and mode != "unrolled" and dense_batch else None
         )
         for b, atoms in graph.structures() if batched is None else ():
             s = _Structure(
@@ -705,14 +706,7 @@ class SelfConsistentHead(Head):
         with torch.no_grad():
             coef = self._slopes(h.detach(), chi.detach(), u.detach(), False) / scales
             jac = torch.block_diag(
-                *[
-                    sum(
-                        coef[s.atoms, w, None] * self._operator(inp, s).potential(eye, w)
-                        for w in range(len(widths))
-                    )
-                    for s, _, _ in items
-                    for eye in [torch.eye(s.atoms.stop - s.atoms.start, dtype=coef.dtype, device=coef.device)]
-                ]
+                *[_dense_jacobian(self._operator(inp, s), coef[s.atoms]) for s, _, _ in items]
             )
         whole = _Structure(
             -1,
@@ -796,7 +790,7 @@ class SelfConsistentHead(Head):
         n = coef.shape[0]
         eye = torch.eye(n, dtype=coef.dtype, device=coef.device)
         if jac is None:
-            jac = sum(coef[:, w, None] * op.potential(eye, w) for w in range(coef.shape[1]))
+            jac = _dense_jacobian(op, coef)
         k = jac - eye
         constant_q = self.options.ensemble == "constant_q"
         if constant_q:
@@ -860,3 +854,11 @@ class SelfConsistentHead(Head):
                 self._reason = f"|Σq| = {abs(float(q.sum())):.3g} e > {o.max_total_charge:g}"
                 return q, mu, False, history
         return q, mu, False, history
+
+
+def _dense_jacobian(op: CoulombOperator | DenseOperator, coef: torch.Tensor) -> torch.Tensor:
+    """``∂F/∂q`` of one structure as a dense ``[n, n]`` matrix: ``Σ_w coef[:, w] · A_w``, with the
+    projected Coulomb matrix ``A_w`` of each width from ``n`` unit charges."""
+    n = coef.shape[0]
+    eye = torch.eye(n, dtype=coef.dtype, device=coef.device)
+    return sum(coef[:, w, None] * op.potential(eye, w) for w in range(coef.shape[1]))

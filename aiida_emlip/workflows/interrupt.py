@@ -79,8 +79,7 @@ class RunInterrupt:
         try:
             if not task.done():
                 plumpy.run_until_complete(self.runner.loop, task)
-            elif not task.cancelled() and task.exception() is not None:
-                raise task.exception()
+            task.result()  # raises what the kill raised (CancelledError if it was cancelled)
         except KeyboardInterrupt:
             task.cancel()
             raise

@@ -95,6 +95,91 @@ def test_serial_qe_codes_run_without_the_mpi_daemon(tmp_path: Path) -> None:
     assert shown.stdout.strip() == "0"
 
 
+def _ld1(script_head: str, tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``ld1.x`` on the H input after ``script_head``, in ``tmp_path/run``."""
+    from aiida_emlip.pseudos.generate import input_path
+
+    ld1 = shutil.which("ld1.x")
+    if ld1 is None:
+        pytest.skip("ld1.x (Debian quantum-espresso) missing")
+    run = tmp_path / "run"
+    run.mkdir(exist_ok=True)
+    script = f"{script_head}\nexec {ld1} < {input_path('H')}"
+    return subprocess.run(["/bin/bash", "-c", script], env=env, cwd=run, capture_output=True, text=True)
+
+
+def test_serial_qe_codes_keep_their_mpi_session_in_their_own_directory(tmp_path: Path) -> None:
+    """Open MPI 4 singletons share one session directory under ``$TMPDIR`` and remove it when they end,
+    which fails a singleton starting at that moment. Made unusable here (a file in its place), it stops a
+    program with the daemon setting alone; with the code's ``prepend_text`` the program keeps its session
+    in its working directory and runs, and leaves nothing there; a value set by the user still wins."""
+    import socket
+
+    from aiida_emlip.cli.setup import singleton_prepend
+    from aiida_emlip.pseudos.mpi_env import MPI_SINGLETON_ENV, SESSION_DIR_VARIABLE, singleton_env
+
+    shared = tmp_path / "tmp"
+    shared.mkdir()
+    (shared / f"ompi.{socket.gethostname()}.{os.getuid()}").write_text("in the way")
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "TMPDIR": str(shared)}
+    daemon_only = "\n".join(f"export {key}={value}" for key, value in MPI_SINGLETON_ENV.items())
+    proc = _ld1(daemon_only, tmp_path, env)
+    assert proc.returncode != 0 and "unable to create the desired directory" in proc.stdout + proc.stderr
+
+    prepend = singleton_prepend("quantumespresso.ld1", mpi=False)
+    proc = _ld1(prepend, tmp_path, env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert not list((tmp_path / "run").glob("ompi.*")), "the session directory was not removed"
+    # the Python runs (ld1.x of the family, pw.x of the validation helpers) get the same
+    assert singleton_env(tmp_path / "run", env)[SESSION_DIR_VARIABLE] == str(tmp_path / "run")
+    assert (
+        singleton_env(tmp_path / "run", {SESSION_DIR_VARIABLE: "/scratch"})[SESSION_DIR_VARIABLE]
+        == "/scratch"
+    )
+    shown = subprocess.run(
+        ["/bin/bash", "-c", f"{prepend}\necho ${SESSION_DIR_VARIABLE}"],
+        env={**env, SESSION_DIR_VARIABLE: "/scratch"},
+        capture_output=True,
+        text=True,
+    )
+    assert shown.stdout.strip() == "/scratch"
+
+
+def test_setup_replaces_its_own_code_of_an_earlier_prepend(pw_code) -> None:
+    """A code that setup made with an earlier ``prepend_text`` is relabelled and made anew (a stored code
+    cannot change); a code the user made under the label keeps theirs."""
+    from aiida.orm import InstalledCode, load_code
+
+    from aiida_emlip.cli.setup import REUSED, ensure_code, singleton_prepend
+
+    computer, exe = pw_code.computer, pw_code.get_executable()
+    ours = "Quantum ESPRESSO pw.x (created by aiida-emlip setup)"
+    label = f"pw-{uuid.uuid4().hex[:8]}"
+    old = InstalledCode(
+        computer=computer,
+        filepath_executable=str(exe),
+        label=label,
+        description=ours,
+        default_calc_job_plugin="quantumespresso.pw",
+        prepend_text='export OMPI_MCA_ess_singleton_isolated="${OMPI_MCA_ess_singleton_isolated:-1}"',
+    ).store()
+    code, status = ensure_code(computer, exe, label=label)
+    assert status == f"replaced (previous code relabelled {label}-{old.pk}@{computer.label})"
+    assert code.pk != old.pk and code.prepend_text == singleton_prepend("quantumespresso.pw", mpi=False)
+    assert load_code(f"{label}-{old.pk}@{computer.label}").pk == old.pk
+    assert ensure_code(computer, exe, label=label) == (code, REUSED)
+
+    mine = InstalledCode(
+        computer=computer,
+        filepath_executable=str(exe),
+        label=f"{label}-mine",
+        description="my pw.x",
+        default_calc_job_plugin="quantumespresso.pw",
+        prepend_text="module load qe",
+    ).store()
+    assert ensure_code(computer, exe, label=f"{label}-mine") == (mine, REUSED)
+
+
 def test_setup_without_pw_fails_clearly(tmp_path: Path, emlip_cli) -> None:
     """No pw.x on PATH and no --pw: exit code != 0, one message naming the package and --pw."""
     aiida_path = tmp_path / "aiida"

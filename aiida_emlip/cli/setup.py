@@ -100,7 +100,8 @@ def ensure_code(
     """Load ``<label>@<computer>`` or create it as an :class:`~aiida.orm.InstalledCode` of ``pw``.
 
     A stored code cannot be edited: if the existing one points at another executable or MPI setting,
-    it is relabelled ``<label>-<pk>`` (its calculations keep their provenance) and a new one is created.
+    or is one that setup made with another ``prepend_text`` (an earlier version's), it is relabelled
+    ``<label>-<pk>`` (its calculations keep their provenance) and a new one is created.
     """
     from aiida.common.exceptions import NotExistent
     from aiida.orm import InstalledCode, load_code
@@ -110,9 +111,12 @@ def ensure_code(
         existing = load_code(f"{label}@{computer.label}")
     except NotExistent:
         existing = None
+    prepend = singleton_prepend(plugin, mpi)
     if existing is not None:
         same_exe = str(existing.get_executable()) == str(pw)
-        if same_exe and bool(existing.with_mpi) == mpi:
+        # a code the user made under this label keeps the prepend_text they gave it
+        same_prepend = existing.description != description or existing.prepend_text == prepend
+        if same_exe and bool(existing.with_mpi) == mpi and same_prepend:
             return existing, REUSED
         existing.label = f"{label}-{existing.pk}"
         status = f"replaced (previous code relabelled {existing.label}@{computer.label})"
@@ -123,20 +127,20 @@ def ensure_code(
         description=description,
         default_calc_job_plugin=plugin,
         with_mpi=mpi,
-        prepend_text=singleton_prepend(plugin, mpi),
+        prepend_text=prepend,
     ).store()
     return code, status
 
 
 def singleton_prepend(plugin: str, mpi: bool) -> str:
     """The code's ``prepend_text``: a Quantum ESPRESSO program run without ``mpirun`` gets the
-    environment of :data:`~aiida_emlip.pseudos.generate.MPI_SINGLETON_ENV` (a value set by the user
-    wins); every other code gets none."""
-    from aiida_emlip.pseudos.generate import MPI_SINGLETON_ENV
+    environment of :mod:`aiida_emlip.pseudos.mpi_env` (no ``orted`` daemon; its Open MPI session
+    directory in the job's working directory; a value set by the user wins); every other code gets none."""
+    from aiida_emlip.pseudos.mpi_env import singleton_exports
 
     if mpi or not plugin.startswith("quantumespresso."):
         return ""
-    return "\n".join(f'export {key}="${{{key}:-{value}}}"' for key, value in MPI_SINGLETON_ENV.items())
+    return singleton_exports()
 
 
 def emlip_executable(name: str) -> Path:

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import yaml
 
+from aiida_emlip.pseudos.mpi_env import singleton_env
+
 __all__ = (
     "ELEMENTS",
     "INPUTS_DIR",
-    "MPI_SINGLETON_ENV",
     "Ld1Error",
     "Ld1NotFoundError",
     "UnknownElementError",
@@ -45,13 +46,6 @@ UPF_SUFFIX = ".pbe-emlip.UPF"
 _HASH_SUFFIX = ".sha256"
 _FILE_PSEUDO_RE = re.compile(r"file_pseudopw\s*=\s*['\"]([^'\"]+)['\"]", re.IGNORECASE)
 _ERROR_MARKERS = ("%%%%%%%%", "Error in routine")
-
-#: Environment of a Quantum ESPRESSO program started without ``mpirun`` (``ld1.x`` here, and the
-#: serial codes of ``aiida-emlip setup``). An Open MPI build run that way is a singleton that first
-#: launches a supporting daemon (``orted``); when that launch fails ("Unable to start a daemon on the
-#: local node": ``orted`` not on the ``PATH``, or a busy machine) the program dies before any work.
-#: These programs never spawn processes, so they run without the daemon. A value the user sets wins.
-MPI_SINGLETON_ENV = {"OMPI_MCA_ess_singleton_isolated": "1"}
 
 
 class UnknownElementError(ValueError):
@@ -121,7 +115,7 @@ def _run_ld1(exe: str, element: str, text: str, target: Path) -> None:
             cwd=tmp,
             timeout=300,
             check=False,
-            env={**MPI_SINGLETON_ENV, **os.environ},
+            env=singleton_env(tmp),
         )
         output = proc.stdout + proc.stderr
         produced = Path(tmp) / produced_name

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -17,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from ase import Atoms
 from ase.io.espresso import write_espresso_in
+
+from aiida_emlip.pseudos.mpi_env import singleton_env
 
 __all__ = ("PwError", "PwResult", "fit_birch_murnaghan", "lattice_constant", "run_pw")
 
@@ -87,7 +88,7 @@ def run_pw(
         inp = Path(tmp) / "pw.in"
         with inp.open("w") as handle:
             write_espresso_in(handle, atoms, input_data=data, pseudopotentials=names, kpts=kpts)
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env = {**singleton_env(tmp), "OMP_NUM_THREADS": "1"}
         proc = subprocess.run(
             [exe, "-in", "pw.in"], cwd=tmp, capture_output=True, text=True, timeout=timeout, env=env
         )

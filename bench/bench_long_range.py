@@ -15,7 +15,9 @@ contact), and an F⁻ cell takes 22–67 SCF iterations, some a restart, several
    (committed: ``long_range.xyz``, two orientations per separation, and ``long_range_more.xyz``, a
    third; ``long_range_contact.xyz``, water pairs at contact, 1.8–3.8 Å, labelled with ``--systems H2O
    --separations 6 --max-separation 3.8 --sample-seed 7``; ``train`` and ``report`` read all three
-   unless ``--data`` names others).
+   unless ``--data`` names others). ``long_range_Li_contact.xyz`` holds Li⁺ + H₂O at contact the same way
+   (``--systems Li``, same options): ``--train-extra`` adds such cells to the training set only, so that
+   the held-out cells stay those of the split.
 2. ``train``: every design (the named presets, same backbone, epochs and seed) on the same random 80 %
    (a tenth of it for validation); each run lands in ``--workdir/<design>``.
 3. ``report``: on the held-out 20 %: energy RMSE of configurations beyond the cutoff as a ratio to
@@ -53,6 +55,8 @@ MORE = HERE / "data" / "long_range_more.xyz"
 #: Water pairs at contact only (1.8-3.8 Å, three orientations each, other random orientations): where
 #: the neutral goal is decided, sampled more densely than the scan's 0.65 Å steps.
 CONTACT = HERE / "data" / "long_range_contact.xyz"
+#: Li⁺ + H₂O at contact only (1.8-3.8 Å, three orientations each, sample seed 7), for ``--train-extra``.
+LI_CONTACT = HERE / "data" / "long_range_Li_contact.xyz"
 #: What ``train`` and ``report`` read unless ``--data`` names other files.
 DEFAULT_DATA = [DATA, MORE, CONTACT]
 DFT = {
@@ -200,10 +204,15 @@ BACKBONE = {
 
 
 def split_data(
-    data: Path | Sequence[Path], workdir: Path, seed: int, test_fraction: float = 0.2
+    data: Path | Sequence[Path],
+    workdir: Path,
+    seed: int,
+    test_fraction: float = 0.2,
+    extra: Sequence[Path] = (),
 ) -> tuple[Path, Path]:
     """A random 80/20 split of ``data`` (one file, or several read one after the other; the same split
-    for every design), written to ``workdir``."""
+    for every design), written to ``workdir``. The cells of ``extra`` join the training set only, so
+    that the held-out cells stay those of ``data``'s split."""
     import ase.io
     import numpy as np
 
@@ -213,7 +222,8 @@ def split_data(
     n_test = round(test_fraction * len(frames))
     workdir.mkdir(parents=True, exist_ok=True)
     train, test = workdir / "train.xyz", workdir / "test.xyz"
-    ase.io.write(train, [frames[i] for i in sorted(order[n_test:])], format="extxyz")
+    added = [atoms for path in extra for atoms in ase.io.read(path, ":")]
+    ase.io.write(train, [frames[i] for i in sorted(order[n_test:])] + added, format="extxyz")
     ase.io.write(test, [frames[i] for i in sorted(order[:n_test])], format="extxyz")
     return train, test
 
@@ -326,14 +336,15 @@ def train(
     seed: int,
     jobs: int = 1,
     inits: int = 1,
+    extra: Sequence[Path] = (),
 ) -> None:
     """Train every design on the same split of ``data`` (one or several files) with the same backbone,
     epochs and seed; ``inits`` > 1 trains each also with the other model seeds of
-    :func:`initialisation_seeds` on the same split.
+    :func:`initialisation_seeds` on the same split. ``extra`` cells are added to the training set only.
 
     ``jobs`` > 1 trains that many designs at once, each in its own process on one thread.
     """
-    train_file, test_file = split_data(data, workdir, seed)
+    train_file, test_file = split_data(data, workdir, seed, extra=extra)
     runs = [(name, s) for s in initialisation_seeds(seed, inits) for name in designs]
     if jobs <= 1:
         for name, model_seed in runs:
@@ -534,6 +545,14 @@ def main(argv: list[str] | None = None) -> None:
         default=DEFAULT_DATA,
         help="labelled cells (extxyz); train and report take several files together, label writes one",
     )
+    parser.add_argument(
+        "--train-extra",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="labelled cells added to the training set only, never held out (train): the held-out cells "
+        "stay those of --data's split",
+    )
     parser.add_argument("--quick", action="store_true", help="a few configurations only (a smoke test)")
     parser.add_argument("--separations", type=int, default=12, help="separations per system (label)")
     parser.add_argument("--orientations", type=int, default=3, help="orientations per separation (label)")
@@ -611,7 +630,9 @@ def main(argv: list[str] | None = None) -> None:
             args.sample_seed,
         )
     if args.stage in ("train", "all"):
-        train(args.data, args.workdir, designs, args.epochs, args.seed, args.jobs, args.inits)
+        train(
+            args.data, args.workdir, designs, args.epochs, args.seed, args.jobs, args.inits, args.train_extra
+        )
     if args.stage in ("report", "all"):
         report(args.workdir, designs, BACKBONE["r_max"], args.cells)
         if args.inits > 1:

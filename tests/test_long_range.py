@@ -371,3 +371,59 @@ def test_committed_contact_cells():
     # none of them repeats a cell of the scan: other orientations, not copies
     scan = {round(a.info[schema.ENERGY], 4) for a in earlier if a.info[schema.TOTAL_CHARGE] == 0.0}
     assert not scan & {round(e, 4) for e in energies}
+
+
+def test_committed_li_contact_cells():
+    """The benchmark's Li⁺ contact file (``--train-extra``): 18 cells of Li⁺ + H₂O at 1.8–3.8 Å (six
+    separations, three new orientations each), keys after the three default files', a charged cell
+    whose Hirshfeld charges sum to +1, and the charge transfer of DFT at contact: the water gives the
+    ion more charge the nearer it is (Li below +0.9 e at 1.8 Å, above +0.95 e at 3.8 Å)."""
+    from pathlib import Path
+
+    from aiida_emlip.extxyz import text_to_frames
+
+    folder = Path(__file__).resolve().parents[1] / "bench" / "data"
+    earlier = [
+        a
+        for name in ("long_range.xyz", "long_range_more.xyz", "long_range_contact.xyz")
+        for a in text_to_frames((folder / name).read_text())
+    ]
+    frames = text_to_frames((folder / "long_range_Li_contact.xyz").read_text())
+    assert len(frames) == 18
+    keys = [atoms.info["key"] for atoms in earlier + frames]
+    assert len(set(keys)) == len(keys)
+    assert sorted({round(separation(a), 1) for a in frames}) == [1.8, 2.2, 2.6, 3.0, 3.4, 3.8]
+    ion = {}
+    for atoms in frames:
+        assert atoms.get_chemical_symbols() == ["Li", "O", "H", "H"]
+        assert atoms.info[schema.TOTAL_CHARGE] == 1.0
+        assert np.isfinite(atoms.info[schema.ENERGY]) and np.isfinite(atoms.arrays[schema.FORCES]).all()
+        charges = atoms.arrays[schema.CHARGES]
+        assert charges.sum() == pytest.approx(1.0, abs=1e-3)
+        ion.setdefault(round(separation(atoms), 1), []).append(fragment_charges(atoms, charges)[0])
+    assert max(ion[1.8]) < 0.9 and min(ion[3.8]) > 0.95
+    assert np.mean(ion[1.8]) < np.mean(ion[2.6]) < np.mean(ion[3.8])
+    # none of them repeats a cell of the scan
+    scan = {round(a.info[schema.ENERGY], 4) for a in earlier if a.info[schema.TOTAL_CHARGE] == 1.0}
+    assert not scan & {round(a.info[schema.ENERGY], 4) for a in frames}
+
+
+def test_extra_training_cells_leave_the_held_out_cells_alone(tmp_path):
+    """``--train-extra``: the extra cells join the training set only; the held-out cells are those of
+    the split without them, so that figures with and without them compare on the same cells."""
+    import sys
+    from pathlib import Path
+
+    from aiida_emlip.extxyz import text_to_frames
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from bench_long_range import DEFAULT_DATA, LI_CONTACT, split_data
+
+    plain = split_data(DEFAULT_DATA, tmp_path / "plain", seed=0)
+    extra = split_data(DEFAULT_DATA, tmp_path / "extra", seed=0, extra=[LI_CONTACT])
+    assert plain[1].read_text() == extra[1].read_text()
+    keys = [[a.info["key"] for a in text_to_frames(path.read_text())] for path in (plain[0], extra[0])]
+    added = [a.info["key"] for a in text_to_frames(LI_CONTACT.read_text())]
+    assert len(keys[0]) == 72 and keys[1] == keys[0] + added
+    held_out = {a.info["key"] for a in text_to_frames(plain[1].read_text())}
+    assert len(held_out) == 18 and not held_out & set(keys[1])

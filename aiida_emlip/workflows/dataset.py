@@ -26,8 +26,8 @@ from aiida_emlip.data import EmlipDatasetData
 from aiida_emlip.data.dataset import dft_settings_digest
 
 from . import protocol as protocols
+from .assembly import assemble
 from .functions import (
-    assemble_dataset,
     configuration_key,
     expected_fermi_reference,
     expected_labels,
@@ -963,12 +963,12 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
         wanted += [uuid for uuids in self.ctx.finished.values() for uuid in uuids.values()]
         loaded = load_nodes(wanted)
         structures = {key: loaded[config["structure"]] for key, config in self.ctx.configs.items()}
-        nodes: dict[str, orm.Data] = {}
+        labels: dict[str, dict[str, orm.Data]] = {}
         for key, uuids in self.ctx.finished.items():
-            nodes[f"structure_{key}"] = structures[key]
+            labels[key] = {"structure": structures[key]}
             for name in ("parameters", "trajectory", "vacuum", "hirshfeld", "lowdin"):
                 if name in uuids:
-                    nodes[f"{name}_{key}"] = loaded[uuids[name]]
+                    labels[key][name] = loaded[uuids[name]]
         dft = self._dft_settings(structures)
         dft["digest"] = dft_settings_digest(dft)
         order = self.ctx.get("order") or list(self.ctx.configs)  # a run checkpointed before ``order``
@@ -980,7 +980,7 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
             "postprocess_failures": self.ctx.postprocess_failures,
             "postprocess_skipped": self.ctx.postprocess_skipped,
         }
-        outputs = assemble_dataset(settings=orm.Dict(settings), **nodes)
+        outputs = assemble(settings, labels)
         self.out("report", outputs["report"])
         if "dataset" in outputs:
             self.out("dataset", outputs["dataset"])

@@ -184,6 +184,12 @@ def assemble_dataset(settings: orm.Dict, **nodes: orm.Data) -> dict[str, orm.Dat
             atoms.info[schema.FERMI_LEVEL] = raw - float(vacuum["vacuum_level_top"])
             atoms.info[schema.FERMI_REFERENCE] = "vacuum"
         frames.append(atoms)
+    return assembly_outputs(data, frames)
+
+
+def assembly_outputs(data: dict[str, Any], frames: list[Atoms]) -> dict[str, orm.Data]:
+    """The failure report of the settings ``data`` with the labelled ``frames``, and the dataset of the
+    frames (none without frames): the outputs of :func:`assemble_dataset` and of the merge of its parts."""
     report = {
         "n_configurations": len(data["configurations"]),
         "n_finished": len(frames),

@@ -124,17 +124,19 @@ def pseudo_family(aiida_profile, pseudo_dir: Path):
 
 @pytest.fixture(scope="session")
 def emlip_cli() -> Callable[..., subprocess.CompletedProcess[str]]:
-    """Run ``aiida-emlip ARGS`` in a subprocess; keyword ``env`` entries update the environment.
+    """Run ``aiida-emlip ARGS`` in a subprocess (in ``cwd``); keyword ``env`` entries update the environment.
 
     Subprocesses keep the CLI's own AiiDA configuration apart from the test session's loaded profile.
     """
 
     def run(
-        *args: str, env: dict[str, str] | None = None, timeout: float = 600
+        *args: str, env: dict[str, str] | None = None, timeout: float = 600, cwd: Path | None = None
     ) -> subprocess.CompletedProcess[str]:
         full_env = {**os.environ, **(env or {})}
         cmd = [sys.executable, "-m", "aiida_emlip.cli", *args]
-        return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout, check=False)
+        return subprocess.run(
+            cmd, capture_output=True, text=True, env=full_env, timeout=timeout, check=False, cwd=cwd
+        )
 
     return run
 

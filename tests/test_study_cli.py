@@ -122,6 +122,11 @@ def test_status_list_and_report(study, emlip_cli, tmp_path):
     index = report_dir / "index.html"
     assert str(index.resolve()) in out and (report_dir / "figures" / "parity_sr.png").is_file()
     _ok(emlip_cli("report", pk, "--output", str(report_dir), env=env))  # its own report: rewritten
+    # the default directory, relative to where the command runs
+    (tmp_path / "here").mkdir()
+    out = _ok(emlip_cli("report", pk, env=env, cwd=tmp_path / "here"))
+    default = tmp_path / "here" / f"study-{pk}-report" / "index.html"
+    assert str(default.resolve()) in out and default.read_text() == index.read_text()
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "index.html").write_text("someone else's page")

@@ -168,6 +168,7 @@ def run_study_demo(epochs: int | None, output: Path, cache: bool, target: Any) -
     node = run_in_shell(study_builder(spec, text), cache)
     print_outcome(node, target)
     if "report" in node.outputs:
+        output = output.resolve()  # aiida-core copies a repository only into an absolute path
         output.mkdir(parents=True, exist_ok=True)
         node.outputs.report.copy_tree(output)
         click.echo(f"Report: {(output / 'index.html').resolve()}")

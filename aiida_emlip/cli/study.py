@@ -150,7 +150,8 @@ def report(pk: str, output: Path | None, profile_name: str | None) -> None:
             f"study {node.pk} has no report yet (state {state}, exit status {node.exit_status}); "
             f"see `aiida-emlip status {node.pk}`"
         )
-    output = output or Path(f"study-{node.pk}-report")
+    # absolute: aiida-core copies a repository only into an absolute path
+    output = (output or Path(f"study-{node.pk}-report")).resolve()
     index = output / "index.html"
     ours = index.is_file() and node.uuid in index.read_text(errors="replace")
     if output.exists() and any(output.iterdir()) and not ours:

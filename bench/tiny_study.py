@@ -1,5 +1,5 @@
-"""The tiny study of the tests (6 water configurations in two charge states, two designs, 3 epochs) as a
-spec text for the benchmarks that launch a real study: seconds of pw.x and training each."""
+"""The tiny study (6 water configurations in two charge states, two designs, 3 epochs) as a spec text, for
+the benchmarks that launch a real study and for the study tests: seconds of pw.x and training each."""
 
 from __future__ import annotations
 

@@ -4,31 +4,14 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
-TINY_SPEC = """\
-name: tiny
-description: water in two charge states, two designs (a test, not a study)
-dft:
-  protocol: fast
-  max_concurrent: 3
-  overrides: {ecutwfc: 20.0, ecutrho: 160.0, conv_thr_per_atom: 1.0e-8, max_iterations: 1}
-budget: {max_dft_configurations: 10}
-systems:
-  water:
-    structure: {molecule: H2O, box: 8.0}
-    rattle: {n: 3, stdev: 0.05}
-    charges: [0, 1]
-    isolated: true
-split: {held_out_fraction: 0.3, seed: 0}
-training:
-  epochs: 3
-  backbone: {num_channels: 4, max_L: 0, max_ell: 1, correlation: 1, num_interactions: 1, r_max: 3.5,
-             mlp_hidden: 4}
-  options: {environment_variables: {OMP_NUM_THREADS: "1"}}
-designs: [sr, charges]
-report: {title: Tiny study}
-"""
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from tiny_study import tiny_spec
+
+#: The spec of the benchmarks that launch a real study (``bench/tiny_study.py``), said to be a test.
+TINY_SPEC = tiny_spec(description="water in two charge states, two designs (a test, not a study)")
 
 CHROMIUM = ("chromium", "chromium-browser", "google-chrome")
 

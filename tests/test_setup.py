@@ -72,19 +72,15 @@ def test_serial_qe_codes_run_without_the_mpi_daemon(tmp_path: Path) -> None:
     """The ``prepend_text`` of a Quantum ESPRESSO code without ``mpirun`` lets its Open MPI build
     start with no ``orted`` on the ``PATH``; a value set by the user wins; other codes get none."""
     from aiida_emlip.cli.setup import singleton_prepend
-    from aiida_emlip.pseudos.generate import input_path, upf_filename
+    from aiida_emlip.pseudos.generate import upf_filename
 
     assert singleton_prepend("quantumespresso.pw", mpi=True) == ""
     assert singleton_prepend("emlip.train", mpi=False) == ""
     prepend = singleton_prepend("quantumespresso.pw", mpi=False)
-    ld1 = shutil.which("ld1.x")
-    if ld1 is None:
-        pytest.skip("ld1.x (Debian quantum-espresso) missing")
-    script = f"{prepend}\nexec {ld1} < {input_path('H')}"
     env = {"PATH": str(tmp_path), "HOME": str(tmp_path)}
-    proc = subprocess.run(["/bin/bash", "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True)
+    proc = _ld1(prepend, tmp_path, env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert (tmp_path / upf_filename("H")).stat().st_size > 0
+    assert (tmp_path / "run" / upf_filename("H")).stat().st_size > 0
     env["OMPI_MCA_ess_singleton_isolated"] = "0"
     shown = subprocess.run(
         ["/bin/bash", "-c", f"{prepend}\necho $OMPI_MCA_ess_singleton_isolated"],

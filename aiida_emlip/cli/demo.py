@@ -161,17 +161,14 @@ def demo_spec(epochs: int | None = None) -> tuple[dict[str, Any], str]:
 
 def run_study_demo(epochs: int | None, output: Path, cache: bool, target: Any) -> None:
     """Run the demo study in this shell, print its verdict and write its report to ``output``."""
-    from aiida_emlip.cli.study_common import print_outcome, run_in_shell, study_builder
+    from aiida_emlip.cli.study_common import print_outcome, run_in_shell, study_builder, write_report
 
     spec, text = demo_spec(epochs)
     click.echo(f"Demo study {spec['name']!r}: {spec['description']}")
     node = run_in_shell(study_builder(spec, text), cache)
     print_outcome(node, target)
     if "report" in node.outputs:
-        output = output.resolve()  # aiida-core copies a repository only into an absolute path
-        output.mkdir(parents=True, exist_ok=True)
-        node.outputs.report.copy_tree(output)
-        click.echo(f"Report: {(output / 'index.html').resolve()}")
+        write_report(node, output)
     if not node.is_finished_ok:
         raise click.ClickException(f"study <{node.pk}> did not finish OK: see `aiida-emlip status {node.pk}`")
 

@@ -21,6 +21,7 @@ from aiida_emlip.cli.study_common import (
     retry_when_busy,
     run_in_shell,
     study_builder,
+    write_report,
 )
 
 CACHE_OPTION = click.option(
@@ -150,7 +151,6 @@ def report(pk: str, output: Path | None, profile_name: str | None) -> None:
             f"study {node.pk} has no report yet (state {state}, exit status {node.exit_status}); "
             f"see `aiida-emlip status {node.pk}`"
         )
-    # absolute: aiida-core copies a repository only into an absolute path
     output = (output or Path(f"study-{node.pk}-report")).resolve()
     index = output / "index.html"
     ours = index.is_file() and node.uuid in index.read_text(errors="replace")
@@ -159,9 +159,7 @@ def report(pk: str, output: Path | None, profile_name: str | None) -> None:
             f"{output} exists and holds other files (not a report of study {node.pk}): give an empty or new "
             "directory"
         )
-    output.mkdir(parents=True, exist_ok=True)
-    node.outputs.report.copy_tree(output)
-    click.echo(f"Report: {(output / 'index.html').resolve()}")
+    write_report(node, output)
 
 
 @click.command("export")

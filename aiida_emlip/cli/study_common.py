@@ -179,6 +179,17 @@ def printed_progress() -> Iterator[None]:
 INTERRUPTED_EXIT = 130
 
 
+def write_report(node: ProcessNode, output: Path) -> Path:
+    """Copy the HTML report of the study ``node`` into the directory ``output`` (made absolute: aiida-core
+    copies a repository only into an absolute path), say where, and return its ``index.html``."""
+    output = output.resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    node.outputs.report.copy_tree(output)
+    index = output / "index.html"
+    click.echo(f"Report: {index}")
+    return index
+
+
 @contextlib.contextmanager
 def interrupt_exits(kept: str) -> Iterator[None]:
     """Ctrl-C during a foreground run (see :mod:`aiida_emlip.workflows.interrupt`) ends the command with

@@ -224,6 +224,10 @@ def demo(
     ]
     if given and not pw_only:
         raise click.UsageError(f"{', '.join(given)} only apply to --pw-only")
+    if not pw_only:  # before the profile and the study: a refusal after hours of DFT would be late
+        from aiida_emlip.cli.study_common import check_report_dir
+
+        output = check_report_dir(output)
     target = target_or_exit(profile_name)
     try:
         load_or_create_profile(target, create=False)

@@ -13,6 +13,7 @@ import click
 from aiida_emlip.cli.options import PROFILE_OPTION
 from aiida_emlip.cli.study_common import (
     CACHED,
+    check_report_dir,
     load_profile_or_exit,
     load_spec_or_exit,
     load_study,
@@ -151,15 +152,7 @@ def report(pk: str, output: Path | None, profile_name: str | None) -> None:
             f"study {node.pk} has no report yet (state {state}, exit status {node.exit_status}); "
             f"see `aiida-emlip status {node.pk}`"
         )
-    output = (output or Path(f"study-{node.pk}-report")).resolve()
-    index = output / "index.html"
-    ours = index.is_file() and node.uuid in index.read_text(errors="replace")
-    if output.exists() and any(output.iterdir()) and not ours:
-        raise click.ClickException(
-            f"{output} exists and holds other files (not a report of study {node.pk}): give an empty or new "
-            "directory"
-        )
-    write_report(node, output)
+    write_report(node, check_report_dir(output or Path(f"study-{node.pk}-report"), node))
 
 
 @click.command("export")

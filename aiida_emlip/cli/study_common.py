@@ -179,6 +179,38 @@ def printed_progress() -> Iterator[None]:
 INTERRUPTED_EXIT = 130
 
 
+def check_report_dir(output: Path, study: ProcessNode | None = None) -> Path:
+    """``output`` made absolute, once it is a directory a report may be written into; exit 1 otherwise.
+
+    Accepted: a missing or empty directory, or one whose ``index.html`` is an earlier report. With
+    ``study`` (``aiida-emlip report PK``) that report must be of this study (its UUID is in the page):
+    the command writes one study's report, and another study's is kept. Without (``aiida-emlip demo``,
+    checked before the study starts, whose node does not exist yet) any report aiida-emlip wrote is
+    accepted, so that the demo rewrites its own earlier report. A file, or a directory holding other
+    files, is refused: writing ``index.html`` and ``figures/`` into it would overwrite them.
+    """
+    output = output.resolve()
+    if output.exists() and not output.is_dir():
+        raise click.ClickException(f"{output} is a file, not a directory: give an empty or new directory")
+    if not output.exists() or not any(output.iterdir()):
+        return output
+    index = output / "index.html"
+    page = index.read_text(errors="replace") if index.is_file() else ""
+    if study is not None:
+        if study.uuid in page:
+            return output
+        what = f"not a report of study {study.pk}"
+    else:
+        from aiida_emlip.report.html import written_by_emlip
+
+        if written_by_emlip(page):
+            return output
+        what = "not an aiida-emlip report"
+    raise click.ClickException(
+        f"{output} exists and holds other files ({what}): give an empty or new directory"
+    )
+
+
 def write_report(node: ProcessNode, output: Path) -> Path:
     """Copy the HTML report of the study ``node`` into the directory ``output`` (made absolute: aiida-core
     copies a repository only into an absolute path), say where, and return its ``index.html``."""

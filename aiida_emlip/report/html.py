@@ -4,16 +4,36 @@
 script checks, once the page has loaded, that every figure decoded (``naturalWidth > 0``) and writes the
 result into ``#figure-check`` (``data-status`` ``ok`` or ``failed``), so that a headless browser can
 verify the page.
+
+The page's ``<head>`` carries :data:`GENERATOR` in a ``<meta name="generator">`` tag:
+:func:`written_by_emlip` tells a directory holding an earlier report (which ``aiida-emlip demo`` may
+write over) from one holding other files.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
+from aiida_emlip import __version__
 from aiida_emlip.analysis.study import distance_to_dft
+
+#: The name in the report's ``<meta name="generator">`` tag (followed by the package version).
+GENERATOR = "aiida-emlip"
+_GENERATOR_TAG = re.compile(rf'<meta\s+name="generator"\s+content="{re.escape(GENERATOR)}[\s"]')
+#: Reports written before the generator tag: the figure check paragraph and the study's PK line.
+_EARLIER_MARKS = ('<p id="figure-check"', "(AiiDA PK ")
+
+
+def written_by_emlip(page: str) -> bool:
+    """Whether ``page`` (the text of an ``index.html``) is a study report written by aiida-emlip."""
+    if _GENERATOR_TAG.search(page):
+        return True
+    return all(mark in page for mark in _EARLIER_MARKS)
+
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2rem auto;max-width:1100px;
@@ -354,6 +374,7 @@ Energies per atom, forces per component, charges against the DFT (Hirshfeld) cha
     page = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f'<meta name="generator" content="{GENERATOR} {_e(__version__)}">'
         f"<title>{_e(title)}</title><style>{CSS}</style></head>\n<body>{body}"
         f"<script>{CHECK_SCRIPT}</script></body></html>\n"
     )

@@ -233,8 +233,9 @@ VARIANTS = {"+ind": True, "-ind": False}
 
 #: Design-name suffixes after any induction suffix, each ``~<key><value>``: the multipole loss weights,
 #: one per equal share of the epochs (``~mp1``, ``~mp10,1``: the preset's ``multipole_weights``), and the
-#: width σ of the Gaussian charges in Å (``~w2``: ``charge_width``); e.g. ``split+ind~mp1~w2``.
-OPTION_SUFFIXES = ("mp", "w")
+#: width σ of the Gaussian charges in Å (``~w2``: ``charge_width``), and how the head meets the total
+#: charge across fragments (``~finteger``, ``~fshared``: ``fragments``); e.g. ``split+ind~mp1~w2``.
+OPTION_SUFFIXES = ("mp", "w", "f")
 
 
 class Design(NamedTuple):
@@ -244,6 +245,7 @@ class Design(NamedTuple):
     induction: bool | None = None
     multipole_weights: tuple[float, ...] | None = None
     charge_width: float | None = None
+    fragments: str | None = None
 
 
 def _variant(name: str) -> Design:
@@ -258,10 +260,11 @@ def _variant(name: str) -> Design:
         values[key] = option.removeprefix(key)
     weights = tuple(float(w) for w in values["mp"].split(",")) if "mp" in values else None
     width = float(values["w"]) if "w" in values else None
+    fragments = values.get("f")
     for suffix, induction in VARIANTS.items():
         if name.endswith(suffix):
-            return Design(name.removesuffix(suffix), induction, weights, width)
-    return Design(name, None, weights, width)
+            return Design(name.removesuffix(suffix), induction, weights, width, fragments)
+    return Design(name, None, weights, width, fragments)
 
 
 def _preset(name: str) -> str:
@@ -293,7 +296,8 @@ def train_one(
 
     ``<preset>+ind`` is the preset with induced atomic dipoles (``model.induction``), ``<preset>-ind``
     the preset without them; the plain name takes the preset's default. ``~mp<w>[,<w>...]`` sets the
-    multipole loss weights and ``~w<σ>`` the width of the Gaussian charges (:data:`OPTION_SUFFIXES`).
+    multipole loss weights, ``~w<σ>`` the width of the Gaussian charges and ``~f<mode>`` the head's
+    ``fragments`` (:data:`OPTION_SUFFIXES`).
     ``model_seed`` (default
     ``seed``) seeds the model and the training; the data split is ``seed``'s.
     """
@@ -319,6 +323,7 @@ def train_one(
         induction=design.induction,
         multipole_weights=design.multipole_weights,
         charge_width=design.charge_width,
+        fragments=design.fragments,
     )
     values["data"].update(train=str(train_file), test=str(test_file), valid_fraction=0.1)
     values["output_dir"] = str(workdir / run_name(name, seed, model_seed))
@@ -603,7 +608,7 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="presets to train (default: all); <preset>+ind with, <preset>-ind without induced dipoles; "
         "~mp<w>[,<w>...] sets the multipole loss weights, one per equal share of the epochs, ~w<sigma> "
-        "the width (Å) of the Gaussian charges",
+        "the width (Å) of the Gaussian charges, ~finteger / ~fshared the head's fragments option",
     )
     args = parser.parse_args(argv)
     if args.inits < 1:

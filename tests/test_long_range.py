@@ -427,3 +427,24 @@ def test_extra_training_cells_leave_the_held_out_cells_alone(tmp_path):
     assert len(keys[0]) == 72 and keys[1] == keys[0] + added
     held_out = {a.info["key"] for a in text_to_frames(plain[1].read_text())}
     assert len(held_out) == 18 and not held_out & set(keys[1])
+
+
+def test_design_names_set_the_fragments_option_of_the_preset():
+    """``qeq~finteger`` trains ``qeq`` with one constraint per fragment; a preset whose head has no such
+    option refuses it rather than training something else than asked."""
+    import sys
+    from pathlib import Path
+
+    from aiida_emlip.training.presets import preset_config
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from bench_long_range import _variant
+
+    design = _variant("functional~mp30~finteger")
+    assert (design.preset, design.multipole_weights, design.fragments) == ("functional", (30.0,), "integer")
+    assert _variant("qeq").fragments is None
+    head = preset_config("qeq", fragments="integer")["model"]["head"]
+    assert head == {"name": "qeq", "fragments": "integer"}
+    assert "fragments" not in preset_config("qeq")["model"]["head"]
+    with pytest.raises(ValueError, match="has no fragments option"):
+        preset_config("sr", fragments="integer")

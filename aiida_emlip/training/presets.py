@@ -85,6 +85,8 @@ MULTIPOLE_WEIGHTS: dict[str, tuple[float, ...]] = {"split": (1.0,)}
 #: Presets whose Gaussian charges and dipoles have another width σ (Å) than the model's default (see
 #: :func:`preset_config`'s ``charge_width``; ``split``: see :data:`MULTIPOLE_WEIGHTS`).
 CHARGE_WIDTHS: dict[str, float] = {"split": 2.0}
+#: Presets whose head has the ``fragments`` option (:func:`preset_config`'s ``fragments``).
+FRAGMENT_HEADS = ("charges", "split", "qeq", "scf", "functional")
 
 
 def _copy_charges(formal_charges: dict[str, float] | str | None) -> dict[str, float] | str:
@@ -145,6 +147,7 @@ def preset_config(
     induction: bool | None = None,
     multipole_weights: Sequence[float] | None = None,
     charge_width: float | None = None,
+    fragments: str | None = None,
 ) -> dict[str, Any]:
     """The ``emlip-train`` configuration of design ``name`` for data carrying ``labels`` (schema keys).
 
@@ -158,12 +161,20 @@ def preset_config(
     None takes the preset's (:data:`MULTIPOLE_WEIGHTS`, else :data:`AUTO_MULTIPOLE_WEIGHTS`). ``scf``,
     which has stages of its own, takes one weight only. ``charge_width`` is the width σ (Å) of the
     head's Gaussian charges and dipoles (``model.electrostatics.sigma``); None takes the preset's
-    (:data:`CHARGE_WIDTHS`, else the model's default).
+    (:data:`CHARGE_WIDTHS`, else the model's default). ``fragments`` (``integer`` or ``shared``) sets how
+    the head meets the total charge across fragments that no edge joins
+    (:mod:`~aiida_emlip.models.fragments`), for the heads that have the option (:data:`FRAGMENT_HEADS`);
+    None takes the head's default.
     Raises ``ValueError`` for an unknown name, an element without a formal charge where one is needed,
-    or multipole weights that are empty, negative or several for ``scf``.
+    or multipole weights that are empty, negative or several for ``scf``, and ``fragments`` for a head
+    without the option.
     """
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    if fragments is not None and name not in FRAGMENT_HEADS:
+        raise ValueError(
+            f"preset {name!r} has no fragments option; the heads with one: {', '.join(FRAGMENT_HEADS)}"
+        )
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     labels = set(labels)
@@ -179,6 +190,8 @@ def preset_config(
         "backbone": copy.deepcopy(backbone if backbone is not None else BACKBONE),
         "head": _head(name, labels, _copy_charges(formal_charges)),
     }
+    if fragments is not None:
+        model["head"]["fragments"] = fragments
     if elements:
         model["elements"] = list(elements)
     width = charge_width if charge_width is not None else CHARGE_WIDTHS.get(name)

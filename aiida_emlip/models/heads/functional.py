@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from aiida_emlip.models.heads.qeq import EquilibrationHead, QEqOptions
-from aiida_emlip.models.heads.solvers import QEqSolution, SolveInfo, default_tolerance
+from aiida_emlip.models.heads.solvers import QEqSolution, SolveInfo, constrain_groups, default_tolerance
 
 
 @dataclass
@@ -83,4 +83,34 @@ class FunctionalHead(EquilibrationHead):
         assert sol is not None
         info = SolveInfo(len(history), history[-1], converged)
         # at the minimum the Newton multiplier is μ: ∂E/∂q_i = −μ
-        return QEqSolution(q, sol.mu, info, sol.solve_h, sol.y), history
+        return QEqSolution(q, sol.mu, info, sol.solve_h, sol.y, sol.shift), history
+
+    def _regroup(self, inp, b, atoms, params, external, shared, groups, targets):
+        """Constrained Newton with one constraint per fragment, from the shared minimum shifted
+        uniformly within each fragment onto its target (each step: the shared KKT solve, then
+        :func:`constrain_groups` with zero targets)."""
+        pos = inp.positions[atoms].detach()
+        counts = torch.bincount(groups).to(pos.dtype)
+        sums = shared.charges.new_zeros(counts.numel()).index_add(0, groups, shared.charges)
+        q = shared.charges + ((targets - sums) / counts)[groups]
+        tol = default_tolerance(self.options.newton_tol, pos.dtype)
+        zeros = torch.zeros_like(targets)
+        history: list[float] = []
+        sol = None
+        converged = False
+        ops = self._coulomb_operator(inp, b, atoms)
+        for _ in range(self.options.max_newton):
+            grad = ops.matvec(q) + self.local_gradient(params, q) + external
+            step = self._quadratic_solve(inp, b, atoms, self.local_curvature(params, q), grad, 0.0, ops)
+            sol = constrain_groups(step, groups, zeros)
+            q = q + sol.charges
+            change = float(sol.charges.abs().max())
+            history.append(change)
+            if not step.info.converged or not torch.isfinite(q).all():
+                break
+            if change < tol or not self.options.quartic:
+                converged = True
+                break
+        assert sol is not None
+        info = SolveInfo(len(history), history[-1], converged)
+        return QEqSolution(q, sol.mu, info, sol.solve_h, sol.y, sol.shift, groups), history

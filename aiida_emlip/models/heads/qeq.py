@@ -20,6 +20,7 @@ import torch
 
 from aiida_emlip.models.coulomb_operator import CoulombOperator, MeshPreconditioner
 from aiida_emlip.models.electrostatics import periodic_dims
+from aiida_emlip.models.fragments import FRAGMENTS, fragment_index, integer_targets
 from aiida_emlip.models.heads.base import (
     Head,
     HeadInput,
@@ -36,6 +37,7 @@ from aiida_emlip.models.heads.solvers import (
     QEqSolution,
     SCFConvergenceError,
     SolveInfo,
+    constrain_groups,
     default_tolerance,
     kkt_inverse,
     qeq_solve,
@@ -67,8 +69,15 @@ class QEqOptions(HeadOptions):
     #: mesh, Jacobi on the rest; fully periodic cells, Jacobi elsewhere; falls back to Jacobi where
     #: it is not positive, e.g. unevenly filled cells)
     preconditioner: str = "jacobi"
+    #: How Σq = Q is met across fragments that no edge joins (see :mod:`aiida_emlip.models.fragments`):
+    #: ``shared`` — one μ for the whole structure, charge flows between fragments however far apart
+    #: (classic QEq); ``integer`` — each fragment at the integer charge nearest its charge under the
+    #: shared solution, with a μ of its own, so no charge crosses vacuum.
+    fragments: str = "shared"
 
     def __post_init__(self) -> None:
+        if self.fragments not in FRAGMENTS:
+            raise ValueError(f"fragments must be one of {FRAGMENTS}, got {self.fragments!r}")
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
         if self.preconditioner not in PRECONDITIONERS:
@@ -117,6 +126,10 @@ class EquilibrationHead(Head):
     the energy is stationary in q at fixed Σq (Hellmann–Feynman); in training mode the charges carry
     the implicit-function-theorem derivative (:class:`ImplicitStep`) so that ∂q/∂θ and second
     derivatives (force training) are exact too.
+
+    With ``fragments='integer'`` a structure of several fragments is solved twice: once with Σq = Q
+    (the shared solution, whose fragment charges decide the integers and are what training supervises
+    as ``fragment_charges``), then with one constraint per fragment (:meth:`_regroup`).
     """
 
     charge_control = "exact"
@@ -240,6 +253,40 @@ class EquilibrationHead(Head):
             return None
         return inp.warm_charges(atoms)
 
+    # ------------------------------------------------------------------ fragments
+    def _regroup(
+        self,
+        inp: HeadInput,
+        b: int,
+        atoms: slice,
+        params: dict[str, torch.Tensor],
+        external: torch.Tensor,
+        shared: QEqSolution,
+        groups: torch.Tensor,
+        targets: torch.Tensor,
+    ) -> tuple[QEqSolution, list[float]]:
+        """The charges of one structure with ``Σ_{i∈g} q_i = targets[g]`` for each fragment ``g`` of
+        ``groups``, from its ``shared`` solution (quadratic local term: one more solve per fragment)."""
+        sol = constrain_groups(shared, groups, targets)
+        return sol, [sol.info.residual]
+
+    @staticmethod
+    def _fragment_targets(shared: QEqSolution, groups: torch.Tensor, count: int, total) -> torch.Tensor:
+        """Each fragment's charge [G]: the integer nearest its charge in the ``shared`` solution (the
+        structure's integer total met as :func:`~aiida_emlip.models.fragments.integer_targets` does),
+        and a non-integer remainder of Q shared as the shared solution would share an extra charge
+        (each fragment's part of ``H⁻¹ 1``)."""
+        q = shared.charges
+        sums = q.new_zeros(count).index_add(0, groups, q)
+        sizes = torch.bincount(groups, minlength=count)
+        owner = torch.zeros(count, dtype=torch.long)
+        integers, remainder = integer_targets(sums, owner, torch.as_tensor(total).reshape(1), sizes)
+        targets = integers.to(device=q.device, dtype=q.dtype)
+        if float(remainder[0]) != 0.0:
+            response = shared.y.new_zeros(count).index_add(0, groups, shared.y)
+            targets = targets + float(remainder[0]) * response / response.sum()
+        return targets
+
     # ------------------------------------------------------------------ forward
     def forward(self, inp: HeadInput) -> HeadOutput:
         graph = inp.graph
@@ -247,10 +294,19 @@ class EquilibrationHead(Head):
         # b_i gets −E·r_i: the field work −E·Σ q_i r_i is linear in q
         external = -(inp.external_field[graph.batch] * inp.positions).sum(-1)
         differentiable = self.training and torch.is_grad_enabled()
-        charges, mus, converged, iterations, history = [], [], [], [], []
+        integer = self.options.fragments == "integer"
+        index = fragment_index(graph)[0] if integer else None
+        charges, mus, converged, iterations, history, fragment_sums = [], [], [], [], [], []
         for b, atoms in graph.structures():
             local = {k: v[atoms].detach() for k, v in params.items()}
-            warm = self._warm_start(inp, atoms, differentiable) if self.warm_startable else None
+            # the structure's fragments, numbered from 0; constraints per fragment only with several
+            members = index[atoms] - index[atoms].min() if index is not None else None
+            count = int(members.max()) + 1 if members is not None and members.numel() else 1
+            groups = members if count > 1 else None
+            warm = None
+            if self.warm_startable and groups is None:
+                warm = self._warm_start(inp, atoms, differentiable)
+            grouped = None
             with torch.no_grad():
                 if warm is not None:
                     q, mu, info = self._warm_minimise(inp, b, atoms, local, external[atoms].detach(), warm)
@@ -258,6 +314,20 @@ class EquilibrationHead(Head):
                 else:
                     sol, residuals = self._minimise(inp, b, atoms, local, external[atoms].detach())
                     q, mu, info = sol.charges, sol.mu, sol.info
+                shared_q = q
+                if groups is not None and sol is not None and info.converged:
+                    targets = self._fragment_targets(sol, groups, count, inp.total_charge[b].detach())
+                    grouped, more = self._regroup(
+                        inp, b, atoms, local, external[atoms].detach(), sol, groups, targets
+                    )
+                    residuals = residuals + more
+                    info = SolveInfo(
+                        info.iterations + grouped.info.iterations,
+                        grouped.info.residual,
+                        grouped.info.converged,
+                        info.fallback or grouped.info.fallback,
+                    )
+                    q, mu = grouped.charges, grouped.mu
             ok = info.converged and bool(torch.isfinite(q).all())
             if not ok and self.options.on_failure == "raise":
                 raise SCFConvergenceError(
@@ -265,7 +335,14 @@ class EquilibrationHead(Head):
                     f"{info.iterations} iterations); raise max_iter/tol or use on_failure='flag'"
                 )
             if differentiable:
-                q, mu = self._implicit(inp, b, atoms, params, external, sol)
+                shared_q, mu = self._implicit(inp, b, atoms, params, external, sol)
+                q = shared_q
+                if grouped is not None:
+                    q, mu = self._implicit(inp, b, atoms, params, external, grouped)
+            if groups is not None and grouped is not None:
+                mu = mu[int(torch.bincount(groups).argmax())]  # the largest fragment's μ
+            if members is not None:
+                fragment_sums.append(shared_q.new_zeros(count).index_add(0, members, shared_q))
             charges.append(q)
             mus.append(mu)
             converged.append(ok)
@@ -289,6 +366,8 @@ class EquilibrationHead(Head):
             converged=torch.tensor(converged, device=device),
             iterations=torch.tensor(iterations, device=device),
             residuals=residuals,
+            fragment_index=index,
+            fragment_charges=torch.cat(fragment_sums) if index is not None else None,
         )
 
     def _implicit(
@@ -307,10 +386,10 @@ class EquilibrationHead(Head):
             inp.electrostatics.coulomb_matvec(q_star, inp.positions[atoms], inp.cell[b], inp.graph.pbc[b])
             + self.local_gradient(local, q_star)
             + external[atoms]
-            + mu_star
+            + (mu_star if sol.groups is None else mu_star[sol.groups])
         )
         solve = kkt_inverse(sol)
-        dq, dmu = ImplicitStep.apply(residual, solve, solve, False)
+        dq, dmu = ImplicitStep.apply(residual, solve, solve, False, None if sol.groups is None else mu_star)
         return q_star - dq, mu_star - dmu
 
 

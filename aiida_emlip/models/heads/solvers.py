@@ -170,6 +170,15 @@ class QEqSolution:
     #: c of the rank-one shift H + c 11ᵀ used when H is indefinite (slab Coulomb matrices are positive
     #: definite only on Σq = 0); it leaves q unchanged and shifts the multipliers by c·Σq.
     shift: float = 0.0
+    #: With one constraint per group (:func:`constrain_groups`): the group of each atom [N]; then ``y``
+    #: is ``H⁻¹ Cᵀ`` [N, G] (column g: H⁻¹ of group g's indicator) and ``mu`` has one entry per group.
+    groups: torch.Tensor | None = None
+
+    def group_sums(self, values: torch.Tensor) -> torch.Tensor:
+        """Σ over each group of ``values`` ([N] → [G], [N, k] → [G, k])."""
+        assert self.groups is not None
+        count = self.y.shape[1]
+        return values.new_zeros((count, *values.shape[1:])).index_add(0, self.groups, values)
 
 
 def qeq_solve(
@@ -297,15 +306,42 @@ def qeq_solve_from(
     return q, mu, SolveInfo(it, res / max(target, 1e-300) * tol, res <= target, fell_back)
 
 
+def constrain_groups(solution: QEqSolution, groups: torch.Tensor, targets: torch.Tensor) -> QEqSolution:
+    """The problem of ``solution`` (one constraint, Σq = Q) with one constraint per group instead:
+    ``Σ_{i∈g} q_i = targets[g]`` for each group ``g`` of ``groups`` [N] (0..G−1, every group non-empty).
+
+    Reuses the solve of ``solution``: with ``x = H⁻¹(−b)`` recovered from it and ``Y = H⁻¹ Cᵀ`` (G more
+    right-hand sides), ``(C Y) μ = C x − targets`` and ``q = x − Y μ``, so ``H q + b = −μ_{g(i)}`` atom by
+    atom. The groups' constraints sum to the structure's, so the rank-one shift of an indefinite ``H``
+    still leaves ``q`` unchanged and adds ``c·Q`` to every multiplier.
+    """
+    count = targets.numel()
+    total = solution.charges.sum()
+    x = solution.charges + (solution.mu - solution.shift * total) * solution.y
+    indicator = torch.zeros(groups.numel(), count, dtype=x.dtype, device=x.device)
+    indicator[torch.arange(groups.numel(), device=x.device), groups] = 1.0
+    y = solution.solve_h(indicator)
+    grouped = QEqSolution(x, x.new_zeros(count), solution.info, solution.solve_h, y, solution.shift, groups)
+    mu = torch.linalg.solve(grouped.group_sums(y), grouped.group_sums(x) - targets.to(x.dtype))
+    grouped.charges = x - y @ mu
+    grouped.mu = mu + solution.shift * targets.sum().to(x.dtype)
+    return grouped
+
+
 def kkt_inverse(
     solution: QEqSolution,
 ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """``(r, s) ↦ (δ, ν)`` with ``H δ + ν 1 = r``, ``Σδ = s`` (symmetric, so also ``K⁻ᵀ``)."""
+    """``(r, s) ↦ (δ, ν)`` with ``H δ + ν 1 = r``, ``Σδ = s`` (symmetric, so also ``K⁻ᵀ``); with groups
+    (:func:`constrain_groups`) ``H δ + Cᵀ ν = r``, ``C δ = s``, one ``ν`` and one ``s`` per group."""
 
     def apply(r: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hr = solution.solve_h(r)
-        nu = (hr.sum() - s) / solution.y.sum()
-        return hr - nu * solution.y, nu + solution.shift * s
+        if solution.groups is None:
+            nu = (hr.sum() - s) / solution.y.sum()
+            return hr - nu * solution.y, nu + solution.shift * s
+        y = solution.y
+        nu = torch.linalg.solve(solution.group_sums(y), solution.group_sums(hr) - s)
+        return hr - y @ nu, nu + solution.shift * s.sum()
 
     return apply
 

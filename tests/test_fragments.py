@@ -111,8 +111,16 @@ def test_one_fragment_is_the_usual_correction():
         torch.testing.assert_close(integer, shared, atol=1e-12, rtol=0)
 
 
-def test_forces_of_separated_fragments_are_energy_gradients():
-    model = tiny_model(CHARGES, seed=4)
+@pytest.mark.parametrize(
+    "head",
+    [CHARGES, {"name": "qeq", "fragments": "integer"}, {"name": "functional", "fragments": "integer"}],
+    ids=["charges", "qeq", "functional"],
+)
+def test_forces_of_separated_fragments_are_energy_gradients(head):
+    """Cl⁻ 7.5 Å from a water: with integer fragments the energy stays a function of the positions
+    (the equilibrating heads' constrained minimum is stationary in q: Hellmann–Feynman), so the forces
+    equal central differences of the energy."""
+    model = tiny_model(head, seed=4)
     atoms = ion_and_water(7.5, ion="Cl", charge=-1.0)
     atoms.positions += np.random.default_rng(0).normal(scale=0.05, size=atoms.positions.shape)
     forces = evaluate(model, atoms)["forces"].numpy()

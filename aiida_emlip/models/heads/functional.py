@@ -63,46 +63,33 @@ class FunctionalHead(EquilibrationHead):
         n = atoms.stop - atoms.start
         pos = inp.positions[atoms].detach()
         q = torch.full((n,), float(inp.total_charge[b]) / n, dtype=pos.dtype, device=pos.device)
-        tol = default_tolerance(self.options.newton_tol, pos.dtype)
+        return self._newton(inp, b, atoms, params, external, q)
+
+    def _regroup(self, inp, b, atoms, params, external, shared, groups, targets):
+        """Constrained Newton with one constraint per fragment, from the shared minimum shifted
+        uniformly within each fragment onto its target."""
+        counts = torch.bincount(groups).to(shared.charges.dtype)
+        sums = shared.charges.new_zeros(counts.numel()).index_add(0, groups, shared.charges)
+        q = shared.charges + ((targets - sums) / counts)[groups]
+        return self._newton(inp, b, atoms, params, external, q, groups)
+
+    def _newton(
+        self, inp, b, atoms, params, external, q: torch.Tensor, groups: torch.Tensor | None = None
+    ) -> tuple[QEqSolution, list[float]]:
+        """Newton's method from the charges ``q``, which meet the constraints: each step solves the KKT
+        system with the local curvature at ``q`` and zero right-hand side for Σq (with ``groups``: then
+        for each group's sum, :func:`constrain_groups`), so every iterate keeps the start's sums."""
+        tol = default_tolerance(self.options.newton_tol, q.dtype)
         history: list[float] = []
         sol = None
         converged = False
         # the Coulomb operator (and the mesh preconditioner) of this geometry, for every Newton step
         ops = self._coulomb_operator(inp, b, atoms)
-        for step in range(self.options.max_newton):
-            grad = ops.matvec(q) + self.local_gradient(params, q) + external
-            sol = self._quadratic_solve(inp, b, atoms, self.local_curvature(params, q), grad, 0.0, ops)
-            q = q + sol.charges
-            change = float(sol.charges.abs().max())
-            history.append(change)
-            if not sol.info.converged or not torch.isfinite(q).all():
-                break
-            if change < tol or (not self.options.quartic and step == 0):
-                converged = True
-                break
-        assert sol is not None
-        info = SolveInfo(len(history), history[-1], converged)
-        # at the minimum the Newton multiplier is μ: ∂E/∂q_i = −μ
-        return QEqSolution(q, sol.mu, info, sol.solve_h, sol.y, sol.shift), history
-
-    def _regroup(self, inp, b, atoms, params, external, shared, groups, targets):
-        """Constrained Newton with one constraint per fragment, from the shared minimum shifted
-        uniformly within each fragment onto its target (each step: the shared KKT solve, then
-        :func:`constrain_groups` with zero targets)."""
-        pos = inp.positions[atoms].detach()
-        counts = torch.bincount(groups).to(pos.dtype)
-        sums = shared.charges.new_zeros(counts.numel()).index_add(0, groups, shared.charges)
-        q = shared.charges + ((targets - sums) / counts)[groups]
-        tol = default_tolerance(self.options.newton_tol, pos.dtype)
-        zeros = torch.zeros_like(targets)
-        history: list[float] = []
-        sol = None
-        converged = False
-        ops = self._coulomb_operator(inp, b, atoms)
+        zeros = None if groups is None else q.new_zeros(int(groups.max()) + 1)
         for _ in range(self.options.max_newton):
             grad = ops.matvec(q) + self.local_gradient(params, q) + external
             step = self._quadratic_solve(inp, b, atoms, self.local_curvature(params, q), grad, 0.0, ops)
-            sol = constrain_groups(step, groups, zeros)
+            sol = step if groups is None else constrain_groups(step, groups, zeros)
             q = q + sol.charges
             change = float(sol.charges.abs().max())
             history.append(change)
@@ -113,4 +100,5 @@ class FunctionalHead(EquilibrationHead):
                 break
         assert sol is not None
         info = SolveInfo(len(history), history[-1], converged)
+        # at the minimum the Newton multiplier is μ: ∂E/∂q_i = −μ
         return QEqSolution(q, sol.mu, info, sol.solve_h, sol.y, sol.shift, groups), history

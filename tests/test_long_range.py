@@ -445,6 +445,9 @@ def test_design_names_set_the_fragments_option_of_the_preset():
     assert _variant("qeq").fragments is None
     head = preset_config("qeq", fragments="integer")["model"]["head"]
     assert head == {"name": "qeq", "fragments": "integer"}
-    assert "fragments" not in preset_config("qeq")["model"]["head"]
+    assert "fragments" not in preset_config("qeq")["model"]["head"]  # the classic, shared equilibration
+    functional = preset_config("functional")["model"]
+    assert functional["head"]["fragments"] == "integer" and functional["electrostatics"] == {"sigma": 1.0}
+    assert preset_config("functional", fragments="shared")["model"]["head"]["fragments"] == "shared"
     with pytest.raises(ValueError, match="has no fragments option"):
         preset_config("sr", fragments="integer")

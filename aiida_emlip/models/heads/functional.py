@@ -84,7 +84,7 @@ class FunctionalHead(EquilibrationHead):
         sol = None
         converged = False
         # the Coulomb operator (and the mesh preconditioner) of this geometry, for every Newton step
-        ops = self._coulomb_operator(inp, b, atoms)
+        ops = self._operators(inp, b, atoms)
         zeros = None if groups is None else q.new_zeros(int(groups.max()) + 1)
         for _ in range(self.options.max_newton):
             grad = ops.matvec(q) + self.local_gradient(params, q) + external

@@ -14,6 +14,7 @@ chemical potential, so adding electrons (lowering Q) costs ``μ`` per electron.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -100,13 +101,15 @@ def self_interaction(inp: HeadInput) -> float:
 
 @dataclass
 class _Operators:
-    """What the iterative solvers of one structure reuse: ``A`` as an operator, its diagonal and the
-    mesh preconditioner (or ``None``: Jacobi)."""
+    """What the solves of one structure reuse: ``A`` as an operator, its diagonal and the mesh
+    preconditioner (or ``None``: Jacobi); on the dense path ``A`` as a matrix, whose product is the
+    operator."""
 
-    matvec: CoulombOperator
+    matvec: CoulombOperator | Callable[[torch.Tensor], torch.Tensor]
     a_diag: float
     mesh_width: float | None  # s = √2 σ of the mesh preconditioner, None: Jacobi
     mesh: MeshPreconditioner | None = None
+    dense: torch.Tensor | None = None
 
     def precond(self, diag: torch.Tensor):
         """The preconditioner of ``H = A + diag(diag)``: mesh (built on first use), or Jacobi."""
@@ -195,6 +198,15 @@ class EquilibrationHead(Head):
             mesh = math.sqrt(2.0) * sigma
         return _Operators(es.coulomb_operator(pos, cell, pbc), a_diag, mesh)
 
+    def _operators(self, inp: HeadInput, b: int, atoms: slice) -> _Operators:
+        """What every solve of one structure reuses (Newton's steps): on the dense path the matrix ``A``,
+        built once, else :meth:`_coulomb_operator`."""
+        if not self._use_dense(atoms.stop - atoms.start):
+            return self._coulomb_operator(inp, b, atoms)
+        pos, cell, pbc = inp.positions[atoms].detach(), inp.cell[b].detach(), inp.graph.pbc[b]
+        dense = inp.electrostatics.coulomb_matrix(pos, cell, pbc)
+        return _Operators(lambda x: dense @ x, float(dense.diagonal().mean()), None, dense=dense)
+
     def _quadratic_solve(
         self,
         inp: HeadInput,
@@ -207,8 +219,11 @@ class EquilibrationHead(Head):
     ) -> QEqSolution:
         tol = default_tolerance(self.options.tol, inp.positions.dtype)
         if self._use_dense(atoms.stop - atoms.start):
-            pos, cell, pbc = inp.positions[atoms].detach(), inp.cell[b].detach(), inp.graph.pbc[b]
-            dense = inp.electrostatics.coulomb_matrix(pos, cell, pbc)
+            if ops is not None and ops.dense is not None:
+                dense = ops.dense
+            else:
+                pos, cell, pbc = inp.positions[atoms].detach(), inp.cell[b].detach(), inp.graph.pbc[b]
+                dense = inp.electrostatics.coulomb_matrix(pos, cell, pbc)
             return qeq_solve(None, diag, rhs, total, dense=dense)
         ops = self._coulomb_operator(inp, b, atoms) if ops is None else ops
         return qeq_solve(

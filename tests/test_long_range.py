@@ -280,9 +280,10 @@ def test_integer_fragments_remove_the_charge_leak_on_the_committed_cells(tmp_pat
 @pytest.mark.slow
 def test_one_mu_per_fragment_removes_the_leak_of_charge_equilibration(tmp_path):
     """``qeq`` trained by its preset on the committed cells, with one μ per fragment against the classic
-    shared equilibration: the shared one leaks part of the ion's charge onto the far water (the far
-    Li⁺ holds a fraction below 1), per-fragment constraints keep it at +1 exactly and bring the far
-    interaction energy closer to DFT's (measured below, this backbone and 40 epochs)."""
+    shared equilibration: the shared one leaks part of the ion's charge onto the far water (measured:
+    the Li⁺ beyond 6 Å holds 0.83–0.88 e), per-fragment constraints keep it at +1 exactly, and the
+    error of the far interaction energy falls from 21.3 to 6.0 meV/atom (24.0 is what ``sr`` misses;
+    this backbone, 40 epochs)."""
     from pathlib import Path
 
     from aiida_emlip.analysis.long_range import interaction_errors
@@ -316,9 +317,9 @@ def test_one_mu_per_fragment_removes_the_leak_of_charge_equilibration(tmp_path):
             charges.append(float(fragment_charges(atoms, atoms.get_charges())[0]))
         ion[mode] = np.array(charges)
     np.testing.assert_allclose(ion["integer"], 1.0, atol=1e-8)
-    assert np.abs(ion["shared"] - 1.0).max() > 0.01, ion
+    assert np.abs(ion["shared"] - 1.0).min() > 0.05, ion
     errors = interaction_errors(models, frames, cutoff=4.0)
-    assert errors["integer"]["rms"] < 0.8 * errors["shared"]["rms"], errors
+    assert errors["integer"]["rms"] < 0.5 * errors["shared"]["rms"], errors
 
 
 def test_committed_fluoride_cells():

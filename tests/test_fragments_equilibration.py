@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from ase import Atoms
 from models_helpers import evaluate, nacl_cell, tiny_model
 from test_fragments import fragment_sums, ion_and_water
 
@@ -149,23 +148,6 @@ def test_a_warm_start_does_not_bypass_the_fragment_constraints():
     out = model(graph, initial_charges=start, compute_stress=False)
     sums = fragment_sums(out["charges"].detach())
     np.testing.assert_allclose(sums, np.round(sums), atol=1e-10)
-
-
-def test_functional_dissociation_curve_ends_in_neutral_atoms():
-    """NaCl pulled apart (Q = 0) with the softness functional: fractional charge transfer while the
-    atoms share the cutoff sphere, neutral atoms beyond it; with one shared μ a fraction stays at 12 Å."""
-    model = tiny_model(SOFTNESS, seed=5)
-    shared = tiny_model({**SOFTNESS, "fragments": "shared"}, seed=5)
-    curve, leak = {}, {}
-    for distance in (2.4, 3.0, 3.6, 4.5, 8.0, 12.0):
-        pair = Atoms("NaCl", positions=[[0, 0, 0], [distance, 0, 0]])
-        pair.info["total_charge"] = 0.0
-        curve[distance] = float(evaluate(model, pair)["charges"][0])
-        leak[distance] = float(evaluate(shared, pair)["charges"][0])
-    assert all(abs(curve[d]) > 1e-3 for d in (2.4, 3.0, 3.6))
-    assert all(abs(curve[d]) < 1e-12 for d in (4.5, 8.0, 12.0))
-    assert all(curve[d] == pytest.approx(leak[d], abs=1e-12) for d in (2.4, 3.0, 3.6))
-    assert abs(leak[12.0]) > 1e-3
 
 
 def test_unknown_fragment_mode_is_refused_by_the_equilibrating_heads():

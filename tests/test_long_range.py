@@ -235,17 +235,11 @@ def test_split_captures_the_interaction_on_the_committed_cells(tmp_path):
     assert errors["split+ind"]["rms"] < 0.8 * errors["split"]["rms"], errors
 
 
-@pytest.mark.slow
-def test_integer_fragments_remove_the_charge_leak_on_the_committed_cells(tmp_path):
-    """``charges`` with induced dipoles trained on the committed cells, fragments at integer charges
-    against one structure-wide correction: that correction leaks part of the ion's charge onto the far
-    water and the induced dipoles respond to it, binding the pair too strongly; integer fragments leave
-    the dipoles the ion's field alone. Measured (every far cell, this backbone): 2.90 against 6.93
-    meV/atom, mean +1.5 against −4.2. (Without induced dipoles the leak's spurious attraction stands in
-    for the missing polarisation on the cells it was fitted to: 5.94 against 4.99.)"""
+def _train_fragment_modes(tmp_path, preset: str, **options) -> tuple[list[Atoms], dict]:
+    """The committed cells and ``preset`` trained on all of them with integer and with shared fragments
+    (8 channels, 40 epochs), keyed by the mode."""
     from pathlib import Path
 
-    from aiida_emlip.analysis.long_range import interaction_errors
     from aiida_emlip.extxyz import text_to_frames
     from aiida_emlip.models.io import load_model
     from aiida_emlip.training.config import parse_config
@@ -259,19 +253,33 @@ def test_integer_fragments_remove_the_charge_leak_on_the_committed_cells(tmp_pat
     models = {}
     for mode in ("integer", "shared"):
         values = preset_config(
-            "charges",
+            preset,
             labels=labels,
             epochs=40,
             elements=["H", "Li", "O"],
             backbone=backbone,
             batch_size=4,
-            induction=True,
+            fragments=mode,
+            **options,
         )
-        values["model"]["head"]["fragments"] = mode
         values["data"].update(train=str(data), valid_fraction=0.1, test_fraction=0.0)
         values["output_dir"] = str(tmp_path / mode)
         Trainer(parse_config(values)).run()
         models[mode] = load_model(tmp_path / mode / "model.safetensors")
+    return frames, models
+
+
+@pytest.mark.slow
+def test_integer_fragments_remove_the_charge_leak_on_the_committed_cells(tmp_path):
+    """``charges`` with induced dipoles trained on the committed cells, fragments at integer charges
+    against one structure-wide correction: that correction leaks part of the ion's charge onto the far
+    water and the induced dipoles respond to it, binding the pair too strongly; integer fragments leave
+    the dipoles the ion's field alone. Measured (every far cell, this backbone): 2.90 against 6.93
+    meV/atom, mean +1.5 against −4.2. (Without induced dipoles the leak's spurious attraction stands in
+    for the missing polarisation on the cells it was fitted to: 5.94 against 4.99.)"""
+    from aiida_emlip.analysis.long_range import interaction_errors
+
+    frames, models = _train_fragment_modes(tmp_path, "charges", induction=True)
     errors = interaction_errors(models, frames, cutoff=4.0)
     assert errors["integer"]["rms"] < 0.8 * errors["shared"]["rms"], errors
     assert abs(errors["integer"]["mean"]) < abs(errors["shared"]["mean"]), errors
@@ -284,29 +292,10 @@ def test_one_mu_per_fragment_removes_the_leak_of_charge_equilibration(tmp_path):
     the Li⁺ beyond 6 Å holds 0.83–0.88 e), per-fragment constraints keep it at +1 exactly, and the
     error of the far interaction energy falls from 21.3 to 6.0 meV/atom (24.0 is what ``sr`` misses;
     this backbone, 40 epochs)."""
-    from pathlib import Path
-
     from aiida_emlip.analysis.long_range import interaction_errors
-    from aiida_emlip.extxyz import text_to_frames
     from aiida_emlip.models.calculator import EmlipCalculator
-    from aiida_emlip.models.io import load_model
-    from aiida_emlip.training.config import parse_config
-    from aiida_emlip.training.presets import preset_config
-    from aiida_emlip.training.trainer import Trainer
 
-    data = Path(__file__).resolve().parents[1] / "bench" / "data" / "long_range.xyz"
-    frames = text_to_frames(data.read_text())
-    labels = {k for a in frames for k in (*a.info, *a.arrays)}
-    backbone = {"num_channels": 8, "max_L": 1, "correlation": 2, "num_interactions": 2, "r_max": 4.0}
-    models = {}
-    for mode in ("integer", "shared"):
-        values = preset_config(
-            "qeq", labels=labels, epochs=40, elements=["H", "Li", "O"], backbone=backbone, fragments=mode
-        )
-        values["data"].update(train=str(data), valid_fraction=0.1, test_fraction=0.0)
-        values["output_dir"] = str(tmp_path / mode)
-        Trainer(parse_config(values)).run()
-        models[mode] = load_model(tmp_path / mode / "model.safetensors")
+    frames, models = _train_fragment_modes(tmp_path, "qeq")
     far = [a for a in frames if a.info.get("total_charge") == 1.0 and separation(a) > 6.0]
     ion = {}
     for mode, model in models.items():

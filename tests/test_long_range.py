@@ -485,3 +485,11 @@ def test_design_names_set_the_fragments_option_of_the_preset():
     assert preset_config("functional", fragments="shared")["model"]["head"]["fragments"] == "shared"
     with pytest.raises(ValueError, match="has no fragments option"):
         preset_config("sr", fragments="integer")
+    # the presets' list (kept free of torch) names exactly the heads whose options have the field
+    from dataclasses import fields
+
+    from aiida_emlip.models.heads import HEADS
+    from aiida_emlip.training.presets import FRAGMENT_HEADS, PRESETS
+
+    with_option = {name for name in PRESETS if "fragments" in {f.name for f in fields(HEADS[name].Options)}}
+    assert set(FRAGMENT_HEADS) == with_option

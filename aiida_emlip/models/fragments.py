@@ -155,6 +155,14 @@ def fragment_corrected(
     return charges + ((f.targets - f.local) / f.weight)[f.index] * weights, f.index, f.shared
 
 
+def largest_fragment_mu(mu: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """A structure's Fermi level from one μ per fragment ``mu`` [G] (``groups`` [N]: the fragment of each
+    atom): the μ of the fragment with the most atoms; a single μ as it is."""
+    if mu.numel() == 1:
+        return mu.reshape(())
+    return mu[int(torch.bincount(groups, minlength=mu.numel()).argmax())]
+
+
 def shared_fragment_charges(
     predicted: torch.Tensor, share: torch.Tensor, fragment_batch: torch.Tensor, total_charge: torch.Tensor
 ) -> torch.Tensor:

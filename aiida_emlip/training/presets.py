@@ -88,7 +88,8 @@ MULTIPOLE_WEIGHTS: dict[str, tuple[float, ...]] = {"split": (1.0,)}
 #: :func:`preset_config`'s ``charge_width``; ``split``: see :data:`MULTIPOLE_WEIGHTS`; ``functional``:
 #: see :data:`FRAGMENT_DEFAULTS`).
 CHARGE_WIDTHS: dict[str, float] = {"split": 2.0, "functional": 1.0}
-#: Presets whose head has the ``fragments`` option (:func:`preset_config`'s ``fragments``).
+#: Presets whose head has the ``fragments`` option (:func:`preset_config`'s ``fragments``; written out so that
+#: this module imports no torch, and checked against the heads by the tests).
 FRAGMENT_HEADS = ("charges", "split", "qeq", "scf", "functional")
 #: Presets that set ``fragments`` themselves (the others take their head's default: ``integer`` for
 #: ``charges``, ``split`` and ``scf``, ``shared`` for ``qeq``, the classic equilibration whose leak across

@@ -21,7 +21,7 @@ import torch
 
 from aiida_emlip.models.coulomb_operator import CoulombOperator, MeshPreconditioner
 from aiida_emlip.models.electrostatics import periodic_dims
-from aiida_emlip.models.fragments import FRAGMENTS, fragment_index, integer_targets
+from aiida_emlip.models.fragments import FRAGMENTS, fragment_index, integer_targets, largest_fragment_mu
 from aiida_emlip.models.heads.base import (
     Head,
     HeadInput,
@@ -218,14 +218,9 @@ class EquilibrationHead(Head):
         ops: _Operators | None = None,
     ) -> QEqSolution:
         tol = default_tolerance(self.options.tol, inp.positions.dtype)
-        if self._use_dense(atoms.stop - atoms.start):
-            if ops is not None and ops.dense is not None:
-                dense = ops.dense
-            else:
-                pos, cell, pbc = inp.positions[atoms].detach(), inp.cell[b].detach(), inp.graph.pbc[b]
-                dense = inp.electrostatics.coulomb_matrix(pos, cell, pbc)
-            return qeq_solve(None, diag, rhs, total, dense=dense)
-        ops = self._coulomb_operator(inp, b, atoms) if ops is None else ops
+        ops = self._operators(inp, b, atoms) if ops is None else ops
+        if ops.dense is not None:
+            return qeq_solve(None, diag, rhs, total, dense=ops.dense)
         return qeq_solve(
             ops.matvec, diag, rhs, total, precond=ops.precond(diag), tol=tol, maxiter=self.options.max_iter
         )
@@ -355,7 +350,7 @@ class EquilibrationHead(Head):
                 if grouped is not None:
                     q, mu = self._implicit(inp, b, atoms, params, external, grouped)
             if groups is not None and grouped is not None:
-                mu = mu[int(torch.bincount(groups).argmax())]  # the largest fragment's μ
+                mu = largest_fragment_mu(mu, groups)
             if members is not None:
                 fragment_sums.append(shared_q.new_zeros(count).index_add(0, members, shared_q))
             charges.append(q)

@@ -45,7 +45,7 @@ from aiida_emlip.models.coulomb_operator import (
     DenseOperator,
     OpenBatchOperator,
 )
-from aiida_emlip.models.fragments import FRAGMENTS, fragment_targets
+from aiida_emlip.models.fragments import FRAGMENTS, fragment_targets, largest_fragment_mu
 from aiida_emlip.models.heads.base import (
     Head,
     HeadInput,
@@ -399,10 +399,7 @@ class SelfConsistentHead(Head):
     @staticmethod
     def _reported_mu(s: _Structure, mu: torch.Tensor) -> torch.Tensor:
         """The structure's Fermi level: μ of its largest group (the only one without fragments)."""
-        if mu.numel() == 1:
-            return mu.reshape(())
-        largest = int(torch.bincount(s.fragment, minlength=s.groups).argmax())
-        return mu[largest]
+        return largest_fragment_mu(mu, s.fragment)
 
     def _target_mu(self, inp: HeadInput) -> torch.Tensor:
         """μ of constant-μ runs (option, else ``graph.fermi_level``) and of ``direct`` mode."""

@@ -62,15 +62,6 @@ MD_TARGETS = {"charges": 1 / 1.3, "qeq": 1 / 1.6, "scf": 1 / 2.5}
 #: ``<head>-cold``: the same head with the calculator's warm start off (every step's charge solve from
 #: the local guess), to set beside the default, which starts from the previous step's charges.
 COLD = "-cold"
-#: Backbones of the MD table: bench_heads.py's tiny one and one of a production model's size.
-REALISTIC_BACKBONE = {
-    "num_channels": 64,
-    "max_L": 1,
-    "max_ell": 3,
-    "correlation": 3,
-    "num_interactions": 2,
-    "r_max": 5.0,
-}
 OVERHEAD_TARGET = 1.2
 WATER_ATOMS = {1000: 333, 5000: 1667}  # molecules → 999 and 5001 atoms
 SMALL_BOX = 24  # molecules of the overhead workload (72 atoms)
@@ -86,9 +77,9 @@ def water_box(n_mol: int):
 
 def backbones() -> dict[str, dict]:
     """Backbone name -> configuration (``tiny`` is bench_heads.py's)."""
-    from bench_heads import BACKBONE
+    from bench_heads import BACKBONES
 
-    return {"tiny": BACKBONE, "realistic": REALISTIC_BACKBONE}
+    return dict(BACKBONES)
 
 
 def make_model(head: dict, path: Path | None = None, dtype: str = "float32", backbone: str = "tiny"):

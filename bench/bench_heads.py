@@ -1,16 +1,20 @@
-"""Cost of every electrostatic head relative to the short-range model (issues 3 and 4).
+"""Cost of every electrostatic head relative to the short-range model.
 
 Energy + forces (eval mode, no stress) of one model per head on the same structures: rattled NaCl
-supercells and water boxes from ~1k to ~16k atoms. Backbone: MACE with 8 channels, 2 interactions,
-l ≤ 1 features, correlation 2, r_max 5 Å, float32; electrostatics at its defaults (σ = 1.5 Å, accuracy
-1e-6, Ewald below 3000 atoms, PME above). Heads keep their default options and untrained weights
-(SCF iteration counts depend on the weights: they are printed). Each (structure, head) runs in a
-forked child on CPU so that its peak memory (resident set size, including the ~0.5 GB of the
-imported libraries) is its own; on CUDA all run in one process and the peak is
-``max_memory_allocated`` per head. Printed: time, ratio to ``sr``, the target, peak memory,
-iterations, the time per iteration, and the log–log slope of time vs N over the PME sizes (≥ 3000 atoms).
+supercells and water boxes from ~1k to ~16k atoms. Two backbones (``--backbone``): ``tiny``, MACE
+with 8 channels, 2 interactions, l ≤ 1 features, correlation 2, r_max 5 Å, and ``realistic``, a
+production model's size (64 channels, l ≤ 1 features, max_ell 3, correlation 3, 2 interactions,
+r_max 5 Å); the ratio to ``sr`` depends on the backbone's cost, the electrostatics do not. float32;
+electrostatics at its defaults (σ = 1.5 Å, accuracy 1e-6, Ewald below 3000 atoms, PME above). Heads
+keep their default options and untrained weights (SCF iteration counts depend on the weights: they
+are printed). Each (structure, head) runs in a forked child on CPU so that its peak memory (resident
+set size, including the ~0.5 GB of the imported libraries) is its own; on CUDA all run in one
+process and the peak is ``max_memory_allocated`` per head. Printed: time, ratio to ``sr``, the
+target, peak memory, iterations, the time per iteration, and the log–log slope of time vs N over
+the PME sizes (≥ 3000 atoms).
 
-Usage: ``python bench/bench_heads.py [--quick] [--device auto|cpu|cuda] [--json out.json]``.
+Usage: ``python bench/bench_heads.py [--quick] [--device auto|cpu|cuda] [--backbone tiny|realistic]
+[--json out.json]`` (``BENCH_THREADS``: torch threads, default 2).
 """
 
 from __future__ import annotations
@@ -48,6 +52,16 @@ SLOPE_TARGET = 1.15
 NACL_REPEATS = {"1k": 5, "4k": 8, "8k": 10, "16k": 13}  # 1000, 4096, 8000, 17576 atoms
 WATER_MOLECULES = {"1k": 333, "4k": 1366, "8k": 2700, "16k": 5400}
 BACKBONE = {"num_channels": 8, "num_interactions": 2, "correlation": 2, "r_max": 5.0, "mlp_hidden": 16}
+#: A backbone of a production model's size (``--backbone realistic``).
+REALISTIC_BACKBONE = {
+    "num_channels": 64,
+    "max_L": 1,
+    "max_ell": 3,
+    "correlation": 3,
+    "num_interactions": 2,
+    "r_max": 5.0,
+}
+BACKBONES = {"tiny": BACKBONE, "realistic": REALISTIC_BACKBONE}
 
 
 def structure(system: str, size: str):
@@ -86,7 +100,9 @@ def _nacl(m: int):
     return Atoms(symbols, positions=np.concatenate([na, cl]), cell=np.eye(3) * a * m, pbc=True)
 
 
-def run_one(system: str, size: str, head: str, device: str, repeats: int, queue) -> None:
+def run_one(
+    system: str, size: str, head: str, device: str, repeats: int, queue, backbone: str = "tiny"
+) -> None:
     """Time energy + forces of one head on one structure; put a result dict on ``queue``."""
     import torch
 
@@ -96,7 +112,9 @@ def run_one(system: str, size: str, head: str, device: str, repeats: int, queue)
 
     torch.manual_seed(0)
     model = EmlipModel(
-        ModelConfig(elements=["H", "O", "Na", "Cl"], head=HEADS[head], backbone=BACKBONE, dtype="float32")
+        ModelConfig(
+            elements=["H", "O", "Na", "Cl"], head=HEADS[head], backbone=BACKBONES[backbone], dtype="float32"
+        )
     ).to(device)
     model.eval()
     atoms = structure(system, size)
@@ -132,7 +150,7 @@ def run_one(system: str, size: str, head: str, device: str, repeats: int, queue)
             "rss_before_mb": before / 1024,
             "iterations": iterations,
             "converged": converged,
-            "energy": float(out["energy"].sum()),
+            "energy": float(out["energy"].detach().sum()),
         }
     )
 
@@ -142,17 +160,17 @@ class _ListQueue(list):
         self.append(item)
 
 
-def measure(system: str, size: str, head: str, device: str, repeats: int) -> dict:
+def measure(system: str, size: str, head: str, device: str, repeats: int, backbone: str = "tiny") -> dict:
     if device.startswith("cuda"):  # CUDA peak memory is per head already: no child process needed
         queue = _ListQueue()
         try:
-            run_one(system, size, head, device, repeats, queue)
+            run_one(system, size, head, device, repeats, queue, backbone)
             return queue[0]
         except Exception as exc:
             return {"system": system, "size": size, "head": head, "error": repr(exc)}
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
-    proc = ctx.Process(target=run_one, args=(system, size, head, device, repeats, queue))
+    proc = ctx.Process(target=run_one, args=(system, size, head, device, repeats, queue, backbone))
     proc.start()
     try:
         result = queue.get(timeout=1800)
@@ -216,6 +234,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heads", default=",".join(HEADS))
     parser.add_argument("--sizes", default=None, help="comma list of 1k,4k,8k,16k")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument(
+        "--backbone", default="tiny", choices=sorted(BACKBONES), help="tiny (default) or realistic"
+    )
     parser.add_argument("--json", default=None, help="also write the raw results here")
     args = parser.parse_args(argv)
     import torch
@@ -232,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
         for size in sizes:
             for head in args.heads.split(","):
                 t0 = time.perf_counter()
-                r = measure(system, size, head, device, repeats)
+                r = measure(system, size, head, device, repeats, args.backbone)
                 results.append(r)
                 print(
                     f"# {system} {size} {head}: {r.get('time', r.get('error'))} "
@@ -242,12 +263,15 @@ def main(argv: list[str] | None = None) -> None:
                 )
     print(
         f"device: {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}), "
-        f"threads {os.environ.get('BENCH_THREADS', '2')}, float32, backbone {BACKBONE}"
+        f"threads {os.environ.get('BENCH_THREADS', '2')}, float32, backbone {args.backbone} "
+        f"{BACKBONES[args.backbone]}"
     )
     print(table(results))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"device": device, "backbone": BACKBONE, "results": results}, fh, indent=1)
+            json.dump(
+                {"device": device, "backbone": BACKBONES[args.backbone], "results": results}, fh, indent=1
+            )
 
 
 if __name__ == "__main__":

@@ -12,7 +12,11 @@ read from ``/proc`` when each epoch's line appears), which other load on a share
 less than wall time. On a CUDA machine the same table is measured on the GPU, with emlip's peak GPU
 memory.
 
+The MACE size is ``--backbone small`` (16 channels, l ≤ 1 features, max_ell 3, correlation 3,
+2 interactions, r_max 5 Å) or ``realistic`` (the same with 64 channels, a production model's size).
+
     python bench/bench_training.py [--epochs 4] [--copies 3] [--device cpu|cuda] [--heads sr,charges]
+                                   [--backbone small|realistic]
 """
 
 from __future__ import annotations
@@ -35,13 +39,26 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "tests" / "data" / "tiny.xyz"
-SIZE = {
-    "num_channels": 16,
-    "max_L": 1,
-    "correlation": 3,
-    "num_interactions": 2,
-    "r_max": 5.0,
-    "mlp_hidden": 16,
+#: MACE sizes of both trainers (``--backbone``): the default, and one of a production model's size.
+SIZES = {
+    "small": {
+        "num_channels": 16,
+        "max_L": 1,
+        "max_ell": 3,
+        "correlation": 3,
+        "num_interactions": 2,
+        "r_max": 5.0,
+        "mlp_hidden": 16,
+    },
+    "realistic": {
+        "num_channels": 64,
+        "max_L": 1,
+        "max_ell": 3,
+        "correlation": 3,
+        "num_interactions": 2,
+        "r_max": 5.0,
+        "mlp_hidden": 16,
+    },
 }
 HEADS = {
     "sr": {"name": "sr"},
@@ -110,13 +127,17 @@ def run_logged(cmd: list[str], epoch_line: str, cwd: Path | None = None) -> dict
     }
 
 
-def run_mace(data: Path, work: Path, epochs: int, batch: int, device: str, dtype: str) -> dict:
+def run_mace(
+    data: Path, work: Path, epochs: int, batch: int, device: str, dtype: str, size: dict | None = None
+) -> dict:
+    size = size or SIZES["small"]
     exe = shutil.which("mace_run_train") or str(Path(sys.executable).with_name("mace_run_train"))
     cmd = [
         exe, "--name", "bench", "--train_file", str(data), "--valid_fraction", "0.1", "--E0s", "average",
-        "--model", "MACE", "--num_channels", str(SIZE["num_channels"]), "--max_L", str(SIZE["max_L"]),
-        "--correlation", str(SIZE["correlation"]), "--num_interactions", str(SIZE["num_interactions"]),
-        "--r_max", str(SIZE["r_max"]), "--num_radial_basis", "8", "--MLP_irreps", f"{SIZE['mlp_hidden']}x0e",
+        "--model", "MACE", "--num_channels", str(size["num_channels"]), "--max_L", str(size["max_L"]),
+        "--max_ell", str(size["max_ell"]), "--correlation", str(size["correlation"]),
+        "--num_interactions", str(size["num_interactions"]), "--r_max", str(size["r_max"]),
+        "--num_radial_basis", "8", "--MLP_irreps", f"{size['mlp_hidden']}x0e",
         "--batch_size", str(batch), "--valid_batch_size", "16", "--max_num_epochs", str(epochs),
         "--eval_interval", "1", "--device", device, "--default_dtype", dtype, "--seed", "0",
         "--energy_key", "REF_energy", "--forces_key", "REF_forces", "--loss", "weighted",
@@ -146,13 +167,22 @@ def run_mace(data: Path, work: Path, epochs: int, batch: int, device: str, dtype
     }
 
 
-def run_emlip(data: Path, work: Path, head: dict, epochs: int, batch: int, device: str, dtype: str) -> dict:
+def run_emlip(
+    data: Path,
+    work: Path,
+    head: dict,
+    epochs: int,
+    batch: int,
+    device: str,
+    dtype: str,
+    size: dict | None = None,
+) -> dict:
     config = {
         "data": {
             "train": str(data), "valid_fraction": 0.1, "test_fraction": 0.0, "batch_size": batch,
             "valid_batch_size": 16, "keys": {"energy": "REF_energy", "forces": "REF_forces"},
         },
-        "model": {"head": head, "backbone": dict(SIZE), "dtype": dtype},
+        "model": {"head": head, "backbone": dict(size or SIZES["small"]), "dtype": dtype},
         "loss": {"energy": 1.0, "forces": 100.0},
         "ema": {"enabled": False},
         "stages": [{"epochs": epochs, "scf_mode": "unrolled"}],
@@ -181,7 +211,8 @@ def run_emlip(data: Path, work: Path, head: dict, epochs: int, batch: int, devic
 
 def _emlip(work: Path, data: Path, name: str, args: argparse.Namespace) -> dict:
     work.mkdir()
-    res = run_emlip(data, work, HEADS[name], args.epochs, args.batch_size, args.device, args.dtype)
+    size = SIZES[args.backbone]
+    res = run_emlip(data, work, HEADS[name], args.epochs, args.batch_size, args.device, args.dtype, size)
     n_train = res["n_train"]
     return {
         **res,
@@ -218,6 +249,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--repeat", type=int, default=2, help="alternate mace and sr this often; best of each"
     )
+    parser.add_argument(
+        "--backbone", default="small", choices=sorted(SIZES), help="MACE size of both trainers"
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -229,7 +263,8 @@ def main(argv: list[str] | None = None) -> None:
         n = make_data(data, args.copies)
         n_train = n - max(1, round(0.1 * n))
         print(f"{n} structures ({n_train} train), batch {args.batch_size}, {args.epochs} epochs, "
-              f"{args.device}, {args.dtype}, {args.threads} thread(s), MACE size {SIZE}")  # fmt: skip
+              f"{args.device}, {args.dtype}, {args.threads} thread(s), "
+              f"MACE size {args.backbone} {SIZES[args.backbone]}")  # fmt: skip
         neutral = tmp / "neutral.xyz"  # formal charges of 'fixed' cannot represent the ions
         ase.io.write(
             neutral, [a for a in ase.io.read(data, ":") if a.info["total_charge"] == 0], format="extxyz"
@@ -238,7 +273,15 @@ def main(argv: list[str] | None = None) -> None:
         runs: dict[str, list[dict]] = {"mace": [], "sr": []}
         for r in range(args.repeat):
             (tmp / f"mace{r}").mkdir()
-            res = run_mace(data, tmp / f"mace{r}", args.epochs, args.batch_size, args.device, args.dtype)
+            res = run_mace(
+                data,
+                tmp / f"mace{r}",
+                args.epochs,
+                args.batch_size,
+                args.device,
+                args.dtype,
+                SIZES[args.backbone],
+            )
             res["rate"] = throughput(res["epoch_stamps"], res["n_train"])
             res["cpu_rate"] = throughput(res["cpu_stamps"], res["n_train"])
             runs["mace"].append(res)

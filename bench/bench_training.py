@@ -36,10 +36,11 @@ from pathlib import Path
 import ase.io
 import numpy as np
 import yaml
+from bench_heads import REALISTIC_BACKBONE
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "tests" / "data" / "tiny.xyz"
-#: MACE sizes of both trainers (``--backbone``): the default, and one of a production model's size.
+#: MACE sizes of both trainers (``--backbone``): the default, and bench_heads.py's production-sized one.
 SIZES = {
     "small": {
         "num_channels": 16,
@@ -50,15 +51,7 @@ SIZES = {
         "r_max": 5.0,
         "mlp_hidden": 16,
     },
-    "realistic": {
-        "num_channels": 64,
-        "max_L": 1,
-        "max_ell": 3,
-        "correlation": 3,
-        "num_interactions": 2,
-        "r_max": 5.0,
-        "mlp_hidden": 16,
-    },
+    "realistic": {**REALISTIC_BACKBONE, "mlp_hidden": 16},
 }
 HEADS = {
     "sr": {"name": "sr"},

@@ -3,7 +3,7 @@
 Doctor only reads: it never creates the profile (it does not even import :mod:`aiida` for a profile
 that does not exist yet), and it only *reports* the broker, which SQLite profiles do not need. With a
 RabbitMQ broker it also reports the broker's ``consumer_timeout``, past which a daemon process is handed
-to a second worker.
+to a second worker, and, while no daemon runs, any active process whose task the broker no longer holds.
 """
 
 from __future__ import annotations
@@ -144,6 +144,25 @@ def check_consumer_timeout(
         report.add("consumer", text, fix=raise_fix(), essential=False)
 
 
+def check_tasks(report: Report, profile_name: str) -> None:
+    """Report active processes without a task in the broker (read only while no daemon runs)."""
+    from aiida_emlip.services.lost_tasks import check_process_tasks, repair_fix
+
+    try:
+        check = check_process_tasks(profile_name)
+    except Exception as exc:  # a broker that answers the port but not the protocol: report, go on
+        report.add("tasks", f"not checked ({exc.__class__.__name__}: {exc})", essential=False)
+        return
+    if check.daemon_running:
+        report.add("tasks", "not checked while the daemon runs (its workers hold their tasks)")
+    elif check.lost:
+        pks = ", ".join(str(pk) for pk in check.lost)
+        text = f"{len(check.lost)} active process(es) without a task in the broker, never to continue: {pks}"
+        report.add("tasks", text, fix=repair_fix(profile_name), essential=False)
+    else:
+        report.add("tasks", f"each of the {len(check.active)} active process(es) has its task in the broker")
+
+
 def check_aiida(report: Report, target: ProfileTarget) -> None:
     """Report the AiiDA profile, its storage and broker, the computer, the pw code and the pseudo family."""
     report.add("aiida", f"aiida-core {metadata.version('aiida-core')}, config dir {target.config_dir}")
@@ -171,6 +190,7 @@ def check_aiida(report: Report, target: ProfileTarget) -> None:
     elif broker_reachable(profile.process_control_config):
         report.add("broker", f"{broker} reachable")
         check_consumer_timeout(report, profile.process_control_config.get("broker_host", "127.0.0.1"))
+        check_tasks(report, profile.name)
     else:
         report.add(
             "broker",

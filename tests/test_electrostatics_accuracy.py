@@ -3,7 +3,8 @@
 ``accuracy = ε`` means (``aiida_emlip.models.accuracy``): ``|ΔE| ≤ ε E_s``, ``RMS|ΔF| ≤ ε F_s``,
 ``RMS|Δ∂E/∂q| ≤ ε φ_s``, ``RMS|Δ∂E/∂p| ≤ ε φ_s/ℓ``. Checked for ε = 1e-4, 1e-6, 1e-8 on a disordered
 ionic cell (cubic and strongly triclinic), a tilted slab and a one-atom (fully coherent) lattice, with
-Gaussian charges, Gaussian charges + dipoles and point charges, neutral and charged, Ewald and PME;
+Gaussian charges (σ = 1.5 Å, and σ = 0.5 Å split between real and k-space), Gaussian charges +
+dipoles and point charges, neutral and charged, Ewald and PME;
 references from ``tests/electrostatics_reference.py`` (float64, converged far beyond 1e-8).
 Madelung constants of five crystals to ε relative.
 """
@@ -19,18 +20,23 @@ from electrostatics_reference import reference_derivatives
 
 from aiida_emlip.models.accuracy import (
     PME_FORCE,
+    SPLIT_MIN_RATIO,
     coulomb_scales,
     kspace_cutoff,
     pme_parameters,
     smooth_size,
+    split_smearing,
 )
 from aiida_emlip.models.electrostatics import Electrostatics, ElectrostaticsConfig
+from aiida_emlip.models.kernels import GaussianCoulombPotential, GaussianSplitCoulombPotential
 from aiida_emlip.schema import COULOMB_CONSTANT as KE
 
 DT = torch.float64
 T3 = torch.tensor([True, True, True])
 SLAB = torch.tensor([True, True, False])
 SIGMA = 1.5
+#: narrow Gaussians (pair width 0.71 Å, as the latent head's): summed with a real-space part
+NARROW_SIGMA = 0.5
 ACCURACIES = [1e-4, 1e-6, 1e-8]
 FCC = torch.tensor([[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]], dtype=DT)
 #: rows a, b, c: 27° between a and b, 58° between a and c, 51° between b and c
@@ -74,7 +80,7 @@ def system(kind: str, content: str, charged: bool):
     q, pos, cell, p = (
         one_atom_lattice(dipoles) if kind == "lattice" else disordered_rocksalt(kind, charged, dipoles)
     )
-    sigma = 0.0 if content == "point" else SIGMA
+    sigma = {"point": 0.0, "narrow": NARROW_SIGMA}.get(content, SIGMA)
     pbc = SLAB if kind == "slab" else T3
     return (q, pos, cell, p, pbc, sigma), reference_derivatives(q, pos, cell, sigma, p, slab=kind == "slab")
 
@@ -109,9 +115,9 @@ def relative_errors(ours: dict, ref: dict, q, cell, p) -> dict[str, float]:
 CASES = [
     (kind, content, charged)
     for kind in ["cubic", "triclinic", "slab"]
-    for content in ["charges", "dipoles", "point"]
+    for content in ["charges", "narrow", "dipoles", "point"]
     for charged in [False, True]
-] + [("lattice", "charges", True), ("lattice", "dipoles", True), ("lattice", "point", True)]
+] + [("lattice", content, True) for content in ["charges", "narrow", "dipoles", "point"]]
 
 
 @pytest.mark.parametrize("accuracy", ACCURACIES)
@@ -197,3 +203,37 @@ def test_parameters_follow_the_accuracy():
 
 def test_smooth_mesh_sizes():
     assert [smooth_size(n) for n in [1, 7, 11, 49, 61, 97, 121]] == [1, 8, 12, 50, 64, 100, 125]
+
+
+def test_narrow_gaussians_are_split_between_real_and_kspace():
+    """Narrow Gaussians get a wider k-space kernel and the rest as real-space pairs; wide ones and the
+    default σ stay wholly in k-space; the two parts add up to the Gaussian kernel at every distance."""
+    (_, _, cell, _, _, _), _ = system("cubic", "charges", False)
+    for method in ["ewald", "pme"]:
+        narrow = math.sqrt(2.0) * NARROW_SIGMA
+        assert split_smearing(cell, narrow, 64, method) >= SPLIT_MIN_RATIO * narrow
+        assert split_smearing(cell, math.sqrt(2.0) * SIGMA, 64, method) == math.sqrt(2.0) * SIGMA
+    r = torch.linspace(0.05, 12.0, 400, dtype=DT)
+    for width in [0.0, 0.7]:
+        pot = GaussianSplitCoulombPotential(smearing=2.0, width=width)
+        whole = pot.sr_from_dist(r) + pot.lr_from_dist(r)
+        torch.testing.assert_close(whole, GaussianCoulombPotential(width).from_dist(r), rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="width must lie"):
+        GaussianSplitCoulombPotential(smearing=1.0, width=1.5)
+
+
+@pytest.mark.parametrize("method", ["ewald", "pme"])
+def test_split_second_derivatives_match_the_kspace_sum(method, monkeypatch):
+    """Training differentiates the forces: through the real-space pairs, d(ΣF²)/d(q, r, cell) of the
+    split equals that of the sum done wholly in k-space."""
+    (q, pos, cell, _, pbc, sigma), _ = system("triclinic", "narrow", True)
+    grads = []
+    for ratio in [SPLIT_MIN_RATIO, math.inf]:
+        monkeypatch.setattr("aiida_emlip.models.accuracy.SPLIT_MIN_RATIO", ratio)
+        inputs = [t.clone().requires_grad_(True) for t in (q, pos, cell)]
+        el = Electrostatics(ElectrostaticsConfig(sigma=sigma, method=method, accuracy=1e-6))
+        energy = el.energy(inputs[0], inputs[1], inputs[2], pbc)
+        (forces,) = torch.autograd.grad(energy, inputs[1], create_graph=True)
+        grads.append(torch.autograd.grad(forces.pow(2).sum(), inputs))
+    for split, kspace in zip(*grads, strict=True):
+        assert float((split - kspace).norm() / kspace.norm()) < 1e-5

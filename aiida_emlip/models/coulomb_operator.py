@@ -36,11 +36,11 @@ from torchpme.lib.mesh_interpolator import MeshInterpolator
 from aiida_emlip.models import gaussian_dipoles as gd
 from aiida_emlip.models.accuracy import (
     coulomb_length,
-    ewald_alpha,
     kspace_cutoff,
     pme_parameters,
     realspace_cutoff,
     smooth_size,
+    split_smearing,
 )
 from aiida_emlip.models.neighbours import neighbour_list
 from aiida_emlip.schema import COULOMB_CONSTANT
@@ -163,19 +163,18 @@ class ChargeKernel:
         # torch-pme's background term gives −2πs²Q/V; the k = 0-excluded density gives −2π(s²−s_phys²)Q/V
         self.background = 2.0 * math.pi * COULOMB_CONSTANT * s_phys**2
         self.cell = cell = reduced_cell(cell)
-        if s_phys > 0.0:
-            # Gaussian density: the torch-pme long-range kernel at s = s_phys is the whole interaction
-            smearing = s_phys
+        # the range separation: at least the charges' own width (for point charges the Ewald balance)
+        smearing = split_smearing(cell, s_phys, n_atoms, method)
+        if smearing > s_phys:
+            ell = coulomb_length(n_atoms, self.volume.detach().item())
+            r_cut = realspace_cutoff(1.0 / (math.sqrt(2.0) * smearing), ell, accuracy)
+            self.pairs, self.dist = _neighbour_pairs(positions, cell, r_cut)
+        else:
+            # a Gaussian density as wide as the split: the k-space kernel is the whole interaction
             self.pairs = torch.zeros((0, 2), dtype=torch.long, device=positions.device)
             self.dist = positions.new_zeros(0)
-        else:
-            volume = self.volume.detach().item()
-            alpha = ewald_alpha(n_atoms, volume)
-            smearing = 1.0 / (math.sqrt(2.0) * alpha)
-            r_cut = realspace_cutoff(alpha, coulomb_length(n_atoms, volume), accuracy)
-            self.pairs, self.dist = _neighbour_pairs(positions, cell, r_cut)
         beta = smearing / math.sqrt(2.0)  # the k-space kernel is e^{−β²k²}/k²
-        self.calc = es._calculator(method, smearing, positions)
+        self.calc = es._calculator(method, smearing, positions, width=s_phys)
         if method == "ewald":
             self.kvectors = gd.half_space_kvectors(cell, kspace_cutoff(cell, beta, n_atoms, accuracy))
             return

@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torchpme import Calculator, CoulombPotential, EwaldCalculator
+from torchpme import Calculator, EwaldCalculator
 
 from aiida_emlip.models import dipole_mesh as dm
 from aiida_emlip.models import gaussian_dipoles as gd
@@ -39,7 +39,11 @@ from aiida_emlip.models.coulomb_operator import (
     periodic_dims,
     reduced_cell,
 )
-from aiida_emlip.models.kernels import GaussianCoulombPotential, HalfSpaceCoulombPotential
+from aiida_emlip.models.kernels import (
+    GaussianCoulombPotential,
+    GaussianSplitCoulombPotential,
+    HalfSpaceCoulombPotential,
+)
 from aiida_emlip.schema import COULOMB_CONSTANT
 
 __all__ = [
@@ -138,20 +142,22 @@ class Electrostatics(torch.nn.Module):
             return "pme" if n_atoms >= self.config.pme_min_atoms else "ewald"
         return method
 
-    def _calculator(self, method: str, smearing: float, like: torch.Tensor) -> Calculator:
+    def _calculator(self, method: str, smearing: float, like: torch.Tensor, width: float = 0.0) -> Calculator:
         """torch-pme's calculator of the charge kernel (cached per width, dtype and device): the
         direct pair sum, Ewald, or for PME the potential and its real-space sum (the mesh part is
-        :class:`~aiida_emlip.models.coulomb_operator.ChargeKernel`'s)."""
-        key = (method, smearing, like.dtype, like.device)
+        :class:`~aiida_emlip.models.coulomb_operator.ChargeKernel`'s). For Ewald and PME,
+        ``smearing`` is the range separation and ``width`` the charges' own pair width (≤ smearing)."""
+        key = (method, smearing, width, like.dtype, like.device)
         if key not in self._calculators:
             if method == "direct":
                 calc = Calculator(GaussianCoulombPotential(smearing, prefactor=COULOMB_CONSTANT))
             elif method == "ewald":
                 # k-vectors are passed per call (half sphere, see ChargeKernel): lr_wavelength unused
-                pot = HalfSpaceCoulombPotential(smearing=smearing, prefactor=COULOMB_CONSTANT)
+                pot = HalfSpaceCoulombPotential(smearing=smearing, width=width, prefactor=COULOMB_CONSTANT)
                 calc = EwaldCalculator(pot, lr_wavelength=1.0)
             else:
-                calc = Calculator(CoulombPotential(smearing=smearing, prefactor=COULOMB_CONSTANT))
+                pot = GaussianSplitCoulombPotential(smearing, width, prefactor=COULOMB_CONSTANT)
+                calc = Calculator(pot)
             self._calculators[key] = calc.to(device=like.device, dtype=like.dtype)
         return self._calculators[key]
 

@@ -185,7 +185,7 @@ def measure(system: str, size: str, head: str, device: str, repeats: int, backbo
 def slope(rows: list[dict]) -> float | None:
     """Least-squares slope of log t vs log N over rows with N ≥ 3000 (the PME path)."""
     pts = [(math.log(r["n"]), math.log(r["time"])) for r in rows if r.get("n", 0) >= 3000 and "time" in r]
-    if len(pts) < 2:
+    if len({x for x, _ in pts}) < 2:
         return None
     mx = sum(p[0] for p in pts) / len(pts)
     my = sum(p[1] for p in pts) / len(pts)

@@ -410,9 +410,15 @@ class MeshPreconditioner:
     ``M⁻¹`` is symmetric and positive in the continuum limit (``1/(d(1 + n ĝ/d))`` per mode) but not
     for every geometry: where the atoms fill the cell unevenly (a void, a slab's vacuum, an
     interface) the mean ``c`` underestimates the local density and the smooth modes are
-    over-corrected. The solvers therefore check ``rᵀM⁻¹r > 0`` at every step and continue with
-    Jacobi from the current iterate otherwise. Fully periodic cells only. One coarse-mesh spreading,
-    two small FFTs and one interpolation per application; the weights are computed once per geometry.
+    over-corrected. The solvers therefore check ``rᵀM⁻¹r > 0`` at every step and otherwise continue
+    from the current iterate with the *bounded* form: ``c`` replaced by a bound on the largest local
+    density, ``c_b = (M/V) max_x Σ_i |w_i(x)| d_i⁻¹ Σ_y |w_i(y)|`` (``M`` mesh points, ``w_i`` the
+    spreading weights of atom i). By Gershgorin's theorem ``‖W D⁻¹ Wᵀ‖ ≤ c_b V/M`` and the mesh
+    kernel is below ``M/(V c_b)``, so the subtracted term never exceeds ``D⁻¹``: ``M⁻¹`` is positive
+    for every geometry (Jacobi stays the last resort against round-off). It is weaker than the mean
+    form where that one holds (``c_b`` is 1.2× ``c`` on NaCl and 4× on water), stronger than Jacobi.
+    Fully periodic cells only. One coarse-mesh spreading, two small FFTs and one interpolation per
+    application; the weights are computed once per geometry.
     """
 
     def __init__(
@@ -438,18 +444,31 @@ class MeshPreconditioner:
         self.mesh = mesh
 
     def with_diagonal(self, diag: torch.Tensor) -> MeshPreconditionerApply:
-        """``M⁻¹`` for the Jacobi diagonal ``diag = d`` (J plus the Coulomb diagonal), ``[N]``."""
-        return MeshPreconditionerApply(self, diag)
+        """``M⁻¹`` for the Jacobi diagonal ``diag = d`` (J plus the Coulomb diagonal), ``[N]``: the mean
+        form, falling back to the bounded form, then to Jacobi."""
+        inv = 1.0 / diag
+        bounded = MeshPreconditionerApply(self, diag, self.bounded_density(inv), fallback=diag)
+        return MeshPreconditionerApply(self, diag, inv.sum() / self.volume, fallback=bounded)
+
+    def bounded_density(self, inv: torch.Tensor) -> torch.Tensor:
+        """``c_b``: the Gershgorin bound on ``W D⁻¹ Wᵀ`` in the units of the mean density ``Σ d⁻¹ / V``."""
+        sp = self.spreader
+        weights = sp.weights.abs()  # [p³, N]
+        values = (weights * (inv * weights.sum(0))[None]).reshape(-1)
+        local = inv.new_zeros(sp.points).index_add_(0, sp.index, values)
+        return sp.points * local.max() / self.volume
 
 
 class MeshPreconditionerApply:
-    """``r ↦ M⁻¹ r`` of :class:`MeshPreconditioner` for one diagonal; ``diag`` is the Jacobi fallback."""
+    """``r ↦ M⁻¹ r`` of :class:`MeshPreconditioner` for one diagonal and density ``c``; ``diag`` is the
+    Jacobi diagonal, ``fallback`` what the solvers continue with where ``M⁻¹`` is not positive (another
+    preconditioner, or a Jacobi diagonal)."""
 
-    def __init__(self, mesh: MeshPreconditioner, diag: torch.Tensor):
+    def __init__(self, mesh: MeshPreconditioner, diag: torch.Tensor, c: torch.Tensor, fallback):
         self.mesh_op = mesh
         self.diag = diag
+        self.fallback = fallback
         self.inv = 1.0 / diag
-        c = self.inv.sum() / mesh.volume
         self.kernel = mesh.g / (1.0 + c * mesh.g)
 
     def __call__(self, r: torch.Tensor) -> torch.Tensor:

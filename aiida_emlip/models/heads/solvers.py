@@ -38,13 +38,14 @@ class SolveInfo:
     iterations: int
     residual: float
     converged: bool
-    #: the preconditioner operator was not positive at some step and Jacobi took over
+    #: the preconditioner operator was not positive at some step and its fallback took over
     fallback: bool = False
 
 
 def _preconditioner(precond) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor | None, bool]:
-    """``(apply, fallback diagonal, checked)`` of a preconditioner given as ``None``, a Jacobi diagonal
-    ``[N]`` or an operator ``r ↦ M⁻¹ r`` with a ``diag`` attribute (its Jacobi fallback)."""
+    """``(apply, fallback, checked)`` of a preconditioner given as ``None``, a Jacobi diagonal ``[N]``
+    or an operator ``r ↦ M⁻¹ r`` with a ``fallback`` (a preconditioner) or ``diag`` attribute (its
+    Jacobi fallback); ``checked``: the solver tests ``rᵀM⁻¹r > 0`` and moves to the fallback."""
     if precond is None:
         return (lambda r: r), None, False
     if isinstance(precond, torch.Tensor):
@@ -54,7 +55,7 @@ def _preconditioner(precond) -> tuple[Callable[[torch.Tensor], torch.Tensor], to
             return (inv[:, None] if r.dim() == 2 else inv) * r
 
         return jacobi, precond, False
-    return precond, precond.diag, True
+    return precond, getattr(precond, "fallback", precond.diag), True
 
 
 def conjugate_gradient(
@@ -70,7 +71,7 @@ def conjugate_gradient(
     ``precond`` is the diagonal of a Jacobi preconditioner (``[N]``) or an operator ``r ↦ M⁻¹ r`` with
     the Jacobi diagonal as its ``diag`` attribute (e.g. the mesh preconditioner of
     :class:`~aiida_emlip.models.coulomb_operator.MeshPreconditioner`); an operator whose ``rᵀM⁻¹r``
-    is not positive at some step is replaced by Jacobi from the current iterate. Convergence when
+    is not positive at some step is replaced by its fallback from the current iterate. Convergence when
     every column's residual norm is below ``tol · ‖b_c‖``.
     """
     vector = b.dim() == 1
@@ -91,7 +92,8 @@ def conjugate_gradient(
             bad = (active & ~(rz > 0)).any()
             go, bad = (bool(v) for v in torch.stack([active.any(), bad]).tolist())
             if go and bad:
-                apply, checked, fell_back = _preconditioner(fallback)[0], False, True
+                apply, fallback, checked = _preconditioner(fallback)
+                fell_back = True
                 z = apply(r)
                 p = z.clone()
                 rz = (r * z).sum(0)
@@ -271,7 +273,7 @@ def qeq_solve_from(
     project, m1_sum = projector(apply)
     fell_back = checked and not float(m1_sum) > 0.0
     if fell_back:
-        apply, _, checked = _preconditioner(fallback)
+        apply, fallback, checked = _preconditioner(fallback)
         project = projector(apply)[0]
 
     r = -(matvec(q) + diag * q + b)
@@ -284,8 +286,8 @@ def qeq_solve_from(
     res, rz_host = torch.stack([torch.linalg.vector_norm(r), rz]).tolist()
     it = 0
     while it < maxiter and res > target:
-        if checked and not rz_host > 0.0:  # M⁻¹ not positive here: Jacobi from the current charges
-            apply, _, checked = _preconditioner(fallback)
+        if checked and not rz_host > 0.0:  # M⁻¹ not positive here: its fallback from the current charges
+            apply, fallback, checked = _preconditioner(fallback)
             project, fell_back = projector(apply)[0], True
             z = project(r)
             p = z.clone()

@@ -78,7 +78,9 @@ class FunctionalHead(EquilibrationHead):
     ) -> tuple[QEqSolution, list[float]]:
         """Newton's method from the charges ``q``, which meet the constraints: each step solves the KKT
         system with the local curvature at ``q`` and zero right-hand side for Σq (with ``groups``: then
-        for each group's sum, :func:`constrain_groups`), so every iterate keeps the start's sums."""
+        for each group's sum, :func:`constrain_groups`), so every iterate keeps the start's sums. In
+        inference of one fragment with the iterative solver a step is one projected CG system;
+        otherwise both right-hand sides, for the implicit derivatives and the fragment constraints."""
         tol = default_tolerance(self.options.newton_tol, q.dtype)
         history: list[float] = []
         sol = None
@@ -86,9 +88,15 @@ class FunctionalHead(EquilibrationHead):
         # the Coulomb operator (and the mesh preconditioner) of this geometry, for every Newton step
         ops = self._operators(inp, b, atoms)
         zeros = None if groups is None else q.new_zeros(int(groups.max()) + 1)
+        # inference of one fragment: each step is one projected CG system (no H⁻¹1 needed)
+        projected = groups is None and not self.training and ops.dense is None
         for _ in range(self.options.max_newton):
             grad = ops.matvec(q) + self.local_gradient(params, q) + external
-            step = self._quadratic_solve(inp, b, atoms, self.local_curvature(params, q), grad, 0.0, ops)
+            curvature = self.local_curvature(params, q)
+            if projected:
+                step = self._projected_solve(inp, curvature, grad, ops)
+            else:
+                step = self._quadratic_solve(inp, b, atoms, curvature, grad, 0.0, ops)
             sol = step if groups is None else constrain_groups(step, groups, zeros)
             q = q + sol.charges
             change = float(sol.charges.abs().max())

@@ -226,6 +226,23 @@ class EquilibrationHead(Head):
             ops.matvec, diag, rhs, total, precond=ops.precond(diag), tol=tol, maxiter=self.options.max_iter
         )
 
+    def _projected_solve(
+        self, inp: HeadInput, diag: torch.Tensor, rhs: torch.Tensor, ops: _Operators
+    ) -> QEqSolution:
+        """The minimiser of ``½ xᵀ(A + diag)x + rhsᵀx`` on ``Σx = 0`` by projected CG from zero, one
+        charge channel (inference of a single fragment: no ``H⁻¹``, no ``H⁻¹1``)."""
+        x, mu, info = qeq_solve_from(
+            ops.matvec,
+            diag,
+            rhs,
+            0.0,
+            torch.zeros_like(rhs),
+            precond=ops.precond(diag),
+            tol=default_tolerance(self.options.tol, rhs.dtype),
+            maxiter=self.options.max_iter,
+        )
+        return QEqSolution(x, mu, info, None, None)
+
     def _minimise(
         self, inp: HeadInput, b: int, atoms: slice, params: dict[str, torch.Tensor], external: torch.Tensor
     ) -> tuple[QEqSolution, list[float]]:

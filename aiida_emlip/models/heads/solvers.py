@@ -167,8 +167,10 @@ class QEqSolution:
     charges: torch.Tensor
     mu: torch.Tensor
     info: SolveInfo
-    solve_h: Callable[[torch.Tensor], torch.Tensor]  # H⁻¹ (dense or CG), for further right-hand sides
-    y: torch.Tensor  # H⁻¹ 1
+    #: H⁻¹ (dense or CG) for further right-hand sides, and ``H⁻¹ 1``: for the implicit derivatives and
+    #: the fragment constraints; ``None`` after a projected solve (inference of one fragment)
+    solve_h: Callable[[torch.Tensor], torch.Tensor] | None
+    y: torch.Tensor | None
     #: c of the rank-one shift H + c 11ᵀ used when H is indefinite (slab Coulomb matrices are positive
     #: definite only on Σq = 0); it leaves q unchanged and shifts the multipliers by c·Σq.
     shift: float = 0.0

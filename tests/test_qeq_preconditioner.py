@@ -165,10 +165,12 @@ def test_mesh_preconditioner_cuts_iterations_on_1k_atoms():
     assert torch.allclose(fast.charges, jacobi.charges, atol=1e-8, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["qeq", "functional"])
 @pytest.mark.parametrize("pbc", [(True, True, True), (True, True, False)])
-def test_qeq_head_with_mesh_preconditioner_agrees_with_dense(pbc):
-    """The ``qeq`` head with ``preconditioner='mesh'`` (the default; periodic, the slab uses Jacobi) and
-    the dense solve agree on a charged NaCl cell: charges, μ, energy and forces."""
+def test_qeq_head_with_mesh_preconditioner_agrees_with_dense(pbc, name):
+    """``qeq`` and ``functional`` (quartic: several Newton steps) with the iterative solver — in
+    inference the projected CG, ``preconditioner='mesh'`` by default (periodic; the slab uses Jacobi)
+    — and the dense solve agree on a charged NaCl cell: charges, μ, energy and forces."""
     import numpy as np
     from ase.build import bulk
     from models_helpers import evaluate, tiny_model
@@ -179,8 +181,8 @@ def test_qeq_head_with_mesh_preconditioner_agrees_with_dense(pbc):
     if not all(pbc):
         atoms.cell[2, 2] += 15.0
     atoms.info["total_charge"] = 1.0
-    dense = tiny_model({"name": "qeq", "solver": "dense"}, seed=2)
-    mesh = tiny_model({"name": "qeq", "solver": "cg", "tol": 1e-12, "preconditioner": "mesh"}, seed=2)
+    dense = tiny_model({"name": name, "solver": "dense"}, seed=2)
+    mesh = tiny_model({"name": name, "solver": "cg", "tol": 1e-12}, seed=2)
     od, om = evaluate(dense, atoms), evaluate(mesh, atoms)
     np.testing.assert_allclose(om["charges"].numpy(), od["charges"].numpy(), atol=1e-8)
     assert float(om["fermi_level"][0]) == pytest.approx(float(od["fermi_level"][0]), abs=1e-8)

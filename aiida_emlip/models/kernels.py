@@ -2,7 +2,9 @@
 
 torch-pme's :class:`~torchpme.Calculator` with ``smearing=None`` sums ``potential.from_dist`` over the
 pairs it is given (no k-space part). The Gaussian-charge interaction is not among torch-pme's
-potentials, so the direct (open-boundary) path uses :class:`GaussianCoulombPotential`.
+potentials, so the direct (open-boundary) path uses :class:`GaussianCoulombPotential`, and the
+periodic sums use :class:`GaussianSplitCoulombPotential` (its real-space part ends at the charges'
+own width) and its half-k-sphere variant :class:`HalfSpaceCoulombPotential` for Ewald.
 """
 
 from __future__ import annotations

@@ -279,8 +279,8 @@ class EquilibrationHead(Head):
         derivatives) with the iterative solver: ``inp.initial_charges`` of the structure when they are
         given and finite, else zeros (the uniform charges Q/N). ``None`` otherwise: the lock-step solve
         of ``H x = −b`` and ``H y = 1``, whose ``H⁻¹1`` the implicit derivatives need. The projected CG
-        takes the lock-step's iterations on one charge channel instead of two (2.5–3.5× faster on
-        CPU at 1k–4k atoms)."""
+        takes the lock-step's iterations on one charge channel instead of two (1.8–3.9× less CPU
+        at 1k–4k atoms)."""
         n = atoms.stop - atoms.start
         if differentiable or self._use_dense(n):
             return None

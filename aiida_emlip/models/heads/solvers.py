@@ -42,7 +42,7 @@ class SolveInfo:
     fallback: bool = False
 
 
-def _preconditioner(precond) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor | None, bool]:
+def _preconditioner(precond) -> tuple[Callable[[torch.Tensor], torch.Tensor], object, bool]:
     """``(apply, fallback, checked)`` of a preconditioner given as ``None``, a Jacobi diagonal ``[N]``
     or an operator ``r ↦ M⁻¹ r`` with a ``fallback`` (a preconditioner) or ``diag`` attribute (its
     Jacobi fallback); ``checked``: the solver tests ``rᵀM⁻¹r > 0`` and moves to the fallback."""

@@ -95,7 +95,7 @@ def main() -> None:
         return
     threads = os.environ.get("BENCH_THREADS", "2")
     print(
-        f"threads {threads}, energy + forces, float32 times (best of 3), float64 differences, accuracy 1e-6"
+        f"threads {threads}, energy + forces, float32 times (best of 2×3), float64 differences, accuracy 1e-6"
     )
     header = f"{'system':>6} {'N':>6} {'sigma':>6} {'method':>6} {'pairs':>9}"
     print(f"{header} {'split s':>8} {'k-space s':>9} {'ratio':>6} {'dE/E_s':>8} {'dF/F_s':>8}")

@@ -6,11 +6,11 @@ accuracy 1e-6; Ewald below 700 atoms, PME above), with the Coulomb operator set 
 (:meth:`Electrostatics.coulomb_operator`). Hardness: ``untrained`` (softplus(2) + 0.1 = 2.23 eV/e², what
 an untrained ``qeq`` head gives), ``J=5`` and ``J=15`` (eV/e², realistic), each ±10 % per atom;
 χ per element ± 0.3 eV. Printed per case: iterations, CPU seconds of the solve (operator set-up
-excluded, preconditioner set-up included), whether the mesh preconditioner fell back to Jacobi, and
-the largest charge difference between the two; then the solve inference runs (``projected``: the
-mesh-preconditioned CG projected on Σq = Q from Q/N, one charge channel instead of two) with its
-iterations, CPU seconds and charge difference to the two-channel mesh solve. Iteration counts do not
-depend on the device.
+excluded, preconditioner set-up included), whether the mesh preconditioner fell back (to its
+bounded form), and the largest charge difference between the two; then the solve inference runs
+(``projected``: the mesh-preconditioned CG projected on Σq = Q from Q/N, one charge channel instead
+of two) with its iterations, CPU seconds and charge difference to the two-channel mesh solve.
+Iteration counts do not depend on the device.
 ``SYSTEM+vacuum`` adds 12 Å of vacuum along the third cell vector of a fully periodic cell (an
 unevenly filled cell, as a slab or an interface in a periodic box), where the mesh preconditioner's
 mean form is not positive and the solve continues with its bounded form ("fell back").

@@ -203,8 +203,9 @@ SPLIT_PME = 0.8
 SPLIT_MIN_RATIO = 1.25
 
 
-def split_smearing(cell: torch.Tensor, s_phys: float, n_atoms: int, method: str) -> float:
-    """Range separation ``s`` (Å) of the periodic sum of charges of pair width ``s_phys``.
+def split_smearing(volume: float, s_phys: float, n_atoms: int, method: str) -> float:
+    """Range separation ``s`` (Å) of the periodic sum of charges of pair width ``s_phys`` in a cell of
+    ``volume`` (Å³).
 
     The k-space part is ``erf(r/√2 s)/r``; the rest is summed over real-space pairs within
     :func:`realspace_cutoff`. Point charges (``s_phys = 0``) use the classic Ewald balance
@@ -212,7 +213,6 @@ def split_smearing(cell: torch.Tensor, s_phys: float, n_atoms: int, method: str)
     balance of the two costs lies well above it: a k-space sum's cutoff or mesh step scales with
     ``s``, so narrow Gaussians (σ ≲ 1 Å) summed wholly in k-space cost up to 15× wide ones.
     """
-    volume = abs(float(torch.linalg.det(cell.detach().cpu().double())))
     if s_phys == 0.0:
         return 1.0 / (math.sqrt(2.0) * ewald_alpha(n_atoms, volume))
     ell = coulomb_length(n_atoms, volume)

@@ -158,15 +158,16 @@ class ChargeKernel:
             self.calc = es._calculator("direct", s_phys, positions)
             return
         self.volume = torch.abs(torch.linalg.det(cell))
-        if self.volume.detach().item() < 1e-8:
+        volume = self.volume.detach().item()
+        if volume < 1e-8:
             raise ValueError("periodic electrostatics needs a cell with nonzero volume")
         # torch-pme's background term gives −2πs²Q/V; the k = 0-excluded density gives −2π(s²−s_phys²)Q/V
         self.background = 2.0 * math.pi * COULOMB_CONSTANT * s_phys**2
         self.cell = cell = reduced_cell(cell)
         # the range separation: at least the charges' own width (for point charges the Ewald balance)
-        smearing = split_smearing(cell, s_phys, n_atoms, method)
+        smearing = split_smearing(volume, s_phys, n_atoms, method)
         if smearing > s_phys:
-            ell = coulomb_length(n_atoms, self.volume.detach().item())
+            ell = coulomb_length(n_atoms, volume)
             r_cut = realspace_cutoff(1.0 / (math.sqrt(2.0) * smearing), ell, accuracy)
             self.pairs, self.dist = _neighbour_pairs(positions, cell, r_cut)
         else:

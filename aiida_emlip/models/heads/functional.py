@@ -94,7 +94,7 @@ class FunctionalHead(EquilibrationHead):
             grad = ops.matvec(q) + self.local_gradient(params, q) + external
             curvature = self.local_curvature(params, q)
             if projected:
-                step = self._projected_solve(inp, curvature, grad, ops)
+                step = self._projected_solve(curvature, grad, ops)
             else:
                 step = self._quadratic_solve(inp, b, atoms, curvature, grad, 0.0, ops)
             sol = step if groups is None else constrain_groups(step, groups, zeros)

@@ -227,16 +227,21 @@ class EquilibrationHead(Head):
         )
 
     def _projected_solve(
-        self, inp: HeadInput, diag: torch.Tensor, rhs: torch.Tensor, ops: _Operators
+        self,
+        diag: torch.Tensor,
+        rhs: torch.Tensor,
+        ops: _Operators,
+        total: float | torch.Tensor = 0.0,
+        start: torch.Tensor | None = None,
     ) -> QEqSolution:
-        """The minimiser of ``½ xᵀ(A + diag)x + rhsᵀx`` on ``Σx = 0`` by projected CG from zero, one
-        charge channel (inference of a single fragment: no ``H⁻¹``, no ``H⁻¹1``)."""
+        """The minimiser of ``½ xᵀ(A + diag)x + rhsᵀx`` on ``Σx = total`` by projected CG from ``start``
+        (default zero), one charge channel (inference of a single fragment: no ``H⁻¹``, no ``H⁻¹1``)."""
         x, mu, info = qeq_solve_from(
             ops.matvec,
             diag,
             rhs,
-            0.0,
-            torch.zeros_like(rhs),
+            total,
+            torch.zeros_like(rhs) if start is None else start,
             precond=ops.precond(diag),
             tol=default_tolerance(self.options.tol, rhs.dtype),
             maxiter=self.options.max_iter,
@@ -263,16 +268,9 @@ class EquilibrationHead(Head):
     ) -> tuple[torch.Tensor, torch.Tensor, SolveInfo]:
         """Charges and μ of one structure by CG on Σq = Q from ``start`` (inference, iterative solver)."""
         ops = self._coulomb_operator(inp, b, atoms)
-        return qeq_solve_from(
-            ops.matvec,
-            params["hardness"],
-            params["chi"] + external,
-            inp.total_charge[b].detach(),
-            start,
-            precond=ops.precond(params["hardness"]),
-            tol=default_tolerance(self.options.tol, inp.positions.dtype),
-            maxiter=self.options.max_iter,
-        )
+        rhs = params["chi"] + external
+        sol = self._projected_solve(params["hardness"], rhs, ops, inp.total_charge[b].detach(), start)
+        return sol.charges, sol.mu, sol.info
 
     def _warm_start(self, inp: HeadInput, atoms: slice, differentiable: bool) -> torch.Tensor | None:
         """The start of the projected CG on Σq = Q where it applies — inference (no implicit

@@ -18,6 +18,11 @@ import torch
 
 Matvec = Callable[[torch.Tensor], torch.Tensor]
 
+#: Iterations between two host checks of an iterative solve on an accelerator (see
+#: :func:`check_interval`): at most this many wasted matvecs once a solve has converged, against one
+#: wait for the device's queue per iteration.
+DEVICE_CHECK_EVERY = 8
+
 
 class SCFConvergenceError(RuntimeError):
     """An iterative head did not converge or diverged, and ``on_failure='raise'``."""
@@ -58,6 +63,22 @@ def _preconditioner(precond) -> tuple[Callable[[torch.Tensor], torch.Tensor], ob
     return precond, getattr(precond, "fallback", precond.diag), True
 
 
+def check_interval(device: torch.device, check_every: int | None) -> int:
+    """Iterations between the host's looks at a solve's convergence: ``check_every``, or by default 1 on
+    the CPU (a look costs nothing there) and :data:`DEVICE_CHECK_EVERY` on an accelerator, where each
+    look waits for the device's queue to drain."""
+    if check_every is None:
+        return 1 if device.type == "cpu" else DEVICE_CHECK_EVERY
+    if check_every < 1:
+        raise ValueError(f"check_every must be >= 1, got {check_every}")
+    return check_every
+
+
+def _host(values: torch.Tensor) -> list:
+    """Bring ``values`` to the host: the one synchronisation point of the solvers' loops."""
+    return values.tolist()
+
+
 def conjugate_gradient(
     matvec: Matvec,
     b: torch.Tensor,
@@ -65,6 +86,7 @@ def conjugate_gradient(
     tol: float = 1e-10,
     maxiter: int = 1000,
     x0: torch.Tensor | None = None,
+    check_every: int | None = None,
 ) -> tuple[torch.Tensor, SolveInfo]:
     """Solve ``H X = B`` for SPD ``H`` column by column in lock-step; ``b`` is ``[N]`` or ``[N, C]``.
 
@@ -73,9 +95,15 @@ def conjugate_gradient(
     :class:`~aiida_emlip.models.coulomb_operator.MeshPreconditioner`); an operator whose ``rᵀM⁻¹r``
     is not positive at some step is replaced by its fallback from the current iterate. Convergence when
     every column's residual norm is below ``tol · ‖b_c‖``.
+
+    Each column's tests run on the device: a converged column stops moving (its step length is zero),
+    and so does one where ``M⁻¹`` is not positive, until the host next looks, every
+    :func:`check_interval` iterations, and moves all columns to the fallback. The iterations reported
+    are those of the column that needed most, whatever the interval.
     """
     vector = b.dim() == 1
     b2 = b[:, None] if vector else b
+    every = check_interval(b.device, check_every)
     apply, fallback, checked = _preconditioner(precond)
     x = torch.zeros_like(b2) if x0 is None else (x0[:, None] if vector else x0).clone()
     r = b2 - matvec(x) if x0 is not None else b2.clone()
@@ -84,39 +112,49 @@ def conjugate_gradient(
     rz = (r * z).sum(0)
     target = tol * torch.linalg.vector_norm(b2, dim=0).clamp(min=torch.finfo(b.dtype).tiny)
     res = torch.linalg.vector_norm(r, dim=0)
+    stalled = torch.zeros_like(res, dtype=torch.bool)  # columns waiting for the fallback
+    steps = torch.zeros_like(res, dtype=torch.long)  # iterations each column has taken
     it, fell_back = 0, False
     while it < maxiter:
         active = res > target
         if checked:
+            stalled = stalled | (active & ~(rz > 0))
+        if it % every == 0:
             # one host transfer for both tests: anything left to do, and is M⁻¹ still positive there
-            bad = (active & ~(rz > 0)).any()
-            go, bad = (bool(v) for v in torch.stack([active.any(), bad]).tolist())
-            if go and bad:
+            go, bad = (bool(v) for v in _host(torch.stack([active.any(), stalled.any()])))
+            if not go:
+                break
+            if bad:
                 apply, fallback, checked = _preconditioner(fallback)
                 fell_back = True
+                stalled = torch.zeros_like(stalled)
                 z = apply(r)
                 p = z.clone()
                 rz = (r * z).sum(0)
-        else:
-            go = bool(active.any())
-        if not go:
-            break
+        moving = active & ~stalled
         hp = matvec(p)
         php = (p * hp).sum(0)
-        alpha = torch.where(active, rz / php, torch.zeros_like(rz))
+        alpha = torch.where(moving, rz / php, torch.zeros_like(rz))
         x = x + alpha * p
         r = r - alpha * hp
         z = apply(r)
         rz_new = (r * z).sum(0)
-        beta = torch.where(active, rz_new / rz, torch.zeros_like(rz))
-        p = z + beta * p
-        rz = rz_new
+        beta = torch.where(moving, rz_new / rz, torch.zeros_like(rz))
+        p = torch.where(moving, z + beta * p, p)
+        rz = torch.where(moving, rz_new, rz)
         res = torch.linalg.vector_norm(r, dim=0)
+        steps = steps + moving
         it += 1
-    info = SolveInfo(
-        it, float((res / target.clamp(min=1e-300) * tol).max()), bool((res <= target).all()), fell_back
+    worst, converged, taken = _host(
+        torch.stack(
+            [
+                (res / target.clamp(min=1e-300) * tol).max(),
+                (res <= target).all().to(res.dtype),
+                steps.max().to(res.dtype),
+            ]
+        )
     )
-    return (x[:, 0] if vector else x), info
+    return (x[:, 0] if vector else x), SolveInfo(int(taken), worst, bool(converged), fell_back)
 
 
 def gmres(
@@ -245,6 +283,7 @@ def qeq_solve_from(
     precond=None,
     tol: float = 1e-10,
     maxiter: int = 1000,
+    check_every: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, SolveInfo]:
     """The problem of :func:`qeq_solve` by projected preconditioned CG from the charges ``start`` (a warm
     start: the solution of a nearby geometry); returns ``q``, ``μ`` and the solve's record.
@@ -256,8 +295,9 @@ def qeq_solve_from(
     ``r = −(H q + b)`` tends to ``μ 1``; its uniform part, which the projection ignores, is moved into
     μ at every step so that the small part along the plane is not lost to cancellation against it.
     Converged when that part, ``‖r − mean(r)‖``, is below ``tol · ‖b‖`` (the scale of
-    :func:`qeq_solve`'s test). No ``H⁻¹ 1`` is formed: for inference, not for the implicit derivatives
-    of training.
+    :func:`qeq_solve`'s test), looked at by the host every :func:`check_interval` iterations as in
+    :func:`conjugate_gradient`. No ``H⁻¹ 1`` is formed: for inference, not for the implicit
+    derivatives of training.
     """
     n = b.shape[0]
     q = start + (torch.as_tensor(total, dtype=b.dtype, device=b.device) - start.sum()) / n
@@ -278,24 +318,36 @@ def qeq_solve_from(
         apply, fallback, checked = _preconditioner(fallback)
         project = projector(apply)[0]
 
+    every = check_interval(b.device, check_every)
     r = -(matvec(q) + diag * q + b)
     mu = r.mean()
     r = r - mu
     z = project(r)
     p = z.clone()
     rz = (r * z).sum()
-    target = tol * float(torch.linalg.vector_norm(b).clamp(min=torch.finfo(b.dtype).tiny))
-    res, rz_host = torch.stack([torch.linalg.vector_norm(r), rz]).tolist()
+    target = tol * torch.linalg.vector_norm(b).clamp(min=torch.finfo(b.dtype).tiny)
+    res = torch.linalg.vector_norm(r)
+    stalled = torch.zeros((), dtype=torch.bool, device=b.device)
+    steps = torch.zeros((), dtype=torch.long, device=b.device)
     it = 0
-    while it < maxiter and res > target:
-        if checked and not rz_host > 0.0:  # M⁻¹ not positive here: its fallback from the current charges
-            apply, fallback, checked = _preconditioner(fallback)
-            project, fell_back = projector(apply)[0], True
-            z = project(r)
-            p = z.clone()
-            rz = (r * z).sum()
+    while it < maxiter:
+        active = res > target
+        if checked:
+            stalled = stalled | (active & ~(rz > 0))
+        if it % every == 0:
+            go, bad = (bool(v) for v in _host(torch.stack([active, stalled])))
+            if not go:
+                break
+            if bad:  # M⁻¹ not positive here: its fallback from the current charges
+                apply, fallback, checked = _preconditioner(fallback)
+                project, fell_back = projector(apply)[0], True
+                stalled = torch.zeros_like(stalled)
+                z = project(r)
+                p = z.clone()
+                rz = (r * z).sum()
+        moving = active & ~stalled
         hp = matvec(p) + diag * p
-        alpha = rz / (p * hp).sum()
+        alpha = torch.where(moving, rz / (p * hp).sum(), torch.zeros_like(rz))
         q = q + alpha * p
         r = r - alpha * hp
         uniform = r.mean()
@@ -303,11 +355,16 @@ def qeq_solve_from(
         r = r - uniform
         z = project(r)
         rz_new = (r * z).sum()
-        p = z + (rz_new / rz) * p
-        rz = rz_new
-        res, rz_host = torch.stack([torch.linalg.vector_norm(r), rz]).tolist()
+        p = torch.where(moving, z + (rz_new / rz) * p, p)
+        rz = torch.where(moving, rz_new, rz)
+        res = torch.linalg.vector_norm(r)
+        steps = steps + moving
         it += 1
-    return q, mu, SolveInfo(it, res / max(target, 1e-300) * tol, res <= target, fell_back)
+    res_host, target_host, taken = _host(torch.stack([res, target, steps.to(res.dtype)]))
+    info = SolveInfo(
+        int(taken), res_host / max(target_host, 1e-300) * tol, res_host <= target_host, fell_back
+    )
+    return q, mu, info
 
 
 def constrain_groups(solution: QEqSolution, groups: torch.Tensor, targets: torch.Tensor) -> QEqSolution:

@@ -1,0 +1,107 @@
+"""The iterative solves look at their convergence from the host only every few iterations.
+
+On an accelerator each look waits for the device's queue; the solvers keep their tests on the device
+and bring them to the host every ``check_every`` iterations. The answer, the iterations reported and
+the preconditioner's fallback must not depend on the interval.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from aiida_emlip.models.heads import solvers
+from aiida_emlip.models.heads.solvers import (
+    DEVICE_CHECK_EVERY,
+    check_interval,
+    conjugate_gradient,
+    qeq_solve,
+    qeq_solve_from,
+)
+
+DT = torch.float64
+
+
+def spd_system(n: int = 60, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A dense SPD matrix with a spread spectrum (tens of CG iterations) and two right-hand sides."""
+    gen = torch.Generator().manual_seed(seed)
+    m = torch.randn(n, n, generator=gen, dtype=DT)
+    h = m @ m.T + 2.0 * torch.eye(n, dtype=DT)
+    return h, torch.randn(n, 2, generator=gen, dtype=DT)
+
+
+class Counter:
+    """Counts the solvers' host transfers."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        host = solvers._host
+
+        def counting(values: torch.Tensor) -> list:
+            self.calls += 1
+            return host(values)
+
+        monkeypatch.setattr(solvers, "_host", counting)
+
+
+def negative_preconditioner(diag: torch.Tensor):
+    """An operator with ``rᵀM⁻¹r < 0`` everywhere: every solve must move to its Jacobi fallback."""
+    return type("Negative", (), {"diag": diag.clone(), "__call__": lambda self, r: -r})()
+
+
+def test_default_interval_is_one_on_cpu_and_larger_on_an_accelerator():
+    assert check_interval(torch.device("cpu"), None) == 1
+    assert check_interval(torch.device("cuda"), None) == DEVICE_CHECK_EVERY > 1
+    assert check_interval(torch.device("cpu"), 5) == 5
+    with pytest.raises(ValueError, match="check_every"):
+        check_interval(torch.device("cpu"), 0)
+
+
+@pytest.mark.parametrize("every", [3, 8])
+def test_cg_with_sparse_checks_matches_every_step(monkeypatch, every):
+    h, b = spd_system()
+    x1, info1 = conjugate_gradient(lambda v: h @ v, b, torch.diagonal(h), tol=1e-12, check_every=1)
+    counter = Counter(monkeypatch)
+    xk, infok = conjugate_gradient(lambda v: h @ v, b, torch.diagonal(h), tol=1e-12, check_every=every)
+    assert info1.converged and infok.converged
+    assert info1.iterations > 20  # a solve long enough for the interval to matter
+    # converged columns stand still: the extra iterations change nothing
+    assert infok.iterations == info1.iterations
+    assert torch.equal(xk, x1)
+    assert torch.allclose(h @ xk, b, atol=1e-9, rtol=0)
+    assert counter.calls <= math.ceil(info1.iterations / every) + 2
+
+
+def test_cg_moves_to_the_fallback_at_the_next_check(monkeypatch):
+    h, b = spd_system(seed=1)
+    jacobi = conjugate_gradient(lambda v: h @ v, b, torch.diagonal(h), tol=1e-12, check_every=1)[1]
+    counter = Counter(monkeypatch)
+    x, info = conjugate_gradient(
+        lambda v: h @ v, b, negative_preconditioner(torch.diagonal(h)), tol=1e-12, check_every=4
+    )
+    assert info.fallback and info.converged
+    assert torch.allclose(h @ x, b, atol=1e-9, rtol=0)
+    assert info.iterations == jacobi.iterations  # no step was taken with the bad operator
+    assert counter.calls <= math.ceil(info.iterations / 4) + 3
+
+
+@pytest.mark.parametrize("bad", [False, True])
+def test_projected_solve_with_sparse_checks(monkeypatch, bad):
+    h, b2 = spd_system(seed=2)
+    d = torch.linspace(0.5, 2.0, h.shape[0], dtype=DT)
+    b = b2[:, 0]
+    exact = qeq_solve(None, d, b, 1.0, dense=h)
+    precond = negative_preconditioner(d + torch.diagonal(h)) if bad else d + torch.diagonal(h)
+    start = torch.zeros_like(b)
+    q1, mu1, info1 = qeq_solve_from(lambda v: h @ v, d, b, 1.0, start, precond, tol=1e-12, check_every=1)
+    counter = Counter(monkeypatch)
+    q, mu, info = qeq_solve_from(lambda v: h @ v, d, b, 1.0, start, precond, tol=1e-12, check_every=6)
+    assert info.converged and info.fallback == bad
+    assert info.iterations == info1.iterations > 12
+    assert torch.allclose(q, exact.charges, atol=1e-9, rtol=0)
+    assert abs(float(mu - exact.mu)) < 1e-8
+    assert abs(float(q.sum()) - 1.0) < 1e-12
+    assert torch.allclose(q, q1, atol=1e-12, rtol=0)
+    assert counter.calls <= math.ceil(info.iterations / 6) + 3

@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 import math
 from functools import lru_cache
+from types import FunctionType
 
 import numpy as np
 import torch
@@ -448,7 +449,10 @@ class MeshPreconditioner:
         """``M⁻¹`` for the Jacobi diagonal ``diag = d`` (J plus the Coulomb diagonal), ``[N]``: the mean
         form, falling back to the bounded form, then to Jacobi."""
         inv = 1.0 / diag
-        bounded = MeshPreconditionerApply(self, diag, self.bounded_density(inv), fallback=diag)
+
+        def bounded() -> MeshPreconditionerApply:  # built only if a solve needs it
+            return MeshPreconditionerApply(self, diag, self.bounded_density(inv), fallback=diag)
+
         return MeshPreconditionerApply(self, diag, inv.sum() / self.volume, fallback=bounded)
 
     def bounded_density(self, inv: torch.Tensor) -> torch.Tensor:
@@ -463,14 +467,20 @@ class MeshPreconditioner:
 class MeshPreconditionerApply:
     """``r ↦ M⁻¹ r`` of :class:`MeshPreconditioner` for one diagonal and density ``c``; ``diag`` is the
     Jacobi diagonal, ``fallback`` what the solvers continue with where ``M⁻¹`` is not positive (another
-    preconditioner, or a Jacobi diagonal)."""
+    preconditioner, or a Jacobi diagonal), given as such or as a function that builds it on first use."""
 
     def __init__(self, mesh: MeshPreconditioner, diag: torch.Tensor, c: torch.Tensor, fallback):
         self.mesh_op = mesh
         self.diag = diag
-        self.fallback = fallback
+        self._fallback = fallback
         self.inv = 1.0 / diag
         self.kernel = mesh.g / (1.0 + c * mesh.g)
+
+    @property
+    def fallback(self):
+        if isinstance(self._fallback, FunctionType):  # built on first use
+            self._fallback = self._fallback()
+        return self._fallback
 
     def __call__(self, r: torch.Tensor) -> torch.Tensor:
         vector = r.dim() == 1

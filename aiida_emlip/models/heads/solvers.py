@@ -48,9 +48,10 @@ class SolveInfo:
 
 
 def _preconditioner(precond) -> tuple[Callable[[torch.Tensor], torch.Tensor], object, bool]:
-    """``(apply, fallback, checked)`` of a preconditioner given as ``None``, a Jacobi diagonal ``[N]``
+    """``(apply, source, checked)`` of a preconditioner given as ``None``, a Jacobi diagonal ``[N]``
     or an operator ``r ↦ M⁻¹ r`` with a ``fallback`` (a preconditioner) or ``diag`` attribute (its
-    Jacobi fallback); ``checked``: the solver tests ``rᵀM⁻¹r > 0`` and moves to the fallback."""
+    Jacobi fallback); ``checked``: the solver tests ``rᵀM⁻¹r > 0`` and moves to
+    :func:`_fallback` of ``source``, which is only then looked up (an operator may build it lazily)."""
     if precond is None:
         return (lambda r: r), None, False
     if isinstance(precond, torch.Tensor):
@@ -60,7 +61,12 @@ def _preconditioner(precond) -> tuple[Callable[[torch.Tensor], torch.Tensor], ob
             return (inv[:, None] if r.dim() == 2 else inv) * r
 
         return jacobi, precond, False
-    return precond, getattr(precond, "fallback", precond.diag), True
+    return precond, precond, True
+
+
+def _fallback(source):
+    """What a solve continues with once the operator ``source`` was not positive."""
+    return getattr(source, "fallback", source.diag)
 
 
 def check_interval(device: torch.device, check_every: int | None) -> int:
@@ -104,7 +110,7 @@ def conjugate_gradient(
     vector = b.dim() == 1
     b2 = b[:, None] if vector else b
     every = check_interval(b.device, check_every)
-    apply, fallback, checked = _preconditioner(precond)
+    apply, source, checked = _preconditioner(precond)
     x = torch.zeros_like(b2) if x0 is None else (x0[:, None] if vector else x0).clone()
     r = b2 - matvec(x) if x0 is not None else b2.clone()
     z = apply(r)
@@ -125,7 +131,7 @@ def conjugate_gradient(
             if not go:
                 break
             if bad:
-                apply, fallback, checked = _preconditioner(fallback)
+                apply, source, checked = _preconditioner(_fallback(source))
                 fell_back = True
                 stalled = torch.zeros_like(stalled)
                 z = apply(r)
@@ -301,7 +307,7 @@ def qeq_solve_from(
     """
     n = b.shape[0]
     q = start + (torch.as_tensor(total, dtype=b.dtype, device=b.device) - start.sum()) / n
-    apply, fallback, checked = _preconditioner(torch.ones_like(b) if precond is None else precond)
+    apply, source, checked = _preconditioner(torch.ones_like(b) if precond is None else precond)
 
     def projector(apply):
         m1 = apply(torch.ones_like(b))  # M⁻¹ 1: the projection onto Σ = 0 in the metric of M
@@ -315,7 +321,7 @@ def qeq_solve_from(
     project, m1_sum = projector(apply)
     fell_back = checked and not float(m1_sum) > 0.0
     if fell_back:
-        apply, fallback, checked = _preconditioner(fallback)
+        apply, source, checked = _preconditioner(_fallback(source))
         project = projector(apply)[0]
 
     every = check_interval(b.device, check_every)
@@ -339,7 +345,7 @@ def qeq_solve_from(
             if not go:
                 break
             if bad:  # M⁻¹ not positive here: its fallback from the current charges
-                apply, fallback, checked = _preconditioner(fallback)
+                apply, source, checked = _preconditioner(_fallback(source))
                 project, fell_back = projector(apply)[0], True
                 stalled = torch.zeros_like(stalled)
                 z = project(r)

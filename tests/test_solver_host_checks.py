@@ -104,4 +104,5 @@ def test_projected_solve_with_sparse_checks(monkeypatch, bad):
     assert abs(float(mu - exact.mu)) < 1e-8
     assert abs(float(q.sum()) - 1.0) < 1e-12
     assert torch.allclose(q, q1, atol=1e-12, rtol=0)
+    assert abs(float(mu - mu1)) < 1e-11
     assert counter.calls <= math.ceil(info.iterations / 6) + 3

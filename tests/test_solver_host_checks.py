@@ -106,3 +106,36 @@ def test_projected_solve_with_sparse_checks(monkeypatch, bad):
     assert torch.allclose(q, q1, atol=1e-12, rtol=0)
     assert abs(float(mu - mu1)) < 1e-11
     assert counter.calls <= math.ceil(info.iterations / 6) + 3
+
+
+@pytest.mark.parametrize("restart", [40, 9], ids=["one-cycle", "restarted"])
+def test_gmres_with_sparse_checks_matches_every_step(monkeypatch, restart):
+    """A non-symmetric system: the same iterations and solution at any interval, the host reached about
+    once per interval (plus once per restart cycle), and the residual as numpy's solve gives it."""
+    gen = torch.Generator().manual_seed(4)
+    n = 50
+    k = torch.randn(n, n, generator=gen, dtype=DT) / math.sqrt(n) + 1.5 * torch.eye(n, dtype=DT)
+    b = torch.randn(n, generator=gen, dtype=DT)
+    x1, info1 = solvers.gmres(lambda v: k @ v, b, tol=1e-12, restart=restart, check_every=1)
+    counter = Counter(monkeypatch)
+    x5, info5 = solvers.gmres(lambda v: k @ v, b, tol=1e-12, restart=restart, check_every=5)
+    assert info1.converged and info5.converged
+    assert info5.iterations == info1.iterations > 10
+    assert torch.allclose(x5, x1, atol=1e-12, rtol=0)
+    exact = torch.linalg.solve(k, b)
+    assert torch.allclose(x5, exact, atol=1e-10, rtol=0)
+    cycles = math.ceil(info1.iterations / restart)
+    assert counter.calls <= math.ceil(info1.iterations / 5) + 2 * cycles
+
+
+def test_gmres_stops_at_a_breakdown():
+    """A matrix with three distinct eigenvalues: the Krylov space is exhausted after three steps (the
+    next basis vector is zero); the solve stops there with the exact answer at any interval."""
+    gen = torch.Generator().manual_seed(5)
+    q, _ = torch.linalg.qr(torch.randn(20, 20, generator=gen, dtype=DT))
+    k = q @ torch.diag(torch.tensor([1.0] * 7 + [2.0] * 7 + [5.0] * 6, dtype=DT)) @ q.T
+    b = torch.randn(20, generator=gen, dtype=DT)
+    for every in (1, 8):
+        x, info = solvers.gmres(lambda v: k @ v, b, tol=1e-14, check_every=every)
+        assert info.converged and info.iterations == 3
+        assert torch.allclose(k @ x, b, atol=1e-11, rtol=0)

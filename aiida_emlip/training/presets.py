@@ -83,7 +83,7 @@ SCF_DIRECT_FRACTION = 1.0 / 3.0
 #: halved the far ratio but raised the neutral error (1.24 × ``sr``), σ = 2 Å lowered the neutral
 #: error but lost the far field (0.34), and weight 30 gave 1.13. ``functional`` trains on its charges
 #: with weight 300: on the long-range benchmark (seed 0 split, four initialisations) its largest
-#: fragment-charge error fell from 0.164 to 0.147 e on the default files and to 0.087 e with dense
+#: fragment-charge error fell from 0.164 to 0.147 e on the default files and from 0.151 to 0.087 e with dense
 #: Li⁺ contact cells for training, far-field ratios unchanged (0.23–0.25) and neutral errors within
 #: 0.77–0.93 × ``sr``'s; weight 100 and a 300-then-10 schedule did no better.
 MULTIPOLE_WEIGHTS: dict[str, tuple[float, ...]] = {"split": (1.0,), "functional": (300.0,)}

@@ -199,8 +199,8 @@ def gmres(
         hess = torch.zeros(restart + 1, restart, dtype=torch.float64, device=b.device)
         e1 = torch.zeros(restart + 1, dtype=torch.float64, device=b.device)
         e1[0] = beta
-        rels, subdiag = [], []
-        k_used, coeff = 0, None
+        rels, sols = [], []
+        k_used = 0
         for k in range(restart):
             w = matvec(basis[:, k])
             v = basis[:, : k + 1]
@@ -213,7 +213,7 @@ def gmres(
             hess[k + 1, k] = norm.to(torch.float64)
             sol = torch.linalg.lstsq(hess[: k + 2, : k + 1], e1[: k + 2, None]).solution[:, 0]
             rels.append(torch.linalg.vector_norm(hess[: k + 2, : k + 1] @ sol - e1[: k + 2]) / norm_b)
-            subdiag.append(hess[k + 1, k])
+            sols.append(sol)
             basis[:, k + 1] = w / norm.clamp(min=tiny)
             last = k == restart - 1 or total + k + 1 >= maxiter
             if (k + 1) % every and not last:
@@ -221,7 +221,7 @@ def gmres(
             done = [
                 i
                 for i, (res_k, h_k) in enumerate(
-                    zip(*_host(torch.stack([torch.stack(rels), torch.stack(subdiag)])))
+                    zip(*_host(torch.stack([torch.stack(rels), hess.diagonal(-1)[: k + 1]])))
                 )
                 if res_k <= tol or h_k < 1e-300
             ]
@@ -229,9 +229,8 @@ def gmres(
                 k_used = done[0] + 1 if done else k + 1
                 break
         total += k_used
-        coeff = torch.linalg.lstsq(hess[: k_used + 1, :k_used], e1[: k_used + 1, None]).solution[:, 0]
         rel = float(rels[k_used - 1])
-        x = x + basis[:, :k_used] @ coeff.to(b.dtype)
+        x = x + basis[:, :k_used] @ sols[k_used - 1].to(b.dtype)
         if rel <= tol:
             break
     return x, SolveInfo(total, rel, rel <= tol)

@@ -234,7 +234,8 @@ VARIANTS = {"+ind": True, "-ind": False}
 #: Design-name suffixes after any induction suffix, each ``~<key><value>``: the multipole loss weights,
 #: one per equal share of the epochs (``~mp1``, ``~mp10,1``: the preset's ``multipole_weights``), and the
 #: width σ of the Gaussian charges in Å (``~w2``: ``charge_width``), and how the head meets the total
-#: charge across fragments (``~finteger``, ``~fshared``: ``fragments``); e.g. ``split+ind~mp1~w2``.
+#: charge across fragments (``~finteger``, ``~fshared``, ``~fbonds``: ``fragments``); e.g.
+#: ``split+ind~mp1~w2``.
 OPTION_SUFFIXES = ("mp", "w", "f")
 
 
@@ -608,7 +609,7 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="presets to train (default: all); <preset>+ind with, <preset>-ind without induced dipoles; "
         "~mp<w>[,<w>...] sets the multipole loss weights, one per equal share of the epochs, ~w<sigma> "
-        "the width (Å) of the Gaussian charges, ~finteger / ~fshared the head's fragments option",
+        "the width (Å) of the Gaussian charges, ~finteger / ~fshared / ~fbonds the head's fragments option",
     )
     args = parser.parse_args(argv)
     if args.inits < 1:

@@ -85,3 +85,16 @@ def evaluate(model: EmlipModel, atoms: Atoms | list[Atoms], **kwargs) -> dict:
     graph = build_graph(atoms_list, model.cutoff, model.dtype)
     out = model(graph, **kwargs)
     return {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
+
+
+def gradient_and_central_difference(loss, weight: torch.Tensor, entry=(0, 1), h: float = 1e-6) -> tuple:
+    """``∂loss/∂weight[entry]`` by autograd and by central differences (the weight is restored)."""
+    grad = float(torch.autograd.grad(loss(), weight)[0][entry])
+    values = []
+    for step in (h, -2 * h):
+        with torch.no_grad():
+            weight[entry] += step
+        values.append(float(loss().detach()))
+    with torch.no_grad():
+        weight[entry] += h
+    return grad, (values[0] - values[1]) / (2 * h)

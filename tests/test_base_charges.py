@@ -1,4 +1,4 @@
-"""``split``'s base charges measured on the data (``formal_charges: mean``)."""
+"""Base charges measured on the data (``formal_charges: mean``): ``split``, and ``qeq`` with bonds."""
 
 from __future__ import annotations
 
@@ -58,8 +58,16 @@ def _values(tmp_path: Path, data: Path, head: dict, **extra) -> dict:
     return values
 
 
-def test_the_trainer_writes_each_elements_mean_training_charge_into_the_model(tmp_path):
-    values = _values(tmp_path, _data(tmp_path), {"name": "split", "formal_charges": "mean"})
+@pytest.mark.parametrize(
+    "head",
+    [
+        {"name": "split", "formal_charges": "mean"},
+        {"name": "qeq", "fragments": "bonds", "formal_charges": "mean"},
+    ],
+    ids=["split", "qeq-bonds"],
+)
+def test_the_trainer_writes_each_elements_mean_training_charge_into_the_model(tmp_path, head):
+    values = _values(tmp_path, _data(tmp_path), head)
     trainer = Trainer(parse_config(values))
     # the atoms of structures whose fragments stand apart (closest atoms beyond r_max = 4 Å)
     apart = [s for s in trainer.train if _gap(s.atoms) > 4.0]
@@ -170,3 +178,13 @@ def test_the_split_preset_measures_its_base_charges_when_the_data_have_charges()
     assert without["model"]["head"]["formal_charges"] == {"H": 1.0, "O": -2.0}
     given = preset_config("split", labels={schema.CHARGES}, elements=["H", "O"], formal_charges={"O": -1.0})
     assert given["model"]["head"]["formal_charges"] == {"O": -1.0}
+
+
+def test_equilibrating_presets_with_bonds_take_base_charges_like_split():
+    bonds = preset_config("qeq", labels={schema.CHARGES}, elements=["H", "O"], fragments="bonds")
+    assert bonds["model"]["head"]["formal_charges"] == schema.MEAN_CHARGES
+    without = preset_config("functional", labels=set(), elements=["H", "O"], fragments="bonds")
+    assert without["model"]["head"]["formal_charges"] == {"H": 1.0, "O": -2.0}
+    assert (
+        "formal_charges" not in preset_config("qeq", labels={schema.CHARGES}, elements=["H"])["model"]["head"]
+    )

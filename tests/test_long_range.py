@@ -481,7 +481,7 @@ def test_design_names_set_the_fragments_option_of_the_preset():
     assert head == {"name": "qeq", "fragments": "integer"}
     assert "fragments" not in preset_config("qeq")["model"]["head"]  # the classic, shared equilibration
     functional = preset_config("functional")["model"]
-    assert functional["head"]["fragments"] == "integer" and functional["electrostatics"] == {"sigma": 1.0}
+    assert functional["head"]["fragments"] == "bonds" and functional["electrostatics"] == {"sigma": 1.0}
     assert preset_config("functional", fragments="shared")["model"]["head"]["fragments"] == "shared"
     with pytest.raises(ValueError, match="has no fragments option"):
         preset_config("sr", fragments="integer")

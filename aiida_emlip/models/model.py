@@ -44,10 +44,13 @@ def resolve_transfer_cutoff(head: dict[str, Any], backbone: dict[str, Any]) -> d
     theirs (:func:`~aiida_emlip.models.file_layout.explicit_head`); training refuses a cutoff beyond
     r_max (:class:`~aiida_emlip.training.config.TrainConfig`).
     """
+    r_max = float(backbone.get("r_max", BackboneConfig.r_max))
     if head.get("name") == "split":
         if head.get("cutoff") is None:
-            head["cutoff"] = float(backbone.get("r_max", BackboneConfig.r_max))
+            head["cutoff"] = r_max
         head.setdefault("envelope", "cosine")
+    elif head.get("fragments") == "bonds" and head.get("bond_cutoff") is None:
+        head["bond_cutoff"] = r_max  # the equilibrating heads' conductances, likewise on the edges
     return head
 
 

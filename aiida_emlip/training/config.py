@@ -239,17 +239,23 @@ class TrainConfig:
 
 
 def _check_transfer_cutoff(model: dict[str, Any]) -> None:
-    """The ``split`` head's transfers ride on the graph's edges: a cutoff beyond the backbone's r_max
-    would make each transfer jump to zero as its bond crosses r_max (charges and energy discontinuous)."""
+    """The ``split`` head's transfers and the bond conductances of ``fragments: bonds`` ride on the
+    graph's edges: a cutoff beyond the backbone's r_max would make each jump to zero as its bond crosses
+    r_max (charges and energy discontinuous)."""
     head, backbone = model.get("head") or {}, model.get("backbone") or {}
-    if not isinstance(head, dict) or head.get("name") != "split" or not isinstance(backbone, dict):
+    if not isinstance(head, dict) or not isinstance(backbone, dict):
         return
-    cutoff, r_max = head.get("cutoff"), backbone.get("r_max", 5.0)
+    key = {"split": "cutoff"}.get(
+        head.get("name"), "bond_cutoff" if head.get("fragments") == "bonds" else None
+    )
+    if key is None:
+        return
+    cutoff, r_max = head.get(key), backbone.get("r_max", 5.0)
     if isinstance(cutoff, (int, float)) and isinstance(r_max, (int, float)) and cutoff > r_max:
         raise ConfigError(
-            f"model.head.cutoff {cutoff} Å exceeds the backbone's r_max {r_max} Å: the split head's "
+            f"model.head.{key} {cutoff} Å exceeds the backbone's r_max {r_max} Å: the head's charge "
             "transfers ride on the graph's edges, which end at r_max, so each would jump to zero there; "
-            "leave the cutoff out (it is then r_max) or set it to r_max or less"
+            f"leave {key} out (it is then r_max) or set it to r_max or less"
         )
 
 
@@ -268,11 +274,12 @@ def check_model_section(model: dict[str, Any]) -> None:
 
 
 def mean_charges_wanted(model: dict[str, Any]) -> bool:
-    """Whether a model section's ``split`` head takes its base charges from the data (``mean``)."""
+    """Whether a model section's head takes its base charges from the data (``mean``): ``split``, and
+    ``qeq`` or ``functional`` with ``fragments: bonds``."""
     head = model.get("head")
     return (
         isinstance(head, dict)
-        and head.get("name") == "split"
+        and head.get("name") in ("split", "qeq", "functional")
         and head.get("formal_charges") == schema.MEAN_CHARGES
     )
 

@@ -37,6 +37,10 @@ class FunctionalHead(EquilibrationHead):
     Options = FunctionalOptions
 
     @property
+    def quadratic(self) -> bool:  # type: ignore[override]
+        return not self.options.quartic
+
+    @property
     def num_local_outputs(self) -> int:  # type: ignore[override]
         return 3 if self.options.quartic else 2
 

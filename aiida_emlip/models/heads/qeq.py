@@ -15,23 +15,37 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from aiida_emlip.models.coulomb_operator import CoulombOperator, MeshPreconditioner
 from aiida_emlip.models.electrostatics import periodic_dims
-from aiida_emlip.models.fragments import FRAGMENTS, fragment_index, integer_targets, largest_fragment_mu
+from aiida_emlip.models.fragments import (
+    FRAGMENTS,
+    correct_fragment_charges,
+    fragment_index,
+    integer_targets,
+    largest_fragment_mu,
+)
 from aiida_emlip.models.heads.base import (
     Head,
     HeadInput,
     HeadOptions,
     HeadOutput,
     coulomb_energy,
+    element_table,
     field_work,
     mlp,
     scatter_sum,
     structure_dipoles,
+)
+from aiida_emlip.models.heads.bonds import (
+    BondConductance,
+    BondProblem,
+    implicit_bonds_step,
+    laplacian_apply,
+    minimise_bonds,
 )
 from aiida_emlip.models.heads.solvers import (
     ImplicitStep,
@@ -44,12 +58,14 @@ from aiida_emlip.models.heads.solvers import (
     qeq_solve,
     qeq_solve_from,
 )
-from aiida_emlip.schema import COULOMB_CONSTANT
+from aiida_emlip.schema import COULOMB_CONSTANT, MEAN_CHARGES
 
 SOLVERS = ("auto", "dense", "cg")
 PRECONDITIONERS = ("jacobi", "mesh")
 FAILURE_MODES = ("raise", "flag")
 PARAMETRIZATIONS = ("electronegativity", "softness")
+#: ``fragments`` of the equilibrating heads: those of the other heads, and ``bonds``
+EQUILIBRATION_FRAGMENTS = (*FRAGMENTS, "bonds")
 
 
 @dataclass
@@ -74,11 +90,28 @@ class QEqOptions(HeadOptions):
     #: ``shared`` — one μ for the whole structure, charge flows between fragments however far apart
     #: (classic QEq); ``integer`` — each fragment at the integer charge nearest its charge under the
     #: shared solution, with a μ of its own, so no charge crosses vacuum.
+    #: ``bonds``: charge moves only along the graph's edges, each bond with a learned conductance that
+    #: vanishes at ``bond_cutoff`` (split-charge equilibration, :mod:`~aiida_emlip.models.heads.bonds`):
+    #: separated fragments keep the integer charges of their base charges, and nothing jumps as they meet.
     fragments: str = "shared"
+    #: ``bonds``: Å, where the conductances vanish; None: the backbone's r_max (resolved by the model's
+    #: config), the longest edge of the graph
+    bond_cutoff: float | None = None
+    #: ``bonds``: base charges q⁰ per element (e; missing ones 0), or ``"mean"`` in a training config (each
+    #: element's mean DFT charge, measured by the trainer as for ``split``)
+    formal_charges: dict[str, float] | str = field(default_factory=dict)
+    num_radial: int = 8  # ``bonds``: Bessel functions of the bond length read by the conductance
 
     def __post_init__(self) -> None:
-        if self.fragments not in FRAGMENTS:
-            raise ValueError(f"fragments must be one of {FRAGMENTS}, got {self.fragments!r}")
+        if self.fragments not in EQUILIBRATION_FRAGMENTS:
+            raise ValueError(f"fragments must be one of {EQUILIBRATION_FRAGMENTS}, got {self.fragments!r}")
+        if self.bond_cutoff is not None and not self.bond_cutoff > 0:
+            raise ValueError(f"bond_cutoff must be positive (Å), got {self.bond_cutoff!r}")
+        if isinstance(self.formal_charges, str) and self.formal_charges != MEAN_CHARGES:
+            raise ValueError(
+                f"formal_charges must map elements to charges (e) or be {MEAN_CHARGES!r}, "
+                f"got {self.formal_charges!r}"
+            )
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
         if self.preconditioner not in PRECONDITIONERS:
@@ -97,6 +130,34 @@ def self_interaction(inp: HeadInput) -> float:
     if config.include_self or config.sigma <= 0.0:
         return 0.0
     return COULOMB_CONSTANT / (config.sigma * math.sqrt(math.pi))
+
+
+def solved_output(
+    inp: HeadInput,
+    energy: torch.Tensor,
+    charges: torch.Tensor,
+    dipole: torch.Tensor,
+    record: tuple[list[torch.Tensor], list[bool], list[int], list[list[float]]],
+    **fragments: torch.Tensor | None,
+) -> HeadOutput:
+    """The head's output from each structure's solve ``record``: its μ, whether it converged, its
+    iterations and the history of its residuals (padded with the last one to the longest)."""
+    mus, converged, iterations, history = record
+    device = inp.positions.device
+    residuals = [
+        torch.tensor([h[min(k, len(h) - 1)] for h in history], dtype=inp.positions.dtype, device=device)
+        for k in range(max(len(h) for h in history))
+    ]
+    return HeadOutput(
+        energy=energy,
+        charges=charges,
+        dipole=dipole,
+        fermi_level=torch.stack(mus).reshape(-1),
+        converged=torch.tensor(converged, device=device),
+        iterations=torch.tensor(iterations, device=device),
+        residuals=residuals,
+        **fragments,
+    )
 
 
 @dataclass
@@ -141,6 +202,9 @@ class EquilibrationHead(Head):
     #: only a quadratic local term.
     warm_startable = False
 
+    #: Whether the local term is quadratic in q (one Newton step solves it).
+    quadratic = True
+
     @classmethod
     def capabilities(cls, options: QEqOptions) -> frozenset[str]:
         return frozenset({"charges", "fermi_level", "polarizability"})
@@ -152,6 +216,20 @@ class EquilibrationHead(Head):
         # softness parametrization: start fairly hard (s ≈ 0.05 e²/eV), near the insulating limit
         start = -3.0 if options.parametrization == "softness" else 2.0
         self.hardness0 = torch.nn.Parameter(torch.full((len(elements),), start))
+        if options.fragments == "bonds":
+            if options.bond_cutoff is None:
+                raise ValueError(
+                    f"{self.name}: the bond cutoff is not resolved (build the head through its ModelConfig)"
+                )
+            if options.formal_charges == MEAN_CHARGES:
+                raise ValueError(
+                    f"{self.name}: formal_charges {MEAN_CHARGES!r} is measured on the training data by "
+                    "emlip-train; a model built outside training needs the charges per element"
+                )
+            self.register_buffer("formal", element_table(options.formal_charges, elements, "formal charges"))
+            self.conductance = BondConductance(
+                num_scalars, options.hidden, options.num_radial, options.bond_cutoff
+            )
 
     num_local_outputs = 2
 
@@ -325,6 +403,8 @@ class EquilibrationHead(Head):
         params = self.local_parameters(inp)
         # b_i gets −E·r_i: the field work −E·Σ q_i r_i is linear in q
         external = -(inp.external_field[graph.batch] * inp.positions).sum(-1)
+        if self.options.fragments == "bonds":
+            return self._bonds_forward(inp, params, external)
         differentiable = self.training and torch.is_grad_enabled()
         integer = self.options.fragments == "integer"
         index = fragment_index(graph)[0] if integer else None
@@ -384,20 +464,12 @@ class EquilibrationHead(Head):
         dipole = structure_dipoles(inp, charges_all)
         local_e = scatter_sum(self.local_energy(params, charges_all), graph.batch, graph.num_graphs)
         energy = local_e + coulomb_energy(inp, charges_all) + field_work(inp, dipole)
-        device = inp.positions.device
-        steps = max(len(h) for h in history)
-        residuals = [
-            torch.tensor([h[min(k, len(h) - 1)] for h in history], dtype=inp.positions.dtype, device=device)
-            for k in range(steps)
-        ]
-        return HeadOutput(
-            energy=energy,
-            charges=charges_all,
-            dipole=dipole,
-            fermi_level=torch.stack(mus).reshape(-1),
-            converged=torch.tensor(converged, device=device),
-            iterations=torch.tensor(iterations, device=device),
-            residuals=residuals,
+        return solved_output(
+            inp,
+            energy,
+            charges_all,
+            dipole,
+            (mus, converged, iterations, history),
             fragment_index=index,
             fragment_charges=torch.cat(fragment_sums) if index is not None else None,
         )
@@ -423,6 +495,125 @@ class EquilibrationHead(Head):
         solve = kkt_inverse(sol)
         dq, dmu = ImplicitStep.apply(residual, solve, solve, False, None if sol.groups is None else mu_star)
         return q_star - dq, mu_star - dmu
+
+    # ------------------------------------------------------------------ bonds
+    def _bond_problem(
+        self,
+        inp: HeadInput,
+        b: int,
+        atoms: slice,
+        params: dict[str, torch.Tensor],
+        external: torch.Tensor,
+        edges: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        base: torch.Tensor,
+        members: torch.Tensor,
+        dense: bool,
+        differentiable: bool,
+    ) -> BondProblem:
+        """Structure ``b``'s minimisation in y (:mod:`~aiida_emlip.models.heads.bonds`): with autograd
+        through the geometry where ``differentiable`` (the implicit step), else on detached inputs."""
+        sender, receiver, g = edges
+        pos, cell, pbc = inp.positions[atoms], inp.cell[b], inp.graph.pbc[b]
+        if not differentiable:
+            pos, cell = pos.detach(), cell.detach()
+        matrix = None
+        if dense:
+            matrix = inp.electrostatics.coulomb_matrix(pos, cell, pbc)
+            coulomb = matrix.__matmul__
+        else:
+            coulomb = self._coulomb_operator(inp, b, atoms).matvec
+
+        def gradient(q: torch.Tensor) -> torch.Tensor:
+            return coulomb(q) + self.local_gradient(params, q) + external
+
+        def curvature(q: torch.Tensor) -> torch.Tensor:
+            return self.local_curvature(params, q)
+
+        return BondProblem(sender, receiver, g, base, members, gradient, curvature, coulomb, matrix)
+
+    def _bonds_forward(
+        self, inp: HeadInput, params: dict[str, torch.Tensor], external: torch.Tensor
+    ) -> HeadOutput:
+        """Charges by bond-mediated equilibration (``fragments='bonds'``): Newton's method in the bond
+        potentials y of each structure, dense up to ``dense_max_atoms`` atoms (always in training, where
+        one differentiable step attaches the implicit derivatives), else CG for each step."""
+        graph = inp.graph
+        options = self.options
+        dtype = inp.positions.dtype
+        differentiable = self.training and torch.is_grad_enabled()
+        base = correct_fragment_charges(self.formal.to(dtype)[inp.species].detach(), graph).detach()
+        g = self.conductance(inp)
+        index = fragment_index(graph)[0]
+        sender, receiver = graph.edge_index
+        edge_batch = graph.batch[sender]
+        tol = default_tolerance(options.tol, dtype)
+        charge_tol = default_tolerance(getattr(options, "newton_tol", options.tol), dtype)
+        max_steps = getattr(options, "max_newton", 1)
+        ys, mus, converged, iterations, history = [], [], [], [], []
+        for b, atoms in graph.structures():
+            mask = edge_batch == b
+            local_edges = (sender[mask] - atoms.start, receiver[mask] - atoms.start)
+            members = index[atoms] - index[atoms].min()
+            dense = differentiable or self._use_dense(atoms.stop - atoms.start)
+            with torch.no_grad():
+                local = {k: v[atoms].detach() for k, v in params.items()}
+                problem = self._bond_problem(
+                    inp,
+                    b,
+                    atoms,
+                    local,
+                    external[atoms].detach(),
+                    (*local_edges, g[mask].detach()),
+                    base[atoms],
+                    members,
+                    dense,
+                    differentiable=False,
+                )
+                y, info, steps = minimise_bonds(
+                    problem, self.quadratic, tol, charge_tol, max_steps, options.max_iter
+                )
+            ok = info.converged and bool(torch.isfinite(y).all())
+            if not ok and options.on_failure == "raise":
+                raise SCFConvergenceError(
+                    f"{self.name}: structure {b} did not converge (largest charge step {info.residual:.3g} "
+                    f"after {len(steps)} Newton steps); raise max_iter/tol or use on_failure='flag'"
+                )
+            if differentiable:
+                local = {k: v[atoms] for k, v in params.items()}
+                problem = self._bond_problem(
+                    inp,
+                    b,
+                    atoms,
+                    local,
+                    external[atoms],
+                    (*local_edges, g[mask]),
+                    base[atoms],
+                    members,
+                    dense=True,
+                    differentiable=True,
+                )
+                y = implicit_bonds_step(problem, y)
+            # μ = −∂E/∂Q with the extra charge spread uniformly over a fragment's base charges: at the
+            # minimum ∂E/∂q⁰_i = ∂E_eq/∂q_i, so μ is minus its mean over the (largest) fragment
+            gradient = problem.gradient(problem.charges(y))
+            count = int(members.max()) + 1
+            sums = gradient.new_zeros(count).index_add(0, members, gradient)
+            mus.append(largest_fragment_mu(-sums / torch.bincount(members, minlength=count), members))
+            ys.append(y)
+            converged.append(ok)
+            iterations.append(info.iterations)
+            history.append(steps)
+        y_all = torch.cat(ys)
+        charges = base + laplacian_apply(g, sender, receiver, y_all)
+        dipole = structure_dipoles(inp, charges)
+        bond_energy = 0.25 * g * (y_all[sender] - y_all[receiver]) ** 2  # ½ yᵀLy, each bond twice
+        energy = (
+            scatter_sum(self.local_energy(params, charges), graph.batch, graph.num_graphs)
+            + scatter_sum(bond_energy, edge_batch, graph.num_graphs)
+            + coulomb_energy(inp, charges)
+            + field_work(inp, dipole)
+        )
+        return solved_output(inp, energy, charges, dipole, (mus, converged, iterations, history))
 
 
 class QEqHead(EquilibrationHead):

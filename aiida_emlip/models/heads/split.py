@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +19,7 @@ from aiida_emlip.models.heads.base import (
     mlp,
     scatter_sum,
 )
+from aiida_emlip.models.heads.edges import bessel_radial, cosine_envelope
 from aiida_emlip.schema import MEAN_CHARGES
 
 #: How transfers vanish at the cutoff (:attr:`SplitOptions.envelope`).
@@ -95,17 +95,10 @@ class SplitChargesHead(Head):
             self.dipole_weights = torch.nn.Linear(num_vectors, 1, bias=False)
 
     def _envelope(self, lengths: torch.Tensor) -> torch.Tensor:
-        """½(cos(πr/r_c) + 1) below the cutoff r_c, zero beyond: smooth to first order at r_c."""
-        rc = self.options.cutoff
-        smooth = 0.5 * (torch.cos(math.pi * lengths / rc) + 1.0)
-        return torch.where(lengths < rc, smooth, torch.zeros_like(lengths))
+        return cosine_envelope(lengths, self.options.cutoff)
 
     def _radial(self, lengths: torch.Tensor) -> torch.Tensor:
-        """Bessel basis times the cosine envelope, [E, num_radial]; zero beyond the cutoff."""
-        rc = self.options.cutoff
-        n = torch.arange(1, self.options.num_radial + 1, dtype=lengths.dtype, device=lengths.device)
-        x = lengths.clamp(min=1e-9)[:, None]
-        return torch.sin(n * math.pi * x / rc) / x * self._envelope(lengths)[:, None]
+        return bessel_radial(lengths, self.options.cutoff, self.options.num_radial)
 
     def transfers(self, inp: HeadInput) -> tuple[torch.Tensor, torch.Tensor]:
         """Charge moved along each edge (sender → receiver) and the edge vectors."""

@@ -1,0 +1,163 @@
+r"""Bond-mediated equilibration: split-charge equilibration for ``qeq`` and ``functional`` (no AiiDA).
+
+With ``fragments='bonds'`` charge moves between atoms only along the graph's edges. Every bond i–j
+carries a transfer p_ij from the base charges q⁰ (per element, each fragment at an integer charge),
+and costs ½ p_ij²/g_ij on top of the head's energy E_eq[q] (its local term, E_H and the field work):
+
+.. math:: E = \min_p \Big( E_\mathrm{eq}[q^0 + B p] + \sum_\mathrm{bonds} \frac{p_{ij}^2}{2 g_{ij}} \Big)
+          = \min_y \Big( E_\mathrm{eq}[q^0 + L y] + ½\, y^\top L y \Big),
+
+with B the bond–atom incidence matrix, ``L = B diag(g) Bᵀ`` the graph Laplacian of the conductances
+and ``p = diag(g) Bᵀ y`` (the optimum over p lies in that subspace). ``g_ij ≥ 0`` is read out of the
+two atoms' features and the bond length and multiplied by a cosine envelope that vanishes, with its
+slope, at the cutoff. So the bond hardness 1/g diverges as a bond leaves the graph: charge crosses a
+bond in proportion to how much of it the backbone still sees, a fragment alone keeps its integer
+charge, and charges, energy and forces stay continuous as fragments meet or part — where a single μ
+per structure or per fragment lets charge flow in full between atoms that barely see each other.
+
+The minimum is stationary where ``L(∇E_eq + y) = 0``; Newton's method on y solves
+``(L H L + L + P) δ = −L(∇E_eq + y)`` with H the Hessian of E_eq and P the projector onto the
+constants of each fragment (the null space of L): one step for a quadratic E_eq. The energy is
+stationary in y, so forces follow from the Hellmann–Feynman theorem, and in training one
+differentiable Newton step from the converged y attaches the implicit derivatives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from aiida_emlip.models.heads.base import HeadInput, mlp
+from aiida_emlip.models.heads.edges import bessel_radial, cosine_envelope
+from aiida_emlip.models.heads.solvers import SolveInfo, conjugate_gradient
+
+
+class BondConductance(torch.nn.Module):
+    """Conductance g of every directed edge [E] (e²/eV), the same for both directions of a bond."""
+
+    def __init__(self, num_scalars: int, hidden: int, num_radial: int, cutoff: float) -> None:
+        super().__init__()
+        self.cutoff = cutoff
+        self.num_radial = num_radial
+        self.readout = mlp(2 * num_scalars + num_radial, 1, hidden)
+
+    def forward(self, inp: HeadInput) -> torch.Tensor:
+        sender, receiver = inp.graph.edge_index
+        lengths = torch.linalg.vector_norm(inp.graph.edge_vectors(inp.positions, inp.cell), dim=-1)
+        h = inp.features.scalars
+        radial = bessel_radial(lengths, self.cutoff, self.num_radial)
+        # symmetric in the two atoms, so that a bond's two edges carry one conductance
+        x = torch.cat([h[sender] + h[receiver], h[sender] * h[receiver], radial], dim=-1)
+        return torch.nn.functional.softplus(self.readout(x)[:, 0]) * cosine_envelope(lengths, self.cutoff)
+
+
+def laplacian_apply(
+    g: torch.Tensor, sender: torch.Tensor, receiver: torch.Tensor, v: torch.Tensor
+) -> torch.Tensor:
+    """``L v`` from the directed edges (each bond twice, half each): ``(Lv)_i = Σ_j g_ij (v_i − v_j)``."""
+    flow = 0.5 * g * (v[sender] - v[receiver])
+    return torch.zeros_like(v).index_add(0, sender, flow).index_add(0, receiver, -flow)
+
+
+def laplacian_matrix(g: torch.Tensor, sender: torch.Tensor, receiver: torch.Tensor, n: int) -> torch.Tensor:
+    """Dense ``L`` [n, n] of one structure's edges (differentiable in ``g``)."""
+    half = 0.5 * g
+    out = g.new_zeros(n, n)
+    out = out.index_put((sender, sender), half, accumulate=True)
+    out = out.index_put((receiver, receiver), half, accumulate=True)
+    out = out.index_put((sender, receiver), -half, accumulate=True)
+    return out.index_put((receiver, sender), -half, accumulate=True)
+
+
+def fragment_projector(members: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``P`` [n, n]: the mean over each fragment (``members`` [n], numbered from 0), the null space of L."""
+    onehot = torch.nn.functional.one_hot(members).to(dtype)
+    return (onehot / onehot.sum(0)) @ onehot.T
+
+
+@dataclass
+class BondProblem:
+    """One structure's minimisation in y: its edges (numbered within the structure), conductances, base
+    charges, fragments, and E_eq's gradient and curvature as functions of q."""
+
+    sender: torch.Tensor
+    receiver: torch.Tensor
+    g: torch.Tensor
+    base: torch.Tensor
+    members: torch.Tensor
+    gradient: Callable[[torch.Tensor], torch.Tensor]  # ∇E_eq(q)
+    curvature: Callable[[torch.Tensor], torch.Tensor]  # the local part of H(q), a diagonal
+    coulomb: Callable[[torch.Tensor], torch.Tensor]  # A x
+    dense: torch.Tensor | None = None  # A as a matrix, where the structure is solved densely
+
+    def laplacian(self, v: torch.Tensor) -> torch.Tensor:
+        return laplacian_apply(self.g, self.sender, self.receiver, v)
+
+    def charges(self, y: torch.Tensor) -> torch.Tensor:
+        return self.base + self.laplacian(y)
+
+    def residual(self, y: torch.Tensor) -> torch.Tensor:
+        """``∇_y E = L(∇E_eq(q) + y)``."""
+        return self.laplacian(self.gradient(self.charges(y)) + y)
+
+    def hessian(self, y: torch.Tensor) -> torch.Tensor:
+        """``L H L + L + P`` as a matrix (dense structures)."""
+        assert self.dense is not None
+        n = self.base.numel()
+        lap = laplacian_matrix(self.g, self.sender, self.receiver, n)
+        h = self.dense + torch.diag(self.curvature(self.charges(y)))
+        return lap @ h @ lap + lap + fragment_projector(self.members, lap.dtype)
+
+    def hessian_apply(self, y: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``v ↦ (L H L + L + P) v`` without matrices (iterative solves); v is [n] or [n, k]."""
+        curvature = self.curvature(self.charges(y))
+        counts = torch.bincount(self.members).to(y.dtype)
+
+        def apply(v: torch.Tensor) -> torch.Tensor:
+            if v.dim() == 2:
+                return torch.stack([apply(c) for c in v.unbind(1)], dim=1)
+            lv = self.laplacian(v)
+            mean = torch.zeros_like(counts).index_add(0, self.members, v) / counts
+            return self.laplacian(self.coulomb(lv) + curvature * lv) + lv + mean[self.members]
+
+        return apply
+
+    def step(self, y: torch.Tensor, tol: float, maxiter: int) -> tuple[torch.Tensor, bool, int]:
+        """The Newton step δ at y, whether its solve converged, and its iterations."""
+        rhs = -self.residual(y)
+        if self.dense is not None:
+            return torch.linalg.solve(self.hessian(y), rhs), True, 1
+        delta, info = conjugate_gradient(self.hessian_apply(y), rhs, tol=tol, maxiter=maxiter)
+        return delta, info.converged, info.iterations
+
+
+def minimise_bonds(
+    problem: BondProblem, quadratic: bool, tol: float, charge_tol: float, max_steps: int, maxiter: int
+) -> tuple[torch.Tensor, SolveInfo, list[float]]:
+    """Newton's method in y from y = 0 (the base charges); the converged y, the solve's record and the
+    largest charge change of every step. A quadratic E_eq needs one step."""
+    y = torch.zeros_like(problem.base)
+    history: list[float] = []
+    iterations = 0
+    converged = False
+    for _ in range(max_steps):
+        delta, solved, its = problem.step(y, tol, maxiter)
+        iterations += its
+        y = y + delta
+        change = float(problem.laplacian(delta).abs().max()) if delta.numel() else 0.0
+        history.append(change)
+        if not solved or not bool(torch.isfinite(y).all()):
+            break
+        if quadratic or change < charge_tol:
+            converged = True
+            break
+    return y, SolveInfo(iterations, history[-1] if history else 0.0, converged), history
+
+
+def implicit_bonds_step(problem: BondProblem, y: torch.Tensor) -> torch.Tensor:
+    """One differentiable Newton step from the converged ``y`` (detached): the same value, with
+    ∂y/∂(θ, R) of the implicit function theorem (every input of ``problem`` carries autograd)."""
+    y = y.detach()
+    return y - torch.linalg.solve(problem.hessian(y), problem.residual(y))

@@ -236,3 +236,31 @@ def structure_dipoles(
 def field_work(inp: HeadInput, dipole: torch.Tensor) -> torch.Tensor:
     """Energy of the total dipoles [B, 3] in the applied fields: ``-E·d`` (force on a charge is qE)."""
     return -(inp.external_field * dipole).sum(-1)
+
+
+def solved_output(
+    inp: HeadInput,
+    energy: torch.Tensor,
+    charges: torch.Tensor,
+    dipole: torch.Tensor,
+    record: tuple[list[torch.Tensor], list[bool], list[int], list[list[float]]],
+    **fragments: torch.Tensor | None,
+) -> HeadOutput:
+    """The head's output from each structure's solve ``record``: its μ, whether it converged, its
+    iterations and the history of its residuals (padded with the last one to the longest)."""
+    mus, converged, iterations, history = record
+    device = inp.positions.device
+    residuals = [
+        torch.tensor([h[min(k, len(h) - 1)] for h in history], dtype=inp.positions.dtype, device=device)
+        for k in range(max(len(h) for h in history))
+    ]
+    return HeadOutput(
+        energy=energy,
+        charges=charges,
+        dipole=dipole,
+        fermi_level=torch.stack(mus).reshape(-1),
+        converged=torch.tensor(converged, device=device),
+        iterations=torch.tensor(iterations, device=device),
+        residuals=residuals,
+        **fragments,
+    )

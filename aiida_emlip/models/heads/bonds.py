@@ -29,9 +29,24 @@ from dataclasses import dataclass
 
 import torch
 
-from aiida_emlip.models.heads.base import HeadInput, mlp
+from aiida_emlip.models.fragments import correct_fragment_charges, fragment_index, largest_fragment_mu
+from aiida_emlip.models.heads.base import (
+    HeadInput,
+    HeadOutput,
+    coulomb_energy,
+    field_work,
+    mlp,
+    scatter_sum,
+    solved_output,
+    structure_dipoles,
+)
 from aiida_emlip.models.heads.edges import bessel_radial, cosine_envelope
-from aiida_emlip.models.heads.solvers import SolveInfo, conjugate_gradient
+from aiida_emlip.models.heads.solvers import (
+    SCFConvergenceError,
+    SolveInfo,
+    conjugate_gradient,
+    default_tolerance,
+)
 
 
 class BondConductance(torch.nn.Module):
@@ -161,3 +176,127 @@ def implicit_bonds_step(problem: BondProblem, y: torch.Tensor) -> torch.Tensor:
     ∂y/∂(θ, R) of the implicit function theorem (every input of ``problem`` carries autograd)."""
     y = y.detach()
     return y - torch.linalg.solve(problem.hessian(y), problem.residual(y))
+
+
+class BondEquilibration:
+    """The ``fragments='bonds'`` path of the equilibrating heads (``qeq``, ``functional``), which provide
+    ``local_gradient``, ``local_curvature``, ``local_energy``, ``quadratic``, ``conductance``, ``formal``
+    and the Coulomb operators."""
+
+    def _bond_problem(
+        self,
+        inp: HeadInput,
+        b: int,
+        atoms: slice,
+        params: dict[str, torch.Tensor],
+        external: torch.Tensor,
+        edges: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        base: torch.Tensor,
+        members: torch.Tensor,
+        dense: bool,
+        differentiable: bool,
+    ) -> BondProblem:
+        """Structure ``b``'s minimisation in y (:mod:`~aiida_emlip.models.heads.bonds`): with autograd
+        through the geometry where ``differentiable`` (the implicit step), else on detached inputs."""
+        sender, receiver, g = edges
+        pos, cell, pbc = inp.positions[atoms], inp.cell[b], inp.graph.pbc[b]
+        if not differentiable:
+            pos, cell = pos.detach(), cell.detach()
+        matrix = None
+        if dense:
+            matrix = inp.electrostatics.coulomb_matrix(pos, cell, pbc)
+            coulomb = matrix.__matmul__
+        else:
+            coulomb = self._coulomb_operator(inp, b, atoms).matvec
+
+        def gradient(q: torch.Tensor) -> torch.Tensor:
+            return coulomb(q) + self.local_gradient(params, q) + external
+
+        def curvature(q: torch.Tensor) -> torch.Tensor:
+            return self.local_curvature(params, q)
+
+        return BondProblem(sender, receiver, g, base, members, gradient, curvature, coulomb, matrix)
+
+    def _bonds_forward(
+        self, inp: HeadInput, params: dict[str, torch.Tensor], external: torch.Tensor
+    ) -> HeadOutput:
+        """Charges by bond-mediated equilibration (``fragments='bonds'``): Newton's method in the bond
+        potentials y of each structure, dense up to ``dense_max_atoms`` atoms (always in training, where
+        one differentiable step attaches the implicit derivatives), else CG for each step."""
+        graph = inp.graph
+        options = self.options
+        dtype = inp.positions.dtype
+        differentiable = self.training and torch.is_grad_enabled()
+        base = correct_fragment_charges(self.formal.to(dtype)[inp.species].detach(), graph).detach()
+        g = self.conductance(inp)
+        index = fragment_index(graph)[0]
+        sender, receiver = graph.edge_index
+        edge_batch = graph.batch[sender]
+        tol = default_tolerance(options.tol, dtype)
+        charge_tol = default_tolerance(getattr(options, "newton_tol", options.tol), dtype)
+        max_steps = getattr(options, "max_newton", 1)
+        ys, mus, converged, iterations, history = [], [], [], [], []
+        for b, atoms in graph.structures():
+            mask = edge_batch == b
+            local_edges = (sender[mask] - atoms.start, receiver[mask] - atoms.start)
+            members = index[atoms] - index[atoms].min()
+            dense = differentiable or self._use_dense(atoms.stop - atoms.start)
+            with torch.no_grad():
+                local = {k: v[atoms].detach() for k, v in params.items()}
+                problem = self._bond_problem(
+                    inp,
+                    b,
+                    atoms,
+                    local,
+                    external[atoms].detach(),
+                    (*local_edges, g[mask].detach()),
+                    base[atoms],
+                    members,
+                    dense,
+                    differentiable=False,
+                )
+                y, info, steps = minimise_bonds(
+                    problem, self.quadratic, tol, charge_tol, max_steps, options.max_iter
+                )
+            ok = info.converged and bool(torch.isfinite(y).all())
+            if not ok and options.on_failure == "raise":
+                raise SCFConvergenceError(
+                    f"{self.name}: structure {b} did not converge (largest charge step {info.residual:.3g} "
+                    f"after {len(steps)} Newton steps); raise max_iter/tol or use on_failure='flag'"
+                )
+            if differentiable:
+                local = {k: v[atoms] for k, v in params.items()}
+                problem = self._bond_problem(
+                    inp,
+                    b,
+                    atoms,
+                    local,
+                    external[atoms],
+                    (*local_edges, g[mask]),
+                    base[atoms],
+                    members,
+                    dense=True,
+                    differentiable=True,
+                )
+                y = implicit_bonds_step(problem, y)
+            # μ = −∂E/∂Q with the extra charge spread uniformly over a fragment's base charges: at the
+            # minimum ∂E/∂q⁰_i = ∂E_eq/∂q_i, so μ is minus its mean over the (largest) fragment
+            gradient = problem.gradient(problem.charges(y))
+            count = int(members.max()) + 1
+            sums = gradient.new_zeros(count).index_add(0, members, gradient)
+            mus.append(largest_fragment_mu(-sums / torch.bincount(members, minlength=count), members))
+            ys.append(y)
+            converged.append(ok)
+            iterations.append(info.iterations)
+            history.append(steps)
+        y_all = torch.cat(ys)
+        charges = base + laplacian_apply(g, sender, receiver, y_all)
+        dipole = structure_dipoles(inp, charges)
+        bond_energy = 0.25 * g * (y_all[sender] - y_all[receiver]) ** 2  # ½ yᵀLy, each bond twice
+        energy = (
+            scatter_sum(self.local_energy(params, charges), graph.batch, graph.num_graphs)
+            + scatter_sum(bond_energy, edge_batch, graph.num_graphs)
+            + coulomb_energy(inp, charges)
+            + field_work(inp, dipole)
+        )
+        return solved_output(inp, energy, charges, dipole, (mus, converged, iterations, history))

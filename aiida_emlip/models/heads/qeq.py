@@ -23,7 +23,6 @@ from aiida_emlip.models.coulomb_operator import CoulombOperator, MeshPreconditio
 from aiida_emlip.models.electrostatics import periodic_dims
 from aiida_emlip.models.fragments import (
     FRAGMENTS,
-    correct_fragment_charges,
     fragment_index,
     integer_targets,
     largest_fragment_mu,
@@ -38,15 +37,10 @@ from aiida_emlip.models.heads.base import (
     field_work,
     mlp,
     scatter_sum,
+    solved_output,
     structure_dipoles,
 )
-from aiida_emlip.models.heads.bonds import (
-    BondConductance,
-    BondProblem,
-    implicit_bonds_step,
-    laplacian_apply,
-    minimise_bonds,
-)
+from aiida_emlip.models.heads.bonds import BondConductance, BondEquilibration
 from aiida_emlip.models.heads.solvers import (
     ImplicitStep,
     QEqSolution,
@@ -132,34 +126,6 @@ def self_interaction(inp: HeadInput) -> float:
     return COULOMB_CONSTANT / (config.sigma * math.sqrt(math.pi))
 
 
-def solved_output(
-    inp: HeadInput,
-    energy: torch.Tensor,
-    charges: torch.Tensor,
-    dipole: torch.Tensor,
-    record: tuple[list[torch.Tensor], list[bool], list[int], list[list[float]]],
-    **fragments: torch.Tensor | None,
-) -> HeadOutput:
-    """The head's output from each structure's solve ``record``: its μ, whether it converged, its
-    iterations and the history of its residuals (padded with the last one to the longest)."""
-    mus, converged, iterations, history = record
-    device = inp.positions.device
-    residuals = [
-        torch.tensor([h[min(k, len(h) - 1)] for h in history], dtype=inp.positions.dtype, device=device)
-        for k in range(max(len(h) for h in history))
-    ]
-    return HeadOutput(
-        energy=energy,
-        charges=charges,
-        dipole=dipole,
-        fermi_level=torch.stack(mus).reshape(-1),
-        converged=torch.tensor(converged, device=device),
-        iterations=torch.tensor(iterations, device=device),
-        residuals=residuals,
-        **fragments,
-    )
-
-
 @dataclass
 class _Operators:
     """What the solves of one structure reuse: ``A`` as an operator, its diagonal and the mesh
@@ -182,7 +148,7 @@ class _Operators:
         return self.mesh.with_diagonal(jacobi)
 
 
-class EquilibrationHead(Head):
+class EquilibrationHead(BondEquilibration, Head):
     """Shared machinery of ``qeq`` and ``functional``: a convex local term minimised with E_H under Σq = Q.
 
     Subclasses define the local energy, its gradient and curvature; :meth:`_minimise` returns the
@@ -495,125 +461,6 @@ class EquilibrationHead(Head):
         solve = kkt_inverse(sol)
         dq, dmu = ImplicitStep.apply(residual, solve, solve, False, None if sol.groups is None else mu_star)
         return q_star - dq, mu_star - dmu
-
-    # ------------------------------------------------------------------ bonds
-    def _bond_problem(
-        self,
-        inp: HeadInput,
-        b: int,
-        atoms: slice,
-        params: dict[str, torch.Tensor],
-        external: torch.Tensor,
-        edges: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-        base: torch.Tensor,
-        members: torch.Tensor,
-        dense: bool,
-        differentiable: bool,
-    ) -> BondProblem:
-        """Structure ``b``'s minimisation in y (:mod:`~aiida_emlip.models.heads.bonds`): with autograd
-        through the geometry where ``differentiable`` (the implicit step), else on detached inputs."""
-        sender, receiver, g = edges
-        pos, cell, pbc = inp.positions[atoms], inp.cell[b], inp.graph.pbc[b]
-        if not differentiable:
-            pos, cell = pos.detach(), cell.detach()
-        matrix = None
-        if dense:
-            matrix = inp.electrostatics.coulomb_matrix(pos, cell, pbc)
-            coulomb = matrix.__matmul__
-        else:
-            coulomb = self._coulomb_operator(inp, b, atoms).matvec
-
-        def gradient(q: torch.Tensor) -> torch.Tensor:
-            return coulomb(q) + self.local_gradient(params, q) + external
-
-        def curvature(q: torch.Tensor) -> torch.Tensor:
-            return self.local_curvature(params, q)
-
-        return BondProblem(sender, receiver, g, base, members, gradient, curvature, coulomb, matrix)
-
-    def _bonds_forward(
-        self, inp: HeadInput, params: dict[str, torch.Tensor], external: torch.Tensor
-    ) -> HeadOutput:
-        """Charges by bond-mediated equilibration (``fragments='bonds'``): Newton's method in the bond
-        potentials y of each structure, dense up to ``dense_max_atoms`` atoms (always in training, where
-        one differentiable step attaches the implicit derivatives), else CG for each step."""
-        graph = inp.graph
-        options = self.options
-        dtype = inp.positions.dtype
-        differentiable = self.training and torch.is_grad_enabled()
-        base = correct_fragment_charges(self.formal.to(dtype)[inp.species].detach(), graph).detach()
-        g = self.conductance(inp)
-        index = fragment_index(graph)[0]
-        sender, receiver = graph.edge_index
-        edge_batch = graph.batch[sender]
-        tol = default_tolerance(options.tol, dtype)
-        charge_tol = default_tolerance(getattr(options, "newton_tol", options.tol), dtype)
-        max_steps = getattr(options, "max_newton", 1)
-        ys, mus, converged, iterations, history = [], [], [], [], []
-        for b, atoms in graph.structures():
-            mask = edge_batch == b
-            local_edges = (sender[mask] - atoms.start, receiver[mask] - atoms.start)
-            members = index[atoms] - index[atoms].min()
-            dense = differentiable or self._use_dense(atoms.stop - atoms.start)
-            with torch.no_grad():
-                local = {k: v[atoms].detach() for k, v in params.items()}
-                problem = self._bond_problem(
-                    inp,
-                    b,
-                    atoms,
-                    local,
-                    external[atoms].detach(),
-                    (*local_edges, g[mask].detach()),
-                    base[atoms],
-                    members,
-                    dense,
-                    differentiable=False,
-                )
-                y, info, steps = minimise_bonds(
-                    problem, self.quadratic, tol, charge_tol, max_steps, options.max_iter
-                )
-            ok = info.converged and bool(torch.isfinite(y).all())
-            if not ok and options.on_failure == "raise":
-                raise SCFConvergenceError(
-                    f"{self.name}: structure {b} did not converge (largest charge step {info.residual:.3g} "
-                    f"after {len(steps)} Newton steps); raise max_iter/tol or use on_failure='flag'"
-                )
-            if differentiable:
-                local = {k: v[atoms] for k, v in params.items()}
-                problem = self._bond_problem(
-                    inp,
-                    b,
-                    atoms,
-                    local,
-                    external[atoms],
-                    (*local_edges, g[mask]),
-                    base[atoms],
-                    members,
-                    dense=True,
-                    differentiable=True,
-                )
-                y = implicit_bonds_step(problem, y)
-            # μ = −∂E/∂Q with the extra charge spread uniformly over a fragment's base charges: at the
-            # minimum ∂E/∂q⁰_i = ∂E_eq/∂q_i, so μ is minus its mean over the (largest) fragment
-            gradient = problem.gradient(problem.charges(y))
-            count = int(members.max()) + 1
-            sums = gradient.new_zeros(count).index_add(0, members, gradient)
-            mus.append(largest_fragment_mu(-sums / torch.bincount(members, minlength=count), members))
-            ys.append(y)
-            converged.append(ok)
-            iterations.append(info.iterations)
-            history.append(steps)
-        y_all = torch.cat(ys)
-        charges = base + laplacian_apply(g, sender, receiver, y_all)
-        dipole = structure_dipoles(inp, charges)
-        bond_energy = 0.25 * g * (y_all[sender] - y_all[receiver]) ** 2  # ½ yᵀLy, each bond twice
-        energy = (
-            scatter_sum(self.local_energy(params, charges), graph.batch, graph.num_graphs)
-            + scatter_sum(bond_energy, edge_batch, graph.num_graphs)
-            + coulomb_energy(inp, charges)
-            + field_work(inp, dipole)
-        )
-        return solved_output(inp, energy, charges, dipole, (mus, converged, iterations, history))
 
 
 class QEqHead(EquilibrationHead):

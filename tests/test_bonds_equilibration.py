@@ -180,3 +180,16 @@ def test_dissociation_curve_fades_into_the_base_charges():
     assert abs(curve[3.99]) < 1e-4
     assert curve[4.5] == 0.0 and curve[8.0] == 0.0
     assert abs(sodium(shared, 12.0)) > 1e-3
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+def test_a_batch_gives_each_structure_its_own_solution(training):
+    """Two structures in one batch (open and periodic, one and two fragments) give the charges, energies
+    and forces each gives alone."""
+    model = tiny_model(FUNCTIONAL, seed=6).train(training)
+    structures = [ion_and_water(6.0), nacl_cell(3)]
+    batch = evaluate(model, structures)
+    alone = [evaluate(model, atoms) for atoms in structures]
+    torch.testing.assert_close(batch["charges"], torch.cat([a["charges"] for a in alone]), atol=1e-10, rtol=0)
+    torch.testing.assert_close(batch["energy"], torch.cat([a["energy"] for a in alone]), atol=1e-10, rtol=0)
+    torch.testing.assert_close(batch["forces"], torch.cat([a["forces"] for a in alone]), atol=1e-9, rtol=0)

@@ -273,6 +273,18 @@ def _train_fragment_modes(
     return frames, models
 
 
+def _ion_charges(model, frames: list[Atoms]) -> np.ndarray:
+    """The charge ``model`` gives the first fragment (the ion) of each frame."""
+    from aiida_emlip.models.calculator import EmlipCalculator
+
+    charges = []
+    for atoms in frames:
+        atoms = atoms.copy()
+        atoms.calc = EmlipCalculator(model)
+        charges.append(float(fragment_charges(atoms, atoms.get_charges())[0]))
+    return np.array(charges)
+
+
 @pytest.mark.slow
 def test_integer_fragments_remove_the_charge_leak_on_the_committed_cells(tmp_path):
     """``charges`` with induced dipoles trained on the committed cells, fragments at integer charges
@@ -297,18 +309,10 @@ def test_one_mu_per_fragment_removes_the_leak_of_charge_equilibration(tmp_path):
     error of the far interaction energy falls from 21.3 to 6.0 meV/atom (24.0 is what ``sr`` misses;
     this backbone, 40 epochs)."""
     from aiida_emlip.analysis.long_range import interaction_errors
-    from aiida_emlip.models.calculator import EmlipCalculator
 
     frames, models = _train_fragment_modes(tmp_path, "qeq")
     far = [a for a in frames if a.info.get("total_charge") == 1.0 and separation(a) > 6.0]
-    ion = {}
-    for mode, model in models.items():
-        charges = []
-        for atoms in far:
-            atoms = atoms.copy()
-            atoms.calc = EmlipCalculator(model)
-            charges.append(float(fragment_charges(atoms, atoms.get_charges())[0]))
-        ion[mode] = np.array(charges)
+    ion = {mode: _ion_charges(model, far) for mode, model in models.items()}
     np.testing.assert_allclose(ion["integer"], 1.0, atol=1e-8)
     assert np.abs(ion["shared"] - 1.0).min() > 0.05, ion
     errors = interaction_errors(models, frames, cutoff=4.0)
@@ -322,22 +326,13 @@ def test_bonds_follow_dft_at_contact_where_one_mu_per_fragment_overshoots(tmp_pa
     sees the contact, one μ per fragment lets the Coulomb term alone move charge and gives the ion
     more than DFT; the bonds' conductances fade with the contact and follow DFT. Measured (this backbone,
     40 epochs): largest error of the ion's charge 0.045 against 0.147 e."""
-    from aiida_emlip.models.calculator import EmlipCalculator
-
     frames, models = _train_fragment_modes(
         tmp_path, "qeq", ("bonds", "integer"), ("long_range_Li_contact.xyz",), multipole_weights=(100.0,)
     )
     contact = [a for a in frames if a.info.get("total_charge") == 1.0 and 2.9 < separation(a) < 3.9]
     assert len(contact) >= 6
-    errors = {}
-    for mode, model in models.items():
-        ion = []
-        for atoms in contact:
-            atoms = atoms.copy()
-            atoms.calc = EmlipCalculator(model)
-            ion.append(float(fragment_charges(atoms, atoms.get_charges())[0]))
-        dft = [float(fragment_charges(a, a.arrays[schema.CHARGES])[0]) for a in contact]
-        errors[mode] = np.abs(np.array(ion) - np.array(dft)).max()
+    dft = np.array([fragment_charges(a, a.arrays[schema.CHARGES])[0] for a in contact])
+    errors = {mode: np.abs(_ion_charges(model, contact) - dft).max() for mode, model in models.items()}
     assert errors["bonds"] < 0.5 * errors["integer"], errors
     assert errors["bonds"] < 0.08, errors
 

@@ -139,3 +139,58 @@ def test_gmres_stops_at_a_breakdown():
         x, info = solvers.gmres(lambda v: k @ v, b, tol=1e-14, check_every=every)
         assert info.converged and info.iterations == 3
         assert torch.allclose(k @ x, b, atol=1e-11, rtol=0)
+
+
+def _scf_run(monkeypatch, every: int | None, head: dict, stop_at: int | None = None) -> tuple[dict, int]:
+    """An ``scf`` model in inference on a charged water + NaCl cluster, the host looking every ``every``
+    fixed-point steps (``stop_at``: a stop reason raised at that step); its outputs and the host
+    transfers it made."""
+    from models_helpers import evaluate, tiny_model, water_cluster
+
+    from aiida_emlip.models.heads.scf import SelfConsistentHead
+
+    monkeypatch.setattr(SelfConsistentHead, "check_every", every)
+    if stop_at is not None:
+        monkeypatch.setattr(
+            SelfConsistentHead, "_stop_reason", lambda self, step, *a: "stop" if step == stop_at else None
+        )
+    counter = Counter(monkeypatch)
+    out = evaluate(tiny_model(head, seed=2).eval(), water_cluster(1.0))
+    monkeypatch.undo()
+    return out, counter.calls
+
+
+SCF_HEADS = [
+    {"name": "scf", "mixer": "anderson", "on_failure": "flag"},
+    {"name": "scf", "mixer": "linear", "mixing": 0.2, "on_failure": "flag"},
+]
+
+
+@pytest.mark.parametrize("head", SCF_HEADS, ids=["anderson", "linear"])
+def test_scf_iteration_with_sparse_checks_matches_every_step(monkeypatch, head):
+    """The fixed-point iteration keeps each step's tests and (q, μ) on the device: at any interval it
+    returns the charges, μ, steps and residuals of the step that converged, in one host transfer per
+    ``every`` steps."""
+    reference, reference_calls = _scf_run(monkeypatch, 1, head)
+    steps = int(reference["iterations"][0])
+    assert steps >= 6 and bool(reference["converged"].all())
+    others = reference_calls - steps  # transfers outside the iteration
+    assert others >= 0
+    for every in (3, 5, 8):
+        out, calls = _scf_run(monkeypatch, every, head)
+        torch.testing.assert_close(out["charges"], reference["charges"], atol=0, rtol=0)
+        torch.testing.assert_close(out["fermi_level"], reference["fermi_level"], atol=0, rtol=0)
+        assert out["iterations"].tolist() == reference["iterations"].tolist()
+        assert [float(r[0]) for r in out["residuals"]] == [float(r[0]) for r in reference["residuals"]]
+        assert calls == math.ceil(steps / every) + others
+
+
+def test_scf_iteration_stops_at_the_failing_step_whatever_the_interval(monkeypatch):
+    """A step whose tests fail (here: a stop forced at step 4) ends the iteration with that step's
+    charges, read at the next look of the host, not those of the steps run after it."""
+    reference, _ = _scf_run(monkeypatch, 1, SCF_HEADS[0], stop_at=4)
+    assert not bool(reference["converged"].all()) and len(reference["residuals"]) == 5
+    for every in (3, 8):
+        out, _ = _scf_run(monkeypatch, every, SCF_HEADS[0], stop_at=4)
+        torch.testing.assert_close(out["charges"], reference["charges"], atol=0, rtol=0)
+        assert len(out["residuals"]) == 5 and not bool(out["converged"].all())

@@ -46,6 +46,7 @@ from aiida_emlip.models.coulomb_operator import (
     OpenBatchOperator,
 )
 from aiida_emlip.models.fragments import FRAGMENTS, fragment_targets, largest_fragment_mu
+from aiida_emlip.models.heads import solvers
 from aiida_emlip.models.heads.base import (
     Head,
     HeadInput,
@@ -142,7 +143,8 @@ class _Anderson:
         gram = gram + 1e-10 * torch.trace(gram) * torch.eye(
             gram.shape[0], dtype=gram.dtype, device=gram.device
         )
-        gamma = torch.linalg.solve(gram, df.T @ f)
+        # solve_ex: no check of the factorisation on the host (the regularised Gram matrix is regular)
+        gamma = torch.linalg.solve_ex(gram, df.T @ f)[0]
         return x + self.alpha * f - (dx + self.alpha * df) @ gamma
 
 
@@ -177,6 +179,9 @@ class SelfConsistentHead(Head):
     """Learned fixed-point SCF with constant-Q (Fukui + Newton on μ) or constant-μ control."""
 
     name = "scf"
+    #: Steps between the host's looks at the fixed-point iteration's stopping tests (None: every step on
+    #: CPU, :data:`~aiida_emlip.models.heads.solvers.DEVICE_CHECK_EVERY` on an accelerator).
+    check_every: int | None = None
     Options = SCFOptions
 
     @classmethod
@@ -448,6 +453,10 @@ class SelfConsistentHead(Head):
         self._reason = f"max_steps = {steps} reached"
         previous = math.inf
         anderson = _Anderson(o.anderson_history, o.mixing)
+        # each step's stopping tests stay on the device with its (q, μ); the host reads them every
+        # ``every`` steps (every step on CPU) and stops at the first step that converged or failed
+        every = solvers.check_interval(q.device, self.check_every)
+        pending: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         for step in range(steps):
             value, slopes, scales = self._map(inp, s, loc, q, mu, positions, cell, v_app, differentiable)
             if constant_q:
@@ -463,7 +472,6 @@ class SelfConsistentHead(Head):
                 q = anderson.step(q, change)
             else:
                 q = q + o.mixing * change
-            # every stopping test of this step in one transfer from the device
             stats = torch.stack(
                 [
                     change.detach().abs().max(),
@@ -472,19 +480,27 @@ class SelfConsistentHead(Head):
                     torch.isfinite(mu.detach()).all().to(q.dtype),
                     q.detach().sum(),
                 ]
-            ).tolist()
-            largest, err, applied, mu_finite, total = stats
-            res = max(largest, err) if step else largest
-            history.append(res)
-            reason = self._stop_reason(step, res, mu_finite == 1.0, applied, previous, total)
-            previous = applied
-            if reason is not None:
-                self._reason = reason
-                return q, mu, False, history
-            if res < tol:
-                ok = True
-                if not differentiable:
-                    break
+            )
+            pending.append((step, stats, q, mu))
+            if len(pending) < every and step < steps - 1:
+                continue
+            # every stopping test of the pending steps in one transfer from the device
+            for (k, _, q_k, mu_k), values in zip(
+                pending, solvers._host(torch.stack([p[1] for p in pending]))
+            ):
+                largest, err, applied, mu_finite, total = values
+                res = max(largest, err) if k else largest
+                history.append(res)
+                reason = self._stop_reason(k, res, mu_finite == 1.0, applied, previous, total)
+                previous = applied
+                if reason is not None:
+                    self._reason = reason
+                    return q_k, mu_k, False, history
+                if res < tol:
+                    ok = True
+                    if not differentiable:
+                        return q_k, mu_k, True, history
+            pending = []
         return q, mu, ok if not differentiable else history[-1] < tol, history
 
     def _stop_reason(

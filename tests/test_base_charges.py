@@ -183,8 +183,8 @@ def test_the_split_preset_measures_its_base_charges_when_the_data_have_charges()
 def test_equilibrating_presets_with_bonds_take_base_charges_like_split():
     bonds = preset_config("qeq", labels={schema.CHARGES}, elements=["H", "O"], fragments="bonds")
     assert bonds["model"]["head"]["formal_charges"] == schema.MEAN_CHARGES
-    without = preset_config("functional", labels=set(), elements=["H", "O"], fragments="bonds")
-    assert without["model"]["head"]["formal_charges"] == {"H": 1.0, "O": -2.0}
+    without = preset_config("functional", labels=set(), elements=["H", "O", "Zn"], fragments="bonds")
+    assert without["model"]["head"]["formal_charges"] == {"H": 1.0, "O": -2.0, "Zn": 0.0}
     assert (
         "formal_charges" not in preset_config("qeq", labels={schema.CHARGES}, elements=["H"])["model"]["head"]
     )

@@ -170,8 +170,10 @@ def preset_config(
     ``induction`` adds induced atomic dipoles in the field of the head's density
     (:mod:`~aiida_emlip.models.induction`); None takes the preset's default (:data:`INDUCTION`).
     ``formal_charges`` default to :data:`FORMAL_CHARGES` for the elements present (``fixed``, and
-    ``split`` on data without reference charges); ``split`` on data with reference charges takes each
-    element's mean DFT charge over the training structures (``"mean"``, measured by the trainer).
+    ``split`` on data without reference charges; ``qeq`` and ``functional`` with ``bonds`` likewise, an
+    element without a formal charge at 0); on data with reference charges ``split`` and the ``bonds``
+    heads take each element's mean DFT charge over the training structures (``"mean"``, measured by the
+    trainer).
     ``multipole_weights`` weight the reference charges and atomic dipoles alike, one weight over each
     equal share of the epochs (``(10, 1)``: 10 for the first half, 1 for the second; one stage each);
     None takes the preset's (:data:`MULTIPOLE_WEIGHTS`, else :data:`AUTO_MULTIPOLE_WEIGHTS`). ``scf``,
@@ -200,6 +202,9 @@ def preset_config(
     based = name == "split" or (name in ("qeq", "functional") and fragments == "bonds")
     if formal_charges is None and based and schema.CHARGES in labels:
         formal_charges = schema.MEAN_CHARGES  # measured on the training split by the trainer
+    elif formal_charges is None and name in ("qeq", "functional") and based:
+        # bonds equilibrate within each fragment: an element without a known formal charge starts neutral
+        formal_charges = {e: FORMAL_CHARGES.get(e, 0.0) for e in (elements or FORMAL_CHARGES)}
     elif formal_charges is None and (based or name == "fixed"):
         missing = sorted(set(elements or []) - set(FORMAL_CHARGES))
         if missing:

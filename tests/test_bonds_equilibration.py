@@ -193,3 +193,32 @@ def test_a_batch_gives_each_structure_its_own_solution(training):
     torch.testing.assert_close(batch["charges"], torch.cat([a["charges"] for a in alone]), atol=1e-10, rtol=0)
     torch.testing.assert_close(batch["energy"], torch.cat([a["energy"] for a in alone]), atol=1e-10, rtol=0)
     torch.testing.assert_close(batch["forces"], torch.cat([a["forces"] for a in alone]), atol=1e-9, rtol=0)
+
+
+def test_bond_cutoff_beyond_the_backbone_is_refused_for_training():
+    from aiida_emlip.training.config import ConfigError, parse_config
+
+    values = {
+        "data": {"train": "x.xyz"},
+        "model": {"head": {**QEQ, "bond_cutoff": 4.5}, "backbone": {"r_max": 4.0}},
+    }
+    with pytest.raises(
+        ConfigError, match=r"model\.head\.bond_cutoff 4\.5 Å exceeds the backbone's r_max 4\.0 Å"
+    ):
+        parse_config(values)
+    parse_config({**values, "model": {"head": {**QEQ, "bond_cutoff": 3.5}, "backbone": {"r_max": 4.0}}})
+
+
+def test_a_model_file_keeps_the_bonds_and_their_base_charges(tmp_path):
+    """Saved and loaded, a ``bonds`` model gives the same charges and energy (the conductance weights,
+    base charges and resolved cutoff travel with the file)."""
+    from aiida_emlip.models.io import load_model, save_model
+
+    model = tiny_model(FUNCTIONAL, seed=7).eval()
+    loaded = load_model(save_model(model, tmp_path / "bonds.safetensors")).eval()
+    assert loaded.config.head["bond_cutoff"] == pytest.approx(4.0)
+    assert loaded.config.head["formal_charges"] == FORMAL
+    atoms = ion_and_water(2.8)
+    before, after = evaluate(model, atoms), evaluate(loaded, atoms)
+    torch.testing.assert_close(after["charges"], before["charges"], atol=0, rtol=0)
+    torch.testing.assert_close(after["energy"], before["energy"], atol=0, rtol=0)

@@ -245,10 +245,11 @@ def _check_transfer_cutoff(model: dict[str, Any]) -> None:
     head, backbone = model.get("head") or {}, model.get("backbone") or {}
     if not isinstance(head, dict) or not isinstance(backbone, dict):
         return
-    key = {"split": "cutoff"}.get(
-        head.get("name"), "bond_cutoff" if head.get("fragments") == "bonds" else None
-    )
-    if key is None:
+    if head.get("name") == "split":
+        key = "cutoff"
+    elif head.get("fragments") == "bonds":
+        key = "bond_cutoff"
+    else:
         return
     cutoff, r_max = head.get(key), backbone.get("r_max", 5.0)
     if isinstance(cutoff, (int, float)) and isinstance(r_max, (int, float)) and cutoff > r_max:
@@ -274,8 +275,8 @@ def check_model_section(model: dict[str, Any]) -> None:
 
 
 def mean_charges_wanted(model: dict[str, Any]) -> bool:
-    """Whether a model section's head takes its base charges from the data (``mean``): ``split``, and
-    ``qeq`` or ``functional`` with ``fragments: bonds``."""
+    """Whether a model section's head takes its base charges from the data (``mean``): ``split``, ``qeq``
+    or ``functional`` (whose base charges only ``fragments: bonds`` uses)."""
     head = model.get("head")
     return (
         isinstance(head, dict)

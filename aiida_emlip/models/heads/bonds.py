@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from aiida_emlip.models.fragments import correct_fragment_charges, fragment_index, largest_fragment_mu
+from aiida_emlip.models.fragments import fragment_corrected, largest_fragment_mu
 from aiida_emlip.models.heads.base import (
     HeadInput,
     HeadOutput,
@@ -227,9 +227,10 @@ class BondEquilibration:
         options = self.options
         dtype = inp.positions.dtype
         differentiable = self.training and torch.is_grad_enabled()
-        base = correct_fragment_charges(self.formal.to(dtype)[inp.species].detach(), graph).detach()
+        # each fragment's base charges at its integer, and the fragment of each atom (one labelling)
+        base, index, _ = fragment_corrected(self.formal.to(dtype)[inp.species].detach(), graph)
+        base = base.detach()
         g = self.conductance(inp)
-        index = fragment_index(graph)[0]
         sender, receiver = graph.edge_index
         edge_batch = graph.batch[sender]
         tol = default_tolerance(options.tol, dtype)

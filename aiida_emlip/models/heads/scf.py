@@ -449,7 +449,6 @@ class SelfConsistentHead(Head):
         tol = default_tolerance(o.tol, q.dtype)
         steps = o.unroll_steps if differentiable else o.max_steps
         history: list[float] = []
-        ok = False
         self._reason = f"max_steps = {steps} reached"
         previous = math.inf
         anderson = _Anderson(o.anderson_history, o.mixing)
@@ -496,12 +495,11 @@ class SelfConsistentHead(Head):
                 if reason is not None:
                     self._reason = reason
                     return q_k, mu_k, False, history
-                if res < tol:
-                    ok = True
-                    if not differentiable:
-                        return q_k, mu_k, True, history
+                if res < tol and not differentiable:
+                    return q_k, mu_k, True, history
             pending = []
-        return q, mu, ok if not differentiable else history[-1] < tol, history
+        # inference returned at its first converged step; the unrolled steps all run
+        return q, mu, differentiable and history[-1] < tol, history
 
     def _stop_reason(
         self, step: int, res: float, mu_finite: bool, applied: float, previous: float, total: float

@@ -6,14 +6,15 @@ accuracy 1e-6; Ewald below 700 atoms, PME above), with the Coulomb operator set 
 (:meth:`Electrostatics.coulomb_operator`). Hardness: ``untrained`` (softplus(2) + 0.1 = 2.23 eV/e², what
 an untrained ``qeq`` head gives), ``J=5`` and ``J=15`` (eV/e², realistic), each ±10 % per atom;
 χ per element ± 0.3 eV. Printed per case: iterations, CPU seconds of the solve (operator set-up
-excluded, preconditioner set-up included), whether the mesh preconditioner fell back (to its
-bounded form), and the largest charge difference between the two; then the solve inference runs
-(``projected``: the mesh-preconditioned CG projected on Σq = Q from Q/N, one charge channel instead
-of two) with its iterations, CPU seconds and charge difference to the two-channel mesh solve.
-Iteration counts do not depend on the device.
+excluded, preconditioner set-up included), whether the mesh preconditioner fell back to Jacobi
+(round-off only: it is positive by construction), and the largest charge difference between the
+two; then the solve inference runs (``projected``: the mesh-preconditioned CG projected on Σq = Q
+from Q/N, one charge channel instead of two) with its iterations, CPU seconds and charge difference
+to the two-channel mesh solve. Iteration counts do not depend on the device.
 ``SYSTEM+vacuum`` adds 12 Å of vacuum along the third cell vector of a fully periodic cell (an
-unevenly filled cell, as a slab or an interface in a periodic box), where the mesh preconditioner's
-mean form is not positive and the solve continues with its bounded form ("fell back").
+unevenly filled cell, as a slab or an interface in a periodic box), where a preconditioner built on
+one homogeneous density over-corrects the smooth modes; the mesh preconditioner's inner steps
+resolve the uneven density, so its iterations should stay as flat in N there as on the full cells.
 
 Usage: ``python bench/bench_qeq_preconditioner.py [--sizes 1k,4k] [--dtype float32|float64]``.
 """
@@ -45,7 +46,7 @@ def run(system: str, size: str, dtype: str, tol: float | None) -> list[dict]:
     dt = getattr(torch, dtype)
     tol = default_tolerance(1e-10 if tol is None else tol, dt)
     atoms = structure(system.removesuffix(VACUUM_SUFFIX), size)
-    if system.endswith(VACUUM_SUFFIX):  # unevenly filled: the mean form falls back to the bounded one
+    if system.endswith(VACUUM_SUFFIX):  # unevenly filled
         atoms.cell[2, 2] += VACUUM
     pos = torch.tensor(atoms.positions, dtype=dt)
     cell = torch.tensor(atoms.cell.array, dtype=dt)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from aiida_emlip.models.coulomb_operator import MeshPreconditioner, MeshPreconditionerApply
+from aiida_emlip.models.coulomb_operator import MeshPreconditioner
 from aiida_emlip.models.electrostatics import Electrostatics, ElectrostaticsConfig
 from aiida_emlip.models.heads.solvers import conjugate_gradient, qeq_solve, qeq_solve_from
 from aiida_emlip.schema import COULOMB_CONSTANT
@@ -92,7 +92,6 @@ def test_mesh_preconditioned_cg_matches_dense_kkt(total, hardness):
     mesh = MeshPreconditioner(pos, cell, math.sqrt(2.0) * SIGMA).with_diagonal(d + A_DIAG)
     cold = qeq_solve(op, d, chi, total, precond=mesh, tol=1e-12)
     assert cold.info.converged and not cold.info.fallback
-    assert not isinstance(mesh._fallback, MeshPreconditionerApply)  # the bounded form never built
     assert torch.allclose(cold.charges, exact.charges, atol=1e-9, rtol=0)
     assert abs(float(cold.mu - exact.mu)) < 1e-8
     start = exact.charges + 0.05 * torch.randn(n, dtype=DT, generator=torch.Generator().manual_seed(5))
@@ -119,37 +118,89 @@ def test_indefinite_preconditioner_falls_back_to_jacobi():
     assert torch.allclose(q, exact.charges, atol=1e-9)
 
 
-def test_bounded_mesh_preconditioner_is_positive_where_the_mean_one_is_not():
-    """A water box with 10 Å of vacuum in a fully periodic cell: the mean form of ``M⁻¹`` has a negative
-    eigenvalue, its bounded fallback none; CG starts with the mean form, moves to the bounded one and
-    reaches the dense KKT charges."""
-    pos, cell = water(70)
+def vacuum_water(n_mol: int, vacuum: float = 10.0):
+    """A water box with ``vacuum`` Å of empty space along c in a fully periodic cell (filled unevenly)."""
+    pos, cell = water(n_mol)
     cell = cell.clone()
-    cell[2, 2] += 10.0
+    cell[2, 2] += vacuum
+    return pos, cell
+
+
+def model_inverse(mesh: MeshPreconditioner, diag: torch.Tensor) -> torch.Tensor:
+    """``(D + WᵀCW)⁻¹`` formed densely, independently of the Woodbury form: ``W`` by spreading unit
+    charges, ``C`` as the sum over the mesh's plane waves of ``M ĝ/V``."""
+    n = diag.shape[0]
+    sp = mesh.spreader
+    w = sp.to_mesh(torch.eye(n, dtype=diag.dtype)).reshape(n, -1)  # [N, M]: row i = atom i's weights
+    grid = [torch.arange(m, dtype=diag.dtype) for m in mesh.mesh]
+    frac = torch.stack(torch.meshgrid(*grid, indexing="ij"), -1).reshape(-1, 3) / torch.tensor(mesh.mesh)
+    g_full = torch.fft.irfftn(mesh.g, s=mesh.mesh) * sp.points  # g on the full k-grid via its real inverse
+    conv = g_full.reshape(-1)  # C[x, y] = (1/V) Σ_k ĝ e^{ik(x−y)} = circulant in x − y
+    shape = torch.tensor(mesh.mesh)
+    diff = torch.remainder((frac[:, None, :] - frac[None, :, :]) * shape, shape).round().long()
+    flat = (diff[..., 0] * shape[1] + diff[..., 1]) * shape[2] + diff[..., 2]
+    c = conv[flat] / mesh.volume
+    return torch.linalg.inv(torch.diag(diag) + w @ c @ w.T)
+
+
+def test_mesh_preconditioner_is_the_inverse_of_its_model_and_positive_on_uneven_cells():
+    """A water box with 10 Å of vacuum in a fully periodic cell (where a single homogeneous density
+    over-corrects the smooth modes): with enough inner steps ``M⁻¹`` is ``(D + WᵀCW)⁻¹`` formed
+    densely; with two inner steps ``rᵀM⁻¹r`` still lies between that model's ``rᵀH̃⁻¹r > 0`` and
+    Jacobi's ``rᵀD⁻¹r`` for random ``r``; CG with it reaches the dense KKT charges without a fallback
+    in at most 0.7× Jacobi's iterations (measured: 24 against 38 at tolerance 1e-12; 120 atoms leave
+    few smooth modes to remove)."""
+    pos, cell = vacuum_water(40)
     n = pos.shape[0]
     chi, d = problem(n, 2.23)
-    mesh = MeshPreconditioner(pos, cell, math.sqrt(2.0) * SIGMA).with_diagonal(d + A_DIAG)
+    diag = d + A_DIAG
+    exact_model = model_inverse(MeshPreconditioner(pos, cell, math.sqrt(2.0) * SIGMA), diag)
+    converged = MeshPreconditioner(pos, cell, math.sqrt(2.0) * SIGMA, inner_steps=200).with_diagonal(diag)
     eye = torch.eye(n, dtype=DT)
-    lowest = {}
-    for name, op in [("mean", mesh), ("bounded", mesh.fallback)]:
-        dense = op(eye)
-        lowest[name] = float(torch.linalg.eigvalsh(0.5 * (dense + dense.T))[0])
-    assert lowest["mean"] < 0.0 < lowest["bounded"], lowest
-    assert isinstance(mesh.fallback.fallback, torch.Tensor)  # then Jacobi, against round-off
+    assert torch.allclose(converged(eye), exact_model, atol=1e-9 * float(exact_model.abs().max()), rtol=0)
+    two = MeshPreconditioner(pos, cell, math.sqrt(2.0) * SIGMA, inner_steps=2).with_diagonal(diag)
+    r = torch.randn(n, 20, dtype=DT, generator=torch.Generator().manual_seed(7))
+    quad = (r * two(r)).sum(0)
+    lower = (r * (exact_model @ r)).sum(0)
+    jacobi = (r * r / diag[:, None]).sum(0)
+    assert bool((lower > 0).all())
+    assert bool((quad >= lower * (1 - 1e-9)).all()) and bool((quad <= jacobi).all())
+    assert float((jacobi - quad).min()) > 0.01 * float(jacobi.min())  # not Jacobi in disguise
     es = Electrostatics()
     pbc = CASES["periodic"]
     exact = qeq_solve(None, d, chi, 1.0, dense=es.coulomb_matrix(pos, cell, pbc))
     op = es.coulomb_operator(pos, cell, pbc)
-    jacobi = qeq_solve(op, d, chi, 1.0, precond=d + A_DIAG, tol=1e-12)
+    slow = qeq_solve(op, d, chi, 1.0, precond=diag, tol=1e-12)
+    mesh = MeshPreconditioner(pos, cell, math.sqrt(2.0) * SIGMA).with_diagonal(diag)
     sol = qeq_solve(op, d, chi, 1.0, precond=mesh, tol=1e-12)
-    assert sol.info.converged and sol.info.fallback
-    assert sol.info.iterations <= jacobi.info.iterations
+    assert sol.info.converged and not sol.info.fallback
+    assert sol.info.iterations <= 0.7 * slow.info.iterations, (sol.info.iterations, slow.info.iterations)
     assert torch.allclose(sol.charges, exact.charges, atol=1e-9, rtol=0)
+
+
+def test_mesh_preconditioned_iterations_stay_flat_in_n_on_uneven_cells():
+    """Water boxes of 192 and 1 536 atoms with 10 Å of vacuum (Ewald, then PME), J = 5 eV/e², float64,
+    tolerance 1e-10: Jacobi's iterations more than double with the box (measured 28 → 63) as the
+    smooth Coulomb modes stiffen like L²; the mesh preconditioner's stay flat (14 → 15)."""
+    counts = {}
+    for n_mol in (64, 512):
+        pos, cell = vacuum_water(n_mol)
+        chi, d = problem(pos.shape[0], 5.0)
+        op = Electrostatics().coulomb_operator(pos, cell, CASES["periodic"])
+        mesh = MeshPreconditioner(pos, cell, math.sqrt(2.0) * SIGMA).with_diagonal(d + A_DIAG)
+        jacobi = qeq_solve(op, d, chi, 0.0, precond=d + A_DIAG, tol=1e-10)
+        fast = qeq_solve(op, d, chi, 0.0, precond=mesh, tol=1e-10)
+        assert jacobi.info.converged and fast.info.converged and not fast.info.fallback
+        assert torch.allclose(fast.charges, jacobi.charges, atol=1e-8, rtol=0)
+        counts[n_mol] = (jacobi.info.iterations, fast.info.iterations)
+    assert counts[512][0] > 2 * counts[64][0], counts
+    assert counts[512][1] <= counts[64][1] + 2, counts
+    assert counts[512][1] <= 0.3 * counts[512][0], counts
 
 
 def test_mesh_preconditioner_cuts_iterations_on_1k_atoms():
     """NaCl, 1000 atoms (PME), J = 5 eV/e², float64, tolerance 1e-10: at least 2× fewer CG iterations
-    than Jacobi (measured: 18 against 41), same charges to the tolerance."""
+    than Jacobi (measured: 14 against 41), same charges to the tolerance."""
     atoms = structure("nacl", "1k")
     pos, cell = torch.tensor(atoms.positions, dtype=DT), torch.tensor(atoms.cell.array, dtype=DT)
     pbc = CASES["periodic"]
@@ -162,7 +213,7 @@ def test_mesh_preconditioner_cuts_iterations_on_1k_atoms():
     mesh = MeshPreconditioner(pos, cell, math.sqrt(2.0) * SIGMA).with_diagonal(d + A_DIAG)
     fast = qeq_solve(op, d, chi, 0.0, precond=mesh, tol=1e-10)
     assert jacobi.info.converged and fast.info.converged and not fast.info.fallback
-    assert fast.info.iterations * 2 <= jacobi.info.iterations
+    assert fast.info.iterations * 2.5 <= jacobi.info.iterations
     assert torch.allclose(fast.charges, jacobi.charges, atol=1e-8, rtol=0)
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import itertools
 import math
 from functools import lru_cache
-from types import FunctionType
 
 import numpy as np
 import torch
@@ -396,31 +395,30 @@ class OpenBatchOperator:
 class MeshPreconditioner:
     r"""An approximate inverse of ``H = A + diag(J)`` on a coarse mesh, for conjugate gradients.
 
-    ``A`` acts on long-wavelength charge modes as the mesh convolution ``Wᵀ G W`` (``W``: spreading on
-    the mesh, ``G``: ``ĝ(k) = 4πk_e e^{−s²k²/2}/k²``). With ``D = diag(H)`` the Woodbury identity
-    gives ``H⁻¹ = D⁻¹ − D⁻¹Wᵀ(G⁻¹ + W D⁻¹ Wᵀ)⁻¹W D⁻¹``; replacing ``W D⁻¹ Wᵀ`` by its
-    long-wavelength value ``c = Σ_i d_i⁻¹ / V`` makes the inner inverse diagonal in k:
+    ``A`` acts on long-wavelength charge modes as the mesh operator ``Wᵀ C W`` (``W``: spreading of
+    per-atom values on a mesh of ``M`` points, ``C``: the periodic convolution with
+    ``ĝ(k) = 4πk_e e^{−s²k²/2}/k²``, eigenvalues ``M ĝ/V``). ``M⁻¹`` is the inverse of the model
+    ``H̃ = D + WᵀCW`` (``D = diag H``), by the Woodbury identity
 
-    .. math:: M^{-1} = D^{-1} − D^{-1} W^T \mathcal F^{-1}\,\frac{ĝ}{1 + c\,ĝ}\,\mathcal F\, W D^{-1}.
+    .. math:: \tilde H^{-1} = D^{-1} − D^{-1}W^TC^{1/2}\,S^{-1}\,C^{1/2}WD^{-1},
+        \qquad S = I + C^{1/2}WD^{-1}W^TC^{1/2},
 
-    For a homogeneous system this is exact on the smooth modes, where ``A`` dominates and makes the
-    condition number of ``H`` grow like ``L²``; on short wavelengths ``ĝ → 0`` and it reduces to
-    Jacobi. The kernel is widened by ``smoothing`` (Å, ``s² = 2σ² + smoothing²``): molecules put two or
-    three atoms on one coarse-mesh cell, and with the narrow kernel their common modes were
-    over-corrected (M⁻¹ indefinite for water at J ≈ 2 eV/e²); the long wavelengths are unchanged.
+    with the mesh system ``S`` (eigenvalues ≥ 1) solved by ``inner_steps`` conjugate-gradient steps
+    from zero, themselves preconditioned by the homogeneous value of ``S``, ``1 + c ĝ`` with
+    ``c = Σ_i d_i⁻¹ / V`` (diagonal in k). On the smooth modes, where ``A`` dominates and makes the
+    condition number of ``H`` grow like ``L²``, ``H̃`` is exact; on short wavelengths ``ĝ → 0`` and it
+    reduces to Jacobi. Where atoms fill the cell unevenly (a void, a slab's vacuum, an interface) the
+    inner steps resolve the local density that the homogeneous value misses, so the outer iteration
+    counts stay flat in N for every geometry.
 
-    ``M⁻¹`` is symmetric and positive in the continuum limit (``1/(d(1 + n ĝ/d))`` per mode) but not
-    for every geometry: where the atoms fill the cell unevenly (a void, a slab's vacuum, an
-    interface) the mean ``c`` underestimates the local density and the smooth modes are
-    over-corrected. The solvers therefore check ``rᵀM⁻¹r > 0`` at every step and otherwise continue
-    from the current iterate with the *bounded* form: ``c`` replaced by a bound on the largest local
-    density, ``c_b = (M/V) max_x Σ_i |w_i(x)| d_i⁻¹ Σ_y |w_i(y)|`` (``M`` mesh points, ``w_i`` the
-    spreading weights of atom i). By Gershgorin's theorem ``‖W D⁻¹ Wᵀ‖ ≤ c_b V/M`` and the mesh
-    kernel is below ``M/(V c_b)``, so the subtracted term never exceeds ``D⁻¹``: ``M⁻¹`` is positive
-    for every geometry (Jacobi stays the last resort against round-off). It is weaker than the mean
-    form where that one holds (``c_b`` is 1.2× ``c`` on NaCl and 4× on water), stronger than Jacobi.
-    Fully periodic cells only. One coarse-mesh spreading, two small FFTs and one interpolation per
-    application; the weights are computed once per geometry.
+    Positive for every geometry and any number of inner steps: conjugate gradients from zero give
+    iterates with ``bᵀs_k = s_kᵀ S s_k ≤ bᵀS⁻¹b``, so ``rᵀM⁻¹r ≥ rᵀH̃⁻¹r > 0`` (the Jacobi diagonal
+    stays as the fallback against round-off). The inner steps make ``M⁻¹`` depend slightly on ``r``
+    unless converged; the outer solvers use the Polak–Ribière ``β``, which tolerates that. No host
+    synchronisation; the kernel is widened by ``smoothing`` (Å, ``s² = 2σ² + smoothing²``) to keep the
+    coarse mesh small, and the spreading weights are computed once per geometry. Fully periodic cells
+    only. Cost per application: ``2 inner_steps + 2`` small FFT pairs and ``inner_steps + 1``
+    spreadings and interpolations on the coarse mesh.
     """
 
     def __init__(
@@ -430,7 +428,8 @@ class MeshPreconditioner:
         s_phys: float,
         spacing: float | None = None,
         nodes: int = 3,
-        smoothing: float = 3.0,
+        smoothing: float = 0.75,
+        inner_steps: int = 8,
     ):
         positions, cell = positions.detach(), reduced_cell(cell.detach())
         s_tot = math.sqrt(s_phys**2 + smoothing**2)
@@ -443,52 +442,56 @@ class MeshPreconditioner:
         k2 = (generate_kvectors_for_mesh(cell, ns) ** 2).sum(-1)
         g = 4.0 * math.pi * COULOMB_CONSTANT * torch.exp(-0.5 * s_tot**2 * k2) / k2.clamp(min=1e-300)
         self.g = torch.where(k2 > 0, g, torch.zeros_like(g))
+        self.root = torch.sqrt(self.spreader.points * self.g / self.volume)  # C^{1/2} in k
         self.mesh = mesh
+        self.inner_steps = inner_steps
 
     def with_diagonal(self, diag: torch.Tensor) -> MeshPreconditionerApply:
-        """``M⁻¹`` for the Jacobi diagonal ``diag = d`` (J plus the Coulomb diagonal), ``[N]``: the mean
-        form, falling back to the bounded form, then to Jacobi."""
-        inv = 1.0 / diag
+        """``M⁻¹`` for the Jacobi diagonal ``diag = d`` (J plus the Coulomb diagonal), ``[N]``."""
+        return MeshPreconditionerApply(self, diag)
 
-        def bounded() -> MeshPreconditionerApply:  # built only if a solve needs it
-            return MeshPreconditionerApply(self, diag, self.bounded_density(inv), fallback=diag)
-
-        return MeshPreconditionerApply(self, diag, inv.sum() / self.volume, fallback=bounded)
-
-    def bounded_density(self, inv: torch.Tensor) -> torch.Tensor:
-        """``c_b``: the Gershgorin bound on ``W D⁻¹ Wᵀ`` in the units of the mean density ``Σ d⁻¹ / V``."""
-        sp = self.spreader
-        weights = sp.weights.abs()  # [p³, N]
-        values = (weights * (inv * weights.sum(0))[None]).reshape(-1)
-        local = inv.new_zeros(sp.points).index_add_(0, sp.index, values)
-        return sp.points * local.max() / self.volume
+    def spectral(self, grid: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
+        """``[C, n_a, n_b, n_c]`` → the same with each plane wave scaled by ``multiplier`` (k-space)."""
+        hat = torch.fft.rfftn(grid, dim=(1, 2, 3)) * multiplier
+        return torch.fft.irfftn(hat, s=self.mesh, dim=(1, 2, 3))
 
 
 class MeshPreconditionerApply:
-    """``r ↦ M⁻¹ r`` of :class:`MeshPreconditioner` for one diagonal and density ``c``; ``diag`` is the
-    Jacobi diagonal, ``fallback`` what the solvers continue with where ``M⁻¹`` is not positive (another
-    preconditioner, or a Jacobi diagonal), given as such or as a function that builds it on first use."""
+    """``r ↦ M⁻¹ r`` of :class:`MeshPreconditioner` for one Jacobi diagonal ``diag``; ``fallback`` is
+    that diagonal, what the solvers continue with should round-off make ``rᵀM⁻¹r`` non-positive."""
 
-    def __init__(self, mesh: MeshPreconditioner, diag: torch.Tensor, c: torch.Tensor, fallback):
+    def __init__(self, mesh: MeshPreconditioner, diag: torch.Tensor):
         self.mesh_op = mesh
-        self.diag = diag
-        self._fallback = fallback
+        self.diag = self.fallback = diag
         self.inv = 1.0 / diag
-        self.kernel = mesh.g / (1.0 + c * mesh.g)
+        self.inner = 1.0 / (1.0 + (self.inv.sum() / mesh.volume) * mesh.g)
 
-    @property
-    def fallback(self):
-        if isinstance(self._fallback, FunctionType):  # built on first use
-            self._fallback = self._fallback()
-        return self._fallback
+    def _mesh_system(self, v: torch.Tensor) -> torch.Tensor:
+        """``S v = v + C^{1/2} W D⁻¹ Wᵀ C^{1/2} v`` on ``[C, n_a, n_b, n_c]``."""
+        m = self.mesh_op
+        u = m.spreader.to_points(m.spectral(v, m.root))
+        return v + m.spectral(m.spreader.to_mesh(self.inv[:, None] * u), m.root)
 
     def __call__(self, r: torch.Tensor) -> torch.Tensor:
         vector = r.dim() == 1
         r2 = r[:, None] if vector else r
-        u = self.inv[:, None] * r2
         m = self.mesh_op
-        grid = m.spreader.to_mesh(u)
-        hat = torch.fft.rfftn(grid, norm="backward", dim=(1, 2, 3)) * self.kernel
-        back = torch.fft.irfftn(hat, norm="forward", dim=(1, 2, 3), s=grid.shape[-3:])
-        z = u - self.inv[:, None] * m.spreader.to_points(back) / m.volume
-        return z[:, 0] if vector else z
+        u = self.inv[:, None] * r2
+        b = m.spectral(m.spreader.to_mesh(u), m.root)
+        # S s = b by preconditioned CG from zero, a fixed number of steps, column by column
+        dims, tiny = (1, 2, 3), torch.finfo(b.dtype).tiny
+        s, res = torch.zeros_like(b), b
+        z = m.spectral(res, self.inner)
+        p, rz = z, (res * z).sum(dims)
+        for _ in range(m.inner_steps):
+            sp = self._mesh_system(p)
+            curvature = (p * sp).sum(dims)
+            alpha = torch.where(curvature > 0, rz / curvature.clamp(min=tiny), torch.zeros_like(rz))
+            s = s + alpha[:, None, None, None] * p
+            res = res - alpha[:, None, None, None] * sp
+            z = m.spectral(res, self.inner)
+            rz_new = (res * z).sum(dims)
+            beta = torch.where(rz > 0, rz_new / rz.clamp(min=tiny), torch.zeros_like(rz))
+            p, rz = z + beta[:, None, None, None] * p, rz_new
+        out = u - self.inv[:, None] * m.spreader.to_points(m.spectral(s, m.root))
+        return out[:, 0] if vector else out

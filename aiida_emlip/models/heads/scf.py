@@ -43,7 +43,9 @@ from aiida_emlip.models.coulomb_operator import (
     BlockDenseOperator,
     CoulombOperator,
     DenseOperator,
+    MeshPreconditioner,
     OpenBatchOperator,
+    periodic_dims,
 )
 from aiida_emlip.models.fragments import FRAGMENTS, fragment_targets, largest_fragment_mu
 from aiida_emlip.models.heads import solvers
@@ -71,6 +73,7 @@ ENSEMBLES = ("constant_q", "constant_mu")
 MODES = ("converge", "direct", "unrolled", "implicit")
 FAILURE_MODES = ("raise", "flag")
 MIXERS = ("anderson", "linear", "newton")
+MIXING_PRECONDITIONERS = ("mesh", "none")
 #: Structures up to this many atoms solve the implicit (linearised) systems by a dense LU
 #: factorisation instead of GMRES, and iterate on dense projected Coulomb matrices formed once per
 #: geometry (:class:`~aiida_emlip.models.coulomb_operator.DenseOperator`) instead of applying the
@@ -92,6 +95,10 @@ class SCFOptions(HeadOptions):
     mixer: str = "anderson"  # anderson | linear | newton (Newton–Krylov); ``unrolled`` is always linear
     mixing: float = 0.3  # α of the linear mixing (and the damping of Anderson's step)
     anderson_history: int = 6
+    #: inference steps ``mesh``-preconditioned on fully periodic cells (Kerker-like: the linear response
+    #: of the long-wavelength modes inverted on a coarse mesh, see :meth:`SelfConsistentHead._kerker`),
+    #: or ``none``; the unrolled steps of training are never preconditioned
+    preconditioner: str = "mesh"
     tol: float = 1e-6  # e: converged when max |F(q) − q| and |ΣF − Q| are below this
     max_steps: int = 200
     unroll_steps: int = 10  # K of scf_mode='unrolled'
@@ -109,6 +116,7 @@ class SCFOptions(HeadOptions):
             ("on_failure", self.on_failure, FAILURE_MODES),
             ("mixer", self.mixer, MIXERS),
             ("fragments", self.fragments, FRAGMENTS),
+            ("preconditioner", self.preconditioner, MIXING_PRECONDITIONERS),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -257,6 +265,33 @@ class SelfConsistentHead(Head):
         value = loc["p_loc"] + self._update(loc["h"], loc["chi"], u)
         slopes = self._slopes(loc["h"], loc["chi"], u, create_graph)
         return value, slopes, scales
+
+    def _kerker(self, inp: HeadInput, s: _Structure):
+        r"""The preconditioner of the inference iteration's steps, ``None`` where it does not apply.
+
+        Linearised, the map is ``F(q) ≈ F(q₀) − K A (q − q₀)`` with ``K = diag(κ)``,
+        ``κ_i = −Σ_w (∂U_i/∂u_iw)/s_w`` and every projection width's Coulomb operator taken as ``A``
+        (they differ on short wavelengths only), so the Newton step from the residual ``R = F − q`` is
+        ``(I + KA)⁻¹R = (J + A)⁻¹ J R`` with ``J = K⁻¹``. Its smooth modes, where ``A ∝ 1/k²`` makes plain
+        mixing slosh and the step counts grow with the cell, come from the mesh preconditioner of
+        ``J + A`` (:class:`~aiida_emlip.models.coulomb_operator.MeshPreconditioner`); short wavelengths
+        and weakly responding atoms (``κ → 0``) keep the plain step ``R``. Each group's sum of the step
+        is that of ``R`` (a uniform shift within the group), so the charge constraint is untouched.
+        """
+        sigma = inp.electrostatics.config.sigma
+        if self.options.preconditioner != "mesh" or sigma <= 0 or not all(periodic_dims(s.pbc)):
+            return None
+        mesh = MeshPreconditioner(s.positions, s.cell, math.sqrt(2.0) * sigma)
+        a_diag = COULOMB_CONSTANT / (sigma * math.sqrt(math.pi))
+        counts = s.group_sum(torch.ones_like(s.positions[:, 0]))
+
+        def precondition(residual: torch.Tensor, slopes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+            kappa = (-slopes.detach() / scales).sum(-1).clamp(min=1e-8)
+            hardness = 1.0 / kappa
+            step = mesh.with_diagonal(hardness + a_diag)(hardness * residual)
+            return step + (s.group_sum(residual - step) / counts)[s.fragment]
+
+        return precondition
 
     def _constrain(
         self, s: _Structure, value: torch.Tensor, slopes: torch.Tensor, scales: torch.Tensor
@@ -452,6 +487,7 @@ class SelfConsistentHead(Head):
         self._reason = f"max_steps = {steps} reached"
         previous = math.inf
         anderson = _Anderson(o.anderson_history, o.mixing)
+        precondition = None if differentiable else self._kerker(inp, s)
         # each step's stopping tests stay on the device with its (q, μ); the host reads them every
         # ``every`` steps (every step on CPU) and stops at the first step that converged or failed
         every = solvers.check_interval(q.device, self.check_every)
@@ -467,10 +503,11 @@ class SelfConsistentHead(Head):
                 err_t = q.new_zeros(())
             change = value - q
             q_old = q
+            direction = change if precondition is None else precondition(change, slopes, scales)
             if o.mixer == "anderson" and not differentiable:
-                q = anderson.step(q, change)
+                q = anderson.step(q, direction)
             else:
-                q = q + o.mixing * change
+                q = q + o.mixing * direction
             stats = torch.stack(
                 [
                     change.detach().abs().max(),

@@ -69,6 +69,13 @@ def _fallback(source):
     return getattr(source, "fallback", source.diag)
 
 
+def _polak_ribiere(rz_new: torch.Tensor, r_z_old: torch.Tensor, rz: torch.Tensor) -> torch.Tensor:
+    """``β = r_{k+1}ᵀ(z_{k+1} − z_k) / r_kᵀz_k``, at least 0: the Fletcher–Reeves value for a fixed
+    preconditioner (``r_{k+1}ᵀz_k = 0``), and robust to one that varies slightly with ``r`` (the mesh
+    preconditioner's inner steps)."""
+    return ((rz_new - r_z_old) / rz).clamp(min=0.0)
+
+
 def check_interval(device: torch.device, check_every: int | None) -> int:
     """Iterations between the host's looks at a solve's convergence: ``check_every``, or by default 1 on
     the CPU (a look costs nothing there) and :data:`DEVICE_CHECK_EVERY` on an accelerator, where each
@@ -143,9 +150,9 @@ def conjugate_gradient(
         alpha = torch.where(moving, rz / php, torch.zeros_like(rz))
         x = x + alpha * p
         r = r - alpha * hp
-        z = apply(r)
+        z_old, z = z, apply(r)
         rz_new = (r * z).sum(0)
-        beta = torch.where(moving, rz_new / rz, torch.zeros_like(rz))
+        beta = torch.where(moving, _polak_ribiere(rz_new, (r * z_old).sum(0), rz), torch.zeros_like(rz))
         p = torch.where(moving, z + beta * p, p)
         rz = torch.where(moving, rz_new, rz)
         res = torch.linalg.vector_norm(r, dim=0)
@@ -391,9 +398,9 @@ def qeq_solve_from(
         uniform = r.mean()
         mu = mu + uniform
         r = r - uniform
-        z = project(r)
+        z_old, z = z, project(r)
         rz_new = (r * z).sum()
-        p = torch.where(moving, z + (rz_new / rz) * p, p)
+        p = torch.where(moving, z + _polak_ribiere(rz_new, (r * z_old).sum(), rz) * p, p)
         rz = torch.where(moving, rz_new, rz)
         res = torch.linalg.vector_norm(r)
         steps = steps + moving

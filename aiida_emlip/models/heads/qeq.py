@@ -77,8 +77,8 @@ class QEqOptions(HeadOptions):
     parametrization: str = "electronegativity"
     max_hardness: float = 1.0e4  # eV/e², caps 1/s of the softness parametrization (conditioning)
     #: CG preconditioner: ``mesh`` (long-wavelength Coulomb modes inverted on a coarse mesh, Jacobi on
-    #: the rest; fully periodic cells with Gaussian charges, Jacobi elsewhere; where the cell is
-    #: filled unevenly it continues with a bounded form that is always positive), or ``jacobi``
+    #: the rest, positive on every geometry; fully periodic cells with Gaussian charges, Jacobi
+    #: elsewhere), or ``jacobi``
     preconditioner: str = "mesh"
     #: How Σq = Q is met across fragments that no edge joins (see :mod:`aiida_emlip.models.fragments`):
     #: ``shared`` — one μ for the whole structure, charge flows between fragments however far apart

@@ -435,6 +435,56 @@ def test_linear_solvers_against_numpy():
     assert info.converged
 
 
+def test_flexible_gmres_takes_a_preconditioner_that_varies():
+    """Right preconditioning in the flexible form: a non-symmetric system with a wide spectrum, solved
+    with an approximate inverse that changes at every application (a perturbed diagonal inverse),
+    reaches the solution to the tolerance in fewer iterations than without it (measured: 21 and, restarted
+    every 10 steps, 34, against 60), restarted or not."""
+    rng = np.random.default_rng(23)
+    n = 60
+    scale = torch.as_tensor(np.logspace(0, 3, n))
+    general = torch.diag(scale) + 0.3 * torch.as_tensor(rng.normal(size=(n, n)))
+    b = torch.as_tensor(rng.normal(size=n))
+    exact = np.linalg.solve(general.numpy(), b.numpy())
+    calls = []
+
+    def varying(v: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        wobble = 1.0 + 0.05 * math.sin(len(calls))
+        return v / (scale * wobble)
+
+    plain, plain_info = gmres(lambda v: general @ v, b, tol=1e-11, maxiter=200, restart=200)
+    np.testing.assert_allclose(plain.numpy(), exact, rtol=0, atol=1e-8 * np.abs(exact).max())
+    steps = {}
+    for restart in (200, 10):
+        x, info = gmres(lambda v: general @ v, b, tol=1e-11, maxiter=200, restart=restart, precond=varying)
+        assert info.converged
+        np.testing.assert_allclose(x.numpy(), exact, rtol=0, atol=1e-8 * np.abs(exact).max())
+        steps[restart] = info.iterations
+    assert plain_info.converged and steps[200] < 0.5 * plain_info.iterations, (steps, plain_info)
+    assert len(calls) > 10
+
+
+def test_preconditioned_linearised_solves_give_the_same_forces_in_fewer_iterations():
+    """``scf`` on a periodic water box of 450 atoms (beyond the dense limit, so the forces come from
+    GMRES on the linearised fixed point): the mesh-preconditioned (flexible) GMRES gives the forces
+    of the plain one to 1e-5 eV/Å in less than half its iterations (measured: 16 against 36 for the
+    whole evaluation's linear solves)."""
+    from test_qeq_preconditioner import water
+
+    pos, cell = water(150)
+    atoms = Atoms("OH2" * 150, positions=pos.numpy(), cell=cell.numpy(), pbc=True)
+    results = {}
+    for pre in ("none", "mesh"):
+        model = tiny_model({"name": "scf", "preconditioner": pre, "linear_tol": 1e-12}, seed=2)
+        with torch.no_grad():
+            model.head.susceptibility[-1].bias.fill_(0.0)  # χ ≈ 0.7: a strong, long-range response
+        out = evaluate(model, atoms)
+        results[pre] = (out["forces"].numpy(), model.head.linear_iterations)
+    np.testing.assert_allclose(results["mesh"][0], results["none"][0], atol=1e-5)
+    assert 2 * results["mesh"][1] <= results["none"][1], results
+
+
 @pytest.mark.parametrize("head", ["qeq-cg", "functional", "scf"])
 def test_float32(head):
     """The same weights in float32 give the float64 charges to float32 accuracy; Σq = Q."""

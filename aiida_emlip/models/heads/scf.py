@@ -95,9 +95,10 @@ class SCFOptions(HeadOptions):
     mixer: str = "anderson"  # anderson | linear | newton (Newton–Krylov); ``unrolled`` is always linear
     mixing: float = 0.3  # α of the linear mixing (and the damping of Anderson's step)
     anderson_history: int = 6
-    #: inference steps ``mesh``-preconditioned on fully periodic cells (Kerker-like: the linear response
-    #: of the long-wavelength modes inverted on a coarse mesh, see :meth:`SelfConsistentHead._kerker`),
-    #: or ``none``; the unrolled steps of training are never preconditioned
+    #: ``mesh``: on fully periodic cells the inference steps and the linearised (GMRES) solves are
+    #: preconditioned Kerker-like, the linear response of the long-wavelength modes inverted on a coarse
+    #: mesh (:meth:`SelfConsistentHead._kerker`); ``none``: plain steps. The unrolled steps of
+    #: training are never preconditioned
     preconditioner: str = "mesh"
     tol: float = 1e-6  # e: converged when max |F(q) − q| and |ΣF − Q| are below this
     max_steps: int = 200
@@ -173,6 +174,8 @@ class _Structure:
     #: (positions, cell, operator) of a differentiable iteration: the operator built once from these
     #: very tensors (autograd through the geometry kept) and applied at every unrolled step
     live: tuple | None = None
+    #: the mesh preconditioner of this geometry (:meth:`SelfConsistentHead._mesh`), built on first use
+    mesh: MeshPreconditioner | None = None
 
     @property
     def groups(self) -> int:
@@ -266,6 +269,21 @@ class SelfConsistentHead(Head):
         slopes = self._slopes(loc["h"], loc["chi"], u, create_graph)
         return value, slopes, scales
 
+    def _mesh(self, inp: HeadInput, s: _Structure) -> MeshPreconditioner | None:
+        """The mesh preconditioner of the structure's detached geometry (built once), or ``None``:
+        ``preconditioner='none'``, point charges, or a cell that is not fully periodic."""
+        sigma = inp.electrostatics.config.sigma
+        if self.options.preconditioner != "mesh" or sigma <= 0 or not all(periodic_dims(s.pbc)):
+            return None
+        if s.mesh is None:
+            s.mesh = MeshPreconditioner(s.positions, s.cell, math.sqrt(2.0) * sigma)
+        return s.mesh
+
+    @staticmethod
+    def _self_potential(inp: HeadInput) -> float:
+        """The diagonal of the Coulomb operator: a Gaussian charge's potential at its centre."""
+        return COULOMB_CONSTANT / (inp.electrostatics.config.sigma * math.sqrt(math.pi))
+
     def _kerker(self, inp: HeadInput, s: _Structure):
         r"""The preconditioner of the inference iteration's steps, ``None`` where it does not apply.
 
@@ -278,11 +296,10 @@ class SelfConsistentHead(Head):
         and weakly responding atoms (``κ → 0``) keep the plain step ``R``. Each group's sum of the step
         is that of ``R`` (a uniform shift within the group), so the charge constraint is untouched.
         """
-        sigma = inp.electrostatics.config.sigma
-        if self.options.preconditioner != "mesh" or sigma <= 0 or not all(periodic_dims(s.pbc)):
+        mesh = self._mesh(inp, s)
+        if mesh is None:
             return None
-        mesh = MeshPreconditioner(s.positions, s.cell, math.sqrt(2.0) * sigma)
-        a_diag = COULOMB_CONSTANT / (sigma * math.sqrt(math.pi))
+        a_diag = self._self_potential(inp)
         counts = s.group_sum(torch.ones_like(s.positions[:, 0]))
 
         def precondition(residual: torch.Tensor, slopes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -801,7 +818,11 @@ class SelfConsistentHead(Head):
                 out = out + op.potential(coef[:, w] * x, w)
             return out
 
+        kerker = self._linear_preconditioner(inp, s, coef, n)
+
         def make(op, transpose: bool):
+            precond = None if kerker is None else kerker(transpose)
+
             def solve(r: torch.Tensor, rhs_mu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                 if constant_q:
 
@@ -818,7 +839,7 @@ class SelfConsistentHead(Head):
                         return op(z) - z
 
                     rhs = r
-                z, info = gmres(full, rhs, tol, self.options.linear_max_iter)
+                z, info = gmres(full, rhs, tol, self.options.linear_max_iter, precond=precond)
                 self.linear_iterations += info.iterations
                 if strict and not info.converged:
                     raise SCFConvergenceError(
@@ -830,6 +851,25 @@ class SelfConsistentHead(Head):
             return solve
 
         return make(jac, False), make(jac_t, True)
+
+    def _linear_preconditioner(self, inp: HeadInput, s: _Structure, coef: torch.Tensor, n: int):
+        """``transpose ↦`` the right preconditioner of the linearised solves (``None`` where the mesh
+        does not apply): the atoms' block ``∂F/∂q − I ≈ −(I + KA)`` inverted as in :meth:`_kerker`,
+        ``−(J + A)⁻¹J`` (``−J(J + A)⁻¹`` for the transpose), the μ entries left as they are."""
+        mesh = self._mesh(inp, s)
+        if mesh is None:
+            return None
+        hardness = 1.0 / (-coef.detach()).sum(-1).clamp(min=1e-8)
+        inverse = mesh.with_diagonal(hardness + self._self_potential(inp))
+
+        def make(transpose: bool):
+            def apply(v: torch.Tensor) -> torch.Tensor:
+                atoms = -hardness * inverse(v[:n]) if transpose else -inverse(hardness * v[:n])
+                return torch.cat([atoms, v[n:]])
+
+            return apply
+
+        return make
 
     def _dense_solvers(self, s: _Structure, op, coef, fmu, jac: torch.Tensor | None = None):
         """``K⁻¹`` and ``K⁻ᵀ`` of :meth:`_linear_solvers` by one LU factorisation of ``K`` formed densely

@@ -177,8 +177,14 @@ def gmres(
     maxiter: int = 300,
     restart: int = 40,
     check_every: int | None = None,
+    precond: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, SolveInfo]:
     """Restarted GMRES for ``K x = b``, ``b`` ``[n]``; relative tolerance.
+
+    ``precond`` ``v ↦ P v`` (optional) preconditions on the right in the flexible form (FGMRES): each
+    step keeps ``z_k = P v_k`` beside the Arnoldi vector and the solution is built from the ``z_k``, so
+    ``P`` may vary from step to step (the mesh preconditioner's inner steps) and the residual
+    minimised is still that of ``K x = b``.
 
     The Arnoldi basis is orthogonalised by classical Gram–Schmidt applied twice (two matrix products
     per step, as stable as modified Gram–Schmidt) and the Hessenberg matrix and each step's residual
@@ -203,13 +209,16 @@ def gmres(
             break
         basis = torch.zeros(n, restart + 1, dtype=b.dtype, device=b.device)
         basis[:, 0] = r / beta
+        directions = basis if precond is None else torch.zeros_like(basis)  # z_k = P v_k
         hess = torch.zeros(restart + 1, restart, dtype=torch.float64, device=b.device)
         e1 = torch.zeros(restart + 1, dtype=torch.float64, device=b.device)
         e1[0] = beta
         rels, sols = [], []
         k_used = 0
         for k in range(restart):
-            w = matvec(basis[:, k])
+            if precond is not None:
+                directions[:, k] = precond(basis[:, k])
+            w = matvec(directions[:, k])
             v = basis[:, : k + 1]
             h = v.T @ w
             w = w - v @ h
@@ -237,7 +246,7 @@ def gmres(
                 break
         total += k_used
         rel = float(rels[k_used - 1])
-        x = x + basis[:, :k_used] @ sols[k_used - 1].to(b.dtype)
+        x = x + directions[:, :k_used] @ sols[k_used - 1].to(b.dtype)
         if rel <= tol:
             break
     return x, SolveInfo(total, rel, rel <= tol)

@@ -702,3 +702,33 @@ def test_kerker_preconditioned_steps_stop_the_charge_sloshing_of_a_metallic_resp
     assert plain_converged and plain_steps >= 2 * runs[1.0, "mesh"][0]
     np.testing.assert_allclose(runs[1.0, "mesh"][2].numpy(), plain_charges.numpy(), atol=2e-5)
     assert not runs[2.0, "none"][1]  # sloshing: the plain steps never settle
+
+
+def test_kerker_preconditioning_on_a_charged_slab():
+    """A charged water slab (pbc T, T, F, 15 Å of vacuum, Q = +1, 450 atoms, χ ≈ 1.3): the
+    mesh-preconditioned steps and solves reach the plain ones' charges and forces in at most half the
+    fixed-point steps and 0.6× the GMRES iterations (measured: 31 against 115 steps, 21 against 51)."""
+    from test_qeq_preconditioner import vacuum_water
+
+    pos, cell = vacuum_water(150, 15.0)
+    atoms = Atoms("OH2" * 150, positions=pos.numpy(), cell=cell.numpy(), pbc=[True, True, False])
+    atoms.info["total_charge"] = 1.0
+    runs = {}
+    for pre in ("none", "mesh"):
+        config = {"name": "scf", "preconditioner": pre, "max_steps": 300, "linear_tol": 1e-12}
+        model = tiny_model(config, seed=2)
+        with torch.no_grad():
+            model.head.susceptibility[-1].bias.fill_(1.0)
+        out = evaluate(model, atoms)
+        assert bool(out["converged"].all())
+        assert float(out["charges"].sum()) == pytest.approx(1.0, abs=1e-9)
+        runs[pre] = (
+            int(out["iterations"].max()),
+            model.head.linear_iterations,
+            out["charges"],
+            out["forces"],
+        )
+    (steps_plain, linear_plain, q_plain, f_plain), (steps, linear, q, f) = runs["none"], runs["mesh"]
+    assert 2 * steps <= steps_plain and linear <= 0.6 * linear_plain, (runs["none"][:2], runs["mesh"][:2])
+    np.testing.assert_allclose(q.numpy(), q_plain.numpy(), atol=1e-6)
+    np.testing.assert_allclose(f.numpy(), f_plain.numpy(), atol=1e-6)

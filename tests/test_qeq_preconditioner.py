@@ -198,6 +198,33 @@ def test_mesh_preconditioned_iterations_stay_flat_in_n_on_uneven_cells():
     assert counts[512][1] <= 0.3 * counts[512][0], counts
 
 
+def test_mesh_preconditioner_on_slabs():
+    """Water slabs (pbc T, T, F; 15 Å of vacuum; slab term on; J = 5 eV/e², total charge +1, float64,
+    tolerance 1e-10) of 192 and 1 536 atoms: the projected solve with the mesh preconditioner reaches
+    Jacobi's charges in at most 0.6× and 0.4× its iterations and grows by at most 5 iterations with
+    the slab (measured 16 → 19 against Jacobi's 29 → 65); the two-channel solve converges too."""
+    counts = {}
+    for n_mol in (64, 512):
+        pos, cell = vacuum_water(n_mol, 15.0)
+        n = pos.shape[0]
+        chi, d = problem(n, 5.0)
+        pbc = CASES["slab"]
+        op = Electrostatics().coulomb_operator(pos, cell, pbc)
+        assert op.slab is not None
+        mesh = MeshPreconditioner(pos, cell, math.sqrt(2.0) * SIGMA).with_diagonal(d + A_DIAG)
+        start = torch.zeros(n, dtype=DT)
+        q_j, mu_j, slow = qeq_solve_from(op, d, chi, 1.0, start, d + A_DIAG, 1e-10)
+        q_m, mu_m, fast = qeq_solve_from(op, d, chi, 1.0, start, mesh, 1e-10)
+        assert slow.converged and fast.converged and not fast.fallback
+        assert torch.allclose(q_m, q_j, atol=1e-8, rtol=0)
+        assert abs(float(mu_m - mu_j)) < 1e-7
+        both = qeq_solve(op, d, chi, 1.0, precond=mesh, tol=1e-10)
+        assert both.info.converged and torch.allclose(both.charges, q_j, atol=1e-8, rtol=0)
+        counts[n_mol] = (slow.iterations, fast.iterations)
+    assert counts[64][1] <= 0.6 * counts[64][0] and counts[512][1] <= 0.4 * counts[512][0], counts
+    assert counts[512][1] <= counts[64][1] + 5, counts
+
+
 def test_mesh_preconditioner_cuts_iterations_on_1k_atoms():
     """NaCl, 1000 atoms (PME), J = 5 eV/e², float64, tolerance 1e-10: at least 2× fewer CG iterations
     than Jacobi (measured: 14 against 41), same charges to the tolerance."""
@@ -221,7 +248,7 @@ def test_mesh_preconditioner_cuts_iterations_on_1k_atoms():
 @pytest.mark.parametrize("pbc", [(True, True, True), (True, True, False)])
 def test_qeq_head_with_mesh_preconditioner_agrees_with_dense(pbc, name):
     """``qeq`` and ``functional`` (quartic: several Newton steps) with the iterative solver — in
-    inference the projected CG, ``preconditioner='mesh'`` by default (periodic; the slab uses Jacobi)
+    inference the projected CG, ``preconditioner='mesh'`` by default (periodic cell and slab)
     — and the dense solve agree on a charged NaCl cell: charges, μ, energy and forces."""
     import numpy as np
     from ase.build import bulk

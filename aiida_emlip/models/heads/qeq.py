@@ -77,8 +77,8 @@ class QEqOptions(HeadOptions):
     parametrization: str = "electronegativity"
     max_hardness: float = 1.0e4  # eV/e², caps 1/s of the softness parametrization (conditioning)
     #: CG preconditioner: ``mesh`` (long-wavelength Coulomb modes inverted on a coarse mesh, Jacobi on
-    #: the rest, positive on every geometry; fully periodic cells with Gaussian charges, Jacobi
-    #: elsewhere), or ``jacobi``
+    #: the rest, positive on every geometry; fully periodic cells and slabs with Gaussian charges,
+    #: Jacobi elsewhere), or ``jacobi``
     preconditioner: str = "mesh"
     #: How Σq = Q is met across fragments that no edge joins (see :mod:`aiida_emlip.models.fragments`):
     #: ``shared`` — one μ for the whole structure, charge flows between fragments however far apart
@@ -233,13 +233,13 @@ class EquilibrationHead(BondEquilibration, Head):
     def _coulomb_operator(self, inp: HeadInput, b: int, atoms: slice) -> _Operators:
         """``x ↦ A x`` of structure ``b`` (Ewald or PME, no matrix; its geometry-dependent set-up done
         once), the diagonal of ``A`` (the Gaussian self-interaction) and the mesh preconditioner
-        where it applies (``preconditioner='mesh'``, fully periodic cell, Gaussian charges)."""
+        where it applies (``preconditioner='mesh'``, a fully periodic cell or a slab, Gaussian charges)."""
         pos, cell, pbc = inp.positions[atoms].detach(), inp.cell[b].detach(), inp.graph.pbc[b]
         es = inp.electrostatics
         sigma = es.config.sigma
         a_diag = COULOMB_CONSTANT / (sigma * math.sqrt(math.pi)) if sigma > 0 else 0.0
         mesh = None
-        if self.options.preconditioner == "mesh" and sigma > 0 and all(periodic_dims(pbc)):
+        if self.options.preconditioner == "mesh" and sigma > 0 and sum(periodic_dims(pbc)) >= 2:
             mesh = math.sqrt(2.0) * sigma
         return _Operators(es.coulomb_operator(pos, cell, pbc), a_diag, mesh)
 

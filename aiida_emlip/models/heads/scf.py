@@ -95,7 +95,7 @@ class SCFOptions(HeadOptions):
     mixer: str = "anderson"  # anderson | linear | newton (Newton–Krylov); ``unrolled`` is always linear
     mixing: float = 0.3  # α of the linear mixing (and the damping of Anderson's step)
     anderson_history: int = 6
-    #: ``mesh``: on fully periodic cells the inference steps and the linearised (GMRES) solves are
+    #: ``mesh``: on fully periodic cells and slabs the inference steps and the linearised (GMRES) solves are
     #: preconditioned Kerker-like, the linear response of the long-wavelength modes inverted on a coarse
     #: mesh (:meth:`SelfConsistentHead._kerker`); ``none``: plain steps. The unrolled steps of
     #: training are never preconditioned
@@ -271,9 +271,11 @@ class SelfConsistentHead(Head):
 
     def _mesh(self, inp: HeadInput, s: _Structure) -> MeshPreconditioner | None:
         """The mesh preconditioner of the structure's detached geometry (built once), or ``None``:
-        ``preconditioner='none'``, point charges, or a cell that is not fully periodic."""
+        ``preconditioner='none'``, point charges, or a cell periodic in fewer than two directions (a
+        slab's operator is that of its cell, vacuum included, plus the slab term, which the mesh model
+        leaves out: still a positive preconditioner)."""
         sigma = inp.electrostatics.config.sigma
-        if self.options.preconditioner != "mesh" or sigma <= 0 or not all(periodic_dims(s.pbc)):
+        if self.options.preconditioner != "mesh" or sigma <= 0 or sum(periodic_dims(s.pbc)) < 2:
             return None
         if s.mesh is None:
             s.mesh = MeshPreconditioner(s.positions, s.cell, math.sqrt(2.0) * sigma)

@@ -57,7 +57,8 @@ class EmlipCalculator(Calculator):
     output raises :class:`NonFinitePredictionError` (an ASE ``CalculationFailed``); nothing is cached.
 
     ``warm_start`` (default on): the charge solve of the iterative heads (``qeq``'s CG, ``scf``'s
-    fixed-point iteration) starts from the charges of the previous calculation when the atoms (their
+    fixed-point iteration, Newton's method in the bond potentials of ``fragments='bonds'``) starts from
+    the charges of the previous calculation when the atoms (their
     number and elements) and the total charge are the same, as in MD or a geometry optimisation —
     fewer iterations per step; the result equals a cold start's to within the solver's tolerance.
     ``warm_start=False`` makes every call start from the local guess (bit-for-bit repeatable single

@@ -139,26 +139,53 @@ class BondProblem:
 
         return apply
 
-    def step(self, y: torch.Tensor, tol: float, maxiter: int) -> tuple[torch.Tensor, bool, int]:
-        """The Newton step δ at y, whether its solve converged, and its iterations."""
+    def step(
+        self, y: torch.Tensor, tol: float, maxiter: int, scale: float | None = None
+    ) -> tuple[torch.Tensor, bool, int]:
+        """The Newton step δ at y, whether its solve converged, and its iterations. The CG stops at
+        ``tol`` relative to the right-hand side, or, with ``scale``, at ``tol · scale`` (a warm start:
+        the cold start's residual as the yardstick, so that a start near the answer saves iterations)."""
         rhs = -self.residual(y)
         if self.dense is not None:
             return torch.linalg.solve(self.hessian(y), rhs), True, 1
+        if scale is not None:
+            tol = tol * scale / max(float(torch.linalg.vector_norm(rhs)), torch.finfo(rhs.dtype).tiny)
         delta, info = conjugate_gradient(self.hessian_apply(y), rhs, tol=tol, maxiter=maxiter)
         return delta, info.converged, info.iterations
 
 
+def warm_potentials(problem: BondProblem, charges: torch.Tensor) -> torch.Tensor:
+    """Bond potentials y from which Newton's method starts near the charges ``charges`` (a previous
+    step's): at a solution ``y = −∇E_eq(q)`` up to a constant per fragment, which does not move charge;
+    each fragment's mean is taken out."""
+    y = -problem.gradient(charges)
+    counts = torch.bincount(problem.members).to(y.dtype)
+    mean = torch.zeros_like(counts).index_add(0, problem.members, y) / counts
+    return y - mean[problem.members]
+
+
 def minimise_bonds(
-    problem: BondProblem, quadratic: bool, tol: float, charge_tol: float, max_steps: int, maxiter: int
+    problem: BondProblem,
+    quadratic: bool,
+    tol: float,
+    charge_tol: float,
+    max_steps: int,
+    maxiter: int,
+    start: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, SolveInfo, list[float]]:
-    """Newton's method in y from y = 0 (the base charges); the converged y, the solve's record and the
-    largest charge change of every step. A quadratic E_eq needs one step."""
-    y = torch.zeros_like(problem.base)
+    """Newton's method in y from y = 0 (the base charges) or from ``start`` (:func:`warm_potentials`);
+    the converged y, the solve's record and the largest charge change of every step. A quadratic E_eq
+    needs one step. From ``start`` the CG tolerances are taken relative to the cold start's residual,
+    the accuracy a cold start reaches."""
+    y = torch.zeros_like(problem.base) if start is None else start
+    scale = None
+    if start is not None and problem.dense is None:
+        scale = float(torch.linalg.vector_norm(problem.residual(torch.zeros_like(start))))
     history: list[float] = []
     iterations = 0
     converged = False
     for _ in range(max_steps):
-        delta, solved, its = problem.step(y, tol, maxiter)
+        delta, solved, its = problem.step(y, tol, maxiter, scale)
         iterations += its
         y = y + delta
         change = float(problem.laplacian(delta).abs().max()) if delta.numel() else 0.0
@@ -242,6 +269,7 @@ class BondEquilibration:
             local_edges = (sender[mask] - atoms.start, receiver[mask] - atoms.start)
             members = index[atoms] - index[atoms].min()
             dense = differentiable or self._use_dense(atoms.stop - atoms.start)
+            warm = None if dense else inp.warm_charges(atoms)  # inference by CG: a previous step's q
             with torch.no_grad():
                 local = {k: v[atoms].detach() for k, v in params.items()}
                 problem = self._bond_problem(
@@ -256,8 +284,9 @@ class BondEquilibration:
                     dense,
                     differentiable=False,
                 )
+                start = None if warm is None else warm_potentials(problem, warm)
                 y, info, steps = minimise_bonds(
-                    problem, self.quadratic, tol, charge_tol, max_steps, options.max_iter
+                    problem, self.quadratic, tol, charge_tol, max_steps, options.max_iter, start
                 )
             ok = info.converged and bool(torch.isfinite(y).all())
             if not ok and options.on_failure == "raise":

@@ -392,6 +392,12 @@ class OpenBatchOperator:
         return out + charges[:, None] * self.onsite
 
 
+def gaussian_self_potential(sigma: float) -> float:
+    """``k_e/(σ√π)``: the potential of a unit Gaussian charge of width ``σ`` at its centre, the diagonal
+    of the Coulomb operator of Gaussian charges (0 for point charges)."""
+    return COULOMB_CONSTANT / (sigma * math.sqrt(math.pi)) if sigma > 0 else 0.0
+
+
 class MeshPreconditioner:
     r"""An approximate inverse of ``H = A + diag(J)`` on a coarse mesh, for conjugate gradients.
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -110,6 +111,16 @@ class BondProblem:
     def laplacian(self, v: torch.Tensor) -> torch.Tensor:
         return laplacian_apply(self.g, self.sender, self.receiver, v)
 
+    @cached_property
+    def fragment_sizes(self) -> torch.Tensor:
+        """The number of atoms of each fragment, [F]."""
+        return torch.bincount(self.members)
+
+    def fragment_means(self, v: torch.Tensor) -> torch.Tensor:
+        """The mean of ``v`` [n] over each fragment, [F]."""
+        sizes = self.fragment_sizes
+        return v.new_zeros(sizes.shape).index_add(0, self.members, v) / sizes
+
     def charges(self, y: torch.Tensor) -> torch.Tensor:
         return self.base + self.laplacian(y)
 
@@ -128,14 +139,13 @@ class BondProblem:
     def hessian_apply(self, y: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """``v ↦ (L H L + L + P) v`` without matrices (iterative solves); v is [n] or [n, k]."""
         curvature = self.curvature(self.charges(y))
-        counts = torch.bincount(self.members).to(y.dtype)
 
         def apply(v: torch.Tensor) -> torch.Tensor:
             if v.dim() == 2:
                 return torch.stack([apply(c) for c in v.unbind(1)], dim=1)
             lv = self.laplacian(v)
-            mean = torch.zeros_like(counts).index_add(0, self.members, v) / counts
-            return self.laplacian(self.coulomb(lv) + curvature * lv) + lv + mean[self.members]
+            constants = self.fragment_means(v)[self.members]  # P v
+            return self.laplacian(self.coulomb(lv) + curvature * lv) + lv + constants
 
         return apply
 
@@ -159,9 +169,7 @@ def warm_potentials(problem: BondProblem, charges: torch.Tensor) -> torch.Tensor
     step's): at a solution ``y = −∇E_eq(q)`` up to a constant per fragment, which does not move charge;
     each fragment's mean is taken out."""
     y = -problem.gradient(charges)
-    counts = torch.bincount(problem.members).to(y.dtype)
-    mean = torch.zeros_like(counts).index_add(0, problem.members, y) / counts
-    return y - mean[problem.members]
+    return y - problem.fragment_means(y)[problem.members]
 
 
 def minimise_bonds(
@@ -312,9 +320,7 @@ class BondEquilibration:
             # μ = −∂E/∂Q with the extra charge spread uniformly over a fragment's base charges: at the
             # minimum ∂E/∂q⁰_i = ∂E_eq/∂q_i, so μ is minus its mean over the (largest) fragment
             gradient = problem.gradient(problem.charges(y))
-            count = int(members.max()) + 1
-            sums = gradient.new_zeros(count).index_add(0, members, gradient)
-            mus.append(largest_fragment_mu(-sums / torch.bincount(members, minlength=count), members))
+            mus.append(largest_fragment_mu(-problem.fragment_means(gradient), members))
             ys.append(y)
             converged.append(ok)
             iterations.append(info.iterations)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from aiida_emlip.models.coulomb_operator import CoulombOperator, MeshPreconditioner
+from aiida_emlip.models.coulomb_operator import CoulombOperator, MeshPreconditioner, gaussian_self_potential
 from aiida_emlip.models.electrostatics import periodic_dims
 from aiida_emlip.models.fragments import (
     FRAGMENTS,
@@ -52,7 +52,7 @@ from aiida_emlip.models.heads.solvers import (
     qeq_solve,
     qeq_solve_from,
 )
-from aiida_emlip.schema import COULOMB_CONSTANT, MEAN_CHARGES
+from aiida_emlip.schema import MEAN_CHARGES
 
 SOLVERS = ("auto", "dense", "cg")
 PRECONDITIONERS = ("jacobi", "mesh")
@@ -121,9 +121,7 @@ class QEqOptions(HeadOptions):
 def self_interaction(inp: HeadInput) -> float:
     """Coulomb-diagonal Gaussian self-term ``k_e/(σ√π)`` when the electrostatics leaves it out, else 0."""
     config = inp.electrostatics.config
-    if config.include_self or config.sigma <= 0.0:
-        return 0.0
-    return COULOMB_CONSTANT / (config.sigma * math.sqrt(math.pi))
+    return 0.0 if config.include_self else gaussian_self_potential(config.sigma)
 
 
 @dataclass
@@ -237,7 +235,7 @@ class EquilibrationHead(BondEquilibration, Head):
         pos, cell, pbc = inp.positions[atoms].detach(), inp.cell[b].detach(), inp.graph.pbc[b]
         es = inp.electrostatics
         sigma = es.config.sigma
-        a_diag = COULOMB_CONSTANT / (sigma * math.sqrt(math.pi)) if sigma > 0 else 0.0
+        a_diag = gaussian_self_potential(sigma)
         mesh = None
         if self.options.preconditioner == "mesh" and sigma > 0 and sum(periodic_dims(pbc)) >= 2:
             mesh = math.sqrt(2.0) * sigma

@@ -45,6 +45,7 @@ from aiida_emlip.models.coulomb_operator import (
     DenseOperator,
     MeshPreconditioner,
     OpenBatchOperator,
+    gaussian_self_potential,
     periodic_dims,
 )
 from aiida_emlip.models.fragments import FRAGMENTS, fragment_targets, largest_fragment_mu
@@ -281,10 +282,13 @@ class SelfConsistentHead(Head):
             s.mesh = MeshPreconditioner(s.positions, s.cell, math.sqrt(2.0) * sigma)
         return s.mesh
 
-    @staticmethod
-    def _self_potential(inp: HeadInput) -> float:
-        """The diagonal of the Coulomb operator: a Gaussian charge's potential at its centre."""
-        return COULOMB_CONSTANT / (inp.electrostatics.config.sigma * math.sqrt(math.pi))
+    def _response_inverse(self, inp: HeadInput, s: _Structure, coef: torch.Tensor):
+        """``(J, r ↦ (J + A)⁻¹ r)`` of the linearised response at the slopes ``coef = ∂F/∂φ`` [n, W]:
+        ``J = 1/κ`` with ``κ_i = −Σ_w coef_iw`` (at least 1e-8), ``(J + A)⁻¹`` by the mesh preconditioner
+        (:meth:`_mesh`, which must apply)."""
+        hardness = 1.0 / (-coef.detach()).sum(-1).clamp(min=1e-8)
+        sigma = inp.electrostatics.config.sigma
+        return hardness, self._mesh(inp, s).with_diagonal(hardness + gaussian_self_potential(sigma))
 
     def _kerker(self, inp: HeadInput, s: _Structure):
         r"""The preconditioner of the inference iteration's steps, ``None`` where it does not apply.
@@ -298,16 +302,13 @@ class SelfConsistentHead(Head):
         and weakly responding atoms (``κ → 0``) keep the plain step ``R``. Each group's sum of the step
         is that of ``R`` (a uniform shift within the group), so the charge constraint is untouched.
         """
-        mesh = self._mesh(inp, s)
-        if mesh is None:
+        if self._mesh(inp, s) is None:
             return None
-        a_diag = self._self_potential(inp)
         counts = s.group_sum(torch.ones_like(s.positions[:, 0]))
 
         def precondition(residual: torch.Tensor, slopes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-            kappa = (-slopes.detach() / scales).sum(-1).clamp(min=1e-8)
-            hardness = 1.0 / kappa
-            step = mesh.with_diagonal(hardness + a_diag)(hardness * residual)
+            hardness, inverse = self._response_inverse(inp, s, slopes / scales)
+            step = inverse(hardness * residual)
             return step + (s.group_sum(residual - step) / counts)[s.fragment]
 
         return precondition
@@ -858,11 +859,9 @@ class SelfConsistentHead(Head):
         """``transpose ↦`` the right preconditioner of the linearised solves (``None`` where the mesh
         does not apply): the atoms' block ``∂F/∂q − I ≈ −(I + KA)`` inverted as in :meth:`_kerker`,
         ``−(J + A)⁻¹J`` (``−J(J + A)⁻¹`` for the transpose), the μ entries left as they are."""
-        mesh = self._mesh(inp, s)
-        if mesh is None:
+        if self._mesh(inp, s) is None:
             return None
-        hardness = 1.0 / (-coef.detach()).sum(-1).clamp(min=1e-8)
-        inverse = mesh.with_diagonal(hardness + self._self_potential(inp))
+        hardness, inverse = self._response_inverse(inp, s, coef)
 
         def make(transpose: bool):
             def apply(v: torch.Tensor) -> torch.Tensor:

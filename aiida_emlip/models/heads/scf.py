@@ -380,7 +380,7 @@ class SelfConsistentHead(Head):
                             inp, s, detached, s.v_app, targets, b, differentiable=False
                         )
                 steps = len(res)
-                self._check(ok, b, res)
+                self._check(ok, b, res, q.dtype)
                 if torch.is_grad_enabled() and pending is not None:
                     pending.append((s, q, mu))
                 elif torch.is_grad_enabled():
@@ -482,13 +482,13 @@ class SelfConsistentHead(Head):
             q.new_zeros(s.groups) if constant_q else self._require_mu(targets, b, "constant-μ SCF").reshape(1)
         )
 
-    def _check(self, ok: bool, b: int, res: list[float]) -> None:
+    def _check(self, ok: bool, b: int, res: list[float], dtype: torch.dtype) -> None:
         if not ok and self.options.on_failure == "raise":
             last = res[-1] if res else float("nan")
             raise SCFConvergenceError(
                 f"scf: structure {b} did not converge ({self._reason}) after {len(res)} steps (last residual "
-                f"{last:.3g} e; tolerance {self.options.tol:g}); raise max_steps, lower mixing or use "
-                "on_failure='flag'"
+                f"{last:.3g} e; tolerance {default_tolerance(self.options.tol, dtype):.3g}); raise "
+                "max_steps, lower mixing or use on_failure='flag'"
             )
 
     def _iterate(self, inp, s: _Structure, loc, v_app, targets, b, differentiable: bool):
@@ -515,10 +515,11 @@ class SelfConsistentHead(Head):
         for step in range(steps):
             value, slopes, scales = self._map(inp, s, loc, q, mu, positions, cell, v_app, differentiable)
             if constant_q:
+                abs_sums = s.group_sum(value.detach().abs())
                 value, error, dqdmu = self._constrain(s, value, slopes, scales)
                 # Newton on μ; the first step (from an arbitrary μ = 0) is not clamped
                 mu = mu + (error / dqdmu if step == 0 else torch.clamp(error / dqdmu, -1.0, 1.0))
-                err_t = error.detach().abs().max()
+                err_t = solvers.charge_error_beyond_roundoff(error.detach(), abs_sums).max()
             else:
                 err_t = q.new_zeros(())
             change = value - q
@@ -645,9 +646,10 @@ class SelfConsistentHead(Head):
                 dfdmu = (slopes / scales).sum(-1)
                 dqdmu = group_sum(dfdmu)
                 error = group_targets - group_sum(value)
+                excess = solvers.charge_error_beyond_roundoff(error.detach(), group_sum(value.detach().abs()))
                 value = value + dfdmu * (error / dqdmu)[fragment]
                 mu = mu + (error / dqdmu if step == 0 else torch.clamp(error / dqdmu, -1.0, 1.0))
-                err_t = per_structure(error.detach().abs(), owner, "amax")
+                err_t = per_structure(excess, owner, "amax")
                 mu_bad = per_structure((~torch.isfinite(mu.detach())).to(q.dtype), owner, "sum")
             else:
                 err_t = q.new_zeros(n_struct)
@@ -920,7 +922,10 @@ class SelfConsistentHead(Head):
             value, slopes, scales = self._map(inp, s, loc, q, mu, s.positions, s.cell, s.v_app, False)
             g_q = value - q
             g_mu = s.group_sum(q) - s.targets if constant_q else q.new_zeros(())
-            res = max(float(g_q.abs().max()), float(g_mu.abs().max()))
+            g_mu_excess = (
+                solvers.charge_error_beyond_roundoff(g_mu, s.group_sum(q.abs())) if constant_q else g_mu
+            )
+            res = max(float(g_q.abs().max()), float(g_mu_excess.max()))
             history.append(res)
             if not math.isfinite(res):
                 self._reason = "non-finite charges or μ"

@@ -1,17 +1,17 @@
 """Cost of every electrostatic head relative to the short-range model.
 
 Energy + forces (eval mode, no stress) of one model per head on the same structures: rattled NaCl
-supercells and water boxes from ~1k to ~16k atoms. Two backbones (``--backbone``): ``tiny``, MACE
-with 8 channels, 2 interactions, l ≤ 1 features, correlation 2, r_max 5 Å, and ``realistic``, a
-production model's size (64 channels, l ≤ 1 features, max_ell 3, correlation 3, 2 interactions,
-r_max 5 Å); the ratio to ``sr`` depends on the backbone's cost, the electrostatics do not. float32;
-electrostatics at its defaults (σ = 1.5 Å, accuracy 1e-6, Ewald below 3000 atoms, PME above). Heads
-keep their default options and untrained weights (SCF iteration counts depend on the weights: they
-are printed). Each (structure, head) runs in a forked child on CPU so that its peak memory (resident
-set size, including the ~0.5 GB of the imported libraries) is its own; on CUDA all run in one
-process and the peak is ``max_memory_allocated`` per head. Printed: time, ratio to ``sr``, the
-target, peak memory, iterations, the time per iteration, and the log–log slope of time vs N over
-the PME sizes (≥ 3000 atoms).
+supercells and water boxes from ~1k to ~16k atoms (64k with ``--sizes``, for a GPU). Two backbones
+(``--backbone``): ``tiny``, MACE with 8 channels, 2 interactions, l ≤ 1 features, correlation 2,
+r_max 5 Å, and ``realistic``, a production model's size (64 channels, l ≤ 1 features, max_ell 3,
+correlation 3, 2 interactions, r_max 5 Å); the ratio to ``sr`` depends on the backbone's cost, the
+electrostatics do not. float32; electrostatics at its defaults (σ = 1.5 Å, accuracy 1e-6, Ewald
+below 3000 atoms, PME above). Heads keep their default options and untrained weights (SCF iteration
+counts depend on the weights: they are printed). Each (structure, head) runs in a forked child on
+CPU so that its peak memory (resident set size, including the ~0.5 GB of the imported libraries) is
+its own; on CUDA all run in one process and the peak is ``max_memory_allocated`` per head. Printed:
+time, ratio to ``sr``, the target, peak memory, iterations, the time per iteration, and the log–log
+slope of time vs N over the PME sizes (≥ 3000 atoms).
 
 Usage: ``python bench/bench_heads.py [--quick] [--device auto|cpu|cuda] [--backbone tiny|realistic]
 [--json out.json]`` (``BENCH_THREADS``: torch threads, default 2).
@@ -49,8 +49,8 @@ TARGETS = {
     "scf-newton": 2.5,
 }
 SLOPE_TARGET = 1.15
-NACL_REPEATS = {"1k": 5, "4k": 8, "8k": 10, "16k": 13}  # 1000, 4096, 8000, 17576 atoms
-WATER_MOLECULES = {"1k": 333, "4k": 1366, "8k": 2700, "16k": 5400}
+NACL_REPEATS = {"1k": 5, "4k": 8, "8k": 10, "16k": 13, "64k": 20}  # 1000, 4096, 8000, 17576, 64000 atoms
+WATER_MOLECULES = {"1k": 333, "4k": 1366, "8k": 2700, "16k": 5400, "64k": 21333}
 BACKBONE = {"num_channels": 8, "num_interactions": 2, "correlation": 2, "r_max": 5.0, "mlp_hidden": 16}
 #: A backbone of a production model's size (``--backbone realistic``).
 REALISTIC_BACKBONE = {
@@ -226,13 +226,18 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _write_json(path: str, device: str, backbone: str, results: list[dict]) -> None:
+    with open(path, "w") as fh:
+        json.dump({"device": device, "backbone": BACKBONES[backbone], "results": results}, fh, indent=1)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1k and 4k atoms only")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--systems", default="nacl,water")
     parser.add_argument("--heads", default=",".join(HEADS))
-    parser.add_argument("--sizes", default=None, help="comma list of 1k,4k,8k,16k")
+    parser.add_argument("--sizes", default=None, help="comma list of 1k,4k,8k,16k,64k (64k: meant for a GPU)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument(
         "--backbone", default="tiny", choices=sorted(BACKBONES), help="tiny (default) or realistic"
@@ -255,6 +260,8 @@ def main(argv: list[str] | None = None) -> None:
                 t0 = time.perf_counter()
                 r = measure(system, size, head, device, repeats, args.backbone)
                 results.append(r)
+                if args.json:  # after every measurement: a run stopped early keeps what it measured
+                    _write_json(args.json, device, args.backbone, results)
                 print(
                     f"# {system} {size} {head}: {r.get('time', r.get('error'))} "
                     f"(wall {time.perf_counter() - t0:.0f} s)",
@@ -267,11 +274,6 @@ def main(argv: list[str] | None = None) -> None:
         f"{BACKBONES[args.backbone]}"
     )
     print(table(results))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(
-                {"device": device, "backbone": BACKBONES[args.backbone], "results": results}, fh, indent=1
-            )
 
 
 if __name__ == "__main__":

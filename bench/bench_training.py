@@ -207,11 +207,10 @@ def _emlip(work: Path, data: Path, name: str, args: argparse.Namespace) -> dict:
     size = SIZES[args.backbone]
     res = run_emlip(data, work, HEADS[name], args.epochs, args.batch_size, args.device, args.dtype, size)
     n_train = res["n_train"]
-    return {
-        **res,
-        "rate": throughput(res["epoch_stamps"], n_train),
-        "cpu_rate": throughput(res["cpu_stamps"], n_train),
-    }
+    rate = throughput(res["epoch_stamps"], n_train)
+    # printed at once: a run stopped at its time limit keeps the figures of the trainers that finished
+    print(f"# emlip {name}: {rate:.2f} structures/s, wall {res['wall_s']:.0f} s", flush=True)
+    return {**res, "rate": rate, "cpu_rate": throughput(res["cpu_stamps"], n_train)}
 
 
 def throughput(stamps: list[float], n_train: int) -> float:
@@ -278,6 +277,7 @@ def main(argv: list[str] | None = None) -> None:
             res["rate"] = throughput(res["epoch_stamps"], res["n_train"])
             res["cpu_rate"] = throughput(res["cpu_stamps"], res["n_train"])
             runs["mace"].append(res)
+            print(f"# mace_run_train: {res['rate']:.2f} structures/s, wall {res['wall_s']:.0f} s", flush=True)
             if "sr" in args.heads.split(","):
                 runs["sr"].append(_emlip(tmp / f"sr{r}", data, "sr", args))
         mace = best_of(runs["mace"])

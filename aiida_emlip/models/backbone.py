@@ -58,37 +58,43 @@ class BackboneOutput:
     vectors: torch.Tensor  # [N, V, 3] l = 1 features, Cartesian (x, y, z) (tested); V may be 0
 
 
+def mace_arguments(config: BackboneConfig) -> dict:
+    """Keyword arguments of mace-torch's ``MACE`` for ``config`` (also for building the same model with
+    other kernels, e.g. ``cueq_config``)."""
+    interaction = mace_modules().interaction_classes["RealAgnosticResidualInteractionBlock"]
+    numbers = [ASE_NUMBERS[e] for e in config.elements]
+    c = config.num_channels
+    return {
+        "r_max": config.r_max,
+        "num_bessel": config.num_bessel,
+        "num_polynomial_cutoff": config.num_polynomial_cutoff,
+        "max_ell": config.max_ell,
+        "interaction_cls": interaction,
+        "interaction_cls_first": interaction,
+        "num_interactions": config.num_interactions,
+        "num_elements": len(numbers),
+        "hidden_irreps": o3.Irreps(f"{c}x0e" if config.max_L == 0 else f"{c}x0e + {c}x1o"),
+        "MLP_irreps": o3.Irreps(f"{config.mlp_hidden}x0e"),
+        "atomic_energies": np.zeros(len(numbers)),
+        "avg_num_neighbors": config.avg_num_neighbors,
+        "atomic_numbers": numbers,
+        "correlation": config.correlation,
+        "gate": torch.nn.functional.silu,
+        "keep_last_layer_irreps": config.last_layer_vectors,
+    }
+
+
 class MaceBackbone(torch.nn.Module):
     """A MACE model used as a feature extractor and short-range energy."""
 
     def __init__(self, config: BackboneConfig) -> None:
         super().__init__()
         modules = mace_modules()
-        MACE, interaction_classes = modules.MACE, modules.interaction_classes
-
         self.config = config
         numbers = [ASE_NUMBERS[e] for e in config.elements]
         c = config.num_channels
-        hidden = o3.Irreps(f"{c}x0e" if config.max_L == 0 else f"{c}x0e + {c}x1o")
         with quiet_third_party():
-            self.mace = MACE(
-                r_max=config.r_max,
-                num_bessel=config.num_bessel,
-                num_polynomial_cutoff=config.num_polynomial_cutoff,
-                max_ell=config.max_ell,
-                interaction_cls=interaction_classes["RealAgnosticResidualInteractionBlock"],
-                interaction_cls_first=interaction_classes["RealAgnosticResidualInteractionBlock"],
-                num_interactions=config.num_interactions,
-                num_elements=len(numbers),
-                hidden_irreps=hidden,
-                MLP_irreps=o3.Irreps(f"{config.mlp_hidden}x0e"),
-                atomic_energies=np.zeros(len(numbers)),
-                avg_num_neighbors=config.avg_num_neighbors,
-                atomic_numbers=numbers,
-                correlation=config.correlation,
-                gate=torch.nn.functional.silu,
-                keep_last_layer_irreps=config.last_layer_vectors,
-            )
+            self.mace = modules.MACE(**mace_arguments(config))
         lookup = torch.full((119,), -1, dtype=torch.long)
         lookup[torch.tensor(numbers)] = torch.arange(len(numbers))
         self.register_buffer("species_of_number", lookup, persistent=False)

@@ -6,8 +6,8 @@ bench_heads.py. Each variant runs on the same graph and weights:
 
 * ``fp32``: plain float32 (TF32 off), the reference of every ratio and difference;
 * ``tf32``: float32 with TF32 tensor-core matrix products (``torch.backends.cuda.matmul``);
-* ``cueq``: the MACE backbone converted to cuEquivariance kernels (mace-torch's
-  ``convert_e3nn_cueq``; needs ``cuequivariance-torch`` and its ops package);
+* ``cueq``: the MACE backbone on cuEquivariance kernels (``backbone.use_kernels('cueq')``, the
+  weights moved by mace-torch's converter; needs ``cuequivariance-torch`` and its CUDA ops package);
 * ``compile``: the MACE backbone wrapped in ``torch.compile(dynamic=True)`` (first call timed apart).
 
 Printed per variant: best time of ``--repeats`` evaluations, ratio to ``fp32``, and the change of the
@@ -62,37 +62,10 @@ def variant_model(base, name: str):
     """A copy of ``base`` set up for variant ``name`` (same weights)."""
     model = copy.deepcopy(base)
     if name == "cueq":
-        model.backbone.mace = cueq_mace(base.backbone, "cuda" if next(base.parameters()).is_cuda else "cpu")
+        model.backbone.use_kernels("cueq")
     elif name == "compile":
         model.backbone.mace = torch.compile(model.backbone.mace, dynamic=True)
     return model.eval()
-
-
-def cueq_mace(backbone, device: str):
-    """The backbone's MACE rebuilt with cuEquivariance kernels, with its weights (mace-torch's own
-    converter moves them; it reads only ScaleShiftMACE models, so the model is built here)."""
-    from mace.cli.convert_e3nn_cueq import transfer_weights
-    from mace.modules.wrapper_ops import CuEquivarianceConfig
-
-    from aiida_emlip.models.backbone import mace_arguments
-    from aiida_emlip.models.mace_import import mace_modules
-
-    config = backbone.config
-    cueq = CuEquivarianceConfig(
-        enabled=True, layout="ir_mul", group="O3_e3nn", optimize_all=True, conv_fusion=device == "cuda"
-    )
-    dtype = torch.get_default_dtype()
-    torch.set_default_dtype(next(backbone.parameters()).dtype)
-    try:
-        target = mace_modules().MACE(**mace_arguments(config), cueq_config=cueq).to(device)
-    finally:
-        torch.set_default_dtype(dtype)
-    product_irreps = 0 if config.max_L == 0 else 1  # len(hidden_irreps.slices()) - 1
-    transfer_weights(
-        backbone.mace, target, product_irreps, config.correlation, config.num_interactions,
-        True, config.last_layer_vectors,
-    )  # fmt: skip
-    return target
 
 
 def measure(

@@ -63,6 +63,9 @@ class EmlipCalculator(Calculator):
     fewer iterations per step; the result equals a cold start's to within the solver's tolerance.
     ``warm_start=False`` makes every call start from the local guess (bit-for-bit repeatable single
     points whatever was computed before).
+
+    ``kernels='cueq'`` runs MACE's equivariant products on NVIDIA cuEquivariance (the same weights and
+    results; faster on a GPU with its CUDA kernels installed); ``None`` keeps the model's.
     """
 
     implemented_properties: ClassVar[list[str]] = [
@@ -75,11 +78,18 @@ class EmlipCalculator(Calculator):
     ]
 
     def __init__(
-        self, model: EmlipModel | str | Path, device: str = "auto", warm_start: bool = True, **kwargs
+        self,
+        model: EmlipModel | str | Path,
+        device: str = "auto",
+        warm_start: bool = True,
+        kernels: str | None = None,
+        **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         device = resolve_device(device)
         self.model = model.to(device) if isinstance(model, EmlipModel) else load_model(model, device)
+        if kernels is not None:
+            self.model.backbone.use_kernels(kernels)
         self.model.eval()
         self.warm_start = warm_start
         self._previous: tuple[np.ndarray, float, np.ndarray] | None = None  # numbers, Q, charges

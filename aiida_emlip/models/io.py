@@ -65,6 +65,11 @@ def _serialise(tensors: dict[str, torch.Tensor], metadata: dict[str, str], name:
 def serialize_model(model: EmlipModel, extra: dict[str, Any] | None = None, name: str = "model") -> bytes:
     """The bytes of a model file: weights plus config, versions and ``extra`` as JSON, with the checksum
     of the weights and these entries in the header (checked by every load)."""
+    if getattr(model.backbone, "kernels", "e3nn") != "e3nn":
+        raise ValueError(
+            f"this model runs {model.backbone.kernels} kernels, an inference-only layout: save it before "
+            "switching kernels (the file keeps e3nn's layout, which loads everywhere)"
+        )
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
     metadata = {
         "format": FORMAT,

@@ -312,6 +312,9 @@ def eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", choices=["single_point", "relax", "md"], help="default: single_point")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: auto (CUDA if present)")
     parser.add_argument("--batch-size", type=int, help="structures per batch of single points (default 16)")
+    parser.add_argument(
+        "--kernels", choices=["e3nn", "cueq"], help="MACE's products: e3nn (default) or cueq (cuEquivariance)"
+    )
     parser.add_argument("--prefix", default="emlip", help="prefix of the prediction keys (default: emlip)")
     parser.add_argument(
         "--schema-keys",
@@ -357,6 +360,7 @@ PARAMETER_FLAGS = (
     "mode",
     "device",
     "batch_size",
+    "kernels",
     "optimizer",
     "fmax",
     "max_steps",

@@ -5,6 +5,7 @@ One flat mapping (a YAML/JSON file, command-line flags, or the ``parameters`` Di
 
     mode: relax            # single_point (default) | relax | md
     device: auto           # auto (CUDA when available) | cpu | cuda
+    kernels: e3nn          # e3nn | cueq (NVIDIA cuEquivariance for MACE's products, same results)
     optimizer: FIRE        # relax: FIRE | BFGS
     fmax: 0.05             # relax: eV/Å
     constraints: {fixed_indices: [0, 1], z_max: 2.0}
@@ -31,8 +32,9 @@ MODES = ("single_point", "relax", "md")
 OPTIMIZERS = ("FIRE", "BFGS")
 ENSEMBLES = ("nve", "langevin")
 DEVICES = ("auto", "cpu", "cuda")
+KERNELS = ("e3nn", "cueq")  # as aiida_emlip.models.backbone.KERNELS
 
-COMMON_KEYS = ("mode", "device", "batch_size")
+COMMON_KEYS = ("mode", "device", "batch_size", "kernels")
 RELAX_KEYS = ("optimizer", "fmax", "max_steps", "relax_cell", "trajectory_stride")
 MD_KEYS = ("ensemble", "timestep_fs", "steps", "temperature_K", "friction", "trajectory_stride", "seed")
 CONSTRAINT_KEYS = ("fixed_indices", "z_min", "z_max")
@@ -102,10 +104,11 @@ class EvalParameters:
     relax: RelaxOptions | None = None
     md: MDOptions | None = None
     constraints: Constraints = field(default_factory=Constraints)
+    kernels: str = "e3nn"
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved flat mapping (every default filled in), as recorded in the summary."""
-        values: dict[str, Any] = {"mode": self.mode, "device": self.device}
+        values: dict[str, Any] = {"mode": self.mode, "device": self.device, "kernels": self.kernels}
         if self.mode == "single_point":
             values["batch_size"] = self.batch_size
         options = self.relax if self.mode == "relax" else self.md
@@ -187,8 +190,9 @@ def parse_parameters(values: Mapping[str, Any] | None) -> EvalParameters:
         raise ConfigError(f"unknown parameter {key!r}; known for mode {mode}: {sorted(allowed)}")
     device = _choice("device", values.get("device", "auto"), DEVICES)
     batch_size = _integer("batch_size", values.get("batch_size", 16), minimum=1)
+    kernels = _choice("kernels", values.get("kernels", "e3nn"), KERNELS)
     if mode == "single_point":
-        return EvalParameters(mode, device, batch_size)
+        return EvalParameters(mode, device, batch_size, kernels=kernels)
     constraints = _constraints(values.get("constraints"))
     if mode == "relax":
         d = RelaxOptions()
@@ -201,7 +205,7 @@ def parse_parameters(values: Mapping[str, Any] | None) -> EvalParameters:
                 "trajectory_stride", values.get("trajectory_stride", d.trajectory_stride)
             ),
         )
-        return EvalParameters(mode, device, batch_size, relax=relax, constraints=constraints)
+        return EvalParameters(mode, device, batch_size, relax=relax, constraints=constraints, kernels=kernels)
     d = MDOptions()
     md = MDOptions(
         ensemble=_choice("ensemble", values.get("ensemble", d.ensemble), ENSEMBLES),
@@ -214,7 +218,7 @@ def parse_parameters(values: Mapping[str, Any] | None) -> EvalParameters:
     )
     if md.ensemble == "langevin" and md.friction <= 0:
         raise ConfigError("parameter 'friction' must be positive for the langevin ensemble (1/fs)")
-    return EvalParameters(mode, device, batch_size, md=md, constraints=constraints)
+    return EvalParameters(mode, device, batch_size, md=md, constraints=constraints, kernels=kernels)
 
 
 def load_parameters(path: str | Path) -> dict[str, Any]:

@@ -149,7 +149,7 @@ def run_evaluation(
     output = Path(output)
     summary_path = Path(summary_json) if summary_json else output.with_name(output.stem + "_summary.json")
     trajectory_path = Path(trajectory) if trajectory else output.with_name(output.stem + "_traj.xyz")
-    model = load_for_inference(model_path, params.device)
+    model = load_for_inference(model_path, params.device, params.kernels)
     sha256 = file_sha256(model_path)
     originals = read_structures(data_path)
     samples = read_samples(data_path, model, keys)

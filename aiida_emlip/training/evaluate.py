@@ -55,8 +55,9 @@ class Prediction:
         ]
 
 
-def load_for_inference(model_path: str | Path, device: str = "auto") -> EmlipModel:
-    """Load ``model_path`` in eval mode; self-consistent heads flag failures instead of raising.
+def load_for_inference(model_path: str | Path, device: str = "auto", kernels: str = "e3nn") -> EmlipModel:
+    """Load ``model_path`` in eval mode on ``kernels``; self-consistent heads flag failures instead of
+    raising. A missing cuEquivariance for ``kernels='cueq'`` is a :class:`ConfigError`.
 
     A structure whose SCF does not converge is then reported (``scf_converged`` False) next to the
     others' results, never dropped and never presented as converged.
@@ -64,6 +65,10 @@ def load_for_inference(model_path: str | Path, device: str = "auto") -> EmlipMod
     try:
         model = load_model(model_path, device=device)
     except ModelFileError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        model.backbone.use_kernels(kernels)
+    except (ImportError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
     options = getattr(model.head, "options", None)
     if options is not None and getattr(options, "on_failure", None) == "raise":

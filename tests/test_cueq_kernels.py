@@ -100,3 +100,27 @@ def test_float32_on_cueq_agrees_with_e3nn():
     cueq = _on_cueq(model)
     ref, out = evaluate(model, nacl_cell(2)), evaluate(cueq, nacl_cell(2))
     np.testing.assert_allclose(out["forces"].numpy(), ref["forces"].numpy(), atol=1e-5)
+
+
+def test_the_e3nn_model_does_not_depend_on_cuequivariance_being_installed():
+    """mace-torch builds a smaller coupling basis (other weight shapes) wherever cuEquivariance is
+    importable unless told otherwise: the same seed must give the same weights without it, or a model
+    file would not load on a machine with the other set of packages."""
+    import subprocess
+
+    script = (
+        "import sys; sys.modules['cuequivariance_torch'] = None; sys.modules['cuequivariance'] = None\n"
+        "sys.path.insert(0, 'tests')\n"
+        "from models_helpers import tiny_model\n"
+        "m = tiny_model({'name': 'charges'}, seed=5)\n"
+        "print({k: list(v.shape) for k, v in m.state_dict().items()})\n"
+        "print(repr(sum(float(p.double().sum()) for p in m.parameters())))\n"
+    )
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root, check=True)
+    shapes, total = out.stdout.strip().splitlines()[-2:]
+    model = tiny_model({"name": "charges"}, seed=5)
+    assert shapes == str({k: list(v.shape) for k, v in model.state_dict().items()})
+    assert float(total) == sum(float(p.double().sum()) for p in model.parameters())

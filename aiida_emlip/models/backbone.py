@@ -81,6 +81,9 @@ def mace_arguments(config: BackboneConfig) -> dict:
         "correlation": config.correlation,
         "gate": torch.nn.functional.silu,
         "keep_last_layer_irreps": config.last_layer_vectors,
+        # e3nn's coupling basis whatever is installed: mace-torch's default (True) switches to a smaller
+        # basis, with other weight shapes, wherever cuEquivariance is importable
+        "use_reduced_cg": False,
     }
 
 
@@ -122,7 +125,7 @@ def cueq_mace(backbone: MaceBackbone) -> torch.nn.Module:
     product_irreps = 0 if config.max_L == 0 else 1  # mace's len(hidden_irreps.slices()) - 1
     transfer_weights(
         backbone.mace, target, product_irreps, config.correlation, config.num_interactions,
-        True, config.last_layer_vectors,
+        False, config.last_layer_vectors,
     )  # fmt: skip
     return target.train(backbone.training)
 

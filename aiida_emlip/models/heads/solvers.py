@@ -11,6 +11,7 @@ r"""Linear solvers shared by the self-consistent heads (no AiiDA).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -201,8 +202,9 @@ def gmres(
     minimised is still that of ``K x = b``.
 
     The Arnoldi basis is orthogonalised by classical Gram–Schmidt applied twice (two matrix products
-    per step, as stable as modified Gram–Schmidt) and the Hessenberg matrix and each step's residual
-    stay on the device; the host reads the residuals every :func:`check_interval` steps and takes the
+    per step, as stable as modified Gram–Schmidt). The Hessenberg matrix is filled on the device and
+    read by the host every :func:`check_interval` steps, which solves the small least-squares problems
+    with Givens rotations (float64, no device work per step beyond the Arnoldi vector) and takes the
     solution of the first step that met the tolerance (or broke down), so the answer and the
     iterations reported do not depend on the interval.
     """
@@ -214,7 +216,7 @@ def gmres(
         return x, SolveInfo(0, 0.0, True)
     total, rel = 0, 1.0
     restart = max(1, min(restart, n + 1))
-    tiny = torch.finfo(torch.float64).tiny
+    tiny = torch.finfo(b.dtype).tiny
     while total < maxiter:
         r = b - matvec(x) if total else b.clone()
         beta = float(torch.linalg.vector_norm(r))
@@ -224,10 +226,8 @@ def gmres(
         basis = torch.zeros(n, restart + 1, dtype=b.dtype, device=b.device)
         basis[:, 0] = r / beta
         directions = basis if precond is None else torch.zeros_like(basis)  # z_k = P v_k
-        hess = torch.zeros(restart + 1, restart, dtype=torch.float64, device=b.device)
-        e1 = torch.zeros(restart + 1, dtype=torch.float64, device=b.device)
-        e1[0] = beta
-        rels, sols = [], []
+        hess = torch.zeros(restart + 1, restart, dtype=b.dtype, device=b.device)
+        lsq = _HessenbergLeastSquares(beta)
         k_used = 0
         for k in range(restart):
             if precond is not None:
@@ -239,31 +239,68 @@ def gmres(
             h2 = v.T @ w  # the second pass restores the orthogonality the first one loses
             w = w - v @ h2
             norm = torch.linalg.vector_norm(w)
-            hess[: k + 1, k] = (h + h2).to(torch.float64)
-            hess[k + 1, k] = norm.to(torch.float64)
-            sol = torch.linalg.lstsq(hess[: k + 2, : k + 1], e1[: k + 2, None]).solution[:, 0]
-            rels.append(torch.linalg.vector_norm(hess[: k + 2, : k + 1] @ sol - e1[: k + 2]) / norm_b)
-            sols.append(sol)
+            hess[: k + 1, k] = h + h2
+            hess[k + 1, k] = norm
             basis[:, k + 1] = w / norm.clamp(min=tiny)
             last = k == restart - 1 or total + k + 1 >= maxiter
             if (k + 1) % every and not last:
                 continue
-            done = [
-                i
-                for i, (res_k, h_k) in enumerate(
-                    zip(*_host(torch.stack([torch.stack(rels), hess.diagonal(-1)[: k + 1]])))
-                )
-                if res_k <= tol or h_k < 1e-300
-            ]
-            if done or last:
-                k_used = done[0] + 1 if done else k + 1
+            columns = _host(hess[: k + 2, len(lsq.rotations) : k + 1].T.double())
+            done = None
+            for column in columns:
+                j = len(lsq.rotations)
+                residual = lsq.add_column(column[: j + 2])
+                if residual / norm_b <= tol or abs(column[j + 1]) < 1e-300:
+                    done = j
+                    break
+            if done is not None or last:
+                k_used = (done if done is not None else k) + 1
                 break
         total += k_used
-        rel = float(rels[k_used - 1])
-        x = x + directions[:, :k_used] @ sols[k_used - 1].to(b.dtype)
+        rel = lsq.residuals[k_used - 1] / norm_b
+        solution = torch.tensor(lsq.solution(k_used), dtype=b.dtype, device=b.device)
+        x = x + directions[:, :k_used] @ solution
         if rel <= tol:
             break
     return x, SolveInfo(total, rel, rel <= tol)
+
+
+class _HessenbergLeastSquares:
+    """``min_y ‖β e₁ − H_k y‖`` of GMRES for a growing upper Hessenberg ``H`` (host, float64): each new
+    column is rotated by the earlier Givens rotations and its own; ``residuals[k]`` is the least-squares
+    residual after ``k + 1`` columns, ``solution(k)`` the minimiser over the first ``k`` columns."""
+
+    def __init__(self, beta: float):
+        self.g = [beta]  # the rotated right-hand side
+        self.rotations: list[tuple[float, float]] = []
+        self.r_columns: list[list[float]] = []  # columns of the triangular factor
+        self.residuals: list[float] = []
+
+    def add_column(self, column: list[float]) -> float:
+        """Append column ``k`` (its ``k + 2`` leading entries); return the new residual."""
+        col = list(column)
+        for i, (c, s) in enumerate(self.rotations):
+            col[i], col[i + 1] = c * col[i] + s * col[i + 1], -s * col[i] + c * col[i + 1]
+        k = len(self.rotations)
+        rho = math.hypot(col[k], col[k + 1])
+        c, s = (1.0, 0.0) if rho == 0.0 else (col[k] / rho, col[k + 1] / rho)
+        col[k] = rho
+        self.rotations.append((c, s))
+        self.r_columns.append(col[: k + 1])
+        g = self.g[k]
+        self.g[k] = c * g
+        self.g.append(-s * g)
+        self.residuals.append(abs(self.g[k + 1]))
+        return self.residuals[-1]
+
+    def solution(self, k: int) -> list[float]:
+        """Back substitution ``R[:k, :k] y = g[:k]`` (a zero pivot, a breakdown, contributes nothing)."""
+        y = [0.0] * k
+        for i in range(k - 1, -1, -1):
+            acc = self.g[i] - sum(self.r_columns[j][i] * y[j] for j in range(i + 1, k))
+            pivot = self.r_columns[i][i]
+            y[i] = acc / pivot if pivot != 0.0 else 0.0
+        return y
 
 
 @dataclass

@@ -215,12 +215,21 @@ class SelfConsistentHead(Head):
         self.nonlinear = mlp(num_scalars + n_w, 1, options.hidden) if options.update == "mlp" else None
         self._reason = ""  # why the last iteration stopped, for error messages
         self.linear_iterations = 0  # GMRES iterations of the last forward and backward passes
+        self._scales_cache: tuple | None = None
 
     # ------------------------------------------------------------------ pieces of the map
     def _scales(self, inp: HeadInput, like: torch.Tensor) -> torch.Tensor:
+        """``[W]`` potential scales of the projection widths (constants: made once per σ, dtype and
+        device, since a tensor from host values is a blocking copy on a GPU, once per step otherwise)."""
         sigma = inp.electrostatics.config.sigma
-        w = torch.tensor(self.options.widths, dtype=like.dtype, device=like.device)
-        return COULOMB_CONSTANT * math.sqrt(2.0 / math.pi) / torch.sqrt(sigma**2 + w * w)
+        key = (sigma, tuple(self.options.widths), like.dtype, like.device)
+        if self._scales_cache is None or self._scales_cache[0] != key:
+            w = torch.tensor(self.options.widths, dtype=like.dtype, device=like.device)
+            self._scales_cache = (
+                key,
+                COULOMB_CONSTANT * math.sqrt(2.0 / math.pi) / torch.sqrt(sigma**2 + w * w),
+            )
+        return self._scales_cache[1]
 
     def _operator(self, inp: HeadInput, s: _Structure) -> CoulombOperator | DenseOperator:
         """The projected-potential operator of the structure's detached geometry (built on first use;

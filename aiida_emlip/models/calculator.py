@@ -65,7 +65,8 @@ class EmlipCalculator(Calculator):
     points whatever was computed before).
 
     ``kernels='cueq'`` runs MACE's equivariant products on NVIDIA cuEquivariance (the same weights and
-    results; faster on a GPU with its CUDA kernels installed); ``None`` keeps the model's.
+    results; faster on a GPU with its CUDA kernels installed), switching the model given (which can
+    then no longer be saved); ``None`` keeps the model's kernels.
     """
 
     implemented_properties: ClassVar[list[str]] = [

@@ -469,10 +469,6 @@ class MeshPreconditioner:
         """``M⁻¹`` for the Jacobi diagonal ``diag = d`` (J plus the Coulomb diagonal), ``[N]``."""
         return MeshPreconditionerApply(self, diag)
 
-    def spectral(self, grid: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
-        """``[C, n_a, n_b, n_c]`` → the same with each plane wave scaled by ``multiplier`` (k-space)."""
-        return self.to_real(self.to_k(grid) * multiplier)
-
     def to_k(self, grid: torch.Tensor) -> torch.Tensor:
         """Real ``[C, n_a, n_b, n_c]`` → its half spectrum (``rfftn``) as real and imaginary parts,
         ``[C, n_a, n_b, n_c//2+1, 2]``: real multipliers then act without complex conversions."""

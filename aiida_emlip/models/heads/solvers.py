@@ -37,16 +37,16 @@ def default_tolerance(requested: float, dtype: torch.dtype) -> float:
     return max(requested, 500.0 * torch.finfo(dtype).eps)
 
 
-#: A sum Σxᵢ is resolved only to about ε·Σ|xᵢ| in floating point: the charge-conservation error
-#: |ΣF − Q| of a fixed-point step is judged beyond this many ε·Σ|F| (measured floor in float32, water
-#: 1k–16k atoms: 1.4 ε·Σ|F| on the CPU, 2.3 on a GPU, where it rose above the 500 ε tolerance from
+#: A sum ``Σxᵢ`` is resolved only to about ``ε·Σ|xᵢ|`` in floating point: the charge-conservation error
+#: ``|ΣF − Q|`` of a fixed-point step is judged beyond this many ``ε·Σ|F|`` (measured floor in float32, water
+#: 1k–16k atoms: 1.4 ``ε·Σ|F|`` on the CPU, 2.3 on a GPU, where it rose above the 500 ε tolerance from
 #: ~10⁴ atoms and an SCF never converged).
 SUM_ROUNDOFF = 8.0
 
 
 def charge_error_beyond_roundoff(error: torch.Tensor, abs_sums: torch.Tensor) -> torch.Tensor:
-    """|error| less what floating point resolves of the sums it came from (``abs_sums``: Σ|xᵢ| of each
-    sum), never negative: the part of a charge-conservation error a solver can still remove."""
+    """``abs(error)`` less what floating point resolves of the sums it came from (``abs_sums``: ``Σ|xᵢ|``
+    of each sum), never negative: the part of a charge-conservation error a solver can still remove."""
     floor = SUM_ROUNDOFF * torch.finfo(error.dtype).eps * abs_sums
     return (error.abs() - floor).clamp(min=0.0)
 

@@ -765,3 +765,28 @@ def test_charge_error_beyond_roundoff():
     expected = (error.double().abs() - floor).clamp(min=0).float()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-12)
     assert float(got[0]) > 0 and float(got[1]) == 0.0 and float(got[2]) > 0
+
+
+def test_gmres_host_least_squares_matches_numpy():
+    """The Givens least squares of GMRES (host, incremental) against numpy's lstsq for every leading
+    block of a random upper Hessenberg matrix: residuals and minimisers; a zero subdiagonal (a
+    breakdown) gives a zero residual."""
+    from aiida_emlip.models.heads.solvers import _HessenbergLeastSquares
+
+    rng = np.random.default_rng(7)
+    size, beta = 12, 2.5
+    hess = np.triu(rng.normal(size=(size + 1, size)), -1)
+    lsq = _HessenbergLeastSquares(beta)
+    for k in range(size):
+        residual = lsq.add_column(hess[: k + 2, k].tolist())
+        rhs = np.zeros(k + 2)
+        rhs[0] = beta
+        y, *_ = np.linalg.lstsq(hess[: k + 2, : k + 1], rhs, rcond=None)
+        assert residual == pytest.approx(
+            np.linalg.norm(hess[: k + 2, : k + 1] @ y - rhs), rel=1e-10, abs=1e-12
+        )
+        np.testing.assert_allclose(lsq.solution(k + 1), y, rtol=1e-9, atol=1e-12)
+    hess[4, 3] = 0.0  # breakdown at the fourth column: the Krylov space is invariant
+    lsq = _HessenbergLeastSquares(beta)
+    residuals = [lsq.add_column(hess[: k + 2, k].tolist()) for k in range(4)]
+    assert residuals[-1] == 0.0 and residuals[-2] > 0.0

@@ -27,6 +27,7 @@ Usage::
 
     python bench/bench_evaluate.py [--device auto|cpu|cuda] [--sizes 1000,5000] [--steps 2]
                                    [--heads sr,charges,qeq,scf] [--backbones tiny,realistic] [--rounds 3]
+                                   [--kernels e3nn|cueq]
                                    [--eval-steps 40] [--repeats 2] [--skip-overhead] [--skip-md]
                                    [--json out.json]
 
@@ -207,7 +208,7 @@ def overhead(eval_steps: int, device: str, repeats: int) -> dict:
 class MDRun:
     """Velocity-Verlet MD of one head on one box, kept alive so that it can be timed in rounds."""
 
-    def __init__(self, head: str, atoms, device: str, backbone: str = "tiny") -> None:
+    def __init__(self, head: str, atoms, device: str, backbone: str = "tiny", kernels: str = "e3nn") -> None:
         import numpy as np
         from ase import units
         from ase.md.verlet import VelocityVerlet
@@ -217,7 +218,10 @@ class MDRun:
 
         name = head.removesuffix(COLD)
         self.calc = EmlipCalculator(
-            make_model(MD_HEADS[name], backbone=backbone), device=device, warm_start=not head.endswith(COLD)
+            make_model(MD_HEADS[name], backbone=backbone),
+            device=device,
+            warm_start=not head.endswith(COLD),
+            kernels=kernels,
         )
         self.atoms = atoms.copy()
         thermalize_momenta(self.atoms, temperature_K=300, rng=np.random.default_rng(0))
@@ -257,7 +261,13 @@ def peak_memory_gb(device: str) -> float:
 
 
 def md_table(
-    sizes: list[int], steps: int, device: str, heads: list[str], rounds: int, backbone: str = "tiny"
+    sizes: list[int],
+    steps: int,
+    device: str,
+    heads: list[str],
+    rounds: int,
+    backbone: str = "tiny",
+    kernels: str = "e3nn",
 ) -> dict:
     """Steps per second per head and size; heads alternate over ``rounds``, the best round counts."""
     import torch
@@ -268,14 +278,15 @@ def md_table(
     results: dict = {}
     print(
         f"\n(b) MD steps per second of the ASE calculator (velocity Verlet, {device}, "
-        f"{torch.get_num_threads()} thread(s); {backbone} backbone {backbones()[backbone]}; {steps} timed "
+        f"{torch.get_num_threads()} thread(s); {backbone} backbone {backbones()[backbone]}, {kernels} "
+        f"kernels; {steps} timed "
         f"step(s) per head per round after one warm-up step, heads alternating, best of {rounds} round(s))"
     )
     print(f"  {'atoms':>6} {'head':8} {'s/step':>8} {'steps/s':>8} {'vs sr':>6} {'SCF it.':>7}  target")
     order = ["sr", *[h for h in heads if h != "sr"]]
     for size in sizes:
         atoms = water_box(WATER_ATOMS.get(size, round(size / 3)))
-        runs = {head: MDRun(head, atoms, device, backbone) for head in order}
+        runs = {head: MDRun(head, atoms, device, backbone, kernels) for head in order}
         rounds_seen: dict[str, list[float]] = {head: [] for head in order}
         for _ in range(rounds):
             for head in order:
@@ -328,6 +339,9 @@ def main() -> None:
         "--backbones", default="tiny", help="backbones of the MD table: tiny, realistic or tiny,realistic"
     )
     parser.add_argument("--rounds", type=int, default=3, help="rounds over the heads; the best counts")
+    parser.add_argument(
+        "--kernels", default="e3nn", choices=["e3nn", "cueq"], help="MACE's products in the MD table"
+    )
     parser.add_argument("--eval-steps", type=int, default=40, help="MD steps of the overhead workload")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each side of the overhead comparison")
     parser.add_argument("--skip-overhead", action="store_true")
@@ -347,7 +361,8 @@ def main() -> None:
             if unknown:
                 raise SystemExit(f"unknown backbones {unknown}; known: {list(backbones())}")
             results["md"] = {
-                name: md_table(sizes, args.steps, args.device, heads, args.rounds, name) for name in names
+                name: md_table(sizes, args.steps, args.device, heads, args.rounds, name, args.kernels)
+                for name in names
             }
         if not args.skip_overhead:
             results["overhead"] = overhead(args.eval_steps, args.device, args.repeats)

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Every GPU table of bench/ in two parts, each step under its own time limit so that one slow or failing
 # step leaves the others' figures. Part 1 (~6 min on an H200): head times / sr with the tiny backbone
-# (1k-16k atoms, then 64k) and the realistic one (4k-16k). Part 2 (~7 min): training throughput against
-# mace_run_train, the backbone's GPU options (TF32, cuEquivariance, torch.compile), MD steps per second
-# and the CUDA tests. Each Python process spends ~20 s starting (imports, TorchScript of e3nn).
+# (1k-16k atoms, then 64k) and the realistic one (4k-16k). Part 2 (~8 min): training throughput against
+# mace_run_train, the backbone's GPU options (TF32, cuEquivariance), MD steps per second (e3nn, then
+# cuEquivariance kernels) and the CUDA tests. Part "compile": torch.compile of the backbone. Each Python
+# process spends ~20 s starting (imports, TorchScript of e3nn).
 #
-#   bash bench/gpu_suite.sh OUTDIR [1|2|all]   (needs a CUDA device; aiida-emlip importable, no AiiDA)
+#   bash bench/gpu_suite.sh OUTDIR [1|2|all|compile]   (needs a CUDA device; aiida-emlip importable, no AiiDA)
 #
 # Each step writes OUTDIR/<step>.log (and .json where the script has one); OUTDIR/summary.txt lists
 # each step's exit status and seconds (124: stopped at its limit, its JSON keeps what was measured).
 set -u
-out=${1:?usage: gpu_suite.sh OUTDIR [1|2|all]}
+out=${1:?usage: gpu_suite.sh OUTDIR [1|2|all|compile]}
 part=${2:-all}
 mkdir -p "$out"
 here=$(cd "$(dirname "$0")" && pwd)
@@ -43,6 +44,8 @@ if [ "$part" = 2 ] || [ "$part" = all ]; then
     --systems water --json "$out/backbone_options.json"
   step md "${LIMIT_MD:-80}" "$py" bench/bench_evaluate.py --device cuda --skip-overhead --sizes 1000,5000 \
     --backbones tiny,realistic --steps 3 --rounds 2 --json "$out/md.json"
+  step md_cueq "${LIMIT_MD_CUEQ:-60}" "$py" bench/bench_evaluate.py --device cuda --skip-overhead \
+    --sizes 1000,5000 --backbones realistic --kernels cueq --steps 3 --rounds 2 --json "$out/md_cueq.json"
   step cuda_tests "${LIMIT_TESTS:-60}" "$py" -m pytest --noconftest -p no:cacheprovider -q -m cuda \
     tests/test_model_io.py tests/test_electrostatics.py tests/test_neighbours.py
 fi

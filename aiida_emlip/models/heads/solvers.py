@@ -39,7 +39,7 @@ def default_tolerance(requested: float, dtype: torch.dtype) -> float:
 
 #: A sum ``Σxᵢ`` is resolved only to about ``ε·Σ|xᵢ|`` in floating point: the charge-conservation error
 #: ``|ΣF − Q|`` of a fixed-point step is judged beyond this many ``ε·Σ|F|`` (measured floor in float32, water
-#: 1k–16k atoms: 1.4 ``ε·Σ|F|`` on the CPU, 2.3 on a GPU, where it rose above the 500 ε tolerance from
+#: 1k–16k atoms: 1.4 ``ε·Σ|F|`` on the CPU, ~2.3 on a GPU, where it rose above the 500 ε tolerance from
 #: ~10⁴ atoms and an SCF never converged).
 SUM_ROUNDOFF = 8.0
 

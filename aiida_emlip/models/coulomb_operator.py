@@ -398,6 +398,15 @@ def gaussian_self_potential(sigma: float) -> float:
     return COULOMB_CONSTANT / (sigma * math.sqrt(math.pi)) if sigma > 0 else 0.0
 
 
+def mesh_preconditioner_width(sigma: float, pbc: torch.Tensor) -> float | None:
+    """The width ``√2 σ`` of the Coulomb operator of charges of width ``σ``, the ``s_phys`` of a
+    :class:`MeshPreconditioner` for a cell with ``pbc``, or ``None`` where none applies: point charges,
+    or fewer than two periodic directions (a slab's model leaves out the slab term and stays positive)."""
+    if sigma <= 0 or sum(periodic_dims(pbc)) < 2:
+        return None
+    return math.sqrt(2.0) * sigma
+
+
 class MeshPreconditioner:
     r"""An approximate inverse of ``H = A + diag(J)`` on a coarse mesh, for conjugate gradients.
 
@@ -450,7 +459,7 @@ class MeshPreconditioner:
         k2 = (generate_kvectors_for_mesh(cell, ns) ** 2).sum(-1)
         g = 4.0 * math.pi * COULOMB_CONSTANT * torch.exp(-0.5 * s_tot**2 * k2) / k2.clamp(min=1e-300)
         self.g = torch.where(k2 > 0, g, torch.zeros_like(g))
-        self.root = torch.sqrt(self.spreader.points * self.g / self.volume)  # C^{1/2} in k
+        root = torch.sqrt(self.spreader.points * self.g / self.volume)  # C^{1/2} in k
         self.mesh = mesh
         self.inner_steps = inner_steps
         # Parseval on the half spectrum of rfftn: Σ_x a(x)b(x) = Σ_k w_k Re(conj(â_k) b̂_k), w = 2/M for
@@ -463,7 +472,7 @@ class MeshPreconditioner:
         # of the real and imaginary parts; the scaling is folded into C^{1/2}'s multipliers
         # (multipliers of the real and imaginary parts alike: ``[..., 1]`` against ``view_as_real``)
         half = torch.sqrt(w / self.spreader.points)
-        self.root_in, self.root_out = (self.root / half)[..., None], (self.root * half)[..., None]
+        self.root_in, self.root_out = (root / half)[..., None], (root * half)[..., None]
 
     def with_diagonal(self, diag: torch.Tensor) -> MeshPreconditionerApply:
         """``M⁻¹`` for the Jacobi diagonal ``diag = d`` (J plus the Coulomb diagonal), ``[N]``."""

@@ -13,14 +13,17 @@ chemical potential, so adding electrons (lowering Q) costs ``μ`` per electron.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from aiida_emlip.models.coulomb_operator import CoulombOperator, MeshPreconditioner, gaussian_self_potential
-from aiida_emlip.models.electrostatics import periodic_dims
+from aiida_emlip.models.coulomb_operator import (
+    CoulombOperator,
+    MeshPreconditioner,
+    gaussian_self_potential,
+    mesh_preconditioner_width,
+)
 from aiida_emlip.models.fragments import (
     FRAGMENTS,
     fragment_index,
@@ -236,9 +239,7 @@ class EquilibrationHead(BondEquilibration, Head):
         es = inp.electrostatics
         sigma = es.config.sigma
         a_diag = gaussian_self_potential(sigma)
-        mesh = None
-        if self.options.preconditioner == "mesh" and sigma > 0 and sum(periodic_dims(pbc)) >= 2:
-            mesh = math.sqrt(2.0) * sigma
+        mesh = mesh_preconditioner_width(sigma, pbc) if self.options.preconditioner == "mesh" else None
         return _Operators(es.coulomb_operator(pos, cell, pbc), a_diag, mesh)
 
     def _operators(self, inp: HeadInput, b: int, atoms: slice) -> _Operators:

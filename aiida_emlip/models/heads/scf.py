@@ -46,7 +46,7 @@ from aiida_emlip.models.coulomb_operator import (
     MeshPreconditioner,
     OpenBatchOperator,
     gaussian_self_potential,
-    periodic_dims,
+    mesh_preconditioner_width,
 )
 from aiida_emlip.models.fragments import FRAGMENTS, fragment_targets, largest_fragment_mu
 from aiida_emlip.models.heads import solvers
@@ -284,12 +284,12 @@ class SelfConsistentHead(Head):
         ``preconditioner='none'``, point charges, or a cell periodic in fewer than two directions (a
         slab's operator is that of its cell, vacuum included, plus the slab term, which the mesh model
         leaves out: still a positive preconditioner)."""
-        sigma = inp.electrostatics.config.sigma
-        if self.options.preconditioner != "mesh" or sigma <= 0 or sum(periodic_dims(s.pbc)) < 2:
+        if self.options.preconditioner != "mesh":
             return None
-        if s.mesh is None:
-            s.mesh = MeshPreconditioner(s.positions, s.cell, math.sqrt(2.0) * sigma)
-        return s.mesh
+        width = mesh_preconditioner_width(inp.electrostatics.config.sigma, s.pbc)
+        if width is not None and s.mesh is None:
+            s.mesh = MeshPreconditioner(s.positions, s.cell, width)
+        return None if width is None else s.mesh
 
     def _response_inverse(self, inp: HeadInput, s: _Structure, coef: torch.Tensor):
         """``(J, r ↦ (J + A)⁻¹ r)`` of the linearised response at the slopes ``coef = ∂F/∂φ`` [n, W]:

@@ -87,6 +87,19 @@ def test_missing_cuequivariance_is_a_clear_error(tmp_path, monkeypatch):
     assert model.backbone.kernels == "e3nn"
 
 
+def test_emlip_eval_without_cuequivariance_exits_2_before_writing(tmp_path, monkeypatch, capsys):
+    from aiida_emlip.training.cli import eval_main
+
+    path = save_model(tiny_model(HEAD_CONFIGS["sr"]), tmp_path / "m.safetensors")
+    data = tmp_path / "w.xyz"
+    water_cluster().write(data)
+    monkeypatch.setitem(sys.modules, "cuequivariance_torch", None)
+    out = tmp_path / "out.xyz"
+    assert eval_main([str(path), str(data), "-o", str(out), "--device", "cpu", "--kernels", "cueq"]) == 2
+    assert "need NVIDIA cuEquivariance" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", "w.xyz"]
+
+
 def test_eval_parameter():
     assert parse_parameters({}).kernels == "e3nn"
     params = parse_parameters({"mode": "md", "kernels": "cueq"})

@@ -13,6 +13,12 @@ its own; on CUDA all run in one process and the peak is ``max_memory_allocated``
 time, ratio to ``sr``, the target, peak memory, iterations, the time per iteration, and the log–log
 slope of time vs N over the PME sizes (≥ 3000 atoms).
 
+On the CPU every head runs as aiida-emlip runs models there (the calculator and ``emlip-eval``):
+freed host memory kept for the next tensors (:mod:`aiida_emlip.models.host_memory`); beside them,
+``sr`` once more with glibc's default, which gives large blocks back at once (``sr, released``: the
+time and peak memory that setting saves and costs, side by side). ``--host-memory release`` runs
+every head that way instead.
+
 Usage: ``python bench/bench_heads.py [--quick] [--device auto|cpu|cuda] [--backbone tiny|realistic]
 [--json out.json]`` (``BENCH_THREADS``: torch threads, default 2).
 """
@@ -62,6 +68,8 @@ REALISTIC_BACKBONE = {
     "r_max": 5.0,
 }
 BACKBONES = {"tiny": BACKBONE, "realistic": REALISTIC_BACKBONE}
+#: The row of ``sr`` run with glibc's default handling of freed memory (CPU only).
+RELEASED = "sr, released"
 
 
 def structure(system: str, size: str):
@@ -101,20 +109,30 @@ def _nacl(m: int):
 
 
 def run_one(
-    system: str, size: str, head: str, device: str, repeats: int, queue, backbone: str = "tiny"
+    system: str,
+    size: str,
+    head: str,
+    device: str,
+    repeats: int,
+    queue,
+    backbone: str = "tiny",
+    retain: bool = True,
 ) -> None:
-    """Time energy + forces of one head on one structure; put a result dict on ``queue``."""
+    """Time energy + forces of one head on one structure; put a result dict on ``queue``. ``retain``:
+    keep freed host memory in the process (CPU; :mod:`aiida_emlip.models.host_memory`)."""
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     from aiida_emlip.models.graph import build_graph
+    from aiida_emlip.models.host_memory import retain_freed_memory
     from aiida_emlip.models.model import EmlipModel, ModelConfig
 
+    if retain and not device.startswith("cuda"):
+        retain_freed_memory()
     torch.manual_seed(0)
+    spec = HEADS["sr" if head == RELEASED else head]
     model = EmlipModel(
-        ModelConfig(
-            elements=["H", "O", "Na", "Cl"], head=HEADS[head], backbone=BACKBONES[backbone], dtype="float32"
-        )
+        ModelConfig(elements=["H", "O", "Na", "Cl"], head=spec, backbone=BACKBONES[backbone], dtype="float32")
     ).to(device)
     model.eval()
     atoms = structure(system, size)
@@ -160,7 +178,9 @@ class _ListQueue(list):
         self.append(item)
 
 
-def measure(system: str, size: str, head: str, device: str, repeats: int, backbone: str = "tiny") -> dict:
+def measure(
+    system: str, size: str, head: str, device: str, repeats: int, backbone: str = "tiny", retain: bool = True
+) -> dict:
     if device.startswith("cuda"):  # CUDA peak memory is per head already: no child process needed
         queue = _ListQueue()
         try:
@@ -170,7 +190,8 @@ def measure(system: str, size: str, head: str, device: str, repeats: int, backbo
             return {"system": system, "size": size, "head": head, "error": repr(exc)}
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
-    proc = ctx.Process(target=run_one, args=(system, size, head, device, repeats, queue, backbone))
+    retain = retain and head != RELEASED
+    proc = ctx.Process(target=run_one, args=(system, size, head, device, repeats, queue, backbone, retain))
     proc.start()
     try:
         result = queue.get(timeout=1800)
@@ -219,7 +240,7 @@ def table(results: list[dict]) -> str:
     lines += ["", f"log–log slope of time vs N over the PME sizes (N ≥ 3000), target ≤ {SLOPE_TARGET}:", ""]
     lines += ["| system | head | slope |", "|---|---|---|"]
     for system in sorted({r["system"] for r in results}):
-        for head in HEADS:
+        for head in [*HEADS, RELEASED]:
             s = slope([r for r in results if r["system"] == system and r["head"] == head])
             if s is not None:
                 lines.append(f"| {system} | {head} | {s:.2f}{' ✓' if s <= SLOPE_TARGET else ' ✗'} |")
@@ -242,6 +263,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--backbone", default="tiny", choices=sorted(BACKBONES), help="tiny (default) or realistic"
     )
+    parser.add_argument(
+        "--host-memory",
+        default="retain",
+        choices=("retain", "release"),
+        help="CPU: keep freed memory for the next tensors (retain, what aiida-emlip does; plus an sr row "
+        "released) or give it back at once (release, glibc's default)",
+    )
     parser.add_argument("--json", default=None, help="also write the raw results here")
     args = parser.parse_args(argv)
     import torch
@@ -253,12 +281,16 @@ def main(argv: list[str] | None = None) -> None:
         args.sizes.split(",") if args.sizes else (["1k", "4k"] if args.quick else ["1k", "4k", "8k", "16k"])
     )
     repeats = args.repeats if args.repeats is not None else (1 if device == "cpu" else 3)
+    retain = args.host_memory == "retain"
+    heads = args.heads.split(",")
+    if device == "cpu" and retain and "sr" in heads and RELEASED not in heads:
+        heads.insert(heads.index("sr") + 1, RELEASED)
     results = []
     for system in args.systems.split(","):
         for size in sizes:
-            for head in args.heads.split(","):
+            for head in heads:
                 t0 = time.perf_counter()
-                r = measure(system, size, head, device, repeats, args.backbone)
+                r = measure(system, size, head, device, repeats, args.backbone, retain)
                 results.append(r)
                 if args.json:  # after every measurement: a run stopped early keeps what it measured
                     _write_json(args.json, device, args.backbone, results)
@@ -271,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"device: {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}), "
         f"threads {os.environ.get('BENCH_THREADS', '2')}, float32, backbone {args.backbone} "
-        f"{BACKBONES[args.backbone]}"
+        f"{BACKBONES[args.backbone]}, host memory {args.host_memory if device == 'cpu' else '-'}"
     )
     print(table(results))
 

@@ -11,6 +11,7 @@ from ase import Atoms
 from ase.calculators.calculator import CalculationFailed, Calculator, all_changes
 
 from aiida_emlip.models.graph import build_graph
+from aiida_emlip.models.host_memory import retain_freed_memory
 from aiida_emlip.models.io import load_model, resolve_device
 from aiida_emlip.models.model import EmlipModel
 from aiida_emlip.schema import EXTERNAL_FIELD, FERMI_LEVEL, TOTAL_CHARGE, TOTAL_SPIN
@@ -67,6 +68,12 @@ class EmlipCalculator(Calculator):
     ``kernels='cueq'`` runs MACE's equivariant products on NVIDIA cuEquivariance (the same weights and
     results; faster on a GPU with its CUDA kernels installed), switching the model given (which can
     then no longer be saved); ``None`` keeps the model's kernels.
+
+    ``retain_memory`` (default: on the CPU) keeps freed host memory in the process for the next
+    evaluation (:func:`~aiida_emlip.models.host_memory.retain_freed_memory`: evaluations of 4k–17.6k-atom
+    cells 1.3–3.3× faster, whose large tensors otherwise cost a page fault per 4 KiB each time, for a
+    higher peak memory); it applies to the whole process. ``False``, or
+    ``EMLIP_HOST_MEMORY=release`` in the environment, keeps the allocator's default behaviour.
     """
 
     implemented_properties: ClassVar[list[str]] = [
@@ -84,10 +91,15 @@ class EmlipCalculator(Calculator):
         device: str = "auto",
         warm_start: bool = True,
         kernels: str | None = None,
+        retain_memory: bool | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         device = resolve_device(device)
+        if retain_memory is None:
+            retain_memory = device.type == "cpu"
+        if retain_memory:
+            retain_freed_memory()
         self.model = model.to(device) if isinstance(model, EmlipModel) else load_model(model, device)
         if kernels is not None:
             self.model.backbone.use_kernels(kernels)

@@ -15,9 +15,11 @@ import pytest
 import torch
 from models_helpers import HEAD_CONFIGS, evaluate, nacl_cell, tiny_model, water_cluster
 
+from aiida_emlip.models import backbone
 from aiida_emlip.models.backbone import CUEQ_MISSING
 from aiida_emlip.models.calculator import EmlipCalculator
 from aiida_emlip.models.io import save_model
+from aiida_emlip.training import eval_params
 from aiida_emlip.training.errors import ConfigError
 from aiida_emlip.training.eval_params import parse_parameters
 from aiida_emlip.training.evaluate import load_for_inference
@@ -101,6 +103,8 @@ def test_emlip_eval_without_cuequivariance_exits_2_before_writing(tmp_path, monk
 
 
 def test_eval_parameter():
+    # the parameter check keeps its own list (it must not import MACE): the same as the backbone's
+    assert eval_params.KERNELS == backbone.KERNELS
     assert parse_parameters({}).kernels == "e3nn"
     params = parse_parameters({"mode": "md", "kernels": "cueq"})
     assert params.kernels == "cueq" and params.to_dict()["kernels"] == "cueq"

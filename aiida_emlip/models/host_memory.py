@@ -27,7 +27,8 @@ import platform
 #: glibc's ``mallopt`` parameters (malloc.h).
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
-#: Free space at the top of the heap above which glibc gives memory back: the largest ``int``.
+#: Free space at the top of the heap above which glibc gives memory back: ``mallopt`` reads -1 as the
+#: largest ``size_t``, so never.
 TRIM_THRESHOLD = -1
 #: The environment variable and its value that keep the allocator's default behaviour.
 ENV_VARIABLE, RELEASE = "EMLIP_HOST_MEMORY", "release"

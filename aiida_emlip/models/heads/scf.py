@@ -287,9 +287,11 @@ class SelfConsistentHead(Head):
         if self.options.preconditioner != "mesh":
             return None
         width = mesh_preconditioner_width(inp.electrostatics.config.sigma, s.pbc)
-        if width is not None and s.mesh is None:
+        if width is None:
+            return None
+        if s.mesh is None:
             s.mesh = MeshPreconditioner(s.positions, s.cell, width)
-        return None if width is None else s.mesh
+        return s.mesh
 
     def _response_inverse(self, inp: HeadInput, s: _Structure, coef: torch.Tensor):
         """``(J, r ↦ (J + A)⁻¹ r)`` of the linearised response at the slopes ``coef = ∂F/∂φ`` [n, W]:

@@ -111,3 +111,13 @@ def test_emlip_eval_retains_on_the_cpu(tmp_path):
     path = str(tmp_path / "model.safetensors")
     assert _run(EVAL, path)["applied"] is True
     assert _run(EVAL, path, env={"EMLIP_HOST_MEMORY": "release"})["applied"] is False
+
+
+def test_a_misspelt_environment_value_is_reported(monkeypatch):
+    from aiida_emlip.models import host_memory
+
+    monkeypatch.setenv("EMLIP_HOST_MEMORY", "relase")
+    with pytest.warns(UserWarning, match="'relase' is neither 'release' nor 'retain'"):
+        assert host_memory.released_by_environment() is False
+    monkeypatch.setenv("EMLIP_HOST_MEMORY", " Release ")
+    assert host_memory.released_by_environment() is True

@@ -23,6 +23,7 @@ import ctypes
 import ctypes.util
 import os
 import platform
+import warnings
 
 #: glibc's ``mallopt`` parameters (malloc.h).
 M_TRIM_THRESHOLD = -1
@@ -30,15 +31,23 @@ M_MMAP_MAX = -4
 #: Free space at the top of the heap above which glibc gives memory back: ``mallopt`` reads -1 as the
 #: largest ``size_t``, so never.
 TRIM_THRESHOLD = -1
-#: The environment variable and its value that keep the allocator's default behaviour.
-ENV_VARIABLE, RELEASE = "EMLIP_HOST_MEMORY", "release"
+#: The environment variable, its value that keeps the allocator's default behaviour and the default's.
+ENV_VARIABLE, RELEASE, RETAIN = "EMLIP_HOST_MEMORY", "release", "retain"
 
 _applied: bool | None = None
 
 
 def released_by_environment() -> bool:
-    """Whether ``EMLIP_HOST_MEMORY=release`` asks to keep the allocator's default behaviour."""
-    return os.environ.get(ENV_VARIABLE, "").strip().lower() == RELEASE
+    """Whether ``EMLIP_HOST_MEMORY=release`` asks to keep the allocator's default behaviour; another
+    value than ``release`` or ``retain`` is ignored with a warning (a misspelt opt-out would otherwise
+    go unnoticed)."""
+    value = os.environ.get(ENV_VARIABLE, "").strip().lower()
+    if value not in ("", RELEASE, RETAIN):
+        warnings.warn(
+            f"{ENV_VARIABLE}={value!r} is neither {RELEASE!r} nor {RETAIN!r}: ignored, freed memory is kept",
+            stacklevel=3,
+        )
+    return value == RELEASE
 
 
 def retain_freed_memory() -> bool:

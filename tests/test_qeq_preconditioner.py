@@ -267,3 +267,24 @@ def test_qeq_head_with_mesh_preconditioner_agrees_with_dense(pbc, name):
     assert float(om["fermi_level"][0]) == pytest.approx(float(od["fermi_level"][0]), abs=1e-8)
     assert float(om["energy"][0]) == pytest.approx(float(od["energy"][0]), abs=1e-8)
     np.testing.assert_allclose(om["forces"].numpy(), od["forces"].numpy(), atol=1e-8)
+
+
+@pytest.mark.parametrize("total", [0.0, 0.5])
+def test_cold_start_of_a_neutral_structure_skips_the_first_product(total):
+    """From zero charges on Σq = 0 the first residual is ``−b`` without applying ``A``; a charged
+    structure starts from Q/N and needs that product. Both reach the dense KKT charges."""
+    gen = torch.Generator().manual_seed(2)
+    m = torch.randn(30, 30, generator=gen, dtype=DT)
+    spd = m @ m.T + 30.0 * torch.eye(30, dtype=DT)
+    b, d = torch.randn(30, generator=gen, dtype=DT), torch.zeros(30, dtype=DT)
+    calls = []
+
+    def matvec(v: torch.Tensor) -> torch.Tensor:
+        calls.append(v)
+        return spd @ v
+
+    q, mu, info = qeq_solve_from(matvec, d, b, total, torch.zeros(30, dtype=DT), tol=1e-12)
+    exact = qeq_solve(None, d, b, total, dense=spd)
+    assert info.converged
+    assert torch.allclose(q, exact.charges, atol=1e-9) and abs(float(mu - exact.mu)) < 1e-8
+    assert len(calls) == info.iterations + (0 if total == 0.0 else 1)

@@ -181,11 +181,8 @@ class ChargeKernel:
             return
         params = pme_parameters(cell, beta, n_atoms, accuracy, es.config.pme_interpolation_nodes)
         self.spreader = MeshSpreader(positions, cell, params.mesh, params.nodes)
-        ns = torch.tensor(params.mesh, dtype=torch.long, device=positions.device)
         pot = self.calc.potential
-        # as torch-pme's KSpaceFilter: the kernel on the |k|² of the mesh's k-vectors
-        k_sq = torch.linalg.norm(generate_kvectors_for_mesh(cell, ns), dim=3) ** 2
-        self.kfilter = pot.kernel_from_k_sq(k_sq)
+        self.kfilter = es.mesh_kernel(smearing, s_phys, cell, params.mesh)
         self.mesh_volume = torch.abs(torch.linalg.det(cell))
         self.self_term = pot.self_contribution()
         self.mesh_background = 2.0 * pot.background_correction()

@@ -424,7 +424,9 @@ def qeq_solve_from(
         project = projector(apply)[0]
 
     every = check_interval(b.device, check_every)
-    r = -(matvec(q) + diag * q + b)
+    # the cold start of a neutral structure is q = 0, whose product needs no operator application
+    hq = matvec(q) if bool(q.any()) else torch.zeros_like(q)
+    r = -(hq + diag * q + b)
     mu = r.mean()
     r = r - mu
     z = project(r)

@@ -92,3 +92,20 @@ def test_solver_operator_and_energy_share_one_kernel():
     es.energy(q, pos.clone().requires_grad_(True), cell, PBC)
     assert len(es._mesh_kernels) == 1
     assert float(0.5 * (q * phi).sum()) == pytest.approx(float(pme().energy(q, pos, cell, PBC)), rel=1e-12)
+
+
+def test_inference_mode_keeps_nothing_for_a_later_autograd_evaluation():
+    """A kernel made under ``torch.inference_mode`` cannot be saved for backward; none is kept, and
+    forces after such an evaluation still work."""
+    pos, cell, q = ionic_box()
+    es = pme()
+    with torch.inference_mode():
+        first = es.energy(q, pos, cell, PBC)
+    assert len(es._mesh_kernels) == 0
+    moving = pos.clone().requires_grad_(True)
+    energy = es.energy(q, moving, cell, PBC)
+    (forces,) = torch.autograd.grad(-energy, moving)
+    assert float(energy) == float(first)
+    fresh = pos.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(-pme().energy(q, fresh, cell, PBC), fresh)
+    assert torch.equal(forces, expected)

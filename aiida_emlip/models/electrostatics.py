@@ -176,10 +176,12 @@ class Electrostatics(torch.nn.Module):
         It depends on the cell alone, so for a cell without autograd the last
         :data:`MESH_KERNELS_KEPT` are kept and reused for the same cell: the operator of a solver and
         the energy of one evaluation share one, and so do the steps of MD at fixed cell (building it
-        costs more than a mesh application: 0.08 s on a 240³ mesh on two CPU cores).
+        costs more than a mesh application: 0.08 s on a 240³ mesh on two CPU cores). Nothing is kept
+        under ``torch.inference_mode``.
         """
         key = None
-        if not cell.requires_grad:
+        # nothing kept from inference mode: its tensors cannot enter a later autograd graph
+        if not cell.requires_grad and not torch.is_inference_mode_enabled():
             # widths to 12 digits: the operators of one evaluation reach √(σ² + w²) by different roundings
             widths = (float(f"{smearing:.12g}"), float(f"{width:.12g}"))
             key = (*widths, cell.dtype, cell.device, tuple(mesh), tuple(cell.reshape(-1).tolist()))

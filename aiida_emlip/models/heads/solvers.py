@@ -401,8 +401,9 @@ def qeq_solve_from(
     μ at every step so that the small part along the plane is not lost to cancellation against it.
     Converged when that part, ``‖r − mean(r)‖``, is below ``tol · ‖b‖`` (the scale of
     :func:`qeq_solve`'s test), looked at by the host every :func:`check_interval` iterations as in
-    :func:`conjugate_gradient`. No ``H⁻¹ 1`` is formed: for inference, not for the implicit
-    derivatives of training.
+    :func:`conjugate_gradient`, and once before the loop: the cold start of a neutral structure (q = 0)
+    takes its first residual without applying ``A``. No ``H⁻¹ 1`` is formed: for inference, not for
+    the implicit derivatives of training.
     """
     n = b.shape[0]
     q = start + (torch.as_tensor(total, dtype=b.dtype, device=b.device) - start.sum()) / n
@@ -424,7 +425,6 @@ def qeq_solve_from(
         project = projector(apply)[0]
 
     every = check_interval(b.device, check_every)
-    # the cold start of a neutral structure is q = 0, whose product needs no operator application
     hq = matvec(q) if bool(q.any()) else torch.zeros_like(q)
     r = -(hq + diag * q + b)
     mu = r.mean()

@@ -1,6 +1,7 @@
 """The PME k-space kernel is built once per cell and reused (``Electrostatics.mesh_kernel``): the
 numbers do not change, a different cell gets its own, a cell under autograd (stress) never takes a
-kept one, and the solver's operator and the energy of one evaluation share one."""
+kept one, the solver's operator and the energy of one evaluation share one, and nothing is kept under
+inference mode."""
 
 from __future__ import annotations
 

@@ -5,8 +5,6 @@ inference mode."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -82,16 +80,15 @@ def test_cell_under_autograd_takes_no_kept_kernel():
 
 
 def test_solver_operator_and_energy_share_one_kernel():
-    """``coulomb_operator`` (width σ projected on σ: pair width √(σ² + σ²)) and ``energy`` (√2 σ) reach
-    the same width by different roundings; one kernel serves both."""
+    """``coulomb_operator`` (charges of width σ projected on σ) and ``energy`` (the charges' pair width)
+    take one width from ``pair_width``: one kernel and one torch-pme calculator serve both."""
     pos, cell, q = ionic_box()
     es = pme()
-    sigma = es.config.sigma
-    assert math.sqrt(sigma**2 + sigma**2) != math.sqrt(2.0) * sigma  # the two roundings differ
     op = es.coulomb_operator(pos, cell, PBC)
     phi = op(q)
     es.energy(q, pos.clone().requires_grad_(True), cell, PBC)
     assert len(es._mesh_kernels) == 1
+    assert len([key for key in es._calculators if key[0] == "pme"]) == 1
     assert float(0.5 * (q * phi).sum()) == pytest.approx(float(pme().energy(q, pos, cell, PBC)), rel=1e-12)
 
 

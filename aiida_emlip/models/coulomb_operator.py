@@ -75,6 +75,13 @@ def _reduction(cell_key: tuple) -> tuple | None:
     return None if (op == np.eye(3, dtype=op.dtype)).all() else tuple(map(tuple, op.tolist()))
 
 
+def pair_width(sigma: float, width: float) -> float:
+    """``√(σ² + w²)``: the width of the interaction of Gaussian charges of width ``σ`` with a Gaussian of
+    width ``w`` (``w = σ``: the charges' own pair width, √2 σ). Every caller takes it from here, so that
+    one width is one float: the kept torch-pme calculators and PME kernels are keyed on it."""
+    return math.sqrt(sigma**2 + width**2)
+
+
 def periodic_dims(pbc: torch.Tensor) -> list[bool]:
     """``pbc`` as a list of three bools."""
     flags = [bool(b) for b in torch.as_tensor(pbc).reshape(-1).tolist()]
@@ -270,7 +277,7 @@ class CoulombOperator:
         self.method = method or es.select_method(positions.shape[0], pbc)
         sigma = es.config.sigma
         self.kernels = [
-            ChargeKernel(es, positions, cell, self.method, math.sqrt(sigma**2 + w * w)) for w in self.widths
+            ChargeKernel(es, positions, cell, self.method, pair_width(sigma, w)) for w in self.widths
         ]
         self.slab = SlabTerm(positions, cell, pbc, sigma) if es._slab_active(pbc) else None
 
@@ -374,7 +381,7 @@ class OpenBatchOperator:
         sigma = es.config.sigma
         kernels, onsite = [], []
         for w in widths:
-            s_phys = math.sqrt(sigma**2 + float(w) ** 2)
+            s_phys = pair_width(sigma, float(w))
             kernels.append(es._calculator("direct", s_phys, positions).potential.from_dist(dist))
             on = es.config.include_self and s_phys > 0.0
             onsite.append(COULOMB_CONSTANT * SQRT_2_OVER_PI / s_phys if on else 0.0)
@@ -401,7 +408,7 @@ def mesh_preconditioner_width(sigma: float, pbc: torch.Tensor) -> float | None:
     or fewer than two periodic directions (a slab's model leaves out the slab term and stays positive)."""
     if sigma <= 0 or sum(periodic_dims(pbc)) < 2:
         return None
-    return math.sqrt(2.0) * sigma
+    return pair_width(sigma, sigma)
 
 
 class MeshPreconditioner:

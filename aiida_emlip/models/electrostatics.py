@@ -38,6 +38,7 @@ from aiida_emlip.models.coulomb_operator import (
     ChargeKernel,
     CoulombOperator,
     SlabTerm,
+    pair_width,
     periodic_dims,
     reduced_cell,
 )
@@ -182,9 +183,7 @@ class Electrostatics(torch.nn.Module):
         key = None
         # nothing kept from inference mode: its tensors cannot enter a later autograd graph
         if not cell.requires_grad and not torch.is_inference_mode_enabled():
-            # widths to 12 digits: the operators of one evaluation reach √(σ² + w²) by different roundings
-            widths = (float(f"{smearing:.12g}"), float(f"{width:.12g}"))
-            key = (*widths, cell.dtype, cell.device, tuple(mesh), tuple(cell.reshape(-1).tolist()))
+            key = (smearing, width, cell.dtype, cell.device, tuple(mesh), tuple(cell.reshape(-1).tolist()))
             kernel = self._mesh_kernels.get(key)
             if kernel is not None:
                 self._mesh_kernels.move_to_end(key)
@@ -259,7 +258,7 @@ class Electrostatics(torch.nn.Module):
         """Electrostatic energy (eV, scalar) of one structure."""
         q = charges[:, None]
         method = self.select_method(positions.shape[0], pbc)
-        kernel = ChargeKernel(self, positions, cell, method, math.sqrt(2.0) * self.config.sigma)
+        kernel = ChargeKernel(self, positions, cell, method, pair_width(self.config.sigma, self.config.sigma))
         e = 0.5 * (q * kernel(q)).sum()
         if dipoles is not None:
             e = e + self._dipole_energy(charges, dipoles, positions, cell, pbc)
@@ -282,7 +281,7 @@ class Electrostatics(torch.nn.Module):
             for start, stop in itertools.pairwise(bounds)
         ]
         i, j = torch.cat(pairs, dim=1)
-        s_phys = math.sqrt(2.0) * self.config.sigma
+        s_phys = pair_width(self.config.sigma, self.config.sigma)
         calc = self._calculator("direct", s_phys, positions)
         dist = torch.linalg.norm(positions[j] - positions[i], dim=1)
         q = charges[:, None]

@@ -129,11 +129,11 @@ def run_one(
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     from aiida_emlip.models.graph import build_graph
-    from aiida_emlip.models.host_memory import retain_freed_memory
+    from aiida_emlip.models.host_memory import retain_on_cpu
     from aiida_emlip.models.model import EmlipModel, ModelConfig
 
-    if retain and not device.startswith("cuda"):
-        retain_freed_memory()
+    if retain:
+        retain_on_cpu(device)
     torch.manual_seed(0)
     spec = HEADS["sr" if head == RELEASED else head]
     model = EmlipModel(

@@ -11,7 +11,7 @@ from ase import Atoms
 from ase.calculators.calculator import CalculationFailed, Calculator, all_changes
 
 from aiida_emlip.models.graph import build_graph
-from aiida_emlip.models.host_memory import retain_freed_memory
+from aiida_emlip.models.host_memory import retain_freed_memory, retain_on_cpu
 from aiida_emlip.models.io import load_model, resolve_device
 from aiida_emlip.models.model import EmlipModel
 from aiida_emlip.schema import EXTERNAL_FIELD, FERMI_LEVEL, TOTAL_CHARGE, TOTAL_SPIN
@@ -97,8 +97,8 @@ class EmlipCalculator(Calculator):
         super().__init__(**kwargs)
         device = resolve_device(device)
         if retain_memory is None:
-            retain_memory = device.type == "cpu"
-        if retain_memory:
+            retain_on_cpu(device)
+        elif retain_memory:
             retain_freed_memory()
         self.model = model.to(device) if isinstance(model, EmlipModel) else load_model(model, device)
         if kernels is not None:

@@ -72,3 +72,10 @@ def retain_freed_memory() -> bool:
     # mallopt returns 1 on success; the trim threshold first, so that nothing is given back meanwhile
     _applied = mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and mallopt(M_MMAP_MAX, 0) == 1
     return _applied
+
+
+def retain_on_cpu(device) -> bool:
+    """:func:`retain_freed_memory` where ``device`` (a ``torch.device`` or its name) is the CPU, as
+    aiida-emlip does wherever it evaluates models (the calculator, ``emlip-eval``); whether it applies.
+    On an accelerator nothing changes (its host allocations are small)."""
+    return str(device).split(":")[0] == "cpu" and retain_freed_memory()

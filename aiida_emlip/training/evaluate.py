@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from aiida_emlip.models.file_format import ModelFileError, file_sha256
-from aiida_emlip.models.host_memory import retain_freed_memory
+from aiida_emlip.models.host_memory import retain_on_cpu
 from aiida_emlip.models.io import load_model
 from aiida_emlip.models.model import EmlipModel, predicts_dipole
 from aiida_emlip.training.config import LOSS_QUANTITIES, DataConfig
@@ -67,8 +67,7 @@ def load_for_inference(model_path: str | Path, device: str = "auto", kernels: st
         model = load_model(model_path, device=device)
     except ModelFileError as exc:
         raise ConfigError(str(exc)) from None
-    if model.device.type == "cpu":  # large cells: no page faults at every evaluation (host_memory)
-        retain_freed_memory()
+    retain_on_cpu(model.device)  # large cells: no page faults at every evaluation (host_memory)
     try:
         model.backbone.use_kernels(kernels)
     except (ImportError, ValueError) as exc:

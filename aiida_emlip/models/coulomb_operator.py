@@ -388,6 +388,14 @@ class OpenBatchOperator:
         self.kernel = torch.stack(kernels, dim=1)  # [P, W]
         self.onsite = positions.new_tensor(onsite)
 
+    def matrices(self, n: int) -> torch.Tensor:
+        """The operator as dense block-diagonal matrices ``[W, n, n]`` (``n`` atoms in the batch): the
+        pair kernels off the diagonal, the on-site terms on it."""
+        out = self.kernel.new_zeros(self.kernel.shape[1], n, n)
+        out[:, self.i, self.j] = self.kernel.T
+        out[:, self.j, self.i] = self.kernel.T
+        return out + torch.diag_embed(self.onsite[:, None].expand(-1, n))
+
     def potentials(self, charges: torch.Tensor) -> torch.Tensor:
         """``[N, W]``: every width's projected potential of the charges ``[N]``."""
         out = charges.new_zeros(charges.shape[0], self.kernel.shape[1])

@@ -29,7 +29,8 @@ factorisation up to :data:`DENSE_SOLVE_ATOMS` atoms) in the backward pass
 (:class:`~aiida_emlip.models.heads.solvers.ImplicitStep`); dz/dR and dz/dθ are then exact.
 
 ``unrolled`` iterates a batch of open-boundary structures, or of small structures of any periodicity,
-as one (:meth:`SelfConsistentHead._unrolled_batch`).
+as one (:meth:`SelfConsistentHead._unrolled_batch`); so do ``converge`` and ``implicit`` for a batch of
+several small structures (:meth:`SelfConsistentHead._converged_batch`).
 """
 
 from __future__ import annotations
@@ -147,15 +148,40 @@ class _Anderson:
             self.fs.pop(0)
         if len(self.xs) == 1 or self.m == 0:
             return x + self.alpha * f
-        dx = torch.stack([b - a for a, b in zip(self.xs[:-1], self.xs[1:])], dim=1)
+        dx = torch.stack([b - a for a, b in zip(self.xs[:-1], self.xs[1:])], dim=1)  # [N, k]
         df = torch.stack([b - a for a, b in zip(self.fs[:-1], self.fs[1:])], dim=1)
+        return x + self.alpha * f - self._correction(dx + self.alpha * df, df, f)
+
+    def _correction(self, moves: torch.Tensor, df: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        """``moves γ`` with ``γ`` the least-squares coefficients of ``f`` on the history ``df``."""
         gram = df.T @ df
         gram = gram + 1e-10 * torch.trace(gram) * torch.eye(
             gram.shape[0], dtype=gram.dtype, device=gram.device
         )
         # solve_ex: no check of the factorisation on the host (the regularised Gram matrix is regular)
         gamma = torch.linalg.solve_ex(gram, df.T @ f)[0]
-        return x + self.alpha * f - (dx + self.alpha * df) @ gamma
+        return moves @ gamma
+
+
+class _BatchAnderson(_Anderson):
+    """:class:`_Anderson` of every structure of a batch at once: one history of whole-batch iterates,
+    each structure's least-squares coefficients from its own atoms (``index``: the structure of each
+    atom, ``count`` structures), so each structure steps as its own :class:`_Anderson` would."""
+
+    def __init__(self, history: int, mixing: float, index: torch.Tensor, count: int) -> None:
+        super().__init__(history, mixing)
+        self.index, self.count = index, count
+
+    def _correction(self, moves: torch.Tensor, df: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        k = df.shape[1]
+        gram = df.new_zeros(self.count, k, k).index_add(0, self.index, df[:, :, None] * df[:, None, :])
+        rhs = df.new_zeros(self.count, k).index_add(0, self.index, df * f[:, None])
+        trace = torch.diagonal(gram, dim1=1, dim2=2).sum(-1)
+        gram = gram + 1e-10 * trace[:, None, None] * torch.eye(k, dtype=df.dtype, device=df.device)
+        # a structure whose history has stopped moving (frozen, converged) has a zero Gram matrix: its
+        # coefficients are not finite, and its caller keeps it where it is
+        gamma = torch.linalg.solve_ex(gram, rhs)[0]
+        return (moves * gamma[self.index]).sum(-1)
 
 
 @dataclass
@@ -352,6 +378,8 @@ class SelfConsistentHead(Head):
         dense_batch = self._dense_batch(graph)
         if mode == "unrolled" and (not bool(graph.pbc.any()) or dense_batch):
             batched = self._unrolled_batch(inp, groups, local, chi, v_app, targets)
+        elif mode in ("converge", "implicit") and self._converges_as_batch(graph, dense_batch):
+            batched = self._converged_batch(inp, groups, local, chi, v_app, targets, mode)
         if batched is not None:
             charges, mus, converged, history = batched
             iterations = [len(res) for res in history]
@@ -587,6 +615,17 @@ class SelfConsistentHead(Head):
             return f"|Σq| = {abs(total):.3g} e > {o.max_total_charge:g}"
         return None
 
+    def _look(self, step: int, figures, b: int, history: list[list[float]], previous: list[float]):
+        """Structure ``b``'s residual after ``step`` of a batched iteration, from its stopping figures
+        (largest change, charge error, largest change applied, non-finite μ, Σq), kept in ``history[b]``;
+        ``None`` when :meth:`_stop_reason` stops it there."""
+        largest, err, applied, bad, total = figures
+        res = max(largest, err) if step else largest
+        history[b].append(res)
+        reason = self._stop_reason(step, res, bad == 0.0, applied, previous[b], total)
+        previous[b] = applied
+        return None if reason is not None else res
+
     @staticmethod
     def _dense_batch(graph) -> bool:
         """Whether the batch is one block-diagonal dense system: every structure up to
@@ -677,12 +716,8 @@ class SelfConsistentHead(Head):
                     per_structure(q.detach(), batch, "sum"),
                 ]
             ).tolist()
-            for b, (largest, err, applied, bad, total) in enumerate(zip(*stats)):
-                res = max(largest, err) if step else largest
-                history[b].append(res)
-                reason = self._stop_reason(step, res, bad == 0.0, applied, previous[b], total)
-                previous[b] = applied
-                if reason is not None:
+            for b, figures in enumerate(zip(*stats)):
+                if self._look(step, figures, b, history, previous) is None:
                     return None  # this structure stops here: the per-structure iteration knows how
         mus = []
         for b, (f, t) in enumerate(groups):
@@ -693,6 +728,177 @@ class SelfConsistentHead(Head):
                 mus.append(mu_b[int(torch.bincount(f, minlength=int(t.numel())).argmax())])
         converged = [res[-1] < tol for res in history]
         return [q], mus, converged, history
+
+    def _converges_as_batch(self, graph, dense_batch: bool) -> bool:
+        """Whether :meth:`_converged_batch` iterates this batch: several structures forming one dense
+        batch (:meth:`_dense_batch`), mixed (``anderson`` or ``linear``; ``newton`` goes structure by
+        structure)."""
+        return dense_batch and graph.num_graphs > 1 and self.options.mixer != "newton"
+
+    def _converged_batch(self, inp, groups, local, chi, v_app, targets, mode: str):
+        """The detached fixed-point iteration (:meth:`_iterate`, ``converge``/``implicit``) of every
+        structure of a dense batch at once, then the implicit steps of all (:meth:`_implicit_batch`).
+
+        The projected Coulomb matrices of the whole batch are formed once, block diagonal (open
+        boundaries: :meth:`~aiida_emlip.models.coulomb_operator.OpenBatchOperator.matrices`; periodic:
+        :class:`~aiida_emlip.models.coulomb_operator.BlockDenseOperator`), so a step is one matrix
+        product for every structure; each structure mixes on its own (:class:`_BatchAnderson`), takes
+        the same stopping tests as in :meth:`_iterate` from one transfer of every structure's figures
+        per step, and stays at the step where it converged while the others go on. Where
+        :meth:`_kerker` preconditions a structure's steps (two or more periodic directions), the
+        dense batch inverts the same model ``J + A`` exactly, block by block, instead of on the mesh.
+        Returns the charges, reported μ, converged flags and residual histories, or ``None`` when a
+        structure stops for another reason than its step count (divergence): the per-structure
+        iteration then redoes the batch and reports it.
+        """
+        o = self.options
+        graph = inp.graph
+        constant_q = o.ensemble == "constant_q"
+        n_struct, n_atoms, batch = graph.num_graphs, graph.num_atoms, graph.batch
+        h, p_loc = inp.features.scalars.detach(), local[:, 0].detach()
+        chi_d = chi.detach()
+        sigma = inp.electrostatics.config.sigma
+        device = p_loc.device
+        items = []
+        for b, atoms in graph.structures():
+            fragment, group_targets = groups[b]
+            items.append(
+                _Structure(
+                    b,
+                    atoms,
+                    inp.positions[atoms].detach(),
+                    inp.cell[b].detach(),
+                    graph.pbc[b],
+                    v_app[atoms].detach(),
+                    fragment,
+                    group_targets,
+                )
+            )
+        sizes = [s.groups for s in items]
+        offsets = [0]
+        for size in sizes[:-1]:
+            offsets.append(offsets[-1] + size)
+        fragment = torch.cat([s.fragment + off for s, off in zip(items, offsets)])
+        group_targets = torch.cat([s.targets for s in items])
+        n_groups = int(group_targets.numel())
+        structure_ids = torch.arange(n_struct, device=device)
+        owner = torch.repeat_interleave(structure_ids, torch.tensor(sizes, device=device))
+        kerker = [
+            o.preconditioner == "mesh" and mesh_preconditioner_width(sigma, s.pbc) is not None for s in items
+        ]
+        widths = [float(w) for w in o.widths] + ([sigma] if any(kerker) else [])
+        positions, cell = inp.positions.detach(), inp.cell.detach()
+        if bool(graph.pbc.any()):
+            es = inp.electrostatics
+            matrices = BlockDenseOperator(es, positions, cell, graph.pbc, graph.ptr, widths).matrices
+        else:
+            matrices = OpenBatchOperator(inp.electrostatics, positions, graph.ptr, widths).matrices(n_atoms)
+        projected, coulomb = matrices[: len(o.widths)], matrices[-1]
+        preconditioned = torch.tensor(kerker, device=device)[batch]
+
+        def group_sum(values: torch.Tensor) -> torch.Tensor:
+            return values.new_zeros(n_groups).index_add(0, fragment, values)
+
+        def per_structure(values: torch.Tensor, index: torch.Tensor, reduce: str) -> torch.Tensor:
+            out = values.new_zeros(n_struct)
+            return out.scatter_reduce(0, index, values, reduce, include_self=False)
+
+        counts = group_sum(torch.ones_like(p_loc))
+        q = torch.cat([self._start(inp, p_loc, s.atoms, mode) for s in items])
+        if constant_q:
+            q = q + ((group_targets - group_sum(q)) / counts)[fragment]
+            mu = q.new_zeros(n_groups)
+        else:
+            mu = torch.stack([self._require_mu(targets, b, "constant-μ SCF") for b in range(n_struct)])
+        scales = self._scales(inp, q)
+        v = v_app.detach()
+        tol = default_tolerance(o.tol, q.dtype)
+        anderson = _BatchAnderson(o.anderson_history, o.mixing, batch, n_struct)
+        history: list[list[float]] = [[] for _ in range(n_struct)]
+        previous = [math.inf] * n_struct
+        active = [True] * n_struct
+        moving = torch.ones(n_struct, dtype=torch.bool, device=device)
+        # each step's stopping figures stay on the device with its (q, μ); the host reads them every
+        # ``every`` steps (every step on CPU), and a structure that converged at a step it had not yet
+        # seen goes back to that step's (q, μ), as :meth:`_iterate` returns it
+        every = solvers.check_interval(device, self.check_every)
+        pending: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        with torch.no_grad():
+            for step in range(o.max_steps):
+                u = ((projected @ q).T + v[:, None] + mu[fragment, None]) / scales
+                value = p_loc + self._update(h, chi_d, u)
+                slopes = self._slopes(h, chi_d, u, False)
+                mu_new = mu
+                if constant_q:
+                    abs_sums = group_sum(value.abs())
+                    dfdmu = (slopes / scales).sum(-1)
+                    dqdmu = group_sum(dfdmu)
+                    error = group_targets - group_sum(value)
+                    value = value + dfdmu * (error / dqdmu)[fragment]
+                    mu_new = mu + (error / dqdmu if step == 0 else torch.clamp(error / dqdmu, -1.0, 1.0))
+                    excess = solvers.charge_error_beyond_roundoff(error, abs_sums)
+                    err_t = per_structure(excess, owner, "amax")
+                else:
+                    err_t = q.new_zeros(n_struct)
+                change = value - q
+                direction = change
+                if any(kerker):
+                    hardness = 1.0 / (-(slopes / scales)).sum(-1).clamp(min=1e-8)
+                    solved = torch.linalg.solve_ex(coulomb + torch.diag(hardness), hardness * change)[0]
+                    solved = solved + (group_sum(change - solved) / counts)[fragment]
+                    direction = torch.where(preconditioned, solved, change)
+                stepped = anderson.step(q, direction) if o.mixer == "anderson" else q + o.mixing * direction
+                q_new = torch.where(moving[batch], stepped, q)
+                if constant_q:
+                    mu_new = torch.where(moving[owner], mu_new, mu)
+                stats = torch.stack(
+                    [
+                        per_structure(change.abs(), batch, "amax"),
+                        err_t,
+                        per_structure((q_new - q).abs(), batch, "amax"),
+                        per_structure((~torch.isfinite(mu_new)).to(q.dtype), owner, "sum"),
+                        per_structure(q_new, batch, "sum"),
+                    ]
+                )
+                q, mu = q_new, mu_new
+                pending.append((step, stats, q, mu))
+                if len(pending) < every and step < o.max_steps - 1:
+                    continue
+                # every stopping test of the pending steps in one transfer from the device
+                for (k, _, q_k, mu_k), values in zip(
+                    pending, solvers._host(torch.stack([p[1] for p in pending]))
+                ):
+                    settled = []
+                    for b, figures in enumerate(zip(*values)):
+                        if not active[b]:
+                            continue
+                        res = self._look(k, figures, b, history, previous)
+                        if res is None:
+                            return None  # this structure stops here: the per-structure iteration reports it
+                        if res < tol:
+                            active[b] = False
+                            settled.append(b)
+                    if settled and k < step:
+                        back = torch.zeros(n_struct, dtype=torch.bool, device=device)
+                        back[settled] = True
+                        q = torch.where(back[batch], q_k, q)
+                        mu = torch.where(back[owner], mu_k, mu)
+                pending = []
+                if not any(active):
+                    break
+                moving = torch.tensor(active, device=device)
+        self._reason = f"max_steps = {o.max_steps} reached"
+        for b in range(n_struct):
+            self._check(not active[b], b, history[b], q.dtype)
+        solved_items = [(s, q[s.atoms], mu[offsets[b] : offsets[b] + sizes[b]]) for b, s in enumerate(items)]
+        if torch.is_grad_enabled():
+            charges, mus = self._implicit_batch(
+                inp, solved_items, local, chi, v_app, value=(mode == "implicit"), matrices=projected
+            )
+        else:
+            charges = [q_s for _, q_s, _ in solved_items]
+            mus = [self._reported_mu(s, mu_s) for s, _, mu_s in solved_items]
+        return charges, mus, [not a for a in active], history
 
     def _direct(self, inp, s: _Structure, loc, v_app, targets, b):
         """One differentiable update at the reference charges and Fermi level (training mode).
@@ -752,14 +958,18 @@ class SelfConsistentHead(Head):
         constant_q = self.options.ensemble == "constant_q"
         return q_star - dq, (mu_star - dmu) if constant_q else mu_star
 
-    def _implicit_batch(self, inp, items, local, chi, v_app, value: bool):
+    def _implicit_batch(self, inp, items, local, chi, v_app, value: bool, matrices=None):
         """:meth:`_implicit` of every structure of a batch of small structures at once.
 
         ``items``: each structure's detached solution ``(s, q*, μ*)``, in batch order. The residual
         is differentiable as in :meth:`_implicit` (each structure's projected potentials at its
-        geometry), and ``K`` of the whole batch is block diagonal: one dense factorisation and one
-        :class:`~aiida_emlip.models.heads.solvers.ImplicitStep` serve every structure. Returns the
-        charges of each structure and the reported μ of each.
+        geometry; a batch with open boundaries only through one
+        :class:`~aiida_emlip.models.coulomb_operator.OpenBatchOperator`), and ``K`` of the whole batch
+        is block diagonal: one dense factorisation and one
+        :class:`~aiida_emlip.models.heads.solvers.ImplicitStep` serve every structure. ``matrices``: the
+        batch's detached projected Coulomb matrices ``[W, N, N]`` when the caller has them (else each
+        structure's operator forms its block). Returns the charges of each structure and the
+        reported μ of each.
         """
         o = self.options
         constant_q = o.ensemble == "constant_q"
@@ -772,23 +982,30 @@ class SelfConsistentHead(Head):
             fragments.append(s.fragment + n_groups)
             n_groups += int(mu.numel())
         fragment = torch.cat(fragments)
-        phi = torch.cat(
-            [
-                inp.electrostatics.projected_potentials(
-                    q.detach(), inp.positions[s.atoms], inp.cell[s.b], s.pbc, widths
-                )
-                for s, q, _ in items
-            ]
-        )
+        if bool(inp.graph.pbc.any()):
+            phi = torch.cat(
+                [
+                    inp.electrostatics.projected_potentials(
+                        q.detach(), inp.positions[s.atoms], inp.cell[s.b], s.pbc, widths
+                    )
+                    for s, q, _ in items
+                ]
+            )
+        else:
+            op = OpenBatchOperator(inp.electrostatics, inp.positions, inp.graph.ptr, widths)
+            phi = op.potentials(q_star)
         scales = self._scales(inp, q_star)
         h = inp.features.scalars
         u = (phi + v_app[:, None] + mu_star[fragment, None]) / scales
         residual = local[:, 0] + self._update(h, chi, u) - q_star
         with torch.no_grad():
             coef = self._slopes(h.detach(), chi.detach(), u.detach(), False) / scales
-            jac = torch.block_diag(
-                *[_dense_jacobian(self._operator(inp, s), coef[s.atoms]) for s, _, _ in items]
-            )
+            if matrices is not None:
+                jac = (coef.T[:, :, None] * matrices).sum(0)
+            else:
+                jac = torch.block_diag(
+                    *[_dense_jacobian(self._operator(inp, s), coef[s.atoms]) for s, _, _ in items]
+                )
         whole = _Structure(
             -1,
             slice(0, q_star.numel()),

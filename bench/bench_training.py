@@ -16,7 +16,7 @@ The MACE size is ``--backbone small`` (16 channels, l ≤ 1 features, max_ell 3,
 2 interactions, r_max 5 Å) or ``realistic`` (the same with 64 channels, a production model's size).
 
     python bench/bench_training.py [--epochs 4] [--copies 3] [--device cpu|cuda] [--heads sr,charges]
-                                   [--backbone small|realistic]
+                                   [--backbone small|realistic] [--scf-mode unrolled|implicit]
 """
 
 from __future__ import annotations
@@ -169,6 +169,7 @@ def run_emlip(
     device: str,
     dtype: str,
     size: dict | None = None,
+    scf_mode: str = "unrolled",
 ) -> dict:
     config = {
         "data": {
@@ -178,7 +179,7 @@ def run_emlip(
         "model": {"head": head, "backbone": dict(size or SIZES["small"]), "dtype": dtype},
         "loss": {"energy": 1.0, "forces": 100.0},
         "ema": {"enabled": False},
-        "stages": [{"epochs": epochs, "scf_mode": "unrolled"}],
+        "stages": [{"epochs": epochs, "scf_mode": scf_mode}],
         "output_dir": str(work / "run"),
         "progress": "log",
         "device": device,
@@ -205,7 +206,9 @@ def run_emlip(
 def _emlip(work: Path, data: Path, name: str, args: argparse.Namespace) -> dict:
     work.mkdir()
     size = SIZES[args.backbone]
-    res = run_emlip(data, work, HEADS[name], args.epochs, args.batch_size, args.device, args.dtype, size)
+    res = run_emlip(
+        data, work, HEADS[name], args.epochs, args.batch_size, args.device, args.dtype, size, args.scf_mode
+    )
     n_train = res["n_train"]
     rate = throughput(res["epoch_stamps"], n_train)
     # printed at once: a run stopped at its time limit keeps the figures of the trainers that finished
@@ -243,6 +246,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--backbone", default="small", choices=sorted(SIZES), help="MACE size of both trainers"
+    )
+    parser.add_argument(
+        "--scf-mode",
+        default="unrolled",
+        choices=["unrolled", "implicit", "converge"],
+        help="how the scf head trains (the scf preset: implicit after its warm-up)",
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)

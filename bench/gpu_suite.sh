@@ -2,7 +2,7 @@
 # Every GPU table of bench/ in two parts, each step under its own time limit so that one slow or failing
 # step leaves the others' figures. Part 1 (~6 min on an H200): head times / sr with the tiny backbone
 # (1k-16k atoms, then 64k) and the realistic one (4k-16k). Part 2 (~8 min): training throughput against
-# mace_run_train, the backbone's GPU options (TF32, cuEquivariance), MD steps per second (e3nn, then
+# mace_run_train, every head's training steps against sr's in one process, the backbone's GPU options (TF32, cuEquivariance), MD steps per second (e3nn, then
 # cuEquivariance kernels) and the CUDA tests. Part "compile": torch.compile of the backbone. Each Python
 # process spends ~20 s starting (imports, TorchScript of e3nn).
 #
@@ -40,6 +40,8 @@ fi
 if [ "$part" = 2 ] || [ "$part" = all ]; then
   step training "${LIMIT_TRAINING:-200}" "$py" bench/bench_training.py --device cuda --dtype float32 \
     --repeat 1 --heads sr,charges,qeq,scf --json "$out/training.json"
+  step train_steps "${LIMIT_TRAIN_STEPS:-90}" "$py" bench/bench_train_step.py --device cuda --dtype float32 \
+    --heads charges,split,qeq,scf --rounds 5
   step backbone_options "${LIMIT_OPTIONS:-80}" "$py" bench/bench_gpu_backbone.py --variants fp32,tf32,cueq \
     --systems water --json "$out/backbone_options.json"
   step md "${LIMIT_MD:-80}" "$py" bench/bench_evaluate.py --device cuda --skip-overhead --sizes 1000,5000 \

@@ -606,26 +606,41 @@ def test_cuda_matches_cpu():
         assert gpu.item() == pytest.approx(cpu, rel=1e-9)
 
 
+@pytest.mark.parametrize("with_dipoles", [False, True])
 @pytest.mark.parametrize("include_self", [True, False])
-def test_open_energies_of_a_batch_match_one_structure_at_a_time(include_self):
+def test_open_energies_of_a_batch_match_one_structure_at_a_time(include_self, with_dipoles):
     """The batched pair sum of open-boundary structures gives each structure's energy and its gradients
-    (structures of 1, 3 and 5 atoms, charged and neutral)."""
+    (structures of 1, 3 and 5 atoms, charged and neutral; Gaussian dipoles too)."""
     es = Electrostatics(ElectrostaticsConfig(sigma=0.8, include_self=include_self))
     gen = torch.Generator().manual_seed(3)
     sizes = [3, 1, 5]
     positions = (4.0 * torch.rand(sum(sizes), 3, generator=gen, dtype=DT)).requires_grad_(True)
     charges = torch.randn(sum(sizes), generator=gen, dtype=DT).requires_grad_(True)
+    dipoles = None
+    if with_dipoles:
+        dipoles = (0.3 * torch.randn(sum(sizes), 3, generator=gen, dtype=DT)).requires_grad_(True)
     ptr = torch.tensor([0, 3, 4, 9])
-    batched = es.open_energies(charges, positions, ptr)
+    batched = es.open_energies(charges, positions, ptr, dipoles)
     one_by_one = torch.stack(
         [
-            es.energy(charges[a:b], positions[a:b], torch.zeros(3, 3, dtype=DT), F3)
+            es.energy(
+                charges[a:b],
+                positions[a:b],
+                torch.zeros(3, 3, dtype=DT),
+                F3,
+                None if dipoles is None else dipoles[a:b],
+            )
             for a, b in zip(ptr[:-1].tolist(), ptr[1:].tolist())
         ]
     )
     torch.testing.assert_close(batched, one_by_one, rtol=1e-13, atol=1e-13)
+    if with_dipoles:  # the dipole terms matter here (the lone atom's only with its self-energy)
+        change = (batched - es.open_energies(charges, positions, ptr)).abs()
+        assert float(change[[0, 2]].min()) > 1e-3
+        assert (float(change[1]) > 1e-3) == include_self
     weights = torch.tensor([0.3, -1.2, 0.7], dtype=DT)
-    grads = torch.autograd.grad((weights * batched).sum(), (charges, positions))
-    expected = torch.autograd.grad((weights * one_by_one).sum(), (charges, positions))
+    inputs = (charges, positions) if dipoles is None else (charges, positions, dipoles)
+    grads = torch.autograd.grad((weights * batched).sum(), inputs)
+    expected = torch.autograd.grad((weights * one_by_one).sum(), inputs)
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

@@ -94,6 +94,39 @@ def test_field_of_a_gaussian_charge_and_dipole_against_closed_forms():
     np.testing.assert_allclose(field[1], [KE * p * radial_field(r) / r, 0, 0], rtol=1e-8, atol=1e-12)
 
 
+@pytest.mark.parametrize("with_dipoles", [False, True])
+def test_fields_of_a_batch_are_those_of_each_structure_alone(with_dipoles):
+    """A batch of open structures (one pair sum for all) and a batch with a periodic cell (one structure
+    at a time) give each structure the field it has alone, applied fields included."""
+    rng = np.random.default_rng(7)
+    structures = [_random_cell((False, False, False), seed=s) for s in (4, 5)]
+    structures.append(Atoms("H", positions=[[0.0, 0.0, 0.0]], pbc=False))
+    periodic = _random_cell((True, True, True), seed=6)
+    fields = [np.array([0.0, 0.0, 0.02]), np.array([0.01, -0.03, 0.0]), np.array([0.0, 0.05, 0.0])]
+    for atoms, field in zip(structures, fields):
+        atoms.info["external_field"] = field
+    periodic.info["external_field"] = fields[0]
+    solver = Electrostatics(ElectrostaticsConfig(sigma=SIGMA, accuracy=1e-9))
+    induction = Induction(InductionConfig(enabled=True), num_scalars=1).double()
+
+    def fields_of(batch, q, p):
+        graph = build_graph(batch, 3.0)
+        inp = HeadInput(graph, graph.positions, graph.cell, None, None, solver)
+        return induction.fields(inp, torch.tensor(q), None if p is None else torch.tensor(p)).detach()
+
+    for batch in (structures, [structures[0], periodic, structures[1]]):
+        sizes = [len(a) for a in batch]
+        q = rng.normal(size=sum(sizes))
+        p = 0.2 * rng.normal(size=(sum(sizes), 3)) if with_dipoles else None
+        together = fields_of(batch, q, p)
+        start = 0
+        for atoms, n in zip(batch, sizes):
+            alone = fields_of([atoms], q[start : start + n], None if p is None else p[start : start + n])
+            torch.testing.assert_close(together[start : start + n], alone, rtol=1e-12, atol=1e-13)
+            start += n
+        assert float(together.abs().max()) > 0.1
+
+
 def _ion_atom_model() -> EmlipModel:
     torch.manual_seed(0)
     config = ModelConfig(

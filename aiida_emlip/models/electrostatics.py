@@ -267,13 +267,18 @@ class Electrostatics(torch.nn.Module):
         return e
 
     def open_energies(
-        self, charges: torch.Tensor, positions: torch.Tensor, ptr: torch.Tensor
+        self,
+        charges: torch.Tensor,
+        positions: torch.Tensor,
+        ptr: torch.Tensor,
+        dipoles: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Electrostatic energies (eV, ``[B]``) of a batch of open-boundary structures with charges only.
+        """Electrostatic energies (eV, ``[B]``) of a batch of open-boundary structures.
 
         :meth:`energy`'s ``direct`` method for every structure at once: one pair sum over the pairs
         within each structure (atoms ``ptr[b]:ptr[b + 1]``), each structure's energy summed from its
-        atoms. The same numbers as one call per structure up to the order of the last sum.
+        atoms (its pairs' dipole terms from the pairs, with ``dipoles``). The same numbers as one call
+        per structure up to the order of the last sums.
         """
         bounds = ptr.tolist()
         pairs = [
@@ -290,7 +295,16 @@ class Electrostatics(torch.nn.Module):
         if self.config.include_self and s_phys > 0.0:
             phi = phi + q * (COULOMB_CONSTANT * SQRT_2_OVER_PI / s_phys)
         batch = torch.repeat_interleave(torch.diff(ptr))
-        return 0.5 * q.new_zeros(len(bounds) - 1).index_add(0, batch, (q * phi)[:, 0])
+        energies = 0.5 * q.new_zeros(len(bounds) - 1).index_add(0, batch, (q * phi)[:, 0])
+        if dipoles is None:
+            return energies
+        sigma = self._require_dipole_width()
+        pairs = gd.dipole_pair_energies(charges, dipoles, positions, i, j, sigma)
+        energies = energies + torch.zeros_like(energies).index_add(0, batch[i], pairs)
+        if self.config.include_self:
+            own = gd.dipole_self_energies(dipoles, sigma)
+            energies = energies + torch.zeros_like(energies).index_add(0, batch, own)
+        return energies
 
     def potential(
         self,

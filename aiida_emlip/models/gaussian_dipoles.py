@@ -146,7 +146,12 @@ def dipole_kspace_potential(
 
 def dipole_self_energy(dipoles: torch.Tensor, sigma: float) -> torch.Tensor:
     """Σ_i k_e |p_i|² / (12 √π σ³): the Hartree self-energy of the Gaussian dipoles."""
-    return COULOMB_CONSTANT * (dipoles * dipoles).sum() / (12.0 * SQRT_PI * sigma**3)
+    return dipole_self_energies(dipoles, sigma).sum()
+
+
+def dipole_self_energies(dipoles: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``[N]``: each atom's ``k_e |p_i|² / (12 √π σ³)``, the Hartree self-energy of its Gaussian dipole."""
+    return COULOMB_CONSTANT * (dipoles * dipoles).sum(-1) / (12.0 * SQRT_PI * sigma**3)
 
 
 def b_functions(r: torch.Tensor, a: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,6 +180,19 @@ def dipole_direct_energy(
 ) -> torch.Tensor:
     """Open-boundary charge–dipole plus dipole–dipole energy of Gaussian multipoles (no self-energy)."""
     i, j = _pairs(positions.shape[0], positions.device)
+    return dipole_pair_energies(charges, dipoles, positions, i, j, sigma).sum()
+
+
+def dipole_pair_energies(
+    charges: torch.Tensor,
+    dipoles: torch.Tensor,
+    positions: torch.Tensor,
+    i: torch.Tensor,
+    j: torch.Tensor,
+    sigma: float,
+) -> torch.Tensor:
+    """The charge–dipole plus dipole–dipole energy of each pair ``(i[k], j[k])`` of Gaussian
+    multipoles, ``[P]`` eV, open boundaries (each pair once)."""
     vec = positions[i] - positions[j]
     r = torch.linalg.norm(vec, dim=1)
     b1, b2 = b_functions(r, 1.0 / (2.0 * sigma))
@@ -183,7 +201,7 @@ def dipole_direct_energy(
     # charge i with dipole j (R = r_i − r_j) and charge j with dipole i (R → −R)
     e_qp = b1 * (charges[i] * pj_r - charges[j] * pi_r)
     e_pp = b1 * (dipoles[i] * dipoles[j]).sum(1) - b2 * pi_r * pj_r
-    return COULOMB_CONSTANT * (e_qp + e_pp).sum()
+    return COULOMB_CONSTANT * (e_qp + e_pp)
 
 
 def dipole_direct_potential(

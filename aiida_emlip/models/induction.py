@@ -79,12 +79,21 @@ class Induction(torch.nn.Module):
     def fields(self, inp: HeadInput, charges: torch.Tensor, dipoles: torch.Tensor | None) -> torch.Tensor:
         """Field ``E_i`` [N, 3] (V/Å) of the density (charges, dipoles) and the applied field at each atom."""
         solver = inp.electrostatics
+        graph = inp.graph
+        if not bool(graph.pbc.any()):  # open boundaries: every structure's field from one pair sum
+            probe = charges.new_zeros((graph.num_atoms, 3)).requires_grad_(True)
+            total = probe if dipoles is None else dipoles + probe
+            energy = solver.open_energies(charges, inp.positions, graph.ptr, total).sum()
+            if solver.config.include_self:
+                energy = energy - gd.dipole_self_energy(total, solver.config.sigma)
+            (grad,) = torch.autograd.grad(energy, probe, create_graph=True)
+            return -grad + inp.external_field[graph.batch]
         parts = []
-        for b, atoms in inp.graph.structures():
+        for b, atoms in graph.structures():
             n = atoms.stop - atoms.start
             probe = charges.new_zeros((n, 3)).requires_grad_(True)
             total = probe if dipoles is None else dipoles[atoms] + probe
-            energy = solver.energy(charges[atoms], inp.positions[atoms], inp.cell[b], inp.graph.pbc[b], total)
+            energy = solver.energy(charges[atoms], inp.positions[atoms], inp.cell[b], graph.pbc[b], total)
             if solver.config.include_self:
                 # the Gaussian dipole's own Hartree energy is no field of the others
                 energy = energy - gd.dipole_self_energy(total, solver.config.sigma)

@@ -207,8 +207,8 @@ def coulomb_energy(
 ) -> torch.Tensor:
     """Hartree energy of the Gaussian multipoles of each structure, [B] eV."""
     solver = electrostatics or inp.electrostatics
-    if dipoles is None and not bool(inp.graph.pbc.any()):  # open boundaries, charges: all at once
-        return solver.open_energies(charges, inp.positions, inp.graph.ptr)
+    if not bool(inp.graph.pbc.any()):  # open boundaries: every structure at once
+        return solver.open_energies(charges, inp.positions, inp.graph.ptr, dipoles)
     energies = []
     for b, atoms in inp.graph.structures():
         energies.append(

@@ -79,6 +79,40 @@ def water_cluster(charge: float = 0.0) -> Atoms:
     return atoms
 
 
+def molecules_batch(model: EmlipModel):
+    """Four open structures of charges 0, 0, +1 and −1 and of 3 and 5 atoms, one graph."""
+    molecules = []
+    for k, charge in enumerate((0.0, 1.0, -1.0)):
+        atoms = water_cluster(charge)
+        atoms.positions += np.random.default_rng(k).normal(scale=0.1, size=atoms.positions.shape)
+        molecules.append(atoms)
+    water = Atoms("H2O", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
+    water.info["total_charge"] = 0.0
+    molecules.insert(1, water)
+    return build_graph(molecules, model.cutoff, model.dtype)
+
+
+def periodic_batch(model: EmlipModel):
+    """Two rattled NaCl cells (neutral, +1) and a cation cluster without periodicity, one graph."""
+    charged = nacl_cell(1)
+    charged.info["total_charge"] = 1.0
+    return build_graph([nacl_cell(0), water_cluster(1.0), charged], model.cutoff, model.dtype)
+
+
+def spy_on(monkeypatch, cls: type, name: str) -> list[bool]:
+    """Record, per call of the method ``cls.name``, whether it returned a result (not ``None``)."""
+    original = getattr(cls, name)
+    used: list[bool] = []
+
+    def spy(*args, **kwargs):
+        result = original(*args, **kwargs)
+        used.append(result is not None)
+        return result
+
+    monkeypatch.setattr(cls, name, spy)
+    return used
+
+
 def evaluate(model: EmlipModel, atoms: Atoms | list[Atoms], **kwargs) -> dict:
     """Run ``model`` on ``atoms`` and return detached outputs."""
     atoms_list = atoms if isinstance(atoms, list) else [atoms]

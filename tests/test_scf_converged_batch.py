@@ -7,47 +7,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from ase import Atoms
-from models_helpers import nacl_cell, tiny_model, water_cluster
+from models_helpers import molecules_batch, periodic_batch, spy_on, tiny_model
 
-from aiida_emlip.models.graph import build_graph
 from aiida_emlip.models.heads.base import HeadInput
 from aiida_emlip.models.heads.scf import _Anderson, _BatchAnderson
 from aiida_emlip.models.heads.solvers import SCFConvergenceError
 
 
-def _molecules(model):
-    """Four open structures of different charges and sizes, one batch."""
-    molecules = []
-    for k, charge in enumerate((0.0, 1.0, -1.0)):
-        atoms = water_cluster(charge)
-        atoms.positions += np.random.default_rng(k).normal(scale=0.1, size=atoms.positions.shape)
-        molecules.append(atoms)
-    water = Atoms("H2O", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
-    water.info["total_charge"] = 0.0
-    molecules.insert(1, water)
-    return build_graph(molecules, model.cutoff, model.dtype)
-
-
-def _periodic(model):
-    """Two rattled NaCl cells (neutral, +1) and a cation cluster without periodicity, one batch."""
-    charged = nacl_cell(1)
-    charged.info["total_charge"] = 1.0
-    return build_graph([nacl_cell(0), water_cluster(1.0), charged], model.cutoff, model.dtype)
-
-
 def _spy(monkeypatch, model) -> list[bool]:
-    """Record, per call of the head's batched converged iteration, whether it returned a result."""
-    original = type(model.head)._converged_batch
-    used: list[bool] = []
-
-    def spy(*args, **kwargs):
-        result = original(*args, **kwargs)
-        used.append(result is not None)
-        return result
-
-    monkeypatch.setattr(type(model.head), "_converged_batch", spy)
-    return used
+    return spy_on(monkeypatch, type(model.head), "_converged_batch")
 
 
 def _run(model, graph, mode: str, grad: bool):
@@ -85,7 +53,7 @@ def test_open_batch_equals_per_structure(head, mode, monkeypatch):
     """Open structures: the same steps as one iteration per structure (same step counts and
     residuals), so the charges, μ, forces and force-loss gradient agree to round-off."""
     model = tiny_model(head, seed=31)
-    graph = _molecules(model)
+    graph = molecules_batch(model)
     (new, g_new), (old, g_old) = _both(monkeypatch, model, graph, mode)
     assert new["iterations"].tolist() == old["iterations"].tolist()
     assert min(new["iterations"].tolist()) > 2  # the structures do iterate
@@ -105,7 +73,7 @@ def test_periodic_batch_reaches_the_per_structure_fixed_point(head, monkeypatch)
     them one by one: other steps to the same fixed point, and after the implicit Newton step the same
     charges, forces and gradient."""
     model = tiny_model({**head, "tol": 1e-10}, seed=32)
-    graph = _periodic(model)
+    graph = periodic_batch(model)
     (new, g_new), (old, g_old) = _both(monkeypatch, model, graph, "implicit")
     assert bool(new["converged"].all()) and bool(old["converged"].all())
     for key in ("energy", "charges", "forces", "fermi_level"):
@@ -121,7 +89,7 @@ def test_periodic_batch_reaches_the_per_structure_fixed_point(head, monkeypatch)
 def test_head_without_autograd_batch_equals_per_structure(monkeypatch):
     """The head called without autograd returns the iterated charges (no implicit step to take)."""
     model = tiny_model({"name": "scf", "update": "mlp"}, seed=33)
-    graph = _molecules(model)
+    graph = molecules_batch(model)
     feats = model.backbone(graph, graph.positions, graph.cell)
     inp = HeadInput(
         graph, graph.positions, graph.cell, feats, model.backbone.species(graph.numbers), model.electrostatics
@@ -158,7 +126,7 @@ def test_batch_anderson_steps_each_structure_as_its_own():
 
 def test_non_convergence_in_a_batch_is_raised_or_flagged(monkeypatch):
     """The step limit reached in the batch: the structure named, or flagged with its step count."""
-    graph = _molecules(tiny_model({"name": "scf"}, seed=34))
+    graph = molecules_batch(tiny_model({"name": "scf"}, seed=34))
     model = tiny_model({"name": "scf", "max_steps": 3, "tol": 1e-14}, seed=34)
     used = _spy(monkeypatch, model)
     with pytest.raises(SCFConvergenceError, match=r"structure 0 did not converge \(max_steps = 3"):
@@ -177,7 +145,7 @@ def test_divergence_in_a_batch_is_reported_by_the_per_structure_iteration(monkey
     model = tiny_model(config, seed=17)
     with torch.no_grad():
         model.head.susceptibility[-1].bias.fill_(8.0)
-    graph = _molecules(model)
+    graph = molecules_batch(model)
     used = _spy(monkeypatch, model)
     with pytest.raises(SCFConvergenceError, match="changed a charge"):
         model(graph, scf_mode="implicit", compute_stress=False)
@@ -193,7 +161,7 @@ def test_sparse_host_checks_give_the_steps_of_every_check(every, monkeypatch):
     from aiida_emlip.models.heads.scf import SelfConsistentHead
 
     model = tiny_model({"name": "scf", "update": "mlp", "tol": 1e-10}, seed=31)
-    graph = _molecules(model)
+    graph = molecules_batch(model)
     runs = []
     for interval in (1, every):
         monkeypatch.setattr(SelfConsistentHead, "check_every", interval)

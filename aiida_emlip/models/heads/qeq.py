@@ -21,6 +21,7 @@ import torch
 from aiida_emlip.models.coulomb_operator import (
     CoulombOperator,
     MeshPreconditioner,
+    OpenBatchOperator,
     gaussian_self_potential,
     mesh_preconditioner_width,
 )
@@ -171,6 +172,9 @@ class EquilibrationHead(BondEquilibration, Head):
 
     #: Whether the local term is quadratic in q (one Newton step solves it).
     quadratic = True
+    #: Whether a batch of small structures with one constraint each solves as one block-diagonal KKT
+    #: system (:meth:`_batch_solve`): the one-solve :meth:`_minimise` of a quadratic local term.
+    solves_batches = False
 
     @classmethod
     def capabilities(cls, options: QEqOptions) -> frozenset[str]:
@@ -374,7 +378,12 @@ class EquilibrationHead(BondEquilibration, Head):
         integer = self.options.fragments == "integer"
         index = fragment_index(graph)[0] if integer else None
         charges, mus, converged, iterations, history, fragment_sums = [], [], [], [], [], []
-        for b, atoms in graph.structures():
+        batched = (
+            self._batch_solve(inp, params, external, differentiable) if self._solves_as_batch(graph) else None
+        )
+        if batched is not None:
+            charges, mus, converged, iterations, history = batched
+        for b, atoms in graph.structures() if batched is None else ():
             local = {k: v[atoms].detach() for k, v in params.items()}
             # the structure's fragments, numbered from 0; constraints per fragment only with several
             members = index[atoms] - index[atoms].min() if index is not None else None
@@ -439,6 +448,75 @@ class EquilibrationHead(BondEquilibration, Head):
             fragment_charges=torch.cat(fragment_sums) if index is not None else None,
         )
 
+    def _solves_as_batch(self, graph) -> bool:
+        """Whether :meth:`_batch_solve` takes the batch: several structures, one constraint each
+        (``fragments='shared'``), each on the dense path and the batch within ``dense_max_atoms``."""
+        if not (self.solves_batches and self.options.fragments == "shared" and graph.num_graphs > 1):
+            return False
+        sizes = (graph.ptr[1:] - graph.ptr[:-1]).tolist()
+        return graph.num_atoms <= self.options.dense_max_atoms and all(self._use_dense(n) for n in sizes)
+
+    def _batch_solve(
+        self, inp: HeadInput, params: dict[str, torch.Tensor], external: torch.Tensor, differentiable: bool
+    ):
+        """Every structure's KKT solve at once: ``H = A + diag(J)`` of the whole batch block diagonal
+        (an open-boundary batch's ``A`` from one
+        :class:`~aiida_emlip.models.coulomb_operator.OpenBatchOperator`, periodic structures' blocks
+        from their own dense matrices), one Cholesky factorisation, one constraint ``Σq = Q`` per
+        structure (:class:`~aiida_emlip.models.heads.solvers.QEqSolution` with the structures as its
+        groups), and in training one :class:`ImplicitStep` for the batch. The numbers of the solves
+        one structure at a time up to rounding. Returns the charges, each structure's μ, converged
+        flags, iterations and residual histories, or ``None`` where the batch needs the structures
+        one by one (an indefinite ``H``: a slab's uniform mode; non-finite charges, reported there).
+        """
+        graph, es = inp.graph, inp.electrostatics
+        batch, n_struct, sigma = graph.batch, graph.num_graphs, es.config.sigma
+        open_batch = not bool(graph.pbc.any())
+        with torch.no_grad():
+            if open_batch:
+                a = OpenBatchOperator(es, inp.positions.detach(), graph.ptr, [sigma]).matrices(
+                    graph.num_atoms
+                )[0]
+            else:
+                a = torch.block_diag(
+                    *[self._operators(inp, b, atoms).dense for b, atoms in graph.structures()]
+                )
+            factor, status = torch.linalg.cholesky_ex(a + torch.diag(params["hardness"].detach()))
+            if int(status) != 0:
+                return None
+
+            def solve_h(rhs: torch.Tensor) -> torch.Tensor:
+                r2 = rhs[:, None] if rhs.dim() == 1 else rhs
+                out = torch.cholesky_solve(r2, factor)
+                return out[:, 0] if rhs.dim() == 1 else out
+
+            indicator = torch.nn.functional.one_hot(batch, n_struct).to(a.dtype)
+            xy = solve_h(torch.cat([-(params["chi"] + external).detach()[:, None], indicator], dim=1))
+            x, y = xy[:, 0], xy[:, 1:]
+            sol = QEqSolution(x, x.new_zeros(n_struct), SolveInfo(1, 0.0, True), solve_h, y, 0.0, batch)
+            totals = inp.total_charge.detach().to(x.dtype)
+            mu = torch.linalg.solve(sol.group_sums(y), sol.group_sums(x) - totals)
+            sol.charges, sol.mu = x - y @ mu, mu
+            if not bool(torch.isfinite(sol.charges).all()):
+                return None
+        q, mu = sol.charges, sol.mu
+        if differentiable:
+            q_star, mu_star = q.detach(), mu.detach()
+            if open_batch:
+                potential = OpenBatchOperator(es, inp.positions, graph.ptr, [sigma]).potentials(q_star)[:, 0]
+            else:
+                potential = torch.cat(
+                    [
+                        es.coulomb_matvec(q_star[atoms], inp.positions[atoms], inp.cell[b], graph.pbc[b])
+                        for b, atoms in graph.structures()
+                    ]
+                )
+            residual = potential + self.local_gradient(params, q_star) + external + mu_star[batch]
+            solve = kkt_inverse(sol)
+            dq, dmu = ImplicitStep.apply(residual, solve, solve, False, mu_star)
+            q, mu = q_star - dq, mu_star - dmu
+        return [q], list(mu.unbind()), [True] * n_struct, [1] * n_struct, [[0.0] for _ in range(n_struct)]
+
     def _implicit(
         self,
         inp: HeadInput,
@@ -472,3 +550,4 @@ class QEqHead(EquilibrationHead):
     name = "qeq"
     Options = QEqOptions
     warm_startable = True
+    solves_batches = True

@@ -10,6 +10,7 @@ backward pass and an Adam step.
 
     python bench/bench_train_step.py [--heads charges,qeq,scf] [--scf-mode implicit|unrolled]
                                      [--backbone small|realistic] [--rounds 8] [--device cpu|cuda]
+                                     [--induction]
 """
 
 from __future__ import annotations
@@ -71,6 +72,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    parser.add_argument(
+        "--induction",
+        action="store_true",
+        help="induced atomic dipoles on every head but sr (as the presets)",
+    )
     args = parser.parse_args(argv)
     if args.rounds < 2:
         parser.error("--rounds must be at least 2 (the first round is left out)")
@@ -91,13 +97,17 @@ def main(argv: list[str] | None = None) -> None:
     for name in heads:
         torch.manual_seed(0)
         config = ModelConfig(
-            elements=elements, head=HEADS[name], backbone=dict(SIZES[args.backbone]), dtype=args.dtype
+            elements=elements,
+            head=HEADS[name],
+            backbone=dict(SIZES[args.backbone]),
+            dtype=args.dtype,
+            induction={"enabled": args.induction and name != "sr"},
         )
         model = EmlipModel(config).to(args.device)
         optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
         runs[name] = (model, optimiser, batches(frames, args.batch_size, model, args.device), [])
     print(f"{len(frames)} structures, batch {args.batch_size}, backbone {args.backbone}, {args.dtype}, "
-          f"{args.device}, {args.threads} thread(s), scf_mode {args.scf_mode}, "
+          f"{args.device}, {args.threads} thread(s), scf_mode {args.scf_mode}, induction {args.induction}, "
           f"{args.rounds} rounds")  # fmt: skip
     for _ in range(args.rounds):
         for model, optimiser, data, times in runs.values():

@@ -1,5 +1,6 @@
-"""``qeq``'s KKT solves of a batch of small structures as one block-diagonal system: the charges, μ,
-energies, forces and parameter gradients of one solve per structure."""
+"""``qeq``'s KKT solves and ``functional``'s Newton steps of a batch of small structures as one
+block-diagonal system: the charges, μ, energies, forces and parameter gradients of one solve per
+structure."""
 
 from __future__ import annotations
 
@@ -26,8 +27,16 @@ def _outputs_and_gradient(model, graph):
     return out, torch.cat([g.reshape(-1) for g in grads])
 
 
+HEADS = [
+    {"name": "qeq"},
+    {"name": "qeq", "parametrization": "softness"},
+    {"name": "functional", "quartic": False},
+    {"name": "functional", "newton_tol": 1e-12},
+]
+
+
 @pytest.mark.parametrize("batch", [molecules_batch, periodic_batch])
-@pytest.mark.parametrize("head", [{"name": "qeq"}, {"name": "qeq", "parametrization": "softness"}])
+@pytest.mark.parametrize("head", HEADS)
 @pytest.mark.parametrize("training", [True, False])
 def test_batch_solve_equals_one_structure_at_a_time(batch, head, training, monkeypatch):
     model = tiny_model(head, seed=41).train(training)
@@ -42,6 +51,10 @@ def test_batch_solve_equals_one_structure_at_a_time(batch, head, training, monke
             new[key].detach().numpy(), old[key].detach().numpy(), rtol=1e-10, atol=1e-11, err_msg=key
         )
     assert new["iterations"].tolist() == old["iterations"].tolist()
+    if head.get("quartic", head["name"] == "functional"):
+        assert min(new["iterations"].tolist()) >= 3  # Newton steps, each structure to its own count
+        for a, b in zip(new["residuals"], old["residuals"]):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-14)
     assert bool(new["converged"].all())
     np.testing.assert_allclose(g_new.numpy(), g_old.numpy(), rtol=1e-9, atol=1e-10)
     # every structure holds its own total charge
@@ -60,3 +73,14 @@ def test_integer_fragments_and_large_batches_go_structure_by_structure(monkeypat
     used = _spy(monkeypatch, model)
     model(molecules_batch(model), compute_stress=False)
     assert used == []
+
+
+def test_functional_not_done_in_max_newton_goes_structure_by_structure(monkeypatch):
+    """Newton steps that run out in the batch leave the report to the structure-by-structure path."""
+    from aiida_emlip.models.heads.solvers import SCFConvergenceError
+
+    model = tiny_model({"name": "functional", "max_newton": 2, "newton_tol": 1e-14}, seed=43)
+    used = _spy(monkeypatch, model)
+    with pytest.raises(SCFConvergenceError, match="did not converge"):
+        model(molecules_batch(model), compute_stress=False)
+    assert used == [False]

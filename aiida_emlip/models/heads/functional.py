@@ -35,6 +35,7 @@ class FunctionalHead(EquilibrationHead):
 
     name = "functional"
     Options = FunctionalOptions
+    solves_batches = True
 
     @property
     def quadratic(self) -> bool:  # type: ignore[override]
@@ -68,6 +69,51 @@ class FunctionalHead(EquilibrationHead):
         pos = inp.positions[atoms].detach()
         q = torch.full((n,), float(inp.total_charge[b]) / n, dtype=pos.dtype, device=pos.device)
         return self._newton(inp, b, atoms, params, external, q)
+
+    def _batch_minimise(self, inp, a, params, external):
+        """:meth:`_newton` of every structure of the batch at once: each step one block-diagonal KKT
+        solve with zero right-hand side for each structure's Σq, from the uniform density Q/N of each
+        structure; a structure whose update fell below ``newton_tol`` keeps its charges while the others
+        go on. ``None`` (the structures one by one) when a structure is not done in ``max_newton``
+        steps or its charges are not finite."""
+        graph = inp.graph
+        batch, n_struct = graph.batch, graph.num_graphs
+        sizes = (graph.ptr[1:] - graph.ptr[:-1]).to(a.dtype)
+        q = (inp.total_charge.detach().to(a.dtype) / sizes)[batch]
+        tol = default_tolerance(self.options.newton_tol, q.dtype)
+        zeros = q.new_zeros(n_struct)
+        history: list[list[float]] = [[] for _ in range(n_struct)]
+        active = [True] * n_struct
+        moving = torch.ones(n_struct, dtype=torch.bool, device=q.device)
+        sol = None
+        for _ in range(self.options.max_newton):
+            grad = a @ q + self.local_gradient(params, q) + external
+            step = self._batch_kkt(inp, a, self.local_curvature(params, q), grad, zeros)
+            if step is None:
+                return None
+            update = torch.where(moving[batch], step.charges, torch.zeros_like(q))
+            q = q + update
+            largest = q.new_zeros(n_struct).scatter_reduce(0, batch, update.abs(), "amax", include_self=False)
+            finite = bool(torch.isfinite(q).all())
+            sol = step if sol is None else sol
+            # μ and the factorisation of each structure's own last step (at the same charges for a
+            # structure that is done)
+            sol.mu = torch.where(moving, step.mu, sol.mu)
+            sol.solve_h, sol.y = step.solve_h, step.y
+            for b, change in enumerate(largest.tolist()):
+                if active[b]:
+                    history[b].append(change)
+                    if change < tol or not self.options.quartic:
+                        active[b] = False
+            if not finite:
+                return None
+            if not any(active):
+                break
+            moving = torch.tensor(active, device=q.device)
+        if any(active) or sol is None:
+            return None
+        sol.charges = q
+        return sol, history
 
     def _regroup(self, inp, b, atoms, params, external, shared, groups, targets):
         """Constrained Newton with one constraint per fragment, from the shared minimum shifted

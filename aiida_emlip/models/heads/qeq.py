@@ -459,46 +459,31 @@ class EquilibrationHead(BondEquilibration, Head):
     def _batch_solve(
         self, inp: HeadInput, params: dict[str, torch.Tensor], external: torch.Tensor, differentiable: bool
     ):
-        """Every structure's KKT solve at once: ``H = A + diag(J)`` of the whole batch block diagonal
-        (an open-boundary batch's ``A`` from one
-        :class:`~aiida_emlip.models.coulomb_operator.OpenBatchOperator`, periodic structures' blocks
-        from their own dense matrices), one Cholesky factorisation, one constraint ``Σq = Q`` per
-        structure (:class:`~aiida_emlip.models.heads.solvers.QEqSolution` with the structures as its
-        groups), and in training one :class:`ImplicitStep` for the batch. The numbers of the solves
-        one structure at a time up to rounding. Returns the charges, each structure's μ, converged
-        flags, iterations and residual histories, or ``None`` where the batch needs the structures
-        one by one (an indefinite ``H``: a slab's uniform mode; non-finite charges, reported there).
+        """Every structure's minimisation at once (:meth:`_batch_minimise`) on the batch's block-diagonal
+        Coulomb matrix (an open-boundary batch's from one
+        :class:`~aiida_emlip.models.coulomb_operator.OpenBatchOperator`, periodic structures' blocks from
+        their own dense matrices), with one constraint ``Σq = Q`` per structure, and in training one
+        :class:`ImplicitStep` for the batch. Returns the charges, each structure's μ, converged flags,
+        iterations and residual histories, or ``None`` where the batch needs the structures one by one
+        (an indefinite ``H``: a slab's uniform mode; a structure that does not converge or whose charges
+        are not finite, reported there).
         """
         graph, es = inp.graph, inp.electrostatics
-        batch, n_struct, sigma = graph.batch, graph.num_graphs, es.config.sigma
+        batch, sigma = graph.batch, es.config.sigma
         open_batch = not bool(graph.pbc.any())
         with torch.no_grad():
             if open_batch:
-                a = OpenBatchOperator(es, inp.positions.detach(), graph.ptr, [sigma]).matrices(
-                    graph.num_atoms
-                )[0]
+                operator = OpenBatchOperator(es, inp.positions.detach(), graph.ptr, [sigma])
+                a = operator.matrices(graph.num_atoms)[0]
             else:
                 a = torch.block_diag(
                     *[self._operators(inp, b, atoms).dense for b, atoms in graph.structures()]
                 )
-            factor, status = torch.linalg.cholesky_ex(a + torch.diag(params["hardness"].detach()))
-            if int(status) != 0:
-                return None
-
-            def solve_h(rhs: torch.Tensor) -> torch.Tensor:
-                r2 = rhs[:, None] if rhs.dim() == 1 else rhs
-                out = torch.cholesky_solve(r2, factor)
-                return out[:, 0] if rhs.dim() == 1 else out
-
-            indicator = torch.nn.functional.one_hot(batch, n_struct).to(a.dtype)
-            xy = solve_h(torch.cat([-(params["chi"] + external).detach()[:, None], indicator], dim=1))
-            x, y = xy[:, 0], xy[:, 1:]
-            sol = QEqSolution(x, x.new_zeros(n_struct), SolveInfo(1, 0.0, True), solve_h, y, 0.0, batch)
-            totals = inp.total_charge.detach().to(x.dtype)
-            mu = torch.linalg.solve(sol.group_sums(y), sol.group_sums(x) - totals)
-            sol.charges, sol.mu = x - y @ mu, mu
-            if not bool(torch.isfinite(sol.charges).all()):
-                return None
+            detached = {k: v.detach() for k, v in params.items()}
+            minimised = self._batch_minimise(inp, a, detached, external.detach())
+        if minimised is None:
+            return None
+        sol, history = minimised
         q, mu = sol.charges, sol.mu
         if differentiable:
             q_star, mu_star = q.detach(), mu.detach()
@@ -515,7 +500,48 @@ class EquilibrationHead(BondEquilibration, Head):
             solve = kkt_inverse(sol)
             dq, dmu = ImplicitStep.apply(residual, solve, solve, False, mu_star)
             q, mu = q_star - dq, mu_star - dmu
-        return [q], list(mu.unbind()), [True] * n_struct, [1] * n_struct, [[0.0] for _ in range(n_struct)]
+        n_struct = graph.num_graphs
+        return [q], list(mu.unbind()), [True] * n_struct, [len(h) for h in history], history
+
+    def _batch_minimise(
+        self, inp: HeadInput, a: torch.Tensor, params: dict[str, torch.Tensor], external: torch.Tensor
+    ) -> tuple[QEqSolution, list[list[float]]] | None:
+        """The charges of every structure of the batch (no autograd) on its block-diagonal Coulomb
+        matrix ``a``, and each structure's residual history; ``None`` where the batch needs the
+        structures one by one. A quadratic local term: one KKT solve (:meth:`_batch_kkt`)."""
+        totals = inp.total_charge.detach().to(a.dtype)
+        sol = self._batch_kkt(inp, a, params["hardness"], params["chi"] + external, totals)
+        if sol is None or not bool(torch.isfinite(sol.charges).all()):
+            return None
+        return sol, [[0.0] for _ in range(inp.graph.num_graphs)]
+
+    @staticmethod
+    def _batch_kkt(
+        inp: HeadInput, a: torch.Tensor, diag: torch.Tensor, rhs: torch.Tensor, totals: torch.Tensor
+    ) -> QEqSolution | None:
+        """The minimiser of ``½ qᵀ(A + diag)q + rhsᵀq`` with ``Σq = totals[b]`` over each structure b of
+        the batch: one Cholesky factorisation of the block-diagonal ``H``, ``x = H⁻¹(−rhs)`` and
+        ``Y = H⁻¹Cᵀ`` (one column per structure), the structures as the solution's groups; ``None``
+        when ``H`` is not positive definite."""
+        graph = inp.graph
+        factor, status = torch.linalg.cholesky_ex(a + torch.diag(diag))
+        if int(status) != 0:
+            return None
+
+        def solve_h(r: torch.Tensor) -> torch.Tensor:
+            r2 = r[:, None] if r.dim() == 1 else r
+            out = torch.cholesky_solve(r2, factor)
+            return out[:, 0] if r.dim() == 1 else out
+
+        indicator = torch.nn.functional.one_hot(graph.batch, graph.num_graphs).to(a.dtype)
+        xy = solve_h(torch.cat([-rhs[:, None], indicator], dim=1))
+        x, y = xy[:, 0], xy[:, 1:]
+        sol = QEqSolution(
+            x, x.new_zeros(graph.num_graphs), SolveInfo(1, 0.0, True), solve_h, y, 0.0, graph.batch
+        )
+        mu = torch.linalg.solve(sol.group_sums(y), sol.group_sums(x) - totals)
+        sol.charges, sol.mu = x - y @ mu, mu
+        return sol
 
     def _implicit(
         self,

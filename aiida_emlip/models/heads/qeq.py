@@ -172,8 +172,9 @@ class EquilibrationHead(BondEquilibration, Head):
 
     #: Whether the local term is quadratic in q (one Newton step solves it).
     quadratic = True
-    #: Whether a batch of small structures with one constraint each solves as one block-diagonal KKT
-    #: system (:meth:`_batch_solve`): the one-solve :meth:`_minimise` of a quadratic local term.
+    #: Whether a batch of small structures with one constraint each solves as one block-diagonal system
+    #: (:meth:`_batch_solve`), by the head's :meth:`_batch_minimise` (here one KKT solve, the
+    #: :meth:`_minimise` of a quadratic local term; ``functional``: Newton steps).
     solves_batches = False
 
     @classmethod

@@ -184,6 +184,38 @@ class _BatchAnderson(_Anderson):
         return (moves * gamma[self.index]).sum(-1)
 
 
+class _BatchGroups:
+    """The constraint groups of every structure of a batch numbered through (structure ``b``'s groups
+    from ``offsets[b]``, ``sizes[b]`` of them), from each structure's ``(fragment, targets)``: the group
+    of each atom, each group's charge and structure, and sums over groups or structures."""
+
+    def __init__(self, groups: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> None:
+        self.sizes = [int(t.numel()) for _, t in groups]
+        self.offsets = [0]
+        for size in self.sizes[:-1]:
+            self.offsets.append(self.offsets[-1] + size)
+        self.fragment = torch.cat([f + off for (f, _), off in zip(groups, self.offsets)])
+        self.targets = torch.cat([t for _, t in groups])
+        self.count = int(self.targets.numel())
+        self.structures = len(groups)
+        self.owner = torch.repeat_interleave(
+            torch.arange(self.structures, device=device), torch.tensor(self.sizes, device=device)
+        )
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Σ of the atoms' ``values`` over each group."""
+        return values.new_zeros(self.count).index_add(0, self.fragment, values)
+
+    def per_structure(self, values: torch.Tensor, index: torch.Tensor, reduce: str) -> torch.Tensor:
+        """``values`` reduced (``amax``, ``sum``) into their structures by ``index``."""
+        out = values.new_zeros(self.structures)
+        return out.scatter_reduce(0, index, values, reduce, include_self=False)
+
+    def of(self, values: torch.Tensor, b: int) -> torch.Tensor:
+        """Structure ``b``'s part of per-group ``values``."""
+        return values[self.offsets[b] : self.offsets[b] + self.sizes[b]]
+
+
 @dataclass
 class _Structure:
     """Detached per-structure inputs of the iteration."""
@@ -652,23 +684,9 @@ class SelfConsistentHead(Head):
         h = inp.features.scalars
         p_loc = local[:, 0]
         n_struct = graph.num_graphs
-        sizes = [int(t.numel()) for _, t in groups]
-        offsets = [0]
-        for size in sizes[:-1]:
-            offsets.append(offsets[-1] + size)
-        fragment = torch.cat([f + off for (f, _), off in zip(groups, offsets)])
-        group_targets = torch.cat([t for _, t in groups])
-        n_groups = int(group_targets.numel())
-        owner = torch.repeat_interleave(
-            torch.arange(n_struct, device=p_loc.device), torch.tensor(sizes, device=p_loc.device)
-        )
-
-        def group_sum(values: torch.Tensor) -> torch.Tensor:
-            return values.new_zeros(n_groups).index_add(0, fragment, values)
-
-        def per_structure(values: torch.Tensor, index: torch.Tensor, reduce: str) -> torch.Tensor:
-            out = values.new_zeros(n_struct)
-            return out.scatter_reduce(0, index, values, reduce, include_self=False)
+        numbered = _BatchGroups(groups, p_loc.device)
+        fragment, group_targets, owner = numbered.fragment, numbered.targets, numbered.owner
+        group_sum, per_structure = numbered.sum, numbered.per_structure
 
         if bool(graph.pbc.any()):
             op = BlockDenseOperator(
@@ -680,7 +698,7 @@ class SelfConsistentHead(Head):
         if constant_q:
             counts = group_sum(torch.ones_like(q))
             q = q + ((group_targets - group_sum(q)) / counts)[fragment]
-            mu = q.new_zeros(n_groups)
+            mu = q.new_zeros(numbered.count)
         else:
             mu = torch.stack([self._require_mu(targets, b, "constant-μ SCF") for b in range(n_struct)])
         scales = self._scales(inp, q)
@@ -721,7 +739,7 @@ class SelfConsistentHead(Head):
                     return None  # this structure stops here: the per-structure iteration knows how
         mus = []
         for b, (f, t) in enumerate(groups):
-            mu_b = mu[offsets[b] : offsets[b] + sizes[b]]
+            mu_b = numbered.of(mu, b)
             if mu_b.numel() == 1:
                 mus.append(mu_b.reshape(()))
             else:
@@ -774,15 +792,9 @@ class SelfConsistentHead(Head):
                     group_targets,
                 )
             )
-        sizes = [s.groups for s in items]
-        offsets = [0]
-        for size in sizes[:-1]:
-            offsets.append(offsets[-1] + size)
-        fragment = torch.cat([s.fragment + off for s, off in zip(items, offsets)])
-        group_targets = torch.cat([s.targets for s in items])
-        n_groups = int(group_targets.numel())
-        structure_ids = torch.arange(n_struct, device=device)
-        owner = torch.repeat_interleave(structure_ids, torch.tensor(sizes, device=device))
+        numbered = _BatchGroups(groups, device)
+        fragment, group_targets, owner = numbered.fragment, numbered.targets, numbered.owner
+        group_sum, per_structure = numbered.sum, numbered.per_structure
         kerker = [
             o.preconditioner == "mesh" and mesh_preconditioner_width(sigma, s.pbc) is not None for s in items
         ]
@@ -795,19 +807,11 @@ class SelfConsistentHead(Head):
             matrices = OpenBatchOperator(inp.electrostatics, positions, graph.ptr, widths).matrices(n_atoms)
         projected, coulomb = matrices[: len(o.widths)], matrices[-1]
         preconditioned = torch.tensor(kerker, device=device)[batch]
-
-        def group_sum(values: torch.Tensor) -> torch.Tensor:
-            return values.new_zeros(n_groups).index_add(0, fragment, values)
-
-        def per_structure(values: torch.Tensor, index: torch.Tensor, reduce: str) -> torch.Tensor:
-            out = values.new_zeros(n_struct)
-            return out.scatter_reduce(0, index, values, reduce, include_self=False)
-
         counts = group_sum(torch.ones_like(p_loc))
         q = torch.cat([self._start(inp, p_loc, s.atoms, mode) for s in items])
         if constant_q:
             q = q + ((group_targets - group_sum(q)) / counts)[fragment]
-            mu = q.new_zeros(n_groups)
+            mu = q.new_zeros(numbered.count)
         else:
             mu = torch.stack([self._require_mu(targets, b, "constant-μ SCF") for b in range(n_struct)])
         scales = self._scales(inp, q)
@@ -890,7 +894,7 @@ class SelfConsistentHead(Head):
         self._reason = f"max_steps = {o.max_steps} reached"
         for b in range(n_struct):
             self._check(not active[b], b, history[b], q.dtype)
-        solved_items = [(s, q[s.atoms], mu[offsets[b] : offsets[b] + sizes[b]]) for b, s in enumerate(items)]
+        solved_items = [(s, q[s.atoms], numbered.of(mu, b)) for b, s in enumerate(items)]
         if torch.is_grad_enabled():
             charges, mus = self._implicit_batch(
                 inp, solved_items, local, chi, v_app, value=(mode == "implicit"), matrices=projected
@@ -976,12 +980,8 @@ class SelfConsistentHead(Head):
         widths = o.widths
         q_star = torch.cat([q.detach() for _, q, _ in items])
         mu_star = torch.cat([mu.detach().reshape(-1) for _, _, mu in items])
-        offsets, fragments, n_groups = [], [], 0
-        for s, _, mu in items:
-            offsets.append(n_groups)
-            fragments.append(s.fragment + n_groups)
-            n_groups += int(mu.numel())
-        fragment = torch.cat(fragments)
+        numbered = _BatchGroups([(s.fragment, s.targets) for s, _, _ in items], q_star.device)
+        fragment = numbered.fragment
         if bool(inp.graph.pbc.any()):
             phi = torch.cat(
                 [
@@ -1014,17 +1014,14 @@ class SelfConsistentHead(Head):
             inp.graph.pbc,
             v_app.detach(),
             fragment,
-            torch.cat([s.targets for s, _, _ in items]),
+            numbered.targets,
         )
         solve, solve_t = self._dense_solvers(whole, None, coef, coef.sum(-1), jac=jac)
         dq, dmu = ImplicitStep.apply(residual, solve, solve_t, value, mu_star)
         q = q_star - dq
         mu = (mu_star - dmu) if constant_q else mu_star
         charges = [q[s.atoms] for s, _, _ in items]
-        mus = [
-            self._reported_mu(s, mu[off : off + int(m.numel())])
-            for (s, _, m), off in zip(items, offsets, strict=True)
-        ]
+        mus = [self._reported_mu(s, numbered.of(mu, b)) for b, (s, _, _) in enumerate(items)]
         return charges, mus
 
     def _linear_solvers(self, inp, s: _Structure, slopes, scales, tol: float, strict: bool = True):

@@ -53,6 +53,7 @@ SIZES = {
     },
     "realistic": {**REALISTIC_BACKBONE, "mlp_hidden": 16},
 }
+FORMAL = {"H": 1.0, "O": -2.0, "Na": 1.0, "Cl": -1.0}
 HEADS = {
     "sr": {"name": "sr"},
     "fixed": {"name": "fixed", "formal_charges": {"Na": 1.0, "Cl": -1.0}},
@@ -61,6 +62,9 @@ HEADS = {
     "split": {"name": "split", "formal_charges": {"Na": 1.0, "Cl": -1.0}},
     "qeq": {"name": "qeq"},
     "functional": {"name": "functional"},
+    # the functional preset's fragments: charge moves along bonds from formal base charges
+    "functional-bonds": {"name": "functional", "fragments": "bonds", "formal_charges": FORMAL},
+    "qeq-bonds": {"name": "qeq", "fragments": "bonds", "formal_charges": FORMAL},
     "scf": {"name": "scf"},
 }
 

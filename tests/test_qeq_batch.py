@@ -84,3 +84,64 @@ def test_functional_not_done_in_max_newton_goes_structure_by_structure(monkeypat
     with pytest.raises(SCFConvergenceError, match="did not converge"):
         model(molecules_batch(model), compute_stress=False)
     assert used == [False]
+
+
+FORMAL = {"Na": 1.0, "Cl": -1.0, "O": -0.6, "H": 0.3}
+BONDS = [
+    {"name": "qeq", "fragments": "bonds", "formal_charges": FORMAL},
+    {"name": "functional", "fragments": "bonds", "formal_charges": FORMAL},
+    {"name": "functional", "fragments": "bonds", "formal_charges": FORMAL, "parametrization": "softness"},
+]
+
+
+@pytest.mark.parametrize("batch", [molecules_batch, periodic_batch])
+@pytest.mark.parametrize("head", BONDS, ids=["qeq", "functional", "functional-softness"])
+@pytest.mark.parametrize("training", [True, False])
+def test_bonds_batch_equals_one_structure_at_a_time(batch, head, training, monkeypatch):
+    """``fragments='bonds'``: one Newton solve of the batch's block-diagonal problem a step, each
+    structure held where it converged, is the structure-by-structure minimisation: the same steps, the
+    same charges (each fragment at its integer), forces, μ and gradients."""
+    uneven = head["name"] == "functional" and "parametrization" not in head
+    if uneven:
+        # tolerances at which these structures take different numbers of Newton steps
+        head = {**head, "newton_tol": 1e-8 if batch is molecules_batch else 1e-12}
+    model = tiny_model(head, seed=44).train(training)
+    graph = batch(model)
+    used = spy_on(monkeypatch, type(model.head), "_bonds_batch")
+    new, g_new = _outputs_and_gradient(model, graph)
+    assert used == [True]
+    monkeypatch.setattr(type(model.head), "_bonds_batch", lambda *args, **kwargs: None)
+    old, g_old = _outputs_and_gradient(model, graph)
+    for key in ("energy", "charges", "forces", "fermi_level"):
+        np.testing.assert_allclose(
+            new[key].detach().numpy(), old[key].detach().numpy(), rtol=1e-10, atol=1e-11, err_msg=key
+        )
+    assert new["iterations"].tolist() == old["iterations"].tolist()
+    if head["name"] == "functional":
+        assert min(new["iterations"].tolist()) >= 2  # Newton steps
+        assert len(set(new["iterations"].tolist())) > 1 or not uneven  # each structure to its own count
+        for a, b in zip(new["residuals"], old["residuals"]):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-14)
+    else:
+        assert new["iterations"].tolist() == [1] * graph.num_graphs
+    assert bool(new["converged"].all())
+    np.testing.assert_allclose(g_new.numpy(), g_old.numpy(), rtol=1e-9, atol=1e-10)
+    sums = torch.zeros(graph.num_graphs, dtype=new["charges"].dtype).index_add(0, graph.batch, new["charges"])
+    np.testing.assert_allclose(sums.detach().numpy(), graph.total_charge.numpy(), atol=1e-10)
+
+
+def test_bonds_batch_not_done_in_max_newton_goes_structure_by_structure(monkeypatch):
+    """Newton steps that run out in the batch leave the report to the structure-by-structure path; a
+    batch beyond ``dense_max_atoms`` is not taken as one."""
+    from aiida_emlip.models.heads.solvers import SCFConvergenceError
+
+    head = {**BONDS[1], "max_newton": 2, "newton_tol": 1e-14}
+    model = tiny_model(head, seed=45)
+    used = spy_on(monkeypatch, type(model.head), "_bonds_batch")
+    with pytest.raises(SCFConvergenceError, match="did not converge"):
+        model(molecules_batch(model), compute_stress=False)
+    assert used == [False]
+    model = tiny_model({**BONDS[0], "dense_max_atoms": 12}, seed=45)
+    used = spy_on(monkeypatch, type(model.head), "_bonds_batch")
+    model(molecules_batch(model), compute_stress=False)
+    assert used == []

@@ -30,6 +30,7 @@ from functools import cached_property
 
 import torch
 
+from aiida_emlip.models.coulomb_operator import OpenBatchOperator
 from aiida_emlip.models.fragments import fragment_corrected, largest_fragment_mu
 from aiida_emlip.models.heads.base import (
     HeadInput,
@@ -206,6 +207,40 @@ def minimise_bonds(
     return y, SolveInfo(iterations, history[-1] if history else 0.0, converged), history
 
 
+def minimise_bonds_batch(
+    problem: BondProblem,
+    structure: torch.Tensor,
+    count: int,
+    quadratic: bool,
+    charge_tol: float,
+    max_steps: int,
+) -> tuple[torch.Tensor, list[list[float]]] | None:
+    """:func:`minimise_bonds` from y = 0 for ``count`` dense structures at once (``problem`` over the
+    whole batch, ``structure`` [N] the structure of each atom): ``L``, ``P`` and ``A`` are
+    block-diagonal, so one solve gives every structure's Newton step, and a structure is held where it
+    converged while the others go on — the steps each takes alone. The converged y and each
+    structure's largest charge change per step, or ``None`` where a structure does not converge (the
+    per-structure path reports it)."""
+    y = torch.zeros_like(problem.base)
+    active = [True] * count
+    history: list[list[float]] = [[] for _ in range(count)]
+    for _ in range(max_steps):
+        delta = torch.linalg.solve(problem.hessian(y), -problem.residual(y))
+        delta = delta * delta.new_tensor(active)[structure]
+        y = y + delta
+        moved = problem.laplacian(delta).abs()
+        changes = moved.new_zeros(count).scatter_reduce(0, structure, moved, "amax").tolist()
+        if not bool(torch.isfinite(y).all()):
+            return None
+        for b in range(count):
+            if active[b]:
+                history[b].append(changes[b])
+                active[b] = not (quadratic or changes[b] < charge_tol)
+        if not any(active):
+            return y, history
+    return None
+
+
 def implicit_bonds_step(problem: BondProblem, y: torch.Tensor) -> torch.Tensor:
     """One differentiable Newton step from the converged ``y`` (detached): the same value, with
     ∂y/∂(θ, R) of the implicit function theorem (every input of ``problem`` carries autograd)."""
@@ -252,6 +287,89 @@ class BondEquilibration:
 
         return BondProblem(sender, receiver, g, base, members, gradient, curvature, coulomb, matrix)
 
+    def _batch_bond_problem(
+        self,
+        inp: HeadInput,
+        params: dict[str, torch.Tensor],
+        external: torch.Tensor,
+        g: torch.Tensor,
+        base: torch.Tensor,
+        members: torch.Tensor,
+        differentiable: bool,
+    ) -> BondProblem:
+        """The minimisation in y of the whole batch as one problem: the graph's edges, the batch's
+        fragments and the block-diagonal Coulomb matrix (an open batch's from one
+        :class:`~aiida_emlip.models.coulomb_operator.OpenBatchOperator`); with autograd through the
+        geometry where ``differentiable``."""
+        graph, es = inp.graph, inp.electrostatics
+        pos = inp.positions if differentiable else inp.positions.detach()
+        if not bool(graph.pbc.any()):
+            matrix = OpenBatchOperator(es, pos, graph.ptr, [es.config.sigma]).matrices(graph.num_atoms)[0]
+        else:
+            cells = inp.cell if differentiable else inp.cell.detach()
+            blocks = [
+                es.coulomb_matrix(pos[atoms], cells[b], graph.pbc[b]) for b, atoms in graph.structures()
+            ]
+            matrix = torch.block_diag(*blocks)
+
+        def gradient(q: torch.Tensor) -> torch.Tensor:
+            return matrix @ q + self.local_gradient(params, q) + external
+
+        def curvature(q: torch.Tensor) -> torch.Tensor:
+            return self.local_curvature(params, q)
+
+        sender, receiver = graph.edge_index
+        return BondProblem(sender, receiver, g, base, members, gradient, curvature, matrix.__matmul__, matrix)
+
+    def _bonds_as_batch(self, graph, differentiable: bool) -> bool:
+        """Whether :meth:`_bonds_batch` takes the batch: several structures, each solved densely (always
+        in training), the batch within ``dense_max_atoms``."""
+        if not (
+            self.solves_batches and graph.num_graphs > 1 and graph.num_atoms <= self.options.dense_max_atoms
+        ):
+            return False
+        sizes = (graph.ptr[1:] - graph.ptr[:-1]).tolist()
+        return differentiable or all(self._use_dense(n) for n in sizes)
+
+    def _bonds_batch(
+        self,
+        inp: HeadInput,
+        params: dict[str, torch.Tensor],
+        external: torch.Tensor,
+        g: torch.Tensor,
+        base: torch.Tensor,
+        index: torch.Tensor,
+        charge_tol: float,
+        differentiable: bool,
+    ):
+        """Every structure's Newton steps at once (:func:`minimise_bonds_batch`), and in training one
+        differentiable step for the batch. Returns y [N], each structure's μ, converged flags,
+        iterations and histories, or ``None`` where a structure needs the per-structure path."""
+        graph = inp.graph
+        with torch.no_grad():
+            detached = {k: v.detach() for k, v in params.items()}
+            problem = self._batch_bond_problem(
+                inp, detached, external.detach(), g.detach(), base, index, differentiable=False
+            )
+            max_steps = getattr(self.options, "max_newton", 1)
+            solved = minimise_bonds_batch(
+                problem, graph.batch, graph.num_graphs, self.quadratic, charge_tol, max_steps
+            )
+        if solved is None:
+            return None
+        y, history = solved
+        if differentiable:
+            problem = self._batch_bond_problem(inp, params, external, g, base, index, differentiable=True)
+            y = implicit_bonds_step(problem, y)
+        means = -problem.fragment_means(problem.gradient(problem.charges(y)))
+        mus = []
+        for _, atoms in graph.structures():
+            first = int(index[atoms].min())
+            members = index[atoms] - first
+            mus.append(largest_fragment_mu(means[first : first + int(members.max()) + 1], members))
+        count = graph.num_graphs
+        return y, mus, [True] * count, [len(h) for h in history], history
+
     def _bonds_forward(
         self, inp: HeadInput, params: dict[str, torch.Tensor], external: torch.Tensor
     ) -> HeadOutput:
@@ -272,7 +390,13 @@ class BondEquilibration:
         charge_tol = default_tolerance(getattr(options, "newton_tol", options.tol), dtype)
         max_steps = getattr(options, "max_newton", 1)
         ys, mus, converged, iterations, history = [], [], [], [], []
-        for b, atoms in graph.structures():
+        batched = None
+        if self._bonds_as_batch(graph, differentiable):
+            batched = self._bonds_batch(inp, params, external, g, base, index, charge_tol, differentiable)
+        if batched is not None:
+            y_batch, mus, converged, iterations, history = batched
+            ys = [y_batch]
+        for b, atoms in graph.structures() if batched is None else ():
             mask = edge_batch == b
             local_edges = (sender[mask] - atoms.start, receiver[mask] - atoms.start)
             members = index[atoms] - index[atoms].min()

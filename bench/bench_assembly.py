@@ -1,13 +1,15 @@
 """Benchmark: the dataset's final assembly, in one calcfunction and in parts, side by side.
 
-aiida-core compares every ``Dict`` input of a process with every other input link when it links them
-(``Dict.__eq__`` reads both nodes), so one ``assemble_dataset`` over N configurations costs a time
-quadratic in N. :func:`aiida_emlip.workflows.assembly.assemble` collects parts of at most
-``ASSEMBLY_PART`` configurations and merges them. For each N this script stores N configurations' labels
-the way pw.x leaves them (a structure, an ``output_parameters`` ``Dict`` with 40 entries and a
-trajectory with forces, made by a calcfunction so that each has a creator), then times the assembly of
-the same labels with one part (the former way) and with parts, and checks that both datasets are the
-same byte for byte. Target: linear in N (the time per configuration in parts does not grow with N).
+aiida-core compares each new input link of a process with the links made before it, and an earlier
+``Dict`` input compares by content (``Dict.__eq__`` reads both nodes), so one ``assemble_dataset`` over N
+configurations costs a time quadratic in N (less with the ``Dict`` inputs linked last, as
+:func:`aiida_emlip.workflows.assembly.assemble` links them: then they meet only each other). ``assemble``
+collects parts of at most ``ASSEMBLY_PART`` configurations and merges them. For each N this script stores
+N configurations' labels the way pw.x leaves them (a structure, an ``output_parameters`` ``Dict`` with 40
+entries and a trajectory with forces, made by a calcfunction so that each has a creator), then times the
+assembly of the same labels with one part (the former way) and with parts, and checks that both datasets
+are the same byte for byte. Target: linear in N (the time per configuration in parts does not grow with
+N).
 
 A throw-away SQLite profile (no broker) in a temporary folder, deleted at the end.
 

@@ -91,3 +91,28 @@ def test_one_part_is_one_assembly(labels):
     outputs = assemble(settings, nodes, part=N - 1)
     assert outputs["dataset"].creator.process_label == "assemble_dataset"
     assert outputs["dataset"].n_configurations == N - 1
+
+
+def test_dict_inputs_are_compared_with_dicts_only(labels, monkeypatch):
+    """aiida-core checks each new input link against the earlier ones as ``earlier == new``, and a ``Dict``
+    compares by content (a database read): with the ``Dict`` labels linked last, none is compared with
+    another kind of node (only the ``settings``, which the calcfunction links first, is)."""
+    from aiida import orm
+
+    from aiida_emlip.workflows.assembly import assemble
+
+    nodes, settings = labels
+    compared = []
+    original = orm.Dict.__eq__
+
+    def counting(self, other):
+        compared.append(("dft_settings" in self.keys(), isinstance(other, orm.Dict)))
+        return original(self, other)
+
+    monkeypatch.setattr(orm.Dict, "__eq__", counting)
+    assemble(settings, nodes, part=100)
+    labels_compared = [with_dict for is_settings, with_dict in compared if not is_settings]
+    assert labels_compared and all(labels_compared)
+    # the six parameter sets among themselves (aiida-core checks each link twice: each pair at most
+    # twice), not with the other twelve inputs
+    assert len(labels_compared) <= 6 * 5

@@ -1,8 +1,10 @@
-"""The dataset workchain's checkpoints do not carry the pw.x inputs of configurations already submitted.
+"""The dataset workchain's checkpoints carry each distinct pw.x input and metadata once, not once per
+configuration.
 
 Every step of the workchain (one per labelling process that ends) saves a checkpoint of its context; the
-pw.x parameters and k-point mesh of every configuration in it would make each checkpoint grow with the
-dataset, and the run's checkpointing with its square. Real pw.x on three water molecules, one at a time.
+pw.x parameters, k-point mesh and metadata of every configuration in it would make each checkpoint grow
+with the dataset, and the run's checkpointing with its square. Real pw.x on three water molecules, one
+at a time (the same inputs), and on one more whose pw.x parameters differ.
 """
 
 from __future__ import annotations
@@ -10,14 +12,14 @@ from __future__ import annotations
 import pytest
 from dataset_systems import CHEAP, water
 
-from aiida_emlip.workflows.dataset import SUBMITTED_ONLY, EmlipDatasetWorkChain
+from aiida_emlip.workflows.dataset import SHARED_RECORD, EmlipDatasetWorkChain
 
 pytestmark = pytest.mark.pw
 
 KEYS = ("w0", "w1", "w2")
 
 
-def test_checkpoints_keep_the_inputs_of_pending_configurations_only(pw_code, pseudo_family, monkeypatch):
+def test_checkpoints_hold_each_distinct_value_once(pw_code, pseudo_family, monkeypatch):
     from aiida import orm
     from aiida.engine import run_get_node
 
@@ -27,29 +29,35 @@ def test_checkpoints_keep_the_inputs_of_pending_configurations_only(pw_code, pse
     def recorded(self):
         configs = self.ctx.get("configs")
         if configs:
-            snapshots.append(({key: set(record) for key, record in configs.items()}, list(self.ctx.pending)))
+            snapshots.append(({key: dict(record) for key, record in configs.items()}, self.ctx.record_values))
         save(self)
 
     monkeypatch.setattr(EmlipDatasetWorkChain, "_save_checkpoint", recorded)
+    structures = {key: orm.StructureData(ase=water()) for key in (*KEYS, "mixed")}
     builder = EmlipDatasetWorkChain.get_builder_from_protocol(
         pw_code,
-        {key: orm.StructureData(ase=water()) for key in KEYS},
+        structures,
         pseudo_family.label,
         protocol="fast",
         overrides=CHEAP,
         max_concurrent=1,
+        structure_settings={"mixed": {"parameters": {"ELECTRONS": {"mixing_beta": 0.3}}}},
     )
     results, node = run_get_node(builder)
     assert node.is_finished_ok, node.exit_message
-    assert len(results["dataset"].to_ase()) == len(KEYS)  # every label is there
+    frames = results["dataset"].to_ase()
+    assert len(frames) == len(structures)  # every label is there
 
-    assert len(snapshots) >= len(KEYS)
-    for records, pending in snapshots:
-        for key, record in records.items():
-            assert {"structure", "meta"} <= record  # what the final assembly reads
-            if key in pending:
-                assert set(SUBMITTED_ONLY) <= record
-            else:
-                assert not set(SUBMITTED_ONLY) & record, f"{key}: {sorted(record)}"
-    # the first checkpoint after the first submission already holds one configuration without its inputs
-    assert any(len(pending) == len(KEYS) - 1 for _, pending in snapshots)
+    assert len(snapshots) >= len(structures)
+    for records, values in snapshots:
+        for record in records.values():
+            assert set(record) == {"structure", "refs"} and set(record["refs"]) == set(SHARED_RECORD)
+        # three molecules share every entry; the fourth shares their mesh and metadata, not its parameters
+        refs = [records[key]["refs"] for key in KEYS]
+        assert refs[0] == refs[1] == refs[2]
+        mixed = records["mixed"]["refs"]
+        assert (mixed["mesh"], mixed["meta"]) == (refs[0]["mesh"], refs[0]["meta"])
+        assert mixed["parameters"] != refs[0]["parameters"]
+        assert len(values) == 4
+        assert values[mixed["parameters"]]["ELECTRONS"]["mixing_beta"] == 0.3
+        assert values[refs[0]["parameters"]]["ELECTRONS"]["mixing_beta"] != 0.3

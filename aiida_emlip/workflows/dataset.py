@@ -77,9 +77,11 @@ SHARED_INPUTS = {
     "postprocess": orm.Dict,
 }
 
-#: Entries of a configuration's context record that only its labelling process needs: dropped once that
-#: process is submitted, so that checkpoints do not carry them for the rest of the run.
-SUBMITTED_ONLY = ("parameters", "mesh")
+#: Entries of a configuration's context record kept once per distinct value in the run
+#: (``record_values``), the record holding their places (``refs``): every checkpoint of the workchain
+#: serialises the context, and a copy per configuration would make each checkpoint grow with the dataset
+#: and the run's checkpointing with its square.
+SHARED_RECORD = ("parameters", "mesh", "meta")
 
 #: ``atoms.info`` keys carried from the input configurations into the per-configuration metadata.
 CARRIED_INFO = ("sampler", "seed", "sampler_params", schema.CONFIG_TYPE)
@@ -720,15 +722,27 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
         self.ctx.configs = {}
         # the order of the dataset, kept as a list: a checkpoint may store the dict in another order
         self.ctx.order = [key for key, *_ in planned]
+        values: list[Any] = []
+        places: dict[str, int] = {}
+
+        def place(value: Any) -> int:
+            digest = json.dumps(value, sort_keys=True, default=str)
+            if digest not in places:
+                places[digest] = len(values)
+                values.append(value)
+            return places[digest]
+
         for key, structure, settings, extra, setup in planned:
             for note in setup.notes:
                 self.report(f"{key}: {note}")
-            self.ctx.configs[key] = {
-                "structure": structure.uuid,
+            record = {
                 "parameters": setup.parameters,
                 "mesh": setup.kpoints_mesh,
                 "meta": configuration_meta(settings, extra, setup),
             }
+            refs = {name: place(record[name]) for name in SHARED_RECORD}
+            self.ctx.configs[key] = {"structure": structure.uuid, "refs": refs}
+        self.ctx.record_values = values
         self.ctx.cutoffs = cutoffs
         self.ctx.pending = list(self.ctx.order)
         self.report(
@@ -743,9 +757,16 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
     def _pseudos(self, structure: orm.StructureData) -> dict[str, orm.Data]:
         return self.ctx.family.get_pseudos(structure=structure)
 
+    def _record(self, key: str, name: str) -> Any:
+        """Entry ``name`` (:data:`SHARED_RECORD`) of configuration ``key``'s record."""
+        record = self.ctx.configs[key]
+        if "refs" not in record:  # checkpointed before the values were shared: the record holds them
+            return record[name]
+        return self.ctx.record_values[record["refs"][name]]
+
     def _steps(self, key: str) -> dict[str, bool]:
         """The post-processing steps of configuration ``key`` (the vacuum level only for slabs)."""
-        return configuration_steps(self.ctx.inputs["postprocess"], self.ctx.configs[key]["meta"].get("slab"))
+        return configuration_steps(self.ctx.inputs["postprocess"], self._record(key, "meta").get("slab"))
 
     def _shared_input(self, port: str, value: Any) -> orm.Data:
         """The stored input node of the configurations' ``port`` (:data:`SHARED_INPUTS`) holding ``value``:
@@ -776,11 +797,10 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
         """Set the ``PwBaseWorkChain`` inputs of configuration ``key`` on ``target``: a ``PwBaseWorkChain``
         builder, or the ``pw`` namespace of an ``EmlipLabelWorkChain`` builder (the same ports)."""
         inputs = self.ctx.inputs
-        config = self.ctx.configs[key]
-        structure = orm.load_node(config["structure"])
+        structure = orm.load_node(self.ctx.configs[key]["structure"])
         target.pw.code = self.inputs.code
         target.pw.structure = structure
-        target.pw.parameters = self._shared_input("parameters", config["parameters"])
+        target.pw.parameters = self._shared_input("parameters", self._record(key, "parameters"))
         target.pw.pseudos = self._pseudos(structure)
         options = {**inputs["options"], "parser_name": PW_PARSER}
         # an MPI code runs under mpirun (and a serial one without) whatever the protocol's withmpi says
@@ -788,7 +808,7 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
         target.pw.metadata.options = options
         if inputs.get("parallelization"):  # -npool N ... on pw.x's command line (aiida-quantumespresso)
             target.pw.parallelization = orm.Dict(dict(inputs["parallelization"]))
-        target.kpoints = self._shared_input("kpoints", list(config["mesh"]))
+        target.kpoints = self._shared_input("kpoints", list(self._record(key, "mesh")))
         target.max_iterations = self._shared_input("max_iterations", int(inputs["max_iterations"]))
         target.on_unhandled_failure = self._shared_input(
             "on_unhandled_failure", str(inputs["on_unhandled_failure"])
@@ -802,7 +822,7 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
         if steps["lowdin"]:
             builder.projwfc_code = self.inputs.projwfc_code
         if steps["hirshfeld"]:
-            builder.n_electrons = orm.Float(self.ctx.configs[key]["meta"]["n_electrons"])
+            builder.n_electrons = orm.Float(self._record(key, "meta")["n_electrons"])
         builder.postprocess_options = dict(self.ctx.inputs["options"])
 
     def _label_builder(self, key: str):
@@ -836,20 +856,12 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
         while self.ctx.pending and len(self.ctx.running) < limit:
             key = self.ctx.pending.pop(0)
             self.ctx.running[key] = self.submit(self._label_builder(key)).pk
-            self._drop_submitted_inputs(key)
         self._progress(running=len(self.ctx.running))
         if not self.ctx.running:
             return None
         return ToContext(
             **{f"{LABEL_PREFIX}{key}": orm.load_node(pk) for key, pk in self.ctx.running.items()}
         )
-
-    def _drop_submitted_inputs(self, key: str) -> None:
-        """Forget the pw.x parameters and k-point mesh of configuration ``key`` once its labelling runs:
-        they are the inputs of that process now, and every checkpoint of this workchain would otherwise
-        serialise them again for every configuration (checkpoints growing with the dataset)."""
-        config = self.ctx.configs[key]
-        self.ctx.configs[key] = {name: value for name, value in config.items() if name not in SUBMITTED_ONLY}
 
     def _progress(self, running: int) -> None:
         """Report the counts and keep them in the node's extras (``emlip_progress``) for monitoring."""
@@ -974,7 +986,7 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
         order = self.ctx.get("order") or list(self.ctx.configs)  # a run checkpointed before ``order``
         settings = {
             "dft_settings": dft,
-            "configurations": {key: self.ctx.configs[key]["meta"] for key in order},
+            "configurations": {key: self._record(key, "meta") for key in order},
             "order": list(order),
             "failures": self.ctx.failures,
             "postprocess_failures": self.ctx.postprocess_failures,

@@ -278,6 +278,20 @@ class BondEquilibration:
             coulomb = matrix.__matmul__
         else:
             coulomb = self._coulomb_operator(inp, b, atoms).matvec
+        return self._problem((sender, receiver, g), base, members, params, external, coulomb, matrix)
+
+    def _problem(
+        self,
+        edges: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        base: torch.Tensor,
+        members: torch.Tensor,
+        params: dict[str, torch.Tensor],
+        external: torch.Tensor,
+        coulomb: Callable[[torch.Tensor], torch.Tensor],
+        matrix: torch.Tensor | None,
+    ) -> BondProblem:
+        """A :class:`BondProblem` whose ``E_eq`` is the head's local term with the Coulomb operator
+        ``coulomb`` (``matrix`` where it is dense) and the potential ``external``."""
 
         def gradient(q: torch.Tensor) -> torch.Tensor:
             return coulomb(q) + self.local_gradient(params, q) + external
@@ -285,7 +299,7 @@ class BondEquilibration:
         def curvature(q: torch.Tensor) -> torch.Tensor:
             return self.local_curvature(params, q)
 
-        return BondProblem(sender, receiver, g, base, members, gradient, curvature, coulomb, matrix)
+        return BondProblem(*edges, base, members, gradient, curvature, coulomb, matrix)
 
     def _batch_bond_problem(
         self,
@@ -311,15 +325,8 @@ class BondEquilibration:
                 es.coulomb_matrix(pos[atoms], cells[b], graph.pbc[b]) for b, atoms in graph.structures()
             ]
             matrix = torch.block_diag(*blocks)
-
-        def gradient(q: torch.Tensor) -> torch.Tensor:
-            return matrix @ q + self.local_gradient(params, q) + external
-
-        def curvature(q: torch.Tensor) -> torch.Tensor:
-            return self.local_curvature(params, q)
-
-        sender, receiver = graph.edge_index
-        return BondProblem(sender, receiver, g, base, members, gradient, curvature, matrix.__matmul__, matrix)
+        edges = (*graph.edge_index, g)
+        return self._problem(edges, base, members, params, external, matrix.__matmul__, matrix)
 
     def _bonds_as_batch(self, graph, differentiable: bool) -> bool:
         """Whether :meth:`_bonds_batch` takes the batch: several structures, each solved densely (always

@@ -120,7 +120,9 @@ def test_batch_anderson_steps_each_structure_as_its_own():
         f = torch.tanh(x) - 0.7 * x + 0.1
         stepped = together.step(x, f)
         expected = torch.cat([alone[0].step(x[:3], f[:3]), alone[1].step(x[3:], f[3:])])
-        torch.testing.assert_close(stepped, expected, rtol=1e-12, atol=1e-13)
+        # the two least-squares solves round differently (MKL's code path depends on the CPU), and the
+        # history's conditioning grows as the steps converge: agreement to rounding, not bit for bit
+        torch.testing.assert_close(stepped, expected, rtol=1e-9, atol=1e-10)
         x = stepped
 
 

@@ -61,3 +61,26 @@ def test_checkpoints_hold_each_distinct_value_once(pw_code, pseudo_family, monke
         assert len(values) == 4
         assert values[mixed["parameters"]]["ELECTRONS"]["mixing_beta"] == 0.3
         assert values[refs[0]["parameters"]]["ELECTRONS"]["mixing_beta"] != 0.3
+
+
+def test_records_checkpointed_with_their_values_are_still_read():
+    """A run checkpointed before the values were shared (each record holding its own) reads on."""
+    from types import SimpleNamespace
+
+    from aiida.common.extendeddicts import AttributeDict
+
+    meta = {"slab": False, "n_electrons": 8.0}
+    ctx = AttributeDict(
+        {
+            "configs": {
+                "old": {"structure": "u0", "meta": meta, "parameters": {"SYSTEM": {}}, "mesh": [2, 2, 2]},
+                "new": {"structure": "u1", "refs": {"parameters": 0, "mesh": 1, "meta": 2}},
+            },
+            "record_values": [{"SYSTEM": {"tot_charge": 1.0}}, [1, 1, 1], {"slab": True}],
+        }
+    )
+    workchain = SimpleNamespace(ctx=ctx)
+    read = EmlipDatasetWorkChain._record
+    assert read(workchain, "old", "meta") == meta and read(workchain, "old", "mesh") == [2, 2, 2]
+    assert read(workchain, "new", "parameters") == {"SYSTEM": {"tot_charge": 1.0}}
+    assert read(workchain, "new", "mesh") == [1, 1, 1] and read(workchain, "new", "meta") == {"slab": True}

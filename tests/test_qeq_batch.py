@@ -27,6 +27,28 @@ def _outputs_and_gradient(model, graph):
     return out, torch.cat([g.reshape(-1) for g in grads])
 
 
+def _batch_against_per_structure(model, graph, monkeypatch, method: str):
+    """The outputs with the batch path ``method`` and with it declined (the per-structure path), after
+    checking that the batch path was taken and that both give the same energies, charges, forces, μ,
+    step counts, convergence, gradients and each structure's total charge."""
+    used = spy_on(monkeypatch, type(model.head), method)
+    new, g_new = _outputs_and_gradient(model, graph)
+    assert used == [True]
+    monkeypatch.setattr(type(model.head), method, lambda *args, **kwargs: None)
+    old, g_old = _outputs_and_gradient(model, graph)
+    for key in ("energy", "charges", "forces", "fermi_level"):
+        np.testing.assert_allclose(
+            new[key].detach().numpy(), old[key].detach().numpy(), rtol=1e-10, atol=1e-11, err_msg=key
+        )
+    assert new["iterations"].tolist() == old["iterations"].tolist()
+    assert bool(new["converged"].all())
+    np.testing.assert_allclose(g_new.numpy(), g_old.numpy(), rtol=1e-9, atol=1e-10)
+    # every structure holds its own total charge
+    sums = torch.zeros(graph.num_graphs, dtype=new["charges"].dtype).index_add(0, graph.batch, new["charges"])
+    np.testing.assert_allclose(sums.detach().numpy(), graph.total_charge.numpy(), atol=1e-10)
+    return new, old
+
+
 HEADS = [
     {"name": "qeq"},
     {"name": "qeq", "parametrization": "softness"},
@@ -40,26 +62,11 @@ HEADS = [
 @pytest.mark.parametrize("training", [True, False])
 def test_batch_solve_equals_one_structure_at_a_time(batch, head, training, monkeypatch):
     model = tiny_model(head, seed=41).train(training)
-    graph = batch(model)
-    used = _spy(monkeypatch, model)
-    new, g_new = _outputs_and_gradient(model, graph)
-    assert used == [True]
-    monkeypatch.setattr(type(model.head), "_batch_solve", lambda *args, **kwargs: None)
-    old, g_old = _outputs_and_gradient(model, graph)
-    for key in ("energy", "charges", "forces", "fermi_level"):
-        np.testing.assert_allclose(
-            new[key].detach().numpy(), old[key].detach().numpy(), rtol=1e-10, atol=1e-11, err_msg=key
-        )
-    assert new["iterations"].tolist() == old["iterations"].tolist()
+    new, old = _batch_against_per_structure(model, batch(model), monkeypatch, "_batch_solve")
     if head.get("quartic", head["name"] == "functional"):
         assert min(new["iterations"].tolist()) >= 3  # Newton steps, each structure to its own count
         for a, b in zip(new["residuals"], old["residuals"]):
             np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-14)
-    assert bool(new["converged"].all())
-    np.testing.assert_allclose(g_new.numpy(), g_old.numpy(), rtol=1e-9, atol=1e-10)
-    # every structure holds its own total charge
-    sums = torch.zeros(graph.num_graphs, dtype=new["charges"].dtype).index_add(0, graph.batch, new["charges"])
-    np.testing.assert_allclose(sums.detach().numpy(), graph.total_charge.numpy(), atol=1e-10)
 
 
 def test_integer_fragments_and_large_batches_go_structure_by_structure(monkeypatch):
@@ -107,16 +114,7 @@ def test_bonds_batch_equals_one_structure_at_a_time(batch, head, training, monke
         head = {**head, "newton_tol": 1e-8 if batch is molecules_batch else 1e-12}
     model = tiny_model(head, seed=44).train(training)
     graph = batch(model)
-    used = spy_on(monkeypatch, type(model.head), "_bonds_batch")
-    new, g_new = _outputs_and_gradient(model, graph)
-    assert used == [True]
-    monkeypatch.setattr(type(model.head), "_bonds_batch", lambda *args, **kwargs: None)
-    old, g_old = _outputs_and_gradient(model, graph)
-    for key in ("energy", "charges", "forces", "fermi_level"):
-        np.testing.assert_allclose(
-            new[key].detach().numpy(), old[key].detach().numpy(), rtol=1e-10, atol=1e-11, err_msg=key
-        )
-    assert new["iterations"].tolist() == old["iterations"].tolist()
+    new, old = _batch_against_per_structure(model, graph, monkeypatch, "_bonds_batch")
     if head["name"] == "functional":
         assert min(new["iterations"].tolist()) >= 2  # Newton steps
         assert len(set(new["iterations"].tolist())) > 1 or not uneven  # each structure to its own count
@@ -124,10 +122,6 @@ def test_bonds_batch_equals_one_structure_at_a_time(batch, head, training, monke
             np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-14)
     else:
         assert new["iterations"].tolist() == [1] * graph.num_graphs
-    assert bool(new["converged"].all())
-    np.testing.assert_allclose(g_new.numpy(), g_old.numpy(), rtol=1e-9, atol=1e-10)
-    sums = torch.zeros(graph.num_graphs, dtype=new["charges"].dtype).index_add(0, graph.batch, new["charges"])
-    np.testing.assert_allclose(sums.detach().numpy(), graph.total_charge.numpy(), atol=1e-10)
 
 
 def test_bonds_batch_not_done_in_max_newton_goes_structure_by_structure(monkeypatch):

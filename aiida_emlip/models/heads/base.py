@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import torch
 
 from aiida_emlip.models.backbone import BackboneOutput
+from aiida_emlip.models.coulomb_operator import OpenBatchOperator
 from aiida_emlip.models.electrostatics import Electrostatics
 from aiida_emlip.models.graph import Graph
 
@@ -221,6 +222,20 @@ def coulomb_energy(
             )
         )
     return torch.stack(energies)
+
+
+def batch_coulomb_matrix(inp: HeadInput, differentiable: bool = False) -> torch.Tensor:
+    """The batch's block-diagonal Coulomb matrix ``A`` [N, N] of charges of width σ: an open-boundary
+    batch's from one :class:`~aiida_emlip.models.coulomb_operator.OpenBatchOperator`, else each
+    structure's :meth:`~aiida_emlip.models.electrostatics.Electrostatics.coulomb_matrix` as its block;
+    with autograd through the geometry where ``differentiable``."""
+    graph, es = inp.graph, inp.electrostatics
+    pos = inp.positions if differentiable else inp.positions.detach()
+    if not bool(graph.pbc.any()):
+        return OpenBatchOperator(es, pos, graph.ptr, [es.config.sigma]).matrices(graph.num_atoms)[0]
+    cells = inp.cell if differentiable else inp.cell.detach()
+    blocks = [es.coulomb_matrix(pos[atoms], cells[b], graph.pbc[b]) for b, atoms in graph.structures()]
+    return torch.block_diag(*blocks)
 
 
 def structure_dipoles(

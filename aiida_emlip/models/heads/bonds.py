@@ -30,11 +30,11 @@ from functools import cached_property
 
 import torch
 
-from aiida_emlip.models.coulomb_operator import OpenBatchOperator
 from aiida_emlip.models.fragments import fragment_corrected, largest_fragment_mu
 from aiida_emlip.models.heads.base import (
     HeadInput,
     HeadOutput,
+    batch_coulomb_matrix,
     coulomb_energy,
     field_work,
     mlp,
@@ -312,31 +312,11 @@ class BondEquilibration:
         differentiable: bool,
     ) -> BondProblem:
         """The minimisation in y of the whole batch as one problem: the graph's edges, the batch's
-        fragments and the block-diagonal Coulomb matrix (an open batch's from one
-        :class:`~aiida_emlip.models.coulomb_operator.OpenBatchOperator`); with autograd through the
-        geometry where ``differentiable``."""
-        graph, es = inp.graph, inp.electrostatics
-        pos = inp.positions if differentiable else inp.positions.detach()
-        if not bool(graph.pbc.any()):
-            matrix = OpenBatchOperator(es, pos, graph.ptr, [es.config.sigma]).matrices(graph.num_atoms)[0]
-        else:
-            cells = inp.cell if differentiable else inp.cell.detach()
-            blocks = [
-                es.coulomb_matrix(pos[atoms], cells[b], graph.pbc[b]) for b, atoms in graph.structures()
-            ]
-            matrix = torch.block_diag(*blocks)
-        edges = (*graph.edge_index, g)
+        fragments and its block-diagonal Coulomb matrix (:func:`~.base.batch_coulomb_matrix`); with
+        autograd through the geometry where ``differentiable``."""
+        matrix = batch_coulomb_matrix(inp, differentiable)
+        edges = (*inp.graph.edge_index, g)
         return self._problem(edges, base, members, params, external, matrix.__matmul__, matrix)
-
-    def _bonds_as_batch(self, graph, differentiable: bool) -> bool:
-        """Whether :meth:`_bonds_batch` takes the batch: several structures, each solved densely (always
-        in training), the batch within ``dense_max_atoms``."""
-        if not (
-            self.solves_batches and graph.num_graphs > 1 and graph.num_atoms <= self.options.dense_max_atoms
-        ):
-            return False
-        sizes = (graph.ptr[1:] - graph.ptr[:-1]).tolist()
-        return differentiable or all(self._use_dense(n) for n in sizes)
 
     def _bonds_batch(
         self,
@@ -346,22 +326,20 @@ class BondEquilibration:
         g: torch.Tensor,
         base: torch.Tensor,
         index: torch.Tensor,
-        charge_tol: float,
+        stopping: tuple[float, int],
         differentiable: bool,
     ):
-        """Every structure's Newton steps at once (:func:`minimise_bonds_batch`), and in training one
-        differentiable step for the batch. Returns y [N], each structure's μ, converged flags,
-        iterations and histories, or ``None`` where a structure needs the per-structure path."""
+        """Every structure's Newton steps at once (:func:`minimise_bonds_batch`; ``stopping``: the
+        charge tolerance and the step limit), and in training one differentiable step for the batch.
+        Returns y [N], each structure's μ, converged flags, iterations and histories, or ``None`` where
+        a structure needs the per-structure path."""
         graph = inp.graph
         with torch.no_grad():
             detached = {k: v.detach() for k, v in params.items()}
             problem = self._batch_bond_problem(
                 inp, detached, external.detach(), g.detach(), base, index, differentiable=False
             )
-            max_steps = getattr(self.options, "max_newton", 1)
-            solved = minimise_bonds_batch(
-                problem, graph.batch, graph.num_graphs, self.quadratic, charge_tol, max_steps
-            )
+            solved = minimise_bonds_batch(problem, graph.batch, graph.num_graphs, self.quadratic, *stopping)
         if solved is None:
             return None
         y, history = solved
@@ -398,8 +376,9 @@ class BondEquilibration:
         max_steps = getattr(options, "max_newton", 1)
         ys, mus, converged, iterations, history = [], [], [], [], []
         batched = None
-        if self._bonds_as_batch(graph, differentiable):
-            batched = self._bonds_batch(inp, params, external, g, base, index, charge_tol, differentiable)
+        if self.solves_batches and self._small_dense_batch(graph, always_dense=differentiable):
+            stopping = (charge_tol, max_steps)
+            batched = self._bonds_batch(inp, params, external, g, base, index, stopping, differentiable)
         if batched is not None:
             y_batch, mus, converged, iterations, history = batched
             ys = [y_batch]

@@ -36,6 +36,7 @@ from aiida_emlip.models.heads.base import (
     HeadInput,
     HeadOptions,
     HeadOutput,
+    batch_coulomb_matrix,
     coulomb_energy,
     element_table,
     field_work,
@@ -449,37 +450,34 @@ class EquilibrationHead(BondEquilibration, Head):
             fragment_charges=torch.cat(fragment_sums) if index is not None else None,
         )
 
-    def _solves_as_batch(self, graph) -> bool:
-        """Whether :meth:`_batch_solve` takes the batch: several structures, one constraint each
-        (``fragments='shared'``), each on the dense path and the batch within ``dense_max_atoms``."""
-        if not (self.solves_batches and self.options.fragments == "shared" and graph.num_graphs > 1):
+    def _small_dense_batch(self, graph, always_dense: bool = False) -> bool:
+        """Whether the batch has several structures, each on the dense path (or ``always_dense``), and
+        within ``dense_max_atoms`` in all: what one block-diagonal solve of the batch takes."""
+        if graph.num_graphs < 2 or graph.num_atoms > self.options.dense_max_atoms:
             return False
         sizes = (graph.ptr[1:] - graph.ptr[:-1]).tolist()
-        return graph.num_atoms <= self.options.dense_max_atoms and all(self._use_dense(n) for n in sizes)
+        return always_dense or all(self._use_dense(n) for n in sizes)
+
+    def _solves_as_batch(self, graph) -> bool:
+        """Whether :meth:`_batch_solve` takes the batch: a small dense batch with one constraint per
+        structure (``fragments='shared'``)."""
+        return self.solves_batches and self.options.fragments == "shared" and self._small_dense_batch(graph)
 
     def _batch_solve(
         self, inp: HeadInput, params: dict[str, torch.Tensor], external: torch.Tensor, differentiable: bool
     ):
         """Every structure's minimisation at once (:meth:`_batch_minimise`) on the batch's block-diagonal
-        Coulomb matrix (an open-boundary batch's from one
-        :class:`~aiida_emlip.models.coulomb_operator.OpenBatchOperator`, periodic structures' blocks from
-        their own dense matrices), with one constraint ``Σq = Q`` per structure, and in training one
-        :class:`ImplicitStep` for the batch. Returns the charges, each structure's μ, converged flags,
-        iterations and residual histories, or ``None`` where the batch needs the structures one by one
-        (an indefinite ``H``: a slab's uniform mode; a structure that does not converge or whose charges
-        are not finite, reported there).
+        Coulomb matrix (:func:`~.base.batch_coulomb_matrix`), with one constraint ``Σq = Q`` per
+        structure, and in training one :class:`ImplicitStep` for the batch. Returns the charges, each
+        structure's μ, converged flags, iterations and residual histories, or ``None`` where the
+        batch needs the structures one by one (an indefinite ``H``: a slab's uniform mode; a
+        structure that does not converge or whose charges are not finite, reported there).
         """
         graph, es = inp.graph, inp.electrostatics
         batch, sigma = graph.batch, es.config.sigma
         open_batch = not bool(graph.pbc.any())
         with torch.no_grad():
-            if open_batch:
-                operator = OpenBatchOperator(es, inp.positions.detach(), graph.ptr, [sigma])
-                a = operator.matrices(graph.num_atoms)[0]
-            else:
-                a = torch.block_diag(
-                    *[self._operators(inp, b, atoms).dense for b, atoms in graph.structures()]
-                )
+            a = batch_coulomb_matrix(inp)
             detached = {k: v.detach() for k, v in params.items()}
             minimised = self._batch_minimise(inp, a, detached, external.detach())
         if minimised is None:

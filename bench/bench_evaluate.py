@@ -72,8 +72,7 @@ def water_box(n_mol: int):
     """A rattled periodic box of ``n_mol`` water molecules at liquid density (bench_heads' construction)."""
     import bench_heads
 
-    bench_heads.WATER_MOLECULES[f"{n_mol} molecules"] = n_mol
-    return bench_heads.structure("water", f"{n_mol} molecules")
+    return bench_heads.water_box(n_mol)
 
 
 def backbones() -> dict[str, dict]:

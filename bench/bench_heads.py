@@ -39,6 +39,8 @@ import resource
 import sys
 import time
 
+import numpy as np
+
 HEADS = {
     "sr": {"name": "sr"},
     "fixed": {"name": "fixed", "formal_charges": {"Na": 1.0, "Cl": -1.0, "O": -1.0, "H": 0.5}},
@@ -78,30 +80,35 @@ RELEASED = "sr, released"
 
 
 def structure(system: str, size: str):
-    """A rattled NaCl supercell or a water box (ASE ``Atoms``)."""
-    import numpy as np
+    """A rattled NaCl supercell or a water box (ASE ``Atoms``) of one of the benchmark's sizes."""
+    if system == "nacl":
+        return rattled(_nacl(NACL_REPEATS[size]), np.random.default_rng(0))
+    return water_box(WATER_MOLECULES[size])
+
+
+def water_box(n_mol: int, seed: int = 0):
+    """A rattled periodic box of ``n_mol`` randomly oriented water molecules at liquid density."""
     from ase import Atoms
 
-    rng = np.random.default_rng(0)
-    if system == "nacl":
-        atoms = _nacl(NACL_REPEATS[size])
-    else:
-        n_mol = WATER_MOLECULES[size]
-        side = math.ceil(n_mol ** (1 / 3))
-        box = (n_mol * 29.9) ** (1 / 3)
-        grid = np.stack(np.meshgrid(*[np.arange(side)] * 3, indexing="ij"), -1).reshape(-1, 3)[:n_mol]
-        centres = (grid + 0.5) * box / side
-        h1, h2 = np.array([0.8165, 0.5774, 0.0]), np.array([-0.8165, 0.5774, 0.0])
-        rot = np.linalg.qr(rng.normal(size=(n_mol, 3, 3)))[0]
-        pos = np.stack([centres, centres + rot @ h1, centres + rot @ h2], 1).reshape(-1, 3)
-        atoms = Atoms("OH2" * n_mol, positions=pos, cell=np.eye(3) * box, pbc=True)
-    atoms.positions += rng.normal(scale=0.05, size=atoms.positions.shape)
+    rng = np.random.default_rng(seed)
+    side = math.ceil(n_mol ** (1 / 3))
+    box = (n_mol * 29.9) ** (1 / 3)
+    grid = np.stack(np.meshgrid(*[np.arange(side)] * 3, indexing="ij"), -1).reshape(-1, 3)[:n_mol]
+    centres = (grid + 0.5) * box / side
+    h1, h2 = np.array([0.8165, 0.5774, 0.0]), np.array([-0.8165, 0.5774, 0.0])
+    rot = np.linalg.qr(rng.normal(size=(n_mol, 3, 3)))[0]
+    pos = np.stack([centres, centres + rot @ h1, centres + rot @ h2], 1).reshape(-1, 3)
+    return rattled(Atoms("OH2" * n_mol, positions=pos, cell=np.eye(3) * box, pbc=True), rng)
+
+
+def rattled(atoms, rng: np.random.Generator, scale: float = 0.05):
+    """``atoms`` with every position moved by a normal deviate of ``scale`` Å (in place; returned)."""
+    atoms.positions += rng.normal(scale=scale, size=atoms.positions.shape)
     return atoms
 
 
 def _nacl(m: int):
     """m×m×m conventional rock-salt cells (8m³ atoms), a = 5.64 Å."""
-    import numpy as np
     from ase import Atoms
 
     a = 5.64

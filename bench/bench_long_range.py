@@ -234,9 +234,13 @@ VARIANTS = {"+ind": True, "-ind": False}
 #: Design-name suffixes after any induction suffix, each ``~<key><value>``: the multipole loss weights,
 #: one per equal share of the epochs (``~mp1``, ``~mp10,1``: the preset's ``multipole_weights``), and the
 #: width σ of the Gaussian charges in Å (``~w2``: ``charge_width``), and how the head meets the total
-#: charge across fragments (``~finteger``, ``~fshared``, ``~fbonds``: ``fragments``); e.g.
+#: charge across fragments (``~finteger``, ``~fshared``, ``~fbonds``: ``fragments``), and which layers'
+#: l = 1 features the atomic-dipole readouts read (``~vlast``: the last one's too, ``~vearly``: only the
+#: earlier ones, the last layer scalar as in ``sr``: ``backbone.last_layer_vectors``); e.g.
 #: ``split+ind~mp1~w2``.
-OPTION_SUFFIXES = ("mp", "w", "f")
+OPTION_SUFFIXES = ("mp", "w", "f", "v")
+#: ``~v<value>`` → ``backbone.last_layer_vectors``.
+VECTOR_LAYERS = {"last": True, "early": False}
 
 
 class Design(NamedTuple):
@@ -247,6 +251,7 @@ class Design(NamedTuple):
     multipole_weights: tuple[float, ...] | None = None
     charge_width: float | None = None
     fragments: str | None = None
+    last_layer_vectors: bool | None = None
 
 
 def _variant(name: str) -> Design:
@@ -262,10 +267,15 @@ def _variant(name: str) -> Design:
     weights = tuple(float(w) for w in values["mp"].split(",")) if "mp" in values else None
     width = float(values["w"]) if "w" in values else None
     fragments = values.get("f")
-    for suffix, induction in VARIANTS.items():
+    if "v" in values and values["v"] not in VECTOR_LAYERS:
+        raise ValueError(f"design option ~v{values['v']}: expected one of ~vlast, ~vearly")
+    vectors = VECTOR_LAYERS[values["v"]] if "v" in values else None
+    induction = None
+    for suffix, value in VARIANTS.items():
         if name.endswith(suffix):
-            return Design(name.removesuffix(suffix), induction, weights, width, fragments)
-    return Design(name, None, weights, width, fragments)
+            name, induction = name.removesuffix(suffix), value
+            break
+    return Design(name, induction, weights, width, fragments, vectors)
 
 
 def _preset(name: str) -> str:
@@ -297,8 +307,8 @@ def train_one(
 
     ``<preset>+ind`` is the preset with induced atomic dipoles (``model.induction``), ``<preset>-ind``
     the preset without them; the plain name takes the preset's default. ``~mp<w>[,<w>...]`` sets the
-    multipole loss weights, ``~w<σ>`` the width of the Gaussian charges and ``~f<mode>`` the head's
-    ``fragments`` (:data:`OPTION_SUFFIXES`).
+    multipole loss weights, ``~w<σ>`` the width of the Gaussian charges, ``~f<mode>`` the head's
+    ``fragments`` and ``~v<last|early>`` the backbone's ``last_layer_vectors`` (:data:`OPTION_SUFFIXES`).
     ``model_seed`` (default
     ``seed``) seeds the model and the training; the data split is ``seed``'s.
     """
@@ -313,12 +323,15 @@ def train_one(
     labels = {k for a in frames for k in (*a.info, *a.arrays)}
     elements = sorted({s for a in frames for s in a.get_chemical_symbols()})
     design = _variant(name)
+    backbone = dict(BACKBONE)
+    if design.last_layer_vectors is not None:
+        backbone["last_layer_vectors"] = design.last_layer_vectors
     values = preset_config(
         design.preset,
         labels=labels,
         epochs=epochs,
         elements=elements,
-        backbone=BACKBONE,
+        backbone=backbone,
         seed=model_seed,
         batch_size=4,
         induction=design.induction,
@@ -609,7 +622,8 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="presets to train (default: all); <preset>+ind with, <preset>-ind without induced dipoles; "
         "~mp<w>[,<w>...] sets the multipole loss weights, one per equal share of the epochs, ~w<sigma> "
-        "the width (Å) of the Gaussian charges, ~finteger / ~fshared / ~fbonds the head's fragments option",
+        "the width (Å) of the Gaussian charges, ~finteger / ~fshared / ~fbonds the head's fragments option, "
+        "~vlast / ~vearly the layers whose l = 1 features the dipole readouts read",
     )
     args = parser.parse_args(argv)
     if args.inits < 1:

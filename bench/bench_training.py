@@ -58,6 +58,8 @@ HEADS = {
     "sr": {"name": "sr"},
     "fixed": {"name": "fixed", "formal_charges": {"Na": 1.0, "Cl": -1.0}},
     "charges": {"name": "charges"},
+    # atomic dipoles read from the backbone's l = 1 features (the presets' charges with Hirshfeld labels)
+    "charges-dipoles": {"name": "charges", "dipoles": True},
     "latent": {"name": "latent"},
     "split": {"name": "split", "formal_charges": {"Na": 1.0, "Cl": -1.0}},
     "qeq": {"name": "qeq"},

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from models_helpers import ELEMENTS, evaluate, nacl_cell, water_cluster
+from scipy.spatial.transform import Rotation
 from training_helpers import config_dict, write_config
 
 from aiida_emlip.models.file_format import read_metadata
@@ -43,9 +44,9 @@ def _count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def test_sr_backbone_has_the_parameters_of_bare_mace():
-    """sr builds MACE's default last layer (46,560 parameters at the bench size, as mace_run_train);
-    keeping l = 1 outputs there costs 4,992 more."""
+def test_every_backbone_has_the_parameters_of_bare_mace():
+    """sr and the dipole heads build MACE's default last layer (46,560 parameters at the bench size, as
+    mace_run_train); keeping l = 1 outputs there (the earlier layout) costs 4,992 more."""
     sr = EmlipModel(ModelConfig(elements=ELEMENTS, head={"name": "sr"}, backbone=dict(BENCH)))
     assert sr.config.backbone["last_layer_vectors"] is False
     assert _count(sr) == 46_560
@@ -54,35 +55,44 @@ def test_sr_backbone_has_the_parameters_of_bare_mace():
     )
     assert _count(old) == 51_552
     dipoles = EmlipModel(ModelConfig(elements=ELEMENTS, head=DIPOLES, backbone=dict(BENCH)))
-    assert _count(dipoles.backbone) == 51_552
+    assert _count(dipoles.backbone) == 46_560
+    explicit = {**BENCH, "last_layer_vectors": True}
+    assert (
+        _count(EmlipModel(ModelConfig(elements=ELEMENTS, head=DIPOLES, backbone=explicit)).backbone) == 51_552
+    )
 
 
 @pytest.mark.parametrize(
-    ("head", "expected"),
+    ("head", "value"),
     [
-        ({"name": "sr"}, False),
-        ({"name": "charges"}, False),
-        ({"name": "qeq"}, False),
+        ({"name": "sr"}, None),
+        ({"name": "qeq"}, None),
+        (DIPOLES, None),
+        ({"name": "split", "formal_charges": {"Na": 1.0, "Cl": -1.0}, "dipoles": True}, None),
         (DIPOLES, True),
-        ({"name": "split", "formal_charges": {"Na": 1.0, "Cl": -1.0}, "dipoles": True}, True),
+        ({"name": "sr"}, True),
     ],
 )
-def test_layout_is_resolved_from_the_head_and_recorded(tmp_path, head, expected):
-    backbone = dict(SMALL)
+def test_layout_is_resolved_and_recorded(tmp_path, head, value):
+    """Left out, the layout is false for every head; either way it is written into the file."""
+    backbone = dict(SMALL) if value is None else {**SMALL, "last_layer_vectors": value}
     config = ModelConfig(elements=ELEMENTS, head=head, backbone=backbone)
+    expected = bool(value)
     assert config.backbone["last_layer_vectors"] is expected
-    assert "last_layer_vectors" not in backbone  # the caller's mapping is left alone
+    assert ("last_layer_vectors" in backbone) is (value is not None)  # the caller's mapping is left alone
     model = EmlipModel(config)
     assert model.backbone.num_vectors == 4 * (
         2 if expected else 1
-    )  # l = 1 channels of both layers, or the first only
+    )  # l = 1 channels of both layers, or the first
     path = save_model(model, tmp_path / "m.safetensors")
     assert read_metadata(path)["config"]["backbone"]["last_layer_vectors"] is expected
 
 
-def test_dipole_heads_read_last_layer_vectors():
+def test_dipole_heads_read_last_layer_vectors_when_asked():
+    """The earlier layout: the dipole readout reads the l = 1 channels of both layers."""
     torch.manual_seed(2)
-    model = EmlipModel(ModelConfig(elements=ELEMENTS, head=DIPOLES, backbone=dict(SMALL)))
+    backbone = {**SMALL, "last_layer_vectors": True}
+    model = EmlipModel(ModelConfig(elements=ELEMENTS, head=DIPOLES, backbone=backbone))
     atoms = water_cluster()
     out = evaluate(model, atoms)
     assert float(out["dipoles"].abs().max()) > 1e-6
@@ -95,7 +105,6 @@ def test_dipole_heads_read_last_layer_vectors():
 @pytest.mark.parametrize(
     ("head", "value", "message"),
     [
-        (DIPOLES, False, "backbone.last_layer_vectors must be true or left out"),
         ({"name": "sr"}, "yes", "backbone.last_layer_vectors must be true or false"),
         ({"name": "sr"}, 1, "backbone.last_layer_vectors must be true or false"),
     ],
@@ -103,6 +112,40 @@ def test_dipole_heads_read_last_layer_vectors():
 def test_impossible_layouts_are_refused(head, value, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig(elements=ELEMENTS, head=head, backbone={**SMALL, "last_layer_vectors": value})
+
+
+@pytest.mark.parametrize("backbone", [{"num_interactions": 1}, {"max_L": 0}])
+@pytest.mark.parametrize("value", [None, True, False])
+def test_a_dipole_head_needs_l1_features_in_some_layer(backbone, value):
+    """MACE's single layer has scalar outputs only, whatever the layout; max_L 0 none anywhere."""
+    backbone = {**SMALL, **backbone} if value is None else {**SMALL, **backbone, "last_layer_vectors": value}
+    with pytest.raises(ValueError, match="which this backbone has in no layer: it needs max_L 1 and two"):
+        ModelConfig(elements=ELEMENTS, head=DIPOLES, backbone=backbone)
+
+
+@pytest.mark.parametrize("head", [DIPOLES, {"name": "split", "formal_charges": {"Na": 1.0, "Cl": -1.0}}])
+def test_dipole_readouts_of_the_earlier_layers_alone(tmp_path, head):
+    """The default layout with a dipole head: the last layer is sr's (same parameters), the dipoles read
+    the first layer's l = 1 features, rotate with the structure and survive a file."""
+    torch.manual_seed(4)
+    model = EmlipModel(ModelConfig(elements=ELEMENTS, head=head, backbone=dict(SMALL)))
+    sr = EmlipModel(ModelConfig(elements=ELEMENTS, head={"name": "sr"}, backbone=dict(SMALL)))
+    assert _count(model.backbone) == _count(sr.backbone)
+    assert model.backbone.num_vectors == 4  # the first layer's l = 1 channels
+    atoms = water_cluster()
+    rotation = torch.tensor(Rotation.random(random_state=3).as_matrix())
+    turned = atoms.copy()
+    turned.positions = atoms.positions @ rotation.numpy().T
+    out, out_turned = evaluate(model, atoms), evaluate(model, turned)
+    assert float(out["dipoles"].abs().max()) > 1e-4
+    torch.testing.assert_close(out_turned["dipoles"], out["dipoles"] @ rotation.T, atol=1e-10, rtol=0)
+    torch.testing.assert_close(out_turned["charges"], out["charges"], atol=1e-10, rtol=0)
+    torch.testing.assert_close(out_turned["energy"], out["energy"], atol=1e-9, rtol=0)
+    loaded = load_model(save_model(model, tmp_path / "early.safetensors"))
+    assert loaded.config.backbone["last_layer_vectors"] is False
+    again = evaluate(loaded, atoms)
+    for key in ("energy", "forces", "charges", "dipoles"):
+        assert torch.equal(again[key], out[key]), key
 
 
 def _without_key(model: EmlipModel, path: Path) -> Path:
@@ -200,13 +243,16 @@ def test_warm_start_from_an_old_layout_file_is_refused_unless_asked(tmp_path, ca
         ("sr", True, 0, "ok:"),
         ("sr", False, 0, "ok:"),
         ("sr", "true", 2, "backbone.last_layer_vectors must be true or false, got 'true'"),
-        ("dipoles", False, 2, "backbone.last_layer_vectors must be true or left out"),
+        ("dipoles", False, 0, "ok:"),  # the first layer's l = 1 features
+        ("dipoles, one layer", False, 2, "which this backbone has in no layer"),
         ("dipoles", True, 0, "ok:"),
     ],
 )
 def test_check_validates_the_layout_key(tmp_path, capsys, head, value, code, message):
-    values = _small_config(tmp_path, "charges" if head == "dipoles" else head, last_layer_vectors=value)
-    if head == "dipoles":
+    layers = {"num_interactions": 1} if head.endswith("one layer") else {}
+    base = "charges" if head.startswith("dipoles") else head
+    values = _small_config(tmp_path, base, last_layer_vectors=value, **layers)
+    if head.startswith("dipoles"):
         values["model"]["head"] = dict(DIPOLES)
     assert train_main([str(write_config(tmp_path, values)), "--check"]) == code
     captured = capsys.readouterr()

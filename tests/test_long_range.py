@@ -503,6 +503,11 @@ def test_design_names_set_the_fragments_option_of_the_preset():
     design = _variant("functional~mp30~finteger")
     assert (design.preset, design.multipole_weights, design.fragments) == ("functional", (30.0,), "integer")
     assert _variant("qeq").fragments is None
+    assert _variant("split+ind~vlast") == ("split", True, None, None, None, True)
+    assert _variant("charges~w2~vearly").last_layer_vectors is False
+    assert _variant("charges").last_layer_vectors is None
+    with pytest.raises(ValueError, match="expected one of ~vlast, ~vearly"):
+        _variant("split~vfirst")
     head = preset_config("qeq", fragments="integer")["model"]["head"]
     assert head == {"name": "qeq", "fragments": "integer"}
     assert "fragments" not in preset_config("qeq")["model"]["head"]  # the classic, shared equilibration

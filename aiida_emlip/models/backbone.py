@@ -32,9 +32,10 @@ class BackboneConfig:
     num_polynomial_cutoff: int = 5
     mlp_hidden: int = 16
     avg_num_neighbors: float = 8.0
-    #: Keep l = 1 features in the last layer (MACE's ``keep_last_layer_irreps``) for readouts of atomic
-    #: dipoles; without them the backbone is exactly MACE's default and costs the same. A model
-    #: resolves it from its head (:func:`~aiida_emlip.models.model.reads_last_layer_vectors`).
+    #: Keep l = 1 features in the last layer too (MACE's ``keep_last_layer_irreps``), for readouts of
+    #: atomic dipoles: the layout of model files of earlier versions. Without them (the default of every
+    #: head) the backbone is exactly MACE's default and costs the same, and dipole readouts read the l = 1
+    #: features of the layers before the last.
     last_layer_vectors: bool = False
 
     def __post_init__(self) -> None:

@@ -7,9 +7,10 @@ so (:func:`explicit_head`): they predict what they did.
 
 Model files record ``backbone.last_layer_vectors``: whether the last MACE layer keeps l = 1 features.
 Files written before the key existed lack it, and two generations of them differ. The first kept l = 1
-features in the last layer whatever the head; later ones only for heads that read them, the rule a
-missing key resolves to (:class:`~aiida_emlip.models.model.ModelConfig`). The weights tell the two
-apart: the l = 1 outputs of the last layer have weights of their own.
+features in the last layer whatever the head; later ones only for heads that read atomic dipoles. A
+missing key in a new config resolves to false for every head (:class:`~aiida_emlip.models.model.ModelConfig`),
+so a file is read with the layout its weights fit: the l = 1 outputs of the last layer have weights of
+their own.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def model_for_weights(config: dict[str, Any], shapes: Mapping[str, Sequence[int]
     with torch.random.fork_rng(devices=[]):
         try:
             candidate = EmlipModel(ModelConfig.from_dict(other))
-        except ValueError:  # the head reads l = 1 features: no other layout is possible
+        except ValueError:  # no other layout is possible for this backbone
             return model
     return candidate if _fits(candidate, shapes) else model
 

@@ -25,14 +25,21 @@ def _strict(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
     return values
 
 
-def reads_last_layer_vectors(head: dict[str, Any]) -> bool:
-    """Whether a model with ``head`` (name and options) reads l = 1 features of the last backbone layer.
+def reads_vectors(head: dict[str, Any]) -> bool:
+    """Whether a model with ``head`` (name and options) reads l = 1 backbone features.
 
     Only heads with atomic-dipole readouts do (:meth:`~aiida_emlip.models.heads.base.Head.needs_vectors`);
     the induced-dipole term and the rest of the model read the invariant features alone.
     """
     cls, options = head_class(head)
     return cls.needs_vectors(options)
+
+
+def earlier_layer_vectors(backbone: dict[str, Any]) -> bool:
+    """Whether the backbone's layers before the last have l = 1 features: ``max_L`` 1 and two or more
+    interactions (MACE gives a single layer scalar outputs only, whatever ``last_layer_vectors``)."""
+    max_l = backbone.get("max_L", BackboneConfig.max_L)
+    return max_l == 1 and backbone.get("num_interactions", BackboneConfig.num_interactions) >= 2
 
 
 def resolve_transfer_cutoff(head: dict[str, Any], backbone: dict[str, Any]) -> dict[str, Any]:
@@ -58,8 +65,9 @@ def resolve_transfer_cutoff(head: dict[str, Any], backbone: dict[str, Any]) -> d
 class ModelConfig:
     """Everything needed to rebuild a model; serialised as JSON next to the weights.
 
-    ``backbone.last_layer_vectors`` is resolved here when left out: true exactly when the head reads
-    l = 1 features of the last layer. It is then always explicit in ``to_dict`` and in model files.
+    ``backbone.last_layer_vectors`` is false when left out, for every head: the last layer is MACE's
+    default (scalar), as in ``sr``, and atomic-dipole readouts read the l = 1 features of the layers
+    before it. It is then always explicit in ``to_dict`` and in model files.
     """
 
     elements: list[str]
@@ -80,14 +88,13 @@ class ModelConfig:
         InductionConfig(**_strict(InductionConfig, self.induction, "induction"))
 
     def _resolve_last_layer_vectors(self, backbone: dict[str, Any]) -> dict[str, Any]:
-        needed = reads_last_layer_vectors(self.head)
-        value = backbone.setdefault("last_layer_vectors", needed)
+        value = backbone.setdefault("last_layer_vectors", False)
         if not isinstance(value, bool):
             raise ValueError(f"backbone.last_layer_vectors must be true or false, got {value!r}")
-        if needed and not value:
+        if reads_vectors(self.head) and not earlier_layer_vectors(backbone):
             raise ValueError(
-                f"head {self.head.get('name')!r} reads l = 1 features of the backbone's last layer "
-                f"(atomic dipoles): backbone.last_layer_vectors must be true or left out"
+                f"head {self.head.get('name')!r} reads atomic dipoles from l = 1 features, which this "
+                f"backbone has in no layer: it needs max_L 1 and two or more interactions"
             )
         return backbone
 

@@ -644,3 +644,27 @@ def test_open_energies_of_a_batch_match_one_structure_at_a_time(include_self, wi
     expected = torch.autograd.grad((weights * one_by_one).sum(), inputs)
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["periodic", "periodic_pme", "slab", "finite"])
+@pytest.mark.parametrize("include_self", [True, False])
+def test_dipole_terms_are_the_energy_without_its_charge_term(name, include_self):
+    """``dipole_terms`` differs from ``energy`` by a term that does not depend on the dipoles (charged
+    cells, triclinic, PME, a slab with its correction, open): the same field on every atom."""
+    el, q, pos, cell, pbc, p = case(name)
+    el = model(method=el.config.method, sigma=el.config.sigma, include_self=include_self)
+    left_out = []
+    for dipoles in (p, -2.0 * p + 0.1):
+        dipoles = dipoles.clone().requires_grad_(True)
+        full = el.energy(q, pos, cell, pbc, dipoles)
+        terms = el.dipole_terms(q, dipoles, pos, cell, pbc)
+        (grad_full,) = torch.autograd.grad(full, dipoles)
+        (grad_terms,) = torch.autograd.grad(terms, dipoles)
+        torch.testing.assert_close(grad_terms, grad_full, rtol=1e-12, atol=1e-14)
+        left_out.append((full - terms).item())
+    assert float(grad_full.abs().max()) > 1e-2
+    assert left_out[1] == pytest.approx(left_out[0], rel=1e-12, abs=1e-13)
+    # the difference is the charges' own energy (the slab term, with its dipole part, is in the terms)
+    config = {"method": el.config.method, "sigma": el.config.sigma, "include_self": include_self}
+    charges_only = model(**config, slab_correction=False).energy(q, pos, cell, pbc).item()
+    assert left_out[0] == pytest.approx(charges_only, rel=1e-10)

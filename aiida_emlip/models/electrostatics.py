@@ -266,6 +266,22 @@ class Electrostatics(torch.nn.Module):
             e = e + SlabTerm(positions, cell, pbc, self.config.sigma).energy(charges, dipoles)
         return e
 
+    def dipole_terms(
+        self,
+        charges: torch.Tensor,
+        dipoles: torch.Tensor,
+        positions: torch.Tensor,
+        cell: torch.Tensor,
+        pbc: torch.Tensor,
+    ) -> torch.Tensor:
+        """:meth:`energy` of one structure without its charge–charge term, which does not depend on the
+        dipoles: the same derivatives with respect to them (the field at each atom is minus the gradient)
+        for one charge sum less."""
+        e = self._dipole_energy(charges, dipoles, positions, cell, pbc)
+        if self._slab_active(pbc):
+            e = e + SlabTerm(positions, cell, pbc, self.config.sigma).energy(charges, dipoles)
+        return e
+
     def open_energies(
         self,
         charges: torch.Tensor,

@@ -93,7 +93,9 @@ class Induction(torch.nn.Module):
             n = atoms.stop - atoms.start
             probe = charges.new_zeros((n, 3)).requires_grad_(True)
             total = probe if dipoles is None else dipoles[atoms] + probe
-            energy = solver.energy(charges[atoms], inp.positions[atoms], inp.cell[b], graph.pbc[b], total)
+            # the charge–charge term does not depend on the dipoles: left out of the energy differentiated
+            positions, cell, pbc = inp.positions[atoms], inp.cell[b], graph.pbc[b]
+            energy = solver.dipole_terms(charges[atoms], total, positions, cell, pbc)
             if solver.config.include_self:
                 # the Gaussian dipole's own Hartree energy is no field of the others
                 energy = energy - gd.dipole_self_energy(total, solver.config.sigma)

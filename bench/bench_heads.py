@@ -82,7 +82,7 @@ RELEASED = "sr, released"
 def structure(system: str, size: str):
     """A rattled NaCl supercell or a water box (ASE ``Atoms``) of one of the benchmark's sizes."""
     if system == "nacl":
-        return rattled(_nacl(NACL_REPEATS[size]), np.random.default_rng(0))
+        return rattled(rock_salt(NACL_REPEATS[size]), np.random.default_rng(0))
     return water_box(WATER_MOLECULES[size])
 
 
@@ -107,7 +107,7 @@ def rattled(atoms, rng: np.random.Generator, scale: float = 0.05):
     return atoms
 
 
-def _nacl(m: int):
+def rock_salt(m: int):
     """m×m×m conventional rock-salt cells (8m³ atoms), a = 5.64 Å."""
     from ase import Atoms
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import ase.io
 import numpy as np
 import torch
-from bench_heads import _nacl, rattled, water_box
+from bench_heads import rattled, rock_salt, water_box
 from bench_training import HEADS, SIZES, make_data
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,8 +56,8 @@ def periodic_data(copies: int) -> list:
     frames = []
     for seed in range(copies):
         rng = np.random.default_rng(seed)
-        nacl = rattled(_nacl(PERIODIC_NACL), rng)
-        vacancy = rattled(_nacl(PERIODIC_NACL), rng)
+        nacl = rattled(rock_salt(PERIODIC_NACL), rng)
+        vacancy = rattled(rock_salt(PERIODIC_NACL), rng)
         del vacancy[len(vacancy) - 1]  # the last atom is a Cl
         for atoms, charge in ((water_box(PERIODIC_WATER, seed), 0.0), (nacl, 0.0), (vacancy, 1.0)):
             atoms.info = {"REF_energy": -1.0 * len(atoms), "total_charge": charge}
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.rounds < 2:
         parser.error("--rounds must be at least 2 (the first round is left out)")
     heads = ["sr"] + [h for h in args.heads.split(",") if h and h != "sr"]
-    unknown = [h for h in heads if h.removesuffix(LAST) not in HEADS or h == "fixed"]
+    unknown = [h for h in heads if h.removesuffix(LAST) not in HEADS or h.removesuffix(LAST) == "fixed"]
     if unknown:
         parser.error(
             f"unknown heads {unknown}; choose from {sorted(set(HEADS) - {'fixed'})}, each also with {LAST}"
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
             head=HEADS[name.removesuffix(LAST)],
             backbone={**SIZES[args.backbone], "last_layer_vectors": name.endswith(LAST)},
             dtype=args.dtype,
-            induction={"enabled": args.induction and name != "sr"},
+            induction={"enabled": args.induction and name.removesuffix(LAST) != "sr"},
         )
         model = EmlipModel(config).to(args.device)
         optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)

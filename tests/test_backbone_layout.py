@@ -237,6 +237,25 @@ def test_warm_start_from_an_old_layout_file_is_refused_unless_asked(tmp_path, ca
     assert train_main([str(write_config(tmp_path, values)), "--check"]) == 0
 
 
+def test_warm_start_from_a_dipole_model_of_the_earlier_layout(tmp_path, capsys):
+    """A dipole head's file whose last layer keeps l = 1 outputs (recorded true) continues only with the
+    key set true; the default layout is refused with the key named and the hint, before any compute."""
+    torch.manual_seed(6)
+    backbone = {**SMALL, "last_layer_vectors": True}
+    earlier = EmlipModel(ModelConfig(elements=ELEMENTS, head=DIPOLES, backbone=backbone))
+    path = save_model(earlier, tmp_path / "earlier.safetensors")
+    values = _small_config(tmp_path, "charges")
+    values["model"]["head"] = dict(DIPOLES)
+    values["init_from"] = str(path)
+    assert train_main([str(write_config(tmp_path, values)), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert "model.backbone.last_layer_vectors (init model True, config False)" in err
+    assert "model.backbone.last_layer_vectors: true keeps" in err
+    values["model"]["backbone"]["last_layer_vectors"] = True
+    assert train_main([str(write_config(tmp_path, values)), "--check"]) == 0
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(
     ("head", "value", "code", "message"),
     [

@@ -41,7 +41,7 @@ if [ "$part" = 2 ] || [ "$part" = all ]; then
   step training "${LIMIT_TRAINING:-200}" "$py" bench/bench_training.py --device cuda --dtype float32 \
     --repeat 1 --heads sr,charges,qeq,scf --json "$out/training.json"
   step train_steps "${LIMIT_TRAIN_STEPS:-90}" "$py" bench/bench_train_step.py --device cuda --dtype float32 \
-    --heads charges,split,qeq,scf,functional-bonds --rounds 5
+    --heads charges,split,split@last,qeq,scf,functional-bonds --rounds 5
   step backbone_options "${LIMIT_OPTIONS:-80}" "$py" bench/bench_gpu_backbone.py --variants fp32,tf32,cueq \
     --systems water --json "$out/backbone_options.json"
   step md "${LIMIT_MD:-80}" "$py" bench/bench_evaluate.py --device cuda --skip-overhead --sizes 1000,5000 \

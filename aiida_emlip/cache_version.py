@@ -37,7 +37,7 @@ CACHED_PROCESSES = (
     "aiida.workflows:emlip.dataset",
 )
 #: Raised when emlip-train's or emlip-eval's results change for the same inputs within one version.
-NUMERICS = 2
+NUMERICS = 3
 #: Raised when the ``emlip.pw`` parser's outputs change (new or different labels).
 PW_PARSER_REVISION = 1
 #: Raised when the ``emlip.projwfc`` parser's outputs change (its ``lowdin`` output).

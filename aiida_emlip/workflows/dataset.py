@@ -87,6 +87,12 @@ SHARED_RECORD = ("parameters", "mesh", "meta")
 CARRIED_INFO = ("sampler", "seed", "sampler_params", schema.CONFIG_TYPE)
 
 
+def value_key(value: Any) -> str:
+    """A JSON text equal for equal values (keys sorted): what tells the distinct values of a run apart
+    (the context's shared record values, the stored input nodes shared between configurations)."""
+    return json.dumps(value, sort_keys=True, default=str)
+
+
 def labelled_by(dataset: orm.ProcessNode, key: str) -> orm.ProcessNode | None:
     """The process that labelled configuration ``key`` of the dataset workchain ``dataset`` (or, when it
     reused a finished twin's outputs, of that twin): its ``EmlipLabelWorkChain`` where the configuration
@@ -726,7 +732,7 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
         places: dict[str, int] = {}
 
         def place(value: Any) -> int:
-            digest = json.dumps(value, sort_keys=True, default=str)
+            digest = value_key(value)
             if digest not in places:
                 places[digest] = len(values)
                 values.append(value)
@@ -778,7 +784,7 @@ class EmlipDatasetWorkChain(protocols.EmlipProtocolMixin, WakeOnFirstChild):
         UUIDs are kept in the context (``shared_inputs``), so a run resumed from a checkpoint goes on with
         the same nodes.
         """
-        digest = f"{port}:{json.dumps(value, sort_keys=True, default=str)}"
+        digest = f"{port}:{value_key(value)}"
         if not hasattr(self, "_shared_nodes"):  # not checkpointed: the nodes of this worker
             self._shared_nodes: dict[str, orm.Data] = {}
         cached = self._shared_nodes

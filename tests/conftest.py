@@ -99,16 +99,15 @@ def pw_code(aiida_profile):
 
 
 @pytest.fixture(scope="session")
-def pseudo_dir(request: pytest.FixtureRequest) -> Path:
-    """UPF files of the project family, generated once (cached across sessions in the pytest cache)."""
+def pseudo_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """UPF files of the project family, generated once (cached across sessions in the pytest cache;
+    without it, in pytest's own temporary folders, which it prunes)."""
     from aiida_emlip.pseudos.generate import generate_family
 
     cache = getattr(request.config, "cache", None)  # absent with -p no:cacheprovider
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")  # one folder per xdist worker: no race
     base = (
-        cache.mkdir(f"emlip-pseudos-{worker}")
-        if cache is not None
-        else Path(tempfile.mkdtemp(prefix="emlip-upf-"))
+        cache.mkdir(f"emlip-pseudos-{worker}") if cache is not None else tmp_path_factory.mktemp("emlip-upf")
     )
     generate_family(Path(base), ld1=LD1_EXE)
     return Path(base)

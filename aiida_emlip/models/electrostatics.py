@@ -31,6 +31,7 @@ from torchpme import Calculator, EwaldCalculator
 from torchpme.lib import generate_kvectors_for_mesh
 
 from aiida_emlip.models import dipole_mesh as dm
+from aiida_emlip.models import ewald_batch as eb
 from aiida_emlip.models import gaussian_dipoles as gd
 from aiida_emlip.models.accuracy import PME_FORCE, dipole_mesh_parameters, kspace_cutoff
 from aiida_emlip.models.coulomb_operator import (
@@ -281,6 +282,47 @@ class Electrostatics(torch.nn.Module):
         if self._slab_active(pbc):
             e = e + SlabTerm(positions, cell, pbc, self.config.sigma).energy(charges, dipoles)
         return e
+
+    def energies(
+        self,
+        charges: torch.Tensor,
+        positions: torch.Tensor,
+        cells: torch.Tensor,
+        pbc: torch.Tensor,
+        ptr: torch.Tensor,
+        dipoles: torch.Tensor | None = None,
+        charge_term: bool = True,
+    ) -> torch.Tensor:
+        """Electrostatic energies (eV, ``[B]``) of a batch: structure ``b`` holds atoms
+        ``ptr[b]:ptr[b + 1]`` in ``cells[b]`` with periodicity ``pbc[b]``.
+
+        Each is :meth:`energy` of the structure, or :meth:`dipole_terms` (the energy without its
+        charge–charge term) where ``charge_term`` is false. An open-boundary batch is one pair sum
+        (:meth:`open_energies`); the structures that use the Ewald method are summed together
+        (:mod:`~aiida_emlip.models.ewald_batch`), the others one at a time.
+        """
+        if not charge_term and dipoles is None:
+            raise ValueError("without the charge-charge term the energy needs dipoles")
+        if charge_term and not bool(pbc.any()):
+            return self.open_energies(charges, positions, ptr, dipoles)
+        groups, others = eb.members(self, positions, cells, pbc, ptr, dipoles is not None, charge_term)
+        index: list[int] = []
+        values: list[torch.Tensor] = []
+        for group in groups:
+            index.extend(member.index for member in group)
+            values.append(eb.group_energies(self, group, charges, positions, dipoles))
+        bounds = ptr.tolist()
+        for b in others:
+            atoms = slice(bounds[b], bounds[b + 1])
+            p = None if dipoles is None else dipoles[atoms]
+            if charge_term:
+                value = self.energy(charges[atoms], positions[atoms], cells[b], pbc[b], p)
+            else:
+                value = self.dipole_terms(charges[atoms], p, positions[atoms], cells[b], pbc[b])
+            index.append(b)
+            values.append(value.reshape(1))
+        order = torch.tensor(index, device=charges.device)
+        return charges.new_zeros(len(bounds) - 1).index_add(0, order, torch.cat(values))
 
     def open_energies(
         self,

@@ -88,20 +88,17 @@ class Induction(torch.nn.Module):
                 energy = energy - gd.dipole_self_energy(total, solver.config.sigma)
             (grad,) = torch.autograd.grad(energy, probe, create_graph=True)
             return -grad + inp.external_field[graph.batch]
-        parts = []
-        for b, atoms in graph.structures():
-            n = atoms.stop - atoms.start
-            probe = charges.new_zeros((n, 3)).requires_grad_(True)
-            total = probe if dipoles is None else dipoles[atoms] + probe
-            # the charge–charge term does not depend on the dipoles: left out of the energy differentiated
-            positions, cell, pbc = inp.positions[atoms], inp.cell[b], graph.pbc[b]
-            energy = solver.dipole_terms(charges[atoms], total, positions, cell, pbc)
-            if solver.config.include_self:
-                # the Gaussian dipole's own Hartree energy is no field of the others
-                energy = energy - gd.dipole_self_energy(total, solver.config.sigma)
-            (grad,) = torch.autograd.grad(energy, probe, create_graph=True)
-            parts.append(-grad + inp.external_field[b])
-        return torch.cat(parts)
+        probe = charges.new_zeros((graph.num_atoms, 3)).requires_grad_(True)
+        total = probe if dipoles is None else dipoles + probe
+        # the charge–charge term does not depend on the dipoles: left out of the energy differentiated
+        energy = solver.energies(
+            charges, inp.positions, inp.cell, graph.pbc, graph.ptr, total, charge_term=False
+        ).sum()
+        if solver.config.include_self:
+            # the Gaussian dipole's own Hartree energy is no field of the others
+            energy = energy - gd.dipole_self_energy(total, solver.config.sigma)
+        (grad,) = torch.autograd.grad(energy, probe, create_graph=True)
+        return -grad + inp.external_field[graph.batch]
 
     def forward(
         self, inp: HeadInput, charges: torch.Tensor, dipoles: torch.Tensor | None

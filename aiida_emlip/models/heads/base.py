@@ -208,20 +208,8 @@ def coulomb_energy(
 ) -> torch.Tensor:
     """Hartree energy of the Gaussian multipoles of each structure, [B] eV."""
     solver = electrostatics or inp.electrostatics
-    if not bool(inp.graph.pbc.any()):  # open boundaries: every structure at once
-        return solver.open_energies(charges, inp.positions, inp.graph.ptr, dipoles)
-    energies = []
-    for b, atoms in inp.graph.structures():
-        energies.append(
-            solver.energy(
-                charges[atoms],
-                inp.positions[atoms],
-                inp.cell[b],
-                inp.graph.pbc[b],
-                None if dipoles is None else dipoles[atoms],
-            )
-        )
-    return torch.stack(energies)
+    graph = inp.graph
+    return solver.energies(charges, inp.positions, inp.cell, graph.pbc, graph.ptr, dipoles)
 
 
 def batch_coulomb_matrix(inp: HeadInput, differentiable: bool = False) -> torch.Tensor:

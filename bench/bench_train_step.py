@@ -3,8 +3,8 @@
 ``bench_training.py`` times whole ``emlip-train`` processes one after the other, so the load of the
 moment lands on one side of each ratio. Here every head trains in the same process on the same batches
 (``--data tiny``: the shipped pw.x set of 2–4-atom molecules with rattled copies, as there; ``--data
-periodic``: the periodic cells of a bulk training set, see :func:`periodic_data`), one epoch each in turn
-for ``--rounds`` rounds,
+periodic``: the periodic cells of a bulk training set, see :func:`periodic_data`; ``--data long-range``:
+small molecules in large boxes, see :func:`long_range_data`), one epoch each in turn for ``--rounds`` rounds,
 and each keeps its fastest epoch after the first round: what a head's own work adds to a training
 step, with the data pipeline, validation and logging (the same for every head) left out. A step is
 the model's energy and forces with the graph for the force loss, ``Σ(ΔE/N)² + mean |ΔF|²``, its
@@ -12,7 +12,7 @@ backward pass and an Adam step.
 
     python bench/bench_train_step.py [--heads charges,qeq,scf] [--scf-mode implicit|unrolled]
                                      [--backbone small|realistic] [--rounds 8] [--device cpu|cuda]
-                                     [--induction] [--data tiny|periodic]
+                                     [--induction] [--data tiny|periodic|long-range]
 
 A head name with the suffix ``@last`` (``split@last``, ``charges-dipoles@last``) is that head with the
 backbone's last layer keeping l = 1 features (``backbone.last_layer_vectors: true``, the layout of dipole
@@ -66,6 +66,23 @@ def periodic_data(copies: int) -> list:
     return frames
 
 
+def long_range_data() -> list:
+    """The long-range benchmark's committed cells (``bench/data/long_range*.xyz``: Li⁺ + H₂O, total
+    charge +1, and water pairs, 4–6 atoms in 8 × 8 × 18 Å boxes, 72 structures): small molecules in
+    large boxes, where each structure's Ewald sum is a few small operations and the number of
+    structures, not of atoms, sets its cost. Labels as :func:`periodic_data`'s."""
+    frames = []
+    for name in ("long_range.xyz", "long_range_more.xyz"):
+        for atoms in ase.io.read(ROOT / "bench" / "data" / name, ":"):
+            charge = float(atoms.info.get("total_charge", 0.0))
+            atoms.calc = None
+            atoms.info = {"REF_energy": -1.0 * len(atoms), "total_charge": charge}
+            atoms.arrays = {k: v for k, v in atoms.arrays.items() if k in ("numbers", "positions")}
+            atoms.arrays["REF_forces"] = np.zeros((len(atoms), 3))
+            frames.append(atoms)
+    return frames
+
+
 def batches(frames, size: int, model, device: str):
     """``(graph, energies, forces)`` of consecutive batches of ``size`` structures (the last smaller)."""
     from aiida_emlip.models.graph import build_graph
@@ -111,8 +128,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--data",
         default="tiny",
-        choices=["tiny", "periodic"],
-        help="the shipped 2-4-atom molecules (default) or periodic cells of 63-96 atoms (periodic_data)",
+        choices=["tiny", "periodic", "long-range"],
+        help="the shipped 2-4-atom molecules (default), periodic cells of 63-96 atoms (periodic_data) or "
+        "small molecules in large boxes (long_range_data)",
     )
     parser.add_argument(
         "--induction",
@@ -134,6 +152,8 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.data == "periodic":
         frames = periodic_data(args.copies)
+    elif args.data == "long-range":
+        frames = long_range_data()
     else:
         with tempfile.TemporaryDirectory(prefix="emlip-bench-") as tmp:
             path = Path(tmp) / "data.xyz"

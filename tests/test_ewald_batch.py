@@ -3,11 +3,14 @@ structure at a time, an independent reference, and which structures are summed t
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from electrostatics_reference import reference_energy
 
 from aiida_emlip.models import ewald_batch as eb
+from aiida_emlip.models.accuracy import split_smearing
 from aiida_emlip.models.electrostatics import Electrostatics, ElectrostaticsConfig
 
 DT = torch.float64
@@ -78,7 +81,7 @@ def assert_same_as_each_structure(es, q, pos, cells, pbc, ptr, p, charge_term: b
 MIXED = [
     (4, cell_of((8.0, 8.0, 18.0)), T3),
     (6, cell_of((8.0, 8.5, 18.0), tilt=1.3), T3),  # triclinic
-    (3, cell_of((7.0, 7.0, 16.0)), [True, True, False]),  # a slab: the correction per structure
+    (4, cell_of((8.0, 8.0, 17.0)), [True, True, False]),  # a slab: the correction per structure
     (5, cell_of((9.0, 8.0, 17.0), tilt=-0.8), T3),
     (3, cell_of((6.0, 6.0, 6.0)), [False, False, False]),  # open: summed on its own
 ]
@@ -143,6 +146,20 @@ def test_which_structures_share_a_sum(monkeypatch):
     _, pos, cells, pbc, ptr, _ = batch(structures)
     groups, others = eb.members(es, pos, cells, pbc, ptr, True, charge_term=True)
     assert [[m.index for m in g] for g in groups] == [[0, 2]] and others == [1]  # 60 atoms: PME
+    # atom counts or volumes a binary order of magnitude apart (the same range separation, the charges'
+    # width): summed apart, here each alone
+    wide = Electrostatics(ElectrostaticsConfig(sigma=1.5))
+    small = (4, cell_of((8.0, 8.0, 8.0)), T3)
+    for other in ((9, cell_of((8.0, 8.0, 9.0)), T3), (4, cell_of((8.0, 8.0, 17.0)), T3)):
+        _, pos2, cells2, pbc2, ptr2, _ = batch([small, other])
+        assert eb.members(wide, pos2, cells2, pbc2, ptr2, True, charge_term=True) == ([], [0, 1])
+        separations = {
+            split_smearing(float(torch.linalg.det(c)), 1.5 * math.sqrt(2.0), n, "ewald")
+            for n, c, _ in (small, other)
+        }
+        assert separations == {1.5 * math.sqrt(2.0)}
+        _, pos2, cells2, pbc2, ptr2, _ = batch([small, small])
+        assert len(eb.members(wide, pos2, cells2, pbc2, ptr2, True, charge_term=True)[0]) == 1
     # a budget that holds one structure only: every structure on its own
     monkeypatch.setattr(eb, "BATCH_ELEMENTS", 4 * max(m.n_kvectors for m in groups[0]))
     groups, others = eb.members(es, pos, cells, pbc, ptr, True, charge_term=True)

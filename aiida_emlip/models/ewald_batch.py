@@ -17,8 +17,9 @@ structure's :class:`~aiida_emlip.models.coulomb_operator.ChargeKernel` is built 
   formula) are one padded sum;
 * the slab correction stays per structure (a few operations on the atoms' heights).
 
-Structures are summed together when they share the charges' calculator (the same range separation)
-and the padded sum stays within :data:`BATCH_ELEMENTS`; the others, and every structure of a
+Structures are summed together when they share the charges' calculator (the same range separation),
+their atom counts and volumes lie within the same binary order of magnitude (padding then costs at most
+about a factor 2) and the padded sum stays within :data:`BATCH_ELEMENTS`; the others, and every structure of a
 ``pme`` or ``direct`` method, are left to the caller's structure-by-structure path.
 """
 
@@ -84,21 +85,23 @@ def members(
     ``direct``, more than :data:`BATCH_MAX_ATOMS` atoms, too large a sum, or alone in their group).
 
     Structures are first grouped by the charges' range separation (a number of the cell's volume and
-    atom count); only those with company get their geometry's set-up here, so a structure left to the
-    caller is set up once, by the caller.
+    atom count) and by their atom count and volume, each to within a factor of 2 (binary orders of
+    magnitude), so that padding multiplies a group's work by little; only those with company get their
+    geometry's set-up here, so a structure left to the caller is set up once, by the caller.
     """
     bounds = ptr.tolist()
     s_phys = pair_width(es.config.sigma, es.config.sigma)
-    candidates: dict[float, list[int]] = {}
+    candidates: dict[tuple[float, int, int], list[int]] = {}
     others: list[int] = []
     for b in range(len(bounds) - 1):
         n = bounds[b + 1] - bounds[b]
         if n > BATCH_MAX_ATOMS or es.select_method(n, pbc[b]) != "ewald":
             others.append(b)
             continue
-        key = 0.0
-        if charge_term:
-            key = split_smearing(float(torch.abs(torch.linalg.det(cells[b].detach()))), s_phys, n, "ewald")
+        volume = float(torch.abs(torch.linalg.det(cells[b].detach())))
+        smearing = split_smearing(volume, s_phys, n, "ewald") if charge_term else 0.0
+        # padding costs at most a factor 2 in atoms and about 2 in k-vectors (their number goes with V)
+        key = (smearing, n.bit_length(), math.floor(math.log2(volume)))
         candidates.setdefault(key, []).append(b)
     groups: list[list[Member]] = []
     for indices in candidates.values():

@@ -10,6 +10,7 @@ import torch
 from electrostatics_reference import reference_energy
 
 from aiida_emlip.models import ewald_batch as eb
+from aiida_emlip.models import ewald_projected as ep
 from aiida_emlip.models.accuracy import split_smearing
 from aiida_emlip.models.electrostatics import Electrostatics, ElectrostaticsConfig
 
@@ -198,3 +199,69 @@ def test_float32_batches_agree_with_each_structure():
     want = one_at_a_time(es, q, pos, cells, pbc, ptr, p)
     assert got.dtype == torch.float32
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_block_matrices_are_each_structures_dense_operator(monkeypatch):
+    """The dense projected-potential blocks of the self-consistent head's batched iteration: those of
+    each structure's DenseOperator, gradients through positions and cells included."""
+    from aiida_emlip.models.coulomb_operator import CoulombOperator, DenseOperator
+
+    grouped = []
+    real = ep.width_groups
+    monkeypatch.setattr(ep, "width_groups", lambda *a: grouped.extend(real(*a)) or real(*a))
+
+    es = Electrostatics(ElectrostaticsConfig(sigma=1.5))
+    widths = [1.5, 0.8, 2.5]
+    _, pos, cells, pbc, ptr, _ = batch(MIXED, seed=13)
+    weights = torch.linspace(0.5, 1.5, 3, dtype=DT)[:, None, None]
+
+    def blocks_of(batched: bool):
+        r = pos.clone().requires_grad_(True)
+        c = cells.clone().requires_grad_(True)
+        if batched:
+            blocks = ep.block_matrices(es, r, c, pbc, ptr, widths)
+        else:
+            bounds = ptr.tolist()
+            blocks = [
+                DenseOperator(
+                    CoulombOperator(es, r[bounds[b] : bounds[b + 1]], c[b], pbc[b], widths)
+                ).matrices
+                for b in range(len(c))
+            ]
+        total = sum((weights * m * m).sum() for m in blocks)
+        return [m.detach() for m in blocks], torch.autograd.grad(total, [r, c])
+
+    (got, got_grads), (want, want_grads) = blocks_of(True), blocks_of(False)
+    assert [m.shape for m in got] == [(3, n, n) for n in (4, 6, 4, 5, 3)]
+    assert grouped == [[0, 1, 2, 3]]  # the open structure alone
+    for a, b in zip([*got, *got_grads], [*want, *want_grads]):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12 * float(b.abs().max()))
+
+
+def test_projected_potentials_are_each_structures():
+    """The self-consistent head's implicit step: every width's projected potentials of the charges,
+    with gradients through charges, positions and cells."""
+    es = Electrostatics(ElectrostaticsConfig(sigma=1.5))
+    widths = [1.5, 0.8, 2.5]
+    q, pos, cells, pbc, ptr, _ = batch(MIXED, seed=17)
+    assert ep.width_groups(es, cells, pbc, ptr, widths) == [[0, 1, 2, 3]]
+    weights = torch.linspace(0.5, 1.5, 3, dtype=DT)
+
+    def potentials_of(batched: bool):
+        x, r, c = (t.clone().requires_grad_(True) for t in (q, pos, cells))
+        if batched:
+            phi = ep.projected_potentials(es, x, r, c, pbc, ptr, widths)
+        else:
+            bounds = ptr.tolist()
+            phi = torch.cat(
+                [
+                    es.projected_potentials(
+                        x[bounds[b] : bounds[b + 1]], r[bounds[b] : bounds[b + 1]], c[b], pbc[b], widths
+                    )
+                    for b in range(len(c))
+                ]
+            )
+        return [phi.detach(), *torch.autograd.grad((weights * phi * phi).sum(), [x, r, c])]
+
+    for a, b in zip(potentials_of(True), potentials_of(False)):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12 * float(b.abs().max()))

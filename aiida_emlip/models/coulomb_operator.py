@@ -335,18 +335,17 @@ class BlockDenseOperator:
     """:class:`DenseOperator` of every structure of a batch as one block-diagonal matrix per width.
 
     The atoms of structure ``b`` are ``ptr[b]:ptr[b + 1]``, its geometry ``cell[b]`` and ``pbc[b]``
-    (periodic or open); each block is formed once from that structure's :class:`CoulombOperator`
-    (autograd through the geometry kept), so that every step of a batched unrolled iteration is one
-    matrix product for the whole batch. For small structures only (a dense block each).
+    (periodic or open); each block is formed once, that structure's :class:`DenseOperator` (autograd
+    through the geometry kept; the Ewald cells that can share a sum form theirs together,
+    :func:`~aiida_emlip.models.ewald_projected.block_matrices`), so that every step of a batched unrolled
+    iteration is one matrix product for the whole batch. For small structures only (a dense block each).
     """
 
     def __init__(self, es, positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, ptr, widths):
-        blocks = [
-            DenseOperator(
-                CoulombOperator(es, positions[start:stop], cell[b], pbc[b], [float(w) for w in widths])
-            ).matrices
-            for b, (start, stop) in enumerate(itertools.pairwise(ptr.tolist()))
-        ]
+        # imported here: ewald_projected builds on this module's kernels
+        from aiida_emlip.models.ewald_projected import block_matrices
+
+        blocks = block_matrices(es, positions, cell, pbc, ptr, widths)
         self.matrices = torch.stack(
             [torch.block_diag(*[m[k] for m in blocks]) for k in range(len(widths))]
         )  # [W, N, N]

@@ -17,6 +17,9 @@ structure's :class:`~aiida_emlip.models.coulomb_operator.ChargeKernel` is built 
   formula) are one padded sum;
 * the slab correction stays per structure (a few operations on the atoms' heights).
 
+:func:`kernel_potentials` applies the structures' charge kernels to padded channels: the energies here,
+and the self-consistent head's projected potentials (:mod:`~aiida_emlip.models.ewald_projected`).
+
 Structures are summed together when they share the charges' calculator (the same range separation),
 their atom counts and volumes lie within the same binary order of magnitude (padding then costs at most
 about a factor 2) and the padded sum stays within :data:`BATCH_ELEMENTS`; the others, and every structure of a
@@ -84,30 +87,15 @@ def members(
     """The batch's structures in groups to sum together, and the indices of the others (``pme`` or
     ``direct``, more than :data:`BATCH_MAX_ATOMS` atoms, too large a sum, or alone in their group).
 
-    Structures are first grouped by the charges' range separation (a number of the cell's volume and
-    atom count) and by their atom count and volume, each to within a factor of 2 (binary orders of
-    magnitude), so that padding multiplies a group's work by little; only those with company get their
-    geometry's set-up here, so a structure left to the caller is set up once, by the caller.
+    Structures are first grouped by numbers of their cells and atom counts (:func:`shareable`); only
+    those with company get their geometry's set-up here, so a structure left to the caller is set up
+    once, by the caller.
     """
     bounds = ptr.tolist()
-    s_phys = pair_width(es.config.sigma, es.config.sigma)
-    candidates: dict[tuple[float, int, int], list[int]] = {}
-    others: list[int] = []
-    for b in range(len(bounds) - 1):
-        n = bounds[b + 1] - bounds[b]
-        if n > BATCH_MAX_ATOMS or es.select_method(n, pbc[b]) != "ewald":
-            others.append(b)
-            continue
-        volume = float(torch.abs(torch.linalg.det(cells[b].detach())))
-        smearing = split_smearing(volume, s_phys, n, "ewald") if charge_term else 0.0
-        # padding costs at most a factor 2 in atoms and about 2 in k-vectors (their number goes with V)
-        key = (smearing, n.bit_length(), math.floor(math.log2(volume)))
-        candidates.setdefault(key, []).append(b)
+    s_phys = [pair_width(es.config.sigma, es.config.sigma)] if charge_term else []
+    shared, others = shareable(es, cells, pbc, ptr, s_phys)
     groups: list[list[Member]] = []
-    for indices in candidates.values():
-        if len(indices) == 1:
-            others.extend(indices)
-            continue
+    for indices in shared:
         built = []
         for b in indices:
             member = _member(
@@ -123,6 +111,33 @@ def members(
             else:
                 groups.append(group)
     return groups, sorted(others)
+
+
+def shareable(
+    es, cells: torch.Tensor, pbc: torch.Tensor, ptr: torch.Tensor, pair_widths: list[float]
+) -> tuple[list[list[int]], list[int]]:
+    """The structures that may share Ewald sums, in groups of two or more, and the others.
+
+    A group's structures use the Ewald method, have at most :data:`BATCH_MAX_ATOMS` atoms and the same
+    range separation for each of ``pair_widths`` (a number of the cell's volume and atom count), and
+    their atom counts and volumes lie within one binary order of magnitude: padding then multiplies the
+    work by at most about 2 (the number of k-vectors goes with the volume).
+    """
+    bounds = ptr.tolist()
+    candidates: dict[tuple, list[int]] = {}
+    others: list[int] = []
+    for b in range(len(bounds) - 1):
+        n = bounds[b + 1] - bounds[b]
+        if n > BATCH_MAX_ATOMS or es.select_method(n, pbc[b]) != "ewald":
+            others.append(b)
+            continue
+        volume = float(torch.abs(torch.linalg.det(cells[b].detach())))
+        separations = tuple(split_smearing(volume, s, n, "ewald") for s in pair_widths)
+        key = (separations, n.bit_length(), math.floor(math.log2(volume)))
+        candidates.setdefault(key, []).append(b)
+    shared = [indices for indices in candidates.values() if len(indices) > 1]
+    others += [indices[0] for indices in candidates.values() if len(indices) == 1]
+    return shared, sorted(others)
 
 
 def _member(
@@ -221,33 +236,39 @@ def _rows(values: torch.Tensor | None, member: Member) -> torch.Tensor | None:
 def _charge_energies(
     group: list[Member], charges: torch.Tensor, q: torch.Tensor, r: torch.Tensor
 ) -> torch.Tensor:
-    """``½ Σ q φ`` of each structure's charges: k-space (torch-pme, vectorised), real-space pairs,
-    background and on-site terms, as :class:`ChargeKernel` applies them one structure at a time."""
-    first = group[0].kernel
+    """``½ Σ q φ`` of each structure's charges ``q`` ``[G, A, 1]`` (padded)."""
+    phi = kernel_potentials([m.kernel for m in group], q, r)
+    return 0.5 * (q * phi).sum((1, 2))
+
+
+def kernel_potentials(kernels: list[ChargeKernel], x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Each structure's Ewald :class:`ChargeKernel` applied to its padded charge channels ``x``
+    ``[G, A, C]`` at padded positions ``r`` ``[G, A, 3]``: the potentials ``[G, A, C]`` of
+    ``ChargeKernel.__call__`` (k-space by torch-pme, vectorised; real-space pairs in one sum;
+    background and on-site terms). Rows of padded atoms are not meaningful."""
+    first = kernels[0]
     calc = first.calc
-    if any(m.kernel.calc is not calc for m in group):
+    if any(k.calc is not calc for k in kernels):
         raise RuntimeError("structures of different range separations cannot share one Ewald sum")
     smearing = float(calc.potential.smearing)
-    kvectors = _padded_kvectors([m.kernel.kvectors for m in group], 0.5 * smearing**2)
-    cells = torch.stack([m.kernel.cell for m in group])
+    kvectors = _padded_kvectors([k.kvectors for k in kernels], 0.5 * smearing**2)
+    cells = torch.stack([k.cell for k in kernels])
 
-    def kspace(x: torch.Tensor, cell: torch.Tensor, pos: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        return calc._compute_kspace(x, cell, pos, None, k, None)
+    def kspace(q: torch.Tensor, cell: torch.Tensor, pos: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return calc._compute_kspace(q, cell, pos, None, k, None)
 
-    phi = 2.0 * torch.vmap(kspace)(q, cells, r, kvectors)  # [G, A, 1]
-    energies = 0.5 * (q * phi).sum((1, 2))
-    pairs = [m.kernel.pairs + m.atoms.start for m in group if m.kernel.pairs.shape[0]]
+    phi = 2.0 * torch.vmap(kspace)(x, cells, r, kvectors)
+    width = x.shape[1]
+    pairs = [k.pairs + g * width for g, k in enumerate(kernels) if k.pairs.shape[0]]
     if pairs:
-        dist = torch.cat([m.kernel.dist for m in group if m.kernel.pairs.shape[0]])
-        phi_r = 2.0 * calc._compute_rspace(charges[:, None], torch.cat(pairs), dist)[:, 0]
-        own = torch.stack([(charges[m.atoms] * phi_r[m.atoms]).sum() for m in group])
-        energies = energies + 0.5 * own
-    total = q.sum((1, 2))
-    volumes = torch.stack([m.kernel.volume for m in group])
-    energies = energies + 0.5 * first.background * total * total / volumes
+        dist = torch.cat([k.dist for k in kernels if k.pairs.shape[0]])
+        flat = x.reshape(-1, x.shape[2])
+        phi = phi + 2.0 * calc._compute_rspace(flat, torch.cat(pairs), dist).reshape(x.shape)
+    volumes = torch.stack([k.volume for k in kernels])
+    phi = phi + first.background * x.sum(1, keepdim=True) / volumes[:, None, None]
     if first.onsite:
-        energies = energies + 0.5 * first.onsite * (q * q).sum((1, 2))
-    return energies
+        phi = phi + first.onsite * x
+    return phi
 
 
 def _dipole_energies(

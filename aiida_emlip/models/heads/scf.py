@@ -49,6 +49,7 @@ from aiida_emlip.models.coulomb_operator import (
     gaussian_self_potential,
     mesh_preconditioner_width,
 )
+from aiida_emlip.models.ewald_projected import projected_potentials
 from aiida_emlip.models.fragments import FRAGMENTS, fragment_targets, largest_fragment_mu
 from aiida_emlip.models.heads import solvers
 from aiida_emlip.models.heads.base import (
@@ -983,13 +984,10 @@ class SelfConsistentHead(Head):
         numbered = _BatchGroups([(s.fragment, s.targets) for s, _, _ in items], q_star.device)
         fragment = numbered.fragment
         if bool(inp.graph.pbc.any()):
-            phi = torch.cat(
-                [
-                    inp.electrostatics.projected_potentials(
-                        q.detach(), inp.positions[s.atoms], inp.cell[s.b], s.pbc, widths
-                    )
-                    for s, q, _ in items
-                ]
+            # every structure's projected potentials, the Ewald cells that can share a sum together
+            graph = inp.graph
+            phi = projected_potentials(
+                inp.electrostatics, q_star, inp.positions, inp.cell, graph.pbc, graph.ptr, widths
             )
         else:
             op = OpenBatchOperator(inp.electrostatics, inp.positions, inp.graph.ptr, widths)

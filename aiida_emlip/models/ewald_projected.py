@@ -65,24 +65,12 @@ def block_matrices(es, positions: torch.Tensor, cells: torch.Tensor, pbc: torch.
     """Each structure's dense projected-potential matrices ``[W, n, n]``, those of
     :class:`~aiida_emlip.models.coulomb_operator.DenseOperator` (column ``j``: the potentials of a
     unit charge on atom ``j``, slab term included), with autograd through the geometry; a group's unit
-    charges are padded channels of one vectorised sum."""
+    charges are padded channels of one vectorised sum (:func:`group_blocks`)."""
     bounds = ptr.tolist()
     widths = [float(w) for w in widths]
     blocks: dict[int, torch.Tensor] = {}
     for indices in width_groups(es, cells, pbc, ptr, widths):
-        group = _Group(es, indices, bounds, positions, cells, pbc, widths)
-        eye = positions.new_zeros((len(indices), group.width, group.width))
-        for g, n in enumerate(group.sizes):
-            eye[g, :n, :n] = torch.eye(n, dtype=positions.dtype, device=positions.device)
-        per_width = [kernel_potentials(kernels, eye, group.r) for kernels in group.kernels]  # [G, A, A]
-        for g, (b, n) in enumerate(zip(indices, group.sizes)):
-            matrices = torch.stack([phi[g, :n, :n] for phi in per_width])
-            if group.slabs[g] is not None:
-                unit = eye[g, :n, :n]
-                matrices = matrices + torch.stack(
-                    [group.slabs[g].potential(unit, w**2, None) for w in widths]
-                )
-            blocks[b] = matrices
+        blocks.update(group_blocks(es, indices, positions, cells, pbc, ptr, widths))
     for b in range(len(bounds) - 1):
         if b not in blocks:
             atoms = slice(bounds[b], bounds[b + 1])
@@ -90,6 +78,26 @@ def block_matrices(es, positions: torch.Tensor, cells: torch.Tensor, pbc: torch.
                 CoulombOperator(es, positions[atoms], cells[b], pbc[b], widths)
             ).matrices
     return [blocks[b] for b in range(len(bounds) - 1)]
+
+
+def group_blocks(
+    es, indices: list[int], positions: torch.Tensor, cells: torch.Tensor, pbc: torch.Tensor, ptr, widths
+) -> dict[int, torch.Tensor]:
+    """:func:`block_matrices` of the structures ``indices`` (one of :func:`width_groups`), by index."""
+    widths = [float(w) for w in widths]
+    group = _Group(es, indices, ptr.tolist(), positions, cells, pbc, widths)
+    eye = positions.new_zeros((len(indices), group.width, group.width))
+    for g, n in enumerate(group.sizes):
+        eye[g, :n, :n] = torch.eye(n, dtype=positions.dtype, device=positions.device)
+    per_width = [kernel_potentials(kernels, eye, group.r) for kernels in group.kernels]  # [G, A, A]
+    blocks = {}
+    for g, (b, n) in enumerate(zip(indices, group.sizes)):
+        matrices = torch.stack([phi[g, :n, :n] for phi in per_width])
+        if group.slabs[g] is not None:
+            unit = eye[g, :n, :n]
+            matrices = matrices + torch.stack([group.slabs[g].potential(unit, w**2, None) for w in widths])
+        blocks[b] = matrices
+    return blocks
 
 
 def projected_potentials(

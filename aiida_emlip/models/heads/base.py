@@ -10,6 +10,7 @@ import torch
 from aiida_emlip.models.backbone import BackboneOutput
 from aiida_emlip.models.coulomb_operator import OpenBatchOperator
 from aiida_emlip.models.electrostatics import Electrostatics
+from aiida_emlip.models.ewald_projected import group_blocks, width_groups
 from aiida_emlip.models.graph import Graph
 
 HEADS: dict[str, type[Head]] = {}
@@ -215,15 +216,24 @@ def coulomb_energy(
 def batch_coulomb_matrix(inp: HeadInput, differentiable: bool = False) -> torch.Tensor:
     """The batch's block-diagonal Coulomb matrix ``A`` [N, N] of charges of width σ: an open-boundary
     batch's from one :class:`~aiida_emlip.models.coulomb_operator.OpenBatchOperator`, else each
-    structure's :meth:`~aiida_emlip.models.electrostatics.Electrostatics.coulomb_matrix` as its block;
-    with autograd through the geometry where ``differentiable``."""
+    structure's :meth:`~aiida_emlip.models.electrostatics.Electrostatics.coulomb_matrix` as its block
+    (small Ewald cells that can share a sum formed together,
+    :func:`~aiida_emlip.models.ewald_projected.group_blocks`); with autograd through the geometry where
+    ``differentiable``."""
     graph, es = inp.graph, inp.electrostatics
     pos = inp.positions if differentiable else inp.positions.detach()
     if not bool(graph.pbc.any()):
         return OpenBatchOperator(es, pos, graph.ptr, [es.config.sigma]).matrices(graph.num_atoms)[0]
     cells = inp.cell if differentiable else inp.cell.detach()
-    blocks = [es.coulomb_matrix(pos[atoms], cells[b], graph.pbc[b]) for b, atoms in graph.structures()]
-    return torch.block_diag(*blocks)
+    sigma = [es.config.sigma]
+    blocks: dict[int, torch.Tensor] = {}  # small Ewald cells that can share a sum: together
+    for indices in width_groups(es, cells, graph.pbc, graph.ptr, sigma):
+        for b, m in group_blocks(es, indices, pos, cells, graph.pbc, graph.ptr, sigma).items():
+            blocks[b] = 0.5 * (m[0] + m[0].transpose(0, 1))
+    for b, atoms in graph.structures():
+        if b not in blocks:
+            blocks[b] = es.coulomb_matrix(pos[atoms], cells[b], graph.pbc[b])
+    return torch.block_diag(*[blocks[b] for b in range(graph.num_graphs)])
 
 
 def structure_dipoles(

@@ -25,6 +25,7 @@ from aiida_emlip.models.coulomb_operator import (
     gaussian_self_potential,
     mesh_preconditioner_width,
 )
+from aiida_emlip.models.ewald_projected import projected_potentials
 from aiida_emlip.models.fragments import (
     FRAGMENTS,
     fragment_index,
@@ -488,13 +489,10 @@ class EquilibrationHead(BondEquilibration, Head):
             q_star, mu_star = q.detach(), mu.detach()
             if open_batch:
                 potential = OpenBatchOperator(es, inp.positions, graph.ptr, [sigma]).potentials(q_star)[:, 0]
-            else:
-                potential = torch.cat(
-                    [
-                        es.coulomb_matvec(q_star[atoms], inp.positions[atoms], inp.cell[b], graph.pbc[b])
-                        for b, atoms in graph.structures()
-                    ]
-                )
+            else:  # A q*, the small Ewald cells that can share a sum together
+                potential = projected_potentials(
+                    es, q_star, inp.positions, inp.cell, graph.pbc, graph.ptr, [sigma]
+                )[:, 0]
             residual = potential + self.local_gradient(params, q_star) + external + mu_star[batch]
             solve = kkt_inverse(sol)
             dq, dmu = ImplicitStep.apply(residual, solve, solve, False, mu_star)

@@ -265,3 +265,11 @@ def test_projected_potentials_are_each_structures():
 
     for a, b in zip(potentials_of(True), potentials_of(False)):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12 * float(b.abs().max()))
+
+
+def test_a_degenerate_cell_gets_the_one_structure_message():
+    es = Electrostatics(ElectrostaticsConfig(sigma=1.5))
+    flat = torch.tensor([[8.0, 0.0, 0.0], [0.0, 8.0, 0.0], [0.0, 0.0, 0.0]], dtype=DT)
+    q, pos, cells, pbc, ptr, _ = batch([(4, flat, T3), (4, flat, T3)])
+    with pytest.raises(ValueError, match="nonzero volume"):
+        es.energies(q, pos, cells, pbc, ptr)

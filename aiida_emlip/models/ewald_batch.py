@@ -132,6 +132,9 @@ def shareable(
             others.append(b)
             continue
         volume = float(torch.abs(torch.linalg.det(cells[b].detach())))
+        if volume < 1e-8:  # a degenerate cell: the structure's own sum says what is wrong
+            others.append(b)
+            continue
         separations = tuple(split_smearing(volume, s, n, "ewald") for s in pair_widths)
         key = (separations, n.bit_length(), math.floor(math.log2(volume)))
         candidates.setdefault(key, []).append(b)

@@ -1,12 +1,13 @@
-"""The self-consistent head's projected potentials of a batch's small periodic cells at once.
+"""The self-consistent heads' projected potentials of a batch's small periodic cells at once.
 
 The batched iteration of the ``scf`` head needs, for every structure and every projection width ``w``,
 the potential of Gaussian charges projected on Gaussians of width ``w``
 (:class:`~aiida_emlip.models.coulomb_operator.CoulombOperator`): once as dense matrices (its steps)
-and once, differentiably, for the charges it found (its implicit step). Structure by structure, each
-is a few small tensor operations per width. Here the Ewald cells that can share a sum for every width
-(grouped as :func:`~aiida_emlip.models.ewald_batch.members` groups them: the same range separations,
-atom counts and volumes within a binary order of magnitude) apply their kernels together
+and once, differentiably, for the charges it found (its implicit step); ``qeq``'s batched solve needs
+the same at ``w = σ`` (its Coulomb matrix and ``A q*``). Structure by structure, each is a few small
+tensor operations per width. Here the Ewald cells that can share a sum for every width
+(:func:`~aiida_emlip.models.ewald_batch.shareable`: the same range separations, atom counts and
+volumes within a binary order of magnitude) apply their kernels together
 (:func:`~aiida_emlip.models.ewald_batch.kernel_potentials`); the others, and the slab terms, stay per
 structure. The numbers are those of one operator per structure to rounding.
 """

@@ -80,19 +80,13 @@ class Induction(torch.nn.Module):
         """Field ``E_i`` [N, 3] (V/Å) of the density (charges, dipoles) and the applied field at each atom."""
         solver = inp.electrostatics
         graph = inp.graph
-        if not bool(graph.pbc.any()):  # open boundaries: every structure's field from one pair sum
-            probe = charges.new_zeros((graph.num_atoms, 3)).requires_grad_(True)
-            total = probe if dipoles is None else dipoles + probe
-            energy = solver.open_energies(charges, inp.positions, graph.ptr, total).sum()
-            if solver.config.include_self:
-                energy = energy - gd.dipole_self_energy(total, solver.config.sigma)
-            (grad,) = torch.autograd.grad(energy, probe, create_graph=True)
-            return -grad + inp.external_field[graph.batch]
         probe = charges.new_zeros((graph.num_atoms, 3)).requires_grad_(True)
         total = probe if dipoles is None else dipoles + probe
-        # the charge–charge term does not depend on the dipoles: left out of the energy differentiated
+        # the charge–charge term does not depend on the dipoles: left out of the energy differentiated,
+        # except in an open-boundary batch, whose energy is one pair sum for every term
+        open_batch = not bool(graph.pbc.any())
         energy = solver.energies(
-            charges, inp.positions, inp.cell, graph.pbc, graph.ptr, total, charge_term=False
+            charges, inp.positions, inp.cell, graph.pbc, graph.ptr, total, charge_term=open_batch
         ).sum()
         if solver.config.include_self:
             # the Gaussian dipole's own Hartree energy is no field of the others

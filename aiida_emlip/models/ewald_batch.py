@@ -185,11 +185,12 @@ def _within_budget(candidates: list[Member]) -> list[list[Member]]:
     return groups
 
 
-def _padded(values: torch.Tensor, group: list[Member], width: int) -> torch.Tensor:
-    """``[G, width, ...]``: each member's rows of ``values`` (per atom), zeros after them."""
-    out = values.new_zeros((len(group), width, *values.shape[1:]))
-    for g, member in enumerate(group):
-        out[g, : member.n_atoms] = values[member.atoms]
+def padded(values: torch.Tensor, atoms: list[slice], width: int) -> torch.Tensor:
+    """``[G, width, ...]``: the rows ``atoms[g]`` of ``values`` (per atom) for each structure ``g``,
+    zeros after them."""
+    out = values.new_zeros((len(atoms), width, *values.shape[1:]))
+    for g, rows in enumerate(atoms):
+        out[g, : rows.stop - rows.start] = values[rows]
     return out
 
 
@@ -216,13 +217,14 @@ def group_energies(
     :meth:`~aiida_emlip.models.electrostatics.Electrostatics.energy`, or of its ``dipole_terms`` where the
     group was made without the charge–charge term."""
     width = max(m.n_atoms for m in group)
-    q = _padded(charges[:, None], group, width)  # [G, A, 1]
-    r = _padded(positions, group, width)
+    atoms = [m.atoms for m in group]
+    q = padded(charges[:, None], atoms, width)  # [G, A, 1]
+    r = padded(positions, atoms, width)
     energies = charges.new_zeros(len(group))
     if group[0].kernel is not None:
         energies = energies + _charge_energies(group, charges, q, r)
     if dipoles is not None:
-        energies = energies + _dipole_energies(es, group, q[..., 0], _padded(dipoles, group, width), r)
+        energies = energies + _dipole_energies(es, group, q[..., 0], padded(dipoles, atoms, width), r)
     if any(m.slab is not None for m in group):
         zero = charges.new_zeros(())
         slabs = [

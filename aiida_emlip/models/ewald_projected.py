@@ -23,7 +23,7 @@ from aiida_emlip.models.coulomb_operator import (
     SlabTerm,
     pair_width,
 )
-from aiida_emlip.models.ewald_batch import kernel_potentials, shareable
+from aiida_emlip.models.ewald_batch import kernel_potentials, padded, shareable
 
 
 def width_groups(es, cells: torch.Tensor, pbc: torch.Tensor, ptr: torch.Tensor, widths) -> list[list[int]]:
@@ -40,15 +40,14 @@ class _Group:
         self.atoms = [slice(bounds[b], bounds[b + 1]) for b in indices]
         self.sizes = [a.stop - a.start for a in self.atoms]
         self.width = max(self.sizes)
-        self.widths = [float(w) for w in widths]
         self.r = self.padded(positions)
         sigma = es.config.sigma
         self.kernels = [
             [
-                ChargeKernel(es, positions[a], cells[b], "ewald", pair_width(sigma, w))
+                ChargeKernel(es, positions[a], cells[b], "ewald", pair_width(sigma, float(w)))
                 for b, a in zip(indices, self.atoms)
             ]
-            for w in self.widths
+            for w in widths
         ]
         self.slabs = [
             SlabTerm(positions[a], cells[b], pbc[b], sigma) if es._slab_active(pbc[b]) else None
@@ -56,10 +55,7 @@ class _Group:
         ]
 
     def padded(self, values: torch.Tensor) -> torch.Tensor:
-        out = values.new_zeros((len(self.indices), self.width, *values.shape[1:]))
-        for g, a in enumerate(self.atoms):
-            out[g, : self.sizes[g]] = values[a]
-        return out
+        return padded(values, self.atoms, self.width)
 
 
 def block_matrices(es, positions: torch.Tensor, cells: torch.Tensor, pbc: torch.Tensor, ptr, widths) -> list:

@@ -263,9 +263,7 @@ class Electrostatics(torch.nn.Module):
         e = 0.5 * (q * kernel(q)).sum()
         if dipoles is not None:
             e = e + self._dipole_energy(charges, dipoles, positions, cell, pbc)
-        if self._slab_active(pbc):
-            e = e + SlabTerm(positions, cell, pbc, self.config.sigma).energy(charges, dipoles)
-        return e
+        return self._with_slab_term(e, charges, dipoles, positions, cell, pbc)
 
     def dipole_terms(
         self,
@@ -279,6 +277,18 @@ class Electrostatics(torch.nn.Module):
         dipoles: the same derivatives with respect to them (the field at each atom is minus the gradient)
         for one charge sum less."""
         e = self._dipole_energy(charges, dipoles, positions, cell, pbc)
+        return self._with_slab_term(e, charges, dipoles, positions, cell, pbc)
+
+    def _with_slab_term(
+        self,
+        e: torch.Tensor,
+        charges: torch.Tensor,
+        dipoles: torch.Tensor | None,
+        positions: torch.Tensor,
+        cell: torch.Tensor,
+        pbc: torch.Tensor,
+    ) -> torch.Tensor:
+        """``e`` plus the slab correction of a slab (exactly two periodic directions); else ``e``."""
         if self._slab_active(pbc):
             e = e + SlabTerm(positions, cell, pbc, self.config.sigma).energy(charges, dipoles)
         return e

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU table of bench/ in two parts, each step under its own time limit so that one slow or failing
 # step leaves the others' figures. Part 1 (~6 min on an H200): head times / sr with the tiny backbone
-# (1k-16k atoms, then 64k) and the realistic one (4k-16k). Part 2 (~8 min): training throughput against
+# (1k-16k atoms, then 64k) and the realistic one (4k-16k), and the heads' training steps on small molecules
+# in large boxes (the batched Ewald sums, ~1.5 min more). Part 2 (~8 min): training throughput against
 # mace_run_train, every head's training steps against sr's in one process, the backbone's GPU options (TF32, cuEquivariance), MD steps per second (e3nn, then
 # cuEquivariance kernels) and the CUDA tests. Part "compile": torch.compile of the backbone. Each Python
 # process spends ~20 s starting (imports, TorchScript of e3nn).
@@ -36,6 +37,8 @@ if [ "$part" = 1 ] || [ "$part" = all ]; then
     --heads sr,charges,split,qeq,scf --json "$out/heads_64k.json"
   step heads_realistic "${LIMIT_REALISTIC:-90}" "$py" bench/bench_heads.py --device cuda --sizes 4k,16k \
     --backbone realistic --heads sr,charges,qeq,scf --json "$out/heads_realistic.json"
+  step train_steps_cells "${LIMIT_TRAIN_CELLS:-90}" "$py" bench/bench_train_step.py --device cuda \
+    --dtype float32 --data long-range --batch-size 4 --induction --heads charges,latent,qeq,scf --rounds 4
 fi
 if [ "$part" = 2 ] || [ "$part" = all ]; then
   step training "${LIMIT_TRAINING:-200}" "$py" bench/bench_training.py --device cuda --dtype float32 \

@@ -1,4 +1,5 @@
-"""`launch --daemon`: the notes it prints — caching as the profile says, a short consumer_timeout."""
+"""`launch --daemon`: the notes it prints — caching as the profile says, a short consumer_timeout, a
+daemon that does not run."""
 
 from __future__ import annotations
 
@@ -43,3 +44,19 @@ def test_launch_daemon_notes_a_short_consumer_timeout():
     assert "rabbitmqctl eval" in note  # the fix, as doctor prints it
     assert daemon_timeout_note(lambda host: ConsumerTimeout(None, True, "rabbitmqctl")) is None  # off
     assert daemon_timeout_note(lambda host: ConsumerTimeout(None, False, "remote broker")) is None
+
+
+def test_launch_daemon_says_when_no_daemon_runs_or_a_crashed_one_left_workers():
+    from aiida_emlip.cli.study import daemon_state_note
+    from aiida_emlip.services.daemon_processes import DaemonProcesses
+
+    assert daemon_state_note(DaemonProcesses(pid=10, alive=True, workers=(11,)), "p") is None
+    none = daemon_state_note(DaemonProcesses(pid=None, alive=False), "p")
+    assert none == "No daemon is running: start one with `verdi -p p daemon start`"
+    crashed = daemon_state_note(DaemonProcesses(pid=10, alive=False, workers=(11, 12)), "p")
+    assert crashed is not None
+    assert crashed.startswith("The daemon is not running (a stale PID file names pid 10")
+    assert "2 daemon worker(s) left running without it, pid 11 12" in crashed
+    assert "`aiida-emlip doctor --profile p`" in crashed
+    # a stale PID file without leftovers: nothing runs the study until a daemon is started
+    assert daemon_state_note(DaemonProcesses(pid=10, alive=False), "p") == none

@@ -3,7 +3,9 @@
 Doctor only reads: it never creates the profile (it does not even import :mod:`aiida` for a profile
 that does not exist yet), and it only *reports* the broker, which SQLite profiles do not need. With a
 RabbitMQ broker it also reports the broker's ``consumer_timeout``, past which a daemon process is handed
-to a second worker, and, while no daemon runs, any active process whose task the broker no longer holds.
+to a second worker, the daemon as the process table shows it (workers that a crashed daemon left
+running, which ``verdi daemon stop`` does not reach), and, while no daemon worker runs, any active process
+whose task the broker no longer holds.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from aiida_emlip.services.consumer_timeout import (
     raise_fix,
     read_consumer_timeout,
 )
+from aiida_emlip.services.daemon_processes import DaemonProcesses, kill_fix, profile_daemon_processes
 
 SETUP_FIX = "aiida-emlip setup"
 QE_FIX = f"apt-get install -y {QE_PACKAGE}   (or: aiida-emlip setup --pw /path/to/pw.x)"
@@ -144,12 +147,32 @@ def check_consumer_timeout(
         report.add("consumer", text, fix=raise_fix(), essential=False)
 
 
-def check_tasks(report: Report, profile_name: str) -> None:
-    """Report active processes without a task in the broker (read only while no daemon runs)."""
+def check_daemon(report: Report, profile_name: str) -> DaemonProcesses | None:
+    """Report the daemon as the process table shows it: running, not running, or workers and helpers
+    left running by a crashed arbiter (``None``: the process table could not be read)."""
+    try:
+        state = profile_daemon_processes(profile_name)
+    except Exception as exc:  # psutil refused, a PID file in a strange state: report, go on
+        report.add("daemon", f"not checked ({exc.__class__.__name__}: {exc})", essential=False)
+        return None
+    if state.leftovers:
+        report.add("daemon", state.describe(), fix=kill_fix(state.leftovers, profile_name), essential=False)
+    else:
+        report.add("daemon", state.describe())
+    return state
+
+
+def check_tasks(report: Report, profile_name: str, daemon: DaemonProcesses | None = None) -> None:
+    """Report active processes without a task in the broker (read only while no daemon worker runs)."""
     from aiida_emlip.services.lost_tasks import check_process_tasks, repair_fix
 
+    if daemon is not None and not daemon.running and daemon.workers:
+        count = len(daemon.workers)
+        text = f"not checked while {count} leftover daemon worker(s) hold their tasks (end them first)"
+        report.add("tasks", text)
+        return
     try:
-        check = check_process_tasks(profile_name)
+        check = check_process_tasks(profile_name, None if daemon is None else daemon.running)
     except Exception as exc:  # a broker that answers the port but not the protocol: report, go on
         report.add("tasks", f"not checked ({exc.__class__.__name__}: {exc})", essential=False)
         return
@@ -190,7 +213,7 @@ def check_aiida(report: Report, target: ProfileTarget) -> None:
     elif broker_reachable(profile.process_control_config):
         report.add("broker", f"{broker} reachable")
         check_consumer_timeout(report, profile.process_control_config.get("broker_host", "127.0.0.1"))
-        check_tasks(report, profile.name)
+        check_tasks(report, profile.name, check_daemon(report, profile.name))
     else:
         report.add(
             "broker",

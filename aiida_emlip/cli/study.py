@@ -7,6 +7,7 @@ mistakes (a bad spec, an unknown PK, a file that exists) into one message and ex
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -24,6 +25,9 @@ from aiida_emlip.cli.study_common import (
     study_builder,
     write_report,
 )
+
+if TYPE_CHECKING:
+    from aiida_emlip.services.daemon_processes import DaemonProcesses
 
 CACHE_OPTION = click.option(
     "--cache/--no-cache",
@@ -103,6 +107,20 @@ def daemon_caching_note(cache: bool, profile: str) -> str | None:
     return None
 
 
+def daemon_state_note(daemon: DaemonProcesses, profile: str) -> str | None:
+    """What to say after a submission when no daemon runs (``daemon``: its
+    :class:`~aiida_emlip.services.daemon_processes.DaemonProcesses`): start one, or, after a crash of
+    its arbiter, end the workers it left running first."""
+    if daemon.running:
+        return None
+    if daemon.workers:
+        return (
+            f"The daemon is {daemon.describe()}; `aiida-emlip doctor --profile {profile}` says how to end "
+            "them before starting the daemon again"
+        )
+    return f"No daemon is running: start one with `verdi -p {profile} daemon start`"
+
+
 def _submit(spec: dict, text: str, target) -> None:
     from aiida.engine import submit
     from aiida.manage import get_manager
@@ -111,12 +129,13 @@ def _submit(spec: dict, text: str, target) -> None:
     node = submit(study_builder(spec, text))
     click.echo(f"Submitted study {spec['name']!r} <{node.pk}> to the daemon of profile {profile.name!r}")
     try:
-        from aiida.engine.daemon.client import get_daemon_client
+        from aiida_emlip.services.daemon_processes import profile_daemon_processes
 
-        if not get_daemon_client().is_daemon_running:
-            click.echo(f"No daemon is running: start one with `verdi -p {profile.name} daemon start`")
+        note = daemon_state_note(profile_daemon_processes(profile.name), profile.name)
     except Exception:  # the daemon client needs a configured broker; the submission is done anyway
-        pass
+        note = None
+    if note:
+        click.echo(note)
     click.echo(f"Follow it: aiida-emlip status {node.pk}")
 
 

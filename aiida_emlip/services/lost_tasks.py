@@ -25,13 +25,18 @@ class TaskCheck:
     lost: tuple[int, ...] = ()
 
 
-def check_process_tasks(profile_name: str) -> TaskCheck:
-    """Compare the loaded profile's active processes with the process tasks in its broker's queue."""
+def check_process_tasks(profile_name: str, daemon_running: bool | None = None) -> TaskCheck:
+    """Compare the loaded profile's active processes with the process tasks in its broker's queue.
+
+    ``daemon_running``: whether a daemon runs, as the caller found out (``None``: aiida-core's answer,
+    the presence of the daemon's PID file, which a crash leaves behind)."""
     from aiida.engine.daemon.client import get_daemon_client
     from aiida.engine.processes.control import get_active_processes, get_process_tasks
     from aiida.manage import get_manager
 
-    if get_daemon_client(profile_name).is_daemon_running:
+    if daemon_running is None:
+        daemon_running = get_daemon_client(profile_name).is_daemon_running
+    if daemon_running:
         return TaskCheck(daemon_running=True)
     active = sorted(get_active_processes(project="id"))
     tasks = set(get_process_tasks(get_manager().get_broker()))

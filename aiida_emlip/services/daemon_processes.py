@@ -90,7 +90,9 @@ def _is_helper(cmdline: list[str], circus_log_file: str) -> bool:
 
 
 def _is_arbiter(cmdline: list[str]) -> bool:
-    return "circus" in " ".join(cmdline) or any("verdi" in part for part in cmdline)
+    """circus's arbiter: ``circusd``, or the ``verdi ... daemon start`` process that became it."""
+    text = " ".join(cmdline)
+    return "circus" in text or ("verdi" in text and "daemon" in cmdline and "start" in cmdline)
 
 
 def _own_processes(attributes: Iterable[str]):

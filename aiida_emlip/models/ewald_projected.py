@@ -65,9 +65,7 @@ def block_matrices(es, positions: torch.Tensor, cells: torch.Tensor, pbc: torch.
     charges are padded channels of one vectorised sum (:func:`group_blocks`)."""
     bounds = ptr.tolist()
     widths = [float(w) for w in widths]
-    blocks: dict[int, torch.Tensor] = {}
-    for indices in width_groups(es, cells, pbc, ptr, widths):
-        blocks.update(group_blocks(es, indices, positions, cells, pbc, ptr, widths))
+    blocks = shared_blocks(es, positions, cells, pbc, ptr, widths)
     for b in range(len(bounds) - 1):
         if b not in blocks:
             atoms = slice(bounds[b], bounds[b + 1])
@@ -75,6 +73,17 @@ def block_matrices(es, positions: torch.Tensor, cells: torch.Tensor, pbc: torch.
                 CoulombOperator(es, positions[atoms], cells[b], pbc[b], widths)
             ).matrices
     return [blocks[b] for b in range(len(bounds) - 1)]
+
+
+def shared_blocks(
+    es, positions: torch.Tensor, cells: torch.Tensor, pbc: torch.Tensor, ptr, widths
+) -> dict[int, torch.Tensor]:
+    """:func:`block_matrices` of the structures that can share a sum (every group of
+    :func:`width_groups`), by index; the others are the caller's."""
+    blocks: dict[int, torch.Tensor] = {}
+    for indices in width_groups(es, cells, pbc, ptr, widths):
+        blocks.update(group_blocks(es, indices, positions, cells, pbc, ptr, widths))
+    return blocks
 
 
 def group_blocks(

@@ -95,11 +95,12 @@ def _is_arbiter(cmdline: list[str]) -> bool:
     return "circus" in text or ("verdi" in text and "daemon" in cmdline and "start" in cmdline)
 
 
-def _own_processes(attributes: Iterable[str]):
+def _own_processes():
+    """This user's processes but this one, with their command lines read."""
     import psutil
 
     uid = os.getuid()
-    for proc in psutil.process_iter(["pid", "uids", *attributes]):
+    for proc in psutil.process_iter(["pid", "uids", "cmdline"]):
         uids = proc.info.get("uids")
         if uids is not None and uids.real == uid and proc.pid != os.getpid():
             yield proc
@@ -127,7 +128,7 @@ def daemon_processes(
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             alive = False
     workers, helpers = [], []
-    for proc in _own_processes(["cmdline"]):
+    for proc in _own_processes():
         cmdline = proc.info.get("cmdline") or []
         worker = _is_worker(cmdline, profile_name)
         helper = not worker and _is_helper(cmdline, str(circus_log_file))

@@ -10,7 +10,7 @@ import torch
 from aiida_emlip.models.backbone import BackboneOutput
 from aiida_emlip.models.coulomb_operator import OpenBatchOperator
 from aiida_emlip.models.electrostatics import Electrostatics
-from aiida_emlip.models.ewald_projected import group_blocks, width_groups
+from aiida_emlip.models.ewald_projected import shared_blocks
 from aiida_emlip.models.graph import Graph
 
 HEADS: dict[str, type[Head]] = {}
@@ -218,18 +218,16 @@ def batch_coulomb_matrix(inp: HeadInput, differentiable: bool = False) -> torch.
     batch's from one :class:`~aiida_emlip.models.coulomb_operator.OpenBatchOperator`, else each
     structure's :meth:`~aiida_emlip.models.electrostatics.Electrostatics.coulomb_matrix` as its block
     (small Ewald cells that can share a sum formed together,
-    :func:`~aiida_emlip.models.ewald_projected.group_blocks`); with autograd through the geometry where
+    :func:`~aiida_emlip.models.ewald_projected.shared_blocks`); with autograd through the geometry where
     ``differentiable``."""
     graph, es = inp.graph, inp.electrostatics
     pos = inp.positions if differentiable else inp.positions.detach()
     if not bool(graph.pbc.any()):
         return OpenBatchOperator(es, pos, graph.ptr, [es.config.sigma]).matrices(graph.num_atoms)[0]
     cells = inp.cell if differentiable else inp.cell.detach()
-    sigma = [es.config.sigma]
-    blocks: dict[int, torch.Tensor] = {}  # small Ewald cells that can share a sum: together
-    for indices in width_groups(es, cells, graph.pbc, graph.ptr, sigma):
-        for b, m in group_blocks(es, indices, pos, cells, graph.pbc, graph.ptr, sigma).items():
-            blocks[b] = 0.5 * (m[0] + m[0].transpose(0, 1))
+    # small Ewald cells that can share a sum: together
+    shared = shared_blocks(es, pos, cells, graph.pbc, graph.ptr, [es.config.sigma])
+    blocks = {b: 0.5 * (m[0] + m[0].transpose(0, 1)) for b, m in shared.items()}
     for b, atoms in graph.structures():
         if b not in blocks:
             blocks[b] = es.coulomb_matrix(pos[atoms], cells[b], graph.pbc[b])

@@ -110,6 +110,15 @@ def test_a_reused_pid_is_not_the_arbiter(tmp_path, spawn):
     assert not state.running and state.stale_pid_file
 
 
+def test_a_pid_file_naming_no_valid_pid_is_stale(tmp_path):
+    config, pid_file, log = paths(tmp_path)
+    pid_file.write_text("-5\n")
+    state = daemon_processes("p", config, pid_file, log)
+    assert state.pid == -5 and state.stale_pid_file and not state.running
+    pid_file.write_text("not a number")
+    assert daemon_processes("p", config, pid_file, log) == DaemonProcesses(None, False)
+
+
 def test_no_daemon(tmp_path):
     config, pid_file, log = paths(tmp_path)
     state = daemon_processes("p", config, pid_file, log)

@@ -125,7 +125,7 @@ def daemon_processes(
             proc = psutil.Process(pid)
             zombie = proc.status() == psutil.STATUS_ZOMBIE
             alive = proc.is_running() and not zombie and _is_arbiter(proc.cmdline())
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+        except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):  # ValueError: no valid PID
             alive = False
     workers, helpers = [], []
     for proc in _own_processes():

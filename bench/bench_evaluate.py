@@ -21,7 +21,9 @@
     energy+force evaluation): charges ≥ 1/1.3, qeq ≥ 1/1.6, scf ≥ 1/2.5 of sr's steps per second.
     The calculator starts each step's charge solve from the previous step's charges (its default);
     ``--heads sr,qeq,qeq-cold,scf,scf-cold`` sets each iterative head beside itself without that warm
-    start (iteration counts and steps per second side by side).
+    start (iteration counts and steps per second side by side); ``qeq+graphs`` runs ``qeq`` with the
+    calculator's ``cuda_graphs=True`` (its CG iteration replayed as a CUDA graph; the same as ``qeq``
+    on a CPU).
 
 Usage::
 
@@ -63,6 +65,8 @@ MD_TARGETS = {"charges": 1 / 1.3, "qeq": 1 / 1.6, "scf": 1 / 2.5}
 #: ``<head>-cold``: the same head with the calculator's warm start off (every step's charge solve from
 #: the local guess), to set beside the default, which starts from the previous step's charges.
 COLD = "-cold"
+#: ``<head>+graphs``: the same head with the calculator's ``cuda_graphs`` on.
+GRAPHS = "+graphs"
 OVERHEAD_TARGET = 1.2
 WATER_ATOMS = {1000: 333, 5000: 1667}  # molecules → 999 and 5001 atoms
 SMALL_BOX = 24  # molecules of the overhead workload (72 atoms)
@@ -215,12 +219,13 @@ class MDRun:
         from aiida_emlip.models.calculator import EmlipCalculator
         from aiida_emlip.training.dynamics import thermalize_momenta
 
-        name = head.removesuffix(COLD)
+        name = head.removesuffix(GRAPHS).removesuffix(COLD)
         self.calc = EmlipCalculator(
             make_model(MD_HEADS[name], backbone=backbone),
             device=device,
-            warm_start=not head.endswith(COLD),
+            warm_start=not head.removesuffix(GRAPHS).endswith(COLD),
             kernels=kernels,
+            cuda_graphs=head.endswith(GRAPHS),
         )
         self.atoms = atoms.copy()
         thermalize_momenta(self.atoms, temperature_K=300, rng=np.random.default_rng(0))
@@ -302,7 +307,7 @@ def md_table(
                 "rounds_s_per_step": rounds_seen[head],
                 "iterations": sum(its) / len(its) if its else None,
             }
-            target = MD_TARGETS.get(head)
+            target = MD_TARGETS.get(head.removesuffix(GRAPHS))
             note = f">= {target:.2f}: {verdict(ratio, target)}" if target else ""
             it_text = f"{rows[head]['iterations']:7.1f}" if its else f"{'-':>7}"
             spread = "/".join(f"{t:.3g}" for t in rounds_seen[head])
@@ -352,7 +357,7 @@ def main() -> None:
         if not args.skip_md:
             sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
             heads = [h for h in args.heads.split(",") if h.strip()]
-            unknown = sorted({h.removesuffix(COLD) for h in heads} - set(MD_HEADS))
+            unknown = sorted({h.removesuffix(GRAPHS).removesuffix(COLD) for h in heads} - set(MD_HEADS))
             if unknown:
                 raise SystemExit(f"unknown heads {unknown}; known: {list(MD_HEADS)}")
             names = [b for b in args.backbones.split(",") if b.strip()]

@@ -24,6 +24,9 @@ then ``sr`` again), and keeps each head's best round: a burst of load on a share
 ``sr``'s own run-to-run spread on the largest cells (2.5–3.1 s on NaCl 17 576 on the CPU), then does
 not land on one side of a ratio only.
 
+``qeq+graphs`` runs ``qeq`` with its CG iteration replayed as a CUDA graph
+(:mod:`aiida_emlip.models.heads.replay`; on a CPU the same as ``qeq``), beside the eager ``qeq``.
+
 Usage: ``python bench/bench_heads.py [--quick] [--device auto|cpu|cuda] [--backbone tiny|realistic]
 [--rounds R] [--json out.json]`` (``BENCH_THREADS``: torch threads, default 2).
 """
@@ -31,6 +34,7 @@ Usage: ``python bench/bench_heads.py [--quick] [--device auto|cpu|cuda] [--backb
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import multiprocessing as mp
@@ -77,6 +81,8 @@ REALISTIC_BACKBONE = {
 BACKBONES = {"tiny": BACKBONE, "realistic": REALISTIC_BACKBONE}
 #: The row of ``sr`` run with glibc's default handling of freed memory (CPU only).
 RELEASED = "sr, released"
+#: ``<head>+graphs``: the head with its solver iterations replayed as CUDA graphs.
+GRAPHS = "+graphs"
 
 
 def structure(system: str, size: str):
@@ -136,13 +142,14 @@ def run_one(
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     from aiida_emlip.models.graph import build_graph
+    from aiida_emlip.models.heads.replay import replayed_iterations
     from aiida_emlip.models.host_memory import retain_on_cpu
     from aiida_emlip.models.model import EmlipModel, ModelConfig
 
     if retain:
         retain_on_cpu(device)
     torch.manual_seed(0)
-    spec = HEADS["sr" if head == RELEASED else head]
+    spec = HEADS["sr" if head == RELEASED else head.removesuffix(GRAPHS)]
     model = EmlipModel(
         ModelConfig(elements=["H", "O", "Na", "Cl"], head=spec, backbone=BACKBONES[backbone], dtype="float32")
     ).to(device)
@@ -158,7 +165,8 @@ def run_one(
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        out = model(graph, compute_forces=True, compute_stress=False)
+        with replayed_iterations("graph") if head.endswith(GRAPHS) else contextlib.nullcontext():
+            out = model(graph, compute_forces=True, compute_stress=False)
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
@@ -245,7 +253,7 @@ def table(results: list[dict]) -> str:
             continue
         sr = base.get((r["system"], r["size"]))
         ratio = r["time"] / sr["time"] if sr else float("nan")
-        target = TARGETS.get(r["head"])
+        target = TARGETS.get(r["head"].removesuffix(GRAPHS))
         mark = "" if target is None else (" ✓" if ratio <= target else " ✗")
         dpeak = r["peak_mb"] - sr["peak_mb"] if sr else float("nan")
         its = r["iterations"]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU table of bench/ in two parts, each step under its own time limit so that one slow or failing
 # step leaves the others' figures. Part 1 (~6 min on an H200): head times / sr with the tiny backbone
-# (1k-16k atoms, then 64k) and the realistic one (4k-16k), and the heads' training steps on small molecules
+# (1k-16k atoms, then 64k; qeq beside qeq+graphs, its CG iterations replayed as CUDA graphs) and the realistic one (4k-16k), and the heads' training steps on small molecules
 # in large boxes (the batched Ewald sums, ~1.5 min more). Part 2 (~8 min): training throughput against
 # mace_run_train, every head's training steps against sr's in one process, the backbone's GPU options (TF32, cuEquivariance), MD steps per second (e3nn, then
 # cuEquivariance kernels) and the CUDA tests. Part "compile": torch.compile of the backbone. Each Python
@@ -31,12 +31,12 @@ step() {  # step NAME LIMIT_S COMMAND...
 "$py" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())" \
   | tee -a "$out/summary.txt" || exit 1
 if [ "$part" = 1 ] || [ "$part" = all ]; then
-  step heads_tiny "${LIMIT_HEADS:-150}" "$py" bench/bench_heads.py --device cuda --sizes 1k,4k,16k \
-    --heads sr,fixed,charges,latent,split,qeq,scf,scf-newton,functional --json "$out/heads_tiny.json"
+  step heads_tiny "${LIMIT_HEADS:-170}" "$py" bench/bench_heads.py --device cuda --sizes 1k,4k,16k \
+    --heads sr,fixed,charges,latent,split,qeq,qeq+graphs,scf,scf-newton,functional --json "$out/heads_tiny.json"
   step heads_64k "${LIMIT_64K:-90}" "$py" bench/bench_heads.py --device cuda --sizes 64k \
     --heads sr,charges,split,qeq,scf --json "$out/heads_64k.json"
   step heads_realistic "${LIMIT_REALISTIC:-90}" "$py" bench/bench_heads.py --device cuda --sizes 4k,16k \
-    --backbone realistic --heads sr,charges,qeq,scf --json "$out/heads_realistic.json"
+    --backbone realistic --heads sr,charges,qeq,qeq+graphs,scf --json "$out/heads_realistic.json"
   step train_steps_cells "${LIMIT_TRAIN_CELLS:-90}" "$py" bench/bench_train_step.py --device cuda \
     --dtype float32 --data long-range --batch-size 4 --induction --heads charges,latent,qeq,scf --rounds 4
 fi
@@ -47,12 +47,12 @@ if [ "$part" = 2 ] || [ "$part" = all ]; then
     --heads charges,split,split@last,qeq,scf,functional-bonds --rounds 5
   step backbone_options "${LIMIT_OPTIONS:-80}" "$py" bench/bench_gpu_backbone.py --variants fp32,tf32,cueq \
     --systems water --json "$out/backbone_options.json"
-  step md "${LIMIT_MD:-80}" "$py" bench/bench_evaluate.py --device cuda --skip-overhead --sizes 1000,5000 \
-    --backbones tiny,realistic --steps 3 --rounds 2 --json "$out/md.json"
+  step md "${LIMIT_MD:-90}" "$py" bench/bench_evaluate.py --device cuda --skip-overhead --sizes 1000,5000 \
+    --backbones tiny,realistic --heads sr,charges,qeq,qeq+graphs,scf --steps 3 --rounds 2 --json "$out/md.json"
   step md_cueq "${LIMIT_MD_CUEQ:-60}" "$py" bench/bench_evaluate.py --device cuda --skip-overhead \
     --sizes 1000,5000 --backbones realistic --kernels cueq --steps 3 --rounds 2 --json "$out/md_cueq.json"
   step cuda_tests "${LIMIT_TESTS:-60}" "$py" -m pytest --noconftest -p no:cacheprovider -q -m cuda \
-    tests/test_model_io.py tests/test_electrostatics.py tests/test_neighbours.py
+    tests/test_model_io.py tests/test_electrostatics.py tests/test_neighbours.py tests/test_solver_replay.py
 fi
 if [ "$part" = compile ]; then  # torch.compile of the backbone: its first call did not finish in 35 s
   step compile "${LIMIT_COMPILE:-300}" "$py" bench/bench_gpu_backbone.py --variants fp32,compile --sizes 4k \

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import ClassVar
 
@@ -11,6 +12,7 @@ from ase import Atoms
 from ase.calculators.calculator import CalculationFailed, Calculator, all_changes
 
 from aiida_emlip.models.graph import build_graph
+from aiida_emlip.models.heads.replay import replayed_iterations
 from aiida_emlip.models.host_memory import retain_freed_memory, retain_on_cpu
 from aiida_emlip.models.io import load_model, resolve_device
 from aiida_emlip.models.model import EmlipModel
@@ -69,6 +71,10 @@ class EmlipCalculator(Calculator):
     results; faster on a GPU with its CUDA kernels installed), switching the model given (which can
     then no longer be saved); ``None`` keeps the model's kernels.
 
+    ``cuda_graphs=True`` (on a CUDA device) records one iteration of ``qeq``'s charge solve as a CUDA
+    graph per evaluation and replays it instead of launching its ~270 tensor operations from Python
+    each time (:mod:`~aiida_emlip.models.heads.replay`); off by default, the same results to round-off.
+
     ``retain_memory`` (default: on the CPU) keeps freed host memory in the process for the next
     evaluation (:func:`~aiida_emlip.models.host_memory.retain_freed_memory`: evaluations of 4k–17.6k-atom
     cells 1.3–3.3× faster, whose large tensors otherwise cost a page fault per 4 KiB each time, for a
@@ -92,6 +98,7 @@ class EmlipCalculator(Calculator):
         warm_start: bool = True,
         kernels: str | None = None,
         retain_memory: bool | None = None,
+        cuda_graphs: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -105,6 +112,7 @@ class EmlipCalculator(Calculator):
             self.model.backbone.use_kernels(kernels)
         self.model.eval()
         self.warm_start = warm_start
+        self.cuda_graphs = cuda_graphs
         self._previous: tuple[np.ndarray, float, np.ndarray] | None = None  # numbers, Q, charges
 
     def _initial_charges(self, total: float) -> torch.Tensor | None:
@@ -131,9 +139,13 @@ class EmlipCalculator(Calculator):
         periodic = bool(self.atoms.pbc.all())
         graph = build_graph([self.atoms], self.model.cutoff, self.model.dtype, self.model.device)
         total = float(self.atoms.info.get(TOTAL_CHARGE, 0.0))
-        out = self.model(
-            graph, compute_forces=True, compute_stress=periodic, initial_charges=self._initial_charges(total)
-        )
+        with replayed_iterations("graph") if self.cuda_graphs else contextlib.nullcontext():
+            out = self.model(
+                graph,
+                compute_forces=True,
+                compute_stress=periodic,
+                initial_charges=self._initial_charges(total),
+            )
 
         def numpy(key: str):
             value = out.get(key)

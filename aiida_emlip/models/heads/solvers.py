@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from aiida_emlip.models.heads.replay import replay_mode, start_replay
+
 Matvec = Callable[[torch.Tensor], torch.Tensor]
 
 #: Iterations between two host checks of an iterative solve on an accelerator (see
@@ -425,33 +427,31 @@ def qeq_solve_from(
         project = projector(apply)[0]
 
     every = check_interval(b.device, check_every)
-    hq = matvec(q) if bool(q.any()) else torch.zeros_like(q)
+    mode = replay_mode(b.device)
+    # A replay is captured from operators that have run once (lazy initialisations done): A q is then
+    # formed also for zero charges
+    hq = matvec(q) if mode != "eager" or bool(q.any()) else torch.zeros_like(q)
     r = -(hq + diag * q + b)
     mu = r.mean()
     r = r - mu
     z = project(r)
-    p = z.clone()
-    rz = (r * z).sum()
     target = tol * torch.linalg.vector_norm(b).clamp(min=torch.finfo(b.dtype).tiny)
-    res = torch.linalg.vector_norm(r)
     stalled = torch.zeros((), dtype=torch.bool, device=b.device)
     steps = torch.zeros((), dtype=torch.long, device=b.device)
-    it = 0
-    while it < maxiter:
+    # the state of the iteration: q, r, z, p, rᵀz, μ, ‖r‖, M⁻¹ found not positive, iterations taken
+    state = (q, r, z, z.clone(), (r * z).sum(), mu, torch.linalg.vector_norm(r), stalled, steps)
+
+    def flags(state: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whether the iteration goes on, and whether M⁻¹ is not positive where it does."""
+        res, rz, stalled = state[6], state[4], state[7]
         active = res > target
         if checked:
             stalled = stalled | (active & ~(rz > 0))
-        if it % every == 0:
-            go, bad = (bool(v) for v in _host(torch.stack([active, stalled])))
-            if not go:
-                break
-            if bad:  # M⁻¹ not positive here: its fallback from the current charges
-                apply, source, checked = _preconditioner(_fallback(source))
-                project, fell_back = projector(apply)[0], True
-                stalled = torch.zeros_like(stalled)
-                z = project(r)
-                p = z.clone()
-                rz = (r * z).sum()
+        return active, stalled
+
+    def step(state: tuple) -> tuple:
+        q, r, z, p, rz, mu, _, _, steps = state
+        active, stalled = flags(state)
         moving = active & ~stalled
         hp = matvec(p) + diag * p
         alpha = torch.where(moving, rz / (p * hp).sum(), torch.zeros_like(rz))
@@ -464,9 +464,27 @@ def qeq_solve_from(
         rz_new = (r * z).sum()
         p = torch.where(moving, z + _polak_ribiere(rz_new, (r * z_old).sum(), rz) * p, p)
         rz = torch.where(moving, rz_new, rz)
-        res = torch.linalg.vector_norm(r)
-        steps = steps + moving
+        return q, r, z, p, rz, mu, torch.linalg.vector_norm(r), stalled, steps + moving
+
+    replay = start_replay(step, state, mode) if maxiter > 0 else None
+    state = state if replay is None else replay.state
+    it = 0
+    while it < maxiter:
+        if it % every == 0:
+            # one host transfer for both tests: anything left to do, and is M⁻¹ still positive there
+            go, bad = (bool(v) for v in _host(torch.stack(flags(state))))
+            if not go:
+                break
+            if bad:  # M⁻¹ not positive here: its fallback from the current charges
+                apply, source, checked = _preconditioner(_fallback(source))
+                project, fell_back = projector(apply)[0], True
+                q, r, _, _, _, mu, res, _, steps = state
+                z = project(r)
+                state = (q, r, z, z.clone(), (r * z).sum(), mu, res, torch.zeros_like(stalled), steps)
+                replay = None  # a replay holds the former preconditioner
+        state = step(state) if replay is None else replay()
         it += 1
+    q, _, _, _, _, mu, res, _, steps = state
     res_host, target_host, taken = _host(torch.stack([res, target, steps.to(res.dtype)]))
     info = SolveInfo(
         int(taken), res_host / max(target_host, 1e-300) * tol, res_host <= target_host, fell_back

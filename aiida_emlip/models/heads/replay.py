@@ -9,12 +9,12 @@ recorded once as a CUDA graph and replayed as one launch.
 :class:`IterationReplay` runs one iteration ``step(state) → state`` (a tuple of tensors) in place on its
 own copies of the state tensors: in ``graph`` mode captured as a CUDA graph and replayed; in ``emulate``
 mode (any device, for tests) by calling ``step`` again on the same tensors, the data flow of a replay
-without the graph. Only the iterations are replayed: the operators' set-up and the solve's start (which
-warm up the kernels before a capture) run eagerly. The solvers ask :func:`replay_mode` which to use; the
-default is ``eager`` (no replay), and :func:`replayed_iterations` switches it for a block of code (the
-calculator's ``cuda_graphs`` option). Should a capture fail (an operation that
-synchronises with the host, a library that does not support capture), the solve goes on eagerly and no
-capture is tried again in the process.
+without the graph (and, as a capture, once at the start with its results dropped). Only the iterations
+are replayed: the operators' set-up and the solve's start (which warm up the kernels before a capture)
+run eagerly. The solvers ask :func:`replay_mode` which to use; the default is ``eager`` (no replay), and
+:func:`replayed_iterations` switches it for a block of code (the calculator's ``cuda_graphs`` option).
+Should a capture fail (an operation that synchronises with the host, a library that does not support
+capture), the solve goes on eagerly and no capture is tried again in the process.
 """
 
 from __future__ import annotations
@@ -78,6 +78,9 @@ class IterationReplay:
             with torch.no_grad(), torch.cuda.graph(graph):
                 self._write(step(self.state))
             self._graph = graph
+        else:  # a capture's work: the step formed once, its results not kept (a capture runs nothing)
+            with torch.no_grad():
+                step(self.state)
 
     def _write(self, new: State) -> None:
         """Copy an iteration's results into the state tensors; a result that is itself another state

@@ -99,9 +99,9 @@ class TurningPreconditioner:
     def __init__(self, diag: torch.Tensor, below: float) -> None:
         self.diag, self.below = diag.clone(), below
 
-    def __call__(self, r: torch.Tensor) -> torch.Tensor:
-        sign = torch.where(torch.linalg.vector_norm(r) > self.below, 1.0, -1.0)
-        return sign * r / self.diag
+    def __call__(self, r: torch.Tensor) -> torch.Tensor:  # r: [N] or [N, C], a sign per column
+        sign = torch.where(torch.linalg.vector_norm(r, dim=0) > self.below, 1.0, -1.0)
+        return sign * r / (self.diag if r.dim() == 1 else self.diag[:, None])
 
 
 @pytest.mark.parametrize("every", [1, 6])

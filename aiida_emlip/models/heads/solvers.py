@@ -411,21 +411,6 @@ def qeq_solve_from(
     q = start + (torch.as_tensor(total, dtype=b.dtype, device=b.device) - start.sum()) / n
     apply, source, checked = _preconditioner(torch.ones_like(b) if precond is None else precond)
 
-    def projector(apply):
-        m1 = apply(torch.ones_like(b))  # M⁻¹ 1: the projection onto Σ = 0 in the metric of M
-
-        def project(r: torch.Tensor) -> torch.Tensor:
-            z = apply(r)
-            return z - m1 * (z.sum() / m1.sum())
-
-        return project, m1.sum()
-
-    project, m1_sum = projector(apply)
-    fell_back = checked and not float(m1_sum) > 0.0
-    if fell_back:
-        apply, source, checked = _preconditioner(_fallback(source))
-        project = projector(apply)[0]
-
     every = check_interval(b.device, check_every)
     mode = replay_mode(b.device)
     # A replay is captured from operators that have run once (lazy initialisations done): A q is then
@@ -434,7 +419,26 @@ def qeq_solve_from(
     r = -(hq + diag * q + b)
     mu = r.mean()
     r = r - mu
-    z = project(r)
+
+    def projector(apply, r: torch.Tensor):
+        """``M⁻¹`` projected onto Σ = 0 in its own metric, ``x ↦ z − M⁻¹1 (1ᵀz)/(1ᵀM⁻¹1)`` with
+        ``z = M⁻¹x``, the denominator ``1ᵀM⁻¹1`` and the projected ``M⁻¹r`` (``M⁻¹1`` and ``M⁻¹r``
+        formed in one application of two channels)."""
+        both = apply(torch.stack([torch.ones_like(r), r], dim=1))
+        m1_sum = both[:, 0].sum()
+        unit = both[:, 0] / m1_sum
+
+        def project(x: torch.Tensor) -> torch.Tensor:
+            z = apply(x)
+            return z - unit * z.sum()
+
+        return project, m1_sum, both[:, 1] - unit * both[:, 1].sum()
+
+    project, m1_sum, z = projector(apply, r)
+    fell_back = checked and not float(m1_sum) > 0.0
+    if fell_back:
+        apply, source, checked = _preconditioner(_fallback(source))
+        project, _, z = projector(apply, r)
     target = tol * torch.linalg.vector_norm(b).clamp(min=torch.finfo(b.dtype).tiny)
     stalled = torch.zeros((), dtype=torch.bool, device=b.device)
     steps = torch.zeros((), dtype=torch.long, device=b.device)
@@ -477,9 +481,9 @@ def qeq_solve_from(
                 break
             if bad:  # M⁻¹ not positive here: its fallback from the current charges
                 apply, source, checked = _preconditioner(_fallback(source))
-                project, fell_back = projector(apply)[0], True
                 q, r, _, _, _, mu, res, _, steps = state
-                z = project(r)
+                project, _, z = projector(apply, r)
+                fell_back = True
                 state = (q, r, z, z.clone(), (r * z).sum(), mu, res, torch.zeros_like(stalled), steps)
                 replay = None  # a replay holds the former preconditioner
         state = step(state) if replay is None else replay()

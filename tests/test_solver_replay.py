@@ -74,8 +74,8 @@ def test_replayed_projected_cg_equals_the_eager_one_bit_for_bit(monkeypatch, eve
     counter = ReplayCounter(monkeypatch)
     q1, mu1, info1 = solve("emulate", *args, tol=1e-12, check_every=every)
     assert info0.converged and info0.iterations >= 6
-    # every iteration replayed, up to the host check that saw convergence
-    assert info0.iterations <= counter.calls <= info0.iterations + every - 1
+    # the first iteration eager, the others replayed up to the host check that saw convergence
+    assert info0.iterations - 1 <= counter.calls <= info0.iterations + every - 2
     assert torch.equal(q1, q0) and torch.equal(mu1, mu0)
     assert info1 == info0
     # and the answer is QEq's: the dense KKT solve of the same operator
@@ -190,7 +190,7 @@ def test_qeq_model_with_replayed_iterations_gives_the_eager_results(monkeypatch)
             energy, forces = frame.get_potential_energy(), frame.get_forces()
         results.append((energy, forces, int(calc.results["iterations"])))
     (e0, f0, it0), (e1, f1, it1) = results
-    assert it0 == it1 > 3 and counter.calls == it0
+    assert it0 == it1 > 3 and counter.calls == it0 - 1
     assert e1 == e0 and np.array_equal(f1, f0)
 
 

@@ -72,7 +72,7 @@ class EmlipCalculator(Calculator):
     then no longer be saved); ``None`` keeps the model's kernels.
 
     ``cuda_graphs=True`` (on a CUDA device) records one iteration of ``qeq``'s charge solve as a CUDA
-    graph per evaluation and replays it instead of launching its ~270 tensor operations from Python
+    graph per evaluation and replays it instead of launching its ~250 tensor operations from Python
     each time (:mod:`~aiida_emlip.models.heads.replay`); off by default, the same results to round-off.
 
     ``retain_memory`` (default: on the CPU) keeps freed host memory in the process for the next

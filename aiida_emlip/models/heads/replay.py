@@ -1,7 +1,7 @@
 """Solver iterations replayed as CUDA graphs (no AiiDA).
 
 On a GPU, a self-consistent head's small models are bound by kernel launches, not arithmetic: one
-iteration of ``qeq``'s projected conjugate gradients is about 270 tensor operations (the Coulomb
+iteration of ``qeq``'s projected conjugate gradients is about 250 tensor operations (the Coulomb
 operator, the mesh preconditioner's inner steps, the CG updates), each launched from Python, and costs
 about the same time from 1k to 17k atoms. An iteration has fixed shapes within one solve, so it can be
 recorded once as a CUDA graph and replayed as one launch.
@@ -9,12 +9,13 @@ recorded once as a CUDA graph and replayed as one launch.
 :class:`IterationReplay` runs one iteration ``step(state) → state`` (a tuple of tensors) in place on its
 own copies of the state tensors: in ``graph`` mode captured as a CUDA graph and replayed; in ``emulate``
 mode (any device, for tests) by calling ``step`` again on the same tensors, the data flow of a replay
-without the graph (and, as a capture, once at the start with its results dropped). Only the iterations
-are replayed: the operators' set-up and the solve's start (which warm up the kernels before a capture)
-run eagerly. The solvers ask :func:`replay_mode` which to use; the default is ``eager`` (no replay), and
-:func:`replayed_iterations` switches it for a block of code (the calculator's ``cuda_graphs`` option).
-Should a capture fail (an operation that synchronises with the host, a library that does not support
-capture), the solve goes on eagerly and no capture is tried again in the process.
+without the graph (and, as a capture, once at the start with its results dropped). The first iteration
+of a solve runs eagerly: it runs every operator of the step once (lazy initialisations such as cuFFT
+plans are then done before a capture) and moves the solve on; the operators' set-up and the solve's
+start are not replayed either. The solvers ask :func:`replay_mode` which to use; the default is
+``eager`` (no replay), and :func:`replayed_iterations` switches it for a block of code (the calculator's
+``cuda_graphs`` option). Should a capture fail (an operation that synchronises with the host, a library
+that does not support capture), the solve goes on eagerly and no capture is tried again in the process.
 """
 
 from __future__ import annotations
@@ -61,12 +62,12 @@ def replayed_iterations(mode: str = "graph") -> Iterator[None]:
 class IterationReplay:
     """One iteration ``step`` of a solver, run in place on fixed state tensors.
 
-    ``state``: the solver's state, formed by the operators that ``step`` applies (so that their lazy
-    initialisations, cuFFT plans for instance, are done before a capture); it is copied, and every call
-    advances the copies by one iteration and returns them (the same tensor objects each time: read them
-    before the next call). ``step`` must be a function of its argument and of tensors that stay alive
-    and unchanged for the whole solve (the geometry's operators), and its outputs must have the shapes
-    and dtypes of its inputs.
+    ``state``: the solver's state after an eager iteration (so that the lazy initialisations of the
+    operators ``step`` applies, cuFFT plans for instance, are done before a capture); it is copied, and
+    every call advances the copies by one iteration and returns them (the same tensor objects each time:
+    read them before the next call). ``step`` must be a function of its argument and of tensors that
+    stay alive and unchanged for the whole solve (the geometry's operators), and its outputs must have
+    the shapes and dtypes of its inputs.
     """
 
     def __init__(self, step: Step, state: State, mode: str) -> None:

@@ -412,10 +412,7 @@ def qeq_solve_from(
     apply, source, checked = _preconditioner(torch.ones_like(b) if precond is None else precond)
 
     every = check_interval(b.device, check_every)
-    mode = replay_mode(b.device)
-    # A replay is captured from operators that have run once (lazy initialisations done): A q is then
-    # formed also for zero charges
-    hq = matvec(q) if mode != "eager" or bool(q.any()) else torch.zeros_like(q)
+    hq = matvec(q) if bool(q.any()) else torch.zeros_like(q)
     r = -(hq + diag * q + b)
     mu = r.mean()
     r = r - mu
@@ -470,8 +467,7 @@ def qeq_solve_from(
         rz = torch.where(moving, rz_new, rz)
         return q, r, z, p, rz, mu, torch.linalg.vector_norm(r), stalled, steps + moving
 
-    replay = start_replay(step, state, mode) if maxiter > 0 else None
-    state = state if replay is None else replay.state
+    mode, replay = replay_mode(b.device), None
     it = 0
     while it < maxiter:
         if it % every == 0:
@@ -486,7 +482,15 @@ def qeq_solve_from(
                 fell_back = True
                 state = (q, r, z, z.clone(), (r * z).sum(), mu, res, torch.zeros_like(stalled), steps)
                 replay = None  # a replay holds the former preconditioner
-        state = step(state) if replay is None else replay()
+        if replay is not None:
+            state = replay()
+        else:
+            state = step(state)
+            if it == 0 and mode != "eager" and maxiter > 1:
+                # replay the iterations after the first, which ran every operator of the step once
+                # (lazy initialisations such as cuFFT plans done before a capture)
+                replay = start_replay(step, state, mode)
+                state = state if replay is None else replay.state
         it += 1
     q, _, _, _, _, mu, res, _, steps = state
     res_host, target_host, taken = _host(torch.stack([res, target, steps.to(res.dtype)]))

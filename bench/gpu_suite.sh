@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
-# Every GPU table of bench/ in two parts, each step under its own time limit so that one slow or failing
+# Every GPU table of bench/ in parts, each step under its own time limit so that one slow or failing
 # step leaves the others' figures. Part 1 (~6 min on an H200): head times / sr with the tiny backbone
-# (1k-16k atoms, then 64k; qeq beside qeq+graphs, its CG iterations replayed as CUDA graphs) and the realistic one (4k-16k), and the heads' training steps on small molecules
-# in large boxes (the batched Ewald sums, ~1.5 min more). Part 2 (~8 min): training throughput against
-# mace_run_train, every head's training steps against sr's in one process, the backbone's GPU options (TF32, cuEquivariance), MD steps per second (e3nn, then
-# cuEquivariance kernels) and the CUDA tests. Part "compile": torch.compile of the backbone. Each Python
-# process spends ~20 s starting (imports, TorchScript of e3nn).
+# (1k-16k atoms, then 64k; qeq beside qeq+graphs, its CG iterations replayed as CUDA graphs) and the
+# realistic one (4k-16k), and the heads' training steps on small molecules in large boxes (the batched
+# Ewald sums, ~1.5 min more). Part 2 (~8 min): training throughput against mace_run_train, every head's
+# training steps against sr's in one process, the backbone's GPU options (TF32, cuEquivariance), MD steps
+# per second (e3nn, then cuEquivariance kernels) and the CUDA tests. Part "graphs" (~5 min): the CUDA
+# graph replay of qeq's CG alone (its CUDA test, head times and MD steps beside the eager qeq). Part
+# "compile": torch.compile of the backbone. Each Python process spends ~20 s starting (imports,
+# TorchScript of e3nn).
 #
-#   bash bench/gpu_suite.sh OUTDIR [1|2|all|compile]   (needs a CUDA device; aiida-emlip importable, no AiiDA)
+#   bash bench/gpu_suite.sh OUTDIR [1|2|all|graphs|compile]   (needs a CUDA device; aiida-emlip importable, no AiiDA)
 #
 # Each step writes OUTDIR/<step>.log (and .json where the script has one); OUTDIR/summary.txt lists
 # each step's exit status and seconds (124: stopped at its limit, its JSON keeps what was measured).
 set -u
-out=${1:?usage: gpu_suite.sh OUTDIR [1|2|all|compile]}
+out=${1:?usage: gpu_suite.sh OUTDIR [1|2|all|graphs|compile]}
 part=${2:-all}
 mkdir -p "$out"
 here=$(cd "$(dirname "$0")" && pwd)
@@ -53,6 +56,14 @@ if [ "$part" = 2 ] || [ "$part" = all ]; then
     --sizes 1000,5000 --backbones realistic --kernels cueq --steps 3 --rounds 2 --json "$out/md_cueq.json"
   step cuda_tests "${LIMIT_TESTS:-60}" "$py" -m pytest --noconftest -p no:cacheprovider -q -m cuda \
     tests/test_model_io.py tests/test_electrostatics.py tests/test_neighbours.py tests/test_solver_replay.py
+fi
+if [ "$part" = graphs ]; then  # qeq's CG iterations replayed as CUDA graphs: the test, then side by side
+  step graphs_tests "${LIMIT_GRAPHS_TESTS:-90}" "$py" -m pytest --noconftest -p no:cacheprovider -q -m cuda \
+    tests/test_solver_replay.py
+  step graphs_heads "${LIMIT_GRAPHS_HEADS:-150}" "$py" bench/bench_heads.py --device cuda --sizes 1k,4k,16k \
+    --heads sr,qeq,qeq+graphs --rounds 2 --json "$out/graphs_heads.json"
+  step graphs_md "${LIMIT_GRAPHS_MD:-90}" "$py" bench/bench_evaluate.py --device cuda --skip-overhead \
+    --sizes 1000,5000 --backbones tiny --heads sr,qeq,qeq+graphs --steps 3 --rounds 2 --json "$out/graphs_md.json"
 fi
 if [ "$part" = compile ]; then  # torch.compile of the backbone: its first call did not finish in 35 s
   step compile "${LIMIT_COMPILE:-300}" "$py" bench/bench_gpu_backbone.py --variants fp32,compile --sizes 4k \

@@ -405,7 +405,9 @@ def qeq_solve_from(
     :func:`qeq_solve`'s test), looked at by the host every :func:`check_interval` iterations as in
     :func:`conjugate_gradient`, and once before the loop: the cold start of a neutral structure (q = 0)
     takes its first residual without applying ``A``. No ``H⁻¹ 1`` is formed: for inference, not for
-    the implicit derivatives of training.
+    the implicit derivatives of training. Within :func:`~aiida_emlip.models.heads.replay.replayed_iterations`
+    the iterations after the first are replayed (on a GPU as a CUDA graph) and, should ``M⁻¹`` turn out
+    not positive, run eagerly again from the fallback on.
     """
     n = b.shape[0]
     q = start + (torch.as_tensor(total, dtype=b.dtype, device=b.device) - start.sum()) / n

@@ -1,10 +1,11 @@
 """Solver iterations replayed in place: the data flow of a CUDA-graph replay.
 
-``qeq``'s projected CG can record one iteration as a CUDA graph and replay it on fixed state tensors
+``qeq``'s CG solves (the projected CG of inference, the lock-step CG of training) can record one
+iteration as a CUDA graph and replay it on fixed state tensors
 (:mod:`aiida_emlip.models.heads.replay`). ``emulate`` mode runs that data flow on the CPU — one eager
 iteration, then the same step called again and again on the replay's own state tensors, its results
 copied into them — so the bookkeeping around a replay (state hand-over, host checks, the
-preconditioner's fallback, maxiter) is tested here; the graph itself on a GPU (``test_model_io.py``).
+preconditioner's fallback, maxiter) is tested here; the graph itself on a GPU (the CUDA test at the end).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from aiida_emlip.models.coulomb_operator import MeshPreconditioner, gaussian_sel
 from aiida_emlip.models.electrostatics import Electrostatics
 from aiida_emlip.models.heads import replay
 from aiida_emlip.models.heads.replay import IterationReplay, replay_mode, replayed_iterations, start_replay
-from aiida_emlip.models.heads.solvers import qeq_solve, qeq_solve_from
+from aiida_emlip.models.heads.solvers import conjugate_gradient, qeq_solve, qeq_solve_from
 
 DT = torch.float64
 
@@ -192,6 +193,73 @@ def test_qeq_model_with_replayed_iterations_gives_the_eager_results(monkeypatch)
     (e0, f0, it0), (e1, f1, it1) = results
     assert it0 == it1 > 3 and counter.calls == it0 - 1
     assert e1 == e0 and np.array_equal(f1, f0)
+
+
+@pytest.mark.parametrize("every", [1, 5])
+def test_replayed_lock_step_cg_equals_the_eager_one_bit_for_bit(monkeypatch, every):
+    """The lock-step CG of training (``H x = −b`` and ``H y = 1`` together, the mesh preconditioner)."""
+    op, hardness, chi, precond = coulomb_problem(seed=2)
+    rhs = torch.stack([-chi, torch.ones_like(chi)], dim=1)
+
+    def matvec(x: torch.Tensor) -> torch.Tensor:
+        return op.potential(x) + hardness[:, None] * x
+
+    results = []
+    for mode in ("eager", "emulate"):
+        counter = ReplayCounter(monkeypatch)
+        with replayed_iterations(mode):
+            results.append(
+                (*conjugate_gradient(matvec, rhs, precond, tol=1e-12, check_every=every), counter.calls)
+            )
+    (x0, info0, _), (x1, info1, replayed) = results
+    assert info0.converged and info0.iterations >= 6
+    assert info0.iterations - 1 <= replayed <= info0.iterations + every - 2
+    assert torch.equal(x1, x0) and info1 == info0
+    assert torch.allclose(matvec(x1), rhs, atol=1e-9, rtol=0)
+
+
+def test_lock_step_cg_fallback_mid_solve_drops_the_replay(monkeypatch):
+    h, b = spd_system(seed=3)
+    rhs = torch.stack([b, torch.ones_like(b)], dim=1)
+    results = []
+    for mode in ("eager", "emulate"):
+        precond = TurningPreconditioner(torch.diagonal(h), below=0.05 * float(b.norm()))
+        counter = ReplayCounter(monkeypatch)
+        with replayed_iterations(mode):
+            results.append(
+                (*conjugate_gradient(lambda v: h @ v, rhs, precond, tol=1e-12, check_every=4), counter.calls)
+            )
+    (x0, info0, _), (x1, info1, replayed) = results
+    assert info0.fallback and info0.converged and info0.iterations > 20
+    assert torch.equal(x1, x0) and info1 == info0
+    assert 3 <= replayed < info0.iterations // 2
+
+
+def test_qeq_training_step_with_replayed_iterations_gives_the_eager_gradients(monkeypatch):
+    """A training step of ``qeq`` on its CG solver (the lock-step solve and the implicit derivatives):
+    the same energies, forces and parameter gradients bit for bit with the iterations replayed."""
+    from models_helpers import tiny_model
+
+    from aiida_emlip.models.graph import build_graph
+
+    counter = ReplayCounter(monkeypatch)
+    atoms = bulk("NaCl", "rocksalt", a=5.64, cubic=True).repeat((2, 2, 2))
+    atoms.positions += np.random.default_rng(6).normal(scale=0.1, size=atoms.positions.shape)
+    results = []
+    for mode in ("eager", "emulate"):
+        model = tiny_model({"name": "qeq", "solver": "cg", "tol": 1e-10}, seed=4)
+        model.train()
+        graph = build_graph([atoms], model.cutoff, model.dtype)
+        with replayed_iterations(mode):
+            out = model(graph, compute_stress=False, create_graph=True)
+            loss = (out["energy"] ** 2).sum() + (out["forces"] ** 2).mean()
+            params = [p for p in model.parameters() if p.requires_grad]
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        results.append((out["energy"].detach(), out["forces"].detach(), [g for g in grads if g is not None]))
+    assert counter.calls > 3  # the lock-step solve was replayed
+    (e0, f0, g0), (e1, f1, g1) = results
+    assert torch.equal(e1, e0) and torch.equal(f1, f0)
+    assert len(g0) == len(g1) > 0 and all(torch.equal(a, b) for a, b in zip(g0, g1, strict=True))
 
 
 @pytest.mark.cuda

@@ -1,10 +1,10 @@
 """Solver iterations replayed as CUDA graphs (no AiiDA).
 
 On a GPU, a self-consistent head's small models are bound by kernel launches, not arithmetic: one
-iteration of ``qeq``'s projected conjugate gradients is about 250 tensor operations (the Coulomb
-operator, the mesh preconditioner's inner steps, the CG updates), each launched from Python, and costs
-about the same time from 1k to 17k atoms. An iteration has fixed shapes within one solve, so it can be
-recorded once as a CUDA graph and replayed as one launch.
+iteration of ``qeq``'s conjugate gradients (projected for inference, lock-step for training) is about
+250 tensor operations (the Coulomb operator, the mesh preconditioner's inner steps, the CG updates),
+each launched from Python, and costs about the same time from 1k to 17k atoms. An iteration has fixed
+shapes within one solve, so it can be recorded once as a CUDA graph and replayed as one launch.
 
 :class:`IterationReplay` runs one iteration ``step(state) → state`` (a tuple of tensors) in place on its
 own copies of the state tensors: in ``graph`` mode captured as a CUDA graph and replayed; in ``emulate``

@@ -129,7 +129,9 @@ def conjugate_gradient(
     Each column's tests run on the device: a converged column stops moving (its step length is zero),
     and so does one where ``M⁻¹`` is not positive, until the host next looks, every
     :func:`check_interval` iterations, and moves all columns to the fallback. The iterations reported
-    are those of the column that needed most, whatever the interval.
+    are those of the column that needed most, whatever the interval. Within
+    :func:`~aiida_emlip.models.heads.replay.replayed_iterations` the iterations after the first are
+    replayed (on a GPU as a CUDA graph), as in :func:`qeq_solve_from`.
     """
     vector = b.dim() == 1
     b2 = b[:, None] if vector else b
@@ -138,29 +140,24 @@ def conjugate_gradient(
     x = torch.zeros_like(b2) if x0 is None else (x0[:, None] if vector else x0).clone()
     r = b2 - matvec(x) if x0 is not None else b2.clone()
     z = apply(r)
-    p = z.clone()
-    rz = (r * z).sum(0)
     target = tol * torch.linalg.vector_norm(b2, dim=0).clamp(min=torch.finfo(b.dtype).tiny)
     res = torch.linalg.vector_norm(r, dim=0)
     stalled = torch.zeros_like(res, dtype=torch.bool)  # columns waiting for the fallback
     steps = torch.zeros_like(res, dtype=torch.long)  # iterations each column has taken
-    it, fell_back = 0, False
-    while it < maxiter:
+    # the state of the iteration: X, R, Z, P, rᵀz, ‖r‖, columns where M⁻¹ was not positive, iterations
+    state = (x, r, z, z.clone(), (r * z).sum(0), res, stalled, steps)
+
+    def flags(state: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """The columns still moving on, and those where ``M⁻¹`` is not positive."""
+        rz, res, stalled = state[4], state[5], state[6]
         active = res > target
         if checked:
             stalled = stalled | (active & ~(rz > 0))
-        if it % every == 0:
-            # one host transfer for both tests: anything left to do, and is M⁻¹ still positive there
-            go, bad = (bool(v) for v in _host(torch.stack([active.any(), stalled.any()])))
-            if not go:
-                break
-            if bad:
-                apply, source, checked = _preconditioner(_fallback(source))
-                fell_back = True
-                stalled = torch.zeros_like(stalled)
-                z = apply(r)
-                p = z.clone()
-                rz = (r * z).sum(0)
+        return active, stalled
+
+    def step(state: tuple) -> tuple:
+        x, r, z, p, rz, _, _, steps = state
+        active, stalled = flags(state)
         moving = active & ~stalled
         hp = matvec(p)
         php = (p * hp).sum(0)
@@ -172,9 +169,33 @@ def conjugate_gradient(
         beta = torch.where(moving, _polak_ribiere(rz_new, (r * z_old).sum(0), rz), torch.zeros_like(rz))
         p = torch.where(moving, z + beta * p, p)
         rz = torch.where(moving, rz_new, rz)
-        res = torch.linalg.vector_norm(r, dim=0)
-        steps = steps + moving
+        return x, r, z, p, rz, torch.linalg.vector_norm(r, dim=0), stalled, steps + moving
+
+    mode, replay = replay_mode(b.device), None
+    it, fell_back = 0, False
+    while it < maxiter:
+        if it % every == 0:
+            # one host transfer for both tests: anything left to do, and is M⁻¹ still positive there
+            active, stalled = flags(state)
+            go, bad = (bool(v) for v in _host(torch.stack([active.any(), stalled.any()])))
+            if not go:
+                break
+            if bad:
+                apply, source, checked = _preconditioner(_fallback(source))
+                fell_back = True
+                x, r, _, _, _, res, stalled, steps = state
+                z = apply(r)
+                state = (x, r, z, z.clone(), (r * z).sum(0), res, torch.zeros_like(stalled), steps)
+                replay = None  # a replay holds the former preconditioner
+        if replay is not None:
+            state = replay()
+        else:
+            state = step(state)
+            if it == 0 and mode != "eager" and maxiter > 1:
+                replay = start_replay(step, state, mode)  # see qeq_solve_from
+                state = state if replay is None else replay.state
         it += 1
+    x, _, _, _, _, res, _, steps = state
     worst, converged, taken = _host(
         torch.stack(
             [

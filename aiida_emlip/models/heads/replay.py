@@ -120,3 +120,18 @@ def start_replay(step: Step, state: State, mode: str) -> IterationReplay | None:
             stacklevel=2,
         )
         return None
+
+
+def advance(
+    step: Step, state: State, replay: IterationReplay | None, first: bool, mode: str
+) -> tuple[State, IterationReplay | None]:
+    """One iteration of a solver loop: by ``replay`` where one runs, else eagerly by ``step``; after the
+    ``first`` iteration of a solve (eager: it runs every operator of the step once, so that lazy
+    initialisations such as cuFFT plans are done before a capture) the replay of the others starts in
+    ``mode``. Returns the new state and the replay to use next."""
+    if replay is not None:
+        return replay(), replay
+    state = step(state)
+    if first:
+        replay = start_replay(step, state, mode)
+    return (state if replay is None else replay.state), replay

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from aiida_emlip.models.heads.replay import replay_mode, start_replay
+from aiida_emlip.models.heads.replay import advance, replay_mode
 
 Matvec = Callable[[torch.Tensor], torch.Tensor]
 
@@ -187,13 +187,7 @@ def conjugate_gradient(
                 z = apply(r)
                 state = (x, r, z, z.clone(), (r * z).sum(0), res, torch.zeros_like(stalled), steps)
                 replay = None  # a replay holds the former preconditioner
-        if replay is not None:
-            state = replay()
-        else:
-            state = step(state)
-            if it == 0 and mode != "eager" and maxiter > 1:
-                replay = start_replay(step, state, mode)  # see qeq_solve_from
-                state = state if replay is None else replay.state
+        state, replay = advance(step, state, replay, it == 0 and maxiter > 1, mode)
         it += 1
     x, _, _, _, _, res, _, steps = state
     worst, converged, taken = _host(
@@ -505,15 +499,7 @@ def qeq_solve_from(
                 fell_back = True
                 state = (q, r, z, z.clone(), (r * z).sum(), mu, res, torch.zeros_like(stalled), steps)
                 replay = None  # a replay holds the former preconditioner
-        if replay is not None:
-            state = replay()
-        else:
-            state = step(state)
-            if it == 0 and mode != "eager" and maxiter > 1:
-                # replay the iterations after the first, which ran every operator of the step once
-                # (lazy initialisations such as cuFFT plans done before a capture)
-                replay = start_replay(step, state, mode)
-                state = state if replay is None else replay.state
+        state, replay = advance(step, state, replay, it == 0 and maxiter > 1, mode)
         it += 1
     q, _, _, _, _, mu, res, _, steps = state
     res_host, target_host, taken = _host(torch.stack([res, target, steps.to(res.dtype)]))

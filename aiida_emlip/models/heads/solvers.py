@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from aiida_emlip.models.heads.replay import advance, replay_mode
+from aiida_emlip.models.heads.replay import State, advance, replay_mode
 
 Matvec = Callable[[torch.Tensor], torch.Tensor]
 
@@ -109,6 +109,34 @@ def _host(values: torch.Tensor) -> list:
     return values.tolist()
 
 
+def _iterate(
+    state: State,
+    step: Callable[[State], State],
+    flags: Callable[[State], tuple[torch.Tensor, torch.Tensor]],
+    fall_back: Callable[[State], State],
+    every: int,
+    maxiter: int,
+) -> State:
+    """The loop of the conjugate-gradient solves: up to ``maxiter`` iterations ``step`` from ``state``.
+
+    Every ``every`` iterations the host reads ``flags(state)`` — what still moves, and where ``M⁻¹`` was
+    found not positive — in one transfer: it stops when nothing moves, and moves to ``fall_back(state)``
+    (the Jacobi fallback; the caller rebinds its preconditioner) where ``M⁻¹`` failed. Within
+    :func:`~aiida_emlip.models.heads.replay.replayed_iterations` the iterations after the first are
+    replayed, until a fallback (the replay holds the former preconditioner)."""
+    mode, replay = replay_mode(state[0].device), None
+    for it in range(maxiter):
+        if it % every == 0:
+            tests = [t if t.dim() == 0 else t.any() for t in flags(state)]  # one column: already a scalar
+            go, bad = (bool(v) for v in _host(torch.stack(tests)))
+            if not go:
+                break
+            if bad:
+                state, replay = fall_back(state), None
+        state, replay = advance(step, state, replay, it == 0 and maxiter > 1, mode)
+    return state
+
+
 def conjugate_gradient(
     matvec: Matvec,
     b: torch.Tensor,
@@ -171,24 +199,17 @@ def conjugate_gradient(
         rz = torch.where(moving, rz_new, rz)
         return x, r, z, p, rz, torch.linalg.vector_norm(r, dim=0), stalled, steps + moving
 
-    mode, replay = replay_mode(b.device), None
-    it, fell_back = 0, False
-    while it < maxiter:
-        if it % every == 0:
-            # one host transfer for both tests: anything left to do, and is M⁻¹ still positive there
-            active, stalled = flags(state)
-            go, bad = (bool(v) for v in _host(torch.stack([active.any(), stalled.any()])))
-            if not go:
-                break
-            if bad:
-                apply, source, checked = _preconditioner(_fallback(source))
-                fell_back = True
-                x, r, _, _, _, res, stalled, steps = state
-                z = apply(r)
-                state = (x, r, z, z.clone(), (r * z).sum(0), res, torch.zeros_like(stalled), steps)
-                replay = None  # a replay holds the former preconditioner
-        state, replay = advance(step, state, replay, it == 0 and maxiter > 1, mode)
-        it += 1
+    fell_back = False
+
+    def fall_back(state: tuple) -> tuple:
+        nonlocal apply, source, checked, fell_back
+        apply, source, checked = _preconditioner(_fallback(source))
+        fell_back = True
+        x, r, _, _, _, res, stalled, steps = state
+        z = apply(r)
+        return x, r, z, z.clone(), (r * z).sum(0), res, torch.zeros_like(stalled), steps
+
+    state = _iterate(state, step, flags, fall_back, every, maxiter)
     x, _, _, _, _, res, _, steps = state
     worst, converged, taken = _host(
         torch.stack(
@@ -484,23 +505,15 @@ def qeq_solve_from(
         rz = torch.where(moving, rz_new, rz)
         return q, r, z, p, rz, mu, torch.linalg.vector_norm(r), stalled, steps + moving
 
-    mode, replay = replay_mode(b.device), None
-    it = 0
-    while it < maxiter:
-        if it % every == 0:
-            # one host transfer for both tests: anything left to do, and is M⁻¹ still positive there
-            go, bad = (bool(v) for v in _host(torch.stack(flags(state))))
-            if not go:
-                break
-            if bad:  # M⁻¹ not positive here: its fallback from the current charges
-                apply, source, checked = _preconditioner(_fallback(source))
-                q, r, _, _, _, mu, res, _, steps = state
-                project, _, z = projector(apply, r)
-                fell_back = True
-                state = (q, r, z, z.clone(), (r * z).sum(), mu, res, torch.zeros_like(stalled), steps)
-                replay = None  # a replay holds the former preconditioner
-        state, replay = advance(step, state, replay, it == 0 and maxiter > 1, mode)
-        it += 1
+    def fall_back(state: tuple) -> tuple:  # M⁻¹ not positive: its fallback from the current charges
+        nonlocal apply, source, checked, project, fell_back
+        apply, source, checked = _preconditioner(_fallback(source))
+        q, r, _, _, _, mu, res, stalled, steps = state
+        project, _, z = projector(apply, r)
+        fell_back = True
+        return q, r, z, z.clone(), (r * z).sum(), mu, res, torch.zeros_like(stalled), steps
+
+    state = _iterate(state, step, flags, fall_back, every, maxiter)
     q, _, _, _, _, mu, res, _, steps = state
     res_host, target_host, taken = _host(torch.stack([res, target, steps.to(res.dtype)]))
     info = SolveInfo(

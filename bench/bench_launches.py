@@ -33,7 +33,7 @@ from collections.abc import Iterator
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_heads import BACKBONES, HEADS, structure
+from bench_heads import BACKBONES, HEADS, NACL_REPEATS, structure
 
 #: Operations that never launch a kernel (aliases and metadata), besides those torch marks as views.
 METADATA = {
@@ -167,7 +167,7 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--systems", default="nacl,water")
-    parser.add_argument("--size", default="1k", help="one of 1k, 4k, 8k, 16k, 64k")
+    parser.add_argument("--size", default="1k", choices=list(NACL_REPEATS))
     parser.add_argument("--heads", default="sr,charges,latent,split,qeq,scf,functional")
     parser.add_argument("--backbone", choices=sorted(BACKBONES), default="tiny")
     parser.add_argument("--device", default="cpu")
@@ -175,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the rows to this file")
     args = parser.parse_args(argv)
     heads = args.heads.split(",")
+    unknown = sorted(set(heads) - set(HEADS))
+    if unknown:
+        parser.error(f"unknown heads {unknown}; known: {', '.join(HEADS)}")
     if "sr" not in heads:
         heads.insert(0, "sr")
     rows = [
